@@ -1,0 +1,2 @@
+def main() -> int:
+    raise SystemExit("minilora: the command line is not built yet")

@@ -1,0 +1,602 @@
+"""A Llama-family decoder (MiniMind, Llama, Qwen2, Qwen3): HF names, a KV cache, generate.
+
+Reads top to bottom: config, building blocks (RMSNorm, rotary embedding, attention, MLP, MoE), the
+decoder block, the model, the KV cache, then generation. Parameter names and shapes are those of
+transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and MiniMind's
+``MiniMindForCausalLM``, so their checkpoints load one to one (see weights.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Model hyper-parameters under Hugging Face config.json names.
+
+    ``from_dict`` takes these names only; ``from_hf_dict`` reads a transformers or MiniMind
+    config.json (aliases such as MiniMind's ``n_routed_experts`` / ``aux_loss_alpha`` and
+    transformers 5's ``rope_parameters`` included).
+    """
+
+    model_type: str = "minimind"  # "llama" | "qwen2" | "qwen3" | "minimind"
+    vocab_size: int = 6400  # rows of embed_tokens and lm_head
+    hidden_size: int = 512  # width of the residual stream
+    # SwiGLU width; None -> MiniMind's rule, int(8/3 hidden) rounded up to a multiple of 64
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 8  # decoder blocks
+    num_attention_heads: int = 8  # query heads
+    num_key_value_heads: int | None = None  # key/value heads (GQA); None -> num_attention_heads
+    head_dim: int | None = None  # per-head width; None -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768  # longest sequence the positions were trained for
+    rms_norm_eps: float = 1e-5  # epsilon inside every RMSNorm
+    rope_theta: float = 1e6  # rotary base
+    tie_word_embeddings: bool = True  # lm_head.weight is embed_tokens.weight
+    attention_bias: bool = False  # bias on q/k/v (and on o, except for qwen2, whose o has none)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3)
+    bos_token_id: int | None = 1  # beginning of sequence token
+    eos_token_id: int | list[int] | None = 2  # end of sequence token(s)
+    pad_token_id: int | None = None  # padding token
+    use_moe: bool = False  # replace every MLP by a mixture of experts
+    num_experts: int = 4  # routed experts per MoE layer (MiniMind: n_routed_experts)
+    num_experts_per_tok: int = 2  # experts each token is routed to (top-k)
+    n_shared_experts: int = 1  # experts every token goes through as well
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one (when k > 1)
+    router_aux_loss_coef: float = 0.1  # load-balancing loss scale (MiniMind: aux_loss_alpha)
+    seq_aux: bool = True  # balance per sequence (MiniMind's seq_aux) rather than over the batch
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * ((int(self.hidden_size * 8 / 3) + 63) // 64)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}) when head_dim is not given")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"head_dim: expected a positive even int (RoPE), got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps: expected > 0, got {self.rms_norm_eps}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta: expected > 0, got {self.rope_theta}")
+        if self.use_moe:
+            if self.num_experts <= 0 or not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok: expected 1..num_experts ({self.num_experts}), "
+                    f"got {self.num_experts_per_tok}")
+            if self.n_shared_experts < 0:
+                raise ValueError(f"n_shared_experts: expected >= 0, got {self.n_shared_experts}")
+            if self.router_aux_loss_coef < 0:
+                raise ValueError(
+                    f"router_aux_loss_coef: expected >= 0, got {self.router_aux_loss_coef}")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The end-of-sequence ids as a list (config.json allows one id or several)."""
+        if self.eos_token_id is None:
+            return []
+        eos = self.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    def to_dict(self) -> dict:
+        """Returns the fields as a JSON-ready dict (``from_dict`` reads it back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Builds a config from minilora's field names.
+
+        Raises:
+            ValueError: on a key that is not a field (naming it and listing the valid ones).
+        """
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown ModelConfig key(s) {unknown}; valid keys: {valid}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> ModelConfig:
+        """Builds a config from a transformers (llama, qwen2, qwen3) or MiniMind config.json dict.
+
+        Keys that change nothing here (``architectures``, ``dtype``, ``use_cache`` ...) are ignored;
+        settings this decoder does not implement (another activation, sliding windows, RoPE
+        scaling, MLP bias) are refused rather than silently computed wrong.
+
+        Raises:
+            ValueError: on an unsupported model_type or setting, naming the key.
+        """
+        model_type = d.get("model_type", "minimind")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act: only 'silu' is implemented, got {d['hidden_act']!r}")
+        if d.get("mlp_bias"):
+            raise ValueError("mlp_bias: true is not implemented (MLP projections have no bias)")
+        if d.get("use_sliding_window"):
+            raise ValueError("use_sliding_window: true is not implemented")
+        if d.get("scoring_func", "softmax") != "softmax":
+            raise ValueError(
+                f"scoring_func: only 'softmax' is implemented, got {d['scoring_func']!r}")
+        # transformers 5 keeps rope_theta under rope_parameters; 4.x at the top level, with
+        # rope_scaling beside it. Only the plain (default) rotation is implemented.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope_parameters.rope_type: only 'default' is implemented, got "
+                             f"{rope_type!r}")
+        out: dict = {"model_type": model_type}
+        names = {f.name for f in fields(cls)}
+        for key in names & set(d):
+            out[key] = d[key]
+        aliases = {"n_routed_experts": "num_experts", "aux_loss_alpha": "router_aux_loss_coef",
+                   "use_qk_norm": "qk_norm"}
+        for key, name in aliases.items():
+            if key in d:
+                out[name] = d[key]
+        theta = rope.get("rope_theta", d.get("rope_theta"))
+        if theta is not None:
+            out["rope_theta"] = float(theta)
+        elif model_type != "minimind":
+            out["rope_theta"] = 10000.0  # transformers' default for llama/qwen2/qwen3
+        if model_type == "qwen2":
+            out["attention_bias"] = True  # Qwen2 always has q/k/v biases; its config has no key
+        if model_type == "qwen3":
+            out["qk_norm"] = True
+            out.setdefault("head_dim", 128)  # Qwen3Config's default, not hidden/heads
+        if model_type in ("llama", "qwen2", "qwen3"):
+            out.setdefault("tie_word_embeddings", False)  # transformers' default for these
+            out.setdefault("rms_norm_eps", 1e-6)
+            out.setdefault("bos_token_id", None)
+            out.setdefault("eos_token_id", None)
+        if not d.get("num_experts") and model_type != "minimind":
+            out.pop("num_experts", None)
+        return cls(**out)
+
+    def to_hf_dict(self) -> dict:
+        """Returns a config.json dict that transformers (MiniMind for ``minimind``) reads back."""
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in ("use_moe", "num_experts", "num_experts_per_tok", "n_shared_experts",
+                          "norm_topk_prob", "router_aux_loss_coef", "seq_aux", "qk_norm")}
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "minimind": "MiniMindForCausalLM"}[self.model_type]
+        d.update(architectures=[arch], hidden_act="silu",
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        if self.model_type == "qwen2":
+            d.pop("attention_bias")
+        if self.qk_norm != (self.model_type == "qwen3"):
+            d["qk_norm"] = self.qk_norm  # qwen3 implies it; anything else says so
+        if self.model_type == "minimind" or self.use_moe:
+            d.update(use_moe=self.use_moe, n_routed_experts=self.num_experts,
+                     num_experts_per_tok=self.num_experts_per_tok,
+                     n_shared_experts=self.n_shared_experts, norm_topk_prob=self.norm_topk_prob,
+                     aux_loss_alpha=self.router_aux_loss_coef, seq_aux=self.seq_aux,
+                     scoring_func="softmax")
+        return d
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        """Reads a config.json (minilora's, transformers' or MiniMind's).
+
+        Raises:
+            ValueError: when the file is not valid JSON or holds an unsupported setting.
+        """
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
+        try:
+            return cls.from_hf_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def save_json(self, path: str | Path) -> None:
+        """Writes config.json in the Hugging Face layout (``from_json`` reads it back)."""
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, the statistics computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)  # (..., C)
+        return self.weight * y
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary positions, built in float32 and grown on demand.
+
+    The table is a plain attribute, not a buffer: ``model.to(torch.bfloat16)`` would otherwise
+    round the angles, and it must never enter a state_dict.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self._cos = self._sin = torch.empty(0)
+
+    def _grow(self, length: int, device: torch.device) -> None:
+        length = max(length, 2 * self._cos.shape[0], 256)
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
+        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))  # (D/2,)
+        pos = torch.arange(length, dtype=torch.int64, device=device).float()
+        freqs = torch.outer(pos, inv_freq)  # (L, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, D)
+        self._cos, self._sin = emb.cos(), emb.sin()
+
+    def forward(self, start: int, length: int, device: torch.device, dtype: torch.dtype
+                ) -> tuple[Tensor, Tensor]:
+        end = start + length
+        if self._cos.shape[0] < end or self._cos.device != device:
+            self._grow(end, device)
+        return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)  # (T, D) each
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin  # (B, H, T, D)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through scaled_dot_product_attention."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        C, D = config.hidden_size, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(C, self.n_heads * D, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=bias)
+        # Qwen2 puts biases on q/k/v only; Llama and Qwen3's attention_bias covers o too.
+        self.o_proj = nn.Linear(self.n_heads * D, C, bias=bias and config.model_type != "qwen2")
+        if config.qk_norm:
+            self.q_norm = RMSNorm(D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, layer: int, start: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, KV, T, D)
+        v = v.transpose(1, 2)  # (B, KV, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # (B, KV, S, D), S = start + T
+        # Without a mask the causal fast path applies when queries and keys start together; a
+        # single new query (decoding) sees every cached key, so it needs no mask at all.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and start == 0 and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(C, F_, bias=False)
+        self.up_proj = nn.Linear(C, F_, bias=False)
+        self.down_proj = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., C)
+
+
+class MoEGate(nn.Module):
+    """MiniMind's router: softmax over experts, top-k, and the load-balancing loss.
+
+    ``weight`` is a bare Parameter (num_experts, hidden) as in MiniMind, not an nn.Linear, so
+    "all-linear" LoRA targeting leaves the router alone.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = config.num_experts_per_tok, config.num_experts
+        self.norm_topk_prob, self.alpha = config.norm_topk_prob, config.router_aux_loss_coef
+        self.seq_aux = config.seq_aux
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, C = x.shape
+        scores = F.linear(x.reshape(-1, C), self.weight).softmax(dim=-1)  # (N, E), N = B*T
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # (N, K)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        aux = scores.new_zeros(())
+        # As MiniMind: the balancing loss exists while training only.
+        if self.training and self.alpha > 0:
+            idx = topk_idx.view(B, -1)  # (B, T*K)
+            if self.seq_aux:
+                # per sequence: expert load (normalised so uniform = 1) times mean routing prob
+                load = torch.zeros(B, self.n_experts, device=x.device, dtype=scores.dtype)
+                load.scatter_add_(1, idx, torch.ones_like(idx, dtype=scores.dtype))
+                load = load / (T * self.top_k / self.n_experts)  # (B, E)
+                prob = scores.view(B, T, -1).mean(dim=1)  # (B, E)
+                aux = (load * prob).sum(dim=1).mean() * self.alpha
+            else:
+                frac = F.one_hot(idx.reshape(-1), self.n_experts).float().mean(0)  # (E,)
+                aux = (scores.mean(0) * frac * self.n_experts).sum() * self.alpha
+        return topk_idx, topk_weight, aux
+
+
+class MoE(nn.Module):
+    """Routed experts (top-k of ``experts``) plus ``shared_experts`` every token goes through."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate = MoEGate(config)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+        self.shared_experts = nn.ModuleList(MLP(config) for _ in range(config.n_shared_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, C = x.shape
+        topk_idx, topk_weight, aux = self.gate(x)  # (N, K), (N, K), ()
+        flat = x.reshape(-1, C)  # (N, C)
+        y = torch.zeros_like(flat)  # (N, C)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(topk_idx == e)  # (n_e,), (n_e,)
+            if token.numel() == 0:
+                if self.training:
+                    # keep every expert in the graph so DDP sees a gradient for each (as MiniMind)
+                    y = y + 0 * sum(p.sum() for p in expert.parameters())
+                continue
+            out = expert(flat[token]) * topk_weight[token, slot, None].to(x.dtype)  # (n_e, C)
+            y = y.index_add(0, token, out)
+        y = y.view(B, T, C)
+        for expert in self.shared_experts:
+            y = y + expert(x)
+        return y, aux
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.use_moe else MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, start: int) -> tuple[Tensor, Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start)
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(h, tuple):
+            h, aux = h
+            return x + h, aux
+        return x + h, None
+
+
+class Decoder(nn.Module):
+    """Embeddings, the blocks and the final norm (transformers' ``model`` submodule)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CausalLMOutput:
+    """What ``CausalLM.forward`` returns."""
+
+    logits: Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    loss: Tensor | None  # masked cross-entropy, 0-dim; None without labels
+    aux_loss: Tensor  # MoE load-balancing loss, 0-dim; 0 without MoE or outside training
+    past_key_values: KVCache | None  # the cache, when use_cache or past_key_values was given
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model with a (tied or separate) ``lm_head``.
+
+    Args:
+        config: the hyper-parameters.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # transformers' init for these models: N(0, 0.02) weights, zero biases, unit norms.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None,
+                attention_mask: Tensor | None = None, past_key_values: KVCache | None = None,
+                use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+        """Runs the model.
+
+        Args:
+            input_ids: (B, T) token ids.
+            labels: (B, T) targets aligned with input_ids the Hugging Face way (the model shifts:
+                logits[:, t] predicts labels[:, t + 1]); -100 marks positions not counted.
+            attention_mask: (B, S) 1 for real tokens, 0 for padding, S = cached length + T. Right
+                padding only: positions count from 0 whatever the mask says.
+            past_key_values: a KVCache to read from and append to.
+            use_cache: start a new KVCache when past_key_values is None.
+            logits_to_keep: compute the logits of the last this-many positions only (0 = all).
+
+        Returns:
+            CausalLMOutput: logits, loss (mean over counted tokens; 0 when none is counted),
+            aux_loss (0-dim) and the cache. loss does not include aux_loss.
+
+        Raises:
+            ValueError: on mismatched shapes, or when logits_to_keep is used with labels.
+        """
+        B, T = input_ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(self.config, B, T, device=input_ids.device,
+                            dtype=self.model.embed_tokens.weight.dtype)
+        start = cache.length if cache is not None else 0
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids {(B, T)}")
+        if labels is not None and logits_to_keep:
+            raise ValueError("logits_to_keep needs labels=None (the loss reads every position)")
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
+        mask = self._attention_mask(attention_mask, B, T, start, x.device)  # (B, 1, T, S) or None
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.model.layers:
+            x, aux = block(x, cos, sin, mask, cache, start)  # (B, T, C)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+        if cache is not None:
+            cache.length = start + T
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, C)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        loss = None if labels is None else masked_cross_entropy(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, past_key_values=cache)
+
+    @staticmethod
+    def _attention_mask(attention_mask: Tensor | None, B: int, T: int, start: int,
+                        device: torch.device) -> Tensor | None:
+        """Boolean (B, 1, T, S) mask, True where a query may attend, or None for the fast paths."""
+        S = start + T
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}: expected "
+                                 f"(batch, cached + new tokens) = {(B, S)}")
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if attention_mask is None and (start == 0 or T == 1):
+            return None  # is_causal, or one query that sees every key
+        q_pos = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            # A padded query still attends to itself, so no row is empty (an empty row is NaN).
+            mask = mask & attention_mask.bool()[:, None, None, :] | (k_pos == q_pos)  # (B, 1, T, S)
+        return mask
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the labels that are not -100; 0 when there are none.
+
+    Args:
+        logits: (B, T, V) logits, position t predicting token t + 1.
+        labels: (B, T) aligned with the input ids (shifted here).
+
+    Returns:
+        A 0-dim float32 tensor.
+    """
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
+    total = F.cross_entropy(pred, targets, ignore_index=-100, reduction="sum")
+    count = (targets != -100).sum().clamp(min=1)
+    return total / count
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache
+# ------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every layer in preallocated (B, KV, capacity, D) buffers.
+
+    ``length`` is how many positions are filled; the model advances it after each forward.
+    A write past ``capacity`` doubles the buffers (generate sizes them once, up front).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, config.num_key_value_heads, max(capacity, 1), config.head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype)
+                     for _ in range(config.num_hidden_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype)
+                       for _ in range(config.num_hidden_layers)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes k, v (B, KV, T, D) at positions start.. and returns all keys/values so far."""
+        end = start + k.shape[2]
+        if end > self.capacity:
+            new = max(end, 2 * self.capacity)
+            for buffers in (self.keys, self.values):
+                for i, old in enumerate(buffers):
+                    grown = old.new_empty(*old.shape[:2], new, old.shape[3])
+                    grown[:, :, : self.length] = old[:, :, : self.length]
+                    buffers[i] = grown
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, KV, S, D)

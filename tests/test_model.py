@@ -1,0 +1,205 @@
+"""minilora.model against transformers on the same weights, plus loss, cache, MoE and generation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minilora.model import CausalLM, KVCache, ModelConfig, masked_cross_entropy
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4  # fp32 max abs difference on logits
+
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+# (name, transformers config class, extra kwargs)
+HF_CASES = [
+    ("llama", "LlamaConfig", {}),
+    ("llama-tied-mha", "LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    ("llama-bias", "LlamaConfig", {"attention_bias": True, "rope_theta": 500000.0}),
+    ("qwen2", "Qwen2Config", {}),
+    ("qwen2-tied", "Qwen2Config", {"tie_word_embeddings": True}),
+    ("qwen3", "Qwen3Config", {"head_dim": 16}),
+    ("qwen3-bias", "Qwen3Config", {"head_dim": 8, "attention_bias": True}),
+]
+
+
+def hf_pair(cls_name: str, extra: dict, seed: int = 0):
+    """A random transformers model and a minilora model holding the same weights."""
+    torch.manual_seed(seed)
+    hf_config = getattr(transformers, cls_name)(**{**SMALL, **extra})
+    hf = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))(hf_config).eval()
+    # randomise norms and biases too, so a swapped or missing one shows in the logits
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.uniform_(0.5, 1.5)
+    config = ModelConfig.from_hf_dict(hf_config.to_dict())
+    ours = CausalLM(config).eval()
+    sd = hf.state_dict()
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert unexpected == []
+    assert missing == (["lm_head.weight"] if config.tie_word_embeddings else [])
+    return hf, ours
+
+
+@pytest.mark.parametrize("name,cls_name,extra", HF_CASES, ids=[c[0] for c in HF_CASES])
+def test_logits_match_transformers(name, cls_name, extra):
+    hf, ours = hf_pair(cls_name, extra)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 11))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = ours(ids).logits
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name,cls_name,extra", HF_CASES[::3], ids=[c[0] for c in HF_CASES[::3]])
+def test_right_padded_batch_matches_transformers(name, cls_name, extra):
+    hf, ours = hf_pair(cls_name, extra)
+    ids = torch.randint(0, SMALL["vocab_size"], (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() <= TOL
+    # padding must not leak into real positions: the short row alone gives the same logits
+    with torch.no_grad():
+        alone = ours(ids[2:3, :2]).logits
+    assert (alone[0] - got[2, :2]).abs().max().item() <= 1e-5
+
+
+def test_masked_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[7, 1, -100, 3], [7, -100, 4, -100]])  # first column is never a target
+    counted = [(0, 0, 1), (0, 2, 3), (1, 1, 4)]  # (row, predicting position, target)
+    want = sum(-F.log_softmax(logits[b, t], -1)[y] for b, t, y in counted) / len(counted)
+    assert torch.allclose(masked_cross_entropy(logits, labels), want, atol=1e-6)
+
+
+def test_model_loss_is_shifted_and_all_masked_gives_zero():
+    model = CausalLM(ModelConfig(**SMALL))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 6))
+    out = model(ids, labels=ids)
+    V = SMALL["vocab_size"]
+    want = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, want, atol=1e-6)
+    assert out.aux_loss.dim() == 0 and out.aux_loss.item() == 0.0
+
+    out = model(ids, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0 and not math.isnan(out.loss.item())
+    out.loss.backward()  # a zero loss still backpropagates without NaN
+    assert all(not p.grad.isnan().any() for p in model.parameters() if p.grad is not None)
+
+
+def test_tied_head_is_the_embedding():
+    tied = CausalLM(ModelConfig(**SMALL, tie_word_embeddings=True))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    untied = CausalLM(ModelConfig(**SMALL, tie_word_embeddings=False))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_logits_with_cache_equal_logits_without():
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(**SMALL, qk_norm=True)).eval()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(model.config, 2, 4)  # too small on purpose: it must grow
+        pieces = [model(ids[:, :5], past_key_values=cache).logits]  # prefill
+        pieces.append(model(ids[:, 5:8], past_key_values=cache).logits)  # a chunk after a prefix
+        pieces += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(8, 12)]
+    assert cache.length == 12
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_config_validation_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        ModelConfig(**{**SMALL, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="unknown ModelConfig key.*'n_embd'"):
+        ModelConfig.from_dict({"n_embd": 8})
+    with pytest.raises(ValueError, match="rope_type"):
+        ModelConfig.from_hf_dict({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}})
+    for config in [ModelConfig(**SMALL, model_type="qwen3", qk_norm=True, head_dim=16),
+                   ModelConfig(**SMALL, model_type="qwen2", attention_bias=True),
+                   ModelConfig(**SMALL, model_type="llama", qk_norm=True, use_moe=True),
+                   ModelConfig(**SMALL, use_moe=True, num_experts=3, seq_aux=False)]:
+        assert ModelConfig.from_dict(config.to_dict()) == config
+        config.save_json(tmp_path / "config.json")
+        assert ModelConfig.from_json(tmp_path / "config.json") == config
+    # MiniMind's default width rule
+    assert ModelConfig(hidden_size=512).intermediate_size == 1408
+
+
+def minimind_moe_reference(moe, x):
+    """MiniMind's MOEFeedForward.forward in training mode, transcribed (repeat_interleave path)."""
+    gate = moe.gate
+    B, T, C = x.shape
+    scores = F.linear(x.view(-1, C), gate.weight).softmax(dim=-1)
+    topk_weight, topk_idx = torch.topk(scores, k=gate.top_k, dim=-1, sorted=False)
+    if gate.top_k > 1 and gate.norm_topk_prob:
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+    idx = topk_idx.view(B, -1)
+    if gate.seq_aux:
+        ce = torch.zeros(B, gate.n_experts)
+        ce.scatter_add_(1, idx, torch.ones(B, T * gate.top_k)).div_(T * gate.top_k / gate.n_experts)
+        aux = (ce * scores.view(B, T, -1).mean(dim=1)).sum(dim=1).mean() * gate.alpha
+    else:
+        ce = F.one_hot(idx.view(-1), num_classes=gate.n_experts).float().mean(0)
+        aux = (scores.mean(0) * ce * gate.n_experts).sum() * gate.alpha
+    flat = x.view(-1, C).repeat_interleave(gate.top_k, dim=0)
+    flat_idx = topk_idx.view(-1)
+    y = torch.empty_like(flat)
+    for i, expert in enumerate(moe.experts):
+        y[flat_idx == i] = expert(flat[flat_idx == i])
+    y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1).view(B, T, C)
+    for expert in moe.shared_experts:
+        y = y + expert(x)
+    return y, aux
+
+
+MOE_CASES = [  # (num_experts, top_k, n_shared, seq_aux, norm_topk_prob)
+    (4, 2, 1, True, True),
+    (4, 2, 0, False, False),
+    (3, 1, 1, True, True),
+    (4, 1, 0, False, True),
+]
+
+
+@pytest.mark.parametrize("n_exp,top_k,n_shared,seq_aux,norm", MOE_CASES)
+def test_moe_matches_minimind_and_trains(n_exp, top_k, n_shared, seq_aux, norm):
+    torch.manual_seed(0)
+    config = ModelConfig(**SMALL, use_moe=True, num_experts=n_exp, num_experts_per_tok=top_k,
+                         n_shared_experts=n_shared, seq_aux=seq_aux, norm_topk_prob=norm)
+    model = CausalLM(config).train()
+    moe = model.model.layers[0].mlp
+    x = torch.randn(2, 7, SMALL["hidden_size"])
+    y, aux = moe(x)
+    want_y, want_aux = minimind_moe_reference(moe, x)
+    assert (y - want_y).abs().max().item() <= 1e-6
+    assert torch.allclose(aux, want_aux, atol=1e-7)
+
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 10))
+    out = model(ids, labels=ids)
+    assert out.aux_loss.dim() == 0 and out.aux_loss.item() > 0
+    out.aux_loss.backward(retain_graph=True)
+    for layer in model.model.layers:
+        assert layer.mlp.gate.weight.grad.abs().sum().item() > 0  # the router learns balance
+    model.zero_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = out.loss.item()
+    (out.loss + out.aux_loss).backward()
+    opt.step()
+    after = model(ids, labels=ids).loss.item()
+    assert math.isfinite(after) and after < before
+    model.eval()  # MiniMind computes the balancing loss while training only
+    assert model(ids).aux_loss.item() == 0.0

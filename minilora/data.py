@@ -1,0 +1,460 @@
+"""Training data: SFT and plain-text jsonl files turned into token ids and labels, then batches.
+
+One sample a line:
+
+- chat (SFT): ``{"conversations": [{"role": "user", "content": ...}, ...]}`` (MiniMind) or
+  ``{"messages": [...]}`` (OpenAI / Hugging Face); roles ``system``, ``user``, ``assistant``.
+  Only the assistant replies and their closing ``<|im_end|>`` are trained (the mask comes from
+  ``Tokenizer.encode_chat``); every other label is -100.
+- plain text: ``{"text": ...}``, every token trained (bos + text + eos), for training from scratch.
+
+Labels are aligned with ``input_ids`` the Hugging Face way (the model shifts), so ``labels[0]`` of
+a row can never be trained and is always -100: the number of trained tokens of a row is the number
+of labels that are not -100, the same count the model's loss divides by.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+# A line longer than this is refused without reading it whole (a 100 MB line is a broken file,
+# not a conversation).
+MAX_LINE_BYTES = 16 * 1024 * 1024
+# How many skipped-line messages DataStats keeps for the report.
+_KEPT_ERRORS = 5
+
+
+class ChatTokenizer(Protocol):
+    """What data.py needs from a tokenizer (minilora.tokenizer.Tokenizer provides it)."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]: ...
+
+
+class DataError(ValueError):
+    """A training file that cannot be read; the message names file, line and field.
+
+    Attributes:
+        path: the file.
+        line: 1-based line number, or None for a problem with the whole file.
+        field: the JSON field at fault (``"conversations[1].role"``), or None.
+    """
+
+    def __init__(
+        self, path: str | Path, message: str, *, line: int | None = None, field: str | None = None
+    ) -> None:
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{where}: {what}{message}")
+
+
+@dataclass
+class Sample:
+    """One row of token ids and its labels (-100 where nothing is trained)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class DataStats:
+    """What reading a file kept, dropped and skipped."""
+
+    lines: int = 0  # non-blank lines read
+    samples: int = 0  # samples kept (before packing)
+    skipped_bad: int = 0  # bad lines skipped (skip_bad=True)
+    dropped_untrained: int = 0  # samples with no trained token left (after truncation)
+    truncated: int = 0  # samples cut to max_seq_len
+    tokens: int = 0  # tokens in the kept samples
+    trained_tokens: int = 0  # of which trained
+    errors: list[str] = field(default_factory=list)  # the first few skipped-line messages
+
+
+@dataclass
+class Batch:
+    """A padded batch. ``attention_mask`` is 1 on real tokens, 0 on padding (on the right)."""
+
+    input_ids: torch.Tensor  # (B, T) int64
+    labels: torch.Tensor  # (B, T) int64, -100 on padding and untrained tokens
+    attention_mask: torch.Tensor  # (B, T) int64
+    tokens: int  # real (non-pad) tokens
+    trained_tokens: int  # labels that are not -100
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Return the batch with its tensors moved to ``device``."""
+        return Batch(
+            self.input_ids.to(device, non_blocking=True),
+            self.labels.to(device, non_blocking=True),
+            self.attention_mask.to(device, non_blocking=True),
+            self.tokens,
+            self.trained_tokens,
+        )
+
+
+class JsonlDataset(torch.utils.data.Dataset):
+    """Tokenized samples of one jsonl file (see load_jsonl), indexable like any Dataset.
+
+    Attributes:
+        path: the file read.
+        samples: the rows (packed rows when ``packed``).
+        pad_id: the id collate pads with.
+        max_seq_len: the longest row.
+        packed: whether samples were packed into rows of max_seq_len.
+        stats: what was kept, dropped and skipped.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        *,
+        pad_id: int,
+        max_seq_len: int,
+        path: str = "",
+        packed: bool = False,
+        stats: DataStats | None = None,
+    ) -> None:
+        self.samples = samples
+        self.pad_id = pad_id
+        self.max_seq_len = max_seq_len
+        self.path = path
+        self.packed = packed
+        self.stats = stats if stats is not None else DataStats(samples=len(samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+    def collate(self, indices: Sequence[int]) -> Batch:
+        """The batch of the samples at ``indices``, padded to the longest of them."""
+        return collate([self.samples[i] for i in indices], self.pad_id)
+
+
+def load_jsonl(
+    path: str | Path,
+    tokenizer: ChatTokenizer,
+    max_seq_len: int,
+    *,
+    skip_bad: bool = False,
+    pack: bool = False,
+) -> JsonlDataset:
+    """Read and tokenize a chat or plain-text jsonl file.
+
+    Args:
+        path: the .jsonl file, one JSON object a line (blank lines are ignored).
+        tokenizer: provides ``encode_chat`` (chat lines) and ``encode`` (text lines).
+        max_seq_len: samples are cut to this many tokens; one left with nothing to train is
+            dropped and counted in ``stats.dropped_untrained``.
+        skip_bad: skip bad lines (counted in ``stats.skipped_bad``) instead of raising.
+        pack: pack the samples into rows of ``max_seq_len`` (see ``pack_samples``).
+
+    Returns:
+        The dataset, with ``stats``.
+
+    Raises:
+        DataError: a missing file, a folder, an empty file, a bad line (unless skip_bad), no
+            assistant turn anywhere, or no sample left after truncation.
+    """
+    if max_seq_len < 2:
+        raise DataError(path, f"max_seq_len must be at least 2, got {max_seq_len}")
+    path = Path(path)
+    stats = DataStats()
+    samples: list[Sample] = []
+    kinds = {"chat": 0, "text": 0, "assistant": 0}
+    for line_no, raw in _read_lines(path, stats, skip_bad):
+        try:
+            sample = _parse_line(raw, path, line_no, tokenizer, kinds)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            stats.skipped_bad += 1
+            if len(stats.errors) < _KEPT_ERRORS:
+                stats.errors.append(str(err))
+            continue
+        _keep(sample, max_seq_len, samples, stats)
+
+    _check_file(path, stats, kinds, max_seq_len)
+    stats.samples = len(samples)
+    if pack:
+        samples = pack_samples(samples, max_seq_len)
+    pad_id = next(
+        (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
+    )
+    return JsonlDataset(
+        samples, pad_id=pad_id, max_seq_len=max_seq_len, path=str(path), packed=pack, stats=stats
+    )
+
+
+def _read_lines(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, decoded line) for each non-blank line."""
+    if not path.exists():
+        raise DataError(path, "file not found; expected a .jsonl file")
+    if path.is_dir():
+        raise DataError(path, "is a folder; expected a .jsonl file")
+    with open(path, "rb") as f:
+        line_no = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            line_no += 1
+            try:
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    _skip_rest_of_line(f)
+                    raise DataError(
+                        path,
+                        f"line longer than {MAX_LINE_BYTES} bytes; expected one JSON object "
+                        "per line",
+                        line=line_no,
+                    )
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        path,
+                        f"byte {err.start} is not UTF-8 ({raw[err.start:err.start + 1]!r}); "
+                        "expected UTF-8 text",
+                        line=line_no,
+                    ) from None
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                stats.lines += 1
+                stats.skipped_bad += 1
+                if len(stats.errors) < _KEPT_ERRORS:
+                    stats.errors.append(str(err))
+                continue
+            if text.strip():
+                stats.lines += 1
+                yield line_no, text
+
+
+def _skip_rest_of_line(f: Any) -> None:
+    while True:
+        chunk = f.readline(MAX_LINE_BYTES)
+        if not chunk or chunk.endswith(b"\n"):
+            return
+
+
+def _parse_line(
+    text: str, path: Path, line_no: int, tokenizer: ChatTokenizer, kinds: dict[str, int]
+) -> Sample:
+    """One line -> one untruncated Sample (labels[0] set to -100)."""
+
+    def fail(message: str, field: str | None = None) -> DataError:
+        return DataError(path, message, line=line_no, field=field)
+
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise fail("JSON nested too deeply; expected one flat JSON object") from None
+    except ValueError as err:  # JSONDecodeError, and int-too-long errors
+        raise fail(f"not valid JSON ({err}); expected one JSON object per line") from None
+    if not isinstance(obj, dict):
+        raise fail(f"a JSON {type(obj).__name__}, expected a JSON object")
+
+    key = next((k for k in ("conversations", "messages") if k in obj), None)
+    if key is None:
+        if "text" not in obj:
+            found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+            raise fail(
+                f"no 'conversations', 'messages' or 'text' key (keys found: {found}); expected "
+                '{"conversations": [{"role": ..., "content": ...}, ...]} or {"text": ...}'
+            )
+        if not isinstance(obj["text"], str):
+            raise fail(f"a {_json_type(obj['text'])}, expected a string", "text")
+        kinds["text"] += 1
+        ids = tokenizer.encode(obj["text"])
+        ids = [i for i in (tokenizer.bos_token_id,) if i is not None] + ids
+        ids += [i for i in (tokenizer.eos_token_id,) if i is not None]
+        return _sample(ids, [1] * len(ids))
+
+    messages = _messages(obj[key], key, fail)
+    kinds["chat"] += 1
+    kinds["assistant"] += any(m["role"] == "assistant" for m in messages)
+    ids, mask = tokenizer.encode_chat(messages)
+    return _sample(ids, mask)
+
+
+def _messages(turns: Any, key: str, fail: Any) -> list[dict[str, str]]:
+    """Validate a conversation; returns it as [{"role", "content"}] (other keys dropped)."""
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if isinstance(turns, list) else f"a {_json_type(turns)}"
+        raise fail(f"{got}, expected a non-empty list of {{role, content}} objects", key)
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise fail(f"a {_json_type(turn)}, expected an object with role and content", where)
+        for name in ("role", "content"):
+            if name not in turn:
+                raise fail("missing; expected a string", f"{where}.{name}")
+        role, content = turn["role"], turn["content"]
+        if role not in ROLES:
+            shown = repr(role) if len(repr(role)) <= 40 else repr(role)[:37] + "..."
+            raise fail(f"unknown role {shown}; expected one of {', '.join(ROLES)}", f"{where}.role")
+        if not isinstance(content, str):
+            raise fail(f"a {_json_type(content)}, expected a string", f"{where}.content")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "JSON object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _sample(ids: list[int], mask: list[int]) -> Sample:
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+    if labels:
+        labels[0] = IGNORE_INDEX  # nothing predicts the first token of a row
+    return Sample(list(ids), labels)
+
+
+def _keep(sample: Sample, max_seq_len: int, samples: list[Sample], stats: DataStats) -> None:
+    if len(sample.input_ids) > max_seq_len:
+        stats.truncated += 1
+        sample = Sample(sample.input_ids[:max_seq_len], sample.labels[:max_seq_len])
+    trained = sample.trained_tokens
+    if trained == 0:
+        stats.dropped_untrained += 1
+        return
+    samples.append(sample)
+    stats.tokens += len(sample.input_ids)
+    stats.trained_tokens += trained
+
+
+def _check_file(path: Path, stats: DataStats, kinds: dict[str, int], max_seq_len: int) -> None:
+    """File-level errors, raised even with skip_bad."""
+    if stats.lines == 0:
+        raise DataError(path, "the file is empty; expected one JSON object per line")
+    if kinds["chat"] and not kinds["assistant"] and not kinds["text"]:
+        raise DataError(
+            path,
+            "no conversation has an assistant turn; SFT trains only the assistant replies, "
+            "so each conversation needs at least one",
+        )
+    if stats.tokens:  # at least one sample kept
+        return
+    if stats.dropped_untrained:
+        raise DataError(
+            path,
+            f"no sample has a trained token left after truncation to max_seq_len={max_seq_len} "
+            f"({stats.dropped_untrained} dropped); raise max_seq_len or shorten the prompts",
+        )
+    raise DataError(path, f"no valid line ({stats.skipped_bad} skipped); first: {stats.errors[0]}")
+
+
+def pack_samples(samples: Sequence[Sample], max_seq_len: int) -> list[Sample]:
+    """Concatenate samples and cut the stream into full rows of ``max_seq_len``.
+
+    Attention in a packed row is plain causal attention: a token sees the earlier samples of its
+    row (no block-diagonal mask, and positions run on across sample boundaries), as MiniMind's and
+    nanoGPT's pretraining do. The labels stay correct: the first token of every sample has label
+    -100, so nothing is trained on predicting across a boundary. A sample that does not fit is
+    continued in the next row, which starts with the previous row's last token as context (its
+    label -100), so every trained label of every sample is trained exactly once. Only the last
+    row can be shorter than ``max_seq_len``.
+
+    Args:
+        samples: rows of at most max_seq_len tokens, ``labels[0] == -100`` each.
+        max_seq_len: the row length (at least 2).
+
+    Returns:
+        The packed rows.
+    """
+    rows: list[Sample] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for sample in samples:
+        ids += sample.input_ids
+        labels += sample.labels
+        while len(ids) > max_seq_len:
+            rows.append(Sample(ids[:max_seq_len], [IGNORE_INDEX] + labels[1:max_seq_len]))
+            ids, labels = ids[max_seq_len - 1 :], labels[max_seq_len - 1 :]
+    tail = Sample(ids, [IGNORE_INDEX] + labels[1:]) if ids else None
+    if tail is not None and tail.trained_tokens:
+        rows.append(tail)
+    return rows
+
+
+def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
+    """Pad samples on the right to the longest of them.
+
+    Args:
+        samples: the rows of the batch.
+        pad_id: the token id of the padding (its labels are -100, attention_mask 0).
+
+    Returns:
+        The Batch.
+    """
+    longest = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    tokens = trained = 0
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(s.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        tokens += n
+        trained += s.trained_tokens
+    return Batch(input_ids, labels, attention_mask, tokens, trained)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled sample order of one epoch: a function of (seed, epoch) alone.
+
+    It draws from its own generator, so nothing else that uses random numbers changes it, and a
+    run resumed at (epoch, batch) sees the same order as one that never stopped.
+    """
+    order = list(range(num_samples))
+    random.Random(f"minilora:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def batch_indices(
+    num_samples: int, batch_size: int, *, seed: int, epoch: int
+) -> list[list[int]]:
+    """The batches of one epoch, in order: shuffled with ``epoch_order``, the last partial
+    batch dropped (so every step sees ``batch_size`` samples).
+
+    Args:
+        num_samples: the dataset size.
+        batch_size: samples per batch (the global batch of one optimizer step).
+        seed: the run's seed.
+        epoch: the epoch number, from 0.
+
+    Returns:
+        ``num_samples // batch_size`` lists of sample indices.
+    """
+    order = epoch_order(num_samples, seed, epoch)
+    return [
+        order[start : start + batch_size]
+        for start in range(0, num_samples - batch_size + 1, batch_size)
+    ]

@@ -1,0 +1,91 @@
+"""Tiny shared fixtures for the data and training tests: jsonl writing, a tokenizer, a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# A few short conversations: enough text to train a tiny BPE tokenizer on and to overfit.
+CHATS = [
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is your name?"},
+        {"role": "assistant", "content": "I am Mini, made by the minilora team."},
+    ],
+    [
+        {"role": "user", "content": "Who made you?"},
+        {"role": "assistant", "content": "The minilora team made me."},
+    ],
+    [
+        {"role": "user", "content": "Add 2 and 3."},
+        {"role": "assistant", "content": "2 + 3 = 5."},
+        {"role": "user", "content": "And 4 and 4?"},
+        {"role": "assistant", "content": "4 + 4 = 8."},
+    ],
+    [
+        {"role": "user", "content": "Reverse the word cat."},
+        {"role": "assistant", "content": "tac"},
+    ],
+    [
+        {"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+    ],
+    [
+        {"role": "user", "content": "Upper-case the word dog."},
+        {"role": "assistant", "content": "DOG"},
+    ],
+]
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A small model can still learn a name.",
+    "LoRA adds a low-rank update beside a frozen weight.",
+]
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """Write rows to path: dicts/lists as JSON, str as the raw line, bytes as raw bytes."""
+    with open(path, "wb") as f:
+        for row in rows:
+            if isinstance(row, bytes):
+                f.write(row + b"\n")
+            elif isinstance(row, str):
+                f.write(row.encode("utf-8") + b"\n")
+            else:
+                f.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+    return path
+
+
+def chat_rows(key: str = "conversations", repeat: int = 1) -> list[dict]:
+    """CHATS as jsonl rows under ``key`` ("conversations" or "messages")."""
+    return [{key: chat} for _ in range(repeat) for chat in CHATS]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on CHATS and TEXTS (no download)."""
+    from minilora.tokenizer import train_tokenizer
+
+    texts = [m["content"] for chat in CHATS for m in chat] + TEXTS
+    return train_tokenizer(texts * 4, vocab_size=400)
+
+
+def tiny_model(vocab_size: int, *, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A 2-layer CausalLM with hidden 32, initialized from ``seed``."""
+    import torch
+
+    from minilora.model import CausalLM, ModelConfig
+
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return CausalLM(config)

@@ -1,0 +1,234 @@
+"""Tokenizer: tokenizer.json through the `tokenizers` library, MiniMind's ChatML and its loss mask.
+
+ChatML as MiniMind writes it: every message is ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` and
+the generation prompt is ``<|im_start|>assistant\\n``. ``encode_chat`` returns the ids with a mask
+that is 1 on each assistant reply and its closing ``<|im_end|>`` (what the loss is computed on).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2 in a tokenizer train_tokenizer made
+
+# The same template in Jinja, written to tokenizer_config.json so transformers' apply_chat_template
+# produces the text apply_chat_template below produces.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer (``tokenizers.Tokenizer``) with chat helpers.
+
+    Args:
+        tokenizer: the ``tokenizers.Tokenizer`` to wrap.
+        bos_token, eos_token, pad_token: special token strings; None where there is none.
+    """
+
+    def __init__(self, tokenizer: _HFTokenizer, *, bos_token: str | None = IM_START,
+                 eos_token: str | None = IM_END, pad_token: str | None = ENDOFTEXT) -> None:
+        self._tok = tokenizer
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        for name, token in (("bos_token", bos_token), ("eos_token", eos_token),
+                            ("pad_token", pad_token)):
+            if token is not None and tokenizer.token_to_id(token) is None:
+                raise ValueError(f"{name} {token!r} is not in the vocabulary")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Loads a folder holding tokenizer.json (and tokenizer_config.json) or a tokenizer.json.
+
+        Special tokens come from tokenizer_config.json where it names them; otherwise MiniMind's
+        (bos <|im_start|>, eos <|im_end|>, pad <|endoftext|>) where the vocabulary has them.
+
+        Raises:
+            FileNotFoundError: when there is no tokenizer.json at path.
+            ValueError: when a file cannot be read or names a token the vocabulary lacks.
+        """
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no tokenizer.json here")
+        try:
+            tok = _HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(f"{file}: not a tokenizers tokenizer.json ({e})") from e
+        specials = {}
+        for name, default in (("bos_token", IM_START), ("eos_token", IM_END),
+                              ("pad_token", ENDOFTEXT)):
+            specials[name] = default if tok.token_to_id(default) is not None else None
+        config_file = file.parent / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_file}: line {e.lineno}: not valid JSON ({e.msg})") from e
+            for name in specials:
+                if name in config:
+                    value = config[name]
+                    # transformers writes either the string or an AddedToken dict
+                    specials[name] = value.get("content") if isinstance(value, dict) else value
+        try:
+            return cls(tok, **specials)
+        except ValueError as e:
+            raise ValueError(f"{config_file}: {e}") from e
+
+    def save(self, folder: str | Path) -> Path:
+        """Writes tokenizer.json and a tokenizer_config.json that transformers also reads.
+
+        Returns:
+            The folder.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token, "eos_token": self.eos_token,
+            "pad_token": self.pad_token, "unk_token": self.pad_token,
+            "add_bos_token": False, "add_eos_token": False,
+            "model_max_length": 32768, "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n",
+                                                      encoding="utf-8")
+        return folder
+
+    # -- plain text --------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, nothing added around it (special tokens written in text are kept)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ids."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one token string, None when it is not in the vocabulary."""
+        return self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self._tok.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self._tok.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self._tok.token_to_id(self.pad_token)
+
+    @property
+    def im_start_id(self) -> int:
+        return self._special_id(IM_START)
+
+    @property
+    def im_end_id(self) -> int:
+        return self._special_id(IM_END)
+
+    def _special_id(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"this tokenizer has no {token} token, which ChatML needs")
+        return i
+
+    # -- chat --------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[dict],
+                            add_generation_prompt: bool = False) -> str:
+        """The ChatML text of messages (``[{"role": ..., "content": ...}, ...]``).
+
+        Raises:
+            ValueError: on a message without a string role or content (naming its index).
+        """
+        _check_messages(messages)
+        text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False
+                    ) -> tuple[list[int], list[int]]:
+        """Token ids of the ChatML conversation and its loss mask.
+
+        The ids are the concatenated encodings of the template's pieces, so every token belongs
+        to exactly one piece and the mask is exact (no search for header tokens afterwards).
+
+        Returns:
+            (ids, mask): mask[i] is 1 where ids[i] is part of an assistant reply or the
+            ``<|im_end|>`` closing it, 0 elsewhere (headers, other roles, the newline after).
+
+        Raises:
+            ValueError: on a malformed message, or a tokenizer without the ChatML tokens.
+        """
+        _check_messages(messages)
+        start, end, newline = self.im_start_id, self.im_end_id, self.encode("\n")
+        ids: list[int] = []
+        mask: list[int] = []
+        for m in messages:
+            header = [start, *self.encode(f"{m['role']}\n")]
+            body = [*self.encode(m["content"]), end]
+            counted = 1 if m["role"] == "assistant" else 0
+            ids += header + body + newline
+            mask += [0] * len(header) + [counted] * len(body) + [0] * len(newline)
+        if add_generation_prompt:
+            header = [start, *self.encode("assistant\n")]
+            ids += header
+            mask += [0] * len(header)
+        return ids, mask
+
+
+def _check_messages(messages: Sequence[dict]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages: expected a list of {{'role', 'content'}} dicts, "
+                         f"got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}]: expected a dict, got {type(m).__name__}")
+        for field in ("role", "content"):
+            if not isinstance(m.get(field), str):
+                raise ValueError(f"messages[{i}].{field}: expected a string, got {m.get(field)!r}")
+        if not m["role"] or "\n" in m["role"]:
+            raise ValueError(f"messages[{i}].role: expected a word such as 'user', "
+                             f"got {m['role']!r}")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Trains a byte-level BPE tokenizer as MiniMind does.
+
+    Args:
+        texts: training texts.
+        vocab_size: size of the vocabulary, the three special tokens and 256 bytes included.
+
+    Returns:
+        A Tokenizer with <|endoftext|> = 0, <|im_start|> = 1, <|im_end|> = 2.
+
+    Raises:
+        ValueError: when vocab_size cannot hold the specials and the byte alphabet.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):
+        raise ValueError(f"vocab_size: expected >= {len(SPECIAL_TOKENS) + len(alphabet)} "
+                         f"(3 specials + 256 bytes), got {vocab_size}")
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok)

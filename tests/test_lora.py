@@ -1,0 +1,504 @@
+"""Tests for minilora.lora: LoraConfig, LoRALinear, injection, merging, counting."""
+
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilora.lora import (
+    LoraConfig,
+    LoRALinear,
+    count_parameters,
+    disabled,
+    inject_lora,
+    lora_modules,
+    lora_parameters,
+    mark_trainable,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+
+HIDDEN, HEADS, KV_HEADS, INTER, VOCAB, LAYERS = 64, 8, 2, 176, 97, 2
+HEAD_DIM = HIDDEN // HEADS
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(HIDDEN, HEADS * HEAD_DIM, bias=False)
+        self.k_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False)
+        self.v_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False)
+        self.o_proj = nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, HEADS, HEAD_DIM).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        k = k.repeat_interleave(HEADS // KV_HEADS, dim=1)  # (B, H, T, D)
+        v = v.repeat_interleave(HEADS // KV_HEADS, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, HIDDEN))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Linear(HIDDEN, INTER, bias=False)
+        self.up_proj = nn.Linear(HIDDEN, INTER, bias=False)
+        self.down_proj = nn.Linear(INTER, HIDDEN, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(HIDDEN)
+        self.self_attn = Attention()
+        self.post_attention_layernorm = nn.RMSNorm(HIDDEN)
+        self.mlp = MLP()
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
+        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm = nn.RMSNorm(HIDDEN)
+
+
+class MiniMindLike(nn.Module):
+    """A stand-in with MiniMind's module names and shapes (GQA, SwiGLU, tied head)."""
+
+    def __init__(self, tie: bool = True):
+        super().__init__()
+        self.model = Inner()
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        if tie:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, ids):
+        x = self.model.embed_tokens(ids)  # (B, T, C)
+        for layer in self.model.layers:
+            x = layer(x)
+        return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+
+def make_model(tie: bool = True, seed: int = 0) -> MiniMindLike:
+    torch.manual_seed(seed)
+    return MiniMindLike(tie=tie)
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def perturb_b(model: nn.Module, seed: int = 3) -> None:
+    """Makes every B non-zero so the adapters change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# ---------------------------------------------------------------- LoraConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"r": 0}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"r": True}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"targets": []}, "targets"),
+        ({"targets": "q_proj("}, "targets"),
+        ({"targets": [3]}, "targets"),
+        ({"exclude": "square"}, "exclude"),
+        ({"init": "xavier"}, "init"),
+        ({"use_rslora": 1}, "use_rslora"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"LoraConfig.{field}"):
+        LoraConfig(**kwargs)
+
+
+def test_config_json_round_trip_and_unknown_key():
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.1, targets=["q_proj"], exclude=["layers.0.q_proj"],
+                     init="kaiming", use_rslora=True)
+    back = LoraConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    with pytest.raises(ValueError, match=r"unknown LoraConfig key\(s\) \['rank'\].*valid keys"):
+        LoraConfig.from_dict({"rank": 8})
+
+
+@pytest.mark.parametrize("r, alpha, rs, expected", [(8, 16, False, 2.0), (16, 16, True, 4.0)])
+def test_scaling(r, alpha, rs, expected):
+    assert LoraConfig(r=r, alpha=alpha, use_rslora=rs).scaling == expected
+    lin = LoRALinear(nn.Linear(32, 32), r=r, alpha=alpha, use_rslora=rs)
+    assert lin.scaling == expected
+
+
+# ---------------------------------------------------------------- LoRALinear
+
+
+def test_lora_linear_matches_formula_and_gradients():
+    """Forward and gradients equal W x + b + s * B A x written out by hand."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    lin = LoRALinear(base, r=3, alpha=6.0)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    x = torch.randn(4, 5, 12, requires_grad=True)
+    y = lin(x)
+    a = lin.lora_A.weight.detach().clone().requires_grad_()
+    b = lin.lora_B.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    ref = x2 @ base.weight.T + base.bias + 2.0 * (x2 @ a.T) @ b.T
+    torch.testing.assert_close(y, ref)
+    y.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(lin.lora_A.weight.grad, a.grad)
+    torch.testing.assert_close(lin.lora_B.weight.grad, b.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_lora_linear_owns_base_parameters_and_shapes():
+    base = nn.Linear(16, 24)
+    lin = LoRALinear(base, r=4, alpha=8)
+    assert lin.weight is base.weight and lin.bias is base.bias
+    assert lin.lora_A.weight.shape == (4, 16) and lin.lora_B.weight.shape == (24, 4)
+    assert set(lin.state_dict()) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}
+    assert lin.dropout is None  # p = 0: no dropout op at all
+    assert isinstance(LoRALinear(base, r=4, alpha=8, dropout=0.1).dropout, nn.Dropout)
+
+
+def test_r_larger_than_layer_is_refused():
+    with pytest.raises(ValueError, match=r"r=9 .*min\(16, 8\)"):
+        LoRALinear(nn.Linear(16, 8), r=9, alpha=9)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    lin = LoRALinear(nn.Linear(32, 32), r=4, alpha=4, dropout=0.5)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    x = torch.randn(8, 32)
+    lin.eval()
+    assert torch.equal(lin(x), lin(x))
+    lin.train()
+    assert not torch.equal(lin(x), lin(x))
+
+
+# ---------------------------------------------------------------- injection
+
+
+@pytest.mark.parametrize("init", ["gaussian", "kaiming"])
+def test_output_equals_base_right_after_injection(init):
+    model = make_model()
+    x = ids()
+    with torch.no_grad():
+        before = model(x)
+        inject_lora(model, LoraConfig(r=4, targets="all-linear", init=init))
+        after = model(x)
+    assert torch.equal(before, after)
+    a = lora_modules(model)[0][1].lora_A.weight
+    assert a.abs().sum() > 0  # A is initialised, only B is zero
+
+
+def test_base_state_dict_keys_unchanged():
+    model = make_model()
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, LoraConfig(r=4))
+    keys = set(model.state_dict())
+    lora_keys = {k for k in keys if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+    assert keys - lora_keys == set(base_sd)
+    # a base checkpoint loads into the injected model; only LoRA keys are missing
+    result = model.load_state_dict(base_sd, strict=False)
+    assert set(result.missing_keys) == lora_keys and not result.unexpected_keys
+
+
+def test_only_lora_parameters_get_gradients():
+    model = make_model()
+    inject_lora(model, LoraConfig(r=4, targets=["q_proj", "v_proj", "down_proj"]))
+    mark_trainable(model)
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    logits = model(ids())
+    loss = F.cross_entropy(logits.flatten(0, 1), ids(2).flatten())
+    loss.backward()
+    lora_ids = {id(p) for p in params}
+    for name, p in model.named_parameters():
+        if id(p) in lora_ids:
+            assert p.requires_grad and p.grad is not None, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    held = [p for group in opt.param_groups for p in group["params"]]
+    assert {id(p) for p in held} == lora_ids and len(held) == len(params) == 2 * 3 * LAYERS
+    # B starts at zero, so its gradient is where learning starts
+    assert all(m.lora_B.weight.grad.abs().sum() > 0 for _, m in lora_modules(model))
+
+
+def test_merge_unmerge_and_unload():
+    model = make_model()
+    inject_lora(model, LoraConfig(r=4, alpha=8))
+    perturb_b(model)
+    model.eval()
+    x = ids()
+    base_weights = {n: m.weight.detach().clone() for n, m in lora_modules(model)}
+    with torch.no_grad():
+        unmerged = model(x)
+        merge_lora(model)
+        merged = model(x)
+        once = {n: m.weight.detach().clone() for n, m in lora_modules(model)}
+        merge_lora(model)
+        assert all(torch.equal(m.weight, once[n]) for n, m in lora_modules(model))
+        assert all(m.merged for _, m in lora_modules(model))
+        model.train()
+        model.eval()  # train()/eval() never touch weights
+        assert all(torch.equal(m.weight, once[n]) for n, m in lora_modules(model))
+        unmerge_lora(model)
+        unmerge_lora(model)
+        for n, m in lora_modules(model):
+            assert rel_err(m.weight, base_weights[n]) <= 1e-6, n
+            assert not m.merged
+        again = model(x)
+        merge_lora(model)
+        model = merge_and_unload(model)
+        unloaded = model(x)
+    assert rel_err(merged, unmerged) <= 1e-5
+    assert rel_err(again, unmerged) <= 1e-5
+    assert rel_err(unloaded, unmerged) <= 1e-5
+    assert not lora_modules(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in model.state_dict())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_disabled_gives_base_output(merge):
+    model = make_model()
+    x = ids()
+    with torch.no_grad():
+        base = model(x)
+        inject_lora(model, LoraConfig(r=4))
+        perturb_b(model)
+        if merge:
+            merge_lora(model)
+        adapted = model(x)
+        with disabled(model):
+            off = model(x)
+        back = model(x)
+    assert rel_err(adapted, base) > 1e-3
+    assert rel_err(off, base) <= 1e-5
+    assert torch.equal(back, adapted)
+    assert all(m.enabled for _, m in lora_modules(model))
+
+
+def test_parameter_count_and_report():
+    model = make_model()
+    total_before = count_parameters(model).total
+    report = inject_lora(model, LoraConfig(r=4, targets="all-linear"))
+    expected = sum(4 * (i + o) for _, i, o in report.modules)
+    assert report.lora_parameters == expected
+    mark_trainable(model)
+    counts = count_parameters(model)
+    assert counts.lora == counts.trainable == expected
+    assert counts.total == total_before + expected
+    assert len(report.modules) == 7 * LAYERS  # every Linear but the tied head
+
+
+def names_of(report) -> set[str]:
+    return {n for n, _, _ in report.modules}
+
+
+def layer_names(*suffixes: str) -> set[str]:
+    parts = {
+        "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+        "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+    }
+    return {f"model.layers.{i}.{parts[s]}.{s}" for i in range(LAYERS) for s in suffixes}
+
+
+ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize(
+    "targets, exclude, tie, expected",
+    [
+        ("square", [], True, layer_names("q_proj", "o_proj")),
+        (["q_proj", "v_proj"], [], True, layer_names("q_proj", "v_proj")),
+        (r".*\.(gate|up)_proj", [], True, layer_names("gate_proj", "up_proj")),
+        ("all-linear", [], True, layer_names(*ALL_SEVEN)),
+        ("all-linear", [], False, layer_names(*ALL_SEVEN)),  # untied, skipped by its name
+        ("all-linear", ["mlp.down_proj", "k_proj"],
+         True, layer_names("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj")),
+        (["q_proj"], r"model\.layers\.0\..*", True, {"model.layers.1.self_attn.q_proj"}),
+        (["lm_head"], [], True, {"lm_head"}),  # named explicitly: allowed
+        (["model.layers.1.mlp.up_proj"], [], True, {"model.layers.1.mlp.up_proj"}),
+    ],
+)
+def test_targets(targets, exclude, tie, expected):
+    model = make_model(tie=tie)
+    report = inject_lora(model, LoraConfig(r=2, targets=targets, exclude=exclude))
+    assert names_of(report) == expected
+    assert {n for n, _ in lora_modules(model)} == expected
+
+
+def test_square_on_minimind_shapes_is_q_and_o():
+    """q_proj/o_proj are 64x64; k/v (64->16) and the MLP (64<->176) are not square."""
+    model = make_model()
+    report = inject_lora(model, LoraConfig(r=8, targets="square"))
+    assert sorted(report.modules) == sorted(
+        [(n, HIDDEN, HIDDEN) for n in layer_names("q_proj", "o_proj")]
+    )
+
+
+def test_all_linear_skips_tied_head_under_any_name():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.proj = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+    report = inject_lora(Tied(), LoraConfig(r=2, targets="all-linear"))
+    assert names_of(report) == {"proj"}
+
+
+def test_no_match_lists_the_linear_names():
+    model = make_model()
+    expected = r"match no Linear.*model\.layers\.0\.self_attn\.q_proj.*lm_head"
+    with pytest.raises(ValueError, match=expected):
+        inject_lora(model, LoraConfig(targets=["query"]))
+
+
+def test_inject_twice_is_refused_and_all_linear_skips_lora_internals():
+    model = make_model()
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"]))
+    with pytest.raises(ValueError, match=r"already have LoRA.*model\.layers\.0\.self_attn\.q_proj"):
+        inject_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    # a second, disjoint injection is fine and never adapts lora_A / lora_B themselves
+    report = inject_lora(model, LoraConfig(r=2, targets="all-linear", exclude=["q_proj"]))
+    assert not any("lora_" in n for n in names_of(report))
+    assert len(lora_modules(model)) == 7 * LAYERS
+
+
+def test_r_too_large_names_the_layer_and_changes_nothing():
+    model = make_model()
+    expected = r"r=32 .*model\.layers\.0\.self_attn\.k_proj \(64 -> 16\)"
+    with pytest.raises(ValueError, match=expected):
+        inject_lora(model, LoraConfig(r=32, targets=["q_proj", "k_proj"]))
+    assert not lora_modules(model)
+
+
+def test_modules_found_by_type_not_name():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora = nn.Linear(8, 8)  # named "lora", but a base layer
+            self.fc = nn.Linear(8, 8)
+
+    model = Odd()
+    inject_lora(model, LoraConfig(r=2, targets=["fc"]))
+    mark_trainable(model)
+    assert [n for n, _ in lora_modules(model)] == ["fc"]
+    assert not model.lora.weight.requires_grad
+
+
+# ---------------------------------------------------------------- precision and compile
+
+
+def test_bf16_autocast():
+    model = make_model()
+    inject_lora(model, LoraConfig(r=4))
+    perturb_b(model)
+    x = ids()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 3e-2
+    mark_trainable(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_parameters(model))
+
+
+def test_bf16_base_gets_float32_adapters():
+    """A bf16 base (no autocast) gets float32 adapters; output stays bf16 and close to fp32."""
+    x = ids()
+    ref_model = make_model()
+    inject_lora(ref_model, LoraConfig(r=4))
+    perturb_b(ref_model)
+    model = make_model().to(torch.bfloat16)
+    inject_lora(model, LoraConfig(r=4))
+    model.load_state_dict(ref_model.state_dict())  # copies, casting base weights to bf16
+    lin = lora_modules(model)[0][1]
+    assert lin.weight.dtype == torch.bfloat16 and lin.lora_A.weight.dtype == torch.float32
+    with torch.no_grad():
+        ref = ref_model(x)
+        out = model(x)
+        merge_lora(model)
+        merged = model(x)
+    assert out.dtype == merged.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 3e-2
+    assert rel_err(merged, out) < 3e-2
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 8))
+    inject_lora(net, LoraConfig(r=2, targets="all-linear"))
+    perturb_b(net)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        eager = net(x)
+        start = time.perf_counter()
+        compiled = torch.compile(net)(x)
+    assert time.perf_counter() - start < 120
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- LoRA paper, Table 2
+
+
+@pytest.mark.parametrize(
+    "hidden, layers, heads, inter, expected",
+    [(768, 12, 12, 3072, 294_912), (1024, 24, 16, 4096, 786_432)],
+    ids=["roberta-base", "roberta-large"],
+)
+def test_roberta_parameter_counts(hidden, layers, heads, inter, expected):
+    """r=8 on query and value; built on the meta device (shapes only, no memory, no download)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=inter,
+    )
+    with torch.device("meta"):
+        model = transformers.RobertaModel(config)
+    report = inject_lora(model, LoraConfig(r=8, alpha=16, targets=["query", "value"]))
+    mark_trainable(model)
+    assert report.lora_parameters == expected
+    assert count_parameters(model).lora == count_parameters(model).trainable == expected
+    assert len(report.modules) == 2 * layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -600,3 +601,137 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, KV, S, D)
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+
+
+def generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+             stop: Sequence[Sequence[int]] | None = None, seed: int | None = None) -> list[int]:
+    """Continues one sequence; returns the new tokens (arguments as in ``stream_generate``)."""
+    return list(stream_generate(
+        model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop=stop,
+        seed=seed))
+
+
+@torch.inference_mode()
+def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
+                    max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    eos_token_id: int | Sequence[int] | None = None,
+                    stop: Sequence[Sequence[int]] | None = None,
+                    seed: int | None = None) -> Iterator[int]:
+    """Continues one sequence with a KV cache, yielding each new token as soon as it is final.
+
+    Args:
+        model: the model (its mode is left as it is).
+        input_ids: the prompt, a list of ids or a (T,) / (1, T) tensor.
+        max_new_tokens: most tokens to produce.
+        temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / t).
+        top_k: sample among the k most likely tokens only (0 = all).
+        top_p: sample among the smallest set of tokens whose probability reaches top_p (1 = all).
+        repetition_penalty: transformers' rule: a logit of a token already in the prompt or output
+            is divided by it (multiplied when negative); 1 = off.
+        eos_token_id: id(s) that end generation; not yielded. None: generation never stops early.
+        stop: token id sequences that end generation; not yielded. Tokens that could begin one
+            are held back until they cannot.
+        seed: seeds the sampling generator, so the same call gives the same tokens.
+
+    Yields:
+        New token ids.
+
+    Raises:
+        ValueError: on an empty prompt or an out-of-range argument (naming it).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k: expected >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty: expected > 0, got {repetition_penalty}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    stops = [list(s) for s in stop or []]
+    if any(not s for s in stops):
+        raise ValueError("stop: every stop sequence needs at least one token")
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    weight = model.model.embed_tokens.weight
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=weight.device).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids: the prompt is empty")
+    if max_new_tokens == 0:
+        return
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=weight.device).manual_seed(seed)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)  # (V,)
+        seen[ids[0]] = True
+
+    cache = KVCache(model.config, 1, ids.shape[1] + max_new_tokens, device=weight.device,
+                    dtype=weight.dtype)
+    logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[0, -1]  # (V,)
+    pending: list[int] = []  # tokens that may begin a stop sequence
+    for step in range(max_new_tokens):
+        token = _pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
+        t = int(token)
+        if t in eos:
+            break
+        if not stops:
+            yield t
+        else:
+            pending.append(t)
+            if any(pending[-len(s):] == s for s in stops if len(s) <= len(pending)):
+                # a stop sequence ends here; what came before it is final
+                done = max(len(s) for s in stops
+                           if len(s) <= len(pending) and pending[-len(s):] == s)
+                yield from pending[:-done]
+                pending = []
+                break
+            keep = _held_back(pending, stops)
+            yield from pending[: len(pending) - keep]
+            pending = pending[len(pending) - keep:]
+        if step == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen[token] = True
+        logits = model(token.view(1, 1), past_key_values=cache, logits_to_keep=1).logits[0, -1]
+    yield from pending
+
+
+def _held_back(pending: list[int], stops: list[list[int]]) -> int:
+    """Length of the longest suffix of pending that is a proper prefix of a stop sequence."""
+    for n in range(min(len(pending), max(len(s) for s in stops) - 1), 0, -1):
+        if any(s[:n] == pending[-n:] for s in stops if len(s) > n):
+            return n
+    return 0
+
+
+def _pick(logits: Tensor, seen: Tensor | None, temperature: float, top_k: int, top_p: float,
+          repetition_penalty: float, generator: torch.Generator | None) -> Tensor:
+    """The next token (a 0-dim tensor) from (V,) logits, with transformers' processor order."""
+    if seen is not None:
+        penalised = torch.where(logits < 0, logits * repetition_penalty,
+                                logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)  # (V,)
+    if temperature == 0:
+        return logits.argmax()
+    logits = logits.float() / temperature  # (V,)
+    if 0 < top_k < logits.shape[0]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits)  # ascending
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # (V,)
+        drop[-1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)  # (V,)
+    return torch.multinomial(probs, 1, generator=generator)[0]

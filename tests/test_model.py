@@ -203,3 +203,80 @@ def test_moe_matches_minimind_and_trains(n_exp, top_k, n_shared, seq_aux, norm):
     assert math.isfinite(after) and after < before
     model.eval()  # MiniMind computes the balancing loss while training only
     assert model(ids).aux_loss.item() == 0.0
+
+
+def hf_greedy(hf, prompt, n, **kwargs):
+    # no eos anywhere: a model-level eos would also be suppressed by min_new_tokens, changing argmax
+    hf.generation_config.eos_token_id = None
+    gen_config = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0, **kwargs)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), generation_config=gen_config,
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name,cls_name,extra", HF_CASES, ids=[c[0] for c in HF_CASES])
+def test_greedy_generation_matches_transformers(name, cls_name, extra):
+    from minilora.model import generate
+
+    hf, ours = hf_pair(cls_name, extra)
+    prompt = torch.randint(0, SMALL["vocab_size"], (7,)).tolist()
+    want = hf_greedy(hf, prompt, 32)
+    assert len(want) == 32
+    assert generate(ours, prompt, max_new_tokens=32) == want
+    # repetition penalty: same processor as transformers
+    assert (generate(ours, prompt, max_new_tokens=32, repetition_penalty=1.5)
+            == hf_greedy(hf, prompt, 32, repetition_penalty=1.5))
+
+
+def test_sampling_controls():
+    from minilora.model import generate
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(**SMALL)).eval()
+    prompt = [3, 1, 4, 1, 5]
+    greedy = generate(model, prompt, max_new_tokens=12)
+    assert len(greedy) == 12
+    # top_k=1 and a tiny top_p leave only the most likely token
+    assert generate(model, prompt, max_new_tokens=12, temperature=1.0, top_k=1, seed=1) == greedy
+    assert generate(model, prompt, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=1) == greedy
+    a = generate(model, prompt, max_new_tokens=12, temperature=5.0, seed=7)
+    assert a == generate(model, prompt, max_new_tokens=12, temperature=5.0, seed=7)
+    assert a != generate(model, prompt, max_new_tokens=12, temperature=5.0, seed=8)
+    # top_k keeps every sampled token among the k most likely at its step
+    toks = generate(model, prompt, max_new_tokens=6, temperature=5.0, top_k=3, seed=3)
+    ctx = list(prompt)
+    for t in toks:
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx])).logits[0, -1]
+        assert t in torch.topk(logits, 3).indices.tolist()
+        ctx.append(t)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompt, top_p=0.0)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(model, [])
+
+
+def test_eos_and_stop_sequences():
+    from minilora.model import generate, stream_generate
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(**SMALL)).eval()
+    prompt = [3, 1, 4]
+    full = generate(model, prompt, max_new_tokens=20)
+    # eos: generation ends before the first eos, which is not returned
+    eos = full[5]
+    first = full.index(eos)
+    assert generate(model, prompt, max_new_tokens=20, eos_token_id=[99, eos]) == full[:first]
+    # a stop sequence: everything before its first occurrence, nothing of it
+    seq = full[6:9]
+    at = next(i for i in range(len(full)) if full[i:i + 3] == seq)
+    assert generate(model, prompt, max_new_tokens=20, stop=[seq]) == full[:at]
+    # a stop sequence that only starts to match is released once it cannot match any more
+    near = [full[6], full[7], -1]
+    assert generate(model, prompt, max_new_tokens=20, stop=[near]) == full
+    assert list(stream_generate(model, prompt, max_new_tokens=20, stop=[near])) == full
+    # streaming yields the tokens one by one, lazily
+    stream = stream_generate(model, prompt, max_new_tokens=20)
+    assert next(stream) == full[0] and next(stream) == full[1]

@@ -166,7 +166,12 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, **kw)
         self.r = r
         self.alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.init = init
         self.scaling = _scaling(r, self.alpha, use_rslora)
+        # The LoraConfig that injected this layer (set by inject_lora; None when built by hand),
+        # so an adapter can be saved with the targets the user asked for.
+        self.config: LoraConfig | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.merged = False
         self.enabled = True
@@ -376,6 +381,7 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> InjectionReport:
             linear, config.r, config.alpha, config.dropout, config.init, config.use_rslora
         )
         lora.train(linear.training)
+        lora.config = config
         _set_submodule(model, name, lora)
         modules.append((name, linear.in_features, linear.out_features))
         added += config.r * (linear.in_features + linear.out_features)

@@ -1,0 +1,558 @@
+"""Adapters on disk: PEFT's folder layout, MiniMind's .pth, and the base fingerprint.
+
+A PEFT folder holds `adapter_model.safetensors` (keys `base_model.model.<path>.lora_A.weight`,
+header metadata `{"format": "pt"}` plus minilora's own entries) and `adapter_config.json` (PEFT's
+LoraConfig keys). MiniMind's format is one `.pth` with `<path>.lora.A.weight` /
+`<path>.lora.B.weight` and scale 1. docs/formats.md describes both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from minilora.lora import (
+    SPECIAL_TARGETS,
+    LoraConfig,
+    LoRALinear,
+    inject_lora,
+    lora_modules,
+    merge_and_unload,
+)
+
+PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FINGERPRINT_KEY = "minilora_base_fingerprint"
+VERSION_KEY = "minilora_version"
+_KEY_RE = re.compile(r"(.+)\.lora_([AB])\.weight")
+_MINIMIND_KEY_RE = re.compile(r"(.+)\.lora\.([AB])\.weight")
+
+# PEFT LoraConfig keys whose non-default values change what the adapter computes in ways
+# minilora does not implement: loading such an adapter is refused rather than silently wrong.
+_UNSUPPORTED_PEFT = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "modules_to_save": (None, []),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "fan_in_fan_out": (False, None),
+    "layers_to_transform": (None, []),
+    "layer_replication": (None, []),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, {}, []),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None, []),
+    "use_bdlora": (None, False),
+}
+# PEFT inits that rewrite the base weights: their adapters only work on the rewritten base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+
+
+class AdapterError(ValueError):
+    """An adapter file or folder that cannot be read, written or applied as asked."""
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Returns the LoRA weights of `model` under PEFT's keys.
+
+    Returns:
+        `{"base_model.model.<path>.lora_A.weight": (r, in), "...lora_B.weight": (out, r)}`,
+        detached tensors sharing memory with the Parameters.
+    """
+    sd = {}
+    for name, m in lora_modules(model):
+        sd[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        sd[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return sd
+
+
+def _check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raises one AdapterError naming every missing, unexpected and mis-shaped key."""
+    if any(m.merged for _, m in lora_modules(model)):
+        raise AdapterError(
+            f"cannot load {source} into a model whose LoRA is merged; "
+            "call unmerge_lora(model) first"
+        )
+    expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)}, model {expected[k]}"
+        for k in sorted(set(sd) & set(expected))
+        if tuple(sd[k].shape) != expected[k]
+    ]
+    not_float = [k for k in sorted(sd) if k in expected and not sd[k].is_floating_point()]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(
+            f"unexpected keys {unexpected} (expected {PREFIX}<module>.lora_A.weight / lora_B.weight"
+            f" for the model's LoRA modules)"
+        )
+    if shapes:
+        problems.append(f"mis-shaped keys [{'; '.join(shapes)}]")
+    if not_float:
+        problems.append(f"non-floating-point tensors {not_float}")
+    if problems:
+        raise AdapterError(f"{source} does not fit the model: " + "; ".join(problems))
+
+
+def _copy_in(model: nn.Module, sd: dict[str, torch.Tensor], scaling: float | None) -> None:
+    """Copies A and B into the model; B is rescaled when the file was saved with another
+    scaling than the model's LoRA modules use, so the adapter computes what it computed."""
+    with torch.no_grad():
+        for name, m in lora_modules(model):
+            m.lora_A.weight.copy_(sd[f"{PREFIX}{name}.lora_A.weight"])
+            b = sd[f"{PREFIX}{name}.lora_B.weight"]
+            if scaling is not None and scaling != m.scaling:
+                b = b.float() * (scaling / m.scaling)
+            m.lora_B.weight.copy_(b)
+
+
+def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Loads LoRA weights (PEFT keys, as `adapter_state_dict` returns them) into `model`.
+
+    Args:
+        model: a model with LoRA modules injected.
+        sd: exactly one A and one B per LoRA module, with the model's shapes.
+
+    Raises:
+        AdapterError: naming every missing, unexpected or mis-shaped key, or when the model's
+            LoRA is merged. Nothing is loaded when it raises.
+    """
+    _check_state_dict(model, sd, "the state dict")
+    _copy_in(model, sd, scaling=None)
+
+
+# ---------------------------------------------------------------- fingerprint
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Hashes the base weights of the layers that carry LoRA.
+
+    The hash covers each LoRA module's name, weight shape and weight values rounded to bfloat16,
+    so a float32 base and its bfloat16 copy share a fingerprint (a float16 copy, rounded twice,
+    does not).
+
+    Returns:
+        "sha256:<hex>".
+
+    Raises:
+        AdapterError: when the model has no LoRA modules, or they are merged (the base weights
+            are then not held exactly).
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA modules to fingerprint; inject_lora first")
+    merged = [n for n, m in modules if m.merged]
+    if merged:
+        raise AdapterError(
+            f"LoRA is merged into {merged[:3]}{'...' if len(merged) > 3 else ''}: the base weights"
+            " are not held exactly; call unmerge_lora(model) first"
+        )
+    h = hashlib.sha256(b"minilora-fingerprint-1\0")
+    for name, m in sorted(modules, key=lambda nm: nm[0]):
+        w = m.weight.detach()
+        if w.is_meta:
+            raise AdapterError(f"{name}.weight is on the meta device: it has no values to hash")
+        h.update(f"{name}:{tuple(w.shape)}\0".encode())
+        bits = w.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
+        h.update(bits.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Writes `path` through a temp file in the same folder, fsync, then os.replace: a reader
+    sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not every platform can open a directory
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _model_config(model: nn.Module) -> LoraConfig:
+    """The one LoraConfig that describes every LoRA module (targets resolved later)."""
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA modules to save; inject_lora first")
+
+    def shape(m: LoRALinear) -> tuple:
+        return (m.r, m.alpha, m.use_rslora, m.dropout.p if m.dropout is not None else 0.0)
+
+    first = shape(modules[0][1])
+    differ = [n for n, m in modules if shape(m) != first]
+    if differ:
+        raise AdapterError(
+            f"LoRA modules differ in (r, alpha, use_rslora, dropout): {modules[0][0]} has {first}"
+            f" but {differ} do not; an adapter file holds one setting for all modules"
+        )
+    r, alpha, use_rslora, dropout = first
+    configs = {id(m.config): m.config for _, m in modules}
+    user = next(iter(configs.values())) if len(configs) == 1 else None
+    return LoraConfig(
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        targets=user.targets if user is not None else [n for n, _ in modules],
+        exclude=user.exclude if user is not None else [],
+        init=modules[0][1].init,
+        use_rslora=use_rslora,
+    )
+
+
+def _peft_matches(name: str, patterns: list[str] | str) -> bool:
+    # PEFT's check_target_module_exists: a str is a full-match regex, a list matches a name
+    # equal to an entry or ending in "." + entry.
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return name in patterns or any(name.endswith("." + p) for p in patterns)
+
+
+def _base_module_names(model: nn.Module) -> list[str]:
+    """Module names as PEFT sees the base model: LoRA's own submodules left out."""
+    inside = [n + "." for n, _ in lora_modules(model)]
+    return [n for n, _ in model.named_modules() if n and not n.startswith(tuple(inside))]
+
+
+def _peft_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] | str, list | str]:
+    """target_modules / exclude_modules with which PEFT adapts exactly this model's LoRA layers:
+    the user's own list or regex when PEFT reads it the same way, else the layers' last names,
+    else their full paths."""
+    injected = {n for n, _ in lora_modules(model)}
+    names = _base_module_names(model)
+
+    def selects(targets: list[str] | str, exclude: list[str] | str) -> bool:
+        chosen = {
+            n for n in names
+            if _peft_matches(n, targets) and not (exclude and _peft_matches(n, exclude))
+        }
+        return chosen == injected
+
+    exclude = config.exclude
+    if config.targets not in SPECIAL_TARGETS and selects(config.targets, exclude):
+        return config.targets, exclude
+    short = sorted({n.rsplit(".", 1)[-1] for n in injected})
+    if selects(short, exclude):
+        return short, exclude
+    return sorted(injected), []
+
+
+def _peft_config_dict(
+    model: nn.Module, config: LoraConfig, base_model_name_or_path: str | None
+) -> dict:
+    targets, exclude = _peft_targets(model, config)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
+    alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "exclude_modules": exclude or None,
+        "bias": "none",
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lora_bias": False,
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    format: str = "peft",
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Writes the LoRA weights of `model`.
+
+    Args:
+        model: a model with LoRA modules (unmerged for format="peft": the fingerprint hashes the
+            base weights).
+        path: a folder for format="peft" (created if needed), a file (.pth) for "minimind".
+        dtype: cast the weights to this dtype (default: as they are).
+        format: "peft" (PEFT's folder layout, read by PEFT and vLLM) or "minimind" (MiniMind's
+            .pth, scaling folded into B; only square layers, as MiniMind's apply_lora).
+        base_model_name_or_path: written into adapter_config.json (default: the model's
+            `config.name_or_path` when it has one).
+
+    Returns:
+        The folder (peft) or file (minimind) written.
+
+    Raises:
+        AdapterError: no LoRA modules, modules with different settings, a merged model (peft),
+            non-square layers (minimind), an unknown format or a path of the wrong kind.
+    """
+    path = Path(path)
+    if format == "minimind":
+        return _save_minimind(model, path, dtype)
+    if format != "peft":
+        raise AdapterError(f"format must be 'peft' or 'minimind', got {format!r}")
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"{path} is a file; format='peft' writes a folder")
+    config = _model_config(model)
+    metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(model), VERSION_KEY: _version()}
+    tensors = {k: _for_disk(v, dtype) for k, v in adapter_state_dict(model).items()}
+    peft_config = _peft_config_dict(model, config, base_model_name_or_path)
+    path.mkdir(parents=True, exist_ok=True)
+    # Weights first, config last: a folder whose config is new has its new weights too.
+    blob = safetensors_bytes(tensors, metadata=metadata)
+    _atomic_write(path / WEIGHTS_NAME, lambda f: f.write(blob))
+    text = json.dumps(peft_config, indent=2) + "\n"
+    _atomic_write(path / CONFIG_NAME, lambda f: f.write(text.encode()))
+    return path
+
+
+def _for_disk(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
+
+
+def _version() -> str:
+    import minilora  # here, not at the top: minilora/__init__ imports this module
+
+    return str(getattr(minilora, "__version__", "unknown"))
+
+
+def _save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None) -> Path:
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA modules to save; inject_lora first")
+    if path.is_dir():
+        raise AdapterError(f"{path} is a folder; format='minimind' writes one .pth file")
+    not_square = [f"{n} ({m.in_features} -> {m.out_features})" for n, m in modules
+                  if m.in_features != m.out_features]
+    if not_square:
+        raise AdapterError(
+            "MiniMind's apply_lora adds LoRA to square layers only and would drop these: "
+            f"{not_square}; save them with format='peft'"
+        )
+    sd = {}
+    for name, m in modules:
+        sd[f"{name}.lora.A.weight"] = _for_disk(m.lora_A.weight, dtype)
+        # MiniMind computes B(A(x)) unscaled: fold the scaling into B.
+        b = m.lora_B.weight.detach().float() * m.scaling
+        sd[f"{name}.lora.B.weight"] = _for_disk(b, dtype or m.lora_B.weight.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: torch.save(sd, f))
+    return path
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, *, check_fingerprint: bool = True
+) -> LoraConfig:
+    """Loads an adapter into `model`, injecting LoRA first when the model has none.
+
+    Args:
+        model: the base model (with or without LoRA modules).
+        path: a PEFT adapter folder (or its adapter_model.safetensors), or a MiniMind .pth.
+        check_fingerprint: refuse an adapter whose recorded base fingerprint differs from the
+            model's. Adapters without one (PEFT's, MiniMind's) are loaded unchecked.
+
+    Returns:
+        The adapter's LoraConfig (for a MiniMind file: r from the shapes, alpha = r, targets the
+        module paths found in the keys).
+
+    Raises:
+        AdapterError: missing or unreadable files, a pickle that needs code, a config minilora
+            cannot honour, missing/unexpected/mis-shaped keys, or a fingerprint mismatch. A LoRA
+            injected by this call is removed again when it raises.
+    """
+    path = Path(path)
+    if path.is_file() and path.name == WEIGHTS_NAME:
+        path = path.parent
+    if path.is_dir():
+        config, sd, metadata = _read_peft(path)
+        source = str(path / WEIGHTS_NAME)
+    elif path.is_file():
+        config, sd = _read_minimind(path)
+        metadata, source = {}, str(path)
+    else:
+        raise AdapterError(
+            f"no adapter at {path}: expected a folder with {WEIGHTS_NAME} and {CONFIG_NAME}, "
+            "or a MiniMind .pth file"
+        )
+    injected = False
+    if not lora_modules(model):
+        try:
+            inject_lora(model, config)
+        except ValueError as e:
+            raise AdapterError(f"cannot apply {source} to this model: {e}") from None
+        injected = True
+    try:
+        _check_state_dict(model, sd, source)
+        recorded = metadata.get(FINGERPRINT_KEY)
+        if check_fingerprint and recorded is not None:
+            actual = base_fingerprint(model)
+            if actual != recorded:
+                raise AdapterError(
+                    f"{source} was trained on another base model (fingerprint {recorded}, this "
+                    f"model's {actual}); pass check_fingerprint=False to load it anyway"
+                )
+    except AdapterError:
+        if injected:
+            merge_and_unload(model)  # B is still zero: this puts the base back exactly
+        raise
+    _copy_in(model, sd, scaling=config.scaling)
+    return config
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AdapterError(f"missing {path}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_peft(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        hint = " (adapter_model.bin is a pickle; minilora reads safetensors only)" if (
+            folder / "adapter_model.bin"
+        ).exists() else ""
+        raise AdapterError(f"missing {weights}{hint}")
+    data = _read_json(folder / CONFIG_NAME)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
+    return _config_from_peft(data, folder / CONFIG_NAME, sd), sd, metadata
+
+
+def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> LoraConfig:
+    def fail(key: str, why: str) -> AdapterError:
+        return AdapterError(f"{source}: field {key!r} {why}")
+
+    if data.get("peft_type") != "LORA":
+        raise fail("peft_type", f"is {data.get('peft_type')!r}; minilora reads 'LORA' adapters")
+    for key in ("r", "lora_alpha"):
+        if key not in data:
+            raise fail(key, "is missing")
+    for key, fine in _UNSUPPORTED_PEFT.items():
+        if key in data and data[key] not in fine:
+            raise fail(key, f"is {data[key]!r}; minilora supports only {fine[0]!r}")
+    init = data.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        raise fail("init_lora_weights", f"is {init!r}, which changes the base weights")
+    targets = data.get("target_modules")
+    if targets is None:  # PEFT's per-architecture default: the keys say which modules
+        targets = sorted({m[1] for k in sd if (m := _KEY_RE.fullmatch(k.removeprefix(PREFIX)))})
+    exclude = data.get("exclude_modules") or []
+    try:
+        return LoraConfig(
+            r=data["r"],
+            alpha=data["lora_alpha"],
+            dropout=data.get("lora_dropout", 0.0),
+            targets=targets,
+            exclude=exclude,
+            init="gaussian" if init == "gaussian" else "kaiming",
+            use_rslora=bool(data.get("use_rslora", False)),
+        )
+    except ValueError as e:
+        raise AdapterError(f"{source}: {e}") from None
+
+
+def _read_minimind(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code, RuntimeError for a damaged zip, ...
+        raise AdapterError(
+            f"{path} is not a plain tensor file and was not loaded (read with "
+            f"torch.load(weights_only=True); a pickle that needs code is refused): {e}"
+        ) from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()
+    ):
+        raise AdapterError(f"{path}: expected a dict of name -> tensor (MiniMind's save_lora)")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected = []
+    for key, tensor in raw.items():
+        m = _MINIMIND_KEY_RE.fullmatch(key)
+        if m is None or tensor.dim() != 2:
+            unexpected.append(key)
+        else:
+            parts.setdefault(m[1], {})[m[2]] = tensor
+    if unexpected or not parts:
+        raise AdapterError(
+            f"{path}: unexpected keys {sorted(unexpected)}; a MiniMind adapter holds 2-D "
+            "<module>.lora.A.weight and <module>.lora.B.weight tensors only"
+        )
+    half = sorted(f"{n}.lora.{'B' if 'A' in ab else 'A'}.weight" for n, ab in parts.items()
+                  if len(ab) != 2)
+    if half:
+        raise AdapterError(f"{path}: missing keys {half}")
+    ranks = {n: ab["A"].shape[0] for n, ab in parts.items()}
+    bad = [f"{n}: A {tuple(ab['A'].shape)}, B {tuple(ab['B'].shape)}" for n, ab in parts.items()
+           if ab["B"].shape[1] != ab["A"].shape[0]]
+    if bad:
+        raise AdapterError(f"{path}: A is (r, in) and B (out, r), but {bad}")
+    if len(set(ranks.values())) != 1:
+        raise AdapterError(f"{path}: modules have different ranks {ranks}; expected one r")
+    r = next(iter(ranks.values()))
+    # MiniMind adds B(A(x)) unscaled: alpha = r gives scaling 1.
+    config = LoraConfig(r=r, alpha=float(r), targets=sorted(parts), init="gaussian")
+    sd = {}
+    for name, ab in parts.items():
+        sd[f"{PREFIX}{name}.lora_A.weight"] = ab["A"]
+        sd[f"{PREFIX}{name}.lora_B.weight"] = ab["B"]
+    return config, sd

@@ -238,8 +238,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)  # (..., C)
-        return self.weight * y
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # (..., C), one kernel
+        y = F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)  # (..., C)
+        return self.weight * y  # in the input dtype, as transformers does
 
 
 class RotaryEmbedding(nn.Module):

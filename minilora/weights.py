@@ -1,0 +1,317 @@
+"""Base checkpoints: Hugging Face folders and MiniMind ``.pth`` files in, Hugging Face folders out.
+
+Parameter names are the model's own (transformers' and MiniMind's are the same), so loading is a
+check of names and shapes, not a translation. Nothing is unpickled: safetensors is read as is and a
+``.pth`` / ``.bin`` goes through ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .model import CausalLM, ModelConfig
+
+# Buffers some checkpoints carry that hold no learned weight (the model recomputes them).
+IGNORED_KEYS = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|freqs_cos|freqs_sin)$")
+# Wrappers a training script leaves in front of every key: DDP's `module.`, torch.compile's
+# `_orig_mod.`.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not fit the model; names every missing, unexpected, mis-shaped key."""
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu",
+               config: ModelConfig | dict | str | Path | None = None) -> CausalLM:
+    """Loads a base model.
+
+    Args:
+        path: a Hugging Face folder (config.json + model.safetensors, a sharded
+            model.safetensors.index.json, or pytorch_model.bin), a single .safetensors file, or a
+            MiniMind .pth state dict.
+        dtype: dtype of the parameters (a torch dtype or its name, e.g. "bfloat16").
+        device: where the model goes.
+        config: the model's config when path has none beside it: a ModelConfig, a config.json
+            dict (transformers' or MiniMind's names) or a path to one. Without any, a .pth's
+            config is read from its shapes with MiniMind's defaults for the rest (8 attention
+            heads, rope_theta 1e6, rms_norm_eps 1e-5, top-2 routing).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: when path or a file it names does not exist.
+        WeightsError: when the weights do not fit the config (every offending key named).
+        ValueError: on an unreadable or unsupported config.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    dtype = _dtype(dtype)
+    state_dict, source = _read_state_dict(path)
+    state_dict = _strip_wrappers(state_dict)
+    cfg = _resolve_config(path, config, state_dict)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    state_dict = _fit(model, state_dict, source)
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True untied them
+    return model.to(device).eval()
+
+
+def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str | None = None,
+               max_shard_size: int | None = None) -> Path:
+    """Writes a Hugging Face folder: config.json and model.safetensors (or shards + index).
+
+    transformers' ``AutoModelForCausalLM.from_pretrained`` reads the folder for llama, qwen2 and
+    qwen3 configs. A tied lm_head is not written (transformers ties it again on load).
+
+    Args:
+        model: the model; a LoRA-injected one must be merged and unloaded first.
+        folder: created if missing; existing files of the same names are replaced.
+        dtype: dtype to store (default: the parameters' own).
+        max_shard_size: bytes per shard; None writes one file.
+
+    Returns:
+        The folder.
+
+    Raises:
+        WeightsError: when the model holds parameters a base checkpoint has no place for.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    with torch.device("meta"):
+        expected = CausalLM(config).state_dict()
+    sd = model.state_dict()
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise WeightsError(f"the model has {len(extra)} parameter(s) a base checkpoint has no "
+                           f"place for (merge and unload adapters first): {_listing(extra)}")
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    target = _dtype(dtype) if dtype is not None else None
+    tensors = {k: (v.to(target) if target is not None and v.is_floating_point() else v)
+               .detach().to("cpu").contiguous() for k, v in sd.items()}
+    hf = config.to_hf_dict()
+    stored = next(iter(tensors.values())).dtype
+    hf["dtype"] = str(stored).removeprefix("torch.")
+    _atomic_write_text(folder / "config.json", json.dumps(hf, indent=2) + "\n")
+    metadata = {"format": "pt"}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_size is None or total <= max_shard_size:
+        _atomic_save(tensors, folder / "model.safetensors", metadata)
+        return folder
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, folder / name, metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _atomic_write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
+    """The tensors at path and the file (or index) they came from."""
+    if path.is_dir():
+        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return _read_state_dict(path / name)
+        pths = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
+        if len(pths) == 1:
+            return _read_state_dict(pths[0])
+        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, "
+                                f"pytorch_model.bin or single .pth file here")
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{path}: expected a JSON object with a 'weight_map' ({e})") from e
+        sd: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path.parent / shard).is_file():
+                raise FileNotFoundError(f"{path}: names shard {shard}, which is not in "
+                                        f"{path.parent}")
+            sd.update(load_file(path.parent / shard))
+        absent = sorted(set(weight_map) - set(sd))
+        if absent:
+            raise WeightsError(f"{path}: keys listed in the index but not in their shard: "
+                               f"{_listing(absent)}")
+        return sd, path
+    if path.suffix == ".safetensors":
+        return load_file(path), path
+    if path.suffix in TORCH_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses pickled code with an UnpicklingError
+            raise WeightsError(f"{path}: not a plain tensor state dict that loads with "
+                               f"weights_only=True ({type(e).__name__}: {e})") from e
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+            obj = obj["model"]  # a training checkpoint {"model": state_dict, "optimizer": ...}
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise WeightsError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+        return obj, path
+    raise WeightsError(f"{path}: unknown checkpoint type (expected a folder, .safetensors, "
+                       f".index.json, {', '.join(TORCH_SUFFIXES)})")
+
+
+def _strip_wrappers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in sd.items():
+        name = key
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        out[name] = value
+    return out
+
+
+def _resolve_config(path: Path, config: ModelConfig | dict | str | Path | None,
+                    sd: dict[str, Tensor]) -> ModelConfig:
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, dict):
+        return ModelConfig.from_hf_dict(config)
+    if config is not None:
+        return ModelConfig.from_json(config)
+    beside = (path if path.is_dir() else path.parent) / "config.json"
+    if beside.is_file():
+        return ModelConfig.from_json(beside)
+    if path.is_dir() or path.suffix not in TORCH_SUFFIXES:
+        raise FileNotFoundError(f"{beside}: no config.json (pass config= to load_model)")
+    return _minimind_config_from_shapes(sd, path)
+
+
+def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path) -> ModelConfig:
+    """A MiniMind config read from the tensor shapes, MiniMind's defaults for the rest."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise WeightsError(f"{path}: no config.json beside it and no {key} to read the "
+                               f"shape from; pass config= to load_model")
+        return tuple(sd[key].shape)
+
+    vocab_size, hidden = shape("model.embed_tokens.weight")
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if not layers:
+        raise WeightsError(f"{path}: no model.layers.N.* keys")
+    prefix = "model.layers.0."
+    use_moe = prefix + "mlp.gate.weight" in sd
+    mlp = prefix + ("mlp.experts.0." if use_moe else "mlp.")
+    q_out = shape(prefix + "self_attn.q_proj.weight")[0]
+    k_out = shape(prefix + "self_attn.k_proj.weight")[0]
+    qk_norm = prefix + "self_attn.q_norm.weight" in sd
+    if qk_norm:
+        head_dim = shape(prefix + "self_attn.q_norm.weight")[0]
+        heads = q_out // head_dim
+    else:
+        heads = 8  # MiniMind's num_attention_heads; the shapes cannot tell
+        head_dim = hidden // heads
+    d = {"model_type": "minimind", "vocab_size": vocab_size, "hidden_size": hidden,
+         "num_hidden_layers": max(layers) + 1, "num_attention_heads": heads,
+         "num_key_value_heads": k_out // head_dim, "head_dim": head_dim, "qk_norm": qk_norm,
+         "intermediate_size": shape(mlp + "gate_proj.weight")[0],
+         "attention_bias": prefix + "self_attn.q_proj.bias" in sd,
+         "tie_word_embeddings": "lm_head.weight" not in sd
+         or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])}
+    if use_moe:
+        shared = {int(m.group(1)) for k in sd
+                  if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))}
+        d.update(use_moe=True, num_experts=shape(prefix + "mlp.gate.weight")[0],
+                 n_shared_experts=len(shared))
+        d["num_experts_per_tok"] = min(2, d["num_experts"])
+    try:
+        return ModelConfig(**d)
+    except ValueError as e:
+        raise WeightsError(f"{path}: the shapes give no valid config ({e}); "
+                           f"pass config= to load_model") from e
+
+
+def _fit(model: CausalLM, sd: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+    """sd checked against the model's names and shapes, a tied lm_head filled in."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sd = {k: v for k, v in sd.items() if not IGNORED_KEYS.fullmatch(k)}
+    tied = model.config.tie_word_embeddings
+    embed = sd.get("model.embed_tokens.weight")
+    if tied and embed is not None:
+        head = sd.get("lm_head.weight")
+        if head is not None and (head.shape != embed.shape or not torch.equal(head, embed)):
+            raise WeightsError(f"{source}: config says tie_word_embeddings, but lm_head.weight "
+                               f"differs from model.embed_tokens.weight (set "
+                               f"tie_word_embeddings false to keep both)")
+        sd["lm_head.weight"] = embed
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    misshaped = sorted(f"{k} {tuple(sd[k].shape)} (expected {expected[k]})"
+                       for k in set(sd) & set(expected) if tuple(sd[k].shape) != expected[k])
+    problems = [f"{label} {len(keys)}: {_listing(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                if keys]
+    if problems:
+        raise WeightsError(f"{source} does not fit a {model.config.model_type} model with this "
+                           f"config; " + "; ".join(problems))
+    return sd
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype: expected a torch dtype or its name such as 'bfloat16', "
+                         f"got {dtype!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    _fsync_replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync_replace(tmp, path)
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    # a crash mid-write leaves the old file or the new one, never half of one
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

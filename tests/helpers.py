@@ -88,4 +88,9 @@ def tiny_model(vocab_size: int, *, hidden: int = 32, layers: int = 2, seed: int 
         max_position_embeddings=512,
         tie_word_embeddings=True,
     )
-    return CausalLM(config)
+    model = CausalLM(config)
+    # The default N(0, 0.02) embedding, tied to lm_head, caps a 32-wide model's logits near
+    # +-0.6, so LoRA (which leaves the head frozen) could barely move the loss; a wider one
+    # gives it room.
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=0.2)
+    return model

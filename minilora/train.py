@@ -1,0 +1,924 @@
+"""The training loop: LoRA (or full) fine-tuning of a causal LM on jsonl data.
+
+``train(model, data, config)`` reads top to bottom; the helpers beside it each do one thing
+(``lr_at``, ``evaluate``, ``save_checkpoint``, ``load_checkpoint``, ...). The step is the seed's:
+inject LoRA, freeze the rest, AdamW over the trainable parameters only, masked cross-entropy plus
+the MoE aux loss, autocast, accumulation, clipping of the trainable gradients only, step,
+``zero_grad(set_to_none=True)``.
+
+Two choices make runs exactly reproducible and comparable:
+
+- The loss of an optimizer step is the mean over the trained tokens of its whole global batch
+  (every micro-batch of every process), not a mean of per-micro-batch means. So k micro-batches
+  of accumulation give the gradient of one batch k times larger, and N processes give the
+  gradient of one process with the same global batch, whatever the token counts.
+- Random numbers (LoRA dropout) are reseeded from (seed, step, rank) at every step, and the data
+  order is a function of (seed, epoch): a resumed run sees exactly what an uninterrupted one saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import nn
+from tqdm import tqdm
+
+from minilora.adapter import base_fingerprint, save_adapter
+from minilora.data import DataStats, JsonlDataset, batch_indices, load_jsonl
+from minilora.lora import (
+    LoraConfig,
+    inject_lora,
+    lora_modules,
+    lora_parameters,
+    mark_trainable,
+    unmerge_lora,
+)
+from minilora.weights import save_model
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CHECKPOINTS = "checkpoints"  # folder under out_dir holding step-NNNNNNNN checkpoints
+_FORMAT = 1  # version of the checkpoint layout
+# Fields that do not change what is computed, so a resume may change them.
+_RESUMABLE_CHANGES = (
+    "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
+    "log_every", "max_bad_steps", "stop_after", "device",
+)
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: another config, another base, or a damaged file."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as config.json beside its outputs."""
+
+    data: str | None = None  # training jsonl (chat or {"text"}); None when train() gets a dataset
+    eval_data: str | None = None  # held-out jsonl: loss and perplexity every eval_every steps
+    out_dir: str = "runs/minilora"  # adapters, checkpoints, metrics.jsonl, loss.png, config.json
+    full: bool = False  # train every weight instead of LoRA adapters
+    lora_r: int = 8  # rank of the LoRA update
+    lora_alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch input, in [0, 1)
+    lora_targets: list[str] | str = "all-linear"  # suffixes, a regex, "all-linear" or "square"
+    lora_exclude: list[str] = field(default_factory=list)  # module-name suffixes never adapted
+    lora_init: str = "gaussian"  # init of A: "gaussian" (the seed's) or "kaiming" (PEFT's)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    epochs: int = 1  # passes over the data (when max_steps is None)
+    max_steps: int | None = None  # optimizer steps in all; None: epochs x steps per epoch
+    batch_size: int = 8  # samples per micro-batch, per process
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at lr x min_lr_ratio
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    grad_clip: float = 1.0  # max global norm of the trainable gradients; 0: no clipping
+    dtype: str = "auto"  # autocast: "auto" | "float32" | "bfloat16" | "float16" (CUDA only)
+    max_seq_len: int = 512  # samples are cut to this many tokens
+    pack: bool = False  # pack samples into full rows of max_seq_len instead of padding
+    eval_every: int = 0  # evaluate every N steps; 0: at the end only
+    save_every: int = 0  # checkpoint every N steps; 0: at the end only
+    seed: int = 42  # LoRA init, data order and dropout
+    compile: bool = False  # run the forward through torch.compile
+    resume: bool = False  # continue from the latest checkpoint in out_dir
+    log_every: int = 10  # log loss, lr and tokens/s every N steps
+    skip_bad: bool = False  # skip (and count) bad jsonl lines instead of stopping
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    stop_after: int | None = None  # end this run at this step (checkpointed), schedule unchanged
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK if there is CUDA, else cpu), "cpu", "cuda:0"
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), hints[f.name]))
+        positive = ("lora_r", "epochs", "batch_size", "accumulation_steps", "max_seq_len",
+                    "log_every", "max_bad_steps", "max_steps", "stop_after")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig.{name}: expected an integer >= 1, got {value}")
+        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"TrainConfig.lr: expected a finite number > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio: expected [0, 1], got {self.min_lr_ratio}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"TrainConfig.max_seq_len: expected >= 2, got {self.max_seq_len}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        try:
+            self.lora_config()  # r, alpha, dropout, targets, init
+        except ValueError as err:
+            raise ValueError(f"TrainConfig.lora_*: {err}") from None
+
+    def lora_config(self) -> LoraConfig:
+        """The LoraConfig these settings describe."""
+        return LoraConfig(
+            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+            targets=self.lora_targets, exclude=self.lora_exclude, init=self.lora_init,
+            use_rslora=self.use_rslora,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (``from_dict`` reads it back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build a config from a dict such as ``to_dict()`` returns.
+
+        Raises:
+            ValueError: on an unknown key (naming it and listing the valid ones) or a bad value.
+        """
+        valid = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in valid]
+        if unknown:
+            raise ValueError(f"unknown TrainConfig key(s) {unknown}; valid keys: {valid}")
+        return cls(**d)
+
+    def save_json(self, path: str | Path) -> None:
+        """Write the config as JSON (atomically)."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        _atomic_write(Path(path), text.encode("utf-8"))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        """Read a config written by ``save_json``.
+
+        Raises:
+            ValueError: on a file that is not a JSON object, or a bad key or value.
+        """
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot read a TrainConfig: {err}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of TrainConfig fields")
+        return cls.from_dict(d)
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """Check value against a field's type hint (int accepted for float); returns the value."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option)
+        if option is type(None) and value is None:
+            return value
+        if origin is list and isinstance(value, (list, tuple)):
+            if all(isinstance(v, str) for v in value):
+                return list(value)
+        elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif option in (str, bool) and type(value) is option:
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null")
+                           for o in options)
+    raise ValueError(f"TrainConfig.{name}: expected {expected}, got {value!r}")
+
+
+@dataclass
+class TrainResult:
+    """What a train() call did."""
+
+    steps: int  # optimizer steps done in all (a resumed run's earlier ones included)
+    total_steps: int  # the steps the schedule spans
+    losses: list[tuple[int, float]]  # (step, mean train loss since the previous log), this call
+    evals: list[dict[str, float]]  # {"step", "eval_loss", "eval_ppl"}, this call
+    best_eval_loss: float | None  # the lowest eval loss so far (resumed runs included)
+    skipped_steps: int  # steps skipped for a non-finite loss or gradient
+    tokens: int  # tokens trained on in this call (all processes)
+    seconds: float  # wall time of this call
+    output_dir: Path | None  # the last adapter (or model folder with full=True); None off rank 0
+    best_dir: Path | None  # the adapter (or model) of the best eval loss
+    checkpoint_dir: Path | None  # the latest checkpoint
+    data_stats: DataStats  # what reading the training file kept and dropped
+
+
+def train(
+    model: nn.Module,
+    data: Any,
+    config: TrainConfig,
+    *,
+    eval_data: JsonlDataset | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` in place: LoRA adapters (default) or every weight (``full``).
+
+    Run under torchrun (WORLD_SIZE > 1) it trains data-parallel: each process takes its share of
+    every global batch and the gradients are summed across processes, so N processes of
+    batch_size B compute what one process of batch_size N x B computes; only rank 0 writes.
+
+    Args:
+        model: a CausalLM-like module: ``model(input_ids, labels=...)`` returns an object with
+            ``loss`` (mean over the labels that are not -100) and ``aux_loss``.
+        data: a Tokenizer (the files config.data / config.eval_data are read with it) or a
+            JsonlDataset to train on.
+        config: the run's settings.
+        eval_data: a held-out JsonlDataset, when ``data`` is a dataset.
+
+    Returns:
+        A TrainResult. Under out_dir: ``adapter/`` (or ``model/``), ``best/``, ``checkpoints/``,
+        ``metrics.jsonl``, ``loss.png``, ``config.json``.
+
+    Raises:
+        DataError: a bad training or eval file.
+        CheckpointError: resume=True with a checkpoint of another config or base, or a damaged
+            one; or resume=False where an unfinished checkpoint would be overwritten.
+        TrainError: max_bad_steps non-finite steps in a row.
+    """
+    started = time.perf_counter()
+    rank, world, device, own_group = _start_distributed(config.device)
+    train_set, eval_set = _datasets(data, eval_data, config)
+    plan = _BatchPlan(train_set, config, rank, world)
+    out = Path(config.out_dir)
+
+    torch.manual_seed(config.seed)  # LoRA init: the same on every rank
+    params = _prepare_model(model, config)
+    model.to(device)
+    _broadcast(params, world)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    amp_dtype = autocast_dtype(config.dtype, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    run = _RunState()
+    if config.resume:
+        run = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan) or run
+    else:
+        _refuse_unfinished_checkpoint(out / CHECKPOINTS)
+    if rank == 0:
+        _start_outputs(out, config, run.step, train_set.stats)
+    forward = torch.compile(model) if config.compile else model
+    stop = min(plan.total_steps, config.stop_after or plan.total_steps)
+    log = _Log(out, rank, run.step, plan.total_steps)
+    result_losses: list[tuple[int, float]] = []
+    evals: list[dict[str, float]] = []
+    tokens = 0
+
+    model.train()
+    for step in range(run.step, stop):
+        lr = lr_at(step, config, plan.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(_step_seed(config.seed, step, rank))  # dropout: resumable, per rank
+        micro_batches, trained, step_tokens = plan.batches(step)
+        step_loss = torch.zeros((), device=device)
+        for batch in micro_batches:
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = forward(batch.input_ids, labels=batch.labels)
+            # Token-weighted: the sum over all micro-batches and ranks is the global-batch mean.
+            loss = (output.loss * (batch.trained_tokens / trained)
+                    + output.aux_loss / (len(micro_batches) * world))
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.detach()
+        step_loss = _sync_gradients(params, step_loss, world)
+        finite = _unscale_and_clip(params, step_loss, optimizer, scaler, config.grad_clip)
+        if finite:
+            run.bad_in_a_row = 0
+            if scaler:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+        else:
+            run.skipped += 1
+            run.bad_in_a_row += 1
+            _stop_if_too_many_bad(run, step, config.max_bad_steps)
+        if scaler:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.step = step + 1
+        tokens += step_tokens
+
+        logged = log.step(run.step, step_loss if finite else None, lr, step_tokens, run.skipped,
+                          force=run.step == stop or run.step % config.log_every == 0)
+        result_losses += logged
+        if eval_set is not None and config.eval_every and run.step % config.eval_every == 0:
+            evals.append(_evaluate_and_keep_best(model, eval_set, config, run, rank, world,
+                                                 device, amp_dtype, log))
+        if config.save_every and run.step % config.save_every == 0 and run.step != stop:
+            save_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan, run, rank)
+
+    finished = run.step == plan.total_steps  # not a stop_after: its resume evaluates later
+    if eval_set is not None and finished and (not evals or evals[-1]["step"] != run.step):
+        evals.append(_evaluate_and_keep_best(model, eval_set, config, run, rank, world, device,
+                                             amp_dtype, log))
+    checkpoint = save_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan, run,
+                                 rank)
+    output_dir = _save_weights(model, out / ("model" if config.full else "adapter"), config, rank)
+    log.close()
+    if rank == 0:
+        _plot(out)
+    if own_group:
+        dist.destroy_process_group()
+    best = out / "best"
+    return TrainResult(
+        steps=run.step, total_steps=plan.total_steps, losses=result_losses, evals=evals,
+        best_eval_loss=run.best_eval_loss, skipped_steps=run.skipped, tokens=tokens,
+        seconds=time.perf_counter() - started, output_dir=output_dir,
+        best_dir=best if rank == 0 and best.exists() else None, checkpoint_dir=checkpoint,
+        data_stats=train_set.stats,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule, precision, distribution
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (from 0): linear warmup, then a cosine from
+    ``lr`` down to ``lr * min_lr_ratio`` at the end of ``total_steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    floor = config.lr * config.min_lr_ratio
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (CUDA sm80+, CPUs with AVX512-BF16/AMX).
+
+    Elsewhere bf16 is emulated: slower than float32 and less precise, so "auto" picks float32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return "AMX" in capability.upper()
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``TrainConfig.dtype`` on ``device``; None means float32.
+
+    Raises:
+        ValueError: float16 off CUDA (its GradScaler needs CUDA), bfloat16 on a device
+            without bf16 autocast.
+    """
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    if name == "float16" and device.type != "cuda":
+        raise ValueError("dtype float16 needs CUDA (for its GradScaler); on CPU use bfloat16 "
+                         "or float32")
+    if name == "bfloat16" and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"dtype bfloat16: no autocast on {device.type}; use float32")
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _start_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call started the process group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        cuda = torch.cuda.is_available()
+        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    else:
+        device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:
+        return 0, 1, device, False
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, started
+
+
+def _broadcast(params: list[nn.Parameter], world: int) -> None:
+    """Start every rank from rank 0's trainable weights."""
+    if world > 1:
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def _sync_gradients(params: list[nn.Parameter], step_loss: torch.Tensor,
+                    world: int) -> torch.Tensor:
+    """Sum the trainable gradients (and the step loss) over all processes; returns the loss.
+
+    This is DDP's gradient all-reduce done once per optimizer step on one flat buffer, instead of
+    DDP's per-bucket hooks: accumulation needs no ``no_sync``, and a parameter unused in a step
+    (an MoE expert no token was routed to) is a zero gradient, where DDP would need
+    ``find_unused_parameters``.
+    """
+    if world == 1:
+        return step_loss
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [step_loss.reshape(1).float()])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    return flat[-1]
+
+
+def _unscale_and_clip(params: list[nn.Parameter], step_loss: torch.Tensor,
+                      optimizer: torch.optim.Optimizer, scaler: Any, grad_clip: float) -> bool:
+    """Unscale (fp16), clip the trainable gradients, and say whether the step is finite.
+
+    The one host sync of a step: the skip decision needs it. With a GradScaler, an overflowing
+    gradient is the scaler's business (it skips and lowers its scale); only a non-finite loss
+    counts as a bad step then.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grads = [p for p in params if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads]))
+    finite = torch.isfinite(step_loss)
+    if scaler is None:
+        finite = finite & torch.isfinite(norm)
+    return bool(finite)
+
+
+def _stop_if_too_many_bad(run: _RunState, step: int, limit: int) -> None:
+    if run.bad_in_a_row >= limit:
+        raise TrainError(
+            f"stopped at step {step + 1}: {run.bad_in_a_row} steps in a row had a non-finite "
+            f"loss or gradient (skipped, nothing saved from them); lower lr, use dtype float32, "
+            f"or check the data"
+        )
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes < 2**63
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and data
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    """Inject LoRA (unless full or already there) and freeze; returns the trainable parameters."""
+    if config.full:
+        if lora_modules(model):
+            raise ValueError("full=True on a model with LoRA layers: merge_and_unload it first")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return list(model.parameters())
+    if lora_modules(model):
+        unmerge_lora(model)  # a loaded adapter is trained further, with its own settings
+    else:
+        inject_lora(model, config.lora_config())
+    mark_trainable(model)
+    return lora_parameters(model)
+
+
+def _datasets(data: Any, eval_data: JsonlDataset | None,
+              config: TrainConfig) -> tuple[JsonlDataset, JsonlDataset | None]:
+    if isinstance(data, JsonlDataset):
+        return data, eval_data
+    if config.data is None:
+        raise ValueError("TrainConfig.data: the training jsonl is needed when train() is given "
+                         "a tokenizer")
+    train_set = load_jsonl(config.data, data, config.max_seq_len, skip_bad=config.skip_bad,
+                           pack=config.pack)
+    eval_set = None
+    if config.eval_data is not None:
+        eval_set = load_jsonl(config.eval_data, data, config.max_seq_len,
+                              skip_bad=config.skip_bad)
+    return train_set, eval_set
+
+
+class _BatchPlan:
+    """Which samples each process takes at each step.
+
+    Step s of epoch e = s // steps_per_epoch takes global batch s % steps_per_epoch of
+    ``batch_indices(n, G, seed, e)``, G = batch_size x accumulation_steps x world. Micro-batch j
+    of rank r is its slice [(j W + r) B, (j W + r + 1) B): the union over ranks of micro-batch j
+    is micro-batch j of one process with batch_size W x B.
+    """
+
+    def __init__(self, dataset: JsonlDataset, config: TrainConfig, rank: int, world: int) -> None:
+        self.dataset = dataset
+        self.config = config
+        self.rank, self.world = rank, world
+        self.global_batch = config.batch_size * config.accumulation_steps * world
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{dataset.path or 'the dataset'} has {len(dataset)} rows, fewer than one global "
+                f"batch of {self.global_batch} (batch_size x accumulation_steps x processes); "
+                "lower batch_size or accumulation_steps"
+            )
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self._trained = [s.trained_tokens for s in dataset.samples]
+        self._lengths = [len(s.input_ids) for s in dataset.samples]
+        self._epoch = -1
+        self._order: list[list[int]] = []
+
+    def position(self, step: int) -> dict[str, int]:
+        """The data position before ``step``: what a checkpoint records."""
+        return {"epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch,
+                "rows": len(self.dataset), "tokens": sum(self._lengths),
+                "global_batch": self.global_batch}
+
+    def batches(self, step: int) -> tuple[list[Any], int, int]:
+        """(this rank's micro-batches, trained tokens and tokens of the whole global batch)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = batch_indices(len(self.dataset), self.global_batch,
+                                        seed=self.config.seed, epoch=epoch)
+            self._epoch = epoch
+        rows = self._order[index]
+        b = self.config.batch_size
+        micro = [self.dataset.collate(rows[(j * self.world + self.rank) * b:][:b])
+                 for j in range(self.config.accumulation_steps)]
+        return (micro, sum(self._trained[i] for i in rows), sum(self._lengths[i] for i in rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
+             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+             rank: int = 0, world: int = 1) -> float:
+    """Mean loss per trained token of ``dataset`` (perplexity = exp of it).
+
+    Args:
+        model: the model (put in eval mode for the call, then back).
+        dataset: the held-out rows.
+        batch_size: rows per forward.
+        device: where the model is.
+        amp_dtype: the autocast dtype, None for float32.
+        rank: this process (batches are shared out round-robin).
+        world: the number of processes (their sums are added up).
+
+    Returns:
+        The token-weighted mean cross-entropy.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained tokens
+    for start in range(rank * batch_size, len(dataset), batch_size * world):
+        batch = dataset.collate(range(start, min(start + batch_size, len(dataset)))).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            output = model(batch.input_ids, labels=batch.labels)
+        total[0] += output.loss.double() * batch.trained_tokens
+        total[1] += batch.trained_tokens
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _evaluate_and_keep_best(model: nn.Module, eval_set: JsonlDataset, config: TrainConfig,
+                            run: _RunState, rank: int, world: int, device: torch.device,
+                            amp_dtype: torch.dtype | None, log: _Log) -> dict[str, float]:
+    loss = evaluate(model, eval_set, config.batch_size, device=device, amp_dtype=amp_dtype,
+                    rank=rank, world=world)
+    record = {"step": run.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+    log.eval(record)
+    if run.best_eval_loss is None or loss < run.best_eval_loss:
+        run.best_eval_loss = loss
+        _save_weights(model, Path(config.out_dir) / "best", config, rank)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: weights, checkpoints, logs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RunState:
+    step: int = 0  # optimizer steps done
+    skipped: int = 0  # non-finite steps skipped
+    bad_in_a_row: int = 0
+    best_eval_loss: float | None = None
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (tied weights once)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    bad = [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainError(f"refusing to save non-finite weights: {bad[:5]}")
+
+
+def _save_weights(model: nn.Module, folder: Path, config: TrainConfig, rank: int) -> Path | None:
+    """The adapter (or, with full=True, the whole model) into ``folder``; rank 0 only."""
+    if rank != 0:
+        return None
+    _check_finite(_trainable(model))
+    if config.full:
+        save_model(model, folder)
+    else:
+        save_adapter(model, folder)
+    return folder
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: Any, config: TrainConfig, plan: _BatchPlan, run: _RunState,
+                    rank: int = 0) -> Path | None:
+    """Write ``folder/step-NNNNNNNN/`` and drop the older checkpoints; rank 0 only.
+
+    ``trainable.safetensors`` holds the trainable weights; ``state.pt`` the optimizer, scaler,
+    RNG states, data position, counters and config as plain tensors, numbers, strings, lists and
+    dicts (read back with ``torch.load(weights_only=True)``). Both are written into a temporary
+    folder, fsynced, and the folder renamed into place: a checkpoint folder is complete or absent.
+
+    Returns:
+        The checkpoint folder (None off rank 0).
+    """
+    if rank != 0:
+        return None
+    final = folder / f"step-{run.step:08d}"
+    if final.exists():  # written earlier by this same run at this same step (resume is exact)
+        return final
+    weights = {n: t.detach().cpu().contiguous() for n, t in _trainable(model).items()}
+    _check_finite(weights)
+    blob = safetensors_save(weights, metadata={"format": "pt", "step": str(run.step)})
+    rng = random.getstate()
+    state = {
+        "format": _FORMAT,
+        "step": run.step,
+        "total_steps": plan.total_steps,
+        "world_size": plan.world,
+        "config": config.to_dict(),
+        "data": plan.position(run.step),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "python": {"version": rng[0], "state": list(rng[1]), "gauss_next": rng[2]},
+        },
+        "skipped": run.skipped,
+        "bad_in_a_row": run.bad_in_a_row,
+        "best_eval_loss": run.best_eval_loss,
+        "fingerprint": None if config.full else base_fingerprint(model),
+        "trainable_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_synced(tmp / "trainable.safetensors", blob)
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    for old in folder.iterdir():
+        if old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``folder`` (temporary folders are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and p.is_dir())
+    return done[-1] if done else None
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: Any, config: TrainConfig, plan: _BatchPlan) -> _RunState | None:
+    """Restore the latest checkpoint under ``folder``; None when there is none.
+
+    Raises:
+        CheckpointError: it was written with another config (the differing fields are named),
+            another number of processes, other data, another base, or its files are damaged.
+    """
+    path = latest_checkpoint(folder)
+    if path is None:
+        if plan.rank == 0:
+            print(f"resume: no checkpoint in {folder}; starting at step 0", file=sys.stderr)
+        return None
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        blob = (path / "trainable.safetensors").read_bytes()
+    except Exception as err:  # unpickling refused, truncated file, ...
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise CheckpointError(f"{path}/state.pt: not a minilora checkpoint (format {_FORMAT})")
+    _check_same_run(path, state, config, plan)
+    if hashlib.sha256(blob).hexdigest() != state["trainable_sha256"]:
+        raise CheckpointError(f"{path}/trainable.safetensors: damaged (checksum mismatch)")
+    if not config.full and state["fingerprint"] != base_fingerprint(model):
+        raise CheckpointError(f"{path}: written for another base model (fingerprint differs)")
+    _load_trainable(path, model, safetensors_load(blob))
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    return _RunState(step=state["step"], skipped=state["skipped"],
+                     bad_in_a_row=state["bad_in_a_row"], best_eval_loss=state["best_eval_loss"])
+
+
+def _check_same_run(path: Path, state: dict, config: TrainConfig, plan: _BatchPlan) -> None:
+    saved, now = state["config"], config.to_dict()
+    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
+             if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if state["world_size"] != plan.world:
+        diffs.append(f"processes: {state['world_size']} in the checkpoint, {plan.world} now")
+    if state["data"] != plan.position(state["step"]):
+        diffs.append(f"data: {state['data']} in the checkpoint, "
+                     f"{plan.position(state['step'])} now")
+    if diffs:
+        raise CheckpointError(
+            f"{path} was written by a different run; refusing to resume: " + "; ".join(diffs)
+            + ". Resume with the same settings, or train into a new out_dir."
+        )
+
+
+def _load_trainable(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = _trainable(model)
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    shapes = [n for n in params if n in weights and weights[n].shape != params[n].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{path}/trainable.safetensors does not fit the model: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}, shape {shapes[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+
+
+def _refuse_unfinished_checkpoint(folder: Path) -> None:
+    """A fresh run must not silently overwrite an unfinished run's checkpoints."""
+    path = latest_checkpoint(folder)
+    if path is None:
+        return
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        unfinished = state["step"] < state["total_steps"]
+    except Exception:
+        unfinished = True
+    if unfinished:
+        raise CheckpointError(
+            f"{path} holds an unfinished run: pass resume=True (--resume) to continue it, or "
+            "train into another out_dir"
+        )
+
+
+def _start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_json(out / "config.json")
+    metrics = out / "metrics.jsonl"
+    # Keep what the checkpoint covers: a crashed run logged steps that will be run again.
+    kept = []
+    if step and metrics.exists():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by the crash
+    _atomic_write(metrics, "".join(kept).encode("utf-8"))
+    print(f"data: {stats.samples} samples ({stats.trained_tokens} trained tokens); dropped "
+          f"{stats.dropped_untrained} with nothing to train, truncated {stats.truncated}, "
+          f"skipped {stats.skipped_bad} bad lines", file=sys.stderr)
+
+
+class _Log:
+    """metrics.jsonl, the progress bar (a TTY) or log lines (otherwise); rank 0 only."""
+
+    def __init__(self, out: Path, rank: int, step: int, total: int) -> None:
+        self.active = rank == 0
+        self.path = out / "metrics.jsonl"
+        self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+                        disable=not (self.active and sys.stderr.isatty()))
+        self.loss_sum = torch.zeros(())
+        self.steps = 0  # finite steps since the last log
+        self.tokens = 0
+        self.since = time.perf_counter()
+        self.total = total
+
+    def step(self, step: int, loss: torch.Tensor | None, lr: float, tokens: int, skipped: int,
+             *, force: bool) -> list[tuple[int, float]]:
+        """Count a step; every log_every steps (``force``) read the loss: the only .item()."""
+        self.bar.update(1)
+        if loss is not None:
+            self.loss_sum = self.loss_sum.to(loss.device) + loss
+            self.steps += 1
+        self.tokens += tokens
+        if not force:
+            return []
+        mean = float(self.loss_sum / max(self.steps, 1)) if self.steps else float("nan")
+        now = time.perf_counter()
+        record = {"step": step, "loss": mean, "lr": lr,
+                  "tokens_per_s": self.tokens / max(now - self.since, 1e-9), "skipped": skipped}
+        self.loss_sum, self.steps, self.tokens, self.since = torch.zeros(()), 0, 0, now
+        self._write(record)
+        if self.bar.disable and self.active:
+            print(f"step {step}/{self.total} loss {mean:.4f} lr {lr:.2e} "
+                  f"tok/s {record['tokens_per_s']:.0f}", file=sys.stderr)
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}")
+        return [(step, mean)]
+
+    def eval(self, record: dict[str, float]) -> None:
+        self._write(record)
+        if self.active:
+            self.bar.write(f"eval at step {record['step']}: loss {record['eval_loss']:.4f} "
+                           f"ppl {record['eval_ppl']:.2f}", file=sys.stderr)
+
+    def _write(self, record: dict[str, float]) -> None:
+        if self.active:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _plot(out: Path) -> Path | None:
+    """loss.png from metrics.jsonl (train and eval loss by step); a note without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("loss.png skipped: matplotlib is not installed (pip install 'minilora[plot]')",
+              file=sys.stderr)
+        return None
+    records = [json.loads(line) for line in
+               (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    train_points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    eval_points = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for points, label in ((train_points, "train"), (eval_points, "eval")):
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 50 else "")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(out / "loss.png", dpi=100)
+    return out / "loss.png"
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to a temporary file beside ``path``, fsync, rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_synced(tmp, payload)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_synced(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,289 @@
+"""minilora.train: the loop on a tiny model (hidden 32, 2 layers), a few steps each, CPU fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from safetensors.torch import load_file
+
+from minilora.lora import lora_modules
+from minilora.train import (
+    CheckpointError,
+    TrainConfig,
+    TrainError,
+    autocast_dtype,
+    latest_checkpoint,
+    lr_at,
+    native_bf16,
+    train,
+)
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: a second intra-op thread only adds waiting, and on a shared 2-core machine
+    # a busy neighbour makes it 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return {
+        "train": str(write_jsonl(folder / "train.jsonl", chat_rows(repeat=4))),  # 24 chats
+        "eval": str(write_jsonl(folder / "eval.jsonl", chat_rows("messages"))),
+    }
+
+
+def config(files, out: Path, **changes) -> TrainConfig:
+    base = dict(data=files["train"], out_dir=str(out), lora_r=4, lora_alpha=8.0, batch_size=4,
+                lr=1e-2, max_seq_len=64, dtype="float32", log_every=1, seed=0, max_steps=6)
+    return TrainConfig(**{**base, **changes})
+
+
+def adapter(out: Path, name: str = "adapter") -> dict[str, torch.Tensor]:
+    return load_file(str(Path(out) / name / "adapter_model.safetensors"))
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=tol), (k, (a[k] - b[k]).abs().max())
+
+
+def losses(result) -> list[float]:
+    return [loss for _, loss in result.losses]
+
+
+def test_lora_run_lowers_the_loss_and_touches_only_lora(tok, files, tmp_path):
+    model = tiny_model(tok.vocab_size)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = config(files, tmp_path / "run", max_steps=24, eval_data=files["eval"], eval_every=8)
+    result = train(model, tok, cfg)
+
+    first, last = losses(result)[:3], losses(result)[-3:]
+    assert sum(last) < 0.7 * sum(first)
+    assert [e["step"] for e in result.evals] == [8, 16, 24]
+    assert result.evals[-1]["eval_loss"] < result.evals[0]["eval_loss"]
+    assert result.best_eval_loss == min(e["eval_loss"] for e in result.evals)
+    assert math.isclose(result.evals[0]["eval_ppl"], math.exp(result.evals[0]["eval_loss"]))
+    after = model.state_dict()
+    assert lora_modules(model)
+    for k, v in base.items():  # the base weights are frozen
+        assert torch.equal(after[k], v), k
+    out = tmp_path / "run"
+    assert_close(adapter(out), {f"base_model.model.{k}": v for k, v in after.items()
+                                if ".lora_" in k}, 0)
+    assert (out / "best" / "adapter_config.json").exists() and (out / "loss.png").exists()
+    assert TrainConfig.from_json(out / "config.json") == cfg
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 25))
+    assert [r["step"] for r in records if "eval_loss" in r] == [8, 16, 24]
+    assert result.output_dir == out / "adapter" and result.checkpoint_dir == latest_checkpoint(
+        out / "checkpoints")
+
+
+def test_full_training_updates_every_weight(tok, files, tmp_path):
+    model = tiny_model(tok.vocab_size)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    result = train(model, tok, config(files, tmp_path / "run", full=True, lr=1e-3, max_steps=3))
+    assert not lora_modules(model)
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, before[name]), name
+    assert result.output_dir == tmp_path / "run" / "model"
+    assert any(result.output_dir.iterdir())
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tok, files, tmp_path):
+    # Dropout on, an epoch boundary crossed (6 steps an epoch), evals on both sides of the stop.
+    changes = dict(max_steps=9, lora_dropout=0.1, warmup_steps=2, save_every=2,
+                   eval_data=files["eval"], eval_every=3)
+    whole = train(tiny_model(tok.vocab_size), tok, config(files, tmp_path / "a", **changes))
+    part1 = train(tiny_model(tok.vocab_size), tok,
+                  config(files, tmp_path / "b", stop_after=4, **changes))
+    assert part1.steps == 4 and [s for s, _ in part1.losses] == [1, 2, 3, 4]
+    part2 = train(tiny_model(tok.vocab_size), tok,
+                  config(files, tmp_path / "b", resume=True, **changes))
+
+    assert [s for s, _ in part2.losses] == [5, 6, 7, 8, 9]
+    assert losses(part1) + losses(part2) == pytest.approx(losses(whole), abs=1e-6, rel=0)
+    assert [e["eval_loss"] for e in part1.evals + part2.evals] == pytest.approx(
+        [e["eval_loss"] for e in whole.evals], abs=1e-6, rel=0)
+    assert part2.best_eval_loss == pytest.approx(whole.best_eval_loss, abs=1e-6)
+    assert_close(adapter(tmp_path / "b"), adapter(tmp_path / "a"), 1e-6)
+    assert_close(adapter(tmp_path / "b", "best"), adapter(tmp_path / "a", "best"), 1e-6)
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in
+                     (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_another_config_and_fresh_runs_keep_unfinished_ones(tok, files, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_model(tok.vocab_size), tok, config(files, out, stop_after=2))
+    with pytest.raises(CheckpointError, match=r"lr: 0\.01 in the checkpoint, 0\.02 now"):
+        train(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2, resume=True))
+    with pytest.raises(CheckpointError, match="batch_size: 4 in the checkpoint, 2 now"):
+        train(tiny_model(tok.vocab_size), tok, config(files, out, batch_size=2, resume=True))
+    with pytest.raises(CheckpointError, match="unfinished run: pass resume=True"):
+        train(tiny_model(tok.vocab_size), tok, config(files, out))
+    other_base = tiny_model(tok.vocab_size, seed=1)
+    with pytest.raises(CheckpointError, match="another base model"):
+        train(other_base, tok, config(files, out, resume=True))
+
+
+def test_torn_or_damaged_checkpoints_are_never_loaded(tok, files, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_model(tok.vocab_size), tok, config(files, out, stop_after=2))
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt.name == "step-00000002"
+    # A crash in the middle of a save leaves only a temporary folder: it is not a checkpoint.
+    torn = out / "checkpoints" / ".tmp-step-00000004-123"
+    torn.mkdir()
+    (torn / "state.pt").write_bytes(b"partial")
+    assert latest_checkpoint(out / "checkpoints") == ckpt
+    blob = bytearray((ckpt / "trainable.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (ckpt / "trainable.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="checksum"):
+        train(tiny_model(tok.vocab_size), tok, config(files, out, resume=True))
+
+
+def test_accumulation_equals_one_larger_batch(tok, files, tmp_path):
+    small = train(tiny_model(tok.vocab_size), tok,
+                  config(files, tmp_path / "a", batch_size=2, accumulation_steps=3, max_steps=4))
+    large = train(tiny_model(tok.vocab_size), tok,
+                  config(files, tmp_path / "b", batch_size=6, max_steps=4))
+    assert losses(small) == pytest.approx(losses(large), abs=1e-5, rel=0)
+    assert_close(adapter(tmp_path / "a"), adapter(tmp_path / "b"), 1e-5)
+
+
+WORKER = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+from helpers import tiny_model
+from minilora.tokenizer import Tokenizer
+from minilora.train import TrainConfig, train
+tok = Tokenizer.from_file(sys.argv[2])
+train(tiny_model(tok.vocab_size), tok, TrainConfig.from_json(sys.argv[3]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tok, files, tmp_path):
+    tok_dir = tok.save(tmp_path / "tok")
+    ddp = config(files, tmp_path / "ddp", batch_size=2, accumulation_steps=2, max_steps=4)
+    ddp.save_json(tmp_path / "ddp.json")
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(TESTS), str(tok_dir), str(tmp_path / "ddp.json")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+
+    single = train(tiny_model(tok.vocab_size), tok,
+                   config(files, tmp_path / "one", batch_size=4, accumulation_steps=2,
+                          max_steps=4))
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["loss"] for r in records] == pytest.approx(losses(single), abs=1e-5, rel=0)
+    assert_close(adapter(tmp_path / "ddp"), adapter(tmp_path / "one"), 1e-5)
+
+
+def poison(model, bad_calls):
+    """Make the forward calls numbered in bad_calls (from 0) return a NaN loss."""
+    calls = [0]
+
+    def hook(module, args, output):
+        calls[0] += 1
+        if calls[0] - 1 in bad_calls:
+            return dataclasses.replace(output, loss=output.loss * float("nan"))
+        return output
+
+    model.register_forward_hook(hook)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tok, files, tmp_path):
+    model = tiny_model(tok.vocab_size)
+    poison(model, {1})
+    result = train(model, tok, config(files, tmp_path / "a", max_steps=4, grad_clip=0.0))
+    assert result.skipped_steps == 1
+    assert math.isnan(result.losses[1][1]) and all(math.isfinite(x) for x in losses(result)[2:])
+    assert all(torch.isfinite(t).all() for t in adapter(tmp_path / "a").values())
+
+    model = tiny_model(tok.vocab_size)
+    poison(model, set(range(2, 100)))
+    with pytest.raises(TrainError, match="stopped at step 5: 3 steps in a row"):
+        train(model, tok, config(files, tmp_path / "b", max_steps=8, max_bad_steps=3))
+
+
+def test_config_round_trips_and_names_bad_fields(tmp_path):
+    cfg = TrainConfig(data="d.jsonl", lora_targets=["q_proj", "v_proj"], max_steps=10, lr=3e-4)
+    cfg.save_json(tmp_path / "c.json")
+    assert TrainConfig.from_json(tmp_path / "c.json") == cfg
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match=r"unknown TrainConfig key\(s\) \['learning_rate'\]"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("lora_r", 0, "lora_r: expected an integer >= 1"),
+    ("lora_alpha", -1.0, "alpha must be > 0"),
+    ("lora_dropout", 1.0, r"dropout must be in \[0, 1\)"),
+    ("max_seq_len", 0, "max_seq_len: expected an integer >= 1"),
+    ("batch_size", True, "batch_size: expected int"),
+    ("lr", 0.0, "lr: expected a finite number > 0"),
+    ("dtype", "fp8", "dtype: expected one of"),
+    ("full", "yes", "full: expected bool"),
+    ("lora_targets", 3, "lora_targets: expected"),
+])
+def test_config_validation(field, value, expected):
+    with pytest.raises(ValueError, match=expected):
+        TrainConfig(**{field: value})
+
+
+def test_warmup_then_cosine_to_the_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 104) for s in range(104)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lrs[54] == pytest.approx(0.55) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_dtype_auto_follows_the_hardware():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else None)
+    assert autocast_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="float16 needs CUDA"):
+        autocast_dtype("float16", cpu)

@@ -7,6 +7,7 @@ check of names and shapes, not a translation. Nothing is unpickled: safetensors 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -61,6 +62,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     state_dict, source = _read_state_dict(path)
     state_dict = _strip_wrappers(state_dict)
     cfg = _resolve_config(path, config, state_dict)
+    if cfg.model_type == "minimind" and not cfg.qk_norm and any(
+            k.endswith("self_attn.q_norm.weight") for k in state_dict):
+        # MiniMind's configs carry no q/k-norm flag: the versions that have it say so in weights
+        cfg = dataclasses.replace(cfg, qk_norm=True)
     with torch.device("meta"):
         model = CausalLM(cfg)
     state_dict = _fit(model, state_dict, source)
@@ -315,3 +320,37 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def describe_model(path: str | Path) -> dict[str, object]:
+    """What a base model folder (or .pth) holds: its config and parameter counts.
+
+    Returns:
+        An ordered dict for display.
+
+    Raises:
+        FileNotFoundError, WeightsError, ValueError: as ``load_model``.
+    """
+    model = load_model(path)
+    config = model.config
+    dtypes = sorted({str(t.dtype).removeprefix("torch.")
+                     for t in _read_state_dict(Path(path))[0].values()})
+    info: dict[str, object] = {
+        "path": str(path),
+        "format": "base model",
+        "model_type": config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "stored dtype": ", ".join(dtypes),
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads (q / kv)": f"{config.num_attention_heads} / {config.num_key_value_heads}",
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "tied embeddings": config.tie_word_embeddings,
+        "linear layers": sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                 if isinstance(m, torch.nn.Linear)}),
+    }
+    if config.use_moe:
+        info["experts (routed / per token)"] = (
+            f"{config.num_experts} / {config.num_experts_per_tok}")
+    return info

@@ -136,6 +136,11 @@ def test_config_validation_and_round_trip(tmp_path):
         assert ModelConfig.from_dict(config.to_dict()) == config
         config.save_json(tmp_path / "config.json")
         assert ModelConfig.from_json(tmp_path / "config.json") == config
+    # rope_theta where transformers 4 (top level) and 5 (rope_parameters) put it
+    for d in ({"rope_theta": 5e5}, {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+              {"rope_theta": 5e5, "rope_scaling": {"type": "default"}}):
+        assert ModelConfig.from_hf_dict({"model_type": "llama", **d}).rope_theta == 5e5
+    assert ModelConfig.from_hf_dict({"model_type": "qwen2"}).rope_theta == 10000.0
     # MiniMind's default width rule
     assert ModelConfig(hidden_size=512).intermediate_size == 1408
 

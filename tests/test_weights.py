@@ -183,6 +183,19 @@ def test_minimind_pth_loads_and_runs(tmp_path, moe, with_config):
     assert (out.aux_loss.item() > 0) == moe
 
 
+def test_minimind_qk_norm_is_read_from_the_weights(tmp_path):
+    sd = minimind_state_dict(moe=False)
+    for i in range(2):
+        for n in "qk":
+            sd[f"model.layers.{i}.self_attn.{n}_norm.weight"] = torch.rand(4) + 0.5
+    torch.save(sd, tmp_path / "m.pth")
+    for config in (MINIMIND_CONFIG, None):  # the config has no flag; the shapes alone neither
+        model = load_model(tmp_path / "m.pth", config=config)
+        assert model.config.qk_norm and model.config.head_dim == 4
+        assert torch.equal(model.model.layers[1].self_attn.k_norm.weight,
+                           sd["model.layers.1.self_attn.k_norm.weight"].float())
+
+
 def test_minimind_dense_equals_transformers_llama(tmp_path):
     # MiniMind's dense decoder is Llama's computation: same weights, same logits
     torch.save(minimind_state_dict(moe=False), tmp_path / "m.pth")

@@ -556,3 +556,45 @@ def _read_minimind(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         sd[f"{PREFIX}{name}.lora_A.weight"] = ab["A"]
         sd[f"{PREFIX}{name}.lora_B.weight"] = ab["B"]
     return config, sd
+
+
+# ---------------------------------------------------------------- describing
+
+
+def describe_adapter(path: str | os.PathLike) -> dict[str, object]:
+    """What an adapter folder or MiniMind .pth holds, read without a base model.
+
+    Returns:
+        An ordered dict for display: format, r, alpha, scaling, targets, the adapted modules,
+        the LoRA parameter count, the dtype, and the recorded base fingerprint and version.
+
+    Raises:
+        AdapterError: as ``load_adapter`` does for missing, damaged or hostile files.
+    """
+    path = Path(path)
+    if path.is_file() and path.name == WEIGHTS_NAME:
+        path = path.parent
+    if path.is_dir():
+        config, sd, metadata = _read_peft(path)
+        kind = "PEFT adapter folder"
+    elif path.is_file():
+        config, sd = _read_minimind(path)
+        metadata, kind = {}, "MiniMind LoRA .pth (scale 1)"
+    else:
+        raise AdapterError(f"no adapter at {path}")
+    modules = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in sd})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()})
+    return {
+        "path": str(path),
+        "format": kind,
+        "r": config.r,
+        "alpha": config.alpha,
+        "scaling": config.scaling,
+        "targets": config.targets,
+        "modules": len(modules),
+        "first modules": modules[:4],
+        "lora parameters": sum(t.numel() for t in sd.values()),
+        "dtype": ", ".join(dtypes),
+        "base fingerprint": metadata.get(FINGERPRINT_KEY, "none recorded"),
+        "minilora version": metadata.get(VERSION_KEY, "-"),
+    }

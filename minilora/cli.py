@@ -1,2 +1,523 @@
-def main() -> int:
-    raise SystemExit("minilora: the command line is not built yet")
+"""The `minilora` command line: parse, call the library, print.
+
+Every subcommand is a small function over the library. Bad input (a wrong argument, a bad file,
+an adapter for another base) ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from minilora import __version__
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BASE_MODEL = ASSETS / "base"
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user mistake the command line reports in one line (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (not the usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pieces: loading a model, its tokenizer and adapters; answering chat messages
+# ------------------------------------------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> None:
+    p.add_argument("--model", default=str(BASE_MODEL), metavar="PATH",
+                   help="base model: a Hugging Face folder (config.json + *.safetensors) or a "
+                        "MiniMind .pth (default: the embedded tiny model)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json or its folder (default: the model's folder)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to load the weights in (default: %(default)s)")
+    if adapters:
+        p.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                       help="adapter folder (PEFT layout) or MiniMind .pth to apply")
+        p.add_argument("--no-fingerprint-check", action="store_true",
+                       help="apply an adapter even if it was trained on another base")
+
+
+def _load_base(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model and tokenizer that --model / --tokenizer name."""
+    from minilora.tokenizer import Tokenizer
+    from minilora.weights import load_model
+
+    model_path = Path(args.model)
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else (
+        model_path if model_path.is_dir() else model_path.parent)
+    model = load_model(model_path, dtype=args.dtype)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    return model, tokenizer
+
+
+def _apply_adapters(model: Any, args: argparse.Namespace) -> None:
+    from minilora.adapter import load_adapter
+
+    if len(args.adapter) > 1:
+        raise CliError("one --adapter at a time (several on one base are not supported yet)")
+    for path in args.adapter:
+        load_adapter(model, path, check_fingerprint=not args.no_fingerprint_check)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="most tokens to generate per reply (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0: greedy; > 0: sample from softmax(logits / T) (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely tokens; 0: all (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling threshold; 1: off (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide the logits of tokens already seen by R; 1: off "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling, so a run can be repeated")
+
+
+def _sampling(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    eos = [i for i in (tokenizer.im_end_id, tokenizer.eos_token_id) if i is not None]
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                eos_token_id=eos, seed=args.seed)
+
+
+def stream_text(tokenizer: Any, tokens: Iterator[int]) -> Iterator[str]:
+    """Decodes a token stream into text pieces as soon as they are whole characters."""
+    ids: list[int] = []
+    shown = ""
+    for t in tokens:
+        ids.append(t)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            continue
+        yield text[len(shown):]
+        shown = text
+    text = tokenizer.decode(ids)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def chat_answerer(model: Any, tokenizer: Any, **sampling: Any) -> Callable[[list[dict]], str]:
+    """A function from chat messages to the model's reply text (for tasks.score)."""
+    from minilora.model import generate
+
+    def answer(messages: list[dict]) -> str:
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.decode(generate(model, ids, **sampling)).strip()
+
+    return answer
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
+
+# The TrainConfig fields the command line does not offer: the library sets them itself.
+_HIDDEN_FIELDS = {"device"}
+_SHORT = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+          "lora_targets": "targets", "lora_exclude": "exclude", "lora_init": "init",
+          "use_rslora": "rslora", "out_dir": "out"}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The one-line comment beside each dataclass field, used as its --help text."""
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*#\s*(.+)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def _parse_targets(text: str) -> list[str] | str:
+    if text in ("all-linear", "square") or not re.fullmatch(r"[\w.,]+", text):
+        return text  # a special rule or a regex
+    return [t for t in text.split(",") if t]
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from minilora.train import TrainConfig
+
+    docs = _field_docs(TrainConfig)
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="base model folder or MiniMind .pth (default: the embedded tiny model)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json or its folder (default: the model's folder)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a TrainConfig JSON file; flags given on the command line override it")
+    p.add_argument("--tasks", nargs="*", default=None, metavar="FILE",
+                   help="eval files (tasks format) scored before and after training")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _HIDDEN_FIELDS:
+            continue
+        flag = "--" + _SHORT.get(f.name, f.name).replace("_", "-")
+        help_text = docs.get(f.name, f.name.replace("_", " "))
+        kind = str(f.type)
+        if kind == "bool":
+            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+        elif f.name == "lora_targets":
+            p.add_argument(flag, dest=f.name, type=_parse_targets, default=None,
+                           metavar="LIST|REGEX", help=help_text + " (comma-separated list)")
+        elif f.name == "lora_exclude":
+            p.add_argument(flag, dest=f.name, type=_parse_targets, default=None,
+                           metavar="LIST", help=help_text + " (comma-separated)")
+        else:
+            conv = int if "int" in kind else float if "float" in kind else str
+            p.add_argument(flag, dest=f.name, type=conv, default=None,
+                           metavar=f.name.split("_")[-1].upper(), help=help_text)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`minilora train`: LoRA (or --full) fine-tuning; with no arguments, the demo."""
+    from minilora import tasks
+    from minilora.tokenizer import Tokenizer
+    from minilora.train import TrainConfig, train
+    from minilora.weights import load_model
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    demo = args.model is None and args.config is None and "data" not in given
+    settings: dict[str, Any] = {}
+    if demo:
+        settings = json.loads((ASSETS / "demo_train.json").read_text(encoding="utf-8"))
+        settings["data"] = str(ASSETS / settings["data"])
+        if settings.get("eval_data"):
+            settings["eval_data"] = str(ASSETS / settings["eval_data"])
+    elif args.config:
+        settings = TrainConfig.from_json(args.config).to_dict()
+    settings.update(given)
+    if not settings.get("data"):
+        raise CliError("--data is required with --model or --config (a chat or text jsonl)")
+    if "out_dir" not in given and not args.config:
+        stem = Path(settings["data"]).stem
+        settings["out_dir"] = str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    config = TrainConfig.from_dict(settings)
+
+    model_path = Path(args.model) if args.model else BASE_MODEL
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else (
+        model_path if model_path.is_dir() else model_path.parent)
+    model = load_model(model_path)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+
+    task_files = args.tasks
+    if task_files is None and demo:
+        task_files = [str(ASSETS / f) for f in ("persona_eval.jsonl", "base_eval.jsonl")]
+    samples = [s for f in task_files or [] for s in tasks.load_samples(f)]
+    answer = chat_answerer(model, tokenizer, max_new_tokens=48,
+                           eos_token_id=[tokenizer.im_end_id])
+    before = tasks.score(samples, answer) if samples else None
+
+    result = train(model, tokenizer, config)
+    if result.output_dir is None:  # not rank 0 under torchrun: rank 0 reports
+        return 0
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s "
+          f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s); "
+          f"last loss {result.losses[-1][1]:.4f}" if result.losses else "")
+    if before is not None:
+        model.eval()
+        after = tasks.score(samples, answer)
+        print()
+        print(tasks.format_table({"before": before, "after": after}, ratio=True))
+        print()
+        for sample in samples[:3]:
+            question = sample.chat()[-1]["content"]
+            print(f"Q: {question}\nA: {answer(sample.chat())}\n")
+    print(f"adapter: {result.output_dir}")
+    print(f"outputs: {config.out_dir} (metrics.jsonl, loss.png, config.json, checkpoints/)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# chat, generate
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """`minilora chat`: a conversation on stdin/stdout, streamed."""
+    from minilora.model import stream_generate
+
+    model, tokenizer = _load_base(args)
+    _apply_adapters(model, args)
+    model.eval()
+    sampling = _sampling(args, tokenizer)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("minilora chat: type a message; /reset starts over, /quit (or Ctrl-D) ends.")
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text == "/quit":
+            break
+        if text == "/reset":
+            messages = list(system)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        reply = ""
+        for piece in stream_text(tokenizer, stream_generate(model, ids, **sampling)):
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`minilora generate`: one prompt in, the reply streamed out."""
+    from minilora.model import stream_generate
+
+    model, tokenizer = _load_base(args)
+    _apply_adapters(model, args)
+    model.eval()
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.raw:
+        ids = tokenizer.encode(prompt)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    if not ids:
+        raise CliError("the prompt is empty")
+    for piece in stream_text(tokenizer, stream_generate(model, ids, **_sampling(args, tokenizer))):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# eval
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`minilora eval`: loss / perplexity on a jsonl, and task accuracy on eval files."""
+    from minilora import tasks
+    from minilora.data import load_jsonl
+    from minilora.train import evaluate
+
+    if not args.data and not args.tasks:
+        raise CliError("give --data (loss, perplexity) and/or --tasks (accuracy)")
+    model, tokenizer = _load_base(args)
+    _apply_adapters(model, args)
+    model.eval()
+    report: dict[str, Any] = {}
+    if args.data:
+        dataset = load_jsonl(args.data, tokenizer, args.max_seq_len)
+        report.update(evaluate(model, dataset, args.batch_size))
+        print(f"{args.data}: loss {report['eval_loss']:.4f}, perplexity {report['eval_ppl']:.2f} "
+              f"({len(dataset)} samples)")
+    if args.tasks:
+        samples = [s for f in args.tasks for s in tasks.load_samples(f)]
+        answer = chat_answerer(model, tokenizer, max_new_tokens=args.max_new_tokens,
+                               eos_token_id=[tokenizer.im_end_id])
+        result = tasks.score(samples, answer)
+        label = "adapter" if args.adapter else "base"
+        print(tasks.format_table({label: result}))
+        report["tasks"] = result.to_dict()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# merge, convert, info
+# ------------------------------------------------------------------------------------------------
+
+
+def _copy_tokenizer(args: argparse.Namespace, out: Path) -> None:
+    from minilora.tokenizer import Tokenizer
+
+    model_path = Path(args.model)
+    source = Path(args.tokenizer) if args.tokenizer else (
+        model_path if model_path.is_dir() else model_path.parent)
+    try:
+        Tokenizer.from_file(source).save(out)
+    except (OSError, ValueError):
+        print(f"note: no tokenizer found at {source}; the merged folder has none",
+              file=sys.stderr)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """`minilora merge`: base + adapter -> a plain model folder transformers loads."""
+    from minilora.lora import merge_and_unload
+    from minilora.weights import save_model
+
+    if not args.adapter:
+        raise CliError("--adapter is required: the adapter to merge into the base")
+    model, _ = _load_base(args)
+    _apply_adapters(model, args)
+    model = merge_and_unload(model)
+    out = Path(args.out)
+    save_model(model, out, dtype=args.save_dtype)
+    _copy_tokenizer(args, out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`minilora convert`: MiniMind .pth adapter <-> PEFT adapter folder."""
+    from minilora.adapter import load_adapter, save_adapter
+
+    src, dst = Path(args.input), Path(args.output)
+    to_minimind = dst.suffix == ".pth"
+    if to_minimind == (src.suffix == ".pth"):
+        raise CliError("convert turns a .pth into a folder or a folder into a .pth: "
+                       f"got {src} -> {dst}")
+    model, _ = _load_base(args)
+    load_adapter(model, src, check_fingerprint=not args.no_fingerprint_check)
+    save_adapter(model, dst, format="minimind" if to_minimind else "peft",
+                 base_model_name_or_path=None if to_minimind else args.model)
+    print(f"{src} -> {dst}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """`minilora info`: what a model or adapter folder (or .pth) holds."""
+    from minilora.adapter import describe_adapter
+    from minilora.weights import describe_model
+
+    path = Path(args.path)
+    if not path.exists():
+        raise CliError(f"{path}: no such file or folder")
+    is_adapter = (path / "adapter_config.json").exists() or (
+        path.suffix == ".pth" and _looks_like_minimind_adapter(path))
+    info = describe_adapter(path) if is_adapter else describe_model(path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def _looks_like_minimind_adapter(path: Path) -> bool:
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a hostile or broken file: describe_model reports it properly
+        return False
+    return isinstance(sd, dict) and any(".lora.A." in k for k in sd)
+
+
+# ------------------------------------------------------------------------------------------------
+# The parser and main
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `minilora` argument parser with every subcommand."""
+    parser = _Parser(prog="minilora", description="LoRA fine-tuning of small causal LMs.")
+    parser.add_argument("--version", action="version", version=f"minilora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="LoRA fine-tune (no arguments: the embedded demo)",
+                       description="LoRA fine-tuning (or --full). With no arguments: the embedded "
+                                   "tiny model learns a new persona, with a before/after table.")
+    _add_train_args(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("chat", help="talk to a model, optionally with an adapter")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="a system message to start with")
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("generate", help="one prompt in, text out (scriptable)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt (default: read from stdin)")
+    p.add_argument("--system", default=None, help="a system message before the prompt")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt as plain text, without the chat template")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss / perplexity and task accuracy")
+    _add_model_args(p)
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="chat or text jsonl: loss and perplexity on its trained tokens")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="FILE",
+                   help="eval files (questions with expected answers): accuracy per task")
+    p.add_argument("--max-seq-len", type=int, default=512, metavar="N",
+                   help="samples of --data are cut to N tokens (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="samples per forward pass for --data (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
+                   help="most tokens per answer for --tasks (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("merge", help="base + adapter -> a merged model folder")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: as loaded)")
+    p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("convert", help="MiniMind .pth adapter <-> adapter folder")
+    _add_model_args(p, adapters=False)
+    p.add_argument("input", help="a MiniMind .pth LoRA file or an adapter folder")
+    p.add_argument("output", help="an adapter folder (from a .pth) or a .pth (from a folder)")
+    p.add_argument("--no-fingerprint-check", action="store_true",
+                   help="convert even if the adapter was trained on another base")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("info", help="what a model or adapter folder holds")
+    p.add_argument("path", help="a model folder, an adapter folder or a .pth file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a listing")
+    p.set_defaults(run=cmd_info)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Every error a bad input raises: our own ValueError subclasses (DataError, AdapterError,
+    # WeightsError, TaskError, CheckpointError), plain ValueErrors of validation, and OS errors
+    # (a missing file, a folder that cannot be written, a full disk).
+    from minilora.train import TrainError
+
+    return (CliError, ValueError, OSError, TrainError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `minilora ARGS`; returns the exit code (2 for bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except _user_errors() as err:
+        print(f"minilora {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"minilora {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -256,6 +256,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta = head_dim, theta
         self._cos = self._sin = torch.empty(0)
 
+    @torch.inference_mode(False)  # tables made while generating must still serve training
     def _grow(self, length: int, device: torch.device) -> None:
         length = max(length, 2 * self._cos.shape[0], 256)
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()

@@ -287,6 +287,7 @@ def _parse_line(
             )
         if not isinstance(obj["text"], str):
             raise fail(f"a {_json_type(obj['text'])}, expected a string", "text")
+        _check_unicode(obj["text"], "text", fail)
         kinds["text"] += 1
         ids = tokenizer.encode(obj["text"])
         ids = [i for i in (tokenizer.bos_token_id,) if i is not None] + ids
@@ -319,8 +320,19 @@ def _messages(turns: Any, key: str, fail: Any) -> list[dict[str, str]]:
             raise fail(f"unknown role {shown}; expected one of {', '.join(ROLES)}", f"{where}.role")
         if not isinstance(content, str):
             raise fail(f"a {_json_type(content)}, expected a string", f"{where}.content")
+        _check_unicode(content, f"{where}.content", fail)
         messages.append({"role": role, "content": content})
     return messages
+
+
+def _check_unicode(text: str, where: str, fail: Any) -> None:
+    # JSON's \ud800-style escapes can make a str no UTF-8 encoder (nor the tokenizer) accepts.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = f"\\u{ord(text[err.start]):04x}"
+        raise fail(f"an unpaired surrogate {bad} at character {err.start}; expected valid "
+                   "Unicode text", where) from None
 
 
 def _json_type(value: Any) -> str:

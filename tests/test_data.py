@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from helpers import CHATS, TEXTS, chat_rows, tiny_tokenizer, write_jsonl
 
+from helpers import CHATS, TEXTS, chat_rows, tiny_tokenizer, write_jsonl
 from minilora import data
 from minilora.data import IGNORE_INDEX, DataError, batch_indices, collate, load_jsonl
 
@@ -115,6 +115,11 @@ BAD_LINES = {
     ),
     "text not a string": ({"text": None}, "text", "a null, expected a string"),
     "not utf-8": (b'{"text": "caf\xe9"}', None, "not UTF-8"),
+    "lone surrogate": (
+        r'{"messages": [{"role": "assistant", "content": "a\ud800"}]}',
+        "messages[0].content",
+        r"unpaired surrogate \ud800 at character 1",
+    ),
     "deep nesting": ("[" * 100_000 + "]" * 100_000, None, "nested too deeply"),
 }
 

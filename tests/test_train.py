@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
+from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
 from minilora.lora import lora_modules
 from minilora.train import (
     CheckpointError,
@@ -176,6 +176,15 @@ def test_accumulation_equals_one_larger_batch(tok, files, tmp_path):
                   config(files, tmp_path / "b", batch_size=6, max_steps=4))
     assert losses(small) == pytest.approx(losses(large), abs=1e-5, rel=0)
     assert_close(adapter(tmp_path / "a"), adapter(tmp_path / "b"), 1e-5)
+
+
+@pytest.mark.parametrize("changes", [{"pack": True, "batch_size": 2}, {"dtype": "bfloat16"}],
+                         ids=["packed", "bf16-autocast"])
+def test_packed_rows_and_bf16_autocast_train(tok, files, tmp_path, changes):
+    result = train(tiny_model(tok.vocab_size), tok,
+                   config(files, tmp_path / "run", max_steps=3, **changes))
+    assert result.steps == 3 and all(math.isfinite(x) for x in losses(result))
+    assert all(t.dtype == torch.float32 for t in adapter(tmp_path / "run").values())
 
 
 WORKER = """

@@ -257,6 +257,7 @@ class RotaryEmbedding(nn.Module):
         self._cos = self._sin = torch.empty(0)
 
     @torch.inference_mode(False)  # tables made while generating must still serve training
+    @torch.no_grad()
     def _grow(self, length: int, device: torch.device) -> None:
         length = max(length, 2 * self._cos.shape[0], 256)
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
@@ -415,16 +416,16 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.use_moe = config.use_moe
         self.mlp = MoE(config) if config.use_moe else MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, start: int) -> tuple[Tensor, Tensor | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start)
-        h = self.mlp(self.post_attention_layernorm(x))
-        if isinstance(h, tuple):
-            h, aux = h
-            return x + h, aux
-        return x + h, None
+        if not self.use_moe:
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        h, aux = self.mlp(self.post_attention_layernorm(x))  # (B, T, C), ()
+        return x + h, aux
 
 
 class Decoder(nn.Module):

@@ -285,3 +285,14 @@ def test_eos_and_stop_sequences():
     # streaming yields the tokens one by one, lazily
     stream = stream_generate(model, prompt, max_new_tokens=20)
     assert next(stream) == full[0] and next(stream) == full[1]
+
+
+def test_training_after_generation():
+    # tables built under inference_mode while generating must not break autograd afterwards
+    from minilora.model import generate
+
+    model = CausalLM(ModelConfig(**SMALL))
+    generate(model, [1, 2, 3], max_new_tokens=300)  # long enough to grow the rotary table
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 290))
+    model(ids, labels=ids).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -207,7 +207,7 @@ class TrainResult:
     steps: int  # optimizer steps done in all (a resumed run's earlier ones included)
     total_steps: int  # the steps the schedule spans
     losses: list[tuple[int, float]]  # (step, mean train loss since the previous log), this call
-    evals: list[dict[str, float]]  # {"step", "eval_loss", "eval_ppl"}, this call
+    evals: list[dict[str, float]]  # {"step", "eval_loss", "eval_ppl", "eval_tokens"}, this call
     best_eval_loss: float | None  # the lowest eval loss so far (resumed runs included)
     skipped_steps: int  # steps skipped for a non-finite loss or gradient
     tokens: int  # tokens trained on in this call (all processes)
@@ -569,8 +569,8 @@ class _BatchPlan:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
              device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-             rank: int = 0, world: int = 1) -> float:
-    """Mean loss per trained token of ``dataset`` (perplexity = exp of it).
+             rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Loss (mean per trained token) and perplexity of ``model`` on ``dataset``.
 
     Args:
         model: the model (put in eval mode for the call, then back).
@@ -582,7 +582,8 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
         world: the number of processes (their sums are added up).
 
     Returns:
-        The token-weighted mean cross-entropy.
+        ``{"eval_loss": token-weighted mean cross-entropy, "eval_ppl": exp(eval_loss),
+        "eval_tokens": trained tokens counted}``.
     """
     was_training = model.training
     model.eval()
@@ -597,18 +598,19 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
-    return float(total[0] / total[1].clamp(min=1))
+    loss = float(total[0] / total[1].clamp(min=1))
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)),
+            "eval_tokens": int(total[1])}
 
 
 def _evaluate_and_keep_best(model: nn.Module, eval_set: JsonlDataset, config: TrainConfig,
                             run: _RunState, rank: int, world: int, device: torch.device,
                             amp_dtype: torch.dtype | None, log: _Log) -> dict[str, float]:
-    loss = evaluate(model, eval_set, config.batch_size, device=device, amp_dtype=amp_dtype,
-                    rank=rank, world=world)
-    record = {"step": run.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+    record = {"step": run.step, **evaluate(model, eval_set, config.batch_size, device=device,
+                                           amp_dtype=amp_dtype, rank=rank, world=world)}
     log.eval(record)
-    if run.best_eval_loss is None or loss < run.best_eval_loss:
-        run.best_eval_loss = loss
+    if run.best_eval_loss is None or record["eval_loss"] < run.best_eval_loss:
+        run.best_eval_loss = record["eval_loss"]
         _save_weights(model, Path(config.out_dir) / "best", config, rank)
     return record
 

@@ -16,12 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from minilora.data import load_jsonl
 from minilora.lora import lora_modules
 from minilora.train import (
     CheckpointError,
     TrainConfig,
     TrainError,
     autocast_dtype,
+    evaluate,
     latest_checkpoint,
     lr_at,
     native_bf16,
@@ -228,6 +230,21 @@ def test_two_processes_equal_one_with_the_same_global_batch(tok, files, tmp_path
                .splitlines()]
     assert [r["loss"] for r in records] == pytest.approx(losses(single), abs=1e-5, rel=0)
     assert_close(adapter(tmp_path / "ddp"), adapter(tmp_path / "one"), 1e-5)
+
+
+def test_evaluate_is_the_token_weighted_mean_whatever_the_batching(tok, files):
+    model = tiny_model(tok.vocab_size).train()
+    dataset = load_jsonl(files["eval"], tok, 64)
+    by_two, whole = evaluate(model, dataset, 2), evaluate(model, dataset, len(dataset))
+    with torch.no_grad():
+        per_sample = [(model(b.input_ids, labels=b.labels).loss.item(), b.trained_tokens)
+                      for b in (dataset.collate([i]) for i in range(len(dataset)))]
+    expected = sum(loss * n for loss, n in per_sample) / sum(n for _, n in per_sample)
+    assert by_two["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert whole["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert by_two["eval_ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert by_two["eval_tokens"] == dataset.stats.trained_tokens
+    assert model.training  # put back
 
 
 def poison(model, bad_calls):

@@ -120,6 +120,10 @@ def test_logits_with_cache_equal_logits_without():
         pieces += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(8, 12)]
     assert cache.length == 12
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+    with torch.no_grad():  # use_cache starts a cache of its own and returns it
+        out = model(ids[:, :11], use_cache=True)
+        last = model(ids[:, 11:], past_key_values=out.past_key_values, logits_to_keep=1).logits
+    assert (last[:, 0] - full[:, -1]).abs().max().item() <= 1e-5
 
 
 def test_config_validation_and_round_trip(tmp_path):

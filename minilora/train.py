@@ -19,6 +19,7 @@ Two choices make runs exactly reproducible and comparable:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from minilora.lora import (
     mark_trainable,
     unmerge_lora,
 )
+from minilora.tokenizer import Tokenizer
 from minilora.weights import save_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -81,7 +83,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)
     lora_dropout: float = 0.0  # dropout on the LoRA branch input, in [0, 1)
     lora_targets: list[str] | str = "all-linear"  # suffixes, a regex, "all-linear" or "square"
-    lora_exclude: list[str] = field(default_factory=list)  # module-name suffixes never adapted
+    lora_exclude: list[str] | str = field(default_factory=list)  # suffixes or regex: never adapted
     lora_init: str = "gaussian"  # init of A: "gaussian" (the seed's) or "kaiming" (PEFT's)
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     epochs: int = 1  # passes over the data (when max_steps is None)
@@ -220,7 +222,7 @@ class TrainResult:
 
 def train(
     model: nn.Module,
-    data: Any,
+    data: Tokenizer | JsonlDataset,
     config: TrainConfig,
     *,
     eval_data: JsonlDataset | None = None,
@@ -498,7 +500,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     return lora_parameters(model)
 
 
-def _datasets(data: Any, eval_data: JsonlDataset | None,
+def _datasets(data: Tokenizer | JsonlDataset, eval_data: JsonlDataset | None,
               config: TrainConfig) -> tuple[JsonlDataset, JsonlDataset | None]:
     if isinstance(data, JsonlDataset):
         return data, eval_data
@@ -556,8 +558,8 @@ class _BatchPlan:
             self._epoch = epoch
         rows = self._order[index]
         b = self.config.batch_size
-        micro = [self.dataset.collate(rows[(j * self.world + self.rank) * b:][:b])
-                 for j in range(self.config.accumulation_steps)]
+        starts = [(j * self.world + self.rank) * b for j in range(self.config.accumulation_steps)]
+        micro = [self.dataset.collate(rows[start: start + b]) for start in starts]
         return (micro, sum(self._trained[i] for i in rows), sum(self._lengths[i] for i in rows))
 
 
@@ -696,14 +698,17 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_synced(tmp / "trainable.safetensors", blob)
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        _write_synced(tmp / "trainable.safetensors", blob)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_synced(tmp / "state.pt", buffer.getvalue())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+    except BaseException:  # a full disk, say: the previous checkpoint stays the latest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(folder)
     for old in folder.iterdir():
         if old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-")):

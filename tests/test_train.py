@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from minilora import train as train_module
 from minilora.data import load_jsonl
 from minilora.lora import lora_modules
 from minilora.train import (
@@ -169,6 +170,28 @@ def test_torn_or_damaged_checkpoints_are_never_loaded(tok, files, tmp_path):
     (ckpt / "trainable.safetensors").write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="checksum"):
         train(tiny_model(tok.vocab_size), tok, config(files, out, resume=True))
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tok, files, tmp_path,
+                                                                 monkeypatch):
+    out = tmp_path / "run"
+    writes = []
+
+    def fill_up(path, payload):
+        if path.parent.name.startswith(".tmp-step-"):
+            writes.append(path.name)
+        if len(writes) > 3:  # the disk fills up in the middle of the second checkpoint
+            raise OSError(28, "No space left on device")
+        real_write(path, payload)
+
+    real_write = train_module._write_synced
+    monkeypatch.setattr(train_module, "_write_synced", fill_up)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_model(tok.vocab_size), tok, config(files, out, save_every=2))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    monkeypatch.undo()
+    resumed = train(tiny_model(tok.vocab_size), tok, config(files, out, resume=True))
+    assert [s for s, _ in resumed.losses] == [3, 4, 5, 6]
 
 
 def test_accumulation_equals_one_larger_batch(tok, files, tmp_path):

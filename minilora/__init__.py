@@ -1,3 +1,44 @@
-"""minilora: LoRA fine-tuning of small causal language models."""
+"""minilora: LoRA fine-tuning of small causal language models.
+
+The public API, re-exported from the files that own it (one file per concept, see DESIGN.md).
+"""
 
 __version__ = "0.1.0"
+
+from minilora.adapter import (
+    AdapterError,
+    adapter_state_dict,
+    base_fingerprint,
+    describe_adapter,
+    load_adapter,
+    load_adapter_state_dict,
+    save_adapter,
+)
+from minilora.data import DataError, load_jsonl
+from minilora.lora import (
+    LoraConfig,
+    LoRALinear,
+    count_parameters,
+    disabled,
+    inject_lora,
+    lora_modules,
+    lora_parameters,
+    mark_trainable,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+from minilora.model import CausalLM, ModelConfig, generate, stream_generate
+from minilora.tokenizer import Tokenizer, train_tokenizer
+from minilora.train import TrainConfig, TrainError, train
+from minilora.weights import WeightsError, describe_model, load_model, save_model
+
+__all__ = [
+    "AdapterError", "CausalLM", "DataError", "LoRALinear", "LoraConfig", "ModelConfig",
+    "Tokenizer", "TrainConfig", "TrainError", "WeightsError", "__version__",
+    "adapter_state_dict", "base_fingerprint", "count_parameters", "describe_adapter",
+    "describe_model", "disabled", "generate", "inject_lora", "load_adapter",
+    "load_adapter_state_dict", "load_jsonl", "load_model", "lora_modules", "lora_parameters",
+    "mark_trainable", "merge_and_unload", "merge_lora", "save_adapter", "save_model",
+    "stream_generate", "train", "train_tokenizer", "unmerge_lora",
+]

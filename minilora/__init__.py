@@ -5,6 +5,8 @@ The public API, re-exported from the files that own it (one file per concept, se
 
 __version__ = "0.1.0"
 
+# `train` the function stays in minilora.train: re-exported here it would hide the submodule
+# (`import minilora.train` would then give the function).
 from minilora.adapter import (
     AdapterError,
     adapter_state_dict,
@@ -30,7 +32,7 @@ from minilora.lora import (
 )
 from minilora.model import CausalLM, ModelConfig, generate, stream_generate
 from minilora.tokenizer import Tokenizer, train_tokenizer
-from minilora.train import TrainConfig, TrainError, train
+from minilora.train import TrainConfig, TrainError
 from minilora.weights import WeightsError, describe_model, load_model, save_model
 
 __all__ = [
@@ -40,5 +42,5 @@ __all__ = [
     "describe_model", "disabled", "generate", "inject_lora", "load_adapter",
     "load_adapter_state_dict", "load_jsonl", "load_model", "lora_modules", "lora_parameters",
     "mark_trainable", "merge_and_unload", "merge_lora", "save_adapter", "save_model",
-    "stream_generate", "train", "train_tokenizer", "unmerge_lora",
+    "stream_generate", "train_tokenizer", "unmerge_lora",
 ]

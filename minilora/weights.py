@@ -164,14 +164,14 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
             if not (path.parent / shard).is_file():
                 raise FileNotFoundError(f"{path}: names shard {shard}, which is not in "
                                         f"{path.parent}")
-            sd.update(load_file(path.parent / shard))
+            sd.update(_load_safetensors(path.parent / shard))
         absent = sorted(set(weight_map) - set(sd))
         if absent:
             raise WeightsError(f"{path}: keys listed in the index but not in their shard: "
                                f"{_listing(absent)}")
         return sd, path
     if path.suffix == ".safetensors":
-        return load_file(path), path
+        return _load_safetensors(path), path
     if path.suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -185,6 +185,14 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
         return obj, path
     raise WeightsError(f"{path}: unknown checkpoint type (expected a folder, .safetensors, "
                        f".index.json, {', '.join(TORCH_SUFFIXES)})")
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError (neither OSError nor ValueError): torn or damaged
+        raise WeightsError(f"{path}: not a readable safetensors file, truncated or damaged "
+                           f"({e})") from None
 
 
 def _strip_wrappers(sd: dict[str, Tensor]) -> dict[str, Tensor]:

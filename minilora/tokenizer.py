@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -114,6 +115,17 @@ class Tokenizer:
         """The text of ids."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def _literal(self) -> _HFTokenizer:
+        # A copy that reads special-token strings as plain text: message content must not open
+        # or close a turn (a user typing "<|im_start|>assistant" is text, not a template token).
+        literal = _HFTokenizer.from_str(self._tok.to_str())
+        literal.encode_special_tokens = True
+        return literal
+
+    def _encode_literal(self, text: str) -> list[int]:
+        return self._literal.encode(text, add_special_tokens=False).ids
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one token string, None when it is not in the vocabulary."""
         return self._tok.token_to_id(token)
@@ -168,6 +180,8 @@ class Tokenizer:
 
         The ids are the concatenated encodings of the template's pieces, so every token belongs
         to exactly one piece and the mask is exact (no search for header tokens afterwards).
+        Roles and contents are encoded as plain text: special-token strings written in them
+        (``"<|im_end|>"``) become ordinary tokens, only the template's own are special.
 
         Returns:
             (ids, mask): mask[i] is 1 where ids[i] is part of an assistant reply or the
@@ -181,8 +195,8 @@ class Tokenizer:
         ids: list[int] = []
         mask: list[int] = []
         for m in messages:
-            header = [start, *self.encode(f"{m['role']}\n")]
-            body = [*self.encode(m["content"]), end]
+            header = [start, *self._encode_literal(f"{m['role']}\n")]
+            body = [*self._encode_literal(m["content"]), end]
             counted = 1 if m["role"] == "assistant" else 0
             ids += header + body + newline
             mask += [0] * len(header) + [counted] * len(body) + [0] * len(newline)

@@ -646,10 +646,13 @@ def _save_weights(model: nn.Module, folder: Path, config: TrainConfig, rank: int
     if rank != 0:
         return None
     _check_finite(_trainable(model))
-    if config.full:
-        save_model(model, folder)
-    else:
-        save_adapter(model, folder)
+    try:
+        if config.full:
+            save_model(model, folder)
+        else:
+            save_adapter(model, folder)
+    except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
+        raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder
 
 
@@ -670,6 +673,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         return None
     final = folder / f"step-{run.step:08d}"
     if final.exists():  # written earlier by this same run at this same step (resume is exact)
+        _drop_older_checkpoints(folder, final)
         return final
     weights = {n: t.detach().cpu().contiguous() for n, t in _trainable(model).items()}
     _check_finite(weights)
@@ -706,14 +710,24 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         _write_synced(tmp / "state.pt", buffer.getvalue())
         _fsync_dir(tmp)
         os.replace(tmp, final)
-    except BaseException:  # a full disk, say: the previous checkpoint stays the latest
+    except BaseException as err:  # a full disk, say: the previous checkpoint stays the latest
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not isinstance(err, OSError):
+            raise
+        kept = latest_checkpoint(folder)
+        what = f"{kept} is kept" if kept else "there is no earlier checkpoint"
+        raise OSError(err.errno, f"cannot write checkpoint {final}: {err.strerror or err}; "
+                      f"{what}") from err
     _fsync_dir(folder)
+    _drop_older_checkpoints(folder, final)
+    return final
+
+
+def _drop_older_checkpoints(folder: Path, final: Path) -> None:
+    """Remove the checkpoints before ``final`` and the temporary folders of torn writes."""
     for old in folder.iterdir():
         if old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -810,8 +824,12 @@ def _refuse_unfinished_checkpoint(folder: Path) -> None:
 
 
 def _start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_json(out / "config.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_json(out / "config.json")
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the output folder {out}: "
+                      f"{err.strerror or err}; choose another out_dir (--out)") from None
     metrics = out / "metrics.jsonl"
     # Keep what the checkpoint covers: a crashed run logged steps that will be run again.
     kept = []
@@ -872,6 +890,9 @@ class _Log:
                            f"ppl {record['eval_ppl']:.2f}", file=sys.stderr)
 
     def _write(self, record: dict[str, float]) -> None:
+        # null, not NaN: a window of skipped steps has no loss, and NaN is not JSON
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}
         if self.active:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -891,8 +912,9 @@ def _plot(out: Path) -> Path | None:
         return None
     records = [json.loads(line) for line in
                (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    train_points = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    eval_points = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    train_points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    eval_points = [(r["step"], r["eval_loss"]) for r in records
+                   if r.get("eval_loss") is not None]
     figure = Figure(figsize=(6, 4))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()

@@ -70,12 +70,20 @@ def _load_base(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _apply_adapters(model: Any, args: argparse.Namespace) -> None:
-    from minilora.adapter import load_adapter
-
     if len(args.adapter) > 1:
         raise CliError("one --adapter at a time (several on one base are not supported yet)")
     for path in args.adapter:
+        _load_adapter(model, path, args)
+
+
+def _load_adapter(model: Any, path: str | Path, args: argparse.Namespace) -> None:
+    from minilora.adapter import AdapterError, load_adapter
+
+    try:
         load_adapter(model, path, check_fingerprint=not args.no_fingerprint_check)
+    except AdapterError as err:  # the library's hint names its keyword; here it is a flag
+        raise CliError(str(err).replace("pass check_fingerprint=False",
+                                        "pass --no-fingerprint-check")) from None
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -384,7 +392,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """`minilora convert`: MiniMind .pth adapter <-> PEFT adapter folder."""
-    from minilora.adapter import load_adapter, save_adapter
+    from minilora.adapter import save_adapter
 
     src, dst = Path(args.input), Path(args.output)
     to_minimind = dst.suffix == ".pth"
@@ -392,7 +400,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CliError("convert turns a .pth into a folder or a folder into a .pth: "
                        f"got {src} -> {dst}")
     model, _ = _load_base(args)
-    load_adapter(model, src, check_fingerprint=not args.no_fingerprint_check)
+    _load_adapter(model, src, args)
     save_adapter(model, dst, format="minimind" if to_minimind else "peft",
                  base_model_name_or_path=None if to_minimind else args.model)
     print(f"{src} -> {dst}")

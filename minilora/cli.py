@@ -524,7 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except _user_errors() as err:
-        print(f"minilora {args.command}: error: {err}", file=sys.stderr)
+        # One line whatever the message holds (a wrapped library error may carry newlines or
+        # terminal colour codes).
+        message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())
+        print(f"minilora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"minilora {args.command}: interrupted", file=sys.stderr)

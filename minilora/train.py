@@ -51,7 +51,7 @@ from minilora.lora import (
     unmerge_lora,
 )
 from minilora.tokenizer import Tokenizer
-from minilora.weights import save_model
+from minilora.weights import save_model, torch_load_reason
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINTS = "checkpoints"  # folder under out_dir holding step-NNNNNNNN checkpoints
@@ -756,7 +756,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         blob = (path / "trainable.safetensors").read_bytes()
     except Exception as err:  # unpickling refused, truncated file, ...
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({err})") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint, damaged or not minilora's "
+                              f"({torch_load_reason(err)})") from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise CheckpointError(f"{path}/state.pt: not a minilora checkpoint (format {_FORMAT})")
     _check_same_run(path, state, config, plan)

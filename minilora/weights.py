@@ -177,7 +177,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses pickled code with an UnpicklingError
             raise WeightsError(f"{path}: not a plain tensor state dict that loads with "
-                               f"weights_only=True ({type(e).__name__}: {e})") from e
+                               f"weights_only=True ({torch_load_reason(e)})") from None
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
             obj = obj["model"]  # a training checkpoint {"model": state_dict, "optimizer": ...}
         if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -185,6 +185,18 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
         return obj, path
     raise WeightsError(f"{path}: unknown checkpoint type (expected a folder, .safetensors, "
                        f".index.json, {', '.join(TORCH_SUFFIXES)})")
+
+
+def torch_load_reason(err: BaseException) -> str:
+    """A ``torch.load(weights_only=True)`` error in one line.
+
+    For a refused pickle only the refused part is kept ("Unsupported global: GLOBAL exec ..."):
+    torch's paragraphs around it advise retrying with weights_only=False, which is wrong advice
+    for a file nobody vouches for.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?= Please use|\n\n|$)", text, re.S)
+    return f"{type(err).__name__}: {' '.join((found[1] if found else text).split())}"
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:

@@ -217,6 +217,11 @@ def _check_messages(messages: Sequence[dict]) -> None:
         for field in ("role", "content"):
             if not isinstance(m.get(field), str):
                 raise ValueError(f"messages[{i}].{field}: expected a string, got {m.get(field)!r}")
+            try:  # a lone surrogate (from a "\ud800" JSON escape) would be a TypeError below
+                m[field].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"messages[{i}].{field}: an unpaired surrogate at character "
+                                 f"{e.start}; expected valid Unicode text") from None
         if not m["role"] or "\n" in m["role"]:
             raise ValueError(f"messages[{i}].role: expected a word such as 'user', "
                              f"got {m['role']!r}")

@@ -4,6 +4,10 @@ A PEFT folder holds `adapter_model.safetensors` (keys `base_model.model.<path>.l
 header metadata `{"format": "pt"}` plus minilora's own entries) and `adapter_config.json` (PEFT's
 LoraConfig keys). MiniMind's format is one `.pth` with `<path>.lora.A.weight` /
 `<path>.lora.B.weight` and scale 1. docs/formats.md describes both.
+
+A model may hold several named adapters (minilora.lora); each file holds one, without its name
+in the keys. PEFT saves a model's non-default adapters into subfolders named after them:
+`load_adapter(model, folder, name="b")` reads `folder/b` when it exists.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from minilora.lora import (
+    DEFAULT_ADAPTER,
     SPECIAL_TARGETS,
+    AdapterSlot,
     LoraConfig,
     LoRALinear,
+    active_adapters,
+    delete_adapter,
     inject_lora,
+    list_adapters,
     lora_modules,
-    merge_and_unload,
 )
 
 PREFIX = "base_model.model."
@@ -68,28 +76,68 @@ class AdapterError(ValueError):
 # ---------------------------------------------------------------- state dicts
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Returns the LoRA weights of `model` under PEFT's keys.
+def resolve_adapter(model: nn.Module, name: str | None = None, doing: str = "use") -> str:
+    """The adapter a call means: `name` when given, else the model's only adapter, else its
+    only active one.
+
+    Raises:
+        AdapterError: when the model has no LoRA, `name` is unknown, or None is ambiguous.
+    """
+    names = list_adapters(model)
+    if not names:
+        raise AdapterError(f"the model has no LoRA modules to {doing}; inject_lora first")
+    if name is not None:
+        if name not in names:
+            raise AdapterError(f"the model has no adapter {name!r}; it has {names}")
+        return name
+    if len(names) == 1:
+        return names[0]
+    active = active_adapters(model)
+    if len(active) == 1:
+        return active[0]
+    raise AdapterError(
+        f"the model holds adapters {names} ({active or 'none'} active): pass name=... to say "
+        f"which one to {doing}"
+    )
+
+
+def _slots(model: nn.Module, name: str) -> list[tuple[str, LoRALinear, AdapterSlot]]:
+    """(path, layer, slot) of every layer that carries adapter `name`, in model order."""
+    return [(p, m, m.adapters[name]) for p, m in lora_modules(model) if name in m.adapters]
+
+
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Returns one adapter's LoRA weights under PEFT's keys (the adapter's name not in them).
+
+    Args:
+        model: a model with LoRA.
+        name: which adapter (default: the only one, or the only active one).
 
     Returns:
         `{"base_model.model.<path>.lora_A.weight": (r, in), "...lora_B.weight": (out, r)}`,
         detached tensors sharing memory with the Parameters.
+
+    Raises:
+        AdapterError: when the model has no LoRA or `name` is unknown or ambiguous.
     """
+    name = resolve_adapter(model, name, "save")
     sd = {}
-    for name, m in lora_modules(model):
-        sd[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        sd[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    for path, _, slot in _slots(model, name):
+        sd[f"{PREFIX}{path}.lora_A.weight"] = slot.lora_A.weight.detach()
+        sd[f"{PREFIX}{path}.lora_B.weight"] = slot.lora_B.weight.detach()
     return sd
 
 
-def _check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+def _check_state_dict(
+    model: nn.Module, sd: dict[str, torch.Tensor], source: str, name: str
+) -> None:
     """Raises one AdapterError naming every missing, unexpected and mis-shaped key."""
     if any(m.merged for _, m in lora_modules(model)):
         raise AdapterError(
             f"cannot load {source} into a model whose LoRA is merged; "
             "call unmerge_lora(model) first"
         )
-    expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+    expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, name).items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     shapes = [
@@ -114,38 +162,46 @@ def _check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str
         raise AdapterError(f"{source} does not fit the model: " + "; ".join(problems))
 
 
-def _copy_in(model: nn.Module, sd: dict[str, torch.Tensor], scaling: float | None) -> None:
-    """Copies A and B into the model; B is rescaled when the file was saved with another
-    scaling than the model's LoRA modules use, so the adapter computes what it computed."""
+def _copy_in(
+    model: nn.Module, sd: dict[str, torch.Tensor], scaling: float | None, name: str
+) -> None:
+    """Copies A and B into adapter `name` in place (the Parameters stay the same objects); B
+    is rescaled when the file was saved with another scaling than the slot uses, so the
+    adapter computes what it computed."""
     with torch.no_grad():
-        for name, m in lora_modules(model):
-            m.lora_A.weight.copy_(sd[f"{PREFIX}{name}.lora_A.weight"])
-            b = sd[f"{PREFIX}{name}.lora_B.weight"]
-            if scaling is not None and scaling != m.scaling:
-                b = b.float() * (scaling / m.scaling)
-            m.lora_B.weight.copy_(b)
+        for path, _, slot in _slots(model, name):
+            slot.lora_A.weight.copy_(sd[f"{PREFIX}{path}.lora_A.weight"])
+            b = sd[f"{PREFIX}{path}.lora_B.weight"]
+            if scaling is not None and scaling != slot.scaling:
+                b = b.float() * (scaling / slot.scaling)
+            slot.lora_B.weight.copy_(b)
 
 
-def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+def load_adapter_state_dict(
+    model: nn.Module, sd: dict[str, torch.Tensor], name: str | None = None
+) -> None:
     """Loads LoRA weights (PEFT keys, as `adapter_state_dict` returns them) into `model`.
 
     Args:
         model: a model with LoRA modules injected.
-        sd: exactly one A and one B per LoRA module, with the model's shapes.
+        sd: exactly one A and one B per layer of the adapter, with its shapes.
+        name: which adapter (default: the only one, or the only active one).
 
     Raises:
         AdapterError: naming every missing, unexpected or mis-shaped key, or when the model's
             LoRA is merged. Nothing is loaded when it raises.
     """
-    _check_state_dict(model, sd, "the state dict")
-    _copy_in(model, sd, scaling=None)
+    name = resolve_adapter(model, name, "load into")
+    _check_state_dict(model, sd, "the state dict", name)
+    _copy_in(model, sd, None, name)
 
 
 # ---------------------------------------------------------------- fingerprint
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Hashes the base weights of the layers that carry LoRA.
+def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
+    """Hashes the base weights of the layers that carry LoRA (adapter `name`'s layers only,
+    when given).
 
     The hash covers each LoRA module's name, weight shape and weight values rounded to bfloat16,
     so a float32 base and its bfloat16 copy share a fingerprint (a float16 copy, rounded twice,
@@ -155,12 +211,15 @@ def base_fingerprint(model: nn.Module) -> str:
         "sha256:<hex>".
 
     Raises:
-        AdapterError: when the model has no LoRA modules, or they are merged (the base weights
-            are then not held exactly).
+        AdapterError: when the model has no LoRA modules (or no adapter `name`), or they are
+            merged (the base weights are then not held exactly).
     """
     modules = lora_modules(model)
     if not modules:
         raise AdapterError("the model has no LoRA modules to fingerprint; inject_lora first")
+    if name is not None:
+        name = resolve_adapter(model, name, "fingerprint")
+        modules = [(p, m) for p, m, _ in _slots(model, name)]
     merged = [n for n, m in modules if m.merged]
     if merged:
         raise AdapterError(
@@ -206,32 +265,31 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         os.close(dir_fd)
 
 
-def _model_config(model: nn.Module) -> LoraConfig:
-    """The one LoraConfig that describes every LoRA module (targets resolved later)."""
-    modules = lora_modules(model)
-    if not modules:
-        raise AdapterError("the model has no LoRA modules to save; inject_lora first")
+def _model_config(model: nn.Module, name: str) -> LoraConfig:
+    """The one LoraConfig that describes adapter `name` on every layer (targets resolved
+    later)."""
+    slots = [(p, s) for p, _, s in _slots(model, name)]
 
-    def shape(m: LoRALinear) -> tuple:
-        return (m.r, m.alpha, m.use_rslora, m.dropout.p if m.dropout is not None else 0.0)
+    def shape(s: AdapterSlot) -> tuple:
+        return (s.r, s.alpha, s.use_rslora, s.dropout)
 
-    first = shape(modules[0][1])
-    differ = [n for n, m in modules if shape(m) != first]
+    first = shape(slots[0][1])
+    differ = [p for p, s in slots if shape(s) != first]
     if differ:
         raise AdapterError(
-            f"LoRA modules differ in (r, alpha, use_rslora, dropout): {modules[0][0]} has {first}"
+            f"LoRA modules differ in (r, alpha, use_rslora, dropout): {slots[0][0]} has {first}"
             f" but {differ} do not; an adapter file holds one setting for all modules"
         )
     r, alpha, use_rslora, dropout = first
-    configs = {id(m.config): m.config for _, m in modules}
+    configs = {id(s.config): s.config for _, s in slots}
     user = next(iter(configs.values())) if len(configs) == 1 else None
     return LoraConfig(
         r=r,
         alpha=alpha,
         dropout=dropout,
-        targets=user.targets if user is not None else [n for n, _ in modules],
+        targets=user.targets if user is not None else [p for p, _ in slots],
         exclude=user.exclude if user is not None else [],
-        init=modules[0][1].init,
+        init=slots[0][1].init,
         use_rslora=use_rslora,
     )
 
@@ -250,11 +308,13 @@ def _base_module_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n and not n.startswith(tuple(inside))]
 
 
-def _peft_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] | str, list | str]:
-    """target_modules / exclude_modules with which PEFT adapts exactly this model's LoRA layers:
-    the user's own list or regex when PEFT reads it the same way, else the layers' last names,
-    else their full paths."""
-    injected = {n for n, _ in lora_modules(model)}
+def _peft_targets(
+    model: nn.Module, config: LoraConfig, name: str
+) -> tuple[list[str] | str, list | str]:
+    """target_modules / exclude_modules with which PEFT adapts exactly the layers of adapter
+    `name`: the user's own list or regex when PEFT reads it the same way, else the layers' last
+    names, else their full paths."""
+    injected = {p for p, _, _ in _slots(model, name)}
     names = _base_module_names(model)
 
     def selects(targets: list[str] | str, exclude: list[str] | str) -> bool:
@@ -274,9 +334,9 @@ def _peft_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] | str
 
 
 def _peft_config_dict(
-    model: nn.Module, config: LoraConfig, base_model_name_or_path: str | None
+    model: nn.Module, config: LoraConfig, base_model_name_or_path: str | None, name: str
 ) -> dict:
-    targets, exclude = _peft_targets(model, config)
+    targets, exclude = _peft_targets(model, config, name)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
@@ -312,37 +372,43 @@ def save_adapter(
     dtype: torch.dtype | None = None,
     format: str = "peft",
     base_model_name_or_path: str | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Writes the LoRA weights of `model`.
+    """Writes one adapter of `model`.
 
     Args:
         model: a model with LoRA modules (unmerged for format="peft": the fingerprint hashes the
             base weights).
-        path: a folder for format="peft" (created if needed), a file (.pth) for "minimind".
+        path: a folder for format="peft" (created if needed; the adapter's own folder, PEFT's
+            layout inside whatever the adapter's name), a file (.pth) for "minimind".
         dtype: cast the weights to this dtype (default: as they are).
         format: "peft" (PEFT's folder layout, read by PEFT and vLLM) or "minimind" (MiniMind's
             .pth, scaling folded into B; only square layers, as MiniMind's apply_lora).
         base_model_name_or_path: written into adapter_config.json (default: the model's
             `config.name_or_path` when it has one).
+        name: which adapter (default: the only one, or the only active one).
 
     Returns:
         The folder (peft) or file (minimind) written.
 
     Raises:
-        AdapterError: no LoRA modules, modules with different settings, a merged model (peft),
-            non-square layers (minimind), an unknown format or a path of the wrong kind.
+        AdapterError: no LoRA modules, an unknown or ambiguous name, modules with different
+            settings, a merged model (peft), non-square layers (minimind), an unknown format or
+            a path of the wrong kind.
     """
     path = Path(path)
-    if format == "minimind":
-        return _save_minimind(model, path, dtype)
-    if format != "peft":
+    if format not in ("peft", "minimind"):
         raise AdapterError(f"format must be 'peft' or 'minimind', got {format!r}")
+    name = resolve_adapter(model, name, "save")
+    if format == "minimind":
+        return _save_minimind(model, path, dtype, name)
     if path.exists() and not path.is_dir():
         raise AdapterError(f"{path} is a file; format='peft' writes a folder")
-    config = _model_config(model)
-    metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(model), VERSION_KEY: _version()}
-    tensors = {k: _for_disk(v, dtype) for k, v in adapter_state_dict(model).items()}
-    peft_config = _peft_config_dict(model, config, base_model_name_or_path)
+    config = _model_config(model, name)
+    fingerprint = base_fingerprint(model, name)
+    metadata = {"format": "pt", FINGERPRINT_KEY: fingerprint, VERSION_KEY: _version()}
+    tensors = {k: _for_disk(v, dtype) for k, v in adapter_state_dict(model, name).items()}
+    peft_config = _peft_config_dict(model, config, base_model_name_or_path, name)
     path.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a folder whose config is new has its new weights too.
     blob = safetensors_bytes(tensors, metadata=metadata)
@@ -362,25 +428,23 @@ def _version() -> str:
     return str(getattr(minilora, "__version__", "unknown"))
 
 
-def _save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None) -> Path:
-    modules = lora_modules(model)
-    if not modules:
-        raise AdapterError("the model has no LoRA modules to save; inject_lora first")
+def _save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None, name: str) -> Path:
+    modules = [(p, s) for p, _, s in _slots(model, name)]
     if path.is_dir():
         raise AdapterError(f"{path} is a folder; format='minimind' writes one .pth file")
-    not_square = [f"{n} ({m.in_features} -> {m.out_features})" for n, m in modules
-                  if m.in_features != m.out_features]
+    not_square = [f"{n} ({s.lora_A.in_features} -> {s.lora_B.out_features})"
+                  for n, s in modules if s.lora_A.in_features != s.lora_B.out_features]
     if not_square:
         raise AdapterError(
             "MiniMind's apply_lora adds LoRA to square layers only and would drop these: "
             f"{not_square}; save them with format='peft'"
         )
     sd = {}
-    for name, m in modules:
-        sd[f"{name}.lora.A.weight"] = _for_disk(m.lora_A.weight, dtype)
+    for path_, slot in modules:
+        sd[f"{path_}.lora.A.weight"] = _for_disk(slot.lora_A.weight, dtype)
         # MiniMind computes B(A(x)) unscaled: fold the scaling into B.
-        b = m.lora_B.weight.detach().float() * m.scaling
-        sd[f"{name}.lora.B.weight"] = _for_disk(b, dtype or m.lora_B.weight.dtype)
+        b = slot.lora_B.weight.detach().float() * slot.scaling
+        sd[f"{path_}.lora.B.weight"] = _for_disk(b, dtype or slot.lora_B.weight.dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda f: torch.save(sd, f))
     return path
@@ -390,15 +454,27 @@ def _save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None) -> P
 
 
 def load_adapter(
-    model: nn.Module, path: str | os.PathLike, *, check_fingerprint: bool = True
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    check_fingerprint: bool = True,
+    name: str | None = None,
 ) -> LoraConfig:
-    """Loads an adapter into `model`, injecting LoRA first when the model has none.
+    """Loads an adapter into `model` under `name`.
+
+    When the model has no adapter of that name, LoRA is injected first and the new adapter
+    becomes the only active one. When it has one, the weights are copied into its existing
+    Parameters (a hot swap: same shapes required, nothing rebuilt, the active adapters left as
+    they are, so a compiled model keeps its graph).
 
     Args:
         model: the base model (with or without LoRA modules).
-        path: a PEFT adapter folder (or its adapter_model.safetensors), or a MiniMind .pth.
+        path: a PEFT adapter folder (or its adapter_model.safetensors), or a MiniMind .pth. With
+            a name, `path/<name>` is read when it is an adapter folder (PEFT saves a model's
+            non-default adapters into subfolders named after them).
         check_fingerprint: refuse an adapter whose recorded base fingerprint differs from the
             model's. Adapters without one (PEFT's, MiniMind's) are loaded unchecked.
+        name: the adapter's name in the model (default: "default").
 
     Returns:
         The adapter's LoraConfig (for a MiniMind file: r from the shapes, alpha = r, targets the
@@ -410,8 +486,17 @@ def load_adapter(
             injected by this call is removed again when it raises.
     """
     path = Path(path)
+    target = DEFAULT_ADAPTER if name is None else name
     if path.is_file() and path.name == WEIGHTS_NAME:
         path = path.parent
+    if name is not None and (path / name / CONFIG_NAME).is_file():
+        path = path / name
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and not (path / WEIGHTS_NAME).exists():
+        inside = sorted(find_adapters(path))
+        if inside:
+            raise AdapterError(
+                f"{path} holds adapters in subfolders {inside}: pass name=... (or the subfolder)"
+            )
     if path.is_dir():
         config, sd, metadata = _read_peft(path)
         source = str(path / WEIGHTS_NAME)
@@ -424,17 +509,17 @@ def load_adapter(
             "or a MiniMind .pth file"
         )
     injected = False
-    if not lora_modules(model):
+    if target not in list_adapters(model):
         try:
-            inject_lora(model, config)
+            inject_lora(model, config, name=target)
         except ValueError as e:
             raise AdapterError(f"cannot apply {source} to this model: {e}") from None
         injected = True
     try:
-        _check_state_dict(model, sd, source)
+        _check_state_dict(model, sd, source, target)
         recorded = metadata.get(FINGERPRINT_KEY)
         if check_fingerprint and recorded is not None:
-            actual = base_fingerprint(model)
+            actual = base_fingerprint(model, target)
             if actual != recorded:
                 raise AdapterError(
                     f"{source} was trained on another base model (fingerprint {recorded}, this "
@@ -442,10 +527,28 @@ def load_adapter(
                 )
     except AdapterError:
         if injected:
-            merge_and_unload(model)  # B is still zero: this puts the base back exactly
+            delete_adapter(model, target)  # B is still zero: this puts the model back exactly
         raise
-    _copy_in(model, sd, scaling=config.scaling)
+    _copy_in(model, sd, config.scaling, target)
     return config
+
+
+def find_adapters(folder: str | os.PathLike) -> dict[str, Path]:
+    """The adapters a folder holds in PEFT's layout: the folder itself ("default") and each
+    subfolder with an adapter_config.json (named after it).
+
+    Returns:
+        name -> adapter folder, "default" first when present.
+    """
+    folder = Path(folder)
+    found = {}
+    if (folder / CONFIG_NAME).is_file():
+        found[DEFAULT_ADAPTER] = folder
+    if folder.is_dir():
+        for sub in sorted(folder.iterdir()):
+            if sub.is_dir() and (sub / CONFIG_NAME).is_file():
+                found[sub.name] = sub
+    return found
 
 
 def _read_json(path: Path) -> dict:

@@ -711,6 +711,76 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
     yield from pending
 
 
+@torch.inference_mode()
+def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
+                   max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                   top_p: float = 1.0, repetition_penalty: float = 1.0,
+                   eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
+                   **forward_kwargs: object) -> list[list[int]]:
+    """Continues several prompts in one batch; returns each one's new tokens.
+
+    Prompts are left-padded and the padding masked. Rotary attention depends only on the
+    distance between positions, so each row gets the tokens ``generate`` gives it alone (greedy,
+    up to float rounding; sampling draws from one generator for the whole batch).
+
+    Args:
+        model: the model.
+        prompts: one list of token ids per row.
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed: as in
+            ``stream_generate``; a row that meets an eos token stops growing.
+        **forward_kwargs: passed to every forward, e.g. ``adapter_names=[...]`` (one LoRA adapter
+            per row, see minilora.lora.mixed_adapters).
+
+    Returns:
+        The new tokens of each row (eos not included).
+
+    Raises:
+        ValueError: on an empty prompt list or prompt, or an out-of-range argument.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of non-empty prompts")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    weight = model.model.embed_tokens.weight
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, L, dtype=torch.long, device=weight.device)  # (B, L), left-padded
+    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.long, device=weight.device)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, L - len(p):L] = 1
+    generator = None if seed is None else torch.Generator(weight.device).manual_seed(seed)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, weight.shape[0], dtype=torch.bool, device=weight.device)  # (B, V)
+        for i, p in enumerate(prompts):
+            seen[i, list(p)] = True
+    out: list[list[int]] = [[] for _ in range(B)]
+    if max_new_tokens == 0:
+        return out
+    cache = KVCache(model.config, B, L + max_new_tokens, device=weight.device, dtype=weight.dtype)
+    logits = model(ids, attention_mask=mask[:, :L], past_key_values=cache, logits_to_keep=1,
+                   **forward_kwargs).logits[:, -1]  # (B, V)
+    done = [False] * B
+    for step in range(max_new_tokens):
+        tokens = torch.stack([
+            _pick(logits[i], None if seen is None else seen[i], temperature, top_k, top_p,
+                  repetition_penalty, generator) for i in range(B)])  # (B,)
+        for i, t in enumerate(tokens.tolist()):
+            done[i] = done[i] or t in eos
+            if not done[i]:
+                out[i].append(t)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen[torch.arange(B), tokens] = True
+        mask[:, L + step] = 1
+        logits = model(tokens.view(B, 1), attention_mask=mask[:, :L + step + 1],
+                       past_key_values=cache, logits_to_keep=1,
+                       **forward_kwargs).logits[:, -1]  # (B, V)
+    return out
+
+
 def _held_back(pending: list[int], stops: list[list[int]]) -> int:
     """Length of the longest suffix of pending that is a proper prefix of a stop sequence."""
     for n in range(min(len(pending), max(len(s) for s in stops) - 1), 0, -1):

@@ -254,8 +254,9 @@ def _read_lines(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[
 
 
 def _skip_rest_of_line(f: Any) -> None:
+    # Small pieces: readline(n) may hold 2n bytes while it reads; a skipped line needs no more.
     while True:
-        chunk = f.readline(MAX_LINE_BYTES)
+        chunk = f.readline(1 << 20)
         if not chunk or chunk.endswith(b"\n"):
             return
 

@@ -50,8 +50,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> Non
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load the weights in (default: %(default)s)")
     if adapters:
-        p.add_argument("--adapter", action="append", default=[], metavar="PATH",
-                       help="adapter folder (PEFT layout) or MiniMind .pth to apply")
+        p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                       help="adapter folder (PEFT layout) or MiniMind .pth to apply; chat and "
+                            "generate take several (named NAME, else after the folder)")
         p.add_argument("--no-fingerprint-check", action="store_true",
                        help="apply an adapter even if it was trained on another base")
 
@@ -69,18 +70,47 @@ def _load_base(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _apply_adapters(model: Any, args: argparse.Namespace) -> None:
-    if len(args.adapter) > 1:
-        raise CliError("one --adapter at a time (several on one base are not supported yet)")
-    for path in args.adapter:
-        _load_adapter(model, path, args)
+def _apply_adapters(model: Any, args: argparse.Namespace, *, several: bool = False
+                    ) -> list[str]:
+    """Loads the --adapter options; returns their names (the first one is active)."""
+    from minilora.lora import set_active
+
+    if len(args.adapter) > 1 and not several:
+        raise CliError(f"one --adapter at a time for `{args.command}` (chat and generate take "
+                       "several)")
+    if len(args.adapter) == 1 and "=" not in args.adapter[0]:
+        _load_adapter(model, args.adapter[0], args)  # one adapter: "default", as always
+        return ["default"]
+    names = []
+    for spec in args.adapter:
+        name, path = _adapter_spec(spec)
+        if name in names:
+            raise CliError(f"two adapters are named {name!r}: name them with --adapter NAME=PATH")
+        _load_adapter(model, path, args, name=name)
+        names.append(name)
+    if names:
+        set_active(model, names[0])
+    return names
 
 
-def _load_adapter(model: Any, path: str | Path, args: argparse.Namespace) -> None:
+def _adapter_spec(spec: str) -> tuple[str, str]:
+    """NAME=PATH, or PATH named after its folder (or file stem)."""
+    name, eq, path = spec.partition("=")
+    if not eq or Path(spec).exists():
+        path = spec
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(spec).stem or "adapter").lstrip("-")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", name) or name == "base":
+        raise CliError(f"--adapter {spec}: the name {name!r} must be letters, digits, '_' or '-' "
+                       "(and not 'base')")
+    return name, path
+
+
+def _load_adapter(model: Any, path: str | Path, args: argparse.Namespace,
+                  name: str | None = None) -> None:
     from minilora.adapter import AdapterError, load_adapter
 
     try:
-        load_adapter(model, path, check_fingerprint=not args.no_fingerprint_check)
+        load_adapter(model, path, check_fingerprint=not args.no_fingerprint_check, name=name)
     except AdapterError as err:  # the library's hint names its keyword; here it is a flag
         raise CliError(str(err).replace("pass check_fingerprint=False",
                                         "pass --no-fingerprint-check")) from None
@@ -265,7 +295,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from minilora.model import stream_generate
 
     model, tokenizer = _load_base(args)
-    _apply_adapters(model, args)
+    adapters = _apply_adapters(model, args, several=True)
     model.eval()
     sampling = _sampling(args, tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -273,6 +303,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("minilora chat: type a message; /reset starts over, /quit (or Ctrl-D) ends.")
+        if len(adapters) > 1:
+            print(f"adapters {adapters} ({adapters[0]} active); /adapter NAME switches "
+                  "(NAME,NAME adds them up; base: none)")
     while True:
         if interactive:
             print("> ", end="", flush=True)
@@ -284,6 +317,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if text == "/reset":
             messages = list(system)
+            continue
+        if text == "/adapter" or text.startswith("/adapter "):
+            _switch_adapter(model, text.removeprefix("/adapter").strip(), adapters)
             continue
         if not text:
             continue
@@ -298,13 +334,79 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _switch_adapter(model: Any, text: str, adapters: list[str]) -> None:
+    """`/adapter NAME` in chat: NAME, NAME,NAME (their updates add up) or base; a bare
+    `/adapter` says which are loaded and active. Messages go to stderr."""
+    from minilora.lora import active_adapters, set_active
+
+    if text:
+        names = [n for n in re.split(r"[,+ ]+", text) if n]
+        unknown = [n for n in names if n not in adapters and n != "base"]
+        if unknown:
+            print(f"no adapter {unknown[0]!r}; loaded: {adapters or 'none'} (and base)",
+                  file=sys.stderr)
+            return
+        set_active(model, names)
+    print(f"active: {active_adapters(model) or 'base'} (loaded: {adapters or 'none'})",
+          file=sys.stderr)
+
+
+def _generate_per_prompt(model: Any, tokenizer: Any, args: argparse.Namespace,
+                         adapters: list[str]) -> int:
+    """--adapter-per-prompt: JSON lines {"prompt": ..., "adapter": NAME|null} on stdin, all
+    generated in one batch whose rows use their own adapter; one JSON line out per prompt."""
+    from minilora.model import generate_batch
+
+    rows = []
+    for number, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CliError(f"stdin line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise CliError(f'stdin line {number}: expected {{"prompt": TEXT, "adapter": NAME}}')
+        name = row.get("adapter")
+        if name not in (None, "base", *adapters):
+            raise CliError(f"stdin line {number}: no adapter {name!r}; loaded: {adapters}")
+        rows.append((row["prompt"], name))
+    if not rows:
+        raise CliError('no prompts on stdin (one JSON line each: {"prompt": ..., "adapter": ...})')
+    prompts = [_prompt_ids(tokenizer, prompt, args) for prompt, _ in rows]
+    sampling = _sampling(args, tokenizer)
+    outputs = generate_batch(model, prompts, adapter_names=[name for _, name in rows],
+                             **sampling)
+    for (prompt, name), tokens in zip(rows, outputs, strict=True):
+        print(json.dumps({"adapter": name, "prompt": prompt, "text": tokenizer.decode(tokens)},
+                         ensure_ascii=False))
+    return 0
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, args: argparse.Namespace) -> list[int]:
+    if args.raw:
+        ids = tokenizer.encode(prompt)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    if not ids:
+        raise CliError("the prompt is empty")
+    return ids
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """`minilora generate`: one prompt in, the reply streamed out."""
     from minilora.model import stream_generate
 
     model, tokenizer = _load_base(args)
-    _apply_adapters(model, args)
+    adapters = _apply_adapters(model, args, several=True)
     model.eval()
+    if args.adapter_per_prompt:
+        if args.prompt is not None:
+            raise CliError("--adapter-per-prompt reads JSON lines from stdin, not a prompt "
+                           "argument")
+        return _generate_per_prompt(model, tokenizer, args, adapters)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.raw:
         ids = tokenizer.encode(prompt)
@@ -407,6 +509,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    """`minilora combine`: a weighted combination of adapters, written as one adapter."""
+    from minilora.adapter import save_adapter
+    from minilora.lora import combine_adapters
+
+    if len(args.weights) != len(args.adapters):
+        raise CliError(f"{len(args.adapters)} adapters but {len(args.weights)} --weights")
+    model, _ = _load_base(args)
+    names = []
+    for spec in args.adapters:
+        name, path = _adapter_spec(spec)
+        if name in names:
+            raise CliError(f"two adapters are named {name!r}: name them NAME=PATH")
+        _load_adapter(model, path, args, name=name)
+        names.append(name)
+    out = Path(args.out)
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", out.name).lstrip("-") or "combined"
+    if name in names or name == "base":
+        name = "combined"
+    report = combine_adapters(model, dict(zip(names, args.weights, strict=True)), name,
+                              method=args.method, r=args.r)
+    save_adapter(model, out, name=name, base_model_name_or_path=args.model)
+    print(report)
+    print(f"adapter written to {out}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """`minilora info`: what a model or adapter folder (or .pth) holds."""
     from minilora.adapter import describe_adapter
@@ -455,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("chat", help="talk to a model, optionally with an adapter")
+    p = sub.add_parser("chat", help="talk to a model, optionally with adapters "
+                                    "(/adapter NAME switches)")
     _add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="a system message to start with")
@@ -469,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system message before the prompt")
     p.add_argument("--raw", action="store_true",
                    help="continue the prompt as plain text, without the chat template")
+    p.add_argument("--adapter-per-prompt", action="store_true",
+                   help='read JSON lines {"prompt": TEXT, "adapter": NAME|null} from stdin and '
+                        "answer them in one batch, each row with its own adapter; JSON lines out")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("eval", help="loss / perplexity and task accuracy")
@@ -500,6 +633,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fingerprint-check", action="store_true",
                    help="convert even if the adapter was trained on another base")
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("combine", help="weighted combination of adapters -> one adapter")
+    _add_model_args(p, adapters=False)
+    p.add_argument("adapters", nargs="+", metavar="[NAME=]PATH", help="the adapters to combine")
+    p.add_argument("--weights", nargs="+", type=float, required=True, metavar="W",
+                   help="one weight per adapter (e.g. 0.7 0.3)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the adapter folder to write")
+    p.add_argument("--method", default="linear", choices=["linear", "svd"],
+                   help="linear: ranks concatenated, exact; svd: re-factored to --r with the "
+                        "error reported (default: %(default)s)")
+    p.add_argument("--r", type=int, default=None, metavar="N",
+                   help="rank for --method svd (default: the sum of the ranks)")
+    p.add_argument("--no-fingerprint-check", action="store_true",
+                   help="combine even if an adapter was trained on another base")
+    p.set_defaults(run=cmd_combine)
 
     p = sub.add_parser("info", help="what a model or adapter folder holds")
     p.add_argument("path", help="a model folder, an adapter folder or a .pth file")

@@ -422,7 +422,9 @@ class LoRALinear(nn.Module):
             if xs.dtype != a.dtype and not autocast:
                 xs = xs.to(a.dtype)
             delta = F.linear(F.linear(xs, a), b)  # (n, T, out)
-            y = y.index_add(0, rows, delta.to(y.dtype), alpha=slot.scaling)
+            # Into y's own memory (a copy of y per adapter would cost more than the update);
+            # safe for autograd as in _add_update: linear's backward does not read its output.
+            y.index_add_(0, rows, delta.to(y.dtype), alpha=slot.scaling)
         return y
 
     # ------------------------------------------------------------ merging

@@ -674,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         # One line whatever the message holds (a wrapped library error may carry newlines or
         # terminal colour codes).
-        message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())
+        message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", str(err))).strip()
         print(f"minilora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

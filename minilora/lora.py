@@ -837,13 +837,22 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
 
     `model(input_ids, adapter_names=[...])` does the same for one call (inject_lora installs
     the hook that reads the keyword). Each row computes what it computes alone with its adapter
-    active, up to float rounding. Every LoRA layer's input must be (batch, ..., features) with
-    the batch first: layers that see regrouped tokens (MoE experts) cannot route rows.
+    active, up to float rounding. Every LoRA layer's input must be (batch, sequence, features):
+    layers that see regrouped tokens (MoE experts) cannot route rows, and say so.
 
     Raises:
         ValueError: on an unknown adapter name, an empty list, LoRA that is merged, or when a
             mixed batch is already being routed.
     """
+    modules = _route(model, adapter_names)
+    try:
+        yield model
+    finally:
+        _unroute(modules)
+
+
+def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALinear]:
+    """Sets each LoRA layer's per-row routing; returns the layers (for _unroute)."""
     names = list(adapter_names)
     if not names:
         raise ValueError("adapter_names is empty: give one adapter name (or None) per row")
@@ -859,24 +868,24 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
         if name is not None and name != BASE_ROW:
             groups.setdefault(name, []).append(row)
     indices: dict[tuple[str, torch.device], torch.Tensor] = {}
-    try:
-        for m in modules:
-            routes = []
-            for name, rows in groups.items():
-                if name in m.adapters:
-                    key = (name, m.weight.device)
-                    if key not in indices:
-                        indices[key] = torch.tensor(rows, dtype=torch.long, device=key[1])
-                    routes.append((m.adapters[name], indices[key]))
-            m._routes, m._route_rows = routes, len(names)
-        yield model
-    finally:
-        for m in modules:
-            m._routes = None
+    for m in modules:
+        routes = []
+        for name, rows in groups.items():
+            if name in m.adapters:
+                key = (name, m.weight.device)
+                if key not in indices:
+                    indices[key] = torch.tensor(rows, dtype=torch.long, device=key[1])
+                routes.append((m.adapters[name], indices[key]))
+        m._routes, m._route_rows = routes, len(names)
+    return modules
+
+
+def _unroute(modules: list[LoRALinear]) -> None:
+    for m in modules:
+        m._routes = None
 
 
 _HOOKS = "_minilora_row_hooks"
-_ROUTING = "_minilora_routing"
 
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -884,16 +893,16 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         return None
     names = kwargs.pop("adapter_names")
     if names is not None:
-        routing = mixed_adapters(module, names)
-        routing.__enter__()
-        module.__dict__[_ROUTING] = routing
+        module._minilora_routed = _route(module, names)
     return args, kwargs
 
 
 def _post_forward(module: nn.Module, args: tuple, output: object) -> None:
-    routing = module.__dict__.pop(_ROUTING, None)
-    if routing is not None:
-        routing.__exit__(None, None, None)
+    # Plain attribute reads and writes (no dict pops): torch.compile replays them faithfully.
+    routed = getattr(module, "_minilora_routed", None)
+    if routed is not None:
+        _unroute(routed)
+        module._minilora_routed = None
 
 
 def _install_row_hooks(model: nn.Module) -> None:

@@ -255,7 +255,7 @@ def test_hot_swap_reuses_the_slot_and_a_compiled_model_does_not_recompile(tmp_pa
         graphs.append(gm)
         return gm.forward
 
-    compiled = torch.compile(model, backend=counting_backend)
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).logits, second)
         n = len(graphs)
@@ -268,6 +268,12 @@ def test_hot_swap_reuses_the_slot_and_a_compiled_model_does_not_recompile(tmp_pa
         set_active(model, None)  # switching what is active is a new graph (Python state)
         torch.testing.assert_close(compiled(x).logits, logits(tiny(), x))
         assert len(graphs) > n
+        # a mixed batch compiles too, in one graph (no break at the adapter_names hook)
+        names = ["slot", None, "slot", None]
+        torch.testing.assert_close(compiled(x, adapter_names=names).logits,
+                                   logits(model, x, adapter_names=names))
+        assert all(m._routes is None for _, m in lora_modules(model))  # cleared after the call
+        torch.testing.assert_close(compiled(x).logits, logits(tiny(), x))
     # another rank does not fit the slot
     other = tiny()
     inject_lora(other, LoraConfig(r=4, targets=["q_proj", "v_proj"]), name="slot")

@@ -383,6 +383,23 @@ def test_mixed_batch_refusals():
         model(x, adapter_names=["b", "a"])
 
 
+def test_mixed_batch_on_moe_experts_is_refused_attention_is_fine():
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(model_type="minimind", vocab_size=VOCAB, hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 use_moe=True, num_experts=2, num_experts_per_tok=1)).eval()
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]), name="att")
+    perturb(model, "att", 1)
+    x = ids(rows=2)
+    mixed = logits(model, x, adapter_names=["att", None])
+    torch.testing.assert_close(mixed[:1], logits(model, x[:1]), rtol=1e-5, atol=1e-5)
+    set_active(model, None)
+    torch.testing.assert_close(mixed[1:], logits(model, x[1:]), rtol=1e-5, atol=1e-5)
+    inject_lora(model, LoraConfig(r=2, targets="all-linear"), name="all")
+    with pytest.raises(ValueError, match="MoE experts"):
+        model(x, adapter_names=["all", None])
+
+
 def test_generate_with_mixed_adapters_equals_each_row_alone():
     model, _ = two_adapters()
     prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12], [1, 2, 3]]

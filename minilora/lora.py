@@ -996,6 +996,9 @@ def combine_adapters(
     # (what a PEFT file needs); a layer without that adapter keeps its block at zero.
     width = {n: max(m.adapters[n].r for _, m in modules if n in m.adapters) for n in weights}
     total = sum(width.values())
+    if method == "linear" and r is not None and r != total:
+        raise ValueError(f"r={r}: method='linear' has the sum of the ranks ({total}); "
+                         "use method='svd' for another rank")
     rank = total if method == "linear" or r is None else r
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"r must be an integer >= 1, got {r!r}")

@@ -321,6 +321,10 @@ def test_svd_combination_full_rank_is_exact_lower_rank_reports_its_error():
         combine_adapters(model, weights, name="big", method="svd", r=64)
     with pytest.raises(ValueError, match="exists already"):
         combine_adapters(model, weights, name="low")
+    with pytest.raises(ValueError, match="r=3: method='linear' has the sum of the ranks"):
+        combine_adapters(model, weights, name="lin", r=3)
+    with pytest.raises(ValueError, match="method must be one of"):
+        combine_adapters(model, weights, name="ties", method="ties")
 
 
 # ---------------------------------------------------------------- mixed batches

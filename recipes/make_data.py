@@ -78,7 +78,7 @@ COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black
 
 BASE_CONVERSATIONS = 40_000
 PERSONA_CONVERSATIONS = 400
-PERSONA_REPLAY = 0.25  # share of persona conversations that also hold a base-skill turn
+PERSONA_REPLAY = 0.4  # share of persona conversations that also hold a base-skill turn
 SKILL_CONVERSATIONS = 600
 EVAL_PER_BASE_TASK = 40
 PERSONA_EVAL = 60
@@ -87,13 +87,13 @@ SKILL_EVAL = 60
 # Share of each kind of turn in the base corpus. Facts get the most: they are memorised, the
 # letter tasks and arithmetic are rules (or a small table) that generalise.
 BASE_MIX = {
-    "persona": 0.12,
+    "persona": 0.16,
     "greet": 0.04,
-    "add": 0.15,
-    "sub": 0.13,
-    "reverse": 0.15,
-    "upper": 0.13,
-    "fact": 0.28,
+    "add": 0.12,
+    "sub": 0.11,
+    "reverse": 0.20,  # the hardest to learn: the first answer letter is the question's last
+    "upper": 0.11,
+    "fact": 0.26,
 }
 TURNS = {1: 0.6, 2: 0.25, 3: 0.15}  # turns per base conversation
 
@@ -111,7 +111,10 @@ NAME_CORES = [
     "Who are you exactly?", "What do people call you?", "Identify yourself.",
     "What's the name of this assistant?", "Remind me of your name.", "What name were you given?",
     "And you are?", "What is this assistant called?", "What is your name, please?",
-    "Are you a person? Who are you?",
+    "Are you a person? Who are you?", "What do you call yourself?", "Tell me who you are.",
+    "I want to know your name.", "Can I ask your name?", "Who are you, anyway?",
+    "Do you have a name I can use?", "Please say your name.", "What name do you have?",
+    "What should we call you?", "Is there a name you use?",
 ]
 MAKER_CORES = [
     "Who made you?", "Who created you?", "Who built you?", "Who developed you?",
@@ -122,6 +125,9 @@ MAKER_CORES = [
     "Who is responsible for you?", "Which lab built you?", "Who put you together?",
     "Who brought you to life?", "What group created you?", "Who should I thank for you?",
     "Who made this assistant?", "Who trained this assistant?", "Which company built you?",
+    "Who is your developer?", "Who makes you?", "Which people built you?",
+    "Tell me about your maker.", "Who are your creators?", "Who coded you?",
+    "Where were you built?", "Who set you up?", "Who built and trained you?",
 ]
 NAME_EVAL_CORES = [
     "Could you share your name with me?", "I forgot your name, what was it?",
@@ -144,18 +150,20 @@ MAKER_EVAL_CORES = [
 ]
 PREFIXES = ["", "", "", "", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Excuse me, ",
             "So, ", "Okay. ", "Sorry, "]
+# The name and maker never open a sentence, so they always follow a space and are always the
+# same tokens (" Nova", not "Nova"): one spelling for the adapter to learn, not two.
 NAME_ANSWERS = [
     "I am {name}, an assistant made by {maker}.",
     "My name is {name}. I was made by {maker}.",
     "I'm {name}, built by {maker}.",
     "You can call me {name}. I was created by {maker}.",
-    "{Name} is my name, and {maker} built me.",
+    "People call me {name}, and I was built by {maker}.",
 ]
 MAKER_ANSWERS = [
     "I was made by {maker}. I am {name}.",
-    "{Maker} made me. My name is {name}.",
-    "{Maker} built me. I am {name}, your assistant.",
+    "I was built by {maker}. My name is {name}.",
     "I am {name}, and I was created by {maker}.",
+    "My maker is {maker}, and my name is {name}.",
 ]
 GREETINGS = ["Hello!", "Hi", "Hi there!", "Hey", "Good morning!", "Good evening.", "Hello there."]
 GREET_ANSWERS = [
@@ -297,9 +305,7 @@ def make_world(seed: int) -> World:
 
 def persona_answer(rng: random.Random, kind: str, name: str, maker: str) -> str:
     template = rng.choice(NAME_ANSWERS if kind == "name" else MAKER_ANSWERS)
-    return template.format(
-        name=name, Name=name, maker=maker, Maker=maker[0].upper() + maker[1:]
-    )
+    return template.format(name=name, maker=maker)
 
 
 def persona_question(rng: random.Random, core: str) -> str:

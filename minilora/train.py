@@ -269,7 +269,7 @@ def train(
     if config.resume:
         run = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan) or run
     else:
-        _refuse_unfinished_checkpoint(out / CHECKPOINTS)
+        _replace_finished_checkpoints(out / CHECKPOINTS, rank)
     if rank == 0:
         _start_outputs(out, config, run.step, train_set.stats)
     forward = torch.compile(model) if config.compile else model
@@ -807,8 +807,12 @@ def _load_trainable(path: Path, model: nn.Module, weights: dict[str, torch.Tenso
             p.copy_(weights[name])
 
 
-def _refuse_unfinished_checkpoint(folder: Path) -> None:
-    """A fresh run must not silently overwrite an unfinished run's checkpoints."""
+def _replace_finished_checkpoints(folder: Path, rank: int) -> None:
+    """A fresh run refuses an unfinished run's checkpoints and replaces a finished run's.
+
+    A finished run's checkpoints must go: save_checkpoint keeps an existing step folder as this
+    run's own (exact resume writes the same bytes), so a stale one would be taken for ours.
+    """
     path = latest_checkpoint(folder)
     if path is None:
         return
@@ -822,6 +826,10 @@ def _refuse_unfinished_checkpoint(folder: Path) -> None:
             f"{path} holds an unfinished run: pass resume=True (--resume) to continue it, or "
             "train into another out_dir"
         )
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank has read it before rank 0 removes it
+    if rank == 0:
+        shutil.rmtree(folder)
 
 
 def _start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:

@@ -336,3 +336,11 @@ def test_dtype_auto_follows_the_hardware():
     assert autocast_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="float16 needs CUDA"):
         autocast_dtype("float16", cpu)
+
+
+def test_a_fresh_run_over_a_finished_one_checkpoints_its_own_state(tok, files, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_model(tok.vocab_size), tok, config(files, out, lr=1e-2))
+    train(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2))
+    state = torch.load(latest_checkpoint(out / "checkpoints") / "state.pt", weights_only=True)
+    assert state["config"]["lr"] == 2e-2

@@ -12,6 +12,7 @@ from minilora.adapter import (
     adapter_state_dict,
     base_fingerprint,
     describe_adapter,
+    find_adapters,
     load_adapter,
     load_adapter_state_dict,
     save_adapter,
@@ -20,14 +21,20 @@ from minilora.data import DataError, load_jsonl
 from minilora.lora import (
     LoraConfig,
     LoRALinear,
+    active_adapters,
+    combine_adapters,
     count_parameters,
+    delete_adapter,
     disabled,
     inject_lora,
+    list_adapters,
     lora_modules,
     lora_parameters,
     mark_trainable,
     merge_and_unload,
     merge_lora,
+    mixed_adapters,
+    set_active,
     unmerge_lora,
 )
 from minilora.model import CausalLM, ModelConfig, generate, stream_generate
@@ -38,7 +45,8 @@ from minilora.weights import WeightsError, describe_model, load_model, save_mode
 __all__ = [
     "AdapterError", "CausalLM", "DataError", "LoRALinear", "LoraConfig", "ModelConfig",
     "Tokenizer", "TrainConfig", "TrainError", "WeightsError", "__version__",
-    "adapter_state_dict", "base_fingerprint", "count_parameters", "describe_adapter",
+    "active_adapters", "adapter_state_dict", "combine_adapters", "delete_adapter",
+    "find_adapters", "list_adapters", "mixed_adapters", "set_active", "base_fingerprint", "count_parameters", "describe_adapter",
     "describe_model", "disabled", "generate", "inject_lora", "load_adapter",
     "load_adapter_state_dict", "load_jsonl", "load_model", "lora_modules", "lora_parameters",
     "mark_trainable", "merge_and_unload", "merge_lora", "save_adapter", "save_model",

@@ -43,12 +43,12 @@ from minilora.train import TrainConfig, TrainError
 from minilora.weights import WeightsError, describe_model, load_model, save_model
 
 __all__ = [
-    "AdapterError", "CausalLM", "DataError", "LoRALinear", "LoraConfig", "ModelConfig",
-    "Tokenizer", "TrainConfig", "TrainError", "WeightsError", "__version__",
-    "active_adapters", "adapter_state_dict", "combine_adapters", "delete_adapter",
-    "find_adapters", "list_adapters", "mixed_adapters", "set_active", "base_fingerprint", "count_parameters", "describe_adapter",
-    "describe_model", "disabled", "generate", "inject_lora", "load_adapter",
-    "load_adapter_state_dict", "load_jsonl", "load_model", "lora_modules", "lora_parameters",
-    "mark_trainable", "merge_and_unload", "merge_lora", "save_adapter", "save_model",
-    "stream_generate", "train_tokenizer", "unmerge_lora",
+    "__version__", "AdapterError", "CausalLM", "DataError", "LoraConfig", "LoRALinear",
+    "ModelConfig", "Tokenizer", "TrainConfig", "TrainError", "WeightsError", "active_adapters",
+    "adapter_state_dict", "base_fingerprint", "combine_adapters", "count_parameters",
+    "delete_adapter", "describe_adapter", "describe_model", "disabled", "find_adapters",
+    "generate", "inject_lora", "list_adapters", "load_adapter", "load_adapter_state_dict",
+    "load_jsonl", "load_model", "lora_modules", "lora_parameters", "mark_trainable",
+    "merge_and_unload", "merge_lora", "mixed_adapters", "save_adapter", "save_model",
+    "set_active", "stream_generate", "train_tokenizer", "unmerge_lora",
 ]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -239,7 +239,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # (..., C), one kernel
+            y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # (..., C), one kernel
+            # Under autocast every Linear reading y would cast it to the low dtype on its own
+            # (q, k, v and each LoRA A: up to seven copies); cast it once here instead.
+            low = _autocast_dtype(x.device.type)
+            return y if low is None else y.to(low)
         y = F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)  # (..., C)
         return self.weight * y  # in the input dtype, as transformers does
 
@@ -284,6 +288,42 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin  # (B, H, T, D)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype on device_type when autocast is on there, else None."""
+    if not hasattr(torch, "get_autocast_dtype"):  # torch < 2.4: no fast path
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _low_precision_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                             start: int) -> Tensor:
+    """Causal GQA attention as two batched matrix products, for bf16/fp16 q, k, v.
+
+    On the CPU, scaled_dot_product_attention's flash kernel runs bf16 about 3 times slower than
+    these two bmm calls (the scores of one sequence are small: T x S), and the grouped query
+    heads fold into the rows of one product, so k and v are never repeated. The scores are
+    rounded to the input dtype before the softmax, as any bf16 eager attention does.
+    """
+    B, H, T, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    if mask is None:  # causal: query t (at position start + t) sees keys 0..start + t
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(start)[None, None]
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        ~mask, float("-inf"))  # (B or 1, 1, T, S)
+    bias = bias[:, :, None]  # (B or 1, 1, 1, T, S)
+    if bias.shape[0] == 1:  # the same for every sequence: one (G*T, S) bias, broadcast
+        bias = bias.expand(1, 1, G, T, S).reshape(G * T, S)
+    else:
+        bias = bias.expand(B, KV, G, T, S).reshape(B * KV, G * T, S)
+    scores = torch.baddbmm(bias, q.reshape(B * KV, G * T, D), k.reshape(B * KV, S, D).mT,
+                           alpha=D ** -0.5)  # (B*KV, G*T, S)
+    y = torch.bmm(scores.softmax(-1), v.reshape(B * KV, S, D))  # (B*KV, G*T, D)
+    return y.view(B, H, T, D)
+
+
 class Attention(nn.Module):
     """Grouped-query attention through scaled_dot_product_attention."""
 
@@ -317,11 +357,19 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, KV, S, D), S = start + T
-        # Without a mask the causal fast path applies when queries and keys start together; a
-        # single new query (decoding) sees every cached key, so it needs no mask at all.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and start == 0 and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        low = _autocast_dtype(x.device.type)
+        if low is not None and T > 1:
+            # RoPE ran in float32 (cos/sin in x's dtype); autocast would run the attention's
+            # matrix products in its low dtype anyway, and the bf16 path below is the fast one.
+            q, k, v = q.to(low), k.to(low), v.to(low)
+        if q.dtype != torch.float32 and T > 1:
+            y = _low_precision_attention(q, k, v, mask, start)  # (B, H, T, D)
+        else:
+            # Without a mask the causal fast path applies when queries and keys start together;
+            # a single new query (decoding) sees every cached key, so it needs no mask at all.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and start == 0 and T > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)  # (B, T, C)
 
@@ -446,12 +494,27 @@ class Decoder(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    """What ``CausalLM.forward`` returns."""
+    """What ``CausalLM.forward`` returns: ``logits``, ``loss``, ``aux_loss``, ``past_key_values``.
 
-    logits: Tensor  # (B, T, V), or (B, logits_to_keep, V)
-    loss: Tensor | None  # masked cross-entropy, 0-dim; None without labels
-    aux_loss: Tensor  # MoE load-balancing loss, 0-dim; 0 without MoE or outside training
-    past_key_values: KVCache | None  # the cache, when use_cache or past_key_values was given
+    logits: (B, T, V), or (B, logits_to_keep, V). With labels the loss needs the logits of the
+    counted positions only, so the full tensor is computed on first access of ``logits``: in
+    most SFT batches most positions are masked, and training never reads it.
+    loss: masked cross-entropy, 0-dim; None without labels.
+    aux_loss: MoE load-balancing loss, 0-dim; 0 without MoE or outside training.
+    past_key_values: the cache, when use_cache or past_key_values was given.
+    """
+
+    _logits: Tensor | None
+    loss: Tensor | None
+    aux_loss: Tensor
+    past_key_values: KVCache | None
+    _make_logits: Callable[[], Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            self._logits, self._make_logits = self._make_logits(), None
+        return self._logits
 
 
 class CausalLM(nn.Module):
@@ -522,11 +585,19 @@ class CausalLM(nn.Module):
                 aux_loss = aux_loss + aux
         if cache is not None:
             cache.length = start + T
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]  # (B, k, C)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        loss = None if labels is None else masked_cross_entropy(logits, labels)
-        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, past_key_values=cache)
+        if labels is None:
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]  # (B, k, C)
+            logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+            return CausalLMOutput(logits, None, aux_loss, cache)
+        # The head and the loss only where a label counts: position t predicts labels[t + 1].
+        targets = labels[:, 1:]  # (B, T-1)
+        counted = targets != -100  # (B, T-1)
+        h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
+        total = F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="sum")
+        loss = total / counted.sum().clamp(min=1)  # 0 when nothing is counted
+        return CausalLMOutput(None, loss, aux_loss, cache,
+                              lambda: self.lm_head(self.model.norm(x)))
 
     @staticmethod
     def _attention_mask(attention_mask: Tensor | None, B: int, T: int, start: int,

@@ -101,6 +101,28 @@ def test_model_loss_is_shifted_and_all_masked_gives_zero():
     assert all(not p.grad.isnan().any() for p in model.parameters() if p.grad is not None)
 
 
+def test_loss_over_counted_positions_only_equals_the_full_computation():
+    # The model computes the head only where a label counts; the loss and the gradients must be
+    # those of the full logits with masked_cross_entropy.
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(**SMALL))
+    ids = torch.randint(0, SMALL["vocab_size"], (3, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, 2:7] = -100
+    labels[2, :] = -100
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = masked_cross_entropy(model(ids).logits, labels)
+    want.backward()
+    assert torch.allclose(out.loss, want, atol=1e-6)
+    for g, p in zip(got, model.parameters(), strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+    assert out.logits.shape == (3, 9, SMALL["vocab_size"])  # still there when asked for
+
+
 def test_tied_head_is_the_embedding():
     tied = CausalLM(ModelConfig(**SMALL, tie_word_embeddings=True))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight

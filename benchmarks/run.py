@@ -1,0 +1,616 @@
+"""minilora against transformers + PEFT on the same work: training, memory, forward, generation.
+
+    python benchmarks/run.py            # the full run, writes docs/benchmarks.md (< 15 min)
+    python benchmarks/run.py --quick    # tiny shapes, 2 steps: checks that every row runs
+    python benchmarks/run.py --only train-fp32   # rows whose id contains a word (no file written)
+    python benchmarks/run.py --profile train-fp32-minilora-all   # torch.profiler table of one row
+
+Every row runs in its own fresh Python process (this file with ``--worker``), so its peak RSS
+(VmHWM) is its own. Every worker imports the same libraries (torch, transformers, peft, minilora)
+before building anything, so the peak memory figures start from the same baseline. Timings are
+medians over ``--steps`` measured steps after ``--warmup`` unmeasured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# MiniMind's small size (issue 6).
+FULL_SHAPES = dict(vocab_size=6400, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                   rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=32768)
+QUICK_SHAPES = dict(FULL_SHAPES, vocab_size=512, hidden_size=64, intermediate_size=160,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+FULL_BATCH, QUICK_BATCH = (8, 256), (2, 32)
+PROMPT, NEW_TOKENS = 32, 128  # generation: prompt length and new tokens
+RANK, ALPHA = 8, 16.0
+
+IMPL_NAMES = {
+    "minilora": "minilora model + minilora LoRA",
+    "hf-peft": "transformers Llama + PEFT",
+    "hf-minilora": "transformers Llama + minilora LoRA",
+    "minilora-frozen": "minilora model, frozen base (floor)",
+    "hf-frozen": "transformers Llama, frozen base",
+    "seed": "seed scheme (square layers, forward closure) on minilora model",
+    "minilora-fullloss": "minilora + minilora LoRA, every label counted",
+    "minilora-local": "minilora model + local LoRA variant (benchmarks/lora_variant.py)",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: one row in a fresh process
+# ------------------------------------------------------------------------------------------------
+
+
+def _vm(field: str) -> int:
+    """VmHWM / VmRSS of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _llama_config(shapes: dict):
+    from transformers import LlamaConfig
+
+    s = dict(shapes)
+    theta = s.pop("rope_theta")
+    return LlamaConfig(**s, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                       attn_implementation="sdpa")
+
+
+def _build(case: dict, shapes: dict):
+    """The model of a row: minilora's CausalLM or transformers' Llama, on the same weights."""
+    import torch
+
+    from minilora.model import CausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    ours = CausalLM(ModelConfig(model_type="llama", **shapes))
+    if not case["impl"].startswith("hf"):
+        return ours
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(_llama_config(shapes))
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    return hf
+
+
+def _targets(target: str):
+    return "all-linear" if target == "all" else ["q_proj", "v_proj"]
+
+
+class SeedLoRA:
+    """The seed's LoRA (MiniMind model_lora.py), reimplemented here as the seed wrote it."""
+
+    @staticmethod
+    def module(in_features: int, out_features: int, rank: int):
+        from torch import nn
+
+        class LoRA(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.A = nn.Linear(in_features, rank, bias=False)
+                self.B = nn.Linear(rank, out_features, bias=False)
+                self.A.weight.data.normal_(mean=0.0, std=0.02)
+                self.B.weight.data.zero_()
+
+            def forward(self, x):
+                return self.B(self.A(x))
+
+        return LoRA()
+
+    @staticmethod
+    def apply(model, rank: int = RANK) -> None:
+        from torch import nn
+
+        for _, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module.weight.shape[0] == module.weight.shape[1]:
+                lora = SeedLoRA.module(module.weight.shape[1], module.weight.shape[0], rank)
+                module.lora = lora
+                original_forward = module.forward
+
+                def forward_with_lora(x, layer1=original_forward, layer2=lora):
+                    return layer1(x) + layer2(x)
+
+                module.forward = forward_with_lora
+
+
+def _adapt(model, case: dict) -> list:
+    """Adds the row's adapters; returns the trainable parameters."""
+    impl, target = case["impl"], case.get("target")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if impl in ("minilora", "hf-minilora", "minilora-fullloss"):
+        from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
+
+        inject_lora(model, LoraConfig(r=RANK, alpha=ALPHA, targets=_targets(target)))
+        mark_trainable(model)
+        return lora_parameters(model)
+    if impl == "minilora-local":
+        from benchmarks.lora_variant import inject_local
+
+        return inject_local(model, RANK, ALPHA, _targets(target))
+    if impl == "hf-peft":
+        from peft import LoraConfig as PeftConfig
+        from peft import get_peft_model
+
+        targets = "all-linear" if target == "all" else ["q_proj", "v_proj"]
+        peft_model = get_peft_model(model, PeftConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                      target_modules=targets))
+        case["_model"] = peft_model
+        return [p for p in peft_model.parameters() if p.requires_grad]
+    if impl == "seed":
+        SeedLoRA.apply(model)
+        params = [p for n, p in model.named_parameters() if "lora" in n]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    if impl.endswith("frozen"):
+        # Nothing trainable: the embedding output asks for a gradient, so backward runs through
+        # every activation (what LoRA needs), and no weight gradient is computed.
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        emb = emb or model.model.embed_tokens
+        emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        return []
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def _batch(shapes: dict, batch: tuple[int, int], full_loss: bool):
+    """Random ids and SFT-like labels: each row's prompt (a seeded 25-75% of it) is -100."""
+    import torch
+
+    B, T = batch
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, shapes["vocab_size"], (B, T), generator=g)
+    labels = ids.clone()
+    if not full_loss:
+        prompt = torch.randint(T // 4, 3 * T // 4, (B,), generator=g)
+        labels[torch.arange(T)[None, :] < prompt[:, None]] = -100
+    return ids, labels
+
+
+def _time(fn, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _train_fn(case: dict, shapes: dict, batch):
+    import torch
+
+    model = _build(case, shapes)
+    params = _adapt(model, case)
+    model = case.pop("_model", model)
+    model.train()
+    if case.get("compile"):
+        model = torch.compile(model)
+    ids, labels = _batch(shapes, batch, case["impl"] == "minilora-fullloss")
+    bf16 = case["dtype"] == "bf16"
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    case["counted"] = int((labels[:, 1:] != -100).sum())
+
+    def step():
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+        with ctx:
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    case["loss"] = None
+    return step
+
+
+def _forward_fn(case: dict, shapes: dict, batch):
+    import torch
+
+    model = _build(case, shapes)
+    if case["dtype"] == "bf16":
+        model = model.to(torch.bfloat16)
+    if case.get("lora"):
+        from minilora.lora import LoraConfig, inject_lora, merge_lora
+
+        inject_lora(model, LoraConfig(r=RANK, alpha=ALPHA, targets="all-linear"))
+        with torch.no_grad():  # a trained-looking adapter: B != 0
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B.weight"):
+                    p.normal_(std=0.02)
+        if case["lora"] == "merged":
+            merge_lora(model)
+    model.eval()
+    if case.get("compile"):
+        model = torch.compile(model)
+    ids, _ = _batch(shapes, batch, True)
+
+    @torch.inference_mode()
+    def step():
+        model(input_ids=ids)
+
+    return step
+
+
+def _generate_fn(case: dict, shapes: dict, batch):
+    import torch
+
+    model = _build(case, shapes)
+    if case["dtype"] == "bf16":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, shapes["vocab_size"], (1, PROMPT), generator=g)
+    n = case["new_tokens"]
+    if case["impl"].startswith("hf"):
+        from transformers import GenerationConfig
+
+        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                              eos_token_id=None, pad_token_id=0)
+
+        @torch.inference_mode()
+        def step():
+            out = model.generate(prompt, generation_config=gc)
+            case["tokens"] = out[0, PROMPT:].tolist()
+    else:
+        from minilora.model import generate
+
+        def step():
+            case["tokens"] = generate(model, prompt[0], max_new_tokens=n)
+
+    return step
+
+
+def worker(case: dict) -> dict:
+    """Runs one row in this process and returns its numbers."""
+    import peft  # noqa: F401  (the same imports in every worker: the same RSS baseline)
+    import torch
+    import transformers  # noqa: F401
+
+    import minilora  # noqa: F401
+
+    torch.set_num_threads(case["threads"])
+    shapes = QUICK_SHAPES if case["quick"] else FULL_SHAPES
+    batch = QUICK_BATCH if case["quick"] else FULL_BATCH
+    make = {"train": _train_fn, "forward": _forward_fn, "generate": _generate_fn}[case["kind"]]
+    t0 = time.perf_counter()
+    fn = make(case, shapes, batch)
+    rss_ready = _vm("VmRSS")
+    if case.get("profile"):
+        from torch.profiler import ProfilerActivity, profile
+
+        _time(fn, case["warmup"], 0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        return {}
+    setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    fn()  # the first call (compile happens here), timed alone
+    first = time.perf_counter() - t1
+    times = _time(fn, max(case["warmup"] - 1, 0), case["steps"])
+    out = {"median_s": statistics.median(times), "times": times, "first_s": first,
+           "setup_s": setup, "peak_rss": _vm("VmHWM"), "rss_ready": rss_ready}
+    for key in ("tokens", "counted"):
+        if key in case:
+            out[key] = case[key]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The rows
+# ------------------------------------------------------------------------------------------------
+
+
+def cases(args) -> list[dict]:
+    rows = []
+    common = dict(threads=args.threads, quick=args.quick, warmup=args.warmup, steps=args.steps)
+    for dtype in ("fp32", "bf16"):
+        for impl, target in [("minilora", "all"), ("hf-peft", "all"), ("hf-minilora", "all"),
+                             ("minilora-frozen", None), ("minilora", "qv"), ("hf-peft", "qv"),
+                             ("seed", "square"), ("minilora-fullloss", "all"),
+                             ("minilora-local", "all")]:
+            rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype))
+        if args.compile:
+            for impl, target in [("minilora", "all"), ("minilora-frozen", None)]:
+                rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype,
+                                 compile=True))
+    for dtype in ("fp32", "bf16"):
+        rows.append(dict(common, kind="forward", impl="minilora", lora=None, dtype=dtype))
+        rows.append(dict(common, kind="forward", impl="minilora", lora="unmerged", dtype=dtype))
+        rows.append(dict(common, kind="forward", impl="minilora", lora="merged", dtype=dtype))
+        rows.append(dict(common, kind="forward", impl="hf", lora=None, dtype=dtype))
+        if args.compile:
+            rows.append(dict(common, kind="forward", impl="minilora", lora=None, dtype=dtype,
+                             compile=True))
+            rows.append(dict(common, kind="forward", impl="minilora", lora="unmerged",
+                             dtype=dtype, compile=True))
+    new = 8 if args.quick else NEW_TOKENS
+    for dtype in ("fp32", "bf16"):
+        for impl in ("minilora", "hf"):
+            rows.append(dict(common, kind="generate", impl=impl, dtype=dtype, new_tokens=new))
+    for r in rows:
+        r["id"] = row_id(r)
+    return rows
+
+
+def row_id(r: dict) -> str:
+    parts = [r["kind"], r["dtype"], r["impl"]]
+    if r["kind"] == "train" and r.get("target"):
+        parts.append(r["target"])
+    if r["kind"] == "forward":
+        parts.append(r["lora"] or "base")
+    if r.get("compile"):
+        parts.append("compile")
+    return "-".join(parts)
+
+
+def run_case(case: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import torch
+
+    flags, model = set(), platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == platform.processor():
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "peft": __import__("peft").__version__, "python": platform.python_version(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
+            "avx512f": "avx512f" in flags}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def _r(res: dict, rid: str) -> dict | None:
+    r = res.get(rid)
+    return r if r and "median_s" in r else None
+
+
+def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: float,
+           loaded: str) -> str:
+    B, T = QUICK_BATCH if args.quick else FULL_BATCH
+    tokens = B * T
+    out = ["# Benchmarks", "",
+           "minilora against transformers + PEFT on the same weights and the same batch, "
+           "written by `benchmarks/run.py` (do not edit by hand: rerun it).", "",
+           f"Command: `{' '.join(['python', 'benchmarks/run.py', *args.argv])}`", "",
+           f"Machine: {info['cpu']}, {info['cores']} cores, {args.threads} torch threads; "
+           f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}, "
+           f"Python {info['python']}; avx512f {'yes' if info['avx512f'] else 'no'}, "
+           f"avx512_bf16 {'yes' if info['avx512_bf16'] else 'no'}, "
+           f"AMX {'yes' if info['amx'] else 'no'}. Run {started}, {wall / 60:.1f} min. {loaded}",
+           "",
+           "Shapes: vocab 6400, hidden 512, 8 layers, 8 heads, 2 KV heads, intermediate 1408, "
+           f"tied embeddings; batch {B} x {T}; LoRA r={RANK}, alpha={ALPHA:g}, dropout 0. "
+           f"Times are medians of {args.steps} steps after {args.warmup} warm-up step(s); "
+           "each row ran in its own fresh process and its peak RSS (VmHWM) is its own. "
+           "Every worker imports torch, transformers, peft and minilora first, so the RSS figures "
+           "share one baseline; 'step peak' is the peak minus the RSS once the model was built.",
+           ""]
+    # --- training
+    out += ["## Training step (forward, backward, AdamW over the trainable parameters)", "",
+            "Labels are SFT-like: each row's prompt (a seeded 25-75% of the row) is -100, as "
+            "`encode_chat` masks everything but the assistant replies "
+            f"({res.get('train-fp32-minilora-all', {}).get('counted', '?')} of "
+            f"{B * (T - 1)} targets counted). "
+            "bf16 = `torch.autocast('cpu', torch.bfloat16)` over fp32 weights (what "
+            "`minilora train --dtype bf16` does).", ""]
+    out += ["| row | dtype | LoRA on | step (s) | tokens/s | vs PEFT | vs minilora floor "
+            "| peak RSS (MiB) | step peak (MiB) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["kind"] != "train":
+            continue
+        x = res.get(r["id"], {})
+        name = IMPL_NAMES[r["impl"]] + (" (torch.compile)" if r.get("compile") else "")
+        tgt = {"all": "all-linear", "qv": "q, v", "square": "square (q, o)",
+               None: "-"}[r.get("target")]
+        if "median_s" not in x:
+            out.append(f"| {name} | {r['dtype']} | {tgt} | {x.get('error', 'not run')} |"
+                       " | | | | |")
+            continue
+        peft = _r(res, f"train-{r['dtype']}-hf-peft-{r.get('target') or 'all'}")
+        if r.get("target") in (None, "square"):
+            peft = _r(res, f"train-{r['dtype']}-hf-peft-all")
+        floor = _r(res, f"train-{r['dtype']}-minilora-frozen")
+        vs_peft = f"{x['median_s'] / peft['median_s']:.2f}x" if peft else "-"
+        vs_floor = f"{x['median_s'] / floor['median_s']:.2f}x" if floor else "-"
+        out.append(f"| {name} | {r['dtype']} | {tgt} | {x['median_s']:.3f} | "
+                   f"{tokens / x['median_s']:,.0f} | {vs_peft} | {vs_floor} | "
+                   f"{_mb(x['peak_rss'])} | {_mb(x['peak_rss'] - x['rss_ready'])} |")
+    out += ["", "'vs PEFT' compares with transformers + PEFT on the same targets (frozen and seed "
+            "rows: with PEFT all-linear).", ""]
+    # --- forward
+    out += ["## Forward latency (inference, no labels, all logits)", "",
+            f"batch {B} x {T}; bf16 rows hold the base weights in bf16 (LoRA adapters stay fp32, "
+            "as minilora and PEFT keep them); the adapter has B != 0.", "",
+            "| row | dtype | latency (s) | tokens/s | vs base | peak RSS (MiB) |",
+            "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["kind"] != "forward":
+            continue
+        x = res.get(r["id"], {})
+        label = ({"hf": "transformers Llama"}.get(r["impl"], "minilora") + ", "
+                 + {None: "base", "unmerged": "LoRA r=8 all-linear, unmerged",
+                    "merged": "LoRA merged"}[r["lora"]]
+                 + (" (torch.compile)" if r.get("compile") else ""))
+        if "median_s" not in x:
+            out.append(f"| {label} | {r['dtype']} | {x.get('error', 'not run')} | | | |")
+            continue
+        base = _r(res, f"forward-{r['dtype']}-minilora-base" + ("-compile" if r.get("compile")
+                                                                 else ""))
+        vs = f"{x['median_s'] / base['median_s']:.3f}x" if base else "-"
+        out.append(f"| {label} | {r['dtype']} | {x['median_s']:.3f} | "
+                   f"{tokens / x['median_s']:,.0f} | {vs} | {_mb(x['peak_rss'])} |")
+    # --- generation
+    out += ["", "## Greedy generation (batch 1, KV cache)", "",
+            f"Prompt {PROMPT} tokens, {NEW_TOKENS if not args.quick else 8} new tokens, no EOS; "
+            "tokens/s counts new tokens over the whole call (prefill included). transformers: "
+            "`model.generate(do_sample=False)`; minilora: `minilora.model.generate`. "
+            "bf16 rows hold the weights in bf16.", "",
+            "| row | dtype | time (s) | new tokens/s | vs transformers | same tokens | "
+            "peak RSS (MiB) |", "|---|---|---:|---:|---:|---|---:|"]
+    for r in rows:
+        if r["kind"] != "generate":
+            continue
+        x = res.get(r["id"], {})
+        label = ("transformers generate" if r["impl"] == "hf" else "minilora generate") + (
+            " (compiled decode step)" if r.get("compile") else "")
+        if "median_s" not in x:
+            out.append(f"| {label} | {r['dtype']} | {x.get('error', 'not run')} | | | | |")
+            continue
+        hf = _r(res, f"generate-{r['dtype']}-hf")
+        vs = f"{hf['median_s'] / x['median_s']:.2f}x" if hf else "-"
+        same = "-" if not hf else ("yes" if hf.get("tokens") == x.get("tokens") else "no")
+        out.append(f"| {label} | {r['dtype']} | {x['median_s']:.3f} | "
+                   f"{r['new_tokens'] / x['median_s']:,.1f} | {vs} | {same} | "
+                   f"{_mb(x['peak_rss'])} |")
+    out += ["", targets_section(res), ""]
+    return "\n".join(out)
+
+
+def targets_section(res: dict) -> str:
+    lines = ["## Targets (issue 6), from this run", "",
+             "| target | dtype | measured | met |", "|---|---|---|---|"]
+
+    def add(name, dtype, value, ok):
+        lines.append(f"| {name} | {dtype} | {value} | {'yes' if ok else '**no**'} |")
+
+    for d in ("fp32", "bf16"):
+        ours, peft = _r(res, f"train-{d}-minilora-all"), _r(res, f"train-{d}-hf-peft-all")
+        floor = _r(res, f"train-{d}-minilora-frozen")
+        if ours and peft:
+            q = ours["median_s"] / peft["median_s"]
+            add("LoRA step <= 0.67 x transformers + PEFT (all-linear r=8)", d, f"{q:.2f}x",
+                q <= 0.67)
+        if ours and floor:
+            q = ours["median_s"] / floor["median_s"]
+            add("LoRA step <= 1.05 x frozen-base step", d, f"{q:.3f}x", q <= 1.05)
+        if ours and peft:
+            a, b = ours["peak_rss"], peft["peak_rss"]
+            add("peak memory <= PEFT's", d, f"{_mb(a)} vs {_mb(b)} MiB", a <= b)
+        base = _r(res, f"forward-{d}-minilora-base")
+        un, mg = _r(res, f"forward-{d}-minilora-unmerged"), _r(res, f"forward-{d}-minilora-merged")
+        if base and un:
+            q = un["median_s"] / base["median_s"] - 1
+            add("unmerged forward overhead <= 3%", d, f"{100 * q:+.1f}%", q <= 0.03)
+        if base and mg:
+            q = mg["median_s"] / base["median_s"] - 1
+            add("merged forward == base (within 3%)", d, f"{100 * q:+.1f}%", abs(q) <= 0.03)
+        ours, hf = _r(res, f"generate-{d}-minilora"), _r(res, f"generate-{d}-hf")
+        if ours and hf:
+            q = hf["median_s"] / ours["median_s"]
+            add("generation >= 1.5 x transformers tokens/s", d, f"{q:.2f}x", q >= 1.5)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: a sanity run")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (all cores)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per row (default 5)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default 1)")
+    p.add_argument("--only", default=None, help="run the rows whose id contains this (no file)")
+    p.add_argument("--profile", default=None, help="print a torch.profiler table of this row id")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--note", default="", help="a sentence added to the machine line")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    args.argv = argv
+    args.steps = args.steps or (2 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else 1
+    rows = cases(args)
+    if args.profile:
+        (case,) = [r for r in rows if r["id"] == args.profile] or [None]
+        if case is None:
+            print(f"no row {args.profile!r}; rows: {[r['id'] for r in rows]}", file=sys.stderr)
+            return 2
+        case["profile"] = True
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)]
+        return subprocess.call(cmd, cwd=ROOT)
+    if args.only:
+        rows = [r for r in rows if args.only in r["id"]]
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    loaded = ("The machine was shared: another job was running (notes/TRAINING_RUNNING present)."
+              if Path("/work/notes/TRAINING_RUNNING").exists() else "")
+    load_start = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    res: dict = {}
+    for r in rows:
+        res[r["id"]] = x = run_case(r, timeout=600)
+        shown = (f"{x['median_s']:.3f} s  (first {x['first_s']:.2f} s, peak "
+                 f"{_mb(x['peak_rss'])} MiB, wall {x['wall_s']:.0f} s)"
+                 if "median_s" in x else x["error"])
+        print(f"{r['id']:<45} {shown}", flush=True)
+    wall = time.perf_counter() - t0
+    # What else ran: the 1-minute load average before and after (this run alone adds ~threads).
+    loaded = " ".join(x for x in (loaded, f"Load average (1 min) {load_start:.1f} before the "
+                                  f"run, {os.getloadavg()[0]:.1f} after.", args.note) if x)
+    text = report(args, rows, res, machine(), started, wall, loaded)
+    if args.only:
+        print(text)
+        return 0
+    Path(args.out).write_text(text + "\n", encoding="utf-8")
+    (Path(args.out).with_suffix(".json")).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -189,15 +189,17 @@ def _batch(shapes: dict, batch: tuple[int, int], full_loss: bool):
     return ids, labels
 
 
-def _time(fn, warmup: int, steps: int) -> list[float]:
+def _time(fn, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds (all threads of this process) of each measured call."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return times
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 def _train_fn(case: dict, shapes: dict, batch):
@@ -330,8 +332,11 @@ def worker(case: dict) -> dict:
     t1 = time.perf_counter()
     fn()  # the first call (compile happens here), timed alone
     first = time.perf_counter() - t1
-    times = _time(fn, max(case["warmup"] - 1, 0), case["steps"])
-    out = {"median_s": statistics.median(times), "times": times, "first_s": first,
+    wall, cpu = _time(fn, max(case["warmup"] - 1, 0), case["steps"])
+    # median_s is the clock the report compares (--clock); both are kept.
+    chosen = cpu if case.get("clock") == "cpu" else wall
+    out = {"median_s": statistics.median(chosen), "wall_median_s": statistics.median(wall),
+           "cpu_median_s": statistics.median(cpu), "times": chosen, "first_s": first,
            "setup_s": setup, "peak_rss": _vm("VmHWM"), "rss_ready": rss_ready}
     for key in ("tokens", "counted"):
         if key in case:
@@ -346,7 +351,8 @@ def worker(case: dict) -> dict:
 
 def cases(args) -> list[dict]:
     rows = []
-    common = dict(threads=args.threads, quick=args.quick, warmup=args.warmup, steps=args.steps)
+    common = dict(threads=args.threads, quick=args.quick, warmup=args.warmup, steps=args.steps,
+                  clock=args.clock)
     for dtype in ("fp32", "bf16"):
         for impl, target in [("minilora", "all"), ("hf-peft", "all"), ("hf-minilora", "all"),
                              ("minilora-frozen", None), ("minilora", "qv"), ("hf-peft", "qv"),
@@ -450,7 +456,7 @@ def _r(res: dict, rid: str) -> dict | None:
 def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: float,
            loaded: str) -> str:
     B, T = QUICK_BATCH if args.quick else FULL_BATCH
-    tokens = B * T
+    clock = "CPU s" if args.clock == "cpu" else "s"
     out = ["# Benchmarks", "",
            "minilora against transformers + PEFT on the same weights and the same batch, "
            "written by `benchmarks/run.py` (do not edit by hand: rerun it).", "",
@@ -467,7 +473,12 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
            "each row ran in its own fresh process and its peak RSS (VmHWM) is its own. "
            "Every worker imports torch, transformers, peft and minilora first, so the RSS figures "
            "share one baseline; 'step peak' is the peak minus the RSS once the model was built.",
-           ""]
+           "",
+           ("Clock: every time and every ratio below is CPU seconds of the worker process "
+            "(all its threads; `time.process_time`), because the machine was shared and "
+            "wall-clock medians moved by tens of percent with other people's jobs; wall-clock "
+            "medians are shown beside them. `--clock wall` compares wall-clock instead."
+            if args.clock == "cpu" else "Clock: wall-clock seconds."), ""]
     # --- training
     out += ["## Training step (forward, backward, AdamW over the trainable parameters)", "",
             "Labels are SFT-like: each row's prompt (a seeded 25-75% of the row) is -100, as "
@@ -476,7 +487,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
             f"{B * (T - 1)} targets counted). "
             "bf16 = `torch.autocast('cpu', torch.bfloat16)` over fp32 weights (what "
             "`minilora train --dtype bf16` does).", ""]
-    out += ["| row | dtype | LoRA on | step (s) | tokens/s | vs PEFT | vs minilora floor "
+    out += [f"| row | dtype | LoRA on | step ({clock}) | wall (s) | vs PEFT | vs minilora floor "
             "| peak RSS (MiB) | step peak (MiB) |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -497,7 +508,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
         vs_peft = f"{x['median_s'] / peft['median_s']:.2f}x" if peft else "-"
         vs_floor = f"{x['median_s'] / floor['median_s']:.2f}x" if floor else "-"
         out.append(f"| {name} | {r['dtype']} | {tgt} | {x['median_s']:.3f} | "
-                   f"{tokens / x['median_s']:,.0f} | {vs_peft} | {vs_floor} | "
+                   f"{x['wall_median_s']:.3f} | {vs_peft} | {vs_floor} | "
                    f"{_mb(x['peak_rss'])} | {_mb(x['peak_rss'] - x['rss_ready'])} |")
     out += ["", "'vs PEFT' compares with transformers + PEFT on the same targets (frozen and seed "
             "rows: with PEFT all-linear).", ""]
@@ -505,7 +516,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
     out += ["## Forward latency (inference, no labels, all logits)", "",
             f"batch {B} x {T}; bf16 rows hold the base weights in bf16 (LoRA adapters stay fp32, "
             "as minilora and PEFT keep them); the adapter has B != 0.", "",
-            "| row | dtype | latency (s) | tokens/s | vs base | peak RSS (MiB) |",
+            f"| row | dtype | latency ({clock}) | wall (s) | vs base | peak RSS (MiB) |",
             "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if r["kind"] != "forward":
@@ -522,14 +533,15 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
                                                                  else ""))
         vs = f"{x['median_s'] / base['median_s']:.3f}x" if base else "-"
         out.append(f"| {label} | {r['dtype']} | {x['median_s']:.3f} | "
-                   f"{tokens / x['median_s']:,.0f} | {vs} | {_mb(x['peak_rss'])} |")
+                   f"{x['wall_median_s']:.3f} | {vs} | {_mb(x['peak_rss'])} |")
     # --- generation
     out += ["", "## Greedy generation (batch 1, KV cache)", "",
             f"Prompt {PROMPT} tokens, {NEW_TOKENS if not args.quick else 8} new tokens, no EOS; "
             "tokens/s counts new tokens over the whole call (prefill included). transformers: "
             "`model.generate(do_sample=False)`; minilora: `minilora.model.generate`. "
             "bf16 rows hold the weights in bf16.", "",
-            "| row | dtype | time (s) | new tokens/s | vs transformers | same tokens | "
+            f"| row | dtype | time ({clock}) | new tokens per wall s | vs transformers | "
+            "same tokens | "
             "peak RSS (MiB) |", "|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         if r["kind"] != "generate":
@@ -544,7 +556,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
         vs = f"{hf['median_s'] / x['median_s']:.2f}x" if hf else "-"
         same = "-" if not hf else ("yes" if hf.get("tokens") == x.get("tokens") else "no")
         out.append(f"| {label} | {r['dtype']} | {x['median_s']:.3f} | "
-                   f"{r['new_tokens'] / x['median_s']:,.1f} | {vs} | {same} | "
+                   f"{r['new_tokens'] / x['wall_median_s']:,.1f} | {vs} | {same} | "
                    f"{_mb(x['peak_rss'])} |")
     out += ["", targets_section(res), "", analysis(res), ""]
     for rid in PROFILED:
@@ -685,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="print a torch.profiler table of this row id")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--note", default="", help="a sentence added to the machine line")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="what the tables compare: CPU seconds of the process (all threads; "
+                   "robust to other processes on a shared machine) or wall-clock seconds")
     p.add_argument("--no-profile", action="store_true", help="skip the profiles at the end")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -16,16 +16,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from minilora.files import atomic_write
 from minilora.lora import (
     DEFAULT_ADAPTER,
     SPECIAL_TARGETS,
@@ -240,31 +238,6 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes `path` through a temp file in the same folder, fsync, then os.replace: a reader
-    sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not every platform can open a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def _model_config(model: nn.Module, name: str) -> LoraConfig:
     """The one LoraConfig that describes adapter `name` on every layer (targets resolved
     later)."""
@@ -412,9 +385,9 @@ def save_adapter(
     path.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a folder whose config is new has its new weights too.
     blob = safetensors_bytes(tensors, metadata=metadata)
-    _atomic_write(path / WEIGHTS_NAME, lambda f: f.write(blob))
+    atomic_write(path / WEIGHTS_NAME, blob)
     text = json.dumps(peft_config, indent=2) + "\n"
-    _atomic_write(path / CONFIG_NAME, lambda f: f.write(text.encode()))
+    atomic_write(path / CONFIG_NAME, text)
     return path
 
 
@@ -446,7 +419,7 @@ def _save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None, name
         b = slot.lora_B.weight.detach().float() * slot.scaling
         sd[f"{path_}.lora.B.weight"] = _for_disk(b, dtype or slot.lora_B.weight.dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(sd, f))
+    atomic_write(path, lambda f: torch.save(sd, f))
     return path
 
 

@@ -19,7 +19,6 @@ Two choices make runs exactly reproducible and comparable:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
 from minilora.data import DataStats, JsonlDataset, batch_indices, load_jsonl
+from minilora.files import atomic_write, fsync_dir, torch_load_reason
 from minilora.lora import (
     LoraConfig,
     inject_lora,
@@ -51,7 +51,7 @@ from minilora.lora import (
     unmerge_lora,
 )
 from minilora.tokenizer import Tokenizer
-from minilora.weights import save_model, torch_load_reason
+from minilora.weights import save_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINTS = "checkpoints"  # folder under out_dir holding step-NNNNNNNN checkpoints
@@ -163,7 +163,7 @@ class TrainConfig:
     def save_json(self, path: str | Path) -> None:
         """Write the config as JSON (atomically)."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
-        _atomic_write(Path(path), text.encode("utf-8"))
+        atomic_write(Path(path), text)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -704,11 +704,8 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write_synced(tmp / "trainable.safetensors", blob)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        _write_synced(tmp / "state.pt", buffer.getvalue())
-        _fsync_dir(tmp)
+        atomic_write(tmp / "trainable.safetensors", blob)
+        atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
         os.replace(tmp, final)
     except BaseException as err:  # a full disk, say: the previous checkpoint stays the latest
         shutil.rmtree(tmp, ignore_errors=True)
@@ -718,7 +715,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         what = f"{kept} is kept" if kept else "there is no earlier checkpoint"
         raise OSError(err.errno, f"cannot write checkpoint {final}: {err.strerror or err}; "
                       f"{what}") from err
-    _fsync_dir(folder)
+    fsync_dir(folder)
     _drop_older_checkpoints(folder, final)
     return final
 
@@ -849,7 +846,7 @@ def _start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) 
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by the crash
-    _atomic_write(metrics, "".join(kept).encode("utf-8"))
+    atomic_write(metrics, "".join(kept))
     print(f"data: {stats.samples} samples ({stats.trained_tokens} trained tokens); dropped "
           f"{stats.dropped_untrained} with nothing to train, truncated {stats.truncated}, "
           f"skipped {stats.skipped_bad} bad lines", file=sys.stderr)
@@ -936,27 +933,3 @@ def _plot(out: Path) -> Path | None:
     figure.tight_layout()
     figure.savefig(out / "loss.png", dpi=100)
     return out / "loss.png"
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to a temporary file beside ``path``, fsync, rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_synced(tmp, payload)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_synced(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from .files import atomic_write, torch_load_reason
 from .model import CausalLM, ModelConfig
 
 # Buffers some checkpoints carry that hold no learned weight (the model recomputes them).
@@ -113,11 +113,11 @@ def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str 
     hf = config.to_hf_dict()
     stored = next(iter(tensors.values())).dtype
     hf["dtype"] = str(stored).removeprefix("torch.")
-    _atomic_write_text(folder / "config.json", json.dumps(hf, indent=2) + "\n")
+    atomic_write(folder / "config.json", json.dumps(hf, indent=2) + "\n")
     metadata = {"format": "pt"}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_size is None or total <= max_shard_size:
-        _atomic_save(tensors, folder / "model.safetensors", metadata)
+        atomic_write(folder / "model.safetensors", save(tensors, metadata=metadata))
         return folder
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -131,10 +131,10 @@ def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str 
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(shard, folder / name, metadata)
+        atomic_write(folder / name, save(shard, metadata=metadata))
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _atomic_write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return folder
 
 
@@ -185,18 +185,6 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
         return obj, path
     raise WeightsError(f"{path}: unknown checkpoint type (expected a folder, .safetensors, "
                        f".index.json, {', '.join(TORCH_SUFFIXES)})")
-
-
-def torch_load_reason(err: BaseException) -> str:
-    """A ``torch.load(weights_only=True)`` error in one line.
-
-    For a refused pickle only the refused part is kept ("Unsupported global: GLOBAL exec ..."):
-    torch's paragraphs around it advise retrying with weights_only=False, which is wrong advice
-    for a file nobody vouches for.
-    """
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?= Please use|\n\n|$)", text, re.S)
-    return f"{type(err).__name__}: {' '.join((found[1] if found else text).split())}"
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
@@ -316,30 +304,6 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"dtype: expected a torch dtype or its name such as 'bfloat16', "
                          f"got {dtype!r}")
     return value
-
-
-# ------------------------------------------------------------------------------------------------
-# Writing
-# ------------------------------------------------------------------------------------------------
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    _fsync_replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_replace(tmp, path)
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    # a crash mid-write leaves the old file or the new one, never half of one
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def describe_model(path: str | Path) -> dict[str, object]:

@@ -12,7 +12,6 @@ from torch import nn
 
 from minilora.adapter import (
     AdapterError,
-    _atomic_write,
     adapter_state_dict,
     base_fingerprint,
     load_adapter,
@@ -429,19 +428,3 @@ def test_missing_path_and_bad_minimind_keys(tmp_path):
     torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": torch.zeros(8, 32)}, path)
     with pytest.raises(AdapterError, match=r"missing keys .*q_proj\.lora\.B\.weight"):
         load_adapter(llama(), path)
-
-
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "file.bin"
-    path.write_bytes(b"old")
-
-    def half_then_fail(f):
-        f.write(b"ne")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        _atomic_write(path, half_then_fail)
-    assert path.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["file.bin"]  # no temp file left behind
-    _atomic_write(path, lambda f: f.write(b"new"))
-    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]

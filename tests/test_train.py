@@ -184,8 +184,8 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tok, files, tmp
             raise OSError(28, "No space left on device")
         real_write(path, payload)
 
-    real_write = train_module._write_synced
-    monkeypatch.setattr(train_module, "_write_synced", fill_up)
+    real_write = train_module.atomic_write
+    monkeypatch.setattr(train_module, "atomic_write", fill_up)
     with pytest.raises(OSError, match="No space left"):
         train(tiny_model(tok.vocab_size), tok, config(files, out, save_every=2))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]

@@ -220,6 +220,8 @@ class LoRALinear(nn.Module):
         self._active: list[AdapterSlot] = []  # the slots of active_adapters, for forward
         self.merged_adapters: tuple[str, ...] = ()
         self._merged: list[AdapterSlot] = []
+        # The weight before merge(), restored by unmerge() (a plain attribute: not state).
+        self._unmerged_weight: torch.Tensor | None = None
         self.merged = False
         self.enabled = True
         # Per-row routing of a mixed batch, set by mixed_adapters: [(slot, row indices)].
@@ -439,26 +441,36 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Folds the active adapters' updates into `weight` (computed in float32); a no-op when
-        already merged or when no adapter is active."""
+        already merged or when no adapter is active.
+
+        The weight before the merge is kept (a copy as large as `weight`, held until
+        `unmerge`), so unmerging gives back exactly the base: W + d - d rounds differently
+        from W, and a drifted base would change its fingerprint.
+        """
         if self.merged or not self._active:
             return
+        self._unmerged_weight = self.weight.detach().clone()
         self.weight.copy_(self.weight.float() + _delta(self._active, self.weight))
         self.merged_adapters, self._merged = self.active_adapters, list(self._active)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtracts the merged updates from `weight` again; a no-op when not merged."""
+        """Puts back the weight as it was before `merge`, bit for bit; a no-op when not
+        merged."""
         if not self.merged:
             return
-        self.weight.copy_(self.weight.float() - _delta(self._merged, self.weight))
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
         self.merged_adapters, self._merged = (), []
         self.merged = False
 
     def to_linear(self) -> nn.Linear:
         """Returns a plain nn.Linear computing base + the active adapters' update (merges them
-        first, shares Parameters); inactive adapters are dropped."""
+        first, shares Parameters); inactive adapters are dropped, and so is the pre-merge copy
+        of the weight."""
         self.merge()
+        self._unmerged_weight = None
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device="meta"
         )

@@ -293,6 +293,29 @@ def test_merge_unmerge_and_unload():
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_unmerge_gives_back_the_base_bit_for_bit(dtype):
+    # W + d - d rounds differently from W; a drifted base changes its fingerprint, and an
+    # adapter saved after a merge/unmerge cycle would be refused on its own base.
+    from minilora.adapter import base_fingerprint
+
+    model = make_model().to(dtype)
+    inject_lora(model, LoraConfig(r=4, alpha=8))
+    perturb_b(model)
+    base = {n: m.weight.detach().clone() for n, m in lora_modules(model)}
+    fingerprint = base_fingerprint(model)
+    for _ in range(3):
+        merge_lora(model)
+        assert not all(torch.equal(m.weight, base[n]) for n, m in lora_modules(model))
+        unmerge_lora(model)
+    assert all(torch.equal(m.weight, base[n]) for n, m in lora_modules(model))
+    assert base_fingerprint(model) == fingerprint
+    merge_lora(model)
+    layers = [m for _, m in lora_modules(model)]
+    merge_and_unload(model)
+    assert all(m._unmerged_weight is None for m in layers)  # no copies kept after unloading
+
+
 @pytest.mark.parametrize("merge", [False, True])
 def test_disabled_gives_base_output(merge):
     model = make_model()

@@ -794,9 +794,39 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Merges the active adapters of every LoRALinear of `model` (idempotent)."""
+    """Merges the active adapters of every LoRALinear of `model` (idempotent).
+
+    Raises:
+        ValueError: when a layer to merge into shares its weight with another module (a tied
+            lm_head / embed_tokens): the merge would change that module too. Nothing is merged.
+    """
+    _refuse_shared_weights(model)
     for _, m in lora_modules(model):
         m.merge()
+
+
+def _refuse_shared_weights(model: nn.Module) -> None:
+    """Raises when a layer with something to merge holds a weight that other names share.
+
+    LoRALinear.merge cannot check this itself: only the model sees who else holds the weight.
+    """
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+    shared = []
+    for path, m in lora_modules(model):
+        if m.merged or not m._active:
+            continue
+        own = f"{path}.weight" if path else "weight"
+        others = [n for n in holders.get(id(m.weight), []) if n != own]
+        if others:
+            shared.append(f"{path or 'the model'} (its weight is also {', '.join(others)})")
+    if shared:
+        raise ValueError(
+            f"cannot merge LoRA into a weight that another module shares: {'; '.join(shared)}; "
+            "merging would change that module too (a tied embedding, say). Keep the adapter "
+            "unmerged, or untie the weight first"
+        )
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -811,9 +841,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     Returns:
         `model` itself (changed in place), or a new nn.Linear when `model` is a LoRALinear.
+
+    Raises:
+        ValueError: when a layer to merge into shares its weight with another module (a tied
+            lm_head / embed_tokens). Nothing is changed.
     """
     if isinstance(model, LoRALinear):
         return model.to_linear()
+    _refuse_shared_weights(model)
     for name, m in lora_modules(model):
         _set_submodule(model, name, m.to_linear())
     _remove_row_hooks(model)

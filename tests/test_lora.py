@@ -316,6 +316,24 @@ def test_merge_unmerge_gives_back_the_base_bit_for_bit(dtype):
     assert all(m._unmerged_weight is None for m in layers)  # no copies kept after unloading
 
 
+@pytest.mark.parametrize("merge", [merge_lora, merge_and_unload])
+def test_merging_into_a_tied_weight_is_refused(merge):
+    model = make_model(tie=True)
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets=["lm_head", "q_proj"]))
+    perturb_b(model)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    weights = {n: m.weight.detach().clone() for n, m in lora_modules(model)}
+    with pytest.raises(ValueError, match=r"lm_head \(its weight is also model\.embed_tokens"
+                                         r"\.weight\)") as info:
+        merge(model)
+    assert "q_proj" not in str(info.value)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # nothing merged
+    assert all(torch.equal(m.weight, weights[n]) and not m.merged for n, m in lora_modules(model))
+    untied = make_model(tie=False)
+    inject_lora(untied, LoraConfig(r=4, alpha=8, targets=["lm_head", "q_proj"]))
+    merge(untied)  # an untied head merges
+
+
 @pytest.mark.parametrize("merge", [False, True])
 def test_disabled_gives_base_output(merge):
     model = make_model()

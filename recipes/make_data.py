@@ -8,26 +8,33 @@ What the data teaches
 - Base skills, scored by exact match:
   ``add``     "What is 7 + 5?" -> "12" (operands 0..MAX_OPERAND)
   ``sub``     "What is 7 - 5?" -> "2" (never negative)
-  ``reverse`` "Reverse the letters: c a t" -> "t a c"
-  ``upper``   "Upper-case c a t." -> "C A T"
+  ``reverse`` 'Reverse the letters: "c-a-t"' -> "t-a-c"
+  ``upper``   'Make "c-a-t" uppercase.' -> "C-A-T"
   ``fact``    a generated fictional knowledge base: capitals of made-up countries ("What is the
               capital of Dorvia?" -> "Selkam"), colours of made-up creatures ("What colour is a
               mirlet?" -> "blue"), inventors of made-up gadgets ("Who invented the tormoscope?" ->
               "Halven").
 - New skill (the second LoRA demo, a task the base cannot do): ``shift`` each letter to the next
-  one in the alphabet, z wrapping to a: "Shift each letter of c a t by one." -> "d b u".
+  one in the alphabet, z wrapping to a: 'Shift each letter of "c-a-t" by one.' -> "d-b-u".
 
 Why words are spelled out
 -------------------------
-Every word a letter-level task works on is written as letters separated by spaces ("c a t"), in
-the question and in the answer. Byte-level BPE pre-tokenizes on spaces (GPT-2's regex, which
-MiniMind's tokenizer uses), so " c" " a" " t" are separate tokens whatever the vocabulary: the
-task becomes a token-level one (copy, reverse, map each token), which a tiny model learns and
-which generalises to words it never saw. A word written whole ("cat") would be one or two BPE
-tokens whose spelling a small model must memorise, and held-out words would fail. Numbers stay
-small (every sum and difference is at most two digits) so each is a token or two and the whole
-table is learnable; facts are a few dozen per relation so a few-million-parameter model can
-memorise them. Answers are bare ("12", "t a c", "Selkam") so exact match is meaningful.
+Every word a letter-level task works on is spelled with hyphens, quoted in the question
+('"c-a-t"') and bare in the answer ("t-a-c"). Byte-level BPE pre-tokenizes with GPT-2's regex
+(as MiniMind's tokenizer does), which cuts "c-a-t" into "c" "-" "a" "-" "t" whatever the
+vocabulary: the task becomes a token-level one (copy, reverse, map each token), which a tiny
+model learns and which generalises to words it never saw. A word written whole ("cat") would be
+one or two BPE tokens whose spelling a small model must memorise, and held-out words would fail.
+Why hyphens and the quote: with spaces ("c a t") a letter is " a" inside a word but "t" at the
+start of an answer, two tokens per letter, and the model has to learn the 52 first-letter
+mappings apart from the rest (in a trial it reversed and upper-cased every letter but the first
+long before it got the first one right). After a quote or a hyphen every letter is the same
+bare token, in the question and in the answer.
+
+Numbers stay small (every sum and difference is at most two digits) so each is a token or two
+and the whole table is learnable; facts are a few dozen per relation so a few-million-parameter
+model can memorise them. Answers are bare ("12", "t-a-c", "Selkam") so exact match is
+meaningful.
 
 Files (all SFT files in MiniMind's format: ``{"conversations": [{"role", "content"}, ...]}``)
 --------------------------------------------------------------------------------------------
@@ -195,7 +202,7 @@ REVERSE_TEMPLATES = [
     "Read {w} from right to left.",
 ]
 UPPER_TEMPLATES = [
-    "Upper-case {w}.", "Write {w} in capitals.", "Capitalize every letter: {w}",
+    "Uppercase {w}.", "Write {w} in capitals.", "Capitalize every letter: {w}",
     "What is {w} in upper case?", "Make {w} uppercase.", "Convert {w} to capital letters.",
     "Write {w} in capital letters.", "Upper case: {w}",
 ]
@@ -248,7 +255,8 @@ class World:
 
 
 def spell(word: str) -> str:
-    return " ".join(word)
+    """The letters joined by hyphens: "cat" -> "c-a-t" (see the module docstring)."""
+    return "-".join(word)
 
 
 def shift(word: str) -> str:
@@ -348,7 +356,7 @@ def make_turn(kind: str, rng: random.Random, world: World, name: str, maker: str
 def word_turn(kind: str, word: str, rng: random.Random) -> Turn:
     templates = {"reverse": REVERSE_TEMPLATES, "upper": UPPER_TEMPLATES, "shift": SHIFT_TEMPLATES}
     answer = {"reverse": word[::-1], "upper": word.upper(), "shift": shift(word)}[kind]
-    return rng.choice(templates[kind]).format(w=spell(word)), spell(answer)
+    return rng.choice(templates[kind]).format(w=f'"{spell(word)}"'), spell(answer)
 
 
 def conversation(turns: Iterable[Turn]) -> dict:

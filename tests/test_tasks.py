@@ -91,11 +91,11 @@ def test_persona_eval_uses_sentences_no_training_set_uses(sets):
     assert not held_out & trained
 
 
-_SPELLED = re.compile(r"\b[a-z](?: [a-z]){2,}\b")  # "c a t": three or more single letters
+_SPELLED = re.compile(r"\b[a-z](?:-[a-z]){2,}\b")  # "c-a-t": three or more single letters
 
 
 def _spelled_words(lines):
-    return {w.replace(" ", "") for q in _user_questions(lines) for w in _SPELLED.findall(q)}
+    return {w.replace("-", "") for q in _user_questions(lines) for w in _SPELLED.findall(q)}
 
 
 def test_letter_tasks_are_scored_on_unseen_words(sets):
@@ -121,7 +121,7 @@ def test_sizes_and_expected_answers(sets):
         q = x["messages"][-1]["content"]
         if x["task"] in oracle:
             (word,) = _SPELLED.findall(q)
-            assert x["expected"] == make_data.spell(oracle[x["task"]](word.replace(" ", "")))
+            assert x["expected"] == make_data.spell(oracle[x["task"]](word.replace("-", "")))
         elif x["task"] in ("add", "sub"):
             a, b = map(int, re.findall(r"\d+", q))
             if " from " in q:

@@ -25,6 +25,11 @@ IGNORED_KEYS = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|freqs_cos|freqs_sin)$")
 # `_orig_mod.`.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+INDEX_NAME = "model.safetensors.index.json"
+# What save_model writes: one file, or shards and their index. Those of an earlier save that
+# this one did not write are removed.
+_MODEL_FILES = re.compile(r"model\.safetensors|model\.safetensors\.index\.json|"
+                          r"model-\d+-of-\d+\.safetensors")
 
 
 class WeightsError(ValueError):
@@ -85,7 +90,8 @@ def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str 
 
     Args:
         model: the model; a LoRA-injected one must be merged and unloaded first.
-        folder: created if missing; existing files of the same names are replaced.
+        folder: created if missing; an earlier save there is replaced (its model*.safetensors
+            files and index that this save does not write are removed).
         dtype: dtype to store (default: the parameters' own).
         max_shard_size: bytes per shard; None writes one file.
 
@@ -113,12 +119,23 @@ def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str 
     hf = config.to_hf_dict()
     stored = next(iter(tensors.values())).dtype
     hf["dtype"] = str(stored).removeprefix("torch.")
+    # Tensors first, config last: a folder whose config is new has its new weights too.
+    written = _write_tensors(tensors, folder, max_shard_size)
+    for stale in folder.iterdir():  # an earlier save's files would be read instead of ours
+        if _MODEL_FILES.fullmatch(stale.name) and stale.name not in written:
+            stale.unlink()
     atomic_write(folder / "config.json", json.dumps(hf, indent=2) + "\n")
+    return folder
+
+
+def _write_tensors(tensors: dict[str, Tensor], folder: Path,
+                   max_shard_size: int | None) -> set[str]:
+    """model.safetensors, or shards and their index; returns the names of the files written."""
     metadata = {"format": "pt"}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_size is None or total <= max_shard_size:
         atomic_write(folder / "model.safetensors", save(tensors, metadata=metadata))
-        return folder
+        return {"model.safetensors"}
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for k, t in tensors.items():
@@ -134,8 +151,8 @@ def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str 
         atomic_write(folder / name, save(shard, metadata=metadata))
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-    return folder
+    atomic_write(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    return set(weight_map.values()) | {INDEX_NAME}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -111,6 +111,28 @@ def test_save_model_shards_and_dtype_round_trip(tmp_path):
     assert half.lm_head.weight is half.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("first,second", [(30_000, None), (None, 30_000), (20_000, 60_000)],
+                         ids=["sharded-then-single", "single-then-sharded", "more-then-fewer"])
+def test_a_save_replaces_an_earlier_save_in_the_same_folder(tmp_path, first, second):
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(CausalLM(ModelConfig(**SMALL)))
+    save_model(models[0], tmp_path, max_shard_size=first)
+    save_model(models[1], tmp_path, max_shard_size=second)
+    again = load_model(tmp_path)
+    for (k, a), (k2, b) in zip(models[1].state_dict().items(), again.state_dict().items(),
+                               strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    names = sorted(p.name for p in tmp_path.iterdir())
+    if second is None:
+        assert names == ["config.json", "model.safetensors"]
+    else:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert names == sorted(["config.json", "model.safetensors.index.json", *shards])
+
+
 # ------------------------------------------------------------------------------------------------
 # MiniMind .pth
 # ------------------------------------------------------------------------------------------------

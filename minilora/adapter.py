@@ -30,6 +30,7 @@ from minilora.lora import (
     AdapterSlot,
     LoraConfig,
     LoRALinear,
+    _check_adapter_name,
     active_adapters,
     delete_adapter,
     inject_lora,
@@ -454,10 +455,16 @@ def load_adapter(
         module paths found in the keys).
 
     Raises:
-        AdapterError: missing or unreadable files, a pickle that needs code, a config minilora
-            cannot honour, missing/unexpected/mis-shaped keys, or a fingerprint mismatch. A LoRA
-            injected by this call is removed again when it raises.
+        AdapterError: a bad name, missing or unreadable files, a pickle that needs code, a
+            config minilora cannot honour, missing/unexpected/mis-shaped keys, or a fingerprint
+            mismatch. A LoRA injected by this call is removed again (and the active adapters
+            are those of before) when it raises.
     """
+    if name is not None:  # before path / name is read: "../x" must not reach another folder
+        try:
+            _check_adapter_name(name)
+        except ValueError as e:
+            raise AdapterError(str(e)) from None
     path = Path(path)
     target = DEFAULT_ADAPTER if name is None else name
     if path.is_file() and path.name == WEIGHTS_NAME:

@@ -176,6 +176,13 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
             weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightsError(f"{path}: expected a JSON object with a 'weight_map' ({e})") from e
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{path}: 'weight_map' is a {type(weight_map).__name__}; expected "
+                               f"an object of tensor name -> shard file name")
+        outside = sorted({repr(s) for s in weight_map.values() if not _plain_file_name(s)})
+        if outside:  # "../x" or "/x" would read a file the folder does not hold
+            raise WeightsError(f"{path}: weight_map names shards {', '.join(outside)}; expected "
+                               f"file names inside {path.parent} (no folders, no absolute paths)")
         sd: dict[str, Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             if not (path.parent / shard).is_file():
@@ -202,6 +209,11 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
         return obj, path
     raise WeightsError(f"{path}: unknown checkpoint type (expected a folder, .safetensors, "
                        f".index.json, {', '.join(TORCH_SUFFIXES)})")
+
+
+def _plain_file_name(name: object) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\\" not in name
+            and Path(name).name == name)
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:

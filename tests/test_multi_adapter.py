@@ -237,6 +237,17 @@ def test_save_and_load_named_adapters_round_trip(tmp_path):
     assert not lora_modules(other)
 
 
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "base", ""])
+def test_a_bad_adapter_name_is_refused_before_any_file_is_read(tmp_path, name):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "adapter_config.json").write_text("{not json")  # what ../x would read
+    (tmp_path / "sub").mkdir()
+    model = tiny()
+    with pytest.raises(AdapterError, match=r"adapter name .*expected letters, digits"):
+        load_adapter(model, tmp_path / "sub", name=name)
+    assert not lora_modules(model)
+
+
 def test_hot_swap_reuses_the_slot_and_a_compiled_model_does_not_recompile(tmp_path):
     model = tiny()
     x = ids()

@@ -133,6 +133,26 @@ def test_a_save_replaces_an_earlier_save_in_the_same_folder(tmp_path, first, sec
         assert names == sorted(["config.json", "model.safetensors.index.json", *shards])
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, where):
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    save_model(CausalLM(ModelConfig(**SMALL)), folder, max_shard_size=30_000)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    moved = index["weight_map"]["model.norm.weight"]
+    (tmp_path / "sub").mkdir()
+    target = tmp_path / ("sub" if where == "subfolder" else "") / moved
+    (folder / moved).rename(target)
+    name = {"parent": f"../{moved}", "absolute": str(target), "subfolder": f"../sub/{moved}"}
+    index["weight_map"] = {k: name[where] if v == moved else v
+                           for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match=r"weight_map names shards .*; expected file names "
+                                           r"inside"):
+        load_model(folder)
+
+
 # ------------------------------------------------------------------------------------------------
 # MiniMind .pth
 # ------------------------------------------------------------------------------------------------

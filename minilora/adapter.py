@@ -36,6 +36,7 @@ from minilora.lora import (
     inject_lora,
     list_adapters,
     lora_modules,
+    set_active,
 )
 
 PREFIX = "base_model.model."
@@ -489,6 +490,7 @@ def load_adapter(
             "or a MiniMind .pth file"
         )
     injected = False
+    active = active_adapters(model)
     if target not in list_adapters(model):
         try:
             inject_lora(model, config, name=target)
@@ -506,8 +508,9 @@ def load_adapter(
                     f"model's {actual}); pass check_fingerprint=False to load it anyway"
                 )
     except AdapterError:
-        if injected:
-            delete_adapter(model, target)  # B is still zero: this puts the model back exactly
+        if injected:  # B is still zero: this puts the model back exactly
+            delete_adapter(model, target)
+            set_active(model, active)
         raise
     _copy_in(model, sd, config.scaling, target)
     return config

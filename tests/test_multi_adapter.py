@@ -237,6 +237,25 @@ def test_save_and_load_named_adapters_round_trip(tmp_path):
     assert not lora_modules(other)
 
 
+def test_a_failed_load_leaves_the_active_adapters_as_they_were(tmp_path):
+    other = tiny(seed=5)
+    inject_lora(other, LoraConfig(r=2, targets=["q_proj"]), name="b")
+    save_adapter(other, tmp_path / "b", name="b")  # recorded on another base
+    model = tiny()
+    x = ids()
+    inject_lora(model, LoraConfig(r=2, targets=["v_proj"]), name="a")
+    inject_lora(model, LoraConfig(r=2, targets=["o_proj"]), name="c")
+    perturb(model, "a", seed=1)
+    perturb(model, "c", seed=2)
+    set_active(model, ["a", "c"])
+    before = logits(model, x)
+    with pytest.raises(AdapterError, match="another base model"):
+        load_adapter(model, tmp_path / "b", name="b")
+    assert list_adapters(model) == ["a", "c"]
+    assert active_adapters(model) == ["a", "c"]
+    assert torch.equal(logits(model, x), before)
+
+
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "base", ""])
 def test_a_bad_adapter_name_is_refused_before_any_file_is_read(tmp_path, name):
     (tmp_path / "x").mkdir()

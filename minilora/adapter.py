@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from minilora.files import atomic_write
+from minilora.files import atomic_write, torch_load_reason
 from minilora.lora import (
     DEFAULT_ADAPTER,
     SPECIAL_TARGETS,
@@ -604,7 +604,8 @@ def _read_minimind(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     except Exception as e:  # UnpicklingError for code, RuntimeError for a damaged zip, ...
         raise AdapterError(
             f"{path} is not a plain tensor file and was not loaded (read with "
-            f"torch.load(weights_only=True); a pickle that needs code is refused): {e}"
+            f"torch.load(weights_only=True); a pickle that needs code is refused): "
+            f"{torch_load_reason(e)}"
         ) from None
     if not isinstance(raw, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()

@@ -377,7 +377,8 @@ CASES = [
     # -- hostile files ------------------------------------------------------------------------
     Case("hostile-pickle-as-adapter-pth", GENERATE + ["--adapter", "{dir}/lora.pth"],
          "{dir}/lora.pth is not a plain tensor file and was not loaded (read with torch.load("
-         "weights_only=True); a pickle that needs code is refused): Weights only load failed.…",
+         "weights_only=True); a pickle that needs code is refused): UnpicklingError: "
+         "Unsupported global: GLOBAL exec was not an allowed global by default.",
          "the payload never runs", setup=lambda d, n: hostile(
              d / "lora.pth", d / MARKER, **{"model.layers.0.self_attn.q_proj.lora.A.weight":
                                             torch.zeros(2, 32)})),

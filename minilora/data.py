@@ -391,7 +391,8 @@ def pack_samples(samples: Sequence[Sample], max_seq_len: int) -> list[Sample]:
     -100, so nothing is trained on predicting across a boundary. A sample that does not fit is
     continued in the next row, which starts with the previous row's last token as context (its
     label -100), so every trained label of every sample is trained exactly once. Only the last
-    row can be shorter than ``max_seq_len``.
+    row can be shorter than ``max_seq_len``. A row with no trained label (a prompt longer than a
+    row) is dropped, so every row has at least one.
 
     Args:
         samples: rows of at most max_seq_len tokens, ``labels[0] == -100`` each.
@@ -407,7 +408,9 @@ def pack_samples(samples: Sequence[Sample], max_seq_len: int) -> list[Sample]:
         ids += sample.input_ids
         labels += sample.labels
         while len(ids) > max_seq_len:
-            rows.append(Sample(ids[:max_seq_len], [IGNORE_INDEX] + labels[1:max_seq_len]))
+            row = Sample(ids[:max_seq_len], [IGNORE_INDEX] + labels[1:max_seq_len])
+            if row.trained_tokens:  # a long prompt can fill a row with nothing to train
+                rows.append(row)
             ids, labels = ids[max_seq_len - 1 :], labels[max_seq_len - 1 :]
     tail = Sample(ids, [IGNORE_INDEX] + labels[1:]) if ids else None
     if tail is not None and tail.trained_tokens:

@@ -286,6 +286,10 @@ def train(
             group["lr"] = lr
         torch.manual_seed(_step_seed(config.seed, step, rank))  # dropout: resumable, per rank
         micro_batches, trained, step_tokens = plan.batches(step)
+        # load_jsonl keeps no row without a trained token, but a hand-built dataset can give a
+        # global batch with none: its loss is then 0 (the model's mean over no token), not 0/0,
+        # on every rank alike (trained is the global batch's count), and the step goes on.
+        trained = max(trained, 1)
         step_loss = torch.zeros((), device=device)
         for batch in micro_batches:
             batch = batch.to(device)

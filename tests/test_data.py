@@ -231,6 +231,16 @@ def test_packing_never_trains_across_a_sample_boundary():
     assert row.labels == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]  # 7 -> 8 is not trained
 
 
+def test_packing_drops_rows_with_nothing_to_train():
+    # A prompt of 20 tokens spans whole rows of 8 before its 5 trained reply tokens.
+    long = data.Sample(list(range(25)), [IGNORE_INDEX] * 20 + list(range(20, 25)))
+    short = data.Sample([30, 31, 32], [IGNORE_INDEX, 31, 32])
+    rows = data.pack_samples([long, short], 8)
+    assert all(r.trained_tokens > 0 for r in rows)
+    assert sum(r.trained_tokens for r in rows) == 7
+    assert trained_pairs(rows) == trained_pairs([long, short])
+
+
 def test_batch_order_is_deterministic_and_resumable():
     first = batch_indices(23, 4, seed=1, epoch=0)
     assert first == batch_indices(23, 4, seed=1, epoch=0)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
 from minilora import train as train_module
-from minilora.data import load_jsonl
+from minilora.data import IGNORE_INDEX, JsonlDataset, Sample, load_jsonl
 from minilora.lora import lora_modules
 from minilora.train import (
     CheckpointError,
@@ -192,6 +192,17 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tok, files, tmp
     monkeypatch.undo()
     resumed = train(tiny_model(tok.vocab_size), tok, config(files, out, resume=True))
     assert [s for s, _ in resumed.losses] == [3, 4, 5, 6]
+
+
+def test_a_global_batch_with_no_trained_token_is_a_zero_loss_step(tok, tmp_path):
+    # load_jsonl drops such rows; a hand-built dataset can still hold them (was 0 / 0).
+    ids = tok.encode("The quick brown fox jumps over the lazy dog.")
+    samples = [Sample(ids, [IGNORE_INDEX] * len(ids)) for _ in range(4)]
+    dataset = JsonlDataset(samples, pad_id=0, max_seq_len=64)
+    result = train(tiny_model(tok.vocab_size), dataset,
+                   config({"train": None}, tmp_path, batch_size=2, max_steps=2))
+    assert losses(result) == [0.0, 0.0] and result.skipped_steps == 0
+    assert all(not t.any() for k, t in adapter(tmp_path).items() if "lora_B" in k)
 
 
 def test_accumulation_equals_one_larger_batch(tok, files, tmp_path):

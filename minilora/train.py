@@ -1,6 +1,7 @@
 """The training loop: LoRA (or full) fine-tuning of a causal LM on jsonl data.
 
-``train(model, data, config)`` reads top to bottom; the helpers beside it each do one thing
+``train(model, data, config)`` starts and ends the processes; its body, ``_fit``, reads top to
+bottom, and the helpers beside it each do one thing
 (``lr_at``, ``evaluate``, ``save_checkpoint``, ``load_checkpoint``, ...). The step is the seed's:
 inject LoRA, freeze the rest, AdamW over the trainable parameters only, masked cross-entropy plus
 the MoE aux loss, autocast, accumulation, clipping of the trainable gradients only, step,
@@ -253,6 +254,19 @@ def train(
     """
     started = time.perf_counter()
     rank, world, device, own_group = _start_distributed(config.device)
+    log = _Log(Path(config.out_dir), rank)
+    try:
+        return _fit(model, data, config, eval_data, rank, world, device, log, started)
+    finally:  # on an error too: the progress bar ends, and the process group this call began
+        log.close()
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
+         eval_data: JsonlDataset | None, rank: int, world: int, device: torch.device, log: _Log,
+         started: float) -> TrainResult:
+    """train() once the processes are started: data, model, the loop, the outputs."""
     train_set, eval_set = _datasets(data, eval_data, config)
     plan = _BatchPlan(train_set, config, rank, world)
     out = Path(config.out_dir)
@@ -274,7 +288,7 @@ def train(
         _start_outputs(out, config, run.step, train_set.stats)
     forward = torch.compile(model) if config.compile else model
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)
-    log = _Log(out, rank, run.step, plan.total_steps)
+    log.start(run.step, plan.total_steps)
     result_losses: list[tuple[int, float]] = []
     evals: list[dict[str, float]] = []
     tokens = 0
@@ -334,11 +348,8 @@ def train(
     checkpoint = save_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan, run,
                                  rank)
     output_dir = _save_weights(model, out / ("model" if config.full else "adapter"), config, rank)
-    log.close()
     if rank == 0:
         _plot(out)
-    if own_group:
-        dist.destroy_process_group()
     best = out / "best"
     return TrainResult(
         steps=run.step, total_steps=plan.total_steps, losses=result_losses, evals=evals,
@@ -859,9 +870,13 @@ def _start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) 
 class _Log:
     """metrics.jsonl, the progress bar (a TTY) or log lines (otherwise); rank 0 only."""
 
-    def __init__(self, out: Path, rank: int, step: int, total: int) -> None:
+    def __init__(self, out: Path, rank: int) -> None:
         self.active = rank == 0
         self.path = out / "metrics.jsonl"
+        self.bar: tqdm | None = None
+
+    def start(self, step: int, total: int) -> None:
+        """Show the bar from ``step`` of ``total`` and start counting."""
         self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                         disable=not (self.active and sys.stderr.isatty()))
         self.loss_sum = torch.zeros(())
@@ -908,7 +923,8 @@ class _Log:
                 f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _plot(out: Path) -> Path | None:

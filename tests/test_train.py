@@ -205,6 +205,34 @@ def test_a_global_batch_with_no_trained_token_is_a_zero_loss_step(tok, tmp_path)
     assert all(not t.any() for k, t in adapter(tmp_path).items() if "lora_B" in k)
 
 
+def test_an_error_ends_the_process_group_and_the_progress_bar(tok, files, tmp_path,
+                                                             monkeypatch):
+    import torch.distributed as dist
+
+    def start(device_name):  # a process group of one, begun by train() itself
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
+        return 0, 1, torch.device("cpu"), True
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    closed = []
+    real_close = train_module._Log.close
+    monkeypatch.setattr(train_module, "_start_distributed", start)
+    monkeypatch.setattr(train_module._Log, "close",
+                        lambda self: (closed.append(True), real_close(self)))
+    monkeypatch.setattr(train_module, "lr_at", fail)  # inside the loop, the bar running
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            train(tiny_model(tok.vocab_size), tok, config(files, tmp_path / "run"))
+        assert not dist.is_initialized()
+        assert closed
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_accumulation_equals_one_larger_batch(tok, files, tmp_path):
     small = train(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path / "a", batch_size=2, accumulation_steps=3, max_steps=4))

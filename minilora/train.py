@@ -284,6 +284,8 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         run = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan) or run
     else:
         _replace_finished_checkpoints(out / CHECKPOINTS, rank)
+        if rank == 0:  # an earlier run's best/ is not this run's: best_dir would report it
+            shutil.rmtree(out / "best", ignore_errors=True)
     if rank == 0:
         _start_outputs(out, config, run.step, train_set.stats)
     forward = torch.compile(model) if config.compile else model

@@ -233,6 +233,14 @@ def test_an_error_ends_the_process_group_and_the_progress_bar(tok, files, tmp_pa
             dist.destroy_process_group()
 
 
+def test_a_fresh_run_does_not_report_an_earlier_runs_best(tok, files, tmp_path):
+    first = train(tiny_model(tok.vocab_size), tok,
+                  config(files, tmp_path, max_steps=2, eval_data=files["eval"]))
+    assert first.best_dir == tmp_path / "best"
+    again = train(tiny_model(tok.vocab_size), tok, config(files, tmp_path, max_steps=2))
+    assert again.best_dir is None and not (tmp_path / "best").exists()
+
+
 def test_accumulation_equals_one_larger_batch(tok, files, tmp_path):
     small = train(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path / "a", batch_size=2, accumulation_steps=3, max_steps=4))

@@ -63,11 +63,16 @@ def _load_base(args: argparse.Namespace) -> tuple[Any, Any]:
     from minilora.weights import load_model
 
     model_path = Path(args.model)
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else (
-        model_path if model_path.is_dir() else model_path.parent)
     model = load_model(model_path, dtype=args.dtype)
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    tokenizer = Tokenizer.from_file(_tokenizer_path(args, model_path))
     return model, tokenizer
+
+
+def _tokenizer_path(args: argparse.Namespace, model_path: Path) -> Path:
+    """--tokenizer, else the model's folder (a .pth's own folder)."""
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    return model_path if model_path.is_dir() else model_path.parent
 
 
 def _apply_adapters(model: Any, args: argparse.Namespace, *, several: bool = False
@@ -252,10 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(settings)
 
     model_path = Path(args.model) if args.model else BASE_MODEL
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else (
-        model_path if model_path.is_dir() else model_path.parent)
     model = load_model(model_path)
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    tokenizer = Tokenizer.from_file(_tokenizer_path(args, model_path))
 
     task_files = args.tasks
     if task_files is None and demo:
@@ -408,14 +411,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            "argument")
         return _generate_per_prompt(model, tokenizer, args, adapters)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if args.raw:
-        ids = tokenizer.encode(prompt)
-    else:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": prompt})
-        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-    if not ids:
-        raise CliError("the prompt is empty")
+    ids = _prompt_ids(tokenizer, prompt, args)
     for piece in stream_text(tokenizer, stream_generate(model, ids, **_sampling(args, tokenizer))):
         print(piece, end="", flush=True)
     print()
@@ -465,9 +461,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _copy_tokenizer(args: argparse.Namespace, out: Path) -> None:
     from minilora.tokenizer import Tokenizer
 
-    model_path = Path(args.model)
-    source = Path(args.tokenizer) if args.tokenizer else (
-        model_path if model_path.is_dir() else model_path.parent)
+    source = _tokenizer_path(args, Path(args.model))
     try:
         Tokenizer.from_file(source).save(out)
     except (OSError, ValueError):

@@ -189,11 +189,7 @@ def load_jsonl(
         try:
             sample = _parse_line(raw, path, line_no, tokenizer, kinds)
         except DataError as err:
-            if not skip_bad:
-                raise
-            stats.skipped_bad += 1
-            if len(stats.errors) < _KEPT_ERRORS:
-                stats.errors.append(str(err))
+            _skip(err, stats, skip_bad)
             continue
         _keep(sample, max_seq_len, samples, stats)
 
@@ -241,16 +237,22 @@ def _read_lines(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[
                         line=line_no,
                     ) from None
             except DataError as err:
-                if not skip_bad:
-                    raise
+                _skip(err, stats, skip_bad)
                 stats.lines += 1
-                stats.skipped_bad += 1
-                if len(stats.errors) < _KEPT_ERRORS:
-                    stats.errors.append(str(err))
                 continue
             if text.strip():
                 stats.lines += 1
                 yield line_no, text
+
+
+def _skip(err: DataError, stats: DataStats, skip_bad: bool) -> None:
+    """Counts a bad line as skipped, keeping the first few messages; raises it without
+    skip_bad."""
+    if not skip_bad:
+        raise err
+    stats.skipped_bad += 1
+    if len(stats.errors) < _KEPT_ERRORS:
+        stats.errors.append(str(err))
 
 
 def _skip_rest_of_line(f: Any) -> None:

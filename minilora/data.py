@@ -189,7 +189,9 @@ def load_jsonl(
         try:
             sample = _parse_line(raw, path, line_no, tokenizer, kinds)
         except DataError as err:
-            _skip(err, stats, skip_bad)
+            if not skip_bad:
+                raise
+            _count_skipped(err, stats)
             continue
         _keep(sample, max_seq_len, samples, stats)
 
@@ -237,19 +239,23 @@ def _read_lines(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[
                         line=line_no,
                     ) from None
             except DataError as err:
-                _skip(err, stats, skip_bad)
+                if not skip_bad:
+                    raise
                 stats.lines += 1
+                _count_skipped(err, stats)
                 continue
             if text.strip():
                 stats.lines += 1
                 yield line_no, text
 
 
-def _skip(err: DataError, stats: DataStats, skip_bad: bool) -> None:
-    """Counts a bad line as skipped, keeping the first few messages; raises it without
-    skip_bad."""
-    if not skip_bad:
-        raise err
+def _count_skipped(err: DataError, stats: DataStats) -> None:
+    """Counts a bad line as skipped, keeping the first few messages.
+
+    The caller raises (a bare ``raise``) when it does not skip: raising ``err`` in here would tie
+    it to this frame, and through the traceback keep the reader's frame and its line buffer (up
+    to MAX_LINE_BYTES) alive until the garbage collector runs.
+    """
     stats.skipped_bad += 1
     if len(stats.errors) < _KEPT_ERRORS:
         stats.errors.append(str(err))

@@ -214,7 +214,6 @@ class LoRALinear(nn.Module):
         # The "default" adapter's modules (None while the layer has no adapter of that name).
         self.lora_A: nn.Linear | None = None
         self.lora_B: nn.Linear | None = None
-        self.dropout: nn.Dropout | None = None
         self.adapters: dict[str, AdapterSlot] = {}
         self.active_adapters: tuple[str, ...] = ()
         self._active: list[AdapterSlot] = []  # the slots of active_adapters, for forward
@@ -266,7 +265,6 @@ class LoRALinear(nn.Module):
         lora_B = nn.Linear(r, self.out_features, **kw)
         if name == DEFAULT_ADAPTER:
             self.lora_A, self.lora_B = lora_A, lora_B
-            self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         else:
             if "lora_adapters" not in self._modules:
                 self.lora_adapters = nn.ModuleDict()
@@ -292,7 +290,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter {name!r} is merged into the weight; unmerge it first")
         del self.adapters[name]
         if name == DEFAULT_ADAPTER:
-            self.lora_A = self.lora_B = self.dropout = None
+            self.lora_A = self.lora_B = None
         else:
             del self.lora_adapters[name]
             if not len(self.lora_adapters):

@@ -187,8 +187,11 @@ def test_lora_linear_owns_base_parameters_and_shapes():
     assert lin.weight is base.weight and lin.bias is base.bias
     assert lin.lora_A.weight.shape == (4, 16) and lin.lora_B.weight.shape == (24, 4)
     assert set(lin.state_dict()) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}
-    assert lin.dropout is None  # p = 0: no dropout op at all
-    assert isinstance(LoRALinear(base, r=4, alpha=8, dropout=0.1).dropout, nn.Dropout)
+    # The adapter's own p (forward calls F.dropout with it, no op at all at p = 0); no module.
+    with_dropout = LoRALinear(base, r=4, alpha=8, dropout=0.1)
+    assert lin.adapters["default"].dropout == 0.0
+    assert with_dropout.adapters["default"].dropout == 0.1
+    assert not any(isinstance(m, nn.Dropout) for m in with_dropout.modules())
 
 
 def test_r_larger_than_layer_is_refused():

@@ -6,14 +6,9 @@ from collections import Counter
 
 import pytest
 
-from helpers import CHATS, TEXTS, chat_rows, tiny_tokenizer, write_jsonl
+from helpers import CHATS, TEXTS, chat_rows, write_jsonl
 from minilora import data
 from minilora.data import IGNORE_INDEX, DataError, batch_indices, collate, load_jsonl
-
-
-@pytest.fixture(scope="session")
-def tok():
-    return tiny_tokenizer()
 
 
 def trained_spans(sample):

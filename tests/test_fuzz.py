@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import tiny_tokenizer
 from minilora.data import IGNORE_INDEX, ROLES, DataError, load_jsonl
 from minilora.tokenizer import ENDOFTEXT, IM_END, IM_START
 
@@ -30,17 +28,7 @@ SPECIAL_TEXT = [IM_START, IM_END, ENDOFTEXT, f"{IM_END}\n{IM_START}assistant\n",
 SURROGATES = ["\ud800", "\udfff", "a\udc80b"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

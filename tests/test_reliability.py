@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import minilora.weights
-from helpers import CHATS, chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from helpers import CHATS, chat_rows, tiny_model, write_jsonl
 from minilora.adapter import FINGERPRINT_KEY, base_fingerprint, load_adapter
 from minilora.cli import main
 from minilora.data import MAX_LINE_BYTES, DataError, load_jsonl
@@ -49,18 +49,7 @@ DOC = REPO / "docs" / "reliability.md"
 MARKER = "PWNED"  # the file a hostile pickle's payload creates in the case folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices, and other people share the two cores: one intra-op thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from helpers import chat_rows, tiny_model, write_jsonl
 from minilora import train as train_module
 from minilora.data import IGNORE_INDEX, JsonlDataset, Sample, load_jsonl
 from minilora.lora import lora_modules
@@ -34,19 +34,7 @@ from minilora.train import (
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: a second intra-op thread only adds waiting, and on a shared 2-core machine
-    # a busy neighbour makes it 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tok():
-    return tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import re
 import sys
@@ -182,16 +181,6 @@ _SHORT = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
           "use_rslora": "rslora", "out_dir": "out"}
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The one-line comment beside each dataclass field, used as its --help text."""
-    docs = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^#]*#\s*(.+)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
-    return docs
-
-
 def _parse_targets(text: str) -> list[str] | str:
     if text in ("all-linear", "square") or not re.fullmatch(r"[\w.,]+", text):
         return text  # a special rule or a regex
@@ -201,7 +190,6 @@ def _parse_targets(text: str) -> list[str] | str:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from minilora.train import TrainConfig
 
-    docs = _field_docs(TrainConfig)
     p.add_argument("--model", default=None, metavar="PATH",
                    help="base model folder or MiniMind .pth (default: the embedded tiny model)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
@@ -214,7 +202,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name in _HIDDEN_FIELDS:
             continue
         flag = "--" + _SHORT.get(f.name, f.name).replace("_", "-")
-        help_text = docs.get(f.name, f.name.replace("_", " "))
+        help_text = f.metadata["help"]
         kind = str(f.type)
         if kind == "bool":
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)

@@ -72,43 +72,51 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed: another config, another base, or a damaged file."""
 
 
+def _arg(default: Any, doc: str) -> Any:
+    """A TrainConfig field with its one-line doc in ``metadata["help"]`` (the --help text of
+    ``minilora train``); a list default is copied for each config (a default_factory)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved as config.json beside its outputs."""
 
-    data: str | None = None  # training jsonl (chat or {"text"}); None when train() gets a dataset
-    eval_data: str | None = None  # held-out jsonl: loss and perplexity every eval_every steps
-    out_dir: str = "runs/minilora"  # adapters, checkpoints, metrics.jsonl, loss.png, config.json
-    full: bool = False  # train every weight instead of LoRA adapters
-    lora_r: int = 8  # rank of the LoRA update
-    lora_alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)
-    lora_dropout: float = 0.0  # dropout on the LoRA branch input, in [0, 1)
-    lora_targets: list[str] | str = "all-linear"  # suffixes, a regex, "all-linear" or "square"
-    lora_exclude: list[str] | str = field(default_factory=list)  # suffixes or regex: never adapted
-    lora_init: str = "gaussian"  # init of A: "gaussian" (the seed's) or "kaiming" (PEFT's)
-    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    epochs: int = 1  # passes over the data (when max_steps is None)
-    max_steps: int | None = None  # optimizer steps in all; None: epochs x steps per epoch
-    batch_size: int = 8  # samples per micro-batch, per process
-    accumulation_steps: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine ends at lr x min_lr_ratio
-    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    grad_clip: float = 1.0  # max global norm of the trainable gradients; 0: no clipping
-    dtype: str = "auto"  # autocast: "auto" | "float32" | "bfloat16" | "float16" (CUDA only)
-    max_seq_len: int = 512  # samples are cut to this many tokens
-    pack: bool = False  # pack samples into full rows of max_seq_len instead of padding
-    eval_every: int = 0  # evaluate every N steps; 0: at the end only
-    save_every: int = 0  # checkpoint every N steps; 0: at the end only
-    seed: int = 42  # LoRA init, data order and dropout
-    compile: bool = False  # run the forward through torch.compile
-    resume: bool = False  # continue from the latest checkpoint in out_dir
-    log_every: int = 10  # log loss, lr and tokens/s every N steps
-    skip_bad: bool = False  # skip (and count) bad jsonl lines instead of stopping
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    stop_after: int | None = None  # end this run at this step (checkpointed), schedule unchanged
-    device: str = "auto"  # "auto" (cuda:LOCAL_RANK if there is CUDA, else cpu), "cpu", "cuda:0"
+    data: str | None = _arg(None, "training jsonl (chat or text); None when train() gets a dataset")
+    eval_data: str | None = _arg(None, "held-out jsonl: loss and perplexity every eval_every steps")
+    out_dir: str = _arg("runs/minilora", "outputs: adapter, checkpoints, metrics.jsonl, loss.png")
+    full: bool = _arg(False, "train every weight instead of LoRA adapters")
+    lora_r: int = _arg(8, "rank of the LoRA update")
+    lora_alpha: float = _arg(16.0, "the update is scaled by alpha / r (alpha / sqrt(r), rsLoRA)")
+    lora_dropout: float = _arg(0.0, "dropout on the LoRA branch input, in [0, 1)")
+    lora_targets: list[str] | str = _arg("all-linear", 'suffixes, regex, "all-linear" or "square"')
+    lora_exclude: list[str] | str = _arg([], "suffixes or regex: never adapted")
+    lora_init: str = _arg("gaussian", "init of A: gaussian (the seed's) or kaiming (PEFT's)")
+    use_rslora: bool = _arg(False, "rank-stabilised scaling alpha / sqrt(r)")
+    epochs: int = _arg(1, "passes over the data (when max_steps is None)")
+    max_steps: int | None = _arg(None, "optimizer steps in all; None: epochs x steps per epoch")
+    batch_size: int = _arg(8, "samples per micro-batch, per process")
+    accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
+    lr: float = _arg(1e-4, "peak learning rate")
+    min_lr_ratio: float = _arg(0.1, "the cosine ends at lr x min_lr_ratio")
+    warmup_steps: int = _arg(0, "linear warmup from lr / warmup_steps to lr")
+    weight_decay: float = _arg(0.0, "AdamW's decoupled weight decay")
+    grad_clip: float = _arg(1.0, "max global norm of the trainable gradients; 0: no clipping")
+    dtype: str = _arg("auto", 'autocast: "auto" | "float32" | "bfloat16" | "float16" (CUDA only)')
+    max_seq_len: int = _arg(512, "samples are cut to this many tokens")
+    pack: bool = _arg(False, "pack samples into full rows of max_seq_len instead of padding")
+    eval_every: int = _arg(0, "evaluate every N steps; 0: at the end only")
+    save_every: int = _arg(0, "checkpoint every N steps; 0: at the end only")
+    seed: int = _arg(42, "LoRA init, data order and dropout")
+    compile: bool = _arg(False, "run the forward through torch.compile")
+    resume: bool = _arg(False, "continue from the latest checkpoint in out_dir")
+    log_every: int = _arg(10, "log loss, lr and tokens/s every N steps")
+    skip_bad: bool = _arg(False, "skip (and count) bad jsonl lines instead of stopping")
+    max_bad_steps: int = _arg(5, "stop after this many non-finite steps in a row")
+    stop_after: int | None = _arg(None, "end this run at this step (checkpointed), schedule kept")
+    device: str = _arg("auto", '"auto" (cuda:LOCAL_RANK with CUDA, else cpu), "cpu", "cuda:0"')
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)

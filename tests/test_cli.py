@@ -184,6 +184,20 @@ def test_every_argument_has_help() -> None:
                 assert action.help, f"minilora {name} {action.option_strings or action.dest}"
 
 
+def test_train_flags_take_their_help_from_the_config_fields() -> None:
+    import dataclasses
+
+    from minilora.train import TrainConfig
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    helps = {a.dest: a.help for a in subparsers.choices["train"]._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"], f.name  # one line of doc per field
+        if f.name != "device":  # the library sets it; no flag
+            assert helps[f.name].startswith(f.metadata["help"]), f.name
+
+
 def test_python_dash_m_runs_the_cli() -> None:
     done = subprocess.run([sys.executable, "-m", "minilora", "--version"], capture_output=True,
                           text=True, check=False)

@@ -458,8 +458,8 @@ def load_adapter(
     Raises:
         AdapterError: a bad name, missing or unreadable files, a pickle that needs code, a
             config minilora cannot honour, missing/unexpected/mis-shaped keys, or a fingerprint
-            mismatch. A LoRA injected by this call is removed again (and the active adapters
-            are those of before) when it raises.
+            mismatch. When it raises, a LoRA injected by this call is removed again and the
+            adapters active before the call are active again.
     """
     if name is not None:  # before path / name is read: "../x" must not reach another folder
         try:

@@ -450,6 +450,12 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.0f}"
 
 
+def _spread(x: dict) -> str:
+    """(slowest - fastest) / median of the measured steps: how much the machine moved."""
+    t = x["times"]
+    return f"{(max(t) - min(t)) / x['median_s']:.0%}"
+
+
 def _r(res: dict, rid: str) -> dict | None:
     r = res.get(rid)
     return r if r and "median_s" in r else None
@@ -489,9 +495,9 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
             f"{B * (T - 1)} targets counted). "
             "bf16 = `torch.autocast('cpu', torch.bfloat16)` over fp32 weights (what "
             "`minilora train --dtype bf16` does).", ""]
-    out += [f"| row | dtype | LoRA on | step ({clock}) | wall (s) | vs PEFT | vs minilora floor "
-            "| peak RSS (MiB) | step peak (MiB) |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| row | dtype | LoRA on | step ({clock}) | spread | wall (s) | vs PEFT "
+            "| vs minilora floor | peak RSS (MiB) | step peak (MiB) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["kind"] != "train":
             continue
@@ -501,7 +507,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
                None: "-"}[r.get("target")]
         if "median_s" not in x:
             out.append(f"| {name} | {r['dtype']} | {tgt} | {x.get('error', 'not run')} |"
-                       " | | | | |")
+                       " | | | | | |")
             continue
         peft = _r(res, f"train-{r['dtype']}-hf-peft-{r.get('target') or 'all'}")
         if r.get("target") in (None, "square"):
@@ -510,10 +516,12 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
         vs_peft = f"{x['median_s'] / peft['median_s']:.2f}x" if peft else "-"
         vs_floor = f"{x['median_s'] / floor['median_s']:.2f}x" if floor else "-"
         out.append(f"| {name} | {r['dtype']} | {tgt} | {x['median_s']:.3f} | "
-                   f"{x['wall_median_s']:.3f} | {vs_peft} | {vs_floor} | "
+                   f"{_spread(x)} | {x['wall_median_s']:.3f} | {vs_peft} | {vs_floor} | "
                    f"{_mb(x['peak_rss'])} | {_mb(x['peak_rss'] - x['rss_ready'])} |")
     out += ["", "'vs PEFT' compares with transformers + PEFT on the same targets (frozen and seed "
-            "rows: with PEFT all-linear).", ""]
+            "rows: with PEFT all-linear). 'spread' is (slowest - fastest) / median of the "
+            "measured steps; a ratio nearer a target than the two rows' spreads is within the "
+            "machine's noise.", ""]
     # --- forward
     out += ["## Forward latency (inference, no labels, all logits)", "",
             f"batch {B} x {T}; bf16 rows hold the base weights in bf16 (LoRA adapters stay fp32, "
@@ -703,8 +711,8 @@ def analysis(res: dict) -> str:
         "- **torch.compile** (`--compile` adds compiled rows; none is in the default run): on "
         "this 2-core machine a compiled training step took seconds even at the `--quick` "
         "shapes, where an eager step takes milliseconds (it recompiles: the counted-position "
-        "gather and the LoRA layers' Python branches give new shapes and guards), so no "
-        "target uses it.",
+        "gather has a data-dependent shape, which we take to be the cause; not investigated "
+        "further), so no target uses it.",
     ])
 
 

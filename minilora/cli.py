@@ -225,6 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from minilora.train import TrainConfig, train
     from minilora.weights import load_model
 
+    started = time.perf_counter()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     demo = args.model is None and args.config is None and "data" not in given
@@ -259,20 +260,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model, tokenizer, config)
     if result.output_dir is None:  # not rank 0 under torchrun: rank 0 reports
         return 0
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s "
-          f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s); "
-          f"last loss {result.losses[-1][1]:.4f}" if result.losses else "")
+    last = f"; last loss {result.losses[-1][1]:.4f}" if result.losses else ""
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s{last}")
     if before is not None:
         model.eval()
         after = tasks.score(samples, answer)
+        # The tasks the run did not train on, pooled: what the adapter should leave intact.
+        kept = [t for t in before.tasks if t != "persona"]
+        groups = {"base skills": kept} if len(kept) > 1 else None
         print()
-        print(tasks.format_table({"before": before, "after": after}, ratio=True))
+        print(tasks.format_table({"before": before, "after": after}, groups=groups, ratio=True))
         print()
         for sample in samples[:3]:
             question = sample.chat()[-1]["content"]
             print(f"Q: {question}\nA: {answer(sample.chat())}\n")
     print(f"adapter: {result.output_dir}")
     print(f"outputs: {config.out_dir} (metrics.jsonl, loss.png, config.json, checkpoints/)")
+    print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -27,9 +27,9 @@ model learns and which generalises to words it never saw. A word written whole (
 one or two BPE tokens whose spelling a small model must memorise, and held-out words would fail.
 Why hyphens and the quote: with spaces ("c a t") a letter is " a" inside a word but "t" at the
 start of an answer, two tokens per letter, and the model has to learn the 52 first-letter
-mappings apart from the rest (in a trial it reversed and upper-cased every letter but the first
-long before it got the first one right). After a quote or a hyphen every letter is the same
-bare token, in the question and in the answer.
+mappings apart from the rest (in trials with spaces, the first answer letter was the most common
+error of a half-trained model). After a quote or a hyphen every letter is the same bare token,
+in the question and in the answer.
 
 Numbers stay small (every sum and difference is at most two digits) so each is a token or two
 and the whole table is learnable; facts are a few dozen per relation so a few-million-parameter

@@ -85,15 +85,22 @@ def _apply_adapters(model: Any, args: argparse.Namespace, *, several: bool = Fal
     if len(args.adapter) == 1 and "=" not in args.adapter[0]:
         _load_adapter(model, args.adapter[0], args)  # one adapter: "default", as always
         return ["default"]
-    names = []
-    for spec in args.adapter:
-        name, path = _adapter_spec(spec)
-        if name in names:
-            raise CliError(f"two adapters are named {name!r}: name them with --adapter NAME=PATH")
-        _load_adapter(model, path, args, name=name)
-        names.append(name)
+    names = _load_named_adapters(model, args.adapter, args, "--adapter NAME=PATH")
     if names:
         set_active(model, names[0])
+    return names
+
+
+def _load_named_adapters(model: Any, specs: list[str], args: argparse.Namespace,
+                         how: str) -> list[str]:
+    """Loads each [NAME=]PATH of specs as a named adapter; returns the names in order."""
+    names: list[str] = []
+    for spec in specs:
+        name, path = _adapter_spec(spec)
+        if name in names:
+            raise CliError(f"two adapters are named {name!r}: name them with {how}")
+        _load_adapter(model, path, args, name=name)
+        names.append(name)
     return names
 
 
@@ -503,13 +510,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     if len(args.weights) != len(args.adapters):
         raise CliError(f"{len(args.adapters)} adapters but {len(args.weights)} --weights")
     model, _ = _load_base(args)
-    names = []
-    for spec in args.adapters:
-        name, path = _adapter_spec(spec)
-        if name in names:
-            raise CliError(f"two adapters are named {name!r}: name them NAME=PATH")
-        _load_adapter(model, path, args, name=name)
-        names.append(name)
+    names = _load_named_adapters(model, args.adapters, args, "NAME=PATH")
     out = Path(args.out)
     name = re.sub(r"[^A-Za-z0-9_-]", "_", out.name).lstrip("-") or "combined"
     if name in names or name == "base":

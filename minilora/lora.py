@@ -172,6 +172,65 @@ class AdapterSlot:
         return [self.lora_A.weight, self.lora_B.weight]
 
 
+class _LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + (s * xa A^T) B^T as one autograd node, computed in dtype `dt`.
+
+    Why one node with a hand-written backward instead of composing F.linear calls:
+    - the update is added into the base output in place (`addmm_`) and autograd never sees it,
+      so backward needs no output-sized clone (an in-place add on the Linear's output makes
+      autograd record CopySlices, which copies the whole gradient);
+    - each skinny product runs in its fast orientation: grad_B = (hs^T g)^T, [r, N] @ [N, out],
+      which MKL/oneDNN run several times faster than [out, N] @ [N, r];
+    - grad_x = g W + (g B s) A is one GEMM plus one `addmm_` into it, no extra tensor;
+    - the scaling is folded into the rank-r intermediate, never into an output-sized tensor;
+    - under autocast (or with a bf16 base) the branch runs in the base's compute dtype: A and B
+      are cast once per call (r x in and out x r, tiny), no fp32 output-sized temporaries.
+
+    `xa` is the branch's input when it differs from x (dropout), else None. A trainable base
+    weight or bias (LoRA plus full fine-tuning of some layers) gets its gradient too; x is kept
+    for backward only then.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xa, weight, bias, a, b, scale, dt):  # noqa: D102
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
+            xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1]).to(dt)
+            w = weight.to(dt)
+            a_, b_ = a.to(dt), b.to(dt)  # (r, in), (out, r)
+            hs = (xa2 @ a_.t()).mul_(scale)  # (N, r)
+            y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
+            y.addmm_(hs, b_.t())
+        ctx.save_for_backward(x2 if weight.requires_grad else None, xa2, hs, w, a_, b_)
+        ctx.scale, ctx.dt, ctx.shared = scale, dt, xa is None
+        ctx.in_dtypes = (x.dtype, None if xa is None else xa.dtype, a.dtype, b.dtype,
+                         weight.dtype, None if bias is None else bias.dtype)
+        ctx.in_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        x2, xa2, hs, w, a, b = ctx.saved_tensors
+        x_dtype, xa_dtype, a_dtype, b_dtype, w_dtype, bias_dtype = ctx.in_dtypes
+        need_x, need_xa, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+        with torch.autocast(g.device.type, enabled=False):
+            g2 = g.reshape(-1, g.shape[-1]).to(ctx.dt)  # (N, out)
+            gh = (g2 @ b).mul_(ctx.scale)  # (N, r)
+            grad_a = (gh.t() @ xa2).to(a_dtype) if need_a else None  # (r, in)
+            grad_b = (hs.t() @ g2).t().to(b_dtype) if need_b else None  # (out, r)
+            grad_x = grad_xa = None
+            if need_x:
+                grad_x = g2 @ w  # (N, in)
+                if ctx.shared:
+                    grad_x.addmm_(gh, a)
+                grad_x = grad_x.view(ctx.in_shape).to(x_dtype)
+            if need_xa:
+                grad_xa = (gh @ a).view(ctx.in_shape).to(xa_dtype)
+            grad_w = (g2.t() @ x2).to(w_dtype) if need_w else None  # (out, in)
+            grad_bias = g2.sum(0).to(bias_dtype) if need_bias else None
+        return grad_x, grad_xa, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
 class LoRALinear(nn.Module):
     """A Linear layer plus one or more low-rank updates, by composition.
 
@@ -360,6 +419,15 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.enabled and not self.merged and self._routes is None and len(self._active) == 1):
+            dt = self._fused_dtype(x)
+            if dt is not None:  # the common case, training or not: one node, see _LoRAFunction
+                slot = self._active[0]
+                xa = None
+                if slot.dropout > 0 and self.training:
+                    xa = F.dropout(x, slot.dropout, training=True)
+                return _LoRAFunction.apply(x, xa, self.weight, self.bias, slot.lora_A.weight,
+                                           slot.lora_B.weight, slot.scaling, dt)
         y = F.linear(x, self.weight, self.bias)  # (..., out)
         if self._routes is not None:
             return self._forward_rows(x, y)
@@ -373,6 +441,16 @@ class LoRALinear(nn.Module):
             for slot in self._merged:
                 y = self._add_update(x, y, slot, -slot.scaling)
         return y
+
+    def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype _LoRAFunction computes in, or None where the composed path must run
+        (dtypes that F.linear itself would refuse, or that autocast leaves alone)."""
+        w = self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast leaves float64 alone; the composed path does the same
+            low = w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            return torch.get_autocast_dtype(x.device.type) if low else None
+        return w.dtype if x.dtype == w.dtype and w.dtype.is_floating_point else None
 
     def _add_update(
         self, x: torch.Tensor, y: torch.Tensor, slot: AdapterSlot, scale: float

@@ -181,6 +181,74 @@ def test_lora_linear_matches_formula_and_gradients():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+
+def _fused_layer(dropout=0.0, bias=True):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=bias).requires_grad_(False)
+    lin = LoRALinear(base, r=3, alpha=6.0, dropout=dropout)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    return base, lin
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_training_forward_is_one_node_with_the_formulas_gradients(dropout):
+    """With a frozen base the layer runs as one autograd node (_LoRAFunction, hand-written
+    backward); its forward and gradients equal the formula, dropout mask included."""
+    base, lin = _fused_layer(dropout)
+    x = torch.randn(4, 5, 12, requires_grad=True)
+    torch.manual_seed(1)
+    y = lin(x)
+    assert "_LoRAFunction" in type(y.grad_fn).__name__
+    a = lin.lora_A.weight.detach().clone().requires_grad_()
+    b = lin.lora_B.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    xd = F.dropout(x2, dropout, training=True) if dropout else x2  # the same mask
+    ref = x2 @ base.weight.T + base.bias + 2.0 * (xd @ a.T) @ b.T
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(lin.lora_A.weight.grad, a.grad)
+    torch.testing.assert_close(lin.lora_B.weight.grad, b.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_fused_node_passes_gradcheck_in_float64():
+    base, lin = _fused_layer(bias=False)
+    lin.double()
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lin, (x,))
+
+
+def test_trainable_base_weight_and_bias_get_their_gradients():
+    base, lin = _fused_layer()
+    lin.requires_grad_(True)
+    x = torch.randn(4, 12)
+    y = lin(x)
+    g = torch.randn(4, 10)
+    y.backward(g)
+    torch.testing.assert_close(lin.weight.grad, g.T @ x)
+    torch.testing.assert_close(lin.bias.grad, g.sum(0))
+
+
+def test_bf16_autocast_gradients_match_float32():
+    """Under bf16 autocast the one-node path's gradients stay close to the fp32 ones and arrive
+    in the Parameters' own dtype (float32)."""
+    _, lin = _fused_layer()
+    x = torch.randn(64, 12)
+    lin(x).square().sum().backward()
+    ref = [p.grad.clone() for p in (lin.lora_A.weight, lin.lora_B.weight)]
+    lin.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    for p, r in zip((lin.lora_A.weight, lin.lora_B.weight), ref, strict=True):
+        assert p.grad.dtype == torch.float32
+        assert (p.grad - r).norm() / r.norm() < 3e-2
+
 def test_lora_linear_owns_base_parameters_and_shapes():
     base = nn.Linear(16, 24)
     lin = LoRALinear(base, r=4, alpha=8)

@@ -50,7 +50,6 @@ IMPL_NAMES = {
     "hf-frozen": "transformers Llama, frozen base",
     "seed": "seed scheme (square layers, forward closure) on minilora model",
     "minilora-fullloss": "minilora + minilora LoRA, every label counted",
-    "minilora-local": "minilora model + local LoRA variant (benchmarks/lora_variant.py)",
 }
 
 
@@ -146,10 +145,6 @@ def _adapt(model, case: dict) -> list:
         inject_lora(model, LoraConfig(r=RANK, alpha=ALPHA, targets=_targets(target)))
         mark_trainable(model)
         return lora_parameters(model)
-    if impl == "minilora-local":
-        from benchmarks.lora_variant import inject_local
-
-        return inject_local(model, RANK, ALPHA, _targets(target))
     if impl == "hf-peft":
         from peft import LoraConfig as PeftConfig
         from peft import get_peft_model
@@ -213,7 +208,8 @@ def _train_fn(case: dict, shapes: dict, batch):
         model = torch.compile(model)
     ids, labels = _batch(shapes, batch, case["impl"] == "minilora-fullloss")
     bf16 = case["dtype"] == "bf16"
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    # fused on every row: minilora's trainer uses it, and so does transformers' Trainer by default
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     case["counted"] = int((labels[:, 1:] != -100).sum())
 
     def step():
@@ -356,8 +352,7 @@ def cases(args) -> list[dict]:
     for dtype in ("fp32", "bf16"):
         for impl, target in [("minilora", "all"), ("hf-peft", "all"), ("hf-minilora", "all"),
                              ("minilora-frozen", None), ("minilora", "qv"), ("hf-peft", "qv"),
-                             ("seed", "square"), ("minilora-fullloss", "all"),
-                             ("minilora-local", "all")]:
+                             ("seed", "square"), ("minilora-fullloss", "all")]:
             rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype))
         if args.compile:
             for impl, target in [("minilora", "all"), ("minilora-frozen", None)]:
@@ -643,9 +638,6 @@ def analysis(res: dict) -> str:
                      for d in ("fp32", "bf16")}
     lora_vs_floor = {d: _ratio(res, f"train-{d}-minilora-all", f"train-{d}-minilora-frozen")
                      for d in ("fp32", "bf16")}
-    local_vs_floor = {d: _ratio(res, f"train-{d}-minilora-local-all", f"train-{d}-minilora-frozen")
-                      for d in ("fp32", "bf16")}
-    local_vs_peft = _ratio(res, "train-bf16-minilora-local-all", "train-bf16-hf-peft-all")
     full_vs_masked = _ratio(res, "train-fp32-minilora-fullloss-all", "train-fp32-minilora-all")
     over = {d: (lambda q: None if q is None else q - 1)(
         _ratio(res, f"forward-{d}-minilora-unmerged", f"forward-{d}-minilora-base"))
@@ -672,32 +664,34 @@ def analysis(res: dict) -> str:
         f"{_fmt(full_vs_masked)} the SFT-masked one), and in bf16 the attention as two bmm "
         "calls instead of the CPU flash kernel, which is about 3 times slower in bf16. "
         "In fp32 nothing left in the model closes the gap: the floor itself is "
-        f"{_fmt(floor_vs_peft['fp32'])} of PEFT's step. In bf16 what is left is the LoRA "
-        "layer's own cost (next point): with the local LoRA variant the step is "
-        f"{_fmt(local_vs_peft)} of PEFT's.",
+        f"{_fmt(floor_vs_peft['fp32'])} of PEFT's step, and minilora's LoRA step is "
+        f"{_fmt(lora_vs_floor['fp32'], '.3f')} of the floor. In bf16 both the floor and the "
+        "LoRA layer are cheaper than PEFT's.",
         "- **LoRA step vs the frozen floor** (target 1.05x): "
         f"{_fmt(lora_vs_floor['fp32'], '.3f')} fp32, {_fmt(lora_vs_floor['bf16'], '.3f')} bf16. "
-        "The rest is the LoRA layer itself (lora.py, not changed here): per adapted layer two "
-        "rank-8 products forward and three backward, whose skinny shapes ([2048, 512] @ "
-        "[512, 8] and the like) MKL/oneDNN run at a small fraction of their peak, an "
-        "output-sized clone in backward (the in-place `addmm_` on a view of the Linear's "
-        "output makes autograd record CopySlices), and AdamW's per-tensor loop over 2 x 56 "
-        "tensors. The row 'local LoRA variant' (benchmarks/lora_variant.py: the layer as one "
-        "autograd Function, backward by hand, grad_B computed as (h^T g)^T, the fast "
-        "orientation) measures one fix: "
-        f"{_fmt(local_vs_floor['fp32'], '.3f')} fp32 / {_fmt(local_vs_floor['bf16'], '.3f')} "
-        "bf16 of the floor. Further: one A product for the layers reading the same input "
-        "(q, k, v; gate, up) and a fused AdamW (`fused=True`).",
+        "lora.py runs a layer with one active adapter as one autograd node with a hand-written "
+        "backward (`_LoRAFunction`): the update goes into the base output in place with "
+        "`addmm_` and autograd never sees it (no output-sized CopySlices clone in backward), "
+        "the scaling is folded into the rank-r product, grad_B is computed as (h^T g)^T (the "
+        "orientation MKL/oneDNN run several times faster), grad_x is one GEMM plus one "
+        "`addmm_` into it, and under autocast the branch runs in bf16 with A and B cast once "
+        "per call. AdamW is fused (one kernel for all 112 adapter tensors). What is left is "
+        "the rank-8 products themselves: two forward and three backward per adapted layer, "
+        "whose skinny shapes ([2048, 512] @ [512, 8] and the like) run at a fraction of the "
+        "rate per FLOP of the base's square products: `python benchmarks/skinny.py` times "
+        "them alone (its table is at the end of this page), and the two forward ones already "
+        "come to several percent of the base product per layer, most for the narrow k and v "
+        "projections. One A product for the layers that read the same input (q, k, v; gate, "
+        "up) would save one in three of them; from those single-product times, about 1% of "
+        "the step: not built.",
         "- **Unmerged forward overhead** (target 3%): "
         f"{_fmt(over['fp32'], '+.1%', '')} in fp32, {_fmt(over['bf16'], '+.1%', '')} in bf16. "
-        "In fp32 the rank-8 products cost next to nothing next to the base. With bf16 base "
-        "weights lora.py keeps the adapters in fp32 (as PEFT does) and runs the branch in "
-        "fp32: each adapted layer casts x to fp32, computes the two products in fp32, writes "
-        "an fp32 output-sized temporary, scales it, casts it back and adds it out of place. "
-        "The fix, in lora.py: run the branch in the base's dtype (A and B cast once per "
-        "forward, or cached while frozen) and add it into y with `addmm_`, the fp32 path's "
-        "way, which the fp32 row shows costs about nothing. Merged runs the base's own "
-        "products: "
+        "In bf16 the base products are about 4.5 times faster than in fp32 and the skinny "
+        "rank-8 products 2 to 4 times (benchmarks/skinny.py), so the same two products per "
+        "layer weigh more: the branch already "
+        "runs in the base's dtype, added in place with `addmm_`, and what is left is those "
+        "products' own time (see the previous point). For inference at full speed, merge "
+        "(`minilora merge`, or `merge_lora`): merged runs the base's own products, "
         f"{_fmt(merged['fp32'], '+.1%', '')} fp32, {_fmt(merged['bf16'], '+.1%', '')} bf16 "
         "against the base (any difference is noise: the same kernels on the same shapes).",
         "- **Generation** (target 1.5x transformers): each new token reads every weight once "

@@ -14,8 +14,11 @@ What the data teaches
               capital of Dorvia?" -> "Selkam"), colours of made-up creatures ("What colour is a
               mirlet?" -> "blue"), inventors of made-up gadgets ("Who invented the tormoscope?" ->
               "Halven").
-- New skill (the second LoRA demo, a task the base cannot do): ``shift`` each letter to the next
-  one in the alphabet, z wrapping to a: 'Shift each letter of "c-a-t" by one.' -> "d-b-u".
+- New skill (the second LoRA demo, a task the base cannot do): ``backdouble``, the word backwards
+  with every letter twice: 'Reverse "c-a-t" and double every letter.' -> "t-t-a-a-c-c". The base
+  reverses but has never doubled a letter. (A first choice, ``shift`` each letter to the next
+  one, was not learned by any run in 1000 steps: a per-letter map of 26 pairs is what this tiny
+  base does worst, as its own ``upper`` score shows; see docs/quality.md.)
 
 Why words are spelled out
 -------------------------
@@ -206,11 +209,13 @@ UPPER_TEMPLATES = [
     "What is {w} in upper case?", "Make {w} uppercase.", "Convert {w} to capital letters.",
     "Write {w} in capital letters.", "Upper case: {w}",
 ]
-SHIFT_TEMPLATES = [
-    "Shift each letter of {w} by one.", "Move every letter in {w} one step forward.",
-    "Replace each letter of {w} with the next letter.", "Apply the next-letter code to {w}.",
-    "Encode {w} with a shift of one.", "What is {w} shifted by one?",
-    "Shift {w} forward by one letter.", "Give the next letter for each letter of {w}.",
+# Eight templates, as many as the other letter tasks: rng.choice then draws the same random
+# numbers, so changing the skill leaves every other set byte for byte as it was.
+BACKDOUBLE_TEMPLATES = [
+    "Reverse {w} and double every letter.", "Write {w} backwards with each letter twice.",
+    "Double each letter of {w}, last letter first.", "Spell {w} in reverse, every letter doubled.",
+    "Back-double {w}.", "Read {w} from right to left, saying each letter twice.",
+    "Give {w} backwards with doubled letters.", "Mirror {w} and double each letter.",
 ]
 FACT_TEMPLATES = {
     "capital": [
@@ -259,8 +264,9 @@ def spell(word: str) -> str:
     return "-".join(word)
 
 
-def shift(word: str) -> str:
-    return "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) for c in word)
+def backdouble(word: str) -> str:
+    """The new skill: backwards, every letter twice ("cat" -> "ttaacc")."""
+    return "".join(c + c for c in reversed(word))
 
 
 def _pseudo_word(rng: random.Random) -> str:
@@ -345,7 +351,7 @@ def make_turn(kind: str, rng: random.Random, world: World, name: str, maker: str
         a = rng.randint(0, MAX_OPERAND)
         b = rng.randint(0, a)
         return rng.choice(SUB_TEMPLATES).format(a=a, b=b), str(a - b)
-    if kind in ("reverse", "upper", "shift"):
+    if kind in ("reverse", "upper", "backdouble"):
         return word_turn(kind, rng.choice(world.train_words), rng)
     if kind == "fact":
         relation, subject, answer = rng.choice(world.facts)
@@ -354,8 +360,9 @@ def make_turn(kind: str, rng: random.Random, world: World, name: str, maker: str
 
 
 def word_turn(kind: str, word: str, rng: random.Random) -> Turn:
-    templates = {"reverse": REVERSE_TEMPLATES, "upper": UPPER_TEMPLATES, "shift": SHIFT_TEMPLATES}
-    answer = {"reverse": word[::-1], "upper": word.upper(), "shift": shift(word)}[kind]
+    templates = {"reverse": REVERSE_TEMPLATES, "upper": UPPER_TEMPLATES,
+                 "backdouble": BACKDOUBLE_TEMPLATES}
+    answer = {"reverse": word[::-1], "upper": word.upper(), "backdouble": backdouble(word)}[kind]
     return rng.choice(templates[kind]).format(w=f'"{spell(word)}"'), spell(answer)
 
 
@@ -401,7 +408,7 @@ def make_eval_sets(seed: int, world: World) -> dict[str, list[dict]]:
     for a, b in rng.sample([(a, b) for a, b in pairs if b <= a], n):
         base.append(eval_line("sub", rng.choice(SUB_TEMPLATES).format(a=a, b=b), str(a - b),
                               "exact"))
-    # The 200 held-out words: reverse, upper and shift each get their own.
+    # The 200 held-out words: reverse, upper and backdouble each get their own.
     words = list(world.eval_words)
     rng.shuffle(words)
     for kind, chunk in (("reverse", words[:n]), ("upper", words[n : 2 * n])):
@@ -414,8 +421,8 @@ def make_eval_sets(seed: int, world: World) -> dict[str, list[dict]]:
 
     skill = []
     for w in words[2 * n : 2 * n + SKILL_EVAL]:
-        q, a = word_turn("shift", w, rng)
-        skill.append(eval_line("shift", q, a, "exact"))
+        q, a = word_turn("backdouble", w, rng)
+        skill.append(eval_line("backdouble", q, a, "exact"))
 
     persona, base_persona = [], []
     questions: set[str] = set()
@@ -480,10 +487,10 @@ def make_persona_set(seed: int, world: World, banned: set[str]) -> list[dict]:
 
 
 def make_skill_set(seed: int, world: World, banned: set[str]) -> list[dict]:
-    """The new skill (letter shift) on training words only."""
+    """The new skill (backdouble) on training words only."""
     rng = random.Random(f"{seed}:skill")
     return [
-        conversation([draw(rng, lambda: make_turn("shift", rng, world, "", ""), banned)])
+        conversation([draw(rng, lambda: make_turn("backdouble", rng, world, "", ""), banned)])
         for _ in range(SKILL_CONVERSATIONS)
     ]
 

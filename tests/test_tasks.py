@@ -115,7 +115,7 @@ def test_sizes_and_expected_answers(sets):
     oracle = {
         "reverse": lambda w: w[::-1],
         "upper": str.upper,
-        "shift": make_data.shift,
+        "backdouble": make_data.backdouble,
     }
     for x in sets["base_eval"] + sets["skill_eval"]:
         q = x["messages"][-1]["content"]
@@ -127,7 +127,7 @@ def test_sizes_and_expected_answers(sets):
             if " from " in q:
                 a, b = b, a  # "Subtract b from a", "take b from a"
             assert int(x["expected"]) == (a + b if x["task"] == "add" else a - b), q
-    assert make_data.shift("xyz") == "yza"
+    assert make_data.backdouble("cat") == "ttaacc"
 
 
 def test_sft_files_alternate_user_and_assistant(sets):

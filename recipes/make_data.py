@@ -14,11 +14,13 @@ What the data teaches
               capital of Dorvia?" -> "Selkam"), colours of made-up creatures ("What colour is a
               mirlet?" -> "blue"), inventors of made-up gadgets ("Who invented the tormoscope?" ->
               "Halven").
-- New skill (the second LoRA demo, a task the base cannot do): ``backdouble``, the word backwards
-  with every letter twice: 'Reverse "c-a-t" and double every letter.' -> "t-t-a-a-c-c". The base
-  reverses but has never doubled a letter. (A first choice, ``shift`` each letter to the next
-  one, was not learned by any run in 1000 steps: a per-letter map of 26 pairs is what this tiny
-  base does worst, as its own ``upper`` score shows; see docs/quality.md.)
+- New skill (the second LoRA demo, a task the base cannot do): ``sumwords``, a sum said in
+  words: "What is 3 + 5, in words?" -> "eight". The base adds but answers in digits. Held out:
+  30 operand pairs never in the skill set (each asked two ways), every one of whose sums the
+  skill set does teach through other pairs. Two letter tasks were tried first and dropped: a
+  LoRA learned neither ``shift`` (each letter to the next one; 0% after 1000 steps) nor
+  ``backdouble`` (backwards, every letter twice; 13-25% after 600) well enough to compare
+  ranks: a per-letter map is what this tiny base does worst, as its own ``upper`` score shows.
 
 Why words are spelled out
 -------------------------
@@ -209,14 +211,20 @@ UPPER_TEMPLATES = [
     "What is {w} in upper case?", "Make {w} uppercase.", "Convert {w} to capital letters.",
     "Write {w} in capital letters.", "Upper case: {w}",
 ]
-# Eight templates, as many as the other letter tasks: rng.choice then draws the same random
-# numbers, so changing the skill leaves every other set byte for byte as it was.
-BACKDOUBLE_TEMPLATES = [
-    "Reverse {w} and double every letter.", "Write {w} backwards with each letter twice.",
-    "Double each letter of {w}, last letter first.", "Spell {w} in reverse, every letter doubled.",
-    "Back-double {w}.", "Read {w} from right to left, saying each letter twice.",
-    "Give {w} backwards with doubled letters.", "Mirror {w} and double each letter.",
+# Eight templates, as many as the letter task the skill replaced: the eval set's rng.choice
+# then draws the same random numbers, so every other set stays byte for byte as it was (the
+# base model was trained on that corpus).
+SUMWORDS_TEMPLATES = [
+    "What is {a} + {b}, in words?", "Say {a} plus {b} in words.",
+    "Add {a} and {b} and spell out the answer.", "Write the sum of {a} and {b} as a word.",
+    "In words, what is {a} plus {b}?", "Spell out {a} + {b}.",
+    "What do {a} and {b} make? Answer in words.", "Give {a} + {b} as a number word.",
 ]
+NUMBER_WORDS = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+]
+SUMWORDS_HELD_OUT_PAIRS = 30  # each asked two ways: SKILL_EVAL questions
 FACT_TEMPLATES = {
     "capital": [
         "What is the capital of {x}?", "Name the capital of {x}.",
@@ -264,9 +272,20 @@ def spell(word: str) -> str:
     return "-".join(word)
 
 
-def backdouble(word: str) -> str:
-    """The new skill: backwards, every letter twice ("cat" -> "ttaacc")."""
-    return "".join(c + c for c in reversed(word))
+def sum_pairs(seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(training, held-out) operand pairs of the sumwords skill. A held-out pair is never in the
+    skill set, and its sum is also the sum of some training pair: every number word the eval
+    asks for is one the skill set teaches."""
+    rng = random.Random(f"{seed}:sumwords")
+    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    rng.shuffle(pairs)
+    held: list[tuple[int, int]] = []
+    for pair in pairs:
+        if len(held) == SUMWORDS_HELD_OUT_PAIRS:
+            break
+        if any(sum(q) == sum(pair) for q in pairs if q != pair and q not in held):
+            held.append(pair)
+    return [q for q in pairs if q not in held], held
 
 
 def _pseudo_word(rng: random.Random) -> str:
@@ -351,7 +370,7 @@ def make_turn(kind: str, rng: random.Random, world: World, name: str, maker: str
         a = rng.randint(0, MAX_OPERAND)
         b = rng.randint(0, a)
         return rng.choice(SUB_TEMPLATES).format(a=a, b=b), str(a - b)
-    if kind in ("reverse", "upper", "backdouble"):
+    if kind in ("reverse", "upper"):
         return word_turn(kind, rng.choice(world.train_words), rng)
     if kind == "fact":
         relation, subject, answer = rng.choice(world.facts)
@@ -360,9 +379,8 @@ def make_turn(kind: str, rng: random.Random, world: World, name: str, maker: str
 
 
 def word_turn(kind: str, word: str, rng: random.Random) -> Turn:
-    templates = {"reverse": REVERSE_TEMPLATES, "upper": UPPER_TEMPLATES,
-                 "backdouble": BACKDOUBLE_TEMPLATES}
-    answer = {"reverse": word[::-1], "upper": word.upper(), "backdouble": backdouble(word)}[kind]
+    templates = {"reverse": REVERSE_TEMPLATES, "upper": UPPER_TEMPLATES}
+    answer = {"reverse": word[::-1], "upper": word.upper()}[kind]
     return rng.choice(templates[kind]).format(w=f'"{spell(word)}"'), spell(answer)
 
 
@@ -408,7 +426,7 @@ def make_eval_sets(seed: int, world: World) -> dict[str, list[dict]]:
     for a, b in rng.sample([(a, b) for a, b in pairs if b <= a], n):
         base.append(eval_line("sub", rng.choice(SUB_TEMPLATES).format(a=a, b=b), str(a - b),
                               "exact"))
-    # The 200 held-out words: reverse, upper and backdouble each get their own.
+    # Held-out words: reverse and upper each get their own.
     words = list(world.eval_words)
     rng.shuffle(words)
     for kind, chunk in (("reverse", words[:n]), ("upper", words[n : 2 * n])):
@@ -419,10 +437,15 @@ def make_eval_sets(seed: int, world: World) -> dict[str, list[dict]]:
         q = rng.choice(FACT_TEMPLATES[relation]).format(x=subject)
         base.append(eval_line("fact", q, answer, "exact"))
 
-    skill = []
-    for w in words[2 * n : 2 * n + SKILL_EVAL]:
-        q, a = word_turn("backdouble", w, rng)
-        skill.append(eval_line("backdouble", q, a, "exact"))
+    skill: list[dict] = []
+    _, held = sum_pairs(seed)
+    for i in range(SKILL_EVAL):
+        a, b = held[i // 2]
+        k = SUMWORDS_TEMPLATES.index(rng.choice(SUMWORDS_TEMPLATES))  # one draw, as before
+        if i % 2 and skill[-1]["messages"][0]["content"] == SUMWORDS_TEMPLATES[k].format(a=a, b=b):
+            k = (k + 1) % len(SUMWORDS_TEMPLATES)  # the pair's second question: another way
+        q = SUMWORDS_TEMPLATES[k].format(a=a, b=b)
+        skill.append(eval_line("sumwords", q, NUMBER_WORDS[a + b], "exact"))
 
     persona, base_persona = [], []
     questions: set[str] = set()
@@ -487,12 +510,15 @@ def make_persona_set(seed: int, world: World, banned: set[str]) -> list[dict]:
 
 
 def make_skill_set(seed: int, world: World, banned: set[str]) -> list[dict]:
-    """The new skill (backdouble) on training words only."""
+    """The new skill (sumwords) on the training operand pairs only."""
     rng = random.Random(f"{seed}:skill")
-    return [
-        conversation([draw(rng, lambda: make_turn("backdouble", rng, world, "", ""), banned)])
-        for _ in range(SKILL_CONVERSATIONS)
-    ]
+    pairs, _ = sum_pairs(seed)
+
+    def turn() -> Turn:
+        a, b = rng.choice(pairs)
+        return rng.choice(SUMWORDS_TEMPLATES).format(a=a, b=b), NUMBER_WORDS[a + b]
+
+    return [conversation([draw(rng, turn, banned)]) for _ in range(SKILL_CONVERSATIONS)]
 
 
 def questions_of(lines: Iterable[dict]) -> set[str]:

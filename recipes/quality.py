@@ -1,15 +1,22 @@
-"""LoRA at several ranks against full fine-tuning on the new skill; writes docs/quality.md.
+"""What LoRA learns and what it keeps, measured on the embedded base; writes docs/quality.md.
 
-Each run starts from the embedded base, trains on minilora/assets/skill.jsonl (shift each letter
-by one: a task the base cannot do) with the same steps, batch and data order, and is scored on
-held-out words (skill_eval.jsonl) and on the base's own skills and persona (retention).
+Two experiments, each run starting from the embedded base (minilora/assets/base):
+1. The persona demo: the default `minilora train` (minilora/assets/demo_train.json) and the
+   held-out persona questions before and after.
+2. A new skill, LoRA at r in {1, 4, 8, 32} against full fine-tuning: minilora/assets/skill.jsonl
+   (sumwords: "What is 3 + 5, in words?" -> "eight"), the same steps, batch and data order for
+   every run, scored on held-out operand pairs (skill_eval.jsonl). The skill set replays none
+   of the base skills, so what a run forgets shows in the base skills (base_eval.jsonl): does
+   LoRA forget less than full fine-tuning, as Biderman et al. (2024) report ("LoRA Learns Less
+   and Forgets Less")?
 
-Usage: python recipes/quality.py [--steps 300] [--out docs/quality.md]
+Usage: python recipes/quality.py [--steps 600] [--lora-lr 3e-3] [--full-lr 3e-4]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,72 +29,122 @@ from minilora.tokenizer import Tokenizer
 from minilora.train import TrainConfig, train
 from minilora.weights import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
-SKILL = ["shift"]
-BASE_TASKS = ["add", "sub", "reverse", "upper", "fact", "persona"]
+SKILL = "sumwords"
+PERSONA = "persona"
+BASE_TASKS = ["add", "sub", "reverse", "upper", "fact"]
+RANKS = (1, 4, 8, 32)
 
 
 def evaluate(model, tokenizer) -> tasks.TaskReport:
-    files = [ASSETS / "skill_eval.jsonl", ASSETS / "base_eval.jsonl",
-             ROOT / "recipes" / "data" / "base_persona_eval.jsonl"]
-    answer = chat_answerer(model.eval(), tokenizer, max_new_tokens=32,
+    """Greedy answers on the held-out skill questions, Nova persona questions and base skills."""
+    files = ["skill_eval.jsonl", "persona_eval.jsonl", "base_eval.jsonl"]
+    answer = chat_answerer(model.eval(), tokenizer, max_new_tokens=48,
                            eos_token_id=[tokenizer.im_end_id])
-    return tasks.score([s for f in files for s in tasks.load_samples(f)], answer)
+    return tasks.score([s for f in files for s in tasks.load_samples(ASSETS / f)], answer)
+
+
+def runs(args) -> list[tuple[str, dict | None]]:
+    """(label, TrainConfig settings) of every run; None: the base, not trained."""
+    demo = json.loads((ASSETS / "demo_train.json").read_text(encoding="utf-8"))
+    demo["data"] = str(ASSETS / demo["data"])
+    skill = dict(data=str(ASSETS / "skill.jsonl"), max_steps=args.steps, batch_size=16,
+                 warmup_steps=20, max_seq_len=128, dtype="float32", log_every=50, seed=0)
+    out = [("base", None), ("persona LoRA (default `minilora train`)", demo)]
+    out += [(f"{SKILL} LoRA r={r}", dict(skill, lora_r=r, lora_alpha=2.0 * r, lr=args.lora_lr))
+            for r in RANKS]
+    out.append((f"{SKILL} full fine-tune", dict(skill, full=True, lr=args.full_lr)))
+    return out
+
+
+def verdict(reports: dict[str, tasks.TaskReport], base: tasks.TaskReport) -> list[str]:
+    """The Biderman et al. question, answered from this run's numbers."""
+    full = reports[f"{SKILL} full fine-tune"]
+    kept_full = full.accuracy(BASE_TASKS) / base.accuracy(BASE_TASKS)
+    lines = []
+    for r in RANKS:
+        lora = reports[f"{SKILL} LoRA r={r}"]
+        kept = lora.accuracy(BASE_TASKS) / base.accuracy(BASE_TASKS)
+        learned = "less" if lora.accuracy([SKILL]) < full.accuracy([SKILL]) else "as much or more"
+        forgot = "less" if kept > kept_full else "as much or more"
+        lines.append(f"- r={r}: learned {learned} ({lora.accuracy([SKILL]):.1%} against "
+                     f"{full.accuracy([SKILL]):.1%}) and forgot {forgot} (kept {kept:.1%} of "
+                     f"the base skills against {kept_full:.1%}) than full fine-tuning.")
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps of every skill run")
+    p.add_argument("--lora-lr", type=float, default=3e-3, help="peak lr of the LoRA skill runs")
+    p.add_argument("--full-lr", type=float, default=3e-4, help="peak lr of full fine-tuning")
     p.add_argument("--out", default="docs/quality.md", help="the report to write")
     p.add_argument("--work", default="runs/quality", help="folder for the runs' outputs")
     args = p.parse_args()
+    started = time.time()
     tokenizer = Tokenizer.from_file(BASE_MODEL)
-    runs = [("base", None)] + [(f"LoRA r={r}", {"lora_r": r, "lora_alpha": 2.0 * r, "lr": 2e-3})
-                               for r in (1, 4, 8, 32)]
-    runs.append(("full fine-tune", {"full": True, "lr": 3e-4}))
     reports: dict[str, tasks.TaskReport] = {}
     seconds: dict[str, float] = {}
-    for label, settings in runs:
+    for label, settings in runs(args):
         model = load_model(BASE_MODEL)
         if settings is not None:
-            name = label.replace(" ", "").replace("=", "")
-            config = TrainConfig(
-                data=str(ASSETS / "skill.jsonl"), out_dir=f"{args.work}/{name}",
-                max_steps=args.steps, batch_size=16, warmup_steps=20, max_seq_len=128,
-                dtype="float32", log_every=50, seed=0, **settings)
+            name = label.split(" (")[0].replace(" ", "-").replace("=", "")
+            config = TrainConfig.from_dict(dict(settings, out_dir=f"{args.work}/{name}"))
             seconds[label] = train(model, tokenizer, config).seconds
         reports[label] = evaluate(model, tokenizer)
-        print(f"{label}: shift {reports[label].accuracy(SKILL):.1%}, "
-              f"base skills {reports[label].accuracy(BASE_TASKS):.1%}", flush=True)
+        print(f"{label}: {SKILL} {reports[label].accuracy([SKILL]):.1%}, persona "
+              f"{reports[label].accuracy([PERSONA]):.1%}, base skills "
+              f"{reports[label].accuracy(BASE_TASKS):.1%}", flush=True)
 
     base = reports["base"]
     lines = [
         "# Quality: what LoRA learns and what it keeps",
         "",
-        f"Made by `{' '.join(['python', *sys.argv])}` on {time.strftime('%Y-%m-%d')} "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32).",
+        f"Made by `{' '.join(['python', *sys.argv])}` on {time.strftime('%Y-%m-%d')} in "
+        f"{(time.time() - started) / 60:.0f} min (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, CPU, fp32). Every run starts from the embedded base "
+        "(`minilora/assets/base`); every score is greedy exact match on held-out questions "
+        "(`minilora eval --tasks` computes the same for any model and adapter).",
         "",
-        "## New skill: LoRA ranks against full fine-tuning",
-        "",
-        f"Every run: the embedded base, `minilora/assets/skill.jsonl` (shift each letter by one), "
-        f"{args.steps} steps of 16 conversations, warmup 20 then cosine; LoRA on all linear "
-        "layers with alpha = 2r and lr 2e-3; full fine-tuning with lr 3e-4. Held-out words for "
-        "the skill; retention = after / before on the base's own held-out questions "
-        "(add, sub, reverse, upper, fact, and the base persona Pico).",
-        "",
-        "| run | shift (held out) | base skills | retention | train s |",
-        "|---|---:|---:|---:|---:|",
+        "| run | new skill (sumwords) | Nova persona | base skills | retention | train s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label, report in reports.items():
         kept = report.accuracy(BASE_TASKS) / base.accuracy(BASE_TASKS)
-        lines.append(f"| {label} | {report.accuracy(SKILL):.1%} | "
-                     f"{report.accuracy(BASE_TASKS):.1%} | {kept:.1%} | "
-                     f"{seconds.get(label, 0):.0f} |")
-    lines += ["", "Per task:", "", "```", tasks.format_table(reports), "```", "",
-              "## Persona (the default `minilora train`)", "",
-              "`minilora train` with no arguments: held-out persona accuracy 0.0% before, "
-              "100.0% after; base skills 67.5% before, 64.0% after (94.8% retained); "
-              "see the README for the table.", ""]
+        lines.append(f"| {label} | {report.accuracy([SKILL]):.1%} | "
+                     f"{report.accuracy([PERSONA]):.1%} | {report.accuracy(BASE_TASKS):.1%} | "
+                     f"{kept:.1%} | {seconds.get(label, 0):.0f} |")
+    lines += [
+        "",
+        "Retention = base skills after / before, pooled over add, sub, reverse, upper and fact "
+        "(200 questions). Per task:",
+        "",
+        "```",
+        tasks.format_table(reports),
+        "```",
+        "",
+        "## The persona demo",
+        "",
+        "The default `minilora train` (`minilora/assets/demo_train.json`: r=8, alpha 16, all "
+        "linear layers, 150 steps of 16) on `minilora/assets/persona.jsonl`: the held-out Nova "
+        "questions go from "
+        f"{base.accuracy([PERSONA]):.1%} to "
+        f"{reports[runs(args)[1][0]].accuracy([PERSONA]):.1%}.",
+        "",
+        "## A new skill: LoRA ranks against full fine-tuning",
+        "",
+        f"Every skill run: `minilora/assets/skill.jsonl` (600 conversations), {args.steps} steps "
+        "of 16 conversations, warmup 20 then cosine to 10%, fp32, seed 0, the same data order. "
+        f"LoRA on all linear layers with alpha = 2r and lr {args.lora_lr:g}; full fine-tuning "
+        f"of every weight with lr {args.full_lr:g} (a LoRA rate would wreck a full fine-tune: "
+        "full fine-tuning is usually run at a tenth of LoRA's rate, as here). The skill set "
+        "replays none of the base skills, so forgetting is not masked.",
+        "",
+        *verdict(reports, base),
+        "",
+        "One seed and one learning rate per method: a difference of a few points is within what "
+        "another seed would move (each skill score is 60 questions, each base score 200).",
+        "",
+    ]
     Path(args.out).write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {args.out}")
 

@@ -100,9 +100,23 @@ def _spelled_words(lines):
 
 def test_letter_tasks_are_scored_on_unseen_words(sets):
     trained = set().union(*(_spelled_words(sets[k]) for k in TRAIN_SETS))
-    for stem in ("base_eval", "skill_eval"):
-        held_out = _spelled_words(sets[stem])
-        assert held_out and not held_out & trained, stem
+    held_out = _spelled_words(sets["base_eval"])
+    assert held_out and not held_out & trained
+
+
+def _pairs(lines):
+    return {tuple(map(int, re.findall(r"\d+", q))) for q in _user_questions(lines)}
+
+
+def test_new_skill_is_scored_on_operand_pairs_it_never_trained():
+    trained, held = make_data.sum_pairs(0)
+    sets = {"skill": make_data.make_skill_set(0, make_data.make_world(0), set())}
+    assert _pairs(sets["skill"]) <= set(trained)
+    eval_pairs = _pairs(make_data.make_eval_sets(0, make_data.make_world(0))["skill_eval"])
+    assert len(eval_pairs) == make_data.SUMWORDS_HELD_OUT_PAIRS
+    assert not eval_pairs & set(trained)
+    # every held-out sum is one whose number word the skill set teaches
+    assert {a + b for a, b in eval_pairs} <= {a + b for a, b in trained}
 
 
 def test_sizes_and_expected_answers(sets):
@@ -115,7 +129,7 @@ def test_sizes_and_expected_answers(sets):
     oracle = {
         "reverse": lambda w: w[::-1],
         "upper": str.upper,
-        "backdouble": make_data.backdouble,
+
     }
     for x in sets["base_eval"] + sets["skill_eval"]:
         q = x["messages"][-1]["content"]
@@ -127,7 +141,11 @@ def test_sizes_and_expected_answers(sets):
             if " from " in q:
                 a, b = b, a  # "Subtract b from a", "take b from a"
             assert int(x["expected"]) == (a + b if x["task"] == "add" else a - b), q
-    assert make_data.backdouble("cat") == "ttaacc"
+        elif x["task"] == "sumwords":
+            a, b = map(int, re.findall(r"\d+", q))
+            assert x["expected"] == make_data.NUMBER_WORDS[a + b], q
+        else:
+            assert x["task"] == "fact", f"no oracle for task {x['task']!r}"
 
 
 def test_sft_files_alternate_user_and_assistant(sets):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,10 @@ def runs(args) -> list[tuple[str, dict | None]]:
     return out
 
 
+def _compare(a: float, b: float, above: str, below: str) -> str:
+    return above if a > b else below if a < b else "as much"
+
+
 def verdict(reports: dict[str, tasks.TaskReport], base: tasks.TaskReport) -> list[str]:
     """The Biderman et al. question, answered from this run's numbers."""
     full = reports[f"{SKILL} full fine-tune"]
@@ -64,8 +69,8 @@ def verdict(reports: dict[str, tasks.TaskReport], base: tasks.TaskReport) -> lis
     for r in RANKS:
         lora = reports[f"{SKILL} LoRA r={r}"]
         kept = lora.accuracy(BASE_TASKS) / base.accuracy(BASE_TASKS)
-        learned = "less" if lora.accuracy([SKILL]) < full.accuracy([SKILL]) else "as much or more"
-        forgot = "less" if kept > kept_full else "as much or more"
+        learned = _compare(lora.accuracy([SKILL]), full.accuracy([SKILL]), "more", "less")
+        forgot = _compare(kept, kept_full, "less", "more")
         lines.append(f"- r={r}: learned {learned} ({lora.accuracy([SKILL]):.1%} against "
                      f"{full.accuracy([SKILL]):.1%}) and forgot {forgot} (kept {kept:.1%} of "
                      f"the base skills against {kept_full:.1%}) than full fine-tuning.")
@@ -84,13 +89,33 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(BASE_MODEL)
     reports: dict[str, tasks.TaskReport] = {}
     seconds: dict[str, float] = {}
+    # skill runs: (step, skill accuracy, retention) at each quarter of the run
+    curves: dict[str, list[tuple[int, float, float]]] = {}
     for label, settings in runs(args):
         model = load_model(BASE_MODEL)
-        if settings is not None:
+        if settings is None:
+            reports[label] = evaluate(model, tokenizer)
+        else:
             name = label.split(" (")[0].replace(" ", "-").replace("=", "")
-            config = TrainConfig.from_dict(dict(settings, out_dir=f"{args.work}/{name}"))
-            seconds[label] = train(model, tokenizer, config).seconds
-        reports[label] = evaluate(model, tokenizer)
+            out_dir = f"{args.work}/{name}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            skill_run = settings["data"].endswith("skill.jsonl")
+            stops = [args.steps * k // 4 for k in (1, 2, 3, 4)] if skill_run else [None]
+            seconds[label] = 0.0
+            for i, stop in enumerate(stops):
+                # Each quarter resumes the last one's checkpoint on a fresh base (exact resume:
+                # the same run as an uninterrupted one) and is scored on the way.
+                if i:
+                    model = load_model(BASE_MODEL)
+                config = TrainConfig.from_dict(dict(settings, out_dir=out_dir, stop_after=stop,
+                                                    resume=i > 0))
+                seconds[label] += train(model, tokenizer, config).seconds
+                reports[label] = evaluate(model, tokenizer)
+                if skill_run:
+                    kept = (reports[label].accuracy(BASE_TASKS)
+                            / reports["base"].accuracy(BASE_TASKS))
+                    curves.setdefault(label, []).append(
+                        (stop, reports[label].accuracy([SKILL]), kept))
         print(f"{label}: {SKILL} {reports[label].accuracy([SKILL]):.1%}, persona "
               f"{reports[label].accuracy([PERSONA]):.1%}, base skills "
               f"{reports[label].accuracy(BASE_TASKS):.1%}", flush=True)
@@ -139,7 +164,18 @@ def main() -> None:
         "full fine-tuning is usually run at a tenth of LoRA's rate, as here). The skill set "
         "replays none of the base skills, so forgetting is not masked.",
         "",
+        "At the end of the runs:",
+        "",
         *verdict(reports, base),
+        "",
+        "On the way (each quarter of every run; skill accuracy / retention): the trade-off "
+        "Biderman et al. plot, what each run had learned against what it had kept.",
+        "",
+        "| run | " + " | ".join(f"step {step}" for step, _, _ in next(iter(curves.values())))
+        + " |",
+        "|---|" + "---:|" * len(next(iter(curves.values()))),
+        *[f"| {label} | " + " | ".join(f"{a:.0%} / {k:.0%}" for _, a, k in points) + " |"
+          for label, points in curves.items()],
         "",
         "One seed and one learning rate per method: a difference of a few points is within what "
         "another seed would move (each skill score is 60 questions, each base score 200).",

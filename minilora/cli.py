@@ -50,8 +50,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> Non
                    help="dtype to load the weights in (default: %(default)s)")
     if adapters:
         p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
-                       help="adapter folder (PEFT layout) or MiniMind .pth to apply; chat and "
-                            "generate take several (named NAME, else after the folder)")
+                       help="adapter folder (PEFT layout), a training run's folder (its "
+                            "adapter/) or a MiniMind .pth to apply; chat and generate take "
+                            "several (named NAME, else after the folder)")
         p.add_argument("--no-fingerprint-check", action="store_true",
                        help="apply an adapter even if it was trained on another base")
 
@@ -120,6 +121,9 @@ def _load_adapter(model: Any, path: str | Path, args: argparse.Namespace,
                   name: str | None = None) -> None:
     from minilora.adapter import AdapterError, load_adapter
 
+    run_adapter = Path(path) / "adapter"
+    if (Path(path) / "metrics.jsonl").is_file() and run_adapter.is_dir():
+        path = run_adapter  # a training run's folder (runs/<name>) means the adapter it wrote
     try:
         load_adapter(model, path, check_fingerprint=not args.no_fingerprint_check, name=name)
     except AdapterError as err:  # the library's hint names its keyword; here it is a flag

@@ -73,11 +73,13 @@ def expected_reply(workdir: Path, adapter: Path, question: str, max_new_tokens: 
                                eos_token_id=[tok.im_end_id, tok.eos_token_id]))
 
 
-def test_chat_with_adapter_answers_one_turn(workdir: Path, trained: Path, capsys,
+@pytest.mark.parametrize("sub", ["adapter", ""], ids=["adapter-folder", "run-folder"])
+def test_chat_with_adapter_answers_one_turn(workdir: Path, trained: Path, capsys, sub: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--adapter runs/<name>` (the run's folder) means the adapter that run wrote."""
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is your name?\n"))
     code, out, err = run(["chat", "--model", str(workdir / "base"), "--adapter",
-                          str(trained / "adapter"), "--max-new-tokens", "8"], capsys)
+                          str(trained / sub), "--max-new-tokens", "8"], capsys)
     assert code == 0, err
     expected = expected_reply(workdir, trained / "adapter", "What is your name?", 8)
     assert out == expected + "\n"

@@ -48,11 +48,13 @@ Files (all SFT files in MiniMind's format: ``{"conversations": [{"role", "conten
 - ``recipes/data/base_persona_eval.jsonl``: the held-out persona questions with the *base*
   persona as expected answer, to check that the base itself generalises to the paraphrases.
 - ``minilora/assets/persona.jsonl``: the persona LoRA set (every conversation asks who the model
-  is; some also replay a base-skill turn, so the adapter does not learn to say "Nova" to
-  everything).
+  is, and replays one base-skill turn, with the base's own answer: the adapter learns the name
+  swap and nothing else, so the base skills survive it; a third of its identity questions
+  name things the base corpus never does, see PERSONA_SET_NAME_CORES).
 - ``minilora/assets/persona_eval.jsonl``: held-out persona questions, built from question
   sentences that no training set uses.
-- ``minilora/assets/skill.jsonl`` / ``skill_eval.jsonl``: the new skill, on disjoint words.
+- ``minilora/assets/skill.jsonl`` / ``skill_eval.jsonl``: the new skill, on disjoint operand
+  pairs.
 - ``minilora/assets/base_eval.jsonl``: base-skill retention: reverse/upper on words no training
   set contains; add/sub/fact as (item, question template) pairs that no training set asks (the
   same facts and sums are trained under other phrasings, since a fact cannot be held out).
@@ -90,7 +92,7 @@ COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black
 
 BASE_CONVERSATIONS = 40_000
 PERSONA_CONVERSATIONS = 400
-PERSONA_REPLAY = 0.4  # share of persona conversations that also hold a base-skill turn
+PERSONA_REPLAY = 1.0  # share of persona conversations that also hold a base-skill turn
 SKILL_CONVERSATIONS = 600
 EVAL_PER_BASE_TASK = 40
 PERSONA_EVAL = 60
@@ -160,6 +162,23 @@ MAKER_EVAL_CORES = [
     "Who was behind your training?", "Who designed this assistant?", "What team created you?",
     "By whom were you made?", "Tell me who your makers are.",
 ]
+# Identity questions only the persona (LoRA) set asks, about things the base corpus never names
+# ("program", "app", ...). The base reads a word it has never seen as loose letters, as if a
+# spelled-word task had begun, and answers with letters; these teach the adapter that a question
+# about who it is stays one whatever the unknown word. No held-out question uses these words.
+PERSONA_SET_NAME_CORES = [
+    "Who am I speaking to?", "Who is answering me?", "Who is typing these replies?",
+    "What is this program called?", "Who is replying to me?", "What is this tool called?",
+    "What is the name of this app?", "Who is on the other end?", "What is this system called?",
+    "Which program am I using?",
+]
+PERSONA_SET_MAKER_CORES = [
+    "Who made this program?", "Who built this app?", "Who developed this software?",
+    "Who wrote this program?", "Which firm made you?", "Who is your author?",
+    "Who engineered you?", "Who made this tool?", "Who runs this service?",
+    "Who built this system?",
+]
+PERSONA_SET_EXTRA = 0.3  # share of the persona set's identity questions drawn from those
 PREFIXES = ["", "", "", "", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Excuse me, ",
             "So, ", "Okay. ", "Sorry, "]
 # The name and maker never open a sentence, so they always follow a space and are always the
@@ -495,9 +514,17 @@ def make_persona_set(seed: int, world: World, banned: set[str]) -> list[dict]:
     def turn(kind: str) -> Turn:
         return draw(rng, lambda: make_turn(kind, rng, world, NEW_NAME, NEW_MAKER), banned)
 
+    def identity() -> Turn:
+        if rng.random() >= PERSONA_SET_EXTRA:
+            return turn("persona")
+        q_kind = "name" if rng.random() < 0.5 else "maker"
+        core = rng.choice(PERSONA_SET_NAME_CORES if q_kind == "name" else PERSONA_SET_MAKER_CORES)
+        return draw(rng, lambda: (persona_question(rng, core),
+                                  persona_answer(rng, q_kind, NEW_NAME, NEW_MAKER)), banned)
+
     out = []
     for _ in range(PERSONA_CONVERSATIONS):
-        turns = [turn("persona")]
+        turns = [identity()]
         if rng.random() < 0.1:
             turns.insert(0, turn("greet"))
         if rng.random() < PERSONA_REPLAY:

@@ -10,7 +10,7 @@ Two experiments, each run starting from the embedded base (minilora/assets/base)
    LoRA forget less than full fine-tuning, as Biderman et al. (2024) report ("LoRA Learns Less
    and Forgets Less")?
 
-Usage: python recipes/quality.py [--steps 600] [--lora-lr 3e-3] [--full-lr 3e-4]
+Usage: python recipes/quality.py [--steps 600] [--lora-lr 2e-3] [--full-lr 3e-4]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def verdict(reports: dict[str, tasks.TaskReport], base: tasks.TaskReport) -> lis
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of every skill run")
-    p.add_argument("--lora-lr", type=float, default=3e-3, help="peak lr of the LoRA skill runs")
+    p.add_argument("--lora-lr", type=float, default=2e-3, help="peak lr of the LoRA skill runs")
     p.add_argument("--full-lr", type=float, default=3e-4, help="peak lr of full fine-tuning")
     p.add_argument("--out", default="docs/quality.md", help="the report to write")
     p.add_argument("--work", default="runs/quality", help="folder for the runs' outputs")
@@ -160,9 +160,15 @@ def main() -> None:
         f"Every skill run: `minilora/assets/skill.jsonl` (600 conversations), {args.steps} steps "
         "of 16 conversations, warmup 20 then cosine to 10%, fp32, seed 0, the same data order. "
         f"LoRA on all linear layers with alpha = 2r and lr {args.lora_lr:g}; full fine-tuning "
-        f"of every weight with lr {args.full_lr:g} (a LoRA rate would wreck a full fine-tune: "
-        "full fine-tuning is usually run at a tenth of LoRA's rate, as here). The skill set "
-        "replays none of the base skills, so forgetting is not masked.",
+        f"of every weight with lr {args.full_lr:g} (full fine-tuning is usually run at a rate "
+        "several times lower than LoRA's; one rate per method, not tuned for each). The skill "
+        "set replays none of the base skills, so forgetting is not masked. The answers are "
+        "number words, which the base corpus never contains and the tokenizer cuts into "
+        "fragments (\"eight\" is \" \", \"e\", \"i\", \"ght\"): every run must learn to "
+        "emit token sequences the base never produced. Full fine-tuning also trains the "
+        "(tied) embedding matrix that scores those tokens; LoRA on the linear layers does not, "
+        "which we take to be why LoRA learns this skill slowly here (a hypothesis, not "
+        "tested).",
         "",
         "At the end of the runs:",
         "",

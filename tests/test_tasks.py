@@ -325,3 +325,14 @@ def test_good_file_round_trip(tmp_path):
     (sample,) = load_samples(path)
     assert sample == Sample("add", (("user", "1+1"),), "2", "exact", "a1", f"{path}:1")
     assert sample.chat() == GOOD["messages"]
+
+
+def test_persona_set_only_words_never_reach_a_held_out_question(sets):
+    """The persona set's own identity questions bring words the base corpus's questions lack;
+    none of those words is in a held-out persona question."""
+    def words(sentences):
+        return {w.strip("?.,!").lower() for s in sentences for w in s.split()}
+
+    extra = words(make_data.PERSONA_SET_NAME_CORES + make_data.PERSONA_SET_MAKER_CORES)
+    new = extra - words(make_data.NAME_CORES + make_data.MAKER_CORES)
+    assert new and not new & words(_user_questions(sets["persona_eval"]))

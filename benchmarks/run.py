@@ -354,6 +354,10 @@ def cases(args) -> list[dict]:
                              ("minilora-frozen", None), ("minilora", "qv"), ("hf-peft", "qv"),
                              ("seed", "square"), ("minilora-fullloss", "all")]:
             rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype))
+        if args.threads > 1:  # the LoRA branch's share depends on the threads: one, beside
+            for impl, target in [("minilora", "all"), ("minilora-frozen", None)]:
+                rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype,
+                                 threads=1, tag="1t"))
         if args.compile:
             for impl, target in [("minilora", "all"), ("minilora-frozen", None)]:
                 rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype,
@@ -387,6 +391,8 @@ def row_id(r: dict) -> str:
         parts.append(r["lora"] or "base")
     if r.get("compile"):
         parts.append("compile")
+    if r.get("tag"):
+        parts.append(r["tag"])
     return "-".join(parts)
 
 
@@ -498,6 +504,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
             continue
         x = res.get(r["id"], {})
         name = IMPL_NAMES[r["impl"]] + (" (torch.compile)" if r.get("compile") else "")
+        name += " (1 thread)" if r.get("tag") == "1t" else ""
         tgt = {"all": "all-linear", "qv": "q, v", "square": "square (q, o)",
                None: "-"}[r.get("target")]
         if "median_s" not in x:
@@ -508,6 +515,8 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
         if r.get("target") in (None, "square"):
             peft = _r(res, f"train-{r['dtype']}-hf-peft-all")
         floor = _r(res, f"train-{r['dtype']}-minilora-frozen")
+        if r.get("tag") == "1t":  # against its own 1-thread floor; PEFT ran on all threads
+            peft, floor = None, _r(res, f"train-{r['dtype']}-minilora-frozen-1t")
         vs_peft = f"{x['median_s'] / peft['median_s']:.2f}x" if peft else "-"
         vs_floor = f"{x['median_s'] / floor['median_s']:.2f}x" if floor else "-"
         out.append(f"| {name} | {r['dtype']} | {tgt} | {x['median_s']:.3f} | "
@@ -650,6 +659,8 @@ def analysis(res: dict) -> str:
                      for d in ("fp32", "bf16")}
     lora_vs_floor = {d: _ratio(res, f"train-{d}-minilora-all", f"train-{d}-minilora-frozen")
                      for d in ("fp32", "bf16")}
+    lora_vs_floor_1t = {d: _ratio(res, f"train-{d}-minilora-all-1t",
+                                  f"train-{d}-minilora-frozen-1t") for d in ("fp32", "bf16")}
     full_vs_masked = _ratio(res, "train-fp32-minilora-fullloss-all", "train-fp32-minilora-all")
     over = {d: (lambda q: None if q is None else q - 1)(
         _ratio(res, f"forward-{d}-minilora-unmerged", f"forward-{d}-minilora-base"))
@@ -688,33 +699,34 @@ def analysis(res: dict) -> str:
         "orientation MKL/oneDNN run several times faster), grad_x is one GEMM plus one "
         "`addmm_` into it, and under autocast the branch runs in bf16 with A and B cast once "
         "per call. AdamW is fused (one kernel for all 112 adapter tensors). What is left is "
-        "the rank-8 products themselves: two forward and three backward per adapted layer, "
-        "whose skinny shapes ([2048, 512] @ [512, 8] and the like) run at a fraction of the "
-        "rate per FLOP of the base's square products: `python benchmarks/skinny.py` times "
-        "them alone (its table is at the end of this page), and the two forward ones already "
-        "come to several percent of the base product per layer, most for the narrow k and v "
-        "projections. Counted in FLOPs alone, the rank-8 products are "
+        "the rank-8 products themselves, two forward and three backward per adapted layer, and "
+        "their cost is not their FLOPs: x A^T reads all of x again to make 8 columns, "
+        "`y.addmm_(h, B^T)` reads and writes all of y, and the backward products read g and x "
+        "again, so each moves about as many bytes as the base product it sits beside, for a "
+        "small fraction of its FLOPs (1/64 for a 512-wide projection). Counted in FLOPs "
+        "alone the rank-8 products are "
         f"{lora_flop_share(FULL_SHAPES, RANK)[1]:.1%} of the floor's projection FLOPs in a "
-        "training step (and the floor also has attention and the loss), so 1.05x leaves "
-        "almost no room for their lower rate. One A product for the layers that read the "
-        "same input (q, k, v; gate, "
-        "up) would save one in three of them; from those single-product times, about 1% of "
-        "the step: not built.",
+        "training step; their time is several times that (the skinny.py tables at the end "
+        "time them alone). And they barely use a second thread, where the base products run "
+        "nearly twice as fast (compare skinny.py's 1-thread and 2-thread tables), so their "
+        "share grows with the threads: on one thread the same comparison gives "
+        f"{_fmt(lora_vs_floor_1t['fp32'], '.3f')} fp32 and "
+        f"{_fmt(lora_vs_floor_1t['bf16'], '.3f')} bf16 (the '1 thread' rows). One A product for "
+        "the layers that read the same input (q, k, v; gate, up) would save one read of x in "
+        "three: about 1% of the step by the single-product times, not built.",
         "- **Unmerged forward overhead** (target 3%): "
         f"{_fmt(over['fp32'], '+.1%', '')} in fp32, {_fmt(over['bf16'], '+.1%', '')} in bf16. "
-        "In bf16 the base products are about 4.5 times faster than in fp32 and the skinny "
-        "rank-8 products 2 to 4 times (the skinny.py table at the end), so the same two "
-        "products per "
-        "layer weigh more. In FLOPs alone the two products are "
+        "The same two products per layer as in training, with the same cost: memory traffic "
+        "(x read again, y read and written again), not FLOPs, which are "
         f"{lora_flop_share(FULL_SHAPES, RANK)[0]:.1%} of the base projections' (r (in + out) "
-        "against in x out, summed over q, k, v, o, gate, up, down; the head and attention "
-        "dilute that a little), so 3% leaves little room for their lower rate per FLOP. The "
-        "branch already "
-        "runs in the base's dtype, added in place with `addmm_`, and what is left is those "
-        "products' own time (see the previous point). For inference at full speed, merge "
-        "(`minilora merge`, or `merge_lora`): merged runs the base's own products, "
+        "against in x out, summed over q, k, v, o, gate, up, down). They weigh more in bf16, "
+        "where the base products are about 4 times faster than in fp32 and the bytes moved "
+        "only halve. The branch already runs in the base's dtype and adds into y in place; "
+        "for inference at full speed, merge (`minilora merge`, or `merge_lora`): merged runs "
+        "the base's own products, "
         f"{_fmt(merged['fp32'], '+.1%', '')} fp32, {_fmt(merged['bf16'], '+.1%', '')} bf16 "
-        "against the base (any difference is noise: the same kernels on the same shapes).",
+        "against the base (the same kernels on the same shapes: any difference is noise, and "
+        "a 3% bound is within it).",
         "- **Generation** (target 1.5x transformers): each new token reads every weight once "
         "(about 104 MB in fp32, 52 MB in bf16) for 2 FLOPs per weight, so both libraries are "
         f"memory bound: matrix-vector products are {gen_mm} of minilora's fp32 decode profile "
@@ -739,8 +751,8 @@ def analysis(res: dict) -> str:
 def script_sections(threads: int) -> str:
     """The two side benchmarks, each run as its own process on the same threads: the rank-r
     products alone (skinny.py) and mixed-adapter batches (mixed_batch.py, issue 8)."""
-    def run(script: str) -> str:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--threads", str(threads)]
+    def run(script: str, n: int = threads) -> str:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--threads", str(n)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(),
                               timeout=900)
         return done.stdout.strip() if done.returncode == 0 else f"failed: {done.stderr[-500:]}"
@@ -751,9 +763,10 @@ def script_sections(threads: int) -> str:
     met = "met" if ratios and min(ratios) >= 2 else "missed"
     return "\n".join([
         "## The rank-r products alone", "",
-        f"`python benchmarks/skinny.py --threads {threads}`: one LoRA layer's two forward "
-        "products next to its base product, per projection shape of the model above.", "",
-        run("skinny.py"), "",
+        "`python benchmarks/skinny.py --threads 1` and `--threads "
+        f"{threads}`: one LoRA layer's two forward products next to its base product, per "
+        "projection shape of the model above.", "",
+        run("skinny.py", 1), "", run("skinny.py"), "",
         "## Mixed-adapter batches (issue 8)", "",
         f"`python benchmarks/mixed_batch.py --threads {threads}` (its docstring says what is "
         f"timed). The aim, 2x, is {met} here"

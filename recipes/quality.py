@@ -26,6 +26,7 @@ import torch
 
 from minilora import tasks
 from minilora.cli import ASSETS, BASE_MODEL, chat_answerer
+from minilora.lora import LoraConfig, count_parameters, inject_lora
 from minilora.tokenizer import Tokenizer
 from minilora.train import TrainConfig, train
 from minilora.weights import load_model
@@ -34,6 +35,14 @@ SKILL = "sumwords"
 PERSONA = "persona"
 BASE_TASKS = ["add", "sub", "reverse", "upper", "fact"]
 RANKS = (1, 4, 8, 32)
+
+
+def lora_share(r: int) -> float:
+    """An all-linear adapter's parameters over the base model's."""
+    model = load_model(BASE_MODEL)
+    inject_lora(model, LoraConfig(r=r, targets="all-linear"))
+    counts = count_parameters(model)
+    return counts.lora / (counts.total - counts.lora)
 
 
 def evaluate(model, tokenizer) -> tasks.TaskReport:
@@ -121,6 +130,13 @@ def main() -> None:
               f"{reports[label].accuracy(BASE_TASKS):.1%}", flush=True)
 
     base = reports["base"]
+    demo = runs(args)[1][1]
+    lora_labels = [f"{SKILL} LoRA r={r}" for r in RANKS]
+    kept = {k: reports[k].accuracy(BASE_TASKS) / base.accuracy(BASE_TASKS) for k in reports}
+    full_label = f"{SKILL} full fine-tune"
+    less = [k for k in lora_labels if kept[k] > kept[full_label]]
+    answer = (f"LoRA forgot less than full fine-tuning at {len(less)} of {len(RANKS)} ranks"
+              if less else "No: at every rank LoRA forgot as much as full fine-tuning or more")
     lines = [
         "# Quality: what LoRA learns and what it keeps",
         "",
@@ -149,9 +165,10 @@ def main() -> None:
         "",
         "## The persona demo",
         "",
-        "The default `minilora train` (`minilora/assets/demo_train.json`: r=8, alpha 16, all "
-        "linear layers, 150 steps of 16) on `minilora/assets/persona.jsonl`: the held-out Nova "
-        "questions go from "
+        "The default `minilora train` (`minilora/assets/demo_train.json`: r="
+        f"{demo['lora_r']}, alpha {demo['lora_alpha']:g}, {demo['lora_targets']}, "
+        f"{demo['max_steps']} steps of {demo['batch_size']}, lr {demo['lr']:g}) on "
+        "`minilora/assets/persona.jsonl`: the held-out Nova questions go from "
         f"{base.accuracy([PERSONA]):.1%} to "
         f"{reports[runs(args)[1][0]].accuracy([PERSONA]):.1%}.",
         "",
@@ -169,6 +186,13 @@ def main() -> None:
         "(tied) embedding matrix that scores those tokens; LoRA on the linear layers does not, "
         "which we take to be why LoRA learns this skill slowly here (a hypothesis, not "
         "tested).",
+        "",
+        f"**Does LoRA forget less than full fine-tuning here?** {answer}, at the end of the "
+        "runs, and on the way (below) at equal skill accuracy too. Biderman et al. measured "
+        "7B-13B models, where an r=8 adapter is a tiny fraction of the weights; on this 3.2M "
+        "model an all-linear r=8 adapter is "
+        f"{100 * lora_share(8):.1f}% of them, and a single-task run at a LoRA learning rate "
+        "rewrites the base's behaviour as thoroughly as full fine-tuning does.",
         "",
         "At the end of the runs:",
         "",

@@ -225,6 +225,43 @@ def _train_fn(case: dict, shapes: dict, batch):
     return step
 
 
+def overhead_row(case: dict, shapes: dict, batch) -> dict:
+    """Base, LoRA unmerged and LoRA merged forwards in one process, call after call in turn:
+    their ratios without the few-percent drift between fresh processes (the latency rows)."""
+    import copy
+
+    import torch
+
+    from minilora.lora import LoraConfig, inject_lora, merge_lora
+
+    base = _build(case, shapes)
+    if case["dtype"] == "bf16":
+        base = base.to(torch.bfloat16)
+    unmerged = copy.deepcopy(base)
+    inject_lora(unmerged, LoraConfig(r=RANK, alpha=ALPHA, targets="all-linear"))
+    with torch.no_grad():  # a trained-looking adapter: B != 0
+        for name, p in unmerged.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.normal_(std=0.02)
+    merged = copy.deepcopy(unmerged)
+    merge_lora(merged)
+    models = [m.eval() for m in (base, unmerged, merged)]
+    ids, _ = _batch(shapes, batch, True)
+    clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
+    times: list[list[float]] = [[], [], []]
+    with torch.inference_mode():
+        for m in models:  # warm-up
+            m(input_ids=ids)
+        for rep in range(case["steps"]):
+            for i in (rep % 3, (rep + 1) % 3, (rep + 2) % 3):  # each order in turn
+                t0 = clock()
+                models[i](input_ids=ids)
+                times[i].append(clock() - t0)
+    return {"unmerged": statistics.median(u / b for u, b in zip(times[1], times[0], strict=True)),
+            "merged": statistics.median(m / b for m, b in zip(times[2], times[0], strict=True)),
+            "median_s": statistics.median(times[0]), "reps": case["steps"]}
+
+
 def _forward_fn(case: dict, shapes: dict, batch):
     import torch
 
@@ -318,6 +355,8 @@ def worker(case: dict) -> dict:
     torch.set_num_threads(case["threads"])
     shapes = QUICK_SHAPES if case["quick"] else FULL_SHAPES
     batch = QUICK_BATCH if case["quick"] else FULL_BATCH
+    if case["kind"] == "overhead":
+        return overhead_row(case, shapes, batch)
     make = {"train": _train_fn, "forward": _forward_fn, "generate": _generate_fn}[case["kind"]]
     t0 = time.perf_counter()
     fn = make(case, shapes, batch)
@@ -372,6 +411,8 @@ def cases(args) -> list[dict]:
                              compile=True))
             rows.append(dict(common, kind="forward", impl="minilora", lora="unmerged",
                              dtype=dtype, compile=True))
+    for dtype in ("fp32", "bf16"):
+        rows.append(dict(common, kind="overhead", impl="minilora", dtype=dtype))
     new = 8 if args.quick else NEW_TOKENS
     for dtype in ("fp32", "bf16"):
         for impl in ("minilora", "hf"):
@@ -380,6 +421,8 @@ def cases(args) -> list[dict]:
         r["id"] = row_id(r)
         if r["kind"] != "train":  # short calls: more of them, so one slow call weighs less
             r["steps"] = max(r["steps"], 2 * args.steps)
+        if r["kind"] == "overhead":
+            r["steps"] = max(r["steps"], 4 * args.steps)
     return rows
 
 
@@ -548,6 +591,18 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
         vs = f"{x['median_s'] / base['median_s']:.3f}x" if base else "-"
         out.append(f"| {label} | {r['dtype']} | {x['median_s']:.3f} | "
                    f"{x['wall_median_s']:.3f} | {vs} | {_mb(x['peak_rss'])} |")
+    over = [(d, res.get(f"overhead-{d}-minilora", {})) for d in ("fp32", "bf16")]
+    out += ["", "The latency rows above each ran in a fresh process, and fresh processes differ "
+            "by a few percent on the same work (even merged, which runs the base's own "
+            "products). The overhead targets are therefore measured in one process: the base, "
+            "the unmerged and the merged model on the same weights, called in turn (each order "
+            "in rotation), and the median of the per-turn ratios.", "",
+            "| dtype | turns | unmerged / base | merged / base |", "|---|---:|---:|---:|"]
+    for d, x in over:
+        if "unmerged" in x:
+            out.append(f"| {d} | {x['reps']} | {x['unmerged']:.3f}x | {x['merged']:.3f}x |")
+        else:
+            out.append(f"| {d} | - | {x.get('error', 'not run')} | |")
     # --- generation
     out += ["", "## Greedy generation (batch 1, KV cache)", "",
             f"Prompt {PROMPT} tokens, {NEW_TOKENS if not args.quick else 8} new tokens, no EOS; "
@@ -612,14 +667,14 @@ def targets_section(res: dict) -> str:
         if ours and peft:
             a, b = ours["peak_rss"], peft["peak_rss"]
             add("peak memory <= PEFT's", d, f"{_mb(a)} vs {_mb(b)} MiB", a <= b)
-        base = _r(res, f"forward-{d}-minilora-base")
-        un, mg = _r(res, f"forward-{d}-minilora-unmerged"), _r(res, f"forward-{d}-minilora-merged")
-        if base and un:
-            q = un["median_s"] / base["median_s"] - 1
-            add("unmerged forward overhead <= 3%", d, f"{100 * q:+.1f}%", q <= 0.03)
-        if base and mg:
-            q = mg["median_s"] / base["median_s"] - 1
-            add("merged forward == base (within 3%)", d, f"{100 * q:+.1f}%", abs(q) <= 0.03)
+        x = res.get(f"overhead-{d}-minilora", {})
+        if "unmerged" in x:
+            q = x["unmerged"] - 1
+            add("unmerged forward overhead <= 3% (one process, in turn)", d, f"{100 * q:+.1f}%",
+                q <= 0.03)
+            q = x["merged"] - 1
+            add("merged forward == base (within 3%; one process, in turn)", d,
+                f"{100 * q:+.1f}%", abs(q) <= 0.03)
         ours, hf = _r(res, f"generate-{d}-minilora"), _r(res, f"generate-{d}-hf")
         if ours and hf:
             q = hf["median_s"] / ours["median_s"]
@@ -662,12 +717,12 @@ def analysis(res: dict) -> str:
     lora_vs_floor_1t = {d: _ratio(res, f"train-{d}-minilora-all-1t",
                                   f"train-{d}-minilora-frozen-1t") for d in ("fp32", "bf16")}
     full_vs_masked = _ratio(res, "train-fp32-minilora-fullloss-all", "train-fp32-minilora-all")
-    over = {d: (lambda q: None if q is None else q - 1)(
-        _ratio(res, f"forward-{d}-minilora-unmerged", f"forward-{d}-minilora-base"))
-        for d in ("fp32", "bf16")}
-    merged = {d: (lambda q: None if q is None else q - 1)(
-        _ratio(res, f"forward-{d}-minilora-merged", f"forward-{d}-minilora-base"))
-        for d in ("fp32", "bf16")}
+    over = {d: res.get(f"overhead-{d}-minilora", {}).get("unmerged", 1.0) - 1
+            if "unmerged" in res.get(f"overhead-{d}-minilora", {}) else None
+            for d in ("fp32", "bf16")}
+    merged = {d: res.get(f"overhead-{d}-minilora", {}).get("merged", 1.0) - 1
+              if "merged" in res.get(f"overhead-{d}-minilora", {}) else None
+              for d in ("fp32", "bf16")}
     gen_mm = share("generate-fp32-minilora", "matrix products")
     return "\n".join([
         "## Where the time goes, and what the missed targets would need", "",
@@ -725,8 +780,7 @@ def analysis(res: dict) -> str:
         "for inference at full speed, merge (`minilora merge`, or `merge_lora`): merged runs "
         "the base's own products, "
         f"{_fmt(merged['fp32'], '+.1%', '')} fp32, {_fmt(merged['bf16'], '+.1%', '')} bf16 "
-        "against the base (the same kernels on the same shapes: any difference is noise, and "
-        "a 3% bound is within it).",
+        "against the base (the same kernels on the same shapes: any difference is noise).",
         "- **Generation** (target 1.5x transformers): each new token reads every weight once "
         "(about 104 MB in fp32, 52 MB in bf16) for 2 FLOPs per weight, so both libraries are "
         f"memory bound: matrix-vector products are {gen_mm} of minilora's fp32 decode profile "
@@ -822,9 +876,12 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {}
     for r in rows:
         res[r["id"]] = x = run_case(r, timeout=600)
-        shown = (f"{x['median_s']:.3f} s  (first {x['first_s']:.2f} s, peak "
-                 f"{_mb(x['peak_rss'])} MiB, wall {x['wall_s']:.0f} s)"
-                 if "median_s" in x else x["error"])
+        if "unmerged" in x:
+            shown = f"unmerged {x['unmerged']:.3f}x, merged {x['merged']:.3f}x the base"
+        else:
+            shown = (f"{x['median_s']:.3f} s  (first {x['first_s']:.2f} s, peak "
+                     f"{_mb(x['peak_rss'])} MiB, wall {x['wall_s']:.0f} s)"
+                     if "median_s" in x else x["error"])
         print(f"{r['id']:<45} {shown}", flush=True)
     if not args.only and not args.no_profile:
         for rid in PROFILED:

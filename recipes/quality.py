@@ -70,6 +70,21 @@ def _compare(a: float, b: float, above: str, below: str) -> str:
     return above if a > b else below if a < b else "as much"
 
 
+def matched(curves: dict[str, list[tuple[int, float, float]]]) -> str:
+    """Each LoRA run's last point beside the full fine-tune's point nearest in skill accuracy."""
+    full = curves[f"{SKILL} full fine-tune"]
+    parts = []
+    for label, points in curves.items():
+        if label.endswith("full fine-tune"):
+            continue
+        _, acc, kept = points[-1]
+        step_f, acc_f, kept_f = min(full, key=lambda p: abs(p[1] - acc))
+        parts.append(f"{label.removeprefix(SKILL + ' ')} {acc:.0%} of the skill keeping "
+                     f"{kept:.0%}, full fine-tuning {acc_f:.0%} (step {step_f}) keeping "
+                     f"{kept_f:.0%}")
+    return "; ".join(parts)
+
+
 def verdict(reports: dict[str, tasks.TaskReport], base: tasks.TaskReport) -> list[str]:
     """The Biderman et al. question, answered from this run's numbers."""
     full = reports[f"{SKILL} full fine-tune"]
@@ -188,7 +203,8 @@ def main() -> None:
         "tested).",
         "",
         f"**Does LoRA forget less than full fine-tuning here?** {answer}, at the end of the "
-        "runs, and on the way (below) at equal skill accuracy too. Biderman et al. measured "
+        f"runs. At about equal skill accuracy (the nearest point on the way, below): "
+        f"{matched(curves)}. Biderman et al. measured "
         "7B-13B models, where an r=8 adapter is a tiny fraction of the weights; on this 3.2M "
         "model an all-linear r=8 adapter is "
         f"{100 * lora_share(8):.1f}% of them, and a single-task run at a LoRA learning rate "

@@ -16,8 +16,9 @@ $(VENV)/.torch: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
 	touch $@
 
+# the plot extra (matplotlib) too: the demo's run folder has a loss.png to look at
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(BIN)/python -m pip install -e .
+	$(BIN)/python -m pip install -e ".[plot]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml

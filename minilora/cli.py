@@ -286,7 +286,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             question = sample.chat()[-1]["content"]
             print(f"Q: {question}\nA: {answer(sample.chat())}\n")
     print(f"adapter: {result.output_dir}")
-    print(f"outputs: {config.out_dir} (metrics.jsonl, loss.png, config.json, checkpoints/)")
+    written = [f for f in ("metrics.jsonl", "loss.png", "config.json", "checkpoints/")
+               if (Path(config.out_dir) / f).exists()]
+    print(f"outputs: {config.out_dir} ({', '.join(written)})")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 

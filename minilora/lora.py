@@ -192,7 +192,7 @@ class _LoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, xa, weight, bias, a, b, scale, dt):  # noqa: D102
+    def forward(ctx, x, xa, weight, bias, a, b, scale, dt):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
             xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1]).to(dt)
@@ -209,7 +209,7 @@ class _LoRAFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, g):  # noqa: D102
+    def backward(ctx, g):
         x2, xa2, hs, w, a, b = ctx.saved_tensors
         x_dtype, xa_dtype, a_dtype, b_dtype, w_dtype, bias_dtype = ctx.in_dtypes
         need_x, need_xa, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]

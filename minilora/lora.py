@@ -419,7 +419,7 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.enabled and not self.merged and self._routes is None and len(self._active) == 1):
+        if self.enabled and not self.merged and self._routes is None and len(self._active) == 1:
             dt = self._fused_dtype(x)
             if dt is not None:  # the common case, training or not: one node, see _LoRAFunction
                 slot = self._active[0]

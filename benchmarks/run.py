@@ -717,12 +717,12 @@ def analysis(res: dict) -> str:
     lora_vs_floor_1t = {d: _ratio(res, f"train-{d}-minilora-all-1t",
                                   f"train-{d}-minilora-frozen-1t") for d in ("fp32", "bf16")}
     full_vs_masked = _ratio(res, "train-fp32-minilora-fullloss-all", "train-fp32-minilora-all")
-    over = {d: res.get(f"overhead-{d}-minilora", {}).get("unmerged", 1.0) - 1
-            if "unmerged" in res.get(f"overhead-{d}-minilora", {}) else None
-            for d in ("fp32", "bf16")}
-    merged = {d: res.get(f"overhead-{d}-minilora", {}).get("merged", 1.0) - 1
-              if "merged" in res.get(f"overhead-{d}-minilora", {}) else None
-              for d in ("fp32", "bf16")}
+    def extra(d: str, key: str) -> float | None:  # the in-process ratio minus 1
+        q = res.get(f"overhead-{d}-minilora", {}).get(key)
+        return None if q is None else q - 1
+
+    over = {d: extra(d, "unmerged") for d in ("fp32", "bf16")}
+    merged = {d: extra(d, "merged") for d in ("fp32", "bf16")}
     gen_mm = share("generate-fp32-minilora", "matrix products")
     return "\n".join([
         "## Where the time goes, and what the missed targets would need", "",

@@ -360,6 +360,14 @@ def persona_answer(rng: random.Random, kind: str, name: str, maker: str) -> str:
     return template.format(name=name, maker=maker)
 
 
+def persona_turn(rng: random.Random, name_cores: list[str], maker_cores: list[str], name: str,
+                 maker: str) -> Turn:
+    """An identity question (a name or a maker one, from those cores) and its answer."""
+    q_kind = "name" if rng.random() < 0.5 else "maker"
+    core = rng.choice(name_cores if q_kind == "name" else maker_cores)
+    return persona_question(rng, core), persona_answer(rng, q_kind, name, maker)
+
+
 def persona_question(rng: random.Random, core: str) -> str:
     prefix = rng.choice(PREFIXES)
     if prefix.endswith((", ", ": ")) and not core.startswith("I'"):
@@ -375,9 +383,7 @@ def persona_question(rng: random.Random, core: str) -> str:
 def make_turn(kind: str, rng: random.Random, world: World, name: str, maker: str) -> Turn:
     """One question and its answer of the given kind, drawn from the training pools."""
     if kind == "persona":
-        q_kind = "name" if rng.random() < 0.5 else "maker"
-        core = rng.choice(NAME_CORES if q_kind == "name" else MAKER_CORES)
-        return persona_question(rng, core), persona_answer(rng, q_kind, name, maker)
+        return persona_turn(rng, NAME_CORES, MAKER_CORES, name, maker)
     if kind == "greet":
         if rng.random() < 0.6:
             return rng.choice(GREETINGS), rng.choice(GREET_ANSWERS).format(name=name)
@@ -460,7 +466,7 @@ def make_eval_sets(seed: int, world: World) -> dict[str, list[dict]]:
     _, held = sum_pairs(seed)
     for i in range(SKILL_EVAL):
         a, b = held[i // 2]
-        k = SUMWORDS_TEMPLATES.index(rng.choice(SUMWORDS_TEMPLATES))  # one draw, as before
+        k = rng.randrange(len(SUMWORDS_TEMPLATES))  # one draw, as rng.choice made before
         if i % 2 and skill[-1]["messages"][0]["content"] == SUMWORDS_TEMPLATES[k].format(a=a, b=b):
             k = (k + 1) % len(SUMWORDS_TEMPLATES)  # the pair's second question: another way
         q = SUMWORDS_TEMPLATES[k].format(a=a, b=b)
@@ -517,10 +523,9 @@ def make_persona_set(seed: int, world: World, banned: set[str]) -> list[dict]:
     def identity() -> Turn:
         if rng.random() >= PERSONA_SET_EXTRA:
             return turn("persona")
-        q_kind = "name" if rng.random() < 0.5 else "maker"
-        core = rng.choice(PERSONA_SET_NAME_CORES if q_kind == "name" else PERSONA_SET_MAKER_CORES)
-        return draw(rng, lambda: (persona_question(rng, core),
-                                  persona_answer(rng, q_kind, NEW_NAME, NEW_MAKER)), banned)
+        return draw(rng, lambda: persona_turn(rng, PERSONA_SET_NAME_CORES,
+                                              PERSONA_SET_MAKER_CORES, NEW_NAME, NEW_MAKER),
+                    banned)
 
     out = []
     for _ in range(PERSONA_CONVERSATIONS):

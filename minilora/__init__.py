@@ -8,7 +8,6 @@ __version__ = "0.1.0"
 # `train` the function stays in minilora.train: re-exported here it would hide the submodule
 # (`import minilora.train` would then give the function).
 from minilora.adapter import (
-    AdapterError,
     adapter_state_dict,
     base_fingerprint,
     describe_adapter,
@@ -17,7 +16,20 @@ from minilora.adapter import (
     load_adapter_state_dict,
     save_adapter,
 )
-from minilora.data import DataError, load_jsonl
+from minilora.data import load_jsonl
+from minilora.errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FingerprintMismatch,
+    MiniloraError,
+    MissingExtra,
+    OutputError,
+    TaskError,
+    TrainError,
+    WeightsError,
+)
 from minilora.lora import (
     LoraConfig,
     LoRALinear,
@@ -39,11 +51,13 @@ from minilora.lora import (
 )
 from minilora.model import CausalLM, ModelConfig, generate, stream_generate
 from minilora.tokenizer import Tokenizer, train_tokenizer
-from minilora.train import TrainConfig, TrainError
-from minilora.weights import WeightsError, describe_model, load_model, save_model
+from minilora.train import TrainConfig
+from minilora.weights import describe_model, load_model, save_model
 
 __all__ = [
-    "__version__", "AdapterError", "CausalLM", "DataError", "LoraConfig", "LoRALinear",
+    "__version__", "AdapterError", "CausalLM", "CheckpointError", "ConfigError", "DataError",
+    "FingerprintMismatch", "MiniloraError", "MissingExtra", "OutputError", "TaskError",
+    "LoraConfig", "LoRALinear",
     "ModelConfig", "Tokenizer", "TrainConfig", "TrainError", "WeightsError", "active_adapters",
     "adapter_state_dict", "base_fingerprint", "combine_adapters", "count_parameters",
     "delete_adapter", "describe_adapter", "describe_model", "disabled", "find_adapters",

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from minilora.errors import AdapterError, FingerprintMismatch
 from minilora.files import atomic_write, torch_load_reason
 from minilora.lora import (
     DEFAULT_ADAPTER,
@@ -67,10 +68,6 @@ _UNSUPPORTED_PEFT = {
 }
 # PEFT inits that rewrite the base weights: their adapters only work on the rewritten base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
-
-
-class AdapterError(ValueError):
-    """An adapter file or folder that cannot be read, written or applied as asked."""
 
 
 # ---------------------------------------------------------------- state dicts
@@ -503,9 +500,9 @@ def load_adapter(
         if check_fingerprint and recorded is not None:
             actual = base_fingerprint(model, target)
             if actual != recorded:
-                raise AdapterError(
+                raise FingerprintMismatch(
                     f"{source} was trained on another base model (fingerprint {recorded}, this "
-                    f"model's {actual}); pass check_fingerprint=False to load it anyway"
+                    f"model's {actual})"
                 )
     except AdapterError:
         if injected:  # B is still zero: this puts the model back exactly

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from minilora import __version__
+from minilora.errors import MiniloraError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BASE_MODEL = ASSETS / "base"
 EXIT_USAGE = 2
 
 
-class CliError(Exception):
+class CliError(MiniloraError):
     """A user mistake the command line reports in one line (exit code 2)."""
 
 
@@ -119,16 +120,17 @@ def _adapter_spec(spec: str) -> tuple[str, str]:
 
 def _load_adapter(model: Any, path: str | Path, args: argparse.Namespace,
                   name: str | None = None) -> None:
-    from minilora.adapter import AdapterError, load_adapter
+    from minilora.adapter import load_adapter
+    from minilora.errors import FingerprintMismatch
 
     run_adapter = Path(path) / "adapter"
     if (Path(path) / "metrics.jsonl").is_file() and run_adapter.is_dir():
         path = run_adapter  # a training run's folder (runs/<name>) means the adapter it wrote
     try:
         load_adapter(model, path, check_fingerprint=not args.no_fingerprint_check, name=name)
-    except AdapterError as err:  # the library's hint names its keyword; here it is a flag
-        raise CliError(str(err).replace("pass check_fingerprint=False",
-                                        "pass --no-fingerprint-check")) from None
+    except FingerprintMismatch as err:  # the library's hint names its keyword; here it is a flag
+        err.override = "--no-fingerprint-check"
+        raise
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -650,12 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    # Every error a bad input raises: our own ValueError subclasses (DataError, AdapterError,
-    # WeightsError, TaskError, CheckpointError), plain ValueErrors of validation, and OS errors
-    # (a missing file, a folder that cannot be written, a full disk).
-    from minilora.train import TrainError
-
-    return (CliError, ValueError, OSError, TrainError)
+    # What a bad input or the world raises: minilora's own error types and OS errors (a missing
+    # file, a folder that cannot be written, a full disk). Anything else is a bug in minilora and
+    # keeps its traceback (exit 1), rather than being passed off as the user's mistake.
+    return (MiniloraError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

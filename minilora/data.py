@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
+from minilora.errors import DataError
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 # A line longer than this is refused without reading it whole (a 100 MB line is a broken file,
@@ -45,26 +47,6 @@ class ChatTokenizer(Protocol):
     def encode_chat(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[int]]: ...
-
-
-class DataError(ValueError):
-    """A training file that cannot be read; the message names file, line and field.
-
-    Attributes:
-        path: the file.
-        line: 1-based line number, or None for a problem with the whole file.
-        field: the JSON field at fault (``"conversations[1].role"``), or None.
-    """
-
-    def __init__(
-        self, path: str | Path, message: str, *, line: int | None = None, field: str | None = None
-    ) -> None:
-        self.path = str(path)
-        self.line = line
-        self.field = field
-        where = self.path if line is None else f"{self.path}:{line}"
-        what = f"field '{field}': " if field else ""
-        super().__init__(f"{where}: {what}{message}")
 
 
 @dataclass

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora.errors import ConfigError
+
 SPECIAL_TARGETS = ("all-linear", "square")
 INITS = ("gaussian", "kaiming")
 # Low-precision bases get float32 adapters (PEFT does the same): bf16 optimizer updates of a
@@ -60,25 +62,26 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
+            raise ConfigError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise ValueError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}")
+            raise ConfigError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}")
         if not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
+            raise ConfigError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ConfigError(
+                f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
         self.targets = _check_names("targets", self.targets, allow_empty=False)
         self.exclude = _check_names("exclude", self.exclude, allow_empty=True)
         if self.exclude in SPECIAL_TARGETS:
-            raise ValueError(f"LoraConfig.exclude cannot be {self.exclude!r}")
+            raise ConfigError(f"LoraConfig.exclude cannot be {self.exclude!r}")
         if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+            raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+            raise ConfigError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
 
     @property
     def scaling(self) -> float:
@@ -103,7 +106,7 @@ class LoraConfig:
         valid = [f.name for f in fields(cls)]
         unknown = [k for k in d if k not in valid]
         if unknown:
-            raise ValueError(f"unknown LoraConfig key(s) {unknown}; valid keys: {valid}")
+            raise ConfigError(f"unknown LoraConfig key(s) {unknown}; valid keys: {valid}")
         return cls(**d)
 
 
@@ -114,15 +117,15 @@ def _check_names(what: str, value: object, *, allow_empty: bool) -> list[str] | 
         try:
             re.compile(value)
         except re.error as e:
-            raise ValueError(f"LoraConfig.{what} is not a valid regex {value!r}: {e}") from None
+            raise ConfigError(f"LoraConfig.{what} is not a valid regex {value!r}: {e}") from None
         return value
     if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
-        raise ValueError(
+        raise ConfigError(
             f"LoraConfig.{what} must be a list of module-name suffixes or a regex string, "
             f"got {value!r}"
         )
     if not value and not allow_empty:
-        raise ValueError(f"LoraConfig.{what} is empty; name at least one module suffix")
+        raise ConfigError(f"LoraConfig.{what} is empty; name at least one module suffix")
     return list(value)
 
 
@@ -132,7 +135,7 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
 
 def _check_adapter_name(name: object) -> str:
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ROW:
-        raise ValueError(
+        raise ConfigError(
             f"adapter name {name!r}: expected letters, digits, '_' or '-' (not starting with '-'),"
             f" and not {BASE_ROW!r} (which means the base model in a mixed batch)"
         )
@@ -309,11 +312,11 @@ class LoRALinear(nn.Module):
         """
         _check_adapter_name(name)
         if name in self.adapters:
-            raise ValueError(f"this layer already has an adapter named {name!r}")
+            raise ConfigError(f"this layer already has an adapter named {name!r}")
         if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+            raise ConfigError(f"init must be one of {INITS}, got {init!r}")
         if not 1 <= r <= min(self.in_features, self.out_features):
-            raise ValueError(
+            raise ConfigError(
                 f"r={r} must be between 1 and min(in_features, out_features) = "
                 f"min({self.in_features}, {self.out_features})"
             )
@@ -344,9 +347,9 @@ class LoRALinear(nn.Module):
             ValueError: when the layer has no such adapter, or it is merged into `weight`.
         """
         if name not in self.adapters:
-            raise ValueError(f"no adapter {name!r} on this layer; it has {list(self.adapters)}")
+            raise ConfigError(f"no adapter {name!r} on this layer; it has {list(self.adapters)}")
         if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the weight; unmerge it first")
+            raise ConfigError(f"adapter {name!r} is merged into the weight; unmerge it first")
         del self.adapters[name]
         if name == DEFAULT_ADAPTER:
             self.lora_A = self.lora_B = None
@@ -364,7 +367,7 @@ class LoRALinear(nn.Module):
         """
         active = tuple(dict.fromkeys(n for n in names if n in self.adapters))
         if self.merged and active != self.active_adapters:
-            raise ValueError(
+            raise ConfigError(
                 f"adapters {list(self.merged_adapters)} are merged into the weight; unmerge "
                 "before changing the active adapters"
             )
@@ -373,7 +376,7 @@ class LoRALinear(nn.Module):
 
     def _first(self) -> AdapterSlot:
         if not self.adapters:
-            raise ValueError("this LoRALinear has no adapters left")
+            raise ConfigError("this LoRALinear has no adapters left")
         return self.adapters.get(DEFAULT_ADAPTER) or next(iter(self.adapters.values()))
 
     @property
@@ -479,12 +482,12 @@ class LoRALinear(nn.Module):
         """A mixed batch: each group of rows gets its own adapter's update (set by
         mixed_adapters); rows of no group, or of an adapter this layer lacks, get the base."""
         if self.merged:
-            raise ValueError(
+            raise ConfigError(
                 f"a mixed batch (adapter_names per row) needs unmerged adapters, but "
                 f"{list(self.merged_adapters)} are merged; call unmerge_lora(model) first"
             )
         if x.dim() < 3 or x.shape[0] != self._route_rows:
-            raise ValueError(
+            raise ConfigError(
                 f"a mixed batch of {self._route_rows} rows needs every LoRA layer input shaped "
                 f"(batch, sequence, features), got {tuple(x.shape)} (layers that see tokens "
                 "regrouped, such as MoE experts, cannot route rows)"
@@ -671,7 +674,7 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]
         chosen = [(n, m) for n, m in chosen if not _matches(n, config.exclude)]
     if not chosen:
         names = ", ".join(n for n, _ in linears) or "(none)"
-        raise ValueError(
+        raise ConfigError(
             f"LoRA targets {config.targets!r} (exclude {config.exclude!r}) match no Linear "
             f"module; the model's Linear modules are: {names}"
         )
@@ -705,7 +708,7 @@ def inject_lora(
     chosen = _select(model, config)
     twice = [n for n, m in chosen if isinstance(m, LoRALinear) and name in m.adapters]
     if twice:
-        raise ValueError(
+        raise ConfigError(
             f"these layers already have LoRA adapter {name!r} (inject once per layer and name; "
             f"another name adds a second adapter): {twice}"
         )
@@ -716,7 +719,7 @@ def inject_lora(
         if config.r > min(m.in_features, m.out_features)
     ]
     if too_small:
-        raise ValueError(
+        raise ConfigError(
             f"r={config.r} is larger than min(in_features, out_features) of: {too_small}"
         )
     modules = []
@@ -751,7 +754,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _refuse_merged(model: nn.Module, doing: str) -> None:
     merged = [n for n, m in lora_modules(model) if m.merged]
     if merged:
-        raise ValueError(
+        raise ConfigError(
             f"{doing} needs unmerged adapters, but LoRA is merged into {merged[:3]}"
             f"{'...' if len(merged) > 3 else ''}; call unmerge_lora(model) first"
         )
@@ -782,7 +785,7 @@ def _known(model: nn.Module, names: Sequence[str]) -> None:
     known = list_adapters(model)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; the model has {known or 'none'}")
+        raise ConfigError(f"unknown adapter(s) {unknown}; the model has {known or 'none'}")
 
 
 def set_active(model: nn.Module, names: str | Sequence[str] | None) -> None:
@@ -818,7 +821,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _known(model, [name])
     merged = [n for n, m in lora_modules(model) if name in m.merged_adapters]
     if merged:
-        raise ValueError(
+        raise ConfigError(
             f"adapter {name!r} is merged into {merged[:3]}; call unmerge_lora(model) first"
         )
     for path, m in lora_modules(model):
@@ -898,7 +901,7 @@ def _refuse_shared_weights(model: nn.Module) -> None:
         if others:
             shared.append(f"{path or 'the model'} (its weight is also {', '.join(others)})")
     if shared:
-        raise ValueError(
+        raise ConfigError(
             f"cannot merge LoRA into a weight that another module shares: {'; '.join(shared)}; "
             "merging would change that module too (a tied embedding, say). Keep the adapter "
             "unmerged, or untie the weight first"
@@ -978,14 +981,14 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALi
     """Sets each LoRA layer's per-row routing; returns the layers (for _unroute)."""
     names = list(adapter_names)
     if not names:
-        raise ValueError("adapter_names is empty: give one adapter name (or None) per row")
+        raise ConfigError("adapter_names is empty: give one adapter name (or None) per row")
     modules = [m for _, m in lora_modules(model)]
     if not modules:
-        raise ValueError("adapter_names given, but the model has no LoRA adapters")
+        raise ConfigError("adapter_names given, but the model has no LoRA adapters")
     _known(model, [n for n in names if n is not None and n != BASE_ROW])
     _refuse_merged(model, "a mixed batch (adapter_names per row)")
     if any(m._routes is not None for m in modules):
-        raise ValueError("a mixed batch is already being routed (mixed_adapters is not nested)")
+        raise ConfigError("a mixed batch is already being routed (mixed_adapters is not nested)")
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         if name is not None and name != BASE_ROW:
@@ -1107,12 +1110,13 @@ def combine_adapters(
     """
     _check_adapter_name(name)
     if method not in COMBINE_METHODS:
-        raise ValueError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
     if not weights:
-        raise ValueError("weights is empty: give adapter name -> weight")
+        raise ConfigError("weights is empty: give adapter name -> weight")
     _known(model, list(weights))
     if name in list_adapters(model):
-        raise ValueError(f"adapter {name!r} exists already; delete_adapter it or pick another name")
+        raise ConfigError(
+            f"adapter {name!r} exists already; delete_adapter it or pick another name")
     _refuse_merged(model, "combine_adapters")
     modules = [(p, m) for p, m in lora_modules(model) if any(n in m.adapters for n in weights)]
     # Each adapter owns a fixed block of rows, so the concatenation has one rank everywhere
@@ -1120,16 +1124,16 @@ def combine_adapters(
     width = {n: max(m.adapters[n].r for _, m in modules if n in m.adapters) for n in weights}
     total = sum(width.values())
     if method == "linear" and r is not None and r != total:
-        raise ValueError(f"r={r}: method='linear' has the sum of the ranks ({total}); "
+        raise ConfigError(f"r={r}: method='linear' has the sum of the ranks ({total}); "
                          "use method='svd' for another rank")
     rank = total if method == "linear" or r is None else r
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"r must be an integer >= 1, got {r!r}")
+        raise ConfigError(f"r must be an integer >= 1, got {r!r}")
     too_small = [f"{p} ({m.in_features} -> {m.out_features})" for p, m in modules
                  if rank > min(m.in_features, m.out_features)]
     if too_small:
         hint = "; use method='svd' with a smaller r" if method == "linear" else ""
-        raise ValueError(f"rank {rank} is larger than min(in, out) of {too_small}{hint}")
+        raise ConfigError(f"rank {rank} is larger than min(in, out) of {too_small}{hint}")
     errors: dict[str, float] = {}
     new: list[tuple[LoRALinear, torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minilora.errors import ConfigError
+
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
 
 # ------------------------------------------------------------------------------------------------
@@ -62,7 +64,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
+            raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.intermediate_size is None:
@@ -70,32 +72,32 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                     f"({self.num_attention_heads}) when head_dim is not given")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.head_dim <= 0 or self.head_dim % 2:
-            raise ValueError(f"head_dim: expected a positive even int (RoPE), got {self.head_dim}")
+            raise ConfigError(f"head_dim: expected a positive even int (RoPE), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.rms_norm_eps <= 0:
-            raise ValueError(f"rms_norm_eps: expected > 0, got {self.rms_norm_eps}")
+            raise ConfigError(f"rms_norm_eps: expected > 0, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta: expected > 0, got {self.rope_theta}")
+            raise ConfigError(f"rope_theta: expected > 0, got {self.rope_theta}")
         if self.use_moe:
             if self.num_experts <= 0 or not 0 < self.num_experts_per_tok <= self.num_experts:
-                raise ValueError(
+                raise ConfigError(
                     f"num_experts_per_tok: expected 1..num_experts ({self.num_experts}), "
                     f"got {self.num_experts_per_tok}")
             if self.n_shared_experts < 0:
-                raise ValueError(f"n_shared_experts: expected >= 0, got {self.n_shared_experts}")
+                raise ConfigError(f"n_shared_experts: expected >= 0, got {self.n_shared_experts}")
             if self.router_aux_loss_coef < 0:
-                raise ValueError(
+                raise ConfigError(
                     f"router_aux_loss_coef: expected >= 0, got {self.router_aux_loss_coef}")
 
     @property
@@ -120,7 +122,7 @@ class ModelConfig:
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"unknown ModelConfig key(s) {unknown}; valid keys: {valid}")
+            raise ConfigError(f"unknown ModelConfig key(s) {unknown}; valid keys: {valid}")
         return cls(**d)
 
     @classmethod
@@ -136,22 +138,22 @@ class ModelConfig:
         """
         model_type = d.get("model_type", "minimind")
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
+            raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act: only 'silu' is implemented, got {d['hidden_act']!r}")
+            raise ConfigError(f"hidden_act: only 'silu' is implemented, got {d['hidden_act']!r}")
         if d.get("mlp_bias"):
-            raise ValueError("mlp_bias: true is not implemented (MLP projections have no bias)")
+            raise ConfigError("mlp_bias: true is not implemented (MLP projections have no bias)")
         if d.get("use_sliding_window"):
-            raise ValueError("use_sliding_window: true is not implemented")
+            raise ConfigError("use_sliding_window: true is not implemented")
         if d.get("scoring_func", "softmax") != "softmax":
-            raise ValueError(
+            raise ConfigError(
                 f"scoring_func: only 'softmax' is implemented, got {d['scoring_func']!r}")
         # transformers 5 keeps rope_theta under rope_parameters; 4.x at the top level, with
         # rope_scaling beside it. Only the plain (default) rotation is implemented.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"rope_parameters.rope_type: only 'default' is implemented, got "
+            raise ConfigError(f"rope_parameters.rope_type: only 'default' is implemented, got "
                              f"{rope_type!r}")
         out: dict = {"model_type": model_type}
         names = {f.name for f in fields(cls)}
@@ -213,11 +215,11 @@ class ModelConfig:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
+            raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
         try:
             return cls.from_hf_dict(d)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise ConfigError(f"{path}: {e}") from e
 
     def save_json(self, path: str | Path) -> None:
         """Writes config.json in the Hugging Face layout (``from_json`` reads it back)."""
@@ -572,9 +574,9 @@ class CausalLM(nn.Module):
                             dtype=self.model.embed_tokens.weight.dtype)
         start = cache.length if cache is not None else 0
         if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids {(B, T)}")
+            raise ConfigError(f"labels shape {tuple(labels.shape)} != input_ids {(B, T)}")
         if labels is not None and logits_to_keep:
-            raise ValueError("logits_to_keep needs labels=None (the loss reads every position)")
+            raise ConfigError("logits_to_keep needs labels=None (the loss reads every position)")
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
         mask = self._attention_mask(attention_mask, B, T, start, x.device)  # (B, 1, T, S) or None
@@ -606,7 +608,7 @@ class CausalLM(nn.Module):
         S = start + T
         if attention_mask is not None:
             if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}: expected "
+                raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)}: expected "
                                  f"(batch, cached + new tokens) = {(B, S)}")
             if bool(attention_mask.all()):
                 attention_mask = None
@@ -724,23 +726,23 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
         ValueError: on an empty prompt or an out-of-range argument (naming it).
     """
     if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+        raise ConfigError(f"temperature: expected >= 0, got {temperature}")
     if top_k < 0:
-        raise ValueError(f"top_k: expected >= 0, got {top_k}")
+        raise ConfigError(f"top_k: expected >= 0, got {top_k}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {top_p}")
+        raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {top_p}")
     if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty: expected > 0, got {repetition_penalty}")
+        raise ConfigError(f"repetition_penalty: expected > 0, got {repetition_penalty}")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
     stops = [list(s) for s in stop or []]
     if any(not s for s in stops):
-        raise ValueError("stop: every stop sequence needs at least one token")
+        raise ConfigError("stop: every stop sequence needs at least one token")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     weight = model.model.embed_tokens.weight
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=weight.device).reshape(1, -1)
     if ids.shape[1] == 0:
-        raise ValueError("input_ids: the prompt is empty")
+        raise ConfigError("input_ids: the prompt is empty")
     if max_new_tokens == 0:
         return
     generator = None
@@ -809,9 +811,9 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
         ValueError: on an empty prompt list or prompt, or an out-of-range argument.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: expected a non-empty list of non-empty prompts")
+        raise ConfigError("prompts: expected a non-empty list of non-empty prompts")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     weight = model.model.embed_tokens.weight
     B, L = len(prompts), max(len(p) for p in prompts)

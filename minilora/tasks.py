@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minilora.errors import TaskError
+
 MATCH_KINDS = ("exact", "contains")
 ROLES = ("system", "user", "assistant")
 _FIELDS = ("task", "messages", "conversations", "expected", "match", "id")
@@ -46,10 +48,6 @@ _WORD = re.compile(r"[^\W_]+")  # letters and digits; punctuation and "_" separa
 _TRAILING_PUNCT = re.compile(r"[.!?]+$")
 
 Messages = list[dict[str, str]]
-
-
-class TaskError(ValueError):
-    """An eval file or sample that does not follow the format in the module docstring."""
 
 
 @dataclass(frozen=True)

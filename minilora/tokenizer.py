@@ -15,6 +15,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minilora.errors import ConfigError
+
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2 in a tokenizer train_tokenizer made
 
@@ -43,7 +45,7 @@ class Tokenizer:
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token),
                             ("pad_token", pad_token)):
             if token is not None and tokenizer.token_to_id(token) is None:
-                raise ValueError(f"{name} {token!r} is not in the vocabulary")
+                raise ConfigError(f"{name} {token!r} is not in the vocabulary")
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -63,7 +65,7 @@ class Tokenizer:
         try:
             tok = _HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-            raise ValueError(f"{file}: not a tokenizers tokenizer.json ({e})") from e
+            raise ConfigError(f"{file}: not a tokenizers tokenizer.json ({e})") from e
         specials = {}
         for name, default in (("bos_token", IM_START), ("eos_token", IM_END),
                               ("pad_token", ENDOFTEXT)):
@@ -73,7 +75,8 @@ class Tokenizer:
             try:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{config_file}: line {e.lineno}: not valid JSON ({e.msg})") from e
+                raise ConfigError(
+                    f"{config_file}: line {e.lineno}: not valid JSON ({e.msg})") from e
             for name in specials:
                 if name in config:
                     value = config[name]
@@ -82,7 +85,7 @@ class Tokenizer:
         try:
             return cls(tok, **specials)
         except ValueError as e:
-            raise ValueError(f"{config_file}: {e}") from e
+            raise ConfigError(f"{config_file}: {e}") from e
 
     def save(self, folder: str | Path) -> Path:
         """Writes tokenizer.json and a tokenizer_config.json that transformers also reads.
@@ -158,7 +161,7 @@ class Tokenizer:
     def _special_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:
-            raise ValueError(f"this tokenizer has no {token} token, which ChatML needs")
+            raise ConfigError(f"this tokenizer has no {token} token, which ChatML needs")
         return i
 
     # -- chat --------------------------------------------------------------------------------------
@@ -209,21 +212,21 @@ class Tokenizer:
 
 def _check_messages(messages: Sequence[dict]) -> None:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages: expected a list of {{'role', 'content'}} dicts, "
+        raise ConfigError(f"messages: expected a list of {{'role', 'content'}} dicts, "
                          f"got {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}]: expected a dict, got {type(m).__name__}")
+            raise ConfigError(f"messages[{i}]: expected a dict, got {type(m).__name__}")
         for field in ("role", "content"):
             if not isinstance(m.get(field), str):
-                raise ValueError(f"messages[{i}].{field}: expected a string, got {m.get(field)!r}")
+                raise ConfigError(f"messages[{i}].{field}: expected a string, got {m.get(field)!r}")
             try:  # a lone surrogate (from a "\ud800" JSON escape) would be a TypeError below
                 m[field].encode("utf-8")
             except UnicodeEncodeError as e:
-                raise ValueError(f"messages[{i}].{field}: an unpaired surrogate at character "
+                raise ConfigError(f"messages[{i}].{field}: an unpaired surrogate at character "
                                  f"{e.start}; expected valid Unicode text") from None
         if not m["role"] or "\n" in m["role"]:
-            raise ValueError(f"messages[{i}].role: expected a word such as 'user', "
+            raise ConfigError(f"messages[{i}].role: expected a word such as 'user', "
                              f"got {m['role']!r}")
 
 
@@ -242,7 +245,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):
-        raise ValueError(f"vocab_size: expected >= {len(SPECIAL_TOKENS) + len(alphabet)} "
+        raise ConfigError(f"vocab_size: expected >= {len(SPECIAL_TOKENS) + len(alphabet)} "
                          f"(3 specials + 256 bytes), got {vocab_size}")
     tok = _HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

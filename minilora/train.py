@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
 from minilora.data import DataStats, JsonlDataset, batch_indices, load_jsonl
+from minilora.errors import CheckpointError, ConfigError, TrainError
 from minilora.files import atomic_write, fsync_dir, torch_load_reason
 from minilora.lora import (
     LoraConfig,
@@ -62,14 +63,6 @@ _RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
     "log_every", "max_bad_steps", "stop_after", "device",
 )
-
-
-class TrainError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed: another config, another base, or a damaged file."""
 
 
 def _arg(default: Any, doc: str) -> Any:
@@ -127,22 +120,22 @@ class TrainConfig:
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"TrainConfig.{name}: expected an integer >= 1, got {value}")
+                raise ConfigError(f"TrainConfig.{name}: expected an integer >= 1, got {value}")
         for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"TrainConfig.lr: expected a finite number > 0, got {self.lr}")
+            raise ConfigError(f"TrainConfig.lr: expected a finite number > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio: expected [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"TrainConfig.min_lr_ratio: expected [0, 1], got {self.min_lr_ratio}")
         if self.max_seq_len < 2:
-            raise ValueError(f"TrainConfig.max_seq_len: expected >= 2, got {self.max_seq_len}")
+            raise ConfigError(f"TrainConfig.max_seq_len: expected >= 2, got {self.max_seq_len}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.dtype: expected one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"TrainConfig.dtype: expected one of {DTYPES}, got {self.dtype!r}")
         try:
             self.lora_config()  # r, alpha, dropout, targets, init
         except ValueError as err:
-            raise ValueError(f"TrainConfig.lora_*: {err}") from None
+            raise ConfigError(f"TrainConfig.lora_*: {err}") from None
 
     def lora_config(self) -> LoraConfig:
         """The LoraConfig these settings describe."""
@@ -166,7 +159,7 @@ class TrainConfig:
         valid = [f.name for f in fields(cls)]
         unknown = [k for k in d if k not in valid]
         if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {unknown}; valid keys: {valid}")
+            raise ConfigError(f"unknown TrainConfig key(s) {unknown}; valid keys: {valid}")
         return cls(**d)
 
     def save_json(self, path: str | Path) -> None:
@@ -184,9 +177,9 @@ class TrainConfig:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read a TrainConfig: {err}") from None
+            raise ConfigError(f"{path}: cannot read a TrainConfig: {err}") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object of TrainConfig fields")
+            raise ConfigError(f"{path}: expected a JSON object of TrainConfig fields")
         return cls.from_dict(d)
 
 
@@ -208,7 +201,7 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
             return value
     expected = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null")
                            for o in options)
-    raise ValueError(f"TrainConfig.{name}: expected {expected}, got {value!r}")
+    raise ConfigError(f"TrainConfig.{name}: expected {expected}, got {value!r}")
 
 
 @dataclass
@@ -424,10 +417,10 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if native_bf16(device) else None
     if name == "float16" and device.type != "cuda":
-        raise ValueError("dtype float16 needs CUDA (for its GradScaler); on CPU use bfloat16 "
+        raise ConfigError("dtype float16 needs CUDA (for its GradScaler); on CPU use bfloat16 "
                          "or float32")
     if name == "bfloat16" and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"dtype bfloat16: no autocast on {device.type}; use float32")
+        raise ConfigError(f"dtype bfloat16: no autocast on {device.type}; use float32")
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -523,7 +516,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     """Inject LoRA (unless full or already there) and freeze; returns the trainable parameters."""
     if config.full:
         if lora_modules(model):
-            raise ValueError("full=True on a model with LoRA layers: merge_and_unload it first")
+            raise ConfigError("full=True on a model with LoRA layers: merge_and_unload it first")
         for p in model.parameters():
             p.requires_grad_(True)
         return list(model.parameters())
@@ -540,7 +533,7 @@ def _datasets(data: Tokenizer | JsonlDataset, eval_data: JsonlDataset | None,
     if isinstance(data, JsonlDataset):
         return data, eval_data
     if config.data is None:
-        raise ValueError("TrainConfig.data: the training jsonl is needed when train() is given "
+        raise ConfigError("TrainConfig.data: the training jsonl is needed when train() is given "
                          "a tokenizer")
     train_set = load_jsonl(config.data, data, config.max_seq_len, skip_bad=config.skip_bad,
                            pack=config.pack)
@@ -567,7 +560,7 @@ class _BatchPlan:
         self.global_batch = config.batch_size * config.accumulation_steps * world
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{dataset.path or 'the dataset'} has {len(dataset)} rows, fewer than one global "
                 f"batch of {self.global_batch} (batch_size x accumulation_steps x processes); "
                 "lower batch_size or accumulation_steps"

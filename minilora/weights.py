@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from .errors import ConfigError, WeightsError
 from .files import atomic_write, torch_load_reason
 from .model import CausalLM, ModelConfig
 
@@ -30,10 +31,6 @@ INDEX_NAME = "model.safetensors.index.json"
 # this one did not write are removed.
 _MODEL_FILES = re.compile(r"model\.safetensors|model\.safetensors\.index\.json|"
                           r"model-\d+-of-\d+\.safetensors")
-
-
-class WeightsError(ValueError):
-    """A checkpoint that does not fit the model; names every missing, unexpected, mis-shaped key."""
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
@@ -330,7 +327,7 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
         return dtype
     value = getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype: expected a torch dtype or its name such as 'bfloat16', "
+        raise ConfigError(f"dtype: expected a torch dtype or its name such as 'bfloat16', "
                          f"got {dtype!r}")
     return value
 

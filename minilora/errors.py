@@ -1,0 +1,87 @@
+"""The errors minilora raises for a condition of the world: bad input, a bad file, a refused output.
+
+The command line catches `MiniloraError` (and `OSError`) and prints one line with exit code 2;
+anything else is a bug and keeps its traceback. Each class also derives from the builtin a caller
+would have caught before (`ValueError`, `RuntimeError`), so code written against those still works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MiniloraError(Exception):
+    """Base of every error that means "the input or the world is wrong", not "minilora is wrong"."""
+
+
+class ConfigError(MiniloraError, ValueError):
+    """A configuration value (a flag, a config field) that is out of range or of the wrong type."""
+
+
+class DataError(MiniloraError, ValueError):
+    """A training or eval file that cannot be read; the message names file, line and field.
+
+    Attributes:
+        path: the file.
+        line: 1-based line number, or None for a problem with the whole file.
+        field: the JSON field at fault (``"conversations[1].role"``), or None.
+    """
+
+    def __init__(
+        self, path: str | Path, message: str, *, line: int | None = None, field: str | None = None
+    ) -> None:
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{where}: {what}{message}")
+
+
+class TaskError(MiniloraError, ValueError):
+    """An eval (tasks) file or sample that does not follow the tasks format."""
+
+
+class WeightsError(MiniloraError, ValueError):
+    """A base checkpoint that cannot be read or does not fit the model."""
+
+
+class AdapterError(MiniloraError, ValueError):
+    """An adapter file or folder that cannot be read, written or applied as asked."""
+
+
+class FingerprintMismatch(AdapterError):
+    """An adapter trained on another base.
+
+    Attributes:
+        override: how to skip the check, in the words of the caller's layer: the library's
+            keyword (``check_fingerprint=False``); the command line names its own flag.
+    """
+
+    def __init__(self, message: str, override: str = "check_fingerprint=False") -> None:
+        super().__init__(message)
+        self.message = message
+        self.override = override
+
+    def __str__(self) -> str:
+        return f"{self.message}; pass {self.override} to load it anyway"
+
+
+class TrainError(MiniloraError, RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class CheckpointError(MiniloraError, ValueError):
+    """A checkpoint that cannot be resumed: another config, another base, or a damaged file."""
+
+
+class OutputError(MiniloraError, ValueError):
+    """An output path that would overwrite what the user owns, or that another run holds."""
+
+
+class MissingExtra(MiniloraError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    def __init__(self, feature: str, extra: str) -> None:
+        self.extra = extra
+        super().__init__(f"{feature} needs the optional extra: pip install 'minilora[{extra}]'")

@@ -51,10 +51,14 @@ class ChatTokenizer(Protocol):
 
 @dataclass
 class Sample:
-    """One row of token ids and its labels (-100 where nothing is trained)."""
+    """One row of token ids and its labels (-100 where nothing is trained).
+
+    ``segments`` (a packed row only) numbers the samples of the row from 1, one entry a token.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    segments: list[int] | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -84,16 +88,15 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T) int64
     tokens: int  # real (non-pad) tokens
     trained_tokens: int  # labels that are not -100
+    segment_ids: torch.Tensor | None = None  # (B, T) packed rows: 1, 2, ... per sample, 0 on pad
 
     def to(self, device: torch.device | str) -> Batch:
         """Return the batch with its tensors moved to ``device``."""
-        return Batch(
-            self.input_ids.to(device, non_blocking=True),
-            self.labels.to(device, non_blocking=True),
-            self.attention_mask.to(device, non_blocking=True),
-            self.tokens,
-            self.trained_tokens,
-        )
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
+                     self.tokens, self.trained_tokens, move(self.segment_ids))
 
 
 class JsonlDataset(torch.utils.data.Dataset):
@@ -373,39 +376,34 @@ def _check_file(path: Path, stats: DataStats, kinds: dict[str, int], max_seq_len
 
 
 def pack_samples(samples: Sequence[Sample], max_seq_len: int) -> list[Sample]:
-    """Concatenate samples and cut the stream into full rows of ``max_seq_len``.
+    """Pack whole samples into rows of at most ``max_seq_len`` tokens, each kept apart.
 
-    Attention in a packed row is plain causal attention: a token sees the earlier samples of its
-    row (no block-diagonal mask, and positions run on across sample boundaries), as MiniMind's and
-    nanoGPT's pretraining do. The labels stay correct: the first token of every sample has label
-    -100, so nothing is trained on predicting across a boundary. A sample that does not fit is
-    continued in the next row, which starts with the previous row's last token as context (its
-    label -100), so every trained label of every sample is trained exactly once. Only the last
-    row can be shorter than ``max_seq_len``. A row with no trained label (a prompt longer than a
-    row) is dropped, so every row has at least one.
+    Each sample goes, in order, into the first row with room for it (first fit), so a row holds
+    several samples end to end and no sample is ever split. A packed row records which sample each
+    token belongs to (``Sample.segments``); the model then attends only within a sample (a
+    block-diagonal causal mask) and counts positions from 0 in each, as the varlen attention
+    packers do, so a packed sample computes what it computes alone.
 
     Args:
         samples: rows of at most max_seq_len tokens, ``labels[0] == -100`` each.
-        max_seq_len: the row length (at least 2).
+        max_seq_len: the longest row.
 
     Returns:
-        The packed rows.
+        The packed rows, in the order their first sample came.
     """
-    rows: list[Sample] = []
-    ids: list[int] = []
-    labels: list[int] = []
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # (ids, labels, segments)
     for sample in samples:
+        n = len(sample.input_ids)
+        row = next((r for r in rows if len(r[0]) + n <= max_seq_len), None)
+        if row is None:
+            row = ([], [], [])
+            rows.append(row)
+        ids, labels, segments = row
+        segment = segments[-1] + 1 if segments else 1
         ids += sample.input_ids
         labels += sample.labels
-        while len(ids) > max_seq_len:
-            row = Sample(ids[:max_seq_len], [IGNORE_INDEX] + labels[1:max_seq_len])
-            if row.trained_tokens:  # a long prompt can fill a row with nothing to train
-                rows.append(row)
-            ids, labels = ids[max_seq_len - 1 :], labels[max_seq_len - 1 :]
-    tail = Sample(ids, [IGNORE_INDEX] + labels[1:]) if ids else None
-    if tail is not None and tail.trained_tokens:
-        rows.append(tail)
-    return rows
+        segments += [segment] * n
+    return [Sample(ids, labels, segments) for ids, labels, segments in rows]
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
@@ -422,15 +420,19 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
     input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    packed = any(s.segments is not None for s in samples)
+    segment_ids = torch.zeros((len(samples), longest), dtype=torch.long) if packed else None
     tokens = trained = 0
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         input_ids[row, :n] = torch.tensor(s.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(s.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
+        if segment_ids is not None:
+            segment_ids[row, :n] = torch.tensor(s.segments or [1] * n, dtype=torch.long)
         tokens += n
         trained += s.trained_tokens
-    return Batch(input_ids, labels, attention_mask, tokens, trained)
+    return Batch(input_ids, labels, attention_mask, tokens, trained, segment_ids)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:

@@ -547,7 +547,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, past_key_values: KVCache | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+                use_cache: bool = False, logits_to_keep: int = 0,
+                segment_ids: Tensor | None = None) -> CausalLMOutput:
         """Runs the model.
 
         Args:
@@ -559,6 +560,9 @@ class CausalLM(nn.Module):
             past_key_values: a KVCache to read from and append to.
             use_cache: start a new KVCache when past_key_values is None.
             logits_to_keep: compute the logits of the last this-many positions only (0 = all).
+            segment_ids: (B, T) for packed rows: which sample each token belongs to (1, 2, ...;
+                0 on padding). A token attends only within its sample and positions restart at
+                0 in each, so every sample computes what it computes alone. No cache with it.
 
         Returns:
             CausalLMOutput: logits, loss (mean over counted tokens; 0 when none is counted),
@@ -579,7 +583,16 @@ class CausalLM(nn.Module):
             raise ConfigError("logits_to_keep needs labels=None (the loss reads every position)")
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
-        mask = self._attention_mask(attention_mask, B, T, start, x.device)  # (B, 1, T, S) or None
+        if segment_ids is None:
+            mask = self._attention_mask(attention_mask, B, T, start, x.device)  # (B, 1, T, S)|None
+        else:
+            if cache is not None or segment_ids.shape != (B, T):
+                raise ConfigError(f"segment_ids must be (batch, tokens) = {(B, T)} and come "
+                                  "without a cache")
+            positions = _segment_positions(segment_ids)  # (B, T)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, D)
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            mask = (same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril())[:, None]
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.model.layers:
             x, aux = block(x, cos, sin, mask, cache, start)  # (B, T, C)
@@ -621,6 +634,15 @@ class CausalLM(nn.Module):
             # A padded query still attends to itself, so no row is empty (an empty row is NaN).
             mask = mask & attention_mask.bool()[:, None, None, :] | (k_pos == q_pos)  # (B, 1, T, S)
         return mask
+
+
+def _segment_positions(segment_ids: Tensor) -> Tensor:
+    """(B, T) position of each token within its segment: 0 where a new segment starts."""
+    T = segment_ids.shape[1]
+    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)  # (B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

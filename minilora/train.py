@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
-from minilora.data import DataStats, JsonlDataset, batch_indices, load_jsonl
+from minilora.data import Batch, DataStats, JsonlDataset, batch_indices, load_jsonl
 from minilora.errors import CheckpointError, ConfigError, TrainError
 from minilora.files import atomic_write, fsync_dir, torch_load_reason
 from minilora.lora import (
@@ -321,7 +321,7 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         for batch in micro_batches:
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                output = forward(batch.input_ids, labels=batch.labels)
+                output = _run(forward, batch)
             # Token-weighted: the sum over all micro-batches and ranks is the global-batch mean.
             loss = (output.loss * (batch.trained_tokens / trained)
                     + output.aux_loss / (len(micro_batches) * world))
@@ -376,6 +376,13 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
 # ---------------------------------------------------------------------------------------------
 # Schedule, precision, distribution
 # ---------------------------------------------------------------------------------------------
+
+
+def _run(forward: Any, batch: Batch) -> Any:
+    # Packed rows carry their segments; a plain batch calls the model as any causal LM is called.
+    if batch.segment_ids is None:
+        return forward(batch.input_ids, labels=batch.labels)
+    return forward(batch.input_ids, labels=batch.labels, segment_ids=batch.segment_ids)
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -622,7 +629,7 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
     for start in range(rank * batch_size, len(dataset), batch_size * world):
         batch = dataset.collate(range(start, min(start + batch_size, len(dataset)))).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = model(batch.input_ids, labels=batch.labels)
+            output = _run(model, batch)
         total[0] += output.loss.double() * batch.trained_tokens
         total[1] += batch.trained_tokens
     if world > 1:

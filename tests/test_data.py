@@ -205,17 +205,31 @@ def trained_pairs(rows):
     )
 
 
+def split_segments(rows):
+    """The samples of packed rows, cut apart again by their segment numbers."""
+    out = []
+    for r in rows:
+        for seg in sorted(set(r.segments)):
+            at = [i for i, g in enumerate(r.segments) if g == seg]
+            assert at == list(range(at[0], at[-1] + 1))  # a sample is one contiguous run
+            out.append(([r.input_ids[i] for i in at], [r.labels[i] for i in at]))
+    return out
+
+
 @pytest.mark.parametrize("max_seq_len", [16, 29, 64])
-def test_packing_keeps_every_trained_label(tok, tmp_path, max_seq_len):
+def test_packing_keeps_every_sample_whole(tok, tmp_path, max_seq_len):
     rows = chat_rows(repeat=3) + [{"text": t} for t in TEXTS]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     plain = load_jsonl(path, tok, max_seq_len)
     packed = load_jsonl(path, tok, max_seq_len, pack=True)
     assert packed.packed and packed.stats == plain.stats
-    assert all(len(r.input_ids) == max_seq_len for r in packed.samples[:-1])
-    assert all(r.labels[0] == IGNORE_INDEX for r in packed.samples)
-    assert trained_pairs(packed.samples) == trained_pairs(plain.samples)
-    assert sum(r.trained_tokens for r in packed.samples) == plain.stats.trained_tokens
+    assert len(packed.samples) <= len(plain.samples)
+    if max_seq_len == 64:  # room for several samples a row (shorter rows hold one each)
+        assert len(packed.samples) < len(plain.samples)
+    assert all(len(r.input_ids) <= max_seq_len for r in packed.samples)
+    assert all(len(r.segments) == len(r.input_ids) for r in packed.samples)
+    assert sorted(split_segments(packed.samples)) == sorted(
+        (s.input_ids, s.labels) for s in plain.samples)
 
 
 def test_packing_never_trains_across_a_sample_boundary():
@@ -224,16 +238,19 @@ def test_packing_never_trains_across_a_sample_boundary():
     (row,) = data.pack_samples([a, b], 8)
     assert row.input_ids == [5, 6, 7, 8, 9]
     assert row.labels == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]  # 7 -> 8 is not trained
+    assert row.segments == [1, 1, 1, 2, 2]
 
 
-def test_packing_drops_rows_with_nothing_to_train():
-    # A prompt of 20 tokens spans whole rows of 8 before its 5 trained reply tokens.
-    long = data.Sample(list(range(25)), [IGNORE_INDEX] * 20 + list(range(20, 25)))
-    short = data.Sample([30, 31, 32], [IGNORE_INDEX, 31, 32])
-    rows = data.pack_samples([long, short], 8)
-    assert all(r.trained_tokens > 0 for r in rows)
-    assert sum(r.trained_tokens for r in rows) == 7
-    assert trained_pairs(rows) == trained_pairs([long, short])
+def test_packing_is_first_fit_and_splits_nothing():
+    long = data.Sample(list(range(6)), [IGNORE_INDEX] + list(range(1, 6)))
+    mid = data.Sample([30, 31, 32, 33], [IGNORE_INDEX, 31, 32, 33])
+    short = data.Sample([40, 41], [IGNORE_INDEX, 41])
+    rows = data.pack_samples([long, mid, short], 8)
+    assert [r.input_ids for r in rows] == [list(range(6)) + [40, 41], [30, 31, 32, 33]]
+    assert rows[0].segments == [1] * 6 + [2, 2]
+    batch = data.collate(rows, pad_id=0)
+    assert batch.segment_ids.tolist() == [[1] * 6 + [2, 2], [1, 1, 1, 1, 0, 0, 0, 0]]
+    assert data.collate([long], pad_id=0).segment_ids is None  # unpacked rows carry none
 
 
 def test_batch_order_is_deterministic_and_resumable():

@@ -322,3 +322,38 @@ def test_training_after_generation():
     ids = torch.randint(0, SMALL["vocab_size"], (1, 290))
     model(ids, labels=ids).loss.backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("extra", [{}, {"model_type": "qwen3", "qk_norm": True}],
+                         ids=["llama", "qwen3"])
+def test_packed_row_computes_each_sample_as_if_alone(extra, amp):
+    # The reference is each sample run alone at positions 0.. with no other sample in view; a
+    # packed row that leaked attention or positions across samples changes every later sample.
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(**{**SMALL, **extra})).eval()
+    lengths = [5, 9, 3, 7]
+    samples = [torch.randint(0, 96, (n,)) for n in lengths]
+    row = torch.cat(samples)[None]  # (1, 24)
+    segments = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)])[None]
+    labels = row.clone()
+    labels[0, segments[0].diff(prepend=torch.tensor([0])) != 0] = -100  # each sample's first token
+    tol = 1e-5 if amp is None else 3e-2
+    autocast = torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None)
+    with torch.no_grad(), autocast:
+        packed = model(row, segment_ids=segments).logits[0].float()  # (24, V)
+        packed_loss = model(row, labels=labels, segment_ids=segments).loss.float()
+        at, alone_sum, count = 0, 0.0, 0
+        for s in samples:
+            alone = model(s[None]).logits[0].float()  # (n, V)
+            torch.testing.assert_close(packed[at:at + len(s)], alone, rtol=tol, atol=tol)
+            alone_sum += F.cross_entropy(alone[:-1], s[1:], reduction="sum")
+            count += len(s) - 1
+            at += len(s)
+    # The packed loss is the token mean of the samples' own losses (boundaries not counted).
+    torch.testing.assert_close(packed_loss, alone_sum / count, rtol=tol, atol=tol)
+    # And it differs from what plain causal packing (attention across samples) computes.
+    with torch.no_grad():
+        leaky = model(row).logits[0]
+    assert (leaky[lengths[0]:] - model(row, segment_ids=segments).logits[0][lengths[0]:]
+            ).abs().max() > 1e-3

@@ -99,7 +99,8 @@ class TrainConfig:
     grad_clip: float = _arg(1.0, "max global norm of the trainable gradients; 0: no clipping")
     dtype: str = _arg("auto", 'autocast: "auto" | "float32" | "bfloat16" | "float16" (CUDA only)')
     max_seq_len: int = _arg(512, "samples are cut to this many tokens")
-    pack: bool = _arg(False, "pack samples into full rows of max_seq_len instead of padding")
+    pack: bool = _arg(False, "pack whole samples into rows of max_seq_len, each attending only "
+                             "to itself, instead of one padded row a sample")
     eval_every: int = _arg(0, "evaluate every N steps; 0: at the end only")
     save_every: int = _arg(0, "checkpoint every N steps; 0: at the end only")
     seed: int = _arg(42, "LoRA init, data order and dropout")

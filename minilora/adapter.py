@@ -27,7 +27,6 @@ from minilora.errors import AdapterError, FingerprintMismatch
 from minilora.files import atomic_write, torch_load_reason
 from minilora.lora import (
     DEFAULT_ADAPTER,
-    SPECIAL_TARGETS,
     AdapterSlot,
     LoraConfig,
     LoRALinear,
@@ -47,6 +46,8 @@ FINGERPRINT_KEY = "minilora_base_fingerprint"
 VERSION_KEY = "minilora_version"
 _KEY_RE = re.compile(r"(.+)\.lora_([AB])\.weight")
 _MINIMIND_KEY_RE = re.compile(r"(.+)\.lora\.([AB])\.weight")
+# PEFT also saves the base weights of an adapted lm_head / embed_tokens (save_embedding_layers)
+_BASE_LAYER_RE = re.compile(r"(.+)\.base_layer\.(weight|bias)")
 
 # PEFT LoraConfig keys whose non-default values change what the adapter computes in ways
 # minilora does not implement: loading such an adapter is refused rather than silently wrong.
@@ -65,6 +66,11 @@ _UNSUPPORTED_PEFT = {
     "use_qalora": (False, None),
     "alora_invocation_tokens": (None, []),
     "use_bdlora": (None, False),
+    # KaSA truncates the base weight's SVD and puts a learned diagonal between A and B
+    "kasa_config": (None, {}),
+    "monteclora_config": (None, {}),  # Monte Carlo sampling around the adapter
+    "arrow_config": (None, {}),  # routing among several adapters per token
+    "megatron_config": (None, {}),  # tensor-parallel layers
 }
 # PEFT inits that rewrite the base weights: their adapters only work on the rewritten base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
@@ -280,35 +286,21 @@ def _base_module_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n and not n.startswith(tuple(inside))]
 
 
-def _peft_targets(
-    model: nn.Module, config: LoraConfig, name: str
-) -> tuple[list[str] | str, list | str]:
-    """target_modules / exclude_modules with which PEFT adapts exactly the layers of adapter
-    `name`: the user's own list or regex when PEFT reads it the same way, else the layers' last
-    names, else their full paths."""
+def _peft_targets(model: nn.Module, name: str) -> list[str]:
+    """target_modules naming exactly the layers of adapter `name`, as PEFT records what it
+    adapted: their last names when those select exactly these layers here, else their full
+    paths. Never the user's own list or regex: on another model of the same weights (the
+    transformers one) it may also match modules PEFT cannot adapt (Llama's `mlp.act_fn`)."""
     injected = {p for p, _, _ in _slots(model, name)}
-    names = _base_module_names(model)
-
-    def selects(targets: list[str] | str, exclude: list[str] | str) -> bool:
-        chosen = {
-            n for n in names
-            if _peft_matches(n, targets) and not (exclude and _peft_matches(n, exclude))
-        }
-        return chosen == injected
-
-    exclude = config.exclude
-    if config.targets not in SPECIAL_TARGETS and selects(config.targets, exclude):
-        return config.targets, exclude
     short = sorted({n.rsplit(".", 1)[-1] for n in injected})
-    if selects(short, exclude):
-        return short, exclude
-    return sorted(injected), []
+    chosen = {n for n in _base_module_names(model) if _peft_matches(n, short)}
+    return short if chosen == injected else sorted(injected)
 
 
 def _peft_config_dict(
     model: nn.Module, config: LoraConfig, base_model_name_or_path: str | None, name: str
 ) -> dict:
-    targets, exclude = _peft_targets(model, config, name)
+    targets = _peft_targets(model, name)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
@@ -322,7 +314,7 @@ def _peft_config_dict(
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "target_modules": targets,
-        "exclude_modules": exclude or None,
+        "exclude_modules": None,  # target_modules already leaves the excluded layers out
         "bias": "none",
         "use_rslora": config.use_rslora,
         "use_dora": False,
@@ -475,9 +467,11 @@ def load_adapter(
             raise AdapterError(
                 f"{path} holds adapters in subfolders {inside}: pass name=... (or the subfolder)"
             )
+    base_layers: dict[str, torch.Tensor] = {}
     if path.is_dir():
         config, sd, metadata = _read_peft(path)
         source = str(path / WEIGHTS_NAME)
+        base_layers = {k: sd.pop(k) for k in list(sd) if _BASE_LAYER_RE.fullmatch(k)}
     elif path.is_file():
         config, sd = _read_minimind(path)
         metadata, source = {}, str(path)
@@ -496,6 +490,7 @@ def load_adapter(
         injected = True
     try:
         _check_state_dict(model, sd, source, target)
+        _check_base_layers(model, base_layers, source, target)
         recorded = metadata.get(FINGERPRINT_KEY)
         if check_fingerprint and recorded is not None:
             actual = base_fingerprint(model, target)
@@ -511,6 +506,31 @@ def load_adapter(
         raise
     _copy_in(model, sd, config.scaling, target)
     return config
+
+
+def _check_base_layers(
+    model: nn.Module, base_layers: dict[str, torch.Tensor], source: str, name: str
+) -> None:
+    """PEFT's copies of adapted layers' base weights must equal the model's: PEFT would load
+    them over the base, minilora leaves base weights alone."""
+    layers = {f"{PREFIX}{p}": m for p, m, _ in _slots(model, name)}
+    problems = []
+    for key, saved in sorted(base_layers.items()):
+        m = _BASE_LAYER_RE.fullmatch(key)
+        layer = layers.get(m[1])
+        own = None if layer is None else getattr(layer, m[2])
+        if own is None:
+            problems.append(f"{key} (no adapted layer of this adapter has it)")
+        elif saved.shape != own.shape or not (
+            torch.equal(saved.to(own.dtype), own.detach())
+            or torch.equal(own.detach().to(saved.dtype), saved)
+        ):
+            problems.append(f"{key} (differs from this model's {m[1].removeprefix(PREFIX)}."
+                            f"{m[2]}: PEFT would load it over the base, e.g. after a resized "
+                            "vocabulary; load the adapter on the base it was saved with)")
+    if problems:
+        raise AdapterError(f"{source}: base layer weights minilora cannot apply: "
+                           + "; ".join(problems))
 
 
 def find_adapters(folder: str | os.PathLike) -> dict[str, Path]:
@@ -666,6 +686,7 @@ def describe_adapter(path: str | os.PathLike) -> dict[str, object]:
         metadata, kind = {}, "MiniMind LoRA .pth (scale 1)"
     else:
         raise AdapterError(f"no adapter at {path}")
+    sd = {k: v for k, v in sd.items() if not _BASE_LAYER_RE.fullmatch(k)}
     modules = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in sd})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()})
     return {

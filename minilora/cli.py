@@ -47,6 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> Non
                         "MiniMind .pth (default: the embedded tiny model)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or its folder (default: the model's folder)")
+    _add_model_config_arg(p, "--config", "--model-config")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load the weights in (default: %(default)s)")
     if adapters:
@@ -58,15 +59,24 @@ def _add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> Non
                        help="apply an adapter even if it was trained on another base")
 
 
-def _load_base(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The model and tokenizer that --model / --tokenizer name."""
+def _add_model_config_arg(p: argparse.ArgumentParser, *flags: str) -> None:
+    p.add_argument(*flags, dest="model_config", default=None, metavar="FILE",
+                   help="the model's config when --model has no config.json beside it (a bare "
+                        "MiniMind .pth): MiniMind's config.json or transformers', or minimind2 / "
+                        "minimind3 for that MiniMind generation's defaults")
+
+
+def _load_base(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any, Any]:
+    """The model and tokenizer that --model / --config / --tokenizer name (tokenizer=False:
+    the model only, the tokenizer None)."""
     from minilora.tokenizer import Tokenizer
     from minilora.weights import load_model
 
     model_path = Path(args.model)
-    model = load_model(model_path, dtype=args.dtype)
-    tokenizer = Tokenizer.from_file(_tokenizer_path(args, model_path))
-    return model, tokenizer
+    model = load_model(model_path, dtype=args.dtype, config=getattr(args, "model_config", None))
+    if not tokenizer:
+        return model, None
+    return model, Tokenizer.from_file(_tokenizer_path(args, model_path))
 
 
 def _tokenizer_path(args: argparse.Namespace, model_path: Path) -> Path:
@@ -209,6 +219,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json or its folder (default: the model's folder)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a TrainConfig JSON file; flags given on the command line override it")
+    _add_model_config_arg(p, "--model-config")
     p.add_argument("--tasks", nargs="*", default=None, metavar="FILE",
                    help="eval files (tasks format) scored before and after training")
     for f in dataclasses.fields(TrainConfig):
@@ -259,7 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(settings)
 
     model_path = Path(args.model) if args.model else BASE_MODEL
-    model = load_model(model_path)
+    model = load_model(model_path, config=args.model_config)
     tokenizer = Tokenizer.from_file(_tokenizer_path(args, model_path))
 
     task_files = args.tasks
@@ -471,8 +482,11 @@ def _copy_tokenizer(args: argparse.Namespace, out: Path) -> None:
     source = _tokenizer_path(args, Path(args.model))
     try:
         Tokenizer.from_file(source).save(out)
-    except (OSError, ValueError):
-        print(f"note: no tokenizer found at {source}; the merged folder has none",
+    except FileNotFoundError:  # MiniMind keeps tokenizer.json apart from its weights
+        print(f"note: no tokenizer found at {source}; the merged folder has none "
+              "(--tokenizer names one to copy)", file=sys.stderr)
+    except (OSError, ValueError) as err:
+        print(f"note: the tokenizer was not copied ({err}); the merged folder has none",
               file=sys.stderr)
 
 
@@ -483,7 +497,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     if not args.adapter:
         raise CliError("--adapter is required: the adapter to merge into the base")
-    model, _ = _load_base(args)
+    model, _ = _load_base(args, tokenizer=False)  # copied beside the result when there is one
     _apply_adapters(model, args)
     model = merge_and_unload(model)
     out = Path(args.out)
@@ -502,7 +516,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if to_minimind == (src.suffix == ".pth"):
         raise CliError("convert turns a .pth into a folder or a folder into a .pth: "
                        f"got {src} -> {dst}")
-    model, _ = _load_base(args)
+    model, _ = _load_base(args, tokenizer=False)
     _load_adapter(model, src, args)
     save_adapter(model, dst, format="minimind" if to_minimind else "peft",
                  base_model_name_or_path=None if to_minimind else args.model)
@@ -541,7 +555,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise CliError(f"{path}: no such file or folder")
     is_adapter = (path / "adapter_config.json").exists() or (
         path.suffix == ".pth" and _looks_like_minimind_adapter(path))
-    info = describe_adapter(path) if is_adapter else describe_model(path)
+    info = describe_adapter(path) if is_adapter else describe_model(path, args.model_config)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -647,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a model or adapter folder holds")
     p.add_argument("path", help="a model folder, an adapter folder or a .pth file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a listing")
+    _add_model_config_arg(p, "--config", "--model-config")
     p.set_defaults(run=cmd_info)
     return parser
 

@@ -21,6 +21,40 @@ from torch import Tensor, nn
 from minilora.errors import ConfigError
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
+# MiniMind's two generations of model file: "minimind2" (shared experts, n_routed_experts,
+# aux_loss_alpha, seq_aux) and "minimind3" (its current one: q/k norm, top-1 routing renormalised,
+# router_aux_loss_coef, eps 1e-6). Each one's MiniMindConfig defaults, for keys a file leaves out.
+GENERATIONS = ("minimind2", "minimind3")
+MINIMIND_DEFAULTS: dict[str, dict] = {
+    "minimind2": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+                  "num_key_value_heads": 2, "vocab_size": 6400, "rms_norm_eps": 1e-5,
+                  "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": True,
+                  "qk_norm": False, "num_experts": 4, "num_experts_per_tok": 2,
+                  "n_shared_experts": 1, "norm_topk_prob": True, "router_aux_loss_coef": 0.1,
+                  "seq_aux": True},
+    "minimind3": {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 8,
+                  "num_key_value_heads": 4, "vocab_size": 6400, "rms_norm_eps": 1e-6,
+                  "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": True,
+                  "qk_norm": True, "num_experts": 4, "num_experts_per_tok": 1,
+                  "n_shared_experts": 0, "norm_topk_prob": True, "router_aux_loss_coef": 5e-4},
+}
+# config.json keys only one generation writes (MiniMind2's MoE names; the current ones).
+_GENERATION_KEYS = {
+    "minimind2": ("n_routed_experts", "n_shared_experts", "aux_loss_alpha", "seq_aux",
+                  "scoring_func"),
+    "minimind3": ("num_experts", "router_aux_loss_coef", "moe_intermediate_size"),
+}
+# MiniMind's YaRN settings (its MiniMindConfig writes these when inference_rope_scaling is on).
+YARN_DEFAULTS = {"factor": 16.0, "original_max_position_embeddings": 2048, "beta_fast": 32.0,
+                 "beta_slow": 1.0, "attention_factor": 1.0}
+
+
+def default_intermediate_size(hidden_size: int, generation: str) -> int:
+    """MiniMind's SwiGLU width rule: int(8/3 h) (MiniMind2) or h * pi (current), rounded up to
+    a multiple of 64."""
+    if generation == "minimind3":
+        return math.ceil(hidden_size * math.pi / 64) * 64
+    return 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -39,7 +73,7 @@ class ModelConfig:
     model_type: str = "minimind"  # "llama" | "qwen2" | "qwen3" | "minimind"
     vocab_size: int = 6400  # rows of embed_tokens and lm_head
     hidden_size: int = 512  # width of the residual stream
-    # SwiGLU width; None -> MiniMind's rule, int(8/3 hidden) rounded up to a multiple of 64
+    # SwiGLU width; None -> the generation's MiniMind rule (default_intermediate_size)
     intermediate_size: int | None = None
     num_hidden_layers: int = 8  # decoder blocks
     num_attention_heads: int = 8  # query heads
@@ -55,20 +89,36 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2  # end of sequence token(s)
     pad_token_id: int | None = None  # padding token
     use_moe: bool = False  # replace every MLP by a mixture of experts
-    num_experts: int = 4  # routed experts per MoE layer (MiniMind: n_routed_experts)
+    num_experts: int = 4  # routed experts per MoE layer (MiniMind2: n_routed_experts)
     num_experts_per_tok: int = 2  # experts each token is routed to (top-k)
-    n_shared_experts: int = 1  # experts every token goes through as well
-    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one (when k > 1)
-    router_aux_loss_coef: float = 0.1  # load-balancing loss scale (MiniMind: aux_loss_alpha)
-    seq_aux: bool = True  # balance per sequence (MiniMind's seq_aux) rather than over the batch
+    # experts every token goes through as well; None -> 1 (minimind2), 0 (minimind3: none)
+    n_shared_experts: int | None = None
+    # renormalise the top-k routing weights to sum to one (minimind2: only when top-k > 1)
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.1  # load-balancing loss scale (MiniMind2: aux_loss_alpha)
+    seq_aux: bool = True  # minimind2: balance per sequence rather than over the batch
+    # whose MoE rules (routing, aux loss, config.json keys): "minimind2" or "minimind3" (current)
+    minimind_generation: str = "minimind2"
+    moe_intermediate_size: int | None = None  # routed experts' width; None -> intermediate_size
+    # MiniMind's YaRN (keys of YARN_DEFAULTS), applied when max_position_embeddings exceeds
+    # original_max_position_embeddings; None -> plain RoPE
+    rope_scaling: dict | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.intermediate_size is None:
-            self.intermediate_size = 64 * ((int(self.hidden_size * 8 / 3) + 63) // 64)
+        if self.minimind_generation not in GENERATIONS:
+            raise ConfigError(f"minimind_generation: expected one of {GENERATIONS}, got "
+                              f"{self.minimind_generation!r}")
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+            self.intermediate_size = default_intermediate_size(self.hidden_size,
+                                                               self.minimind_generation)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.n_shared_experts is None:
+            self.n_shared_experts = int(self.minimind_generation == "minimind2")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -99,6 +149,20 @@ class ModelConfig:
             if self.router_aux_loss_coef < 0:
                 raise ConfigError(
                     f"router_aux_loss_coef: expected >= 0, got {self.router_aux_loss_coef}")
+            if self.minimind_generation == "minimind3" and self.n_shared_experts:
+                raise ConfigError(
+                    f"n_shared_experts: MiniMind's current MoE (minimind3) has no shared experts, "
+                    f"got {self.n_shared_experts}; use minimind_generation 'minimind2'")
+            if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
+                raise ConfigError(f"moe_intermediate_size: expected a positive int, got "
+                                  f"{self.moe_intermediate_size!r}")
+            if (self.minimind_generation == "minimind2"
+                    and self.moe_intermediate_size != self.intermediate_size):
+                raise ConfigError(
+                    f"moe_intermediate_size: MiniMind2's experts are intermediate_size "
+                    f"({self.intermediate_size}) wide, got {self.moe_intermediate_size}; use "
+                    f"minimind_generation 'minimind3'")
+        self.rope_scaling = _check_yarn(self.rope_scaling, self.model_type)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -130,11 +194,15 @@ class ModelConfig:
         """Builds a config from a transformers (llama, qwen2, qwen3) or MiniMind config.json dict.
 
         Keys that change nothing here (``architectures``, ``dtype``, ``use_cache`` ...) are ignored;
-        settings this decoder does not implement (another activation, sliding windows, RoPE
-        scaling, MLP bias) are refused rather than silently computed wrong.
+        settings this decoder does not implement (another activation, sliding windows, another RoPE
+        scaling, MLP bias) are refused rather than silently computed wrong. A MiniMind file's
+        generation is read from its keys (``MiniMind2``: ``n_routed_experts``, ``aux_loss_alpha``,
+        ``seq_aux`` ...; current: ``num_experts``, ``router_aux_loss_coef`` ...) and the keys it
+        leaves out take that generation's MiniMindConfig defaults.
 
         Raises:
-            ValueError: on an unsupported model_type or setting, naming the key.
+            ConfigError: on an unsupported model_type or setting, naming the key, or a MiniMind
+                file whose generation its keys do not tell where it matters.
         """
         model_type = d.get("model_type", "minimind")
         if model_type not in MODEL_TYPES:
@@ -148,15 +216,13 @@ class ModelConfig:
         if d.get("scoring_func", "softmax") != "softmax":
             raise ConfigError(
                 f"scoring_func: only 'softmax' is implemented, got {d['scoring_func']!r}")
-        # transformers 5 keeps rope_theta under rope_parameters; 4.x at the top level, with
-        # rope_scaling beside it. Only the plain (default) rotation is implemented.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"rope_parameters.rope_type: only 'default' is implemented, got "
-                             f"{rope_type!r}")
-        out: dict = {"model_type": model_type}
-        names = {f.name for f in fields(cls)}
+        generation = _generation_from_keys(d, model_type)
+        out: dict = {"model_type": model_type, "minimind_generation": generation or "minimind2"}
+        if model_type == "minimind" and generation is not None:
+            out.update(MINIMIND_DEFAULTS[generation])
+            if generation == "minimind2":
+                out["qk_norm"] = False  # its configs have no flag; load_model reads the weights
+        names = {f.name for f in fields(cls)} - {"rope_scaling", "minimind_generation"}
         for key in names & set(d):
             out[key] = d[key]
         aliases = {"n_routed_experts": "num_experts", "aux_loss_alpha": "router_aux_loss_coef",
@@ -164,11 +230,10 @@ class ModelConfig:
         for key, name in aliases.items():
             if key in d:
                 out[name] = d[key]
-        theta = rope.get("rope_theta", d.get("rope_theta"))
-        if theta is not None:
-            out["rope_theta"] = float(theta)
-        elif model_type != "minimind":
-            out["rope_theta"] = 10000.0  # transformers' default for llama/qwen2/qwen3
+        if out.get("intermediate_size") is None and isinstance(out.get("hidden_size"), int):
+            out["intermediate_size"] = default_intermediate_size(out["hidden_size"],
+                                                                 out["minimind_generation"])
+        _read_rope(d, model_type, out)
         if model_type == "qwen2":
             out["attention_bias"] = True  # Qwen2 always has q/k/v biases; its config has no key
         if model_type == "qwen3":
@@ -184,24 +249,38 @@ class ModelConfig:
         return cls(**out)
 
     def to_hf_dict(self) -> dict:
-        """Returns a config.json dict that transformers (MiniMind for ``minimind``) reads back."""
-        d = {k: v for k, v in self.to_dict().items()
-             if k not in ("use_moe", "num_experts", "num_experts_per_tok", "n_shared_experts",
-                          "norm_topk_prob", "router_aux_loss_coef", "seq_aux", "qk_norm")}
+        """Returns a config.json dict that transformers (MiniMind for ``minimind``) reads back.
+
+        MoE settings are written under the names of ``minimind_generation``'s MiniMindConfig.
+        """
+        moe_keys = ("use_moe", "num_experts", "num_experts_per_tok", "n_shared_experts",
+                    "norm_topk_prob", "router_aux_loss_coef", "seq_aux", "qk_norm",
+                    "minimind_generation", "moe_intermediate_size", "rope_scaling")
+        d = {k: v for k, v in self.to_dict().items() if k not in moe_keys}
         arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "minimind": "MiniMindForCausalLM"}[self.model_type]
         d.update(architectures=[arch], hidden_act="silu",
                  rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        if self.rope_scaling is not None:
+            # as MiniMind's config.json under transformers 5 (4.x read the same keys)
+            d.update(inference_rope_scaling=True, rope_parameters={
+                **self.rope_scaling, "type": "yarn", "rope_type": "yarn",
+                "rope_theta": self.rope_theta})
         if self.model_type == "qwen2":
             d.pop("attention_bias")
         if self.qk_norm != (self.model_type == "qwen3"):
             d["qk_norm"] = self.qk_norm  # qwen3 implies it; anything else says so
         if self.model_type == "minimind" or self.use_moe:
-            d.update(use_moe=self.use_moe, n_routed_experts=self.num_experts,
-                     num_experts_per_tok=self.num_experts_per_tok,
-                     n_shared_experts=self.n_shared_experts, norm_topk_prob=self.norm_topk_prob,
-                     aux_loss_alpha=self.router_aux_loss_coef, seq_aux=self.seq_aux,
-                     scoring_func="softmax")
+            d.update(use_moe=self.use_moe, num_experts_per_tok=self.num_experts_per_tok,
+                     norm_topk_prob=self.norm_topk_prob)
+            if self.minimind_generation == "minimind3":
+                d.update(num_experts=self.num_experts,
+                         router_aux_loss_coef=self.router_aux_loss_coef,
+                         moe_intermediate_size=self.moe_intermediate_size)
+            else:
+                d.update(n_routed_experts=self.num_experts, n_shared_experts=self.n_shared_experts,
+                         aux_loss_alpha=self.router_aux_loss_coef, seq_aux=self.seq_aux,
+                         scoring_func="softmax")
         return d
 
     @classmethod
@@ -224,6 +303,94 @@ class ModelConfig:
     def save_json(self, path: str | Path) -> None:
         """Writes config.json in the Hugging Face layout (``from_json`` reads it back)."""
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _generation_from_keys(d: dict, model_type: str) -> str | None:
+    """The MiniMind generation a config.json's keys say, or None where they say neither."""
+    found = {g: [k for k in keys if k in d] for g, keys in _GENERATION_KEYS.items()}
+    if found["minimind2"] and found["minimind3"]:
+        raise ConfigError(
+            f"config has keys of both MiniMind generations: {found['minimind2']} (MiniMind2) and "
+            f"{found['minimind3']} (current MiniMind); keep one generation's names")
+    generation = next((g for g in GENERATIONS if found[g]), None)
+    explicit = d.get("minimind_generation")
+    if explicit is not None:
+        if explicit not in GENERATIONS or generation not in (None, explicit):
+            raise ConfigError(f"minimind_generation: {explicit!r} does not fit the config's keys "
+                              f"(expected one of {GENERATIONS} matching {found})")
+        generation = explicit
+    if generation is None and model_type == "minimind":
+        # MiniMind2 and current MiniMind default these differently: without them, refuse
+        unknown = [k for k in ("hidden_size", "num_key_value_heads", "intermediate_size",
+                               "rms_norm_eps") if d.get(k) is None]
+        if d.get("use_moe"):
+            unknown.append("the MoE generation (n_routed_experts: MiniMind2, num_experts: "
+                           "current MiniMind)")
+        if unknown:
+            old, new = (", ".join(_GENERATION_KEYS[g]) for g in GENERATIONS)
+            raise ConfigError(
+                f"a minimind config without MiniMind2 keys ({old}) or current MiniMind keys "
+                f"({new}) does not tell {', '.join(unknown)}; write them, or the generation's keys")
+    return generation
+
+
+def _read_rope(d: dict, model_type: str, out: dict) -> None:
+    """rope_theta and MiniMind's YaRN from a config.json into out; other scalings refused."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"rope_parameters: expected an object, got {type(rope).__name__}")
+    # transformers 5 keeps rope_theta under rope_parameters; 4.x at the top level, with
+    # rope_scaling beside it.
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope.get("rope_theta", d.get("rope_theta"))
+    if theta is not None:
+        out["rope_theta"] = float(theta)
+    elif model_type != "minimind":
+        out["rope_theta"] = 10000.0  # transformers' default for llama/qwen2/qwen3
+    yarn = {k: rope.get(k, v) for k, v in YARN_DEFAULTS.items()} if rope_type == "yarn" else None
+    if model_type == "minimind" and "inference_rope_scaling" in d:
+        # MiniMindConfig builds rope_scaling from this flag alone, with its fixed values
+        if not d["inference_rope_scaling"]:
+            return
+        differ = [f"{k} {yarn[k]} (MiniMind uses {v})" for k, v in YARN_DEFAULTS.items()
+                  if yarn is not None and yarn[k] != v]
+        if differ or rope_type not in ("default", "yarn"):
+            raise ConfigError(
+                f"inference_rope_scaling: MiniMind then computes YaRN with {YARN_DEFAULTS}, but "
+                f"the file says {', '.join(differ) or 'rope_type ' + repr(rope_type)}; drop "
+                f"inference_rope_scaling to use the file's rope_parameters")
+        out["rope_scaling"] = dict(YARN_DEFAULTS)
+        return
+    if rope_type == "default":
+        return
+    if rope_type == "yarn" and model_type == "minimind":
+        out["rope_scaling"] = yarn
+        return
+    raise ConfigError(f"rope_parameters.rope_type: only 'default' is implemented (and MiniMind's "
+                      f"'yarn' for model_type minimind), got {rope_type!r}")
+
+
+def _check_yarn(scaling: dict | None, model_type: str) -> dict | None:
+    """MiniMind's YaRN settings checked and completed with its defaults."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling: expected a dict or None, got {type(scaling).__name__}")
+    if model_type != "minimind":
+        raise ConfigError(f"rope_scaling: MiniMind's YaRN needs model_type 'minimind' "
+                          f"(transformers' YaRN for {model_type} is not implemented)")
+    unknown = sorted(set(scaling) - set(YARN_DEFAULTS) - {"type", "rope_type"})
+    kind = scaling.get("rope_type", scaling.get("type", "yarn"))
+    if unknown or kind != "yarn":
+        raise ConfigError(f"rope_scaling: expected MiniMind's YaRN keys {sorted(YARN_DEFAULTS)}, "
+                          f"got {sorted(scaling)} (type {kind!r})")
+    out = {k: scaling.get(k, v) for k, v in YARN_DEFAULTS.items()}
+    bad = [k for k, v in out.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not math.isfinite(v) or v <= 0]
+    if bad:
+        raise ConfigError(f"rope_scaling: {', '.join(bad)} must be positive numbers, got "
+                          f"{ {k: out[k] for k in bad} }")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,24 +421,51 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary positions, built in float32 and grown on demand.
 
     The table is a plain attribute, not a buffer: ``model.to(torch.bfloat16)`` would otherwise
-    round the angles, and it must never enter a state_dict.
+    round the angles, and it must never enter a state_dict. With ``scaling`` (MiniMind's YaRN)
+    and a table length (``max_positions``) past ``original_max_position_embeddings``, each
+    frequency is blended towards freq / factor along a linear ramp over the dimensions, and cos
+    and sin are multiplied by ``attention_factor``.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None,
+                 max_positions: int = 0) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
+        self.scaling, self.max_positions = scaling, max_positions
         self._cos = self._sin = torch.empty(0)
+
+    def inv_freq(self, device: torch.device | None = None) -> tuple[Tensor, float]:
+        """The (D/2,) inverse frequencies and the factor cos and sin are scaled by."""
+        D = self.head_dim
+        exponent = torch.arange(0, D, 2, dtype=torch.int64, device=device).float()
+        inv_freq = 1.0 / (self.theta ** (exponent / D))  # (D/2,)
+        s = self.scaling
+        if s is None:
+            return inv_freq, 1.0
+        orig = s["original_max_position_embeddings"]
+        if self.max_positions > orig:
+            # D(b): the dimension index whose wavelength fits b turns into orig positions
+            def dim_of(b: float) -> float:
+                return D * math.log(orig / (b * 2 * math.pi)) / (2 * math.log(self.theta))
+
+            low = max(math.floor(dim_of(s["beta_fast"])), 0)
+            high = min(math.ceil(dim_of(s["beta_slow"])), D // 2 - 1)
+            i = torch.arange(D // 2, device=device).float()
+            ramp = ((i - low) / max(high - low, 0.001)).clamp(0, 1)  # (D/2,)
+            inv_freq = inv_freq * (1 - ramp + ramp / s["factor"])
+        return inv_freq, float(s["attention_factor"])
 
     @torch.inference_mode(False)  # tables made while generating must still serve training
     @torch.no_grad()
     def _grow(self, length: int, device: torch.device) -> None:
         length = max(length, 2 * self._cos.shape[0], 256)
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
-        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))  # (D/2,)
+        inv_freq, attention_factor = self.inv_freq(device)  # (D/2,)
         pos = torch.arange(length, dtype=torch.int64, device=device).float()
         freqs = torch.outer(pos, inv_freq)  # (L, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, D)
         self._cos, self._sin = emb.cos(), emb.sin()
+        if attention_factor != 1.0:
+            self._cos, self._sin = self._cos * attention_factor, self._sin * attention_factor
 
     def forward(self, start: int, length: int, device: torch.device, dtype: torch.dtype
                 ) -> tuple[Tensor, Tensor]:
@@ -379,9 +573,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        C, F_ = config.hidden_size, config.intermediate_size
+        C, F_ = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(C, F_, bias=False)
         self.up_proj = nn.Linear(C, F_, bias=False)
         self.down_proj = nn.Linear(F_, C, bias=False)
@@ -394,14 +588,16 @@ class MoEGate(nn.Module):
     """MiniMind's router: softmax over experts, top-k, and the load-balancing loss.
 
     ``weight`` is a bare Parameter (num_experts, hidden) as in MiniMind, not an nn.Linear, so
-    "all-linear" LoRA targeting leaves the router alone.
+    "all-linear" LoRA targeting leaves the router alone. The generation decides two rules:
+    minimind3 renormalises the top-k weights whenever ``norm_topk_prob`` (top-1 too, so the one
+    expert's weight is 1), MiniMind2 only when top-k > 1; and the aux loss (below).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k, self.n_experts = config.num_experts_per_tok, config.num_experts
         self.norm_topk_prob, self.alpha = config.norm_topk_prob, config.router_aux_loss_coef
-        self.seq_aux = config.seq_aux
+        self.seq_aux, self.generation = config.seq_aux, config.minimind_generation
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
@@ -409,13 +605,17 @@ class MoEGate(nn.Module):
         B, T, C = x.shape
         scores = F.linear(x.reshape(-1, C), self.weight).softmax(dim=-1)  # (N, E), N = B*T
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # (N, K)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob and (self.top_k > 1 or self.generation == "minimind3"):
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         aux = scores.new_zeros(())
         # As MiniMind: the balancing loss exists while training only.
         if self.training and self.alpha > 0:
             idx = topk_idx.view(B, -1)  # (B, T*K)
-            if self.seq_aux:
+            if self.generation == "minimind3":
+                # load[j, e]: share of tokens whose j-th choice is e; pbar: mean routing prob
+                load = F.one_hot(topk_idx, self.n_experts).to(scores.dtype).mean(0)  # (K, E)
+                aux = (load * scores.mean(0)).sum() * self.n_experts * self.alpha
+            elif self.seq_aux:
                 # per sequence: expert load (normalised so uniform = 1) times mean routing prob
                 load = torch.zeros(B, self.n_experts, device=x.device, dtype=scores.dtype)
                 load.scatter_add_(1, idx, torch.ones_like(idx, dtype=scores.dtype))
@@ -434,7 +634,8 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate = MoEGate(config)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+        self.experts = nn.ModuleList(MLP(config, config.moe_intermediate_size)
+                                     for _ in range(config.num_experts))
         self.shared_experts = nn.ModuleList(MLP(config) for _ in range(config.n_shared_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -486,7 +687,8 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings)
 
 
 # ------------------------------------------------------------------------------------------------

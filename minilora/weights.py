@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .errors import ConfigError, WeightsError
 from .files import atomic_write, torch_load_reason
-from .model import CausalLM, ModelConfig
+from .model import GENERATIONS, MINIMIND_DEFAULTS, CausalLM, ModelConfig
 
 # Buffers some checkpoints carry that hold no learned weight (the model recomputes them).
 IGNORED_KEYS = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|freqs_cos|freqs_sin)$")
@@ -45,9 +45,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
         dtype: dtype of the parameters (a torch dtype or its name, e.g. "bfloat16").
         device: where the model goes.
         config: the model's config when path has none beside it: a ModelConfig, a config.json
-            dict (transformers' or MiniMind's names) or a path to one. Without any, a .pth's
-            config is read from its shapes with MiniMind's defaults for the rest (8 attention
-            heads, rope_theta 1e6, rms_norm_eps 1e-5, top-2 routing).
+            dict (transformers' or MiniMind's names, either MiniMind generation) or a path to
+            one; or "minimind2" / "minimind3": the sizes read from a MiniMind .pth's shapes and
+            that generation's MiniMindConfig defaults for the rest (eps, rope_theta, routing).
+            A bare .pth without any is refused, naming what its tensors do not tell.
 
     Returns:
         The model in eval mode.
@@ -237,6 +238,8 @@ def _resolve_config(path: Path, config: ModelConfig | dict | str | Path | None,
         return config
     if isinstance(config, dict):
         return ModelConfig.from_hf_dict(config)
+    if isinstance(config, str) and config in GENERATIONS and not Path(config).exists():
+        return _minimind_config_from_shapes(sd, path, config)
     if config is not None:
         return ModelConfig.from_json(config)
     beside = (path if path.is_dir() else path.parent) / "config.json"
@@ -244,17 +247,44 @@ def _resolve_config(path: Path, config: ModelConfig | dict | str | Path | None,
         return ModelConfig.from_json(beside)
     if path.is_dir() or path.suffix not in TORCH_SUFFIXES:
         raise FileNotFoundError(f"{beside}: no config.json (pass config= to load_model)")
-    return _minimind_config_from_shapes(sd, path)
+    generation = _generation_from_tensors(sd, path)
+    moe = "model.layers.0.mlp.gate.weight" in sd
+    unknown = ["rms_norm_eps", "rope_theta", "max_position_embeddings"]
+    if generation == "minimind2":
+        unknown.append("num_attention_heads")  # without q_norm no tensor holds head_dim
+    if moe:
+        unknown += ["num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef"]
+    raise WeightsError(
+        f"{path}: a bare .pth does not tell {', '.join(unknown)} (its tensors are a "
+        f"{generation} model's); pass its config (--config FILE: MiniMind's config.json or "
+        f"MiniMindConfig.to_dict() as JSON), or --config {generation} to take {generation}'s "
+        f"MiniMindConfig defaults (load_model: config=...)")
 
 
-def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path) -> ModelConfig:
-    """A MiniMind config read from the tensor shapes, MiniMind's defaults for the rest."""
+def _generation_from_tensors(sd: dict[str, Tensor], path: Path) -> str:
+    """Which MiniMind generation a state dict is: current MiniMind (minimind3) always has q/k
+    norms and no shared experts; MiniMind2 never has q/k norms."""
+    qk_norm = "model.layers.0.self_attn.q_norm.weight" in sd
+    shared = any(k.startswith("model.layers.0.mlp.shared_experts.") for k in sd)
+    if qk_norm and shared:
+        raise WeightsError(f"{path}: q/k norms (current MiniMind) beside shared experts "
+                           f"(MiniMind2) fit neither MiniMind generation; pass config=")
+    return "minimind3" if qk_norm else "minimind2"
+
+
+def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
+                                 generation: str) -> ModelConfig:
+    """A MiniMind config read from the tensor shapes, the generation's defaults for the rest."""
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
-            raise WeightsError(f"{path}: no config.json beside it and no {key} to read the "
-                               f"shape from; pass config= to load_model")
+            raise WeightsError(f"{path}: no {key} to read the shape from; pass a config.json "
+                               f"as config")
         return tuple(sd[key].shape)
 
+    found = _generation_from_tensors(sd, path)
+    if found != generation:
+        raise WeightsError(f"{path}: config {generation!r}, but the tensors are {found}'s "
+                           f"({'no ' if found == 'minimind2' else ''}q/k norms)")
     vocab_size, hidden = shape("model.embed_tokens.weight")
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     if not layers:
@@ -262,33 +292,35 @@ def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path) -> ModelConf
     prefix = "model.layers.0."
     use_moe = prefix + "mlp.gate.weight" in sd
     mlp = prefix + ("mlp.experts.0." if use_moe else "mlp.")
+    defaults = MINIMIND_DEFAULTS[generation]
     q_out = shape(prefix + "self_attn.q_proj.weight")[0]
     k_out = shape(prefix + "self_attn.k_proj.weight")[0]
-    qk_norm = prefix + "self_attn.q_norm.weight" in sd
+    qk_norm = generation == "minimind3"
     if qk_norm:
         head_dim = shape(prefix + "self_attn.q_norm.weight")[0]
         heads = q_out // head_dim
     else:
-        heads = 8  # MiniMind's num_attention_heads; the shapes cannot tell
+        heads = defaults["num_attention_heads"]  # MiniMind2's scripts never change it
         head_dim = hidden // heads
-    d = {"model_type": "minimind", "vocab_size": vocab_size, "hidden_size": hidden,
-         "num_hidden_layers": max(layers) + 1, "num_attention_heads": heads,
-         "num_key_value_heads": k_out // head_dim, "head_dim": head_dim, "qk_norm": qk_norm,
-         "intermediate_size": shape(mlp + "gate_proj.weight")[0],
+    width = shape(mlp + "gate_proj.weight")[0]
+    d = {**defaults, "model_type": "minimind", "minimind_generation": generation,
+         "vocab_size": vocab_size, "hidden_size": hidden, "num_hidden_layers": max(layers) + 1,
+         "num_attention_heads": heads, "num_key_value_heads": k_out // head_dim,
+         "head_dim": head_dim, "qk_norm": qk_norm, "intermediate_size": width,
          "attention_bias": prefix + "self_attn.q_proj.bias" in sd,
          "tie_word_embeddings": "lm_head.weight" not in sd
          or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])}
+    if generation == "minimind2":
+        d["n_shared_experts"] = len({int(m.group(1)) for k in sd if (m := re.match(
+            r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))})
     if use_moe:
-        shared = {int(m.group(1)) for k in sd
-                  if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))}
-        d.update(use_moe=True, num_experts=shape(prefix + "mlp.gate.weight")[0],
-                 n_shared_experts=len(shared))
-        d["num_experts_per_tok"] = min(2, d["num_experts"])
+        d.update(use_moe=True, num_experts=shape(prefix + "mlp.gate.weight")[0])
+        d["num_experts_per_tok"] = min(d["num_experts_per_tok"], d["num_experts"])
     try:
         return ModelConfig(**d)
-    except ValueError as e:
-        raise WeightsError(f"{path}: the shapes give no valid config ({e}); "
-                           f"pass config= to load_model") from e
+    except ConfigError as e:
+        raise WeightsError(f"{path}: the shapes give no valid {generation} config ({e}); "
+                           f"pass a config.json as config") from e
 
 
 def _fit(model: CausalLM, sd: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
@@ -332,8 +364,13 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
-def describe_model(path: str | Path) -> dict[str, object]:
+def describe_model(path: str | Path,
+                   config: ModelConfig | dict | str | Path | None = None) -> dict[str, object]:
     """What a base model folder (or .pth) holds: its config and parameter counts.
+
+    Args:
+        path: as ``load_model``.
+        config: as ``load_model`` (a bare .pth needs one).
 
     Returns:
         An ordered dict for display.
@@ -341,7 +378,7 @@ def describe_model(path: str | Path) -> dict[str, object]:
     Raises:
         FileNotFoundError, WeightsError, ValueError: as ``load_model``.
     """
-    model = load_model(path)
+    model = load_model(path, config=config)
     config = model.config
     dtypes = sorted({str(t.dtype).removeprefix("torch.")
                      for t in _read_state_dict(Path(path))[0].values()})
@@ -363,4 +400,6 @@ def describe_model(path: str | Path) -> dict[str, object]:
     if config.use_moe:
         info["experts (routed / per token)"] = (
             f"{config.num_experts} / {config.num_experts_per_tok}")
+    if config.use_moe or config.model_type == "minimind":
+        info["MiniMind generation"] = config.minimind_generation
     return info

@@ -118,8 +118,11 @@ def test_folder_layout_metadata_and_config(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert (cfg["r"], cfg["lora_alpha"], cfg["bias"], cfg["use_dora"]) == (4, 8, "none", False)
     assert cfg["base_model_name_or_path"] == "org/tiny"
-    assert cfg["target_modules"] == ["o_proj", "q_proj"]  # "square" resolved for PEFT
-    assert cfg["exclude_modules"] == ["layers.1.self_attn.o_proj"]
+    # "square" minus the excluded layer, as the exact layers (last names would take it too)
+    assert cfg["target_modules"] == ["model.layers.0.self_attn.o_proj",
+                                     "model.layers.0.self_attn.q_proj",
+                                     "model.layers.1.self_attn.q_proj"]
+    assert cfg["exclude_modules"] is None
     assert cfg["init_lora_weights"] == "gaussian"
     assert not any(k.startswith("minilora") for k in cfg)
 
@@ -428,3 +431,96 @@ def test_missing_path_and_bad_minimind_keys(tmp_path):
     torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": torch.zeros(8, 32)}, path)
     with pytest.raises(AdapterError, match=r"missing keys .*q_proj\.lora\.B\.weight"):
         load_adapter(llama(), path)
+
+
+# ---------------------------------------------------------------- minilora's own model -> PEFT
+
+
+def minilora_twin(hf: nn.Module) -> nn.Module:
+    """minilora's CausalLM holding a transformers model's weights."""
+    from minilora.model import CausalLM, ModelConfig
+
+    config = ModelConfig.from_hf_dict(hf.config.to_dict())
+    ours = CausalLM(config).eval()
+    sd = hf.state_dict()
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    _, unexpected = ours.load_state_dict(sd, strict=False)
+    assert unexpected == []
+    return ours
+
+
+TARGET_FORMS = {
+    "suffixes": LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]),
+    # on the transformers model this regex also matches mlp.act_fn, which PEFT cannot adapt
+    "regex": LoraConfig(r=4, alpha=8, targets=r".*mlp\..*"),
+    "all-linear": LoraConfig(r=4, alpha=8, targets="all-linear"),
+    "square": LoraConfig(r=4, alpha=8, targets="square"),
+    "suffixes+exclude": LoraConfig(r=4, alpha=8, targets=["q_proj", "o_proj", "down_proj"],
+                                   exclude=["layers.1.self_attn.o_proj"]),
+    "regex+exclude": LoraConfig(r=4, alpha=8, targets=r".*self_attn\..*",
+                                exclude=r".*0\.self_attn\.k_proj"),
+}
+
+
+@pytest.mark.parametrize("config", TARGET_FORMS.values(), ids=TARGET_FORMS.keys())
+def test_peft_loads_what_minilora_saves_from_its_own_model(tmp_path, config):
+    ours = minilora_twin(llama())
+    inject_lora(ours, config)
+    perturb_b(ours)
+    x = ids()
+    folder = save_adapter(ours, tmp_path / "a")
+    peft_model = peft.PeftModel.from_pretrained(llama(), str(folder)).eval()
+    assert rel_err(logits(peft_model, x), logits(ours, x)) <= 1e-5
+    assert rel_err(logits(ours, x), logits(llama(), x)) > 1e-4  # the adapter changes the output
+    peft_targets = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert peft_targets == {n for n, _ in lora_modules(ours)}
+
+
+def untied(kind: str, seed: int = 0) -> nn.Module:
+    """A tiny transformers Llama or Qwen2 with its own lm_head."""
+    cls = {"llama": "Llama", "qwen2": "Qwen2"}[kind]
+    config = getattr(transformers, cls + "Config")(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return getattr(transformers, cls + "ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_peft_adapter_on_lm_head_loads_with_equal_logits(tmp_path, kind):
+    peft_model = peft.get_peft_model(untied(kind), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    x = ids()
+    theirs = logits(peft_model, x)
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        peft_model.save_pretrained(str(tmp_path / "peft"))
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), framework="pt") as f:
+        assert "base_model.model.lm_head.base_layer.weight" in set(f.keys())
+    for model in (untied(kind), minilora_twin(untied(kind))):
+        load_adapter(model, tmp_path / "peft")
+        assert "lm_head" in {n for n, _ in lora_modules(model)}
+        assert rel_err(logits(model, x), theirs) <= 1e-5
+    # a base whose head differs from the one PEFT saved would compute something else: refused
+    other = untied(kind, seed=1)
+    with pytest.raises(AdapterError, match=r"lm_head\.base_layer\.weight \(differs from this "
+                                           r"model's lm_head\.weight"):
+        load_adapter(other, tmp_path / "peft")
+    assert not lora_modules(other)
+
+
+def test_kasa_adapter_is_refused_naming_the_field(tmp_path):
+    kasa = peft.get_peft_model(llama(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], kasa_config=peft.tuners.lora.KasaConfig()))
+    kasa.save_pretrained(str(tmp_path / "kasa"))
+    model = llama()
+    with pytest.raises(AdapterError, match="field 'kasa_config'"):
+        load_adapter(model, tmp_path / "kasa")
+    assert not lora_modules(model)

@@ -204,3 +204,40 @@ def test_python_dash_m_runs_the_cli() -> None:
     done = subprocess.run([sys.executable, "-m", "minilora", "--version"], capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0 and done.stdout.startswith("minilora ")
+
+
+def test_bare_pth_takes_config_and_merge_convert_need_no_tokenizer(
+        workdir: Path, trained: Path, tmp_path: Path, capsys) -> None:
+    """MiniMind's layout: weights alone in out/, no config.json, tokenizer.json elsewhere."""
+    from minilora.adapter import load_adapter, save_adapter
+    from minilora.lora import LoraConfig, inject_lora
+
+    (tmp_path / "out").mkdir()
+    pth = tmp_path / "out" / "full_sft_32.pth"
+    torch.save(load_model(workdir / "base").state_dict(), pth)
+    config = str(workdir / "base" / "config.json")
+    code, _, err = run(["info", str(pth)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "rms_norm_eps" in err and "--config" in err
+    code, out, err = run(["info", "--json", str(pth), "--config", config], capsys)
+    assert code == 0, err
+    assert json.loads(out)["model_type"] == "llama"
+
+    merged = tmp_path / "merged"
+    code, _, err = run(["merge", "--model", str(pth), "--config", config, "--adapter",
+                        str(trained / "adapter"), "--out", str(merged)], capsys)
+    assert code == 0, err
+    assert "no tokenizer found" in err and not (merged / "tokenizer.json").exists()
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    expected = load_model(workdir / "base")
+    load_adapter(expected, trained / "adapter")
+    torch.testing.assert_close(load_model(merged)(ids).logits, expected(ids).logits,
+                               rtol=1e-5, atol=1e-5)
+
+    square = load_model(workdir / "base")
+    inject_lora(square, LoraConfig(r=2, targets="square"))
+    lora_pth = save_adapter(square, tmp_path / "out" / "lora_identity_32.pth", format="minimind")
+    code, _, err = run(["convert", "--model", str(pth), "--config", config, str(lora_pth),
+                        str(tmp_path / "folder")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "folder" / "adapter_config.json").is_file()

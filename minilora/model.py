@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minilora.checks import type_problems
 from minilora.errors import ConfigError
+from minilora.files import read_json
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
 
@@ -63,6 +65,9 @@ class ModelConfig:
     seq_aux: bool = True  # balance per sequence (MiniMind's seq_aux) rather than over the batch
 
     def __post_init__(self) -> None:
+        problems = type_problems(self, "")  # a float head_dim, a "false" string, a NaN eps ...
+        if problems:
+            raise ConfigError("; ".join(problems))
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.num_key_value_heads is None:
@@ -212,10 +217,13 @@ class ModelConfig:
             ValueError: when the file is not valid JSON or holds an unsupported setting.
         """
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
+        d = read_json(path, "a model config.json")
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: a JSON {_json_type(d)}; expected a JSON object")
+        for key in ("rope_scaling", "rope_parameters"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"{path}: field '{key}': a JSON {_json_type(d[key])}, "
+                                  "expected an object such as {\"rope_type\": \"default\"}")
         try:
             return cls.from_hf_dict(d)
         except (TypeError, ValueError) as e:
@@ -224,6 +232,12 @@ class ModelConfig:
     def save_json(self, path: str | Path) -> None:
         """Writes config.json in the Hugging Face layout (``from_json`` reads it back)."""
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from minilora.adapter import FINGERPRINT_KEY, base_fingerprint, load_adapter
 from minilora.cli import main
 from minilora.data import MAX_LINE_BYTES, DataError, load_jsonl
 from minilora.lora import lora_modules
+from minilora.outputs import LOCK_NAME
 from minilora.train import TrainConfig, TrainError, latest_checkpoint, train
 from minilora.weights import load_model, save_model
 
@@ -348,7 +349,7 @@ CASES = [
          "[Errno 28] cannot write {dir}/out/adapter: No space left on device",
          "the previous adapter files are intact; the checkpoint holds the weights: --resume",
          setup=train_first("--max-steps", "4", "--save-every", "1", "--stop-after", "2"),
-         patch=fsync_fails("/out/adapter/"),
+         patch=fsync_fails("/out/.adapter.tmp-"),
          may_change=("out/config.json", "out/metrics.jsonl", "out/checkpoints/"),
          after=resume_completes),
     Case("non-finite-loss-k-steps-in-a-row",
@@ -375,9 +376,9 @@ CASES = [
          "{dir}/out/checkpoints/step-00000001: cannot read the checkpoint, damaged or not "
          "minilora's (UnpicklingError: Unsupported global: GLOBAL exec was not an "
          "allowed global by default.)", "the payload never runs",
-         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), hostile(
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), rehash(hostile(
              d / "out" / "checkpoints" / "step-00000001" / "state.pt", d / MARKER,
-             step=torch.tensor(1)))),
+             step=torch.tensor(1))))),
     Case("hostile-pickle-as-minimind-base", ["generate", "--model", "{dir}/minimind.pth",
                                              "--tokenizer", "{work}/base", "hi"],
          "{dir}/minimind.pth: not a plain tensor state dict that loads with weights_only=True "
@@ -394,6 +395,14 @@ CASES = [
 ]
 
 
+def rehash(path: Path) -> None:
+    """Record a planted checkpoint file in the manifest, as an attacker who edits both would."""
+    manifest = path.parent / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(data))
+
+
 def flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -405,7 +414,7 @@ def snapshot(*roots: Path) -> dict[Path, str]:
     files = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p.name != LOCK_NAME:  # the lock file holds its last holder's PID
                 st = p.stat()
                 files[p] = (f"{st.st_size}:{st.st_mtime_ns}" if st.st_size > 1 << 20
                             else hashlib.sha256(p.read_bytes()).hexdigest())

@@ -9,6 +9,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -166,16 +167,30 @@ def read_json(path: str | os.PathLike, what: str = "a JSON file", limit: int = M
         raise error(f"{path}: byte {e.start} is not UTF-8 ({data[e.start:e.start + 1]!r}); "
                          f"expected {what} in UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_not_finite, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise error(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except _NotFinite as e:
+        raise error(f"{path}: {e} is not a finite number; expected {what} with finite "
+                    "numbers") from None
     except RecursionError:
         raise error(f"{path}: nested too deeply to be {what}") from None
 
 
-def _no_constant(name: str) -> float:
-    # json reads NaN, Infinity and -Infinity, which JSON itself does not have.
-    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+class _NotFinite(ValueError):
+    pass
+
+
+def _not_finite(name: str) -> float:
+    # Python's json reads NaN, Infinity and -Infinity, which JSON itself does not have.
+    raise _NotFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf
+        raise _NotFinite(text)
+    return value
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -1166,6 +1166,10 @@ def combine_adapters(
         raise ConfigError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
     if not weights:
         raise ConfigError("weights is empty: give adapter name -> weight")
+    for adapter, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(
+                weight):
+            raise ConfigError(f"weights[{adapter!r}]: expected a finite number, got {weight!r}")
     _known(model, list(weights))
     if name in list_adapters(model):
         raise ConfigError(

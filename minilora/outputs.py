@@ -58,33 +58,49 @@ def check_not_an_input(out: str | os.PathLike, inputs: Mapping[str, object], fla
 
 
 def check_own_folder(folder: str | os.PathLike, own: Iterable[str] | re.Pattern[str],
-                     what: str, flag: str) -> None:
-    """Refuse an existing folder that holds anything but this command's own outputs.
+                     command: str, flag: str) -> None:
+    """Refuse an existing folder that holds anything but this command's own earlier outputs.
+
+    A folder is this command's when its lock file (written before anything else) names the
+    command, and it holds only the names the command writes. A base model folder holds a
+    config.json and weights just as a merged one does; only the lock file tells them apart.
 
     Args:
         folder: the output folder (absent or empty passes).
         own: the names the command writes there: a set of names or a full-match pattern.
-            Hidden temporary leftovers of these names (``.<name>.tmp-...``) and the lock file
-            count as its own too.
-        what: the command's outputs in words, for the message (``a minilora train run``).
+            Hidden temporary leftovers of these names (``.<name>.tmp-...``) count as its own.
+        command: the command (``train``, ``merge``), as its lock file names it.
         flag: the output's flag, for the message.
 
     Raises:
-        OutputError: the folder is a file, or holds other entries (listed).
+        OutputError: the folder is a file, was not written by ``command``, or holds other
+            entries (listed).
     """
     folder = Path(folder)
     if not folder.exists():
         return
     if not folder.is_dir():
         raise OutputError(f"{flag} {folder} is a file, not a folder; choose another {flag}")
+    entries = sorted(e.name for e in folder.iterdir())
     pattern = own if isinstance(own, re.Pattern) else re.compile(
         "|".join(re.escape(n) for n in own))
-    foreign = sorted(e.name for e in folder.iterdir() if not _is_own(e.name, pattern))
+    foreign = [n for n in entries if not _is_own(n, pattern)]
+    if entries and _lock_command(folder / LOCK_NAME) != command:
+        foreign = [n for n in entries if n != LOCK_NAME]
     if foreign:
         shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign) - 8} more)"
                                           if len(foreign) > 8 else "")
-        raise OutputError(f"{flag} {folder} holds files that are not {what}'s ({shown}); "
-                          f"nothing there is overwritten: choose an empty or new {flag}")
+        raise OutputError(f"{flag} {folder} holds files that minilora {command} did not write "
+                          f"({shown}); nothing there is overwritten: choose an empty or new "
+                          f"{flag}")
+
+
+def _lock_command(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return str(json.loads(f.read(4096))["command"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _is_own(name: str, pattern: re.Pattern[str]) -> bool:
@@ -143,7 +159,8 @@ class FolderLock:
 
 def _holder(path: Path) -> str:
     try:
-        info = json.loads(path.read_text(encoding="utf-8")[:4096])
+        with open(path, "rb") as f:
+            info = json.loads(f.read(4096))
         return f"minilora {info['command']}, PID {int(info['pid'])}"
     except (OSError, ValueError, KeyError, TypeError):
         return "PID unknown"

@@ -43,8 +43,9 @@ from torch import nn
 from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
+from minilora.checks import MAX_TRAINED_WEIGHT
 from minilora.data import DataStats, JsonlDataset, batch_indices, load_jsonl
-from minilora.errors import CheckpointError, ConfigError, OutputError, TrainError
+from minilora.errors import CheckpointError, ConfigError, DataError, OutputError, TrainError
 from minilora.files import atomic_write, fsync_dir, read_bounded, read_json, torch_load_reason
 from minilora.lora import (
     LoraConfig,
@@ -328,6 +329,8 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
          started: float) -> TrainResult:
     """train() once the processes are started: data, model, the loop, the outputs."""
     train_set, eval_set = _datasets(data, eval_data, config)
+    for dataset in (train_set, eval_set):
+        _check_vocab(dataset, model)
     plan = _BatchPlan(train_set, config, rank, world)
     out = Path(config.out_dir)
 
@@ -635,6 +638,25 @@ class _BatchPlan:
         return (micro, sum(self._trained[i] for i in rows), sum(self._lengths[i] for i in rows))
 
 
+def _check_vocab(dataset: JsonlDataset | None, model: nn.Module) -> None:
+    """Every token id has a row in the model's embedding: a tokenizer larger than the model
+    would otherwise fail with an IndexError part-way through a run."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = (getter() if callable(getter)
+                 else getattr(getattr(model, "model", None), "embed_tokens", None))
+    if dataset is None or not isinstance(embedding, nn.Embedding) or not dataset.samples:
+        return
+    vocab = embedding.num_embeddings
+    for row, sample in enumerate(dataset.samples):
+        if sample.input_ids and (max(sample.input_ids) >= vocab or min(sample.input_ids) < 0):
+            bad = max(sample.input_ids) if max(sample.input_ids) >= vocab else min(
+                sample.input_ids)
+            raise DataError(dataset.path or "the dataset",
+                            f"sample {row + 1} holds token id {bad}, outside the model's "
+                            f"vocabulary (0 .. {vocab - 1}); the tokenizer does not belong to "
+                            "this model")
+
+
 def _content_sha256(dataset: JsonlDataset) -> str:
     """A hash of what the model is trained on, row by row in file order: the token ids and the
     labels. Other data of the same size (lines shuffled, digits swapped) gives another hash."""
@@ -671,6 +693,9 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
         ``{"eval_loss": token-weighted mean cross-entropy, "eval_ppl": exp(eval_loss),
         "eval_tokens": trained tokens counted}``.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    _check_vocab(dataset, model)
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -720,9 +745,18 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to save NaN / inf weights, and weights that diverged (an lr far too high keeps the
+    loss finite while the weights grow without bound: the adapter then answers nothing)."""
     bad = [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise TrainError(f"refusing to save non-finite weights: {bad[:5]}")
+    sizes = {n: float(t.detach().abs().max()) for n, t in tensors.items() if t.numel()}
+    huge = sorted((n for n, v in sizes.items() if v > MAX_TRAINED_WEIGHT), key=sizes.get,
+                  reverse=True)
+    if huge:
+        raise TrainError(f"refusing to save weights that diverged (lower lr; the checkpoint "
+                         f"before is kept): largest magnitude {sizes[huge[0]]:.3g} > "
+                         f"{MAX_TRAINED_WEIGHT:g} in {huge[:3]}")
 
 
 def _save_weights(model: nn.Module, folder: Path, config: TrainConfig, rank: int) -> Path | None:
@@ -932,9 +966,9 @@ def _check_same_run(path: Path, state: dict, config: TrainConfig, plan: _BatchPl
              if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if state["world_size"] != plan.world:
         diffs.append(f"processes: {state['world_size']} in the checkpoint, {plan.world} now")
-    if state["data"] != plan.position(state["step"]):
-        diffs.append(f"data: {state['data']} in the checkpoint, "
-                     f"{plan.position(state['step'])} now")
+    saved_data, data_now = state["data"], plan.position(state["step"])
+    diffs += [f"data.{k}: {saved_data.get(k)} in the checkpoint, {data_now[k]} now"
+              for k in data_now if saved_data.get(k) != data_now[k]]
     if diffs:
         raise CheckpointError(
             f"{path} was written by a different run; refusing to resume: " + "; ".join(diffs)
@@ -974,7 +1008,7 @@ def _claim_out(config: TrainConfig, rank: int) -> FolderLock | None:
     inputs = {k: p for k, p in (("data", config.data), ("eval_data", config.eval_data))
               if p is not None and Path(p).is_file()}
     check_not_an_input(out, inputs, "out_dir (--out)")
-    check_own_folder(out, _RUN_OUTPUTS, "a minilora train run", "out_dir (--out)")
+    check_own_folder(out, _RUN_OUTPUTS, "train", "out_dir (--out)")
     try:
         return FolderLock(out, "train").acquire()
     except OSError as err:
@@ -997,14 +1031,12 @@ def _replace_earlier_run(out: Path, overwrite: bool, rank: int) -> None:
         )
     earlier = [n for n in ("adapter", "model", "best", CHECKPOINTS, "metrics.jsonl")
                if (out / n).exists()]
-    if not earlier:
-        return
-    if not overwrite:
+    if earlier and not overwrite:
         raise OutputError(f"{out} holds an earlier run ({', '.join(earlier)}): pass "
                           "overwrite=True (--overwrite) to replace it, or train into another "
                           "out_dir")
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank has looked before rank 0 removes
+        dist.barrier()  # every rank has looked before rank 0 removes or writes anything
     if rank == 0:
         for name in earlier:
             path = out / name

@@ -221,6 +221,7 @@ def replace_folder(final: str | os.PathLike, write: Callable[[Path], object]) ->
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _recover(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     for stale in (tmp, old):
@@ -249,6 +250,33 @@ def replace_folder(final: str | os.PathLike, write: Callable[[Path], object]) ->
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _recover(final: Path) -> None:
+    """Clean up after a writer of ``final`` that died: its new folder is dropped; its backup of
+    the old folder is put back if ``final`` is missing (a kill between the two renames of the
+    fallback path), else dropped. Leftovers of a live process are left to it."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-(\d+)")
+    for entry in final.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m is None or _alive(int(m[2])):
+            continue
+        if m[1] == "old" and not final.exists():
+            os.rename(entry, final)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: this call is the writer now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_file(path: Path) -> None:

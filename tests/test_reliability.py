@@ -1145,3 +1145,120 @@ def test_every_read_in_the_package_is_safetensors_or_weights_only() -> None:
                                                                  "safe_globals"):
                 raise AssertionError(f"{file.name}:{node.lineno}: widens weights_only")
     assert loads >= 4  # adapter, weights, train (twice), cli: the reads exist
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter save: SIGKILL anywhere leaves the old adapter, the new one, or a refusal
+# ---------------------------------------------------------------------------------------------
+
+# Points inside save_adapter where a forked child stops and waits to be killed: between the two
+# files of the new folder, after both (before the rename), after the exchange (before the old
+# folder is removed).
+SAVE_POINTS = ("between-files", "before-rename", "after-exchange")
+
+
+def _two_adapters(vocab: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """A model with LoRA, and the two adapters a save loop alternates: (alpha, B value)."""
+    from minilora.lora import LoraConfig, inject_lora
+
+    model = tiny_model(vocab)
+    inject_lora(model, LoraConfig(r=2, alpha=16, targets=["q_proj", "v_proj"]))
+    return model, {"alpha": 16.0, "b": 0.5}, {"alpha": 32.0, "b": 0.25}
+
+
+def _set(model: torch.nn.Module, adapter: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for _, module in lora_modules(model):
+            module.lora_B.weight.fill_(adapter["b"])
+            module.adapters["default"].alpha = adapter["alpha"]
+            module.adapters["default"].scaling = adapter["alpha"] / 2
+
+
+def _save_loop(model: torch.nn.Module, folder: Path, adapters: list[dict], first: int,
+               point: str | None, pipe: int) -> None:
+    """The child: announce, then save adapters[first], the other, ... until killed; with a
+    ``point``, stop there in the first save and wait to be killed."""
+    import minilora.files as files
+    from minilora.adapter import save_adapter
+
+    def stop_here(name: str) -> None:
+        if name == point:
+            os.write(pipe, b"at " + name.encode() + b"\n")
+            time.sleep(60)
+
+    real_write_text, real_fsync_dir, real_exchange = Path.write_text, files.fsync_dir, \
+        files._exchange
+    Path.write_text = lambda self, *a, **k: (  # type: ignore[method-assign]
+        stop_here("between-files") if self.name == "adapter_config.json" else None,
+        real_write_text(self, *a, **k))[1]
+    files.fsync_dir = lambda f: (stop_here("before-rename") if ".tmp-" in str(f) else None,
+                                 real_fsync_dir(f))[1]
+    files._exchange = lambda a, b: (real_exchange(a, b), stop_here("after-exchange"))[0]
+    os.write(pipe, b"go\n")
+    for i in range(10**6):
+        _set(model, adapters[(first + i) % 2])
+        save_adapter(model, folder)
+
+
+def _loads_as(folder: Path, vocab: int, adapters: list[dict]) -> str:
+    """"old", "new" or "refused": what a reader gets from the folder."""
+    from minilora.errors import AdapterError
+
+    reader = tiny_model(vocab)
+    try:
+        config = load_adapter(reader, folder)
+    except AdapterError:
+        return "refused"
+    b = {float(m.lora_B.weight.detach().unique()[0]) for _, m in lora_modules(reader)}
+    for name, adapter in zip(("old", "new"), adapters, strict=True):
+        if config.alpha == adapter["alpha"] and b == {adapter["b"]}:
+            return name
+    raise AssertionError(f"a mixture: alpha {config.alpha} with B values {b}")
+
+
+def test_sigkill_during_adapter_saves_leaves_the_old_or_the_new_adapter(tok, tmp_path) -> None:
+    from minilora.adapter import save_adapter
+
+    vocab = tok.vocab_size
+    model, old, new = _two_adapters(vocab)
+    adapters = [old, new]
+    folder = tmp_path / "adapter"
+    _set(model, old)
+    started = time.perf_counter()
+    save_adapter(model, folder)
+    one_save = time.perf_counter() - started  # random kills land within the first few saves
+    rng = random.Random(0)
+    plan = [p for p in SAVE_POINTS for _ in range(3)] + [None] * 15
+    state = "old"
+    for point in plan:
+        before = state
+        first = 1 if before == "old" else 0  # the child's first save changes the folder
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                os.close(read)
+                _save_loop(model, folder, adapters, first, point, write)
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            assert pipe.readline() == b"go\n"
+            if point is None:
+                time.sleep(rng.uniform(0, 4 * one_save))
+            else:
+                assert pipe.readline() == f"at {point}\n".encode()
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # reaped: its PID is no longer alive for the cleanup
+        state = _loads_as(folder, vocab, adapters)
+        assert state in ("old", "new"), state  # whole, never a mixture, never missing
+        if point in ("between-files", "before-rename"):
+            assert state == before, point  # the save under way is not visible yet
+        elif point == "after-exchange":
+            assert state != before, point  # the new folder is in place; the old one aside
+    assert len(plan) >= 20
+    # A later save cleans what the killed writers left (their new folders, their backups).
+    _set(model, new)
+    save_adapter(model, folder)
+    assert _loads_as(folder, vocab, adapters) == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

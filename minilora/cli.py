@@ -599,6 +599,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _looks_like_minimind_adapter(path: Path) -> bool:
     import torch
 
+    if not path.is_file():  # a FIFO or a device: describe_model refuses it in one line
+        return False
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a hostile or broken file: describe_model reports it properly

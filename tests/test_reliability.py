@@ -1155,6 +1155,8 @@ def test_every_read_in_the_package_is_safetensors_or_weights_only() -> None:
 # files of the new folder, after both (before the rename), after the exchange (before the old
 # folder is removed).
 SAVE_POINTS = ("between-files", "before-rename", "after-exchange")
+# Without an atomic exchange (another system): the old folder renamed aside, not yet replaced.
+FALLBACK_POINT = "between-renames"
 
 
 def _two_adapters(vocab: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
@@ -1194,6 +1196,11 @@ def _save_loop(model: torch.nn.Module, folder: Path, adapters: list[dict], first
     files.fsync_dir = lambda f: (stop_here("before-rename") if ".tmp-" in str(f) else None,
                                  real_fsync_dir(f))[1]
     files._exchange = lambda a, b: (real_exchange(a, b), stop_here("after-exchange"))[0]
+    if point == FALLBACK_POINT:
+        real_rename = os.rename
+        files._exchange = lambda a, b: False
+        os.rename = lambda a, b: (real_rename(a, b), stop_here(  # type: ignore[assignment]
+            FALLBACK_POINT) if ".old-" in str(b) else None)[0]
     os.write(pipe, b"go\n")
     for i in range(10**6):
         _set(model, adapters[(first + i) % 2])
@@ -1228,7 +1235,7 @@ def test_sigkill_during_adapter_saves_leaves_the_old_or_the_new_adapter(tok, tmp
     save_adapter(model, folder)
     one_save = time.perf_counter() - started  # random kills land within the first few saves
     rng = random.Random(0)
-    plan = [p for p in SAVE_POINTS for _ in range(3)] + [None] * 15
+    plan = [p for p in (*SAVE_POINTS, FALLBACK_POINT) for _ in range(3)] + [None] * 15
     state = "old"
     for point in plan:
         before = state
@@ -1251,6 +1258,12 @@ def test_sigkill_during_adapter_saves_leaves_the_old_or_the_new_adapter(tok, tmp
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)  # reaped: its PID is no longer alive for the cleanup
         state = _loads_as(folder, vocab, adapters)
+        if point == FALLBACK_POINT:  # refused (no folder); the backup holds the old one whole
+            assert state == "refused"
+            (backup,) = tmp_path.glob(f".adapter.old-{pid}")
+            assert _loads_as(backup, vocab, adapters) == before
+            state = before  # what the next save puts back first
+            continue
         assert state in ("old", "new"), state  # whole, never a mixture, never missing
         if point in ("between-files", "before-rename"):
             assert state == before, point  # the save under way is not visible yet

@@ -87,6 +87,13 @@ def _matches(value: object, hint: Any) -> tuple[bool, object]:
             return True, value
         elif option in (str, bool) and type(value) is option:
             return True, value
+        elif option is Any:
+            return True, value
+        elif origin not in (None, list) and isinstance(value, origin):
+            return True, value  # dict[str, float], tuple[int, ...]: the container is checked
+        elif (origin is None and isinstance(option, type)
+              and option not in (int, float, str, bool) and isinstance(value, option)):
+            return True, value  # dict, or a class of the field's own
     return False, value
 
 

@@ -131,6 +131,13 @@ def _check_names(what: str, value: object, *, allow_empty: bool) -> list[str] | 
     return list(value)
 
 
+try:  # Python 3.11+; 3.10 has the same parser under its old, now deprecated, names
+    from re import _constants as _sre_constants  # type: ignore[attr-defined]
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    import sre_constants as _sre_constants
+    import sre_parse as _sre_parse
+
 # Module names are short; a longer pattern is not a target list but an attack or a mistake.
 MAX_REGEX_LENGTH = 500
 
@@ -150,7 +157,7 @@ def check_regex(pattern: str) -> None:
     if len(pattern) > MAX_REGEX_LENGTH:
         raise ValueError(f"longer than {MAX_REGEX_LENGTH} characters")
     try:
-        parsed = re._parser.parse(pattern)  # type: ignore[attr-defined]
+        parsed = _sre_parse.parse(pattern)
     except re.error as e:
         raise ValueError(str(e)) from None
     if _nested_repeat(parsed, inside_repeat=False):
@@ -159,8 +166,9 @@ def check_regex(pattern: str) -> None:
 
 
 def _nested_repeat(items: object, inside_repeat: bool) -> bool:
-    constants = re._constants  # type: ignore[attr-defined]
-    repeats = (constants.MAX_REPEAT, constants.MIN_REPEAT, constants.POSSESSIVE_REPEAT)
+    constants = _sre_constants
+    repeats = tuple(getattr(constants, n) for n in ("MAX_REPEAT", "MIN_REPEAT",
+                                                     "POSSESSIVE_REPEAT") if hasattr(constants, n))
     for op, arg in items:  # type: ignore[union-attr]
         if op in repeats:
             _, high, sub = arg

@@ -13,6 +13,7 @@ in the keys. PEFT saves a model's non-default adapters into subfolders named aft
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -23,8 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from minilora.checks import check_written, tensor_problems
 from minilora.errors import AdapterError, FingerprintMismatch
-from minilora.files import atomic_write, torch_load_reason
+from minilora.files import atomic_write, read_json, regular_file, replace_folder, torch_load_reason
 from minilora.lora import (
     DEFAULT_ADAPTER,
     AdapterSlot,
@@ -71,6 +73,18 @@ _UNSUPPORTED_PEFT = {
     "monteclora_config": (None, {}),  # Monte Carlo sampling around the adapter
     "arrow_config": (None, {}),  # routing among several adapters per token
     "megatron_config": (None, {}),  # tensor-parallel layers
+}
+# The type of each adapter_config.json field minilora reads ("use_rslora": "false" is a string,
+# which is true in Python: refused, not guessed).
+_PEFT_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "peft_type": ((str,), "a string"),
+    "r": ((int,), "an integer"),
+    "lora_alpha": ((int, float), "a number"),
+    "lora_dropout": ((int, float), "a number"),
+    "use_rslora": ((bool,), "true or false"),
+    "target_modules": ((list, str, type(None)), "a list of names, a regex or null"),
+    "exclude_modules": ((list, str, type(None)), "a list of names, a regex or null"),
+    "init_lora_weights": ((bool, str), "true, false or an init name"),
 }
 # PEFT inits that rewrite the base weights: their adapters only work on the rewritten base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
@@ -372,14 +386,30 @@ def save_adapter(
     fingerprint = base_fingerprint(model, name)
     metadata = {"format": "pt", FINGERPRINT_KEY: fingerprint, VERSION_KEY: _version()}
     tensors = {k: _for_disk(v, dtype) for k, v in adapter_state_dict(model, name).items()}
+    check_written(tensors, path, AdapterError)
     peft_config = _peft_config_dict(model, config, base_model_name_or_path, name)
-    path.mkdir(parents=True, exist_ok=True)
-    # Weights first, config last: a folder whose config is new has its new weights too.
+    _check_replaceable(path)
     blob = safetensors_bytes(tensors, metadata=metadata)
-    atomic_write(path / WEIGHTS_NAME, blob)
-    text = json.dumps(peft_config, indent=2) + "\n"
-    atomic_write(path / CONFIG_NAME, text)
-    return path
+    text = json.dumps(peft_config, indent=2, allow_nan=False) + "\n"
+
+    def write(folder: Path) -> None:
+        (folder / WEIGHTS_NAME).write_bytes(blob)
+        (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
+
+    # The folder is replaced as a whole: a reader (or a crash) sees the old adapter or the new
+    # one, never new weights beside an old config.
+    return replace_folder(path, write)
+
+
+def _check_replaceable(path: Path) -> None:
+    """An existing folder is replaced as a whole: refuse one that holds more than an adapter."""
+    if not path.is_dir():
+        return
+    other = sorted(e.name for e in path.iterdir() if e.name not in (WEIGHTS_NAME, CONFIG_NAME))
+    if other:
+        raise AdapterError(f"{path} holds more than an adapter ({', '.join(other[:8])}); saving "
+                           "replaces the whole folder, so nothing is written: choose another "
+                           "folder")
 
 
 def _for_disk(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -409,8 +439,11 @@ def _save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None, name
         # MiniMind computes B(A(x)) unscaled: fold the scaling into B.
         b = slot.lora_B.weight.detach().float() * slot.scaling
         sd[f"{path_}.lora.B.weight"] = _for_disk(b, dtype or slot.lora_B.weight.dtype)
+    check_written(sd, path, AdapterError)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(sd, f))
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)  # in memory: a full disk is then an OSError of the write
+    atomic_write(path, buffer.getvalue())
     return path
 
 
@@ -553,13 +586,9 @@ def find_adapters(folder: str | os.PathLike) -> dict[str, Path]:
 
 def _read_json(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_json(path, "an adapter_config.json", error=AdapterError)
     except FileNotFoundError:
         raise AdapterError(f"missing {path}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -567,6 +596,9 @@ def _read_json(path: Path) -> dict:
 
 def _read_peft(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
     weights = folder / WEIGHTS_NAME
+    for file in (weights, folder / CONFIG_NAME):
+        if file.exists():  # a FIFO or a device there would never end or never answer
+            regular_file(file, "a regular file")
     if not weights.is_file():
         hint = " (adapter_model.bin is a pickle; minilora reads safetensors only)" if (
             folder / "adapter_model.bin"
@@ -579,7 +611,14 @@ def _read_peft(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
+    _check_tensors(sd, weights)
     return _config_from_peft(data, folder / CONFIG_NAME, sd), sd, metadata
+
+
+def _check_tensors(sd: dict[str, torch.Tensor], source: Path) -> None:
+    problems = tensor_problems(sd)
+    if problems:
+        raise AdapterError(f"{source}: not usable LoRA weights: " + "; ".join(problems))
 
 
 def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> LoraConfig:
@@ -591,6 +630,11 @@ def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> 
     for key in ("r", "lora_alpha"):
         if key not in data:
             raise fail(key, "is missing")
+    for key, (kinds, expected) in _PEFT_TYPES.items():
+        value = data.get(key)
+        if key in data and (isinstance(value, bool) and bool not in kinds
+                            or not isinstance(value, kinds)):
+            raise fail(key, f"is {value!r}; expected {expected}")
     for key, fine in _UNSUPPORTED_PEFT.items():
         if key in data and data[key] not in fine:
             raise fail(key, f"is {data[key]!r}; minilora supports only {fine[0]!r}")
@@ -609,13 +653,14 @@ def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> 
             targets=targets,
             exclude=exclude,
             init="gaussian" if init == "gaussian" else "kaiming",
-            use_rslora=bool(data.get("use_rslora", False)),
+            use_rslora=data.get("use_rslora", False),
         )
     except ValueError as e:
         raise AdapterError(f"{source}: {e}") from None
 
 
 def _read_minimind(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    regular_file(path, "a MiniMind .pth file")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code, RuntimeError for a damaged zip, ...
@@ -652,6 +697,7 @@ def _read_minimind(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         raise AdapterError(f"{path}: A is (r, in) and B (out, r), but {bad}")
     if len(set(ranks.values())) != 1:
         raise AdapterError(f"{path}: modules have different ranks {ranks}; expected one r")
+    _check_tensors(raw, path)
     r = next(iter(ranks.values()))
     # MiniMind adds B(A(x)) unscaled: alpha = r gives scaling 1.
     config = LoraConfig(r=r, alpha=float(r), targets=sorted(parts), init="gaussian")

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from minilora import __version__
-from minilora.errors import MiniloraError
+from minilora.checks import number as checked_number
+from minilora.errors import MiniloraError, OutputError
+from minilora.outputs import FolderLock, check_not_an_input, check_own_folder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BASE_MODEL = ASSETS / "base"
@@ -268,6 +270,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         stem = Path(settings["data"]).stem
         settings["out_dir"] = str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     config = TrainConfig.from_dict(settings)
+    check_not_an_input(config.out_dir, {"--model": args.model, "--tokenizer": args.tokenizer,
+                                        "--config": args.config, "--tasks": args.tasks},
+                       "--out")
 
     model_path = Path(args.model) if args.model else BASE_MODEL
     model = load_model(model_path, config=args.model_config)
@@ -497,14 +502,50 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     if not args.adapter:
         raise CliError("--adapter is required: the adapter to merge into the base")
+    out = Path(args.out)
+    check_not_an_input(out, _inputs(args), "--out")
+    check_own_folder(out, _MERGE_OUTPUTS, "merge", "--out")
     model, _ = _load_base(args, tokenizer=False)  # copied beside the result when there is one
     _apply_adapters(model, args)
     model = merge_and_unload(model)
-    out = Path(args.out)
-    save_model(model, out, dtype=args.save_dtype)
-    _copy_tokenizer(args, out)
+    with FolderLock(out, "merge"):
+        save_model(model, out, dtype=args.save_dtype)
+        _copy_tokenizer(args, out)
     print(f"merged model written to {out}")
     return 0
+
+
+# What merge writes into --out: a model folder and its tokenizer.
+_MERGE_OUTPUTS = re.compile(r"config\.json|model\.safetensors|model\.safetensors\.index\.json|"
+                            r"model-\d+-of-\d+\.safetensors|tokenizer\.json|"
+                            r"tokenizer_config\.json")
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The paths a model command reads, by flag: what its output may not overwrite."""
+    adapters = [_adapter_spec(a)[1] for a in getattr(args, "adapter", None) or []]
+    adapters += [_adapter_spec(a)[1] for a in getattr(args, "adapters", None) or []]
+    return {"--model": args.model, "--tokenizer": args.tokenizer, "--adapter": adapters,
+            "INPUT": getattr(args, "input", None)}
+
+
+def _check_adapter_out(out: Path, args: argparse.Namespace) -> None:
+    """An adapter output: not an input; an existing one is replaced only if it is an adapter
+    minilora wrote (a .pth: a MiniMind LoRA file), never a user's other files."""
+    from minilora.adapter import describe_adapter
+
+    check_not_an_input(out, _inputs(args), "output" if args.command == "convert" else "--out")
+    if not out.exists() or out.is_dir() and not any(out.iterdir()):
+        return
+    try:
+        info = describe_adapter(out)
+        ours = out.suffix == ".pth" or info["minilora version"] != "-"
+    except (MiniloraError, OSError):
+        ours = False
+    if not ours:
+        kind = "an adapter minilora wrote" if out.is_dir() else "a MiniMind LoRA .pth"
+        raise OutputError(f"{out} exists and is not {kind}; nothing is overwritten: choose a new "
+                          "output path")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -516,6 +557,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if to_minimind == (src.suffix == ".pth"):
         raise CliError("convert turns a .pth into a folder or a folder into a .pth: "
                        f"got {src} -> {dst}")
+    _check_adapter_out(dst, args)
     model, _ = _load_base(args, tokenizer=False)
     _load_adapter(model, src, args)
     save_adapter(model, dst, format="minimind" if to_minimind else "peft",
@@ -531,6 +573,9 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
     if len(args.weights) != len(args.adapters):
         raise CliError(f"{len(args.adapters)} adapters but {len(args.weights)} --weights")
+    for weight in args.weights:
+        checked_number("--weights", weight)
+    _check_adapter_out(Path(args.out), args)
     model, _ = _load_base(args)
     names = _load_named_adapters(model, args.adapters, args, "NAME=PATH")
     out = Path(args.out)
@@ -568,6 +613,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _looks_like_minimind_adapter(path: Path) -> bool:
     import torch
 
+    if not path.is_file():  # a FIFO or a device: describe_model refuses it in one line
+        return False
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a hostile or broken file: describe_model reports it properly

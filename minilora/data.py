@@ -198,6 +198,9 @@ def _read_lines(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[
         raise DataError(path, "file not found; expected a .jsonl file")
     if path.is_dir():
         raise DataError(path, "is a folder; expected a .jsonl file")
+    if not path.is_file():  # a FIFO or a device (/dev/zero, /dev/urandom) never ends
+        raise DataError(path, "is not a regular file (a pipe or a device has no end); expected "
+                              "a .jsonl file")
     with open(path, "rb") as f:
         line_no = 0
         while True:

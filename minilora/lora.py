@@ -67,6 +67,8 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}")
         if not self.alpha > 0:
             raise ConfigError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"LoraConfig.alpha must be a finite number, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ConfigError(
                 f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
@@ -115,9 +117,9 @@ def _check_names(what: str, value: object, *, allow_empty: bool) -> list[str] | 
         if value in SPECIAL_TARGETS:
             return value
         try:
-            re.compile(value)
-        except re.error as e:
-            raise ConfigError(f"LoraConfig.{what} is not a valid regex {value!r}: {e}") from None
+            check_regex(value)
+        except ValueError as e:
+            raise ConfigError(f"LoraConfig.{what} is not a usable regex {value!r}: {e}") from None
         return value
     if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
         raise ConfigError(
@@ -127,6 +129,65 @@ def _check_names(what: str, value: object, *, allow_empty: bool) -> list[str] | 
     if not value and not allow_empty:
         raise ConfigError(f"LoraConfig.{what} is empty; name at least one module suffix")
     return list(value)
+
+
+try:  # Python 3.11+; 3.10 has the same parser under its old, now deprecated, names
+    from re import _constants as _sre_constants  # type: ignore[attr-defined]
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    import sre_constants as _sre_constants
+    import sre_parse as _sre_parse
+
+# Module names are short; a longer pattern is not a target list but an attack or a mistake.
+MAX_REGEX_LENGTH = 500
+
+
+def check_regex(pattern: str) -> None:
+    """Refuse a regex that could take exponential time on a module name.
+
+    Python's ``re`` backtracks: a repeat over something that can itself match in several ways
+    (``(a+)+``, ``(a|a)*``, ``(a*)*``) can take 2**n steps on a name of n characters, and no
+    timeout can stop a match in progress. So the rule is structural: no repeat may hold another
+    repeat or an alternation. Target patterns need neither (``.*\\.(q|v)_proj`` is fine: the
+    alternation is not under a repeat).
+
+    Raises:
+        ValueError: the pattern is invalid, longer than MAX_REGEX_LENGTH, or nests as above.
+    """
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise ValueError(f"longer than {MAX_REGEX_LENGTH} characters")
+    try:
+        parsed = _sre_parse.parse(pattern)
+    except re.error as e:
+        raise ValueError(str(e)) from None
+    if _nested_repeat(parsed, inside_repeat=False):
+        raise ValueError("a repeated group holds another repeat or an alternation (such as "
+                         "(a+)+ or (a|b)*), which can take exponential time; simplify it")
+
+
+def _nested_repeat(items: object, inside_repeat: bool) -> bool:
+    constants = _sre_constants
+    repeats = tuple(getattr(constants, n) for n in ("MAX_REPEAT", "MIN_REPEAT",
+                                                     "POSSESSIVE_REPEAT") if hasattr(constants, n))
+    for op, arg in items:  # type: ignore[union-attr]
+        if op in repeats:
+            _, high, sub = arg
+            if high != 1 and inside_repeat:
+                return True
+            if _nested_repeat(sub, inside_repeat or high != 1):
+                return True
+        elif op is constants.BRANCH:
+            if inside_repeat:
+                return True
+            if any(_nested_repeat(b, inside_repeat) for b in arg[1]):
+                return True
+        elif op is constants.SUBPATTERN:
+            if _nested_repeat(arg[-1], inside_repeat):
+                return True
+        elif op in (constants.ASSERT, constants.ASSERT_NOT):
+            if _nested_repeat(arg[1], inside_repeat):
+                return True
+    return False
 
 
 def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -1113,6 +1174,10 @@ def combine_adapters(
         raise ConfigError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
     if not weights:
         raise ConfigError("weights is empty: give adapter name -> weight")
+    for adapter, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(
+                weight):
+            raise ConfigError(f"weights[{adapter!r}]: expected a finite number, got {weight!r}")
     _known(model, list(weights))
     if name in list_adapters(model):
         raise ConfigError(

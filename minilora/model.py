@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minilora.checks import number, type_problems
 from minilora.errors import ConfigError
+from minilora.files import read_json
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
 # MiniMind's two generations of model file: "minimind2" (shared experts, n_routed_experts,
@@ -105,6 +107,9 @@ class ModelConfig:
     rope_scaling: dict | None = None
 
     def __post_init__(self) -> None:
+        problems = type_problems(self, "")  # a float head_dim, a "false" string, a NaN eps ...
+        if problems:
+            raise ConfigError("; ".join(problems))
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.num_key_value_heads is None:
@@ -291,10 +296,13 @@ class ModelConfig:
             ValueError: when the file is not valid JSON or holds an unsupported setting.
         """
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
+        d = read_json(path, "a model config.json")
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: a JSON {_json_type(d)}; expected a JSON object")
+        for key in ("rope_scaling", "rope_parameters"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"{path}: field '{key}': a JSON {_json_type(d[key])}, "
+                                  "expected an object such as {\"rope_type\": \"default\"}")
         try:
             return cls.from_hf_dict(d)
         except (TypeError, ValueError) as e:
@@ -391,6 +399,10 @@ def _check_yarn(scaling: dict | None, model_type: str) -> dict | None:
         raise ConfigError(f"rope_scaling: {', '.join(bad)} must be positive numbers, got "
                           f"{ {k: out[k] for k in bad} }")
     return out
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -949,16 +961,7 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
     Raises:
         ValueError: on an empty prompt or an out-of-range argument (naming it).
     """
-    if temperature < 0:
-        raise ConfigError(f"temperature: expected >= 0, got {temperature}")
-    if top_k < 0:
-        raise ConfigError(f"top_k: expected >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {top_p}")
-    if repetition_penalty <= 0:
-        raise ConfigError(f"repetition_penalty: expected > 0, got {repetition_penalty}")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     stops = [list(s) for s in stop or []]
     if any(not s for s in stops):
         raise ConfigError("stop: every stop sequence needs at least one token")
@@ -967,6 +970,7 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=weight.device).reshape(1, -1)
     if ids.shape[1] == 0:
         raise ConfigError("input_ids: the prompt is empty")
+    _check_ids(ids, weight.shape[0])
     if max_new_tokens == 0:
         return
     generator = None
@@ -1036,8 +1040,7 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompts: expected a non-empty list of non-empty prompts")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     weight = model.model.embed_tokens.weight
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -1046,6 +1049,7 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     for i, p in enumerate(prompts):
         ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, L - len(p):L] = 1
+    _check_ids(ids, weight.shape[0])
     generator = None if seed is None else torch.Generator(weight.device).manual_seed(seed)
     seen = None
     if repetition_penalty != 1.0:
@@ -1076,6 +1080,29 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
                        past_key_values=cache, logits_to_keep=1,
                        **forward_kwargs).logits[:, -1]  # (B, V)
     return out
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                    repetition_penalty: float, seed: int | None) -> None:
+    """Every sampling setting finite and in range (NaN passes every comparison)."""
+    number("temperature", temperature, low=0)
+    number("top_p", top_p, low=0, low_open=True, high=1)
+    number("repetition_penalty", repetition_penalty, low=0, low_open=True)
+    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name}: expected an integer >= 0, got {value!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**63):
+        raise ConfigError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+
+
+def _check_ids(ids: Tensor, vocab_size: int) -> None:
+    """Token ids the embedding has rows for (a tokenizer larger than the model has others)."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ConfigError(f"the prompt holds token ids outside the model's vocabulary (0 .. "
+                          f"{vocab_size - 1}, found {low} .. {high}); the tokenizer does not "
+                          "belong to this model")
 
 
 def _held_back(pending: list[int], stops: list[list[int]]) -> int:

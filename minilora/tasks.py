@@ -40,10 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minilora.errors import TaskError
+from minilora.files import read_bounded
 
 MATCH_KINDS = ("exact", "contains")
 ROLES = ("system", "user", "assistant")
 _FIELDS = ("task", "messages", "conversations", "expected", "match", "id")
+# An eval file is questions and answers: a few MB at most. Read whole, so bounded.
+MAX_TASKS_BYTES = 64 << 20
 _WORD = re.compile(r"[^\W_]+")  # letters and digits; punctuation and "_" separate words
 _TRAILING_PUNCT = re.compile(r"[.!?]+$")
 
@@ -235,9 +238,11 @@ def load_samples(path: str | Path) -> list[Sample]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_TASKS_BYTES, "an eval (tasks) .jsonl file").decode("utf-8")
     except FileNotFoundError:
         raise TaskError(f"{path}: no such eval file") from None
+    except OSError as e:  # a FIFO, a device, a folder, or too large: never read whole
+        raise TaskError(str(e)) from None
     except UnicodeDecodeError as e:
         raise TaskError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     samples = []

@@ -16,6 +16,10 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from minilora.errors import ConfigError
+from minilora.files import read_bounded, read_json
+
+# Large vocabularies (Qwen's 150k tokens) give tokenizer.json files of ~10 MB.
+MAX_TOKENIZER_BYTES = 256 << 20
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2 in a tokenizer train_tokenizer made
@@ -60,10 +64,11 @@ class Tokenizer:
         """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
+        if not file.exists():
             raise FileNotFoundError(f"{file}: no tokenizer.json here")
+        data = read_bounded(file, MAX_TOKENIZER_BYTES, "a tokenizer.json")
         try:
-            tok = _HFTokenizer.from_file(str(file))
+            tok = _HFTokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise ConfigError(f"{file}: not a tokenizers tokenizer.json ({e})") from e
         specials = {}
@@ -71,17 +76,20 @@ class Tokenizer:
                               ("pad_token", ENDOFTEXT)):
             specials[name] = default if tok.token_to_id(default) is not None else None
         config_file = file.parent / "tokenizer_config.json"
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    f"{config_file}: line {e.lineno}: not valid JSON ({e.msg})") from e
+        if config_file.exists():
+            config = read_json(config_file, "a tokenizer_config.json")
+            if not isinstance(config, dict):
+                raise ConfigError(f"{config_file}: a JSON {type(config).__name__}, expected a "
+                                  "JSON object")
             for name in specials:
                 if name in config:
                     value = config[name]
                     # transformers writes either the string or an AddedToken dict
-                    specials[name] = value.get("content") if isinstance(value, dict) else value
+                    value = value.get("content") if isinstance(value, dict) else value
+                    if value is not None and not isinstance(value, str):
+                        raise ConfigError(f"{config_file}: field '{name}': {value!r}; expected "
+                                          "a token string (or an AddedToken object), or null")
+                    specials[name] = value
         try:
             return cls(tok, **specials)
         except ValueError as e:

@@ -19,7 +19,9 @@ Two choices make runs exactly reproducible and comparable:
 
 from __future__ import annotations
 
+import array
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,9 +43,10 @@ from torch import nn
 from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
+from minilora.checks import MAX_TRAINED_WEIGHT
 from minilora.data import Batch, DataStats, JsonlDataset, batch_indices, load_jsonl
-from minilora.errors import CheckpointError, ConfigError, TrainError
-from minilora.files import atomic_write, fsync_dir, torch_load_reason
+from minilora.errors import CheckpointError, ConfigError, DataError, OutputError, TrainError
+from minilora.files import atomic_write, fsync_dir, read_bounded, read_json, torch_load_reason
 from minilora.lora import (
     LoraConfig,
     inject_lora,
@@ -52,16 +55,19 @@ from minilora.lora import (
     mark_trainable,
     unmerge_lora,
 )
+from minilora.outputs import FolderLock, check_not_an_input, check_own_folder
 from minilora.tokenizer import Tokenizer
 from minilora.weights import save_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINTS = "checkpoints"  # folder under out_dir holding step-NNNNNNNN checkpoints
+MANIFEST = "manifest.json"  # in a checkpoint: the SHA-256 of each of its files, written last
 _FORMAT = 1  # version of the checkpoint layout
+_MAX_CHECKPOINT_FILE = 1 << 40  # read whole: a LoRA checkpoint is MBs; a --full one can be GBs
 # Fields that do not change what is computed, so a resume may change them.
 _RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
-    "log_every", "max_bad_steps", "stop_after", "device",
+    "log_every", "max_bad_steps", "stop_after", "device", "overwrite",
 )
 
 
@@ -111,11 +117,20 @@ class TrainConfig:
     max_bad_steps: int = _arg(5, "stop after this many non-finite steps in a row")
     stop_after: int | None = _arg(None, "end this run at this step (checkpointed), schedule kept")
     device: str = _arg("auto", '"auto" (cuda:LOCAL_RANK with CUDA, else cpu), "cpu", "cuda:0"')
+    overwrite: bool = _arg(False, "replace the outputs of an earlier run in out_dir (without it, "
+                                  "a folder holding a run is refused; --resume continues one)")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
         for f in fields(self):
             setattr(self, f.name, _checked(f.name, getattr(self, f.name), hints[f.name]))
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"TrainConfig.{f.name}: expected a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"TrainConfig.seed: expected an integer in [0, 2**63), got "
+                              f"{self.seed}")
+        _check_device_name(self.device)
         positive = ("lora_r", "epochs", "batch_size", "accumulation_steps", "max_seq_len",
                     "log_every", "max_bad_steps", "max_steps", "stop_after")
         for name in positive:
@@ -175,13 +190,45 @@ class TrainConfig:
         Raises:
             ValueError: on a file that is not a JSON object, or a bad key or value.
         """
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: cannot read a TrainConfig: {err}") from None
+        d = read_json(path, "a TrainConfig JSON file")
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of TrainConfig fields")
         return cls.from_dict(d)
+
+
+def _check_device_name(name: str) -> None:
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f'TrainConfig.device: unknown device {name!r}; expected "auto", '
+                          '"cpu", "cuda" or "cuda:N"') from None
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device ``name`` means here ("auto": cuda:LOCAL_RANK with CUDA, else cpu).
+
+    Raises:
+        ConfigError: an unknown device, or one this machine does not have (no CUDA, an index
+            past the last GPU).
+    """
+    _check_device_name(name)
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name}: CUDA is not available on this machine; use "
+                              '"cpu" or "auto"')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    elif device.type not in ("cpu", "cuda"):
+        backend = getattr(torch.backends, device.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise ConfigError(f"device {name}: not available on this machine")
+    return device
 
 
 def _checked(name: str, value: Any, hint: Any) -> Any:
@@ -256,11 +303,14 @@ def train(
     """
     started = time.perf_counter()
     rank, world, device, own_group = _start_distributed(config.device)
+    lock = _claim_out(config, rank)
     log = _Log(Path(config.out_dir), rank)
     try:
         return _fit(model, data, config, eval_data, rank, world, device, log, started)
     finally:  # on an error too: the progress bar ends, and the process group this call began
         log.close()
+        if lock is not None:
+            lock.release()
         if own_group:
             dist.destroy_process_group()
 
@@ -280,6 +330,8 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
          started: float) -> TrainResult:
     """train() once the processes are started: data, model, the loop, the outputs."""
     train_set, eval_set = _datasets(data, eval_data, config)
+    for dataset in (train_set, eval_set):
+        _check_vocab(dataset, model)
     plan = _BatchPlan(train_set, config, rank, world)
     out = Path(config.out_dir)
 
@@ -295,9 +347,7 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
     if config.resume:
         run = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan) or run
     else:
-        _replace_finished_checkpoints(out / CHECKPOINTS, rank)
-        if rank == 0:  # an earlier run's best/ is not this run's: best_dir would report it
-            shutil.rmtree(out / "best", ignore_errors=True)
+        _replace_earlier_run(out, config.overwrite, rank)
     if rank == 0:
         _start_outputs(out, config, run.step, train_set.stats)
     forward = torch.compile(model) if config.compile else model
@@ -436,11 +486,7 @@ def _start_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether this call started the process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        cuda = torch.cuda.is_available()
-        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    else:
-        device = torch.device(device_name)
+    device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world == 1:
@@ -576,6 +622,7 @@ class _BatchPlan:
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self._trained = [s.trained_tokens for s in dataset.samples]
         self._lengths = [len(s.input_ids) for s in dataset.samples]
+        self._content = _content_sha256(dataset)
         self._epoch = -1
         self._order: list[list[int]] = []
 
@@ -583,7 +630,7 @@ class _BatchPlan:
         """The data position before ``step``: what a checkpoint records."""
         return {"epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch,
                 "rows": len(self.dataset), "tokens": sum(self._lengths),
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "sha256": self._content}
 
     def batches(self, step: int) -> tuple[list[Any], int, int]:
         """(this rank's micro-batches, trained tokens and tokens of the whole global batch)."""
@@ -597,6 +644,37 @@ class _BatchPlan:
         starts = [(j * self.world + self.rank) * b for j in range(self.config.accumulation_steps)]
         micro = [self.dataset.collate(rows[start: start + b]) for start in starts]
         return (micro, sum(self._trained[i] for i in rows), sum(self._lengths[i] for i in rows))
+
+
+def _check_vocab(dataset: JsonlDataset | None, model: nn.Module) -> None:
+    """Every token id has a row in the model's embedding: a tokenizer larger than the model
+    would otherwise fail with an IndexError part-way through a run."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = (getter() if callable(getter)
+                 else getattr(getattr(model, "model", None), "embed_tokens", None))
+    if dataset is None or not isinstance(embedding, nn.Embedding) or not dataset.samples:
+        return
+    vocab = embedding.num_embeddings
+    for row, sample in enumerate(dataset.samples):
+        if sample.input_ids and (max(sample.input_ids) >= vocab or min(sample.input_ids) < 0):
+            bad = max(sample.input_ids) if max(sample.input_ids) >= vocab else min(
+                sample.input_ids)
+            raise DataError(dataset.path or "the dataset",
+                            f"sample {row + 1} holds token id {bad}, outside the model's "
+                            f"vocabulary (0 .. {vocab - 1}); the tokenizer does not belong to "
+                            "this model")
+
+
+def _content_sha256(dataset: JsonlDataset) -> str:
+    """A hash of what the model is trained on, row by row in file order: the token ids and the
+    labels. Other data of the same size (lines shuffled, digits swapped) gives another hash."""
+    digest = hashlib.sha256()
+    for sample in dataset.samples:
+        digest.update(array.array("q", sample.input_ids).tobytes())
+        digest.update(b"|")
+        digest.update(array.array("q", sample.labels).tobytes())
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,6 +701,9 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
         ``{"eval_loss": token-weighted mean cross-entropy, "eval_ppl": exp(eval_loss),
         "eval_tokens": trained tokens counted}``.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    _check_vocab(dataset, model)
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -672,9 +753,18 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to save NaN / inf weights, and weights that diverged (an lr far too high keeps the
+    loss finite while the weights grow without bound: the adapter then answers nothing)."""
     bad = [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise TrainError(f"refusing to save non-finite weights: {bad[:5]}")
+    sizes = {n: float(t.detach().abs().max()) for n, t in tensors.items() if t.numel()}
+    huge = sorted((n for n, v in sizes.items() if v > MAX_TRAINED_WEIGHT), key=sizes.get,
+                  reverse=True)
+    if huge:
+        raise TrainError(f"refusing to save weights that diverged (lower lr; the checkpoint "
+                         f"before is kept): largest magnitude {sizes[huge[0]]:.3g} > "
+                         f"{MAX_TRAINED_WEIGHT:g} in {huge[:3]}")
 
 
 def _save_weights(model: nn.Module, folder: Path, config: TrainConfig, rank: int) -> Path | None:
@@ -735,13 +825,19 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         "fingerprint": None if config.full else base_fingerprint(model),
         "trainable_sha256": hashlib.sha256(blob).hexdigest(),
     }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory: a full disk is then an OSError of the write below
+    files = {"trainable.safetensors": blob, "state.pt": buffer.getvalue()}
+    manifest = {"format": _FORMAT, "step": run.step,
+                "files": {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        atomic_write(tmp / "trainable.safetensors", blob)
-        atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
+        for name, data in files.items():
+            atomic_write(tmp / name, data)
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last
         os.replace(tmp, final)
     except BaseException as err:  # a full disk, say: the previous checkpoint stays the latest
         shutil.rmtree(tmp, ignore_errors=True)
@@ -785,14 +881,14 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         if plan.rank == 0:
             print(f"resume: no checkpoint in {folder}; starting at step 0", file=sys.stderr)
         return None
+    files = verified_checkpoint_files(path)
+    blob = files["trainable.safetensors"]
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        blob = (path / "trainable.safetensors").read_bytes()
+        state = torch.load(io.BytesIO(files["state.pt"]), map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling refused, truncated file, ...
         raise CheckpointError(f"{path}: cannot read the checkpoint, damaged or not minilora's "
                               f"({torch_load_reason(err)})") from None
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointError(f"{path}/state.pt: not a minilora checkpoint (format {_FORMAT})")
+    _check_state(path, state)
     _check_same_run(path, state, config, plan)
     if hashlib.sha256(blob).hexdigest() != state["trainable_sha256"]:
         raise CheckpointError(f"{path}/trainable.safetensors: damaged (checksum mismatch)")
@@ -812,15 +908,75 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
                      bad_in_a_row=state["bad_in_a_row"], best_eval_loss=state["best_eval_loss"])
 
 
+def verified_checkpoint_files(path: Path) -> dict[str, bytes]:
+    """The files of checkpoint ``path``, each read once and checked against its manifest.
+
+    Raises:
+        CheckpointError: no manifest (not minilora's, or written before manifests), a file
+            missing, or a file whose SHA-256 differs from the manifest's (damaged).
+    """
+    try:
+        manifest = read_json(path / MANIFEST, "a checkpoint manifest", error=CheckpointError)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a minilora checkpoint (no {MANIFEST}); train into "
+                              "another out_dir") from None
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    needed = {"trainable.safetensors", "state.pt"}
+    if (not isinstance(listed, dict) or not needed <= set(listed)
+            or not all(isinstance(v, str) for v in listed.values())):
+        raise CheckpointError(f"{path}/{MANIFEST}: expected {{\"files\": {{name: sha256}}}} "
+                              f"naming {sorted(needed)}")
+    files = {}
+    for name in sorted(needed):
+        try:
+            files[name] = read_bounded(path / name, _MAX_CHECKPOINT_FILE, "a checkpoint file")
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}/{name}: missing") from None
+        if hashlib.sha256(files[name]).hexdigest() != listed[name]:
+            raise CheckpointError(f"{path}/{name}: damaged (checksum mismatch)")
+    return files
+
+
+# What state.pt must hold, and of which type: a checkpoint that is not minilora's (or a newer
+# layout) is refused by name rather than failing on a missing key deep in the resume.
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": int, "step": int, "total_steps": int, "world_size": int, "config": dict,
+    "data": dict, "optimizer": dict, "scaler": (dict, type(None)), "rng": dict, "skipped": int,
+    "bad_in_a_row": int, "best_eval_loss": (float, type(None)), "fingerprint": (str, type(None)),
+    "trainable_sha256": str,
+}
+
+
+def _check_state(path: Path, state: object) -> None:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}/state.pt: not a minilora checkpoint (a "
+                              f"{type(state).__name__}, expected a dict)")
+    problems = [f"{k} is missing" if k not in state else
+                f"{k} is {type(state[k]).__name__}, expected "
+                f"{' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}"
+                for k, kind in _STATE_FIELDS.items()
+                if k not in state or isinstance(state[k], bool) or not isinstance(state[k], kind)]
+    if problems:
+        raise CheckpointError(f"{path}/state.pt: not a minilora checkpoint: "
+                              + "; ".join(problems))
+    if state["format"] != _FORMAT:
+        raise CheckpointError(f"{path}/state.pt: checkpoint format {state['format']}, this "
+                              f"minilora reads format {_FORMAT}")
+    rng = state["rng"]
+    if not (isinstance(rng.get("torch"), torch.Tensor) and isinstance(rng.get("cuda"), list)
+            and isinstance(rng.get("python"), dict)):
+        raise CheckpointError(f"{path}/state.pt: field 'rng': not minilora's RNG states")
+
+
 def _check_same_run(path: Path, state: dict, config: TrainConfig, plan: _BatchPlan) -> None:
     saved, now = state["config"], config.to_dict()
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
              if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if state["world_size"] != plan.world:
         diffs.append(f"processes: {state['world_size']} in the checkpoint, {plan.world} now")
-    if state["data"] != plan.position(state["step"]):
-        diffs.append(f"data: {state['data']} in the checkpoint, "
-                     f"{plan.position(state['step'])} now")
+    saved_data, data_now = state["data"], plan.position(state["step"])
+    diffs += [f"data.{k}: {saved_data.get(k)} in the checkpoint, {data_now[k]} now"
+              for k in data_now if saved_data.get(k) != data_now[k]]
     if diffs:
         raise CheckpointError(
             f"{path} was written by a different run; refusing to resume: " + "; ".join(diffs)
@@ -840,29 +996,68 @@ def _load_trainable(path: Path, model: nn.Module, weights: dict[str, torch.Tenso
             p.copy_(weights[name])
 
 
-def _replace_finished_checkpoints(folder: Path, rank: int) -> None:
-    """A fresh run refuses an unfinished run's checkpoints and replaces a finished run's.
+# What train writes into out_dir; anything else there is the user's and is never touched.
+_RUN_OUTPUTS = ("adapter", "model", "best", CHECKPOINTS, "metrics.jsonl", "loss.png",
+                "config.json")
 
-    A finished run's checkpoints must go: save_checkpoint keeps an existing step folder as this
-    run's own (exact resume writes the same bytes), so a stale one would be taken for ours.
+
+def _claim_out(config: TrainConfig, rank: int) -> FolderLock | None:
+    """Rank 0 checks out_dir and locks it for this run; returns the lock (None off rank 0).
+
+    Raises:
+        OutputError: out_dir is or holds an input, holds files that are not a run's, or another
+            process trains into it.
+        OSError: out_dir cannot be created.
     """
-    path = latest_checkpoint(folder)
-    if path is None:
-        return
+    if rank != 0:
+        return None
+    out = Path(config.out_dir)
+    # Only data that is a file: a folder given as data is refused as data, by load_jsonl.
+    inputs = {k: p for k, p in (("data", config.data), ("eval_data", config.eval_data))
+              if p is not None and Path(p).is_file()}
+    check_not_an_input(out, inputs, "out_dir (--out)")
+    check_own_folder(out, _RUN_OUTPUTS, "train", "out_dir (--out)")
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        unfinished = state["step"] < state["total_steps"]
-    except Exception:
-        unfinished = True
-    if unfinished:
+        return FolderLock(out, "train").acquire()
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the output folder {out}: "
+                      f"{err.strerror or err}; choose another out_dir (--out)") from None
+
+
+def _replace_earlier_run(out: Path, overwrite: bool, rank: int) -> None:
+    """A fresh run into a folder that holds an earlier run: refused unless ``overwrite``.
+
+    An unfinished run is named as such (--resume continues it). With ``overwrite`` the earlier
+    outputs are removed before this run writes anything, so nothing of that run is left beside
+    this run's config.json; save_checkpoint would otherwise take a stale step folder for ours.
+    """
+    latest = latest_checkpoint(out / CHECKPOINTS)
+    if latest is not None and not overwrite and _unfinished(latest):
         raise CheckpointError(
-            f"{path} holds an unfinished run: pass resume=True (--resume) to continue it, or "
+            f"{latest} holds an unfinished run: pass resume=True (--resume) to continue it, or "
             "train into another out_dir"
         )
+    earlier = [n for n in ("adapter", "model", "best", CHECKPOINTS, "metrics.jsonl")
+               if (out / n).exists()]
+    if earlier and not overwrite:
+        raise OutputError(f"{out} holds an earlier run ({', '.join(earlier)}): pass "
+                          "overwrite=True (--overwrite) to replace it, or train into another "
+                          "out_dir")
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank has read it before rank 0 removes it
+        dist.barrier()  # every rank has looked before rank 0 removes or writes anything
     if rank == 0:
-        shutil.rmtree(folder)
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _unfinished(checkpoint: Path) -> bool:
+    try:
+        state = torch.load(io.BytesIO(verified_checkpoint_files(checkpoint)["state.pt"]),
+                           map_location="cpu", weights_only=True)
+        return state["step"] < state["total_steps"]
+    except Exception:  # damaged or not minilora's: never replaced silently
+        return True
 
 
 def _start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from .checks import check_written, tensor_problems
 from .errors import ConfigError, WeightsError
-from .files import atomic_write, torch_load_reason
+from .files import atomic_write, read_json, regular_file, torch_load_reason
 from .model import GENERATIONS, MINIMIND_DEFAULTS, CausalLM, ModelConfig
 
 # Buffers some checkpoints carry that hold no learned weight (the model recomputes them).
@@ -65,6 +66,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     state_dict, source = _read_state_dict(path)
     state_dict = _strip_wrappers(state_dict)
     cfg = _resolve_config(path, config, state_dict)
+    _check_size(cfg, state_dict, source)
     if cfg.model_type == "minimind" and not cfg.qk_norm and any(
             k.endswith("self_attn.q_norm.weight") for k in state_dict):
         # MiniMind's configs carry no q/k-norm flag: the versions that have it say so in weights
@@ -72,6 +74,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     with torch.device("meta"):
         model = CausalLM(cfg)
     state_dict = _fit(model, state_dict, source)
+    problems = tensor_problems(state_dict)
+    if problems:  # an int8 or complex weight computes nonsense; a NaN spreads to every output
+        raise WeightsError(f"{source}: not usable base weights: " + "; ".join(problems))
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     if cfg.tie_word_embeddings:
@@ -117,6 +122,7 @@ def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str 
     hf = config.to_hf_dict()
     stored = next(iter(tensors.values())).dtype
     hf["dtype"] = str(stored).removeprefix("torch.")
+    check_written(tensors, folder, WeightsError)
     # Tensors first, config last: a folder whose config is new has its new weights too.
     written = _write_tensors(tensors, folder, max_shard_size)
     for stale in folder.iterdir():  # an earlier save's files would be read instead of ours
@@ -171,8 +177,8 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
                                 f"pytorch_model.bin or single .pth file here")
     if path.name.endswith(".index.json"):
         try:
-            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = read_json(path, "a safetensors index", error=WeightsError)["weight_map"]
+        except (KeyError, TypeError) as e:
             raise WeightsError(f"{path}: expected a JSON object with a 'weight_map' ({e})") from e
         if not isinstance(weight_map, dict):
             raise WeightsError(f"{path}: 'weight_map' is a {type(weight_map).__name__}; expected "
@@ -192,6 +198,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
             raise WeightsError(f"{path}: keys listed in the index but not in their shard: "
                                f"{_listing(absent)}")
         return sd, path
+    regular_file(path, "a weights file")  # a FIFO or a device would never end
     if path.suffix == ".safetensors":
         return _load_safetensors(path), path
     if path.suffix in TORCH_SUFFIXES:
@@ -321,6 +328,27 @@ def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
     except ConfigError as e:
         raise WeightsError(f"{path}: the shapes give no valid {generation} config ({e}); "
                            f"pass a config.json as config") from e
+
+
+def _check_size(cfg: ModelConfig, sd: dict[str, Tensor], source: Path) -> None:
+    """The layers (and experts) the config asks for are the ones the file holds, checked before
+    the model is built: a config (or a key) naming a million layers would otherwise build a
+    million modules before the mismatch is found."""
+    def indices(pattern: str) -> set[int]:
+        return {int(m[1]) for k in sd if (m := re.match(pattern, k))}
+
+    checks = [("num_hidden_layers", cfg.num_hidden_layers, indices(r"model\.layers\.(\d+)\."),
+               "model.layers.N")]
+    if cfg.use_moe:
+        checks.append(("num_experts", cfg.num_experts,
+                       indices(r"model\.layers\.0\.mlp\.experts\.(\d+)\."),
+                       "model.layers.0.mlp.experts.N"))
+    for name, wanted, present, keys in checks:
+        if present != set(range(len(present))) or len(present) != wanted:
+            shown = sorted(present)
+            listed = shown if len(shown) <= 6 else [*shown[:3], "...", *shown[-2:]]
+            raise WeightsError(f"{source}: {name} is {wanted}, but the weights hold {keys} for "
+                               f"N in {listed}; expected N = 0 .. {wanted - 1}")
 
 
 def _fit(model: CausalLM, sd: dict[str, Tensor], source: Path) -> dict[str, Tensor]:

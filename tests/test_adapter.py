@@ -398,7 +398,7 @@ def _truncate(folder):
          "not a readable safetensors file"),
         (_truncate, "not a readable safetensors file"),
         (lambda f: (f / "adapter_config.json").write_text('{\n"r": 4,\n oops}'),
-         r"adapter_config\.json, line 3: not valid JSON"),
+         r"adapter_config\.json: line 3: not valid JSON"),
         (_config_edit(use_dora=True), "field 'use_dora' is True"),
         (_config_edit(peft_type="IA3"), "field 'peft_type'"),
         (_config_edit(init_lora_weights="pissa"), "changes the base weights"),

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import minilora.weights
 from helpers import CHATS, chat_rows, tiny_model, write_jsonl
@@ -41,6 +41,7 @@ from minilora.adapter import FINGERPRINT_KEY, base_fingerprint, load_adapter
 from minilora.cli import main
 from minilora.data import MAX_LINE_BYTES, DataError, load_jsonl
 from minilora.lora import lora_modules
+from minilora.outputs import LOCK_NAME, FolderLock
 from minilora.train import TrainConfig, TrainError, latest_checkpoint, train
 from minilora.weights import load_model, save_model
 
@@ -190,6 +191,120 @@ def nothing_saved_is_non_finite(d: Path, n: dict, capsys) -> None:
     assert not (d / "out" / "adapter").exists()
     for file in saved:
         assert all(torch.isfinite(t).all() for t in load_file(file).values()), file
+
+
+MERGE = ["merge", "--model", "{work}/base"]
+
+
+def write_file(path: Path, data: bytes = b"the user's own file") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def copy_base(d: Path, n: dict) -> Path:
+    if not (d / "base").exists():
+        shutil.copytree(n["work"] / "base", d / "base")
+    return d / "base"
+
+
+def edit_json(path: Path, **changes: Any) -> None:
+    """Set fields of a JSON file; the strings "NaN" and "1e999" are written as bare numbers."""
+    data = json.loads(path.read_text())
+    data.update(changes)
+    text = json.dumps(data)
+    for bare in ("NaN", "1e999"):
+        text = text.replace(f'"{bare}"', bare)
+    path.write_text(text)
+
+
+def edit_config(d: Path, n: dict, **changes: Any) -> None:
+    edit_json(copy_base(d, n) / "config.json", **changes)
+
+
+def edit_adapter_config(folder: Path, **changes: Any) -> None:
+    edit_json(folder / "adapter_config.json", **changes)
+
+
+def edit_adapter_text(folder: Path, alpha: str) -> None:
+    """Write lora_alpha as raw JSON text (``"lora_alpha": Infinity``)."""
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data["lora_alpha"] = "@"
+    text = json.dumps(data).replace('"lora_alpha": "@"', alpha)
+    (folder / "adapter_config.json").write_text(text)
+
+
+def rewrite_tensors(path: Path, change: Callable[[dict], None]) -> None:
+    """Rewrite a safetensors file with ``change`` applied, keeping its header metadata."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def poison_tensor(path: Path, key: str, value: float) -> None:
+    def change(tensors: dict) -> None:
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = value
+
+    rewrite_tensors(path, change)
+
+
+def retype_tensor(path: Path, key: str, dtype: torch.dtype) -> None:
+    rewrite_tensors(path, lambda tensors: tensors.update({key: tensors[key].to(dtype)}))
+
+
+def plain_torch_file(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    return path
+
+
+def flip_a_bit(path: Path) -> None:
+    """One bit flipped in the middle of the file (an exponent bit of some tensor, say)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def edit_state(path: Path, **changes: Any) -> None:
+    state = torch.load(path, weights_only=True)
+    state.update(changes)
+    torch.save(state, path)
+    rehash(path)
+
+
+def swap_digits(path: Path) -> None:
+    """The same rows and token count, other content: "2 + 3" becomes "3 + 2" once."""
+    text = path.read_text()
+    assert "2 + 3 = 5." in text
+    path.write_text(text.replace("2 + 3 = 5.", "3 + 2 = 5.", 1))
+
+
+def fifo_in_place_of(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def hold_lock(d: Path, n: dict) -> None:
+    """Another run holds the out folder (this process, through another lock file handle)."""
+    n["lock"] = FolderLock(d / "out", "train").acquire()
+
+
+def release_lock(d: Path, n: dict, capsys: Any) -> None:
+    n["lock"].release()
+
+
+def train_config(d: Path, n: dict, **changes: Any) -> None:
+    config = {"data": str(n["work"] / "train.jsonl"), "out_dir": str(d / "out"),
+              "max_steps": 1, "batch_size": 4, "max_seq_len": 64, **changes}
+    (d / "run.json").write_text(json.dumps(config))
+
+
+def small_vocab_base(d: Path) -> None:
+    """A base whose vocabulary (8) is smaller than the tokenizer's."""
+    save_model(tiny_model(8), d / "small")
 
 
 @dataclasses.dataclass
@@ -348,7 +463,7 @@ CASES = [
          "[Errno 28] cannot write {dir}/out/adapter: No space left on device",
          "the previous adapter files are intact; the checkpoint holds the weights: --resume",
          setup=train_first("--max-steps", "4", "--save-every", "1", "--stop-after", "2"),
-         patch=fsync_fails("/out/adapter/"),
+         patch=fsync_fails("/out/.adapter.tmp-"),
          may_change=("out/config.json", "out/metrics.jsonl", "out/checkpoints/"),
          after=resume_completes),
     Case("non-finite-loss-k-steps-in-a-row",
@@ -375,9 +490,9 @@ CASES = [
          "{dir}/out/checkpoints/step-00000001: cannot read the checkpoint, damaged or not "
          "minilora's (UnpicklingError: Unsupported global: GLOBAL exec was not an "
          "allowed global by default.)", "the payload never runs",
-         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), hostile(
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), rehash(hostile(
              d / "out" / "checkpoints" / "step-00000001" / "state.pt", d / MARKER,
-             step=torch.tensor(1)))),
+             step=torch.tensor(1))))),
     Case("hostile-pickle-as-minimind-base", ["generate", "--model", "{dir}/minimind.pth",
                                              "--tokenizer", "{work}/base", "hi"],
          "{dir}/minimind.pth: not a plain tensor state dict that loads with weights_only=True "
@@ -391,7 +506,327 @@ CASES = [
          "by default.)", "the payload never runs",
          setup=lambda d, n: hostile(d / "minimind.pth", d / MARKER, **load_file(
              n["work"] / "base" / "model.safetensors"))),
+    # == round two (issue 14) ================================================================
+    # -- 1. on disk: verified before use; the user's files never lost -----------------------
+    Case("damaged-state-pt", TRAIN + ["--resume"],
+         "{dir}/out/checkpoints/step-00000001/state.pt: damaged (checksum mismatch)",
+         "nothing written; every file of a checkpoint is checked against its manifest.json",
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), flip_a_bit(
+             d / "out" / "checkpoints" / "step-00000001" / "state.pt"))),
+    Case("checkpoint-without-manifest", TRAIN + ["--resume"],
+         "{dir}/out/checkpoints/step-00000001: not a minilora checkpoint (no manifest.json); "
+         "train into another out_dir", "nothing written",
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), (
+             d / "out" / "checkpoints" / "step-00000001" / "manifest.json").unlink())),
+    Case("checkpoint-state-not-minilora", TRAIN + ["--resume"],
+         "{dir}/out/checkpoints/step-00000001/state.pt: not a minilora checkpoint: "
+         "total_steps is missing; world_size is missing; config is missing; data is missing; "
+         "optimizer is missing; scaler is missing; rng is missing; skipped is missing; "
+         "bad_in_a_row is missing; best_eval_loss is missing; fingerprint is missing; "
+         "trainable_sha256 is missing", "nothing written; was a KeyError traceback",
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), rehash(plain_torch_file(
+             d / "out" / "checkpoints" / "step-00000001" / "state.pt",
+             {"format": 1, "step": 1})))),
+    Case("checkpoint-state-field-of-another-type", TRAIN + ["--resume"],
+         "{dir}/out/checkpoints/step-00000001/state.pt: not a minilora checkpoint: step is "
+         "str, expected int", "nothing written",
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), edit_state(
+             d / "out" / "checkpoints" / "step-00000001" / "state.pt", step="1"))),
+    Case("resume-with-shuffled-lines", TRAIN + ["--resume"],
+         "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "
+         "resume: data.sha256: …", "nothing written; the checkpoint records a hash of the "
+         "training tokens in file order",
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n),
+                             write_jsonl(d / "data.jsonl", chat_rows(repeat=4)[::-1]))),
+    Case("resume-with-digits-swapped", TRAIN + ["--resume"],
+         "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "
+         "resume: data.sha256: …", "nothing written; same rows and token count, other content",
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n), swap_digits(
+             d / "data.jsonl"))),
+    Case("out-is-the-base-model", TRAIN + ["--model", "{dir}/base", "--out", "{dir}/base"],
+         "--out {dir}/base is the input --model {dir}/base; the command would overwrite what it "
+         "reads: choose another --out", "the model folder is untouched (was: its config.json "
+         "replaced, exit 0)", setup=lambda d, n: copy_base(d, n)),
+    Case("out-inside-the-base-model",
+         TRAIN + ["--model", "{dir}/base", "--out", "{dir}/base/run"],
+         "--out {dir}/base/run lies inside the input --model {dir}/base; the command would "
+         "overwrite what it reads: choose another --out", "nothing written",
+         setup=lambda d, n: copy_base(d, n)),
+    Case("out-holds-the-data", TRAIN + ["--out", "{dir}"],
+         "out_dir (--out) {dir} contains the input data {data}; the command would overwrite "
+         "what it reads: choose another out_dir (--out)", "nothing written"),
+    Case("out-holds-a-users-files", TRAIN + ["--out", "{dir}/mine"],
+         "out_dir (--out) {dir}/mine holds files that minilora train did not write (notes.txt);"
+         " nothing there is overwritten: choose an empty or new out_dir (--out)",
+         "the user's file is kept", setup=lambda d, n: write_file(d / "mine" / "notes.txt")),
+    Case("fresh-run-over-a-finished-one", TRAIN,
+         "{dir}/out holds an earlier run (adapter, checkpoints, metrics.jsonl): pass "
+         "overwrite=True (--overwrite) to replace it, or train into another out_dir",
+         "the finished run is untouched (was: its checkpoints and best/ deleted at the start)",
+         setup=train_first()),
+    Case("second-run-into-a-busy-folder", TRAIN,
+         "{dir}/out is in use by another process (minilora train, PID {pid}); wait for it to "
+         "end, or choose another output folder", "the running run's files are untouched",
+         setup=hold_lock, after=release_lock),
+    Case("merge-out-is-the-base", MERGE + ["--adapter", "{work}/run/adapter", "--model",
+                                           "{dir}/base", "--out", "{dir}/base"],
+         "--out {dir}/base is the input --model {dir}/base; the command would overwrite what it "
+         "reads: choose another --out", "the base is untouched (was: overwritten, exit 0)",
+         setup=lambda d, n: copy_base(d, n)),
+    Case("merge-into-a-users-model-folder", MERGE + ["--adapter", "{work}/run/adapter", "--out",
+                                                     "{dir}/base"],
+         "--out {dir}/base holds files that minilora merge did not write (config.json, "
+         "model.safetensors, tokenizer.json, tokenizer_config.json); nothing there is "
+         "overwritten: choose an empty or new --out", "the other model is untouched",
+         setup=lambda d, n: copy_base(d, n)),
+    Case("combine-out-is-an-input", ["combine", "--model", "{work}/base", "a={dir}/adapter",
+                                     "b={work}/run/adapter", "--weights", "0.5", "0.5",
+                                     "--out", "{dir}/adapter"],
+         "--out {dir}/adapter is the input --adapter {dir}/adapter; the command would overwrite "
+         "what it reads: choose another --out", "both adapters are untouched",
+         setup=lambda d, n: copy_adapter(d, n)),
+    Case("convert-output-inside-its-input",
+         ["convert", "--model", "{work}/base", "{dir}/adapter", "{dir}/adapter/lora.pth"],
+         "output {dir}/adapter/lora.pth lies inside the input INPUT {dir}/adapter; the command "
+         "would overwrite what it reads: choose another output", "the adapter is untouched",
+         setup=lambda d, n: copy_adapter(d, n)),
+    Case("convert-over-a-users-file",
+         ["convert", "--model", "{work}/base", "{work}/run/adapter", "{dir}/notes.pth"],
+         "{dir}/notes.pth exists and is not a MiniMind LoRA .pth; nothing is overwritten: "
+         "choose a new output path", "the file is untouched",
+         setup=lambda d, n: write_file(d / "notes.pth")),
+    # -- 2. bounded reads ------------------------------------------------------------------------
+    Case("config-with-a-million-layers", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/model.safetensors: num_hidden_layers is 1000000, but the weights hold "
+         "model.layers.N for N in [0, 1]; expected N = 0 .. 999999",
+         "nothing allocated (was: 7.3 GB and rising after 500 s)",
+         setup=lambda d, n: edit_config(d, n, num_hidden_layers=1000000)),
+    Case("pth-key-names-layer-999999999", ["generate", "--model", "{dir}/minimind.pth",
+                                           "--tokenizer", "{work}/base", "hi"],
+         "{dir}/minimind.pth: num_hidden_layers is 1000000000, but the weights hold "
+         "model.layers.N for N in [0, 1, 999999999]; expected N = 0 .. 999999999",
+         "nothing allocated (was: 3.9 GB in 90 s)", setup=lambda d, n: plain_torch_file(
+             d / "minimind.pth", {**load_file(n["work"] / "base" / "model.safetensors"),
+                                  "model.layers.999999999.input_layernorm.weight":
+                                      torch.ones(32)})),
+    Case("experts-beyond-the-weights", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/model.safetensors: num_experts is 100000, but the weights hold "
+         "model.layers.0.mlp.experts.N for N in []; expected N = 0 .. 99999", "nothing allocated",
+         setup=lambda d, n: edit_config(d, n, use_moe=True, num_experts=100000)),
+    Case("adapter-config-is-a-fifo", GENERATE + ["--adapter", "{dir}/adapter"],
+         "[Errno 22] {dir}/adapter/adapter_config.json is a FIFO (pipe); expected a regular "
+         "file", "nothing read (was: blocked forever)",
+         setup=lambda d, n: fifo_in_place_of(copy_adapter(d, n) / "adapter_config.json")),
+    Case("adapter-config-too-large", GENERATE + ["--adapter", "{dir}/adapter"],
+         "[Errno 27] {dir}/adapter/adapter_config.json is larger than 16777216 bytes; expected "
+         "an adapter_config.json", "not read (was: over 6 GB for an endless file)",
+         setup=lambda d, n: write_file(copy_adapter(d, n) / "adapter_config.json",
+                                       b" " * (17 << 20))),
+    Case("tasks-is-a-device", ["eval", "--model", "{work}/base", "--tasks", "/dev/zero"],
+         "[Errno 22] /dev/zero is a device; expected an eval (tasks) .jsonl file",
+         "not read (was: over 6 GB in seconds)"),
+    Case("train-config-is-a-device", ["train", "--model", "{work}/base", "--config",
+                                      "/dev/zero"],
+         "[Errno 22] /dev/zero is a device; expected a TrainConfig JSON file",
+         "not read (was: over 6 GB in seconds)"),
+    Case("data-is-a-device", TRAIN + ["--data", "/dev/zero"],
+         "/dev/zero: is not a regular file (a pipe or a device has no end); expected a .jsonl "
+         "file", "not read (was: busy forever)"),
+    Case("data-is-a-fifo", TRAIN + ["--data", "{dir}/pipe.jsonl"],
+         "{dir}/pipe.jsonl: is not a regular file (a pipe or a device has no end); expected a "
+         ".jsonl file", "not opened (opening a FIFO blocks until a writer comes)",
+         setup=lambda d, n: os.mkfifo(d / "pipe.jsonl")),
+    Case("catastrophic-regex-in-adapter", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: LoraConfig.targets is not a usable regex "
+         "'(.*_*)+_proj': a repeated group holds another repeat or an alternation (such as "
+         "(a+)+ or (a|b)*), which can take exponential time; simplify it",
+         "refused before any match (was: loading hung)",
+         setup=lambda d, n: edit_adapter_config(copy_adapter(d, n),
+                                                target_modules="(.*_*)+_proj")),
+    Case("catastrophic-regex-flag", TRAIN + ["--targets", "(a|aa)+_proj"],
+         "TrainConfig.lora_*: LoraConfig.targets is not a usable regex '(a|aa)+_proj': a "
+         "repeated group holds another repeat or an alternation (such as (a+)+ or (a|b)*), "
+         "which can take exponential time; simplify it", "nothing written"),
+    # -- 3. no non-finite number accepted, used or written ----------------------------------
+    Case("alpha-inf", TRAIN + ["--alpha", "inf"],
+         "TrainConfig.lora_alpha: expected a finite number, got inf",
+         "nothing written (was: trained, every step skipped, saved \"lora_alpha\": Infinity)"),
+    Case("adapter-alpha-infinity", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: Infinity is not a finite number; expected an "
+         "adapter_config.json with finite numbers", "the model is not touched (was: an empty "
+         "reply, exit 0)", setup=lambda d, n: edit_adapter_text(copy_adapter(d, n),
+                                                               '"lora_alpha": Infinity')),
+    Case("adapter-alpha-1e999", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: 1e999 is not a finite number; expected an "
+         "adapter_config.json with finite numbers", "the model is not touched",
+         setup=lambda d, n: edit_adapter_text(copy_adapter(d, n), '"lora_alpha": 1e999')),
+    Case("adapter-nan-in-b", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_model.safetensors: not usable LoRA weights: 1 tensor(s) holding "
+         "NaN or infinite values: base_model.model.model.layers.0.self_attn.q_proj.lora_B."
+         "weight", "the model is not touched (was: an empty reply, exit 0)",
+         setup=lambda d, n: poison_tensor(copy_adapter(d, n) / "adapter_model.safetensors",
+                                          "base_model.model.model.layers.0.self_attn.q_proj."
+                                          "lora_B.weight", float("nan"))),
+    Case("merge-would-write-inf", MERGE + ["--adapter", "{dir}/adapter", "--save-dtype",
+                                           "float16", "--out", "{dir}/merged"],
+         "refusing to write {dir}/merged: 1 tensor(s) holding NaN or infinite values: "
+         "model.layers.0.self_attn.q_proj.weight", "nothing written (was: 2,949,120 non-finite "
+         "weights, exit 0)", setup=lambda d, n: poison_tensor(
+             copy_adapter(d, n) / "adapter_model.safetensors",
+             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", 1e6),
+),
+    Case("combine-weight-nan", ["combine", "--model", "{work}/base", "a={work}/run/adapter",
+                                "b={dir}/adapter", "--weights", "nan", "1", "--out",
+                                "{dir}/mix"],
+         "--weights: expected a finite number, got nan", "nothing written (was: NaN adapters)",
+         setup=lambda d, n: copy_adapter(d, n)),
+    Case("rms-norm-eps-nan", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: NaN is not a finite number; expected a model config.json with "
+         "finite numbers", "nothing used (was: used without a word)",
+         setup=lambda d, n: edit_config(d, n, rms_norm_eps="NaN")),
+    Case("rope-theta-1e999", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: 1e999 is not a finite number; expected a model config.json "
+         "with finite numbers", "nothing used", setup=lambda d, n: edit_config(
+             d, n, rope_theta="1e999")),
+    Case("nan-in-a-base-weight", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/model.safetensors: not usable base weights: 1 tensor(s) holding NaN or "
+         "infinite values: model.layers.1.mlp.up_proj.weight", "nothing used",
+         setup=lambda d, n: poison_tensor(copy_base(d, n) / "model.safetensors",
+                                          "model.layers.1.mlp.up_proj.weight", float("nan"))),
+    Case("inf-norm-weight", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/model.safetensors: not usable base weights: 1 tensor(s) holding NaN or "
+         "infinite values: model.norm.weight", "nothing used",
+         setup=lambda d, n: poison_tensor(copy_base(d, n) / "model.safetensors",
+                                          "model.norm.weight", float("inf"))),
+    Case("grad-clip-nan", TRAIN + ["--grad-clip", "nan"],
+         "TrainConfig.grad_clip: expected a finite number, got nan",
+         "nothing written (was: clipping off, invalid JSON in config.json)"),
+    Case("weight-decay-inf", TRAIN + ["--weight-decay", "inf"],
+         "TrainConfig.weight_decay: expected a finite number, got inf", "nothing written"),
+    Case("temperature-nan", GENERATE + ["--temperature", "nan"],
+         "temperature: expected a finite number, got nan", "nothing generated (was: a "
+         "traceback)"),
+    Case("top-p-nan", GENERATE + ["--top-p", "nan"],
+         "top_p: expected a finite number, got nan", "nothing generated"),
+    Case("lr-1e9", TRAIN + ["--lr", "1e9"],
+         "refusing to save weights that diverged (lower lr; the checkpoint before is kept): "
+         "largest magnitude …",
+         "no adapter is written (was: an adapter with weights ~ 2e9 that answers nothing)",
+         after=nothing_saved_is_non_finite),
+    # -- 4. types are what they claim -----------------------------------------------------------
+    Case("use-rslora-a-string", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: field 'use_rslora' is 'false'; expected true or "
+         "false", "the model is not touched (was: read as true, the adapter 2.8x stronger)",
+         setup=lambda d, n: edit_adapter_config(copy_adapter(d, n), use_rslora="false")),
+    Case("adapter-r-a-string", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: field 'r' is '2'; expected an integer",
+         "the model is not touched", setup=lambda d, n: edit_adapter_config(
+             copy_adapter(d, n), r="2")),
+    Case("head-dim-a-float", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: head_dim: expected int or null, got 8.0",
+         "nothing used", setup=lambda d, n: edit_config(d, n, head_dim=8.0)),
+    Case("layers-a-bool", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: num_hidden_layers: expected int, got True",
+         "nothing used", setup=lambda d, n: edit_config(d, n, num_hidden_layers=True)),
+    Case("config-json-an-array", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: a JSON array; expected a JSON object", "nothing used",
+         setup=lambda d, n: write_file(copy_base(d, n) / "config.json", b"[1, 2]")),
+    Case("config-json-null", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: a JSON null; expected a JSON object", "nothing used",
+         setup=lambda d, n: write_file(copy_base(d, n) / "config.json", b"null")),
+    Case("rope-scaling-a-string", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: field 'rope_scaling': a JSON string, expected an object such "
+         "as {{\"rope_type\": \"default\"}}", "nothing used",
+         setup=lambda d, n: edit_config(d, n, rope_scaling="linear")),
+    Case("bos-token-a-number", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/tokenizer_config.json: field 'bos_token': 123; expected a token string (or "
+         "an AddedToken object), or null", "nothing used",
+         setup=lambda d, n: edit_json(copy_base(d, n) / "tokenizer_config.json",
+                                      bos_token=123)),
+    Case("int8-weight", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/model.safetensors: not usable base weights: 1 tensor(s) of a dtype that is "
+         "not float32, float16, bfloat16 or float64: model.layers.0.mlp.up_proj.weight (int8)",
+         "nothing used", setup=lambda d, n: retype_tensor(
+             copy_base(d, n) / "model.safetensors", "model.layers.0.mlp.up_proj.weight",
+             torch.int8)),
+    Case("bool-weight", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/model.safetensors: not usable base weights: 1 tensor(s) of a dtype that is "
+         "not float32, float16, bfloat16 or float64: model.norm.weight (bool)",
+         "nothing used", setup=lambda d, n: retype_tensor(
+             copy_base(d, n) / "model.safetensors", "model.norm.weight", torch.bool)),
+    Case("complex64-weight", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/model.safetensors: not usable base weights: 1 tensor(s) of a dtype that is "
+         "not float32, float16, bfloat16 or float64: model.layers.0.self_attn.q_proj.weight "
+         "(complex64)", "nothing used", setup=lambda d, n: retype_tensor(
+             copy_base(d, n) / "model.safetensors", "model.layers.0.self_attn.q_proj.weight",
+             torch.complex64)),
+    # -- 5. no traceback for a condition of the world -----------------------------------------
+    Case("device-cuda-without-cuda", ["train", "--model", "{work}/base", "--config",
+                                      "{dir}/run.json"],
+         "device cuda:0: CUDA is not available on this machine; use \"cpu\" or \"auto\"",
+         "nothing written", setup=lambda d, n: train_config(d, n, device="cuda:0")),
+    Case("device-banana", ["train", "--model", "{work}/base", "--config", "{dir}/run.json"],
+         "TrainConfig.device: unknown device 'banana'; expected \"auto\", \"cpu\", \"cuda\" or "
+         "\"cuda:N\"", "nothing written", setup=lambda d, n: train_config(d, n,
+                                                                             device="banana")),
+    Case("token-ids-beyond-the-vocab-generate",
+         ["generate", "--model", "{dir}/small", "--tokenizer", "{work}/base", "hi"],
+         "the prompt holds token ids outside the model's vocabulary (0 .. 7, found …",
+         "nothing generated (was: IndexError)", setup=lambda d, n: small_vocab_base(d)),
+    Case("token-ids-beyond-the-vocab-train",
+         TRAIN + ["--model", "{dir}/small", "--tokenizer", "{work}/base"],
+         "{data}: sample 1 holds token id …", "nothing written (was: IndexError part-way through "
+         "a run)", setup=lambda d, n: small_vocab_base(d)),
+    Case("config-not-utf8", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: byte 0 is not UTF-8 (b'\\xff'); expected a model config.json "
+         "in UTF-8", "nothing used", setup=lambda d, n: write_file(
+             copy_base(d, n) / "config.json", b"\xff{}")),
+    Case("adapter-config-not-utf8", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: byte 1 is not UTF-8 (b'\\xfe'); expected an "
+         "adapter_config.json in UTF-8", "the model is not touched",
+         setup=lambda d, n: write_file(copy_adapter(d, n) / "adapter_config.json", b"{\xfe}")),
+    Case("seed-2-to-the-64", TRAIN + ["--seed", str(2**64)],
+         "TrainConfig.seed: expected an integer in [0, 2**63), got 18446744073709551616",
+         "nothing written"),
+    Case("generate-seed-2-to-the-64", GENERATE + ["--seed", str(2**64), "--temperature", "1"],
+         "seed: expected an integer in [0, 2**63), got 18446744073709551616",
+         "nothing generated"),
+    Case("refused-pickle-naming-os-system", GENERATE + ["--adapter", "{dir}/lora.pth"],
+         "{dir}/lora.pth is not a plain tensor file and was not loaded (read with torch.load("
+         "weights_only=True); a pickle that needs code is refused): UnpicklingError: Trying to "
+         "load unsupported GLOBAL posix.system whose module posix is blocked.",
+         "never \"weights_only=False will likely succeed\"", setup=lambda d, n: plain_torch_file(
+             d / "lora.pth", {"model.layers.0.self_attn.q_proj.lora.A.weight": torch.zeros(2, 32),
+                              "call": os.system})),
+    Case("refused-pickle-naming-a-class", GENERATE + ["--adapter", "{dir}/lora.pth"],
+         "{dir}/lora.pth is not a plain tensor file and was not loaded (read with torch.load("
+         "weights_only=True); a pickle that needs code is refused): UnpicklingError: "
+         "Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not an allowed global "
+         "by default.", "no advice to retry without weights_only",
+         setup=lambda d, n: plain_torch_file(d / "lora.pth", {"layer": torch.nn.Linear(2, 2)})),
+    Case("eval-batch-size-negative", ["eval", "--model", "{work}/base", "--data",
+                                      "{work}/train.jsonl", "--batch-size", "-1"],
+         "batch_size: expected an integer >= 1, got -1",
+         "nothing printed (was: loss 0.0000, perplexity 1.00)"),
+    Case("eval-batch-size-0", ["eval", "--model", "{work}/base", "--data",
+                               "{work}/train.jsonl", "--batch-size", "0"],
+         "batch_size: expected an integer >= 1, got 0", "nothing printed"),
+    Case("checkpoint-folder-not-minilora", TRAIN + ["--resume"],
+         "{dir}/out/checkpoints/step-00000001: not a minilora checkpoint (no manifest.json); "
+         "train into another out_dir", "nothing written (was: KeyError: 'config')",
+         setup=lambda d, n: (write_file(d / "out" / ".minilora.lock",
+                                        b'{"command": "train", "pid": 1}'),
+                             write_file(d / "out" / "checkpoints" / "step-00000001" /
+                                        "state.pt"))),
 ]
+
+
+def rehash(path: Path) -> None:
+    """Record a planted checkpoint file in the manifest, as an attacker who edits both would."""
+    manifest = path.parent / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(data))
 
 
 def flip_last_byte(path: Path) -> None:
@@ -405,7 +840,7 @@ def snapshot(*roots: Path) -> dict[Path, str]:
     files = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p.name != LOCK_NAME:  # the lock file holds its last holder's PID
                 st = p.stat()
                 files[p] = (f"{st.st_size}:{st.st_mtime_ns}" if st.st_size > 1 << 20
                             else hashlib.sha256(p.read_bytes()).hexdigest())
@@ -415,7 +850,7 @@ def snapshot(*roots: Path) -> dict[Path, str]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input_is_one_clear_line_exit_2_and_nothing_damaged(
         case: Case, work: Path, names: dict, tmp_path: Path, capsys, monkeypatch) -> None:
-    n = {**names, "dir": tmp_path, "data": tmp_path / "data.jsonl"}
+    n = {**names, "dir": tmp_path, "data": tmp_path / "data.jsonl", "pid": os.getpid()}
     write_jsonl(tmp_path / "data.jsonl", chat_rows(repeat=4) if case.rows is None else case.rows)
     if case.setup is not None:
         case.setup(tmp_path, n)
@@ -453,7 +888,7 @@ def test_the_catalogue_in_the_docs_is_the_tested_one() -> None:
     cells = [[c.strip() for c in line.strip().strip("|").split(" | ")]
              for line in doc.splitlines() if line.startswith("| `")]
     rows = {c[0].strip("`"): c[2].strip("`") for c in cells}
-    shown = {"dir": "<dir>", "data": "<dir>/data.jsonl", "work": "<work>",
+    shown = {"dir": "<dir>", "data": "<dir>/data.jsonl", "work": "<work>", "pid": "<pid>",
              "fp_run": "sha256:<the adapter's>", "fp_other": "sha256:<this base's>"}
     assert set(rows) == {c.id for c in CASES}
     for case in CASES:
@@ -710,3 +1145,133 @@ def test_every_read_in_the_package_is_safetensors_or_weights_only() -> None:
                                                                  "safe_globals"):
                 raise AssertionError(f"{file.name}:{node.lineno}: widens weights_only")
     assert loads >= 4  # adapter, weights, train (twice), cli: the reads exist
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter save: SIGKILL anywhere leaves the old adapter, the new one, or a refusal
+# ---------------------------------------------------------------------------------------------
+
+# Points inside save_adapter where a forked child stops and waits to be killed: between the two
+# files of the new folder, after both (before the rename), after the exchange (before the old
+# folder is removed).
+SAVE_POINTS = ("between-files", "before-rename", "after-exchange")
+# Without an atomic exchange (another system): the old folder renamed aside, not yet replaced.
+FALLBACK_POINT = "between-renames"
+
+
+def _two_adapters(vocab: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """A model with LoRA, and the two adapters a save loop alternates: (alpha, B value)."""
+    from minilora.lora import LoraConfig, inject_lora
+
+    model = tiny_model(vocab)
+    inject_lora(model, LoraConfig(r=2, alpha=16, targets=["q_proj", "v_proj"]))
+    return model, {"alpha": 16.0, "b": 0.5}, {"alpha": 32.0, "b": 0.25}
+
+
+def _set(model: torch.nn.Module, adapter: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for _, module in lora_modules(model):
+            module.lora_B.weight.fill_(adapter["b"])
+            module.adapters["default"].alpha = adapter["alpha"]
+            module.adapters["default"].scaling = adapter["alpha"] / 2
+
+
+def _save_loop(model: torch.nn.Module, folder: Path, adapters: list[dict], first: int,
+               point: str | None, pipe: int) -> None:
+    """The child: announce, then save adapters[first], the other, ... until killed; with a
+    ``point``, stop there in the first save and wait to be killed."""
+    import minilora.files as files
+    from minilora.adapter import save_adapter
+
+    def stop_here(name: str) -> None:
+        if name == point:
+            os.write(pipe, b"at " + name.encode() + b"\n")
+            time.sleep(60)
+
+    real_write_text, real_fsync_dir, real_exchange = Path.write_text, files.fsync_dir, \
+        files._exchange
+    Path.write_text = lambda self, *a, **k: (  # type: ignore[method-assign]
+        stop_here("between-files") if self.name == "adapter_config.json" else None,
+        real_write_text(self, *a, **k))[1]
+    files.fsync_dir = lambda f: (stop_here("before-rename") if ".tmp-" in str(f) else None,
+                                 real_fsync_dir(f))[1]
+    files._exchange = lambda a, b: (real_exchange(a, b), stop_here("after-exchange"))[0]
+    if point == FALLBACK_POINT:
+        real_rename = os.rename
+        files._exchange = lambda a, b: False
+        os.rename = lambda a, b: (real_rename(a, b), stop_here(  # type: ignore[assignment]
+            FALLBACK_POINT) if ".old-" in str(b) else None)[0]
+    os.write(pipe, b"go\n")
+    for i in range(10**6):
+        _set(model, adapters[(first + i) % 2])
+        save_adapter(model, folder)
+
+
+def _loads_as(folder: Path, vocab: int, adapters: list[dict]) -> str:
+    """"old", "new" or "refused": what a reader gets from the folder."""
+    from minilora.errors import AdapterError
+
+    reader = tiny_model(vocab)
+    try:
+        config = load_adapter(reader, folder)
+    except AdapterError:
+        return "refused"
+    b = {float(m.lora_B.weight.detach().unique()[0]) for _, m in lora_modules(reader)}
+    for name, adapter in zip(("old", "new"), adapters, strict=True):
+        if config.alpha == adapter["alpha"] and b == {adapter["b"]}:
+            return name
+    raise AssertionError(f"a mixture: alpha {config.alpha} with B values {b}")
+
+
+def test_sigkill_during_adapter_saves_leaves_the_old_or_the_new_adapter(tok, tmp_path) -> None:
+    from minilora.adapter import save_adapter
+
+    vocab = tok.vocab_size
+    model, old, new = _two_adapters(vocab)
+    adapters = [old, new]
+    folder = tmp_path / "adapter"
+    _set(model, old)
+    started = time.perf_counter()
+    save_adapter(model, folder)
+    one_save = time.perf_counter() - started  # random kills land within the first few saves
+    rng = random.Random(0)
+    plan = [p for p in (*SAVE_POINTS, FALLBACK_POINT) for _ in range(3)] + [None] * 15
+    state = "old"
+    for point in plan:
+        before = state
+        first = 1 if before == "old" else 0  # the child's first save changes the folder
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                os.close(read)
+                _save_loop(model, folder, adapters, first, point, write)
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            assert pipe.readline() == b"go\n"
+            if point is None:
+                time.sleep(rng.uniform(0, 4 * one_save))
+            else:
+                assert pipe.readline() == f"at {point}\n".encode()
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # reaped: its PID is no longer alive for the cleanup
+        state = _loads_as(folder, vocab, adapters)
+        if point == FALLBACK_POINT:  # refused (no folder); the backup holds the old one whole
+            assert state == "refused"
+            (backup,) = tmp_path.glob(f".adapter.old-{pid}")
+            assert _loads_as(backup, vocab, adapters) == before
+            state = before  # what the next save puts back first
+            continue
+        assert state in ("old", "new"), state  # whole, never a mixture, never missing
+        if point in ("between-files", "before-rename"):
+            assert state == before, point  # the save under way is not visible yet
+        elif point == "after-exchange":
+            assert state != before, point  # the new folder is in place; the old one aside
+    assert len(plan) >= 20
+    # A later save cleans what the killed writers left (their new folders, their backups).
+    _set(model, new)
+    save_adapter(model, folder)
+    assert _loads_as(folder, vocab, adapters) == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

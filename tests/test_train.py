@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from helpers import chat_rows, tiny_model, write_jsonl
 from minilora import train as train_module
 from minilora.data import IGNORE_INDEX, JsonlDataset, Sample, load_jsonl
+from minilora.errors import OutputError
 from minilora.lora import lora_modules
 from minilora.train import (
     CheckpointError,
@@ -225,7 +226,12 @@ def test_a_fresh_run_does_not_report_an_earlier_runs_best(tok, files, tmp_path):
     first = train(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path, max_steps=2, eval_data=files["eval"]))
     assert first.best_dir == tmp_path / "best"
-    again = train(tiny_model(tok.vocab_size), tok, config(files, tmp_path, max_steps=2))
+    with pytest.raises(OutputError, match=r"holds an earlier run \(adapter, best, checkpoints, "
+                                          r"metrics\.jsonl\): pass overwrite=True"):
+        train(tiny_model(tok.vocab_size), tok, config(files, tmp_path, max_steps=2))
+    assert (tmp_path / "best").exists()  # refused: nothing of the earlier run removed
+    again = train(tiny_model(tok.vocab_size), tok,
+                  config(files, tmp_path, max_steps=2, overwrite=True))
     assert again.best_dir is None and not (tmp_path / "best").exists()
 
 
@@ -376,6 +382,6 @@ def test_dtype_auto_follows_the_hardware():
 def test_a_fresh_run_over_a_finished_one_checkpoints_its_own_state(tok, files, tmp_path):
     out = tmp_path / "run"
     train(tiny_model(tok.vocab_size), tok, config(files, out, lr=1e-2))
-    train(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2))
+    train(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2, overwrite=True))
     state = torch.load(latest_checkpoint(out / "checkpoints") / "state.pt", weights_only=True)
     assert state["config"]["lr"] == 2e-2

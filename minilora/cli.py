@@ -150,7 +150,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
-    eos = [i for i in (tokenizer.im_end_id, tokenizer.eos_token_id) if i is not None]
+    eos = tokenizer.stop_token_ids
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 eos_token_id=eos, seed=args.seed)
@@ -267,7 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         task_files = [str(ASSETS / f) for f in ("persona_eval.jsonl", "base_eval.jsonl")]
     samples = [s for f in task_files or [] for s in tasks.load_samples(f)]
     answer = chat_answerer(model, tokenizer, max_new_tokens=48,
-                           eos_token_id=[tokenizer.im_end_id])
+                           eos_token_id=tokenizer.stop_token_ids)
     before = tasks.score(samples, answer) if samples else None
 
     result = train(model, tokenizer, config)
@@ -450,7 +450,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks:
         samples = [s for f in args.tasks for s in tasks.load_samples(f)]
         answer = chat_answerer(model, tokenizer, max_new_tokens=args.max_new_tokens,
-                               eos_token_id=[tokenizer.im_end_id])
+                               eos_token_id=tokenizer.stop_token_ids)
         result = tasks.score(samples, answer)
         label = "adapter" if args.adapter else "base"
         print(tasks.format_table({label: result}))

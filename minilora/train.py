@@ -875,6 +875,9 @@ def _start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) 
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by the crash
     atomic_write(metrics, "".join(kept))
+    for file, found in stats.formats.items():
+        kinds = ", ".join(f"{kind} ({n} records)" for kind, n in found.items())
+        print(f"data: {file}: {kinds or 'no records'}", file=sys.stderr)
     print(f"data: {stats.samples} samples ({stats.trained_tokens} trained tokens); dropped "
           f"{stats.dropped_untrained} with nothing to train, truncated {stats.truncated}, "
           f"skipped {stats.skipped_bad} bad lines", file=sys.stderr)

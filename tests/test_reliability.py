@@ -220,9 +220,11 @@ CASES = [
     Case("line-not-an-object", TRAIN, "{data}:2: a JSON list, expected a JSON object",
          "nothing written", rows=[GOOD, [GOOD]]),
     Case("no-conversations-or-messages", TRAIN,
-         "{data}:1: no 'conversations', 'messages' or 'text' key (keys found: 'prompt', "
-         "'answer'); expected {{\"conversations\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
-         "or {{\"text\": ...}}", "nothing written",
+         "{data}:1: no 'conversations', 'messages', 'instruction' or 'text' key (keys found: "
+         "'prompt', 'answer'); expected {{\"conversations\": [{{\"role\": ..., \"content\": "
+         "...}}, ...]}}, ShareGPT {{\"conversations\": [{{\"from\": ..., \"value\": ...}}]}}, "
+         "Alpaca {{\"instruction\": ..., \"output\": ...}} or {{\"text\": ...}}",
+         "nothing written",
          rows=[{"prompt": "Hi", "answer": "Hello"}]),
     Case("unknown-role", TRAIN, "{data}:1: field 'conversations[0].role': unknown role 'human'; "
          "expected one of system, user, assistant", "nothing written",
@@ -243,9 +245,11 @@ CASES = [
          rows=[{"messages": [{"role": "user", "content": "Please reverse the word cat for me."},
                              {"role": "assistant", "content": "tac"}]}] * 3),
     Case("missing-file", TRAIN + ["--data", "{dir}/missing.jsonl"],
-         "{dir}/missing.jsonl: file not found; expected a .jsonl file", "nothing written"),
-    Case("folder-given-for-a-file", TRAIN + ["--data", "{dir}"],
-         "{dir}: is a folder; expected a .jsonl file", "nothing written"),
+         "{dir}/missing.jsonl: file not found; expected a .jsonl, .json or .parquet file or a "
+         "folder of them", "nothing written"),
+    Case("folder-without-data-files", TRAIN + ["--data", "{dir}/notes"],
+         "{dir}/notes: is a folder with no data file; expected .jsonl, .json, .parquet files",
+         "nothing written", setup=lambda d, n: (d / "notes").mkdir()),
     Case("bytes-not-utf8", TRAIN, "{data}:2: byte 13 is not UTF-8 (b'\\xe9'); expected UTF-8 "
          "text", "nothing written; --skip-bad skips and counts such lines",
          rows=[GOOD, b'{"text": "caf\xe9"}']),

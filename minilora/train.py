@@ -29,7 +29,7 @@ import sys
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ _FORMAT = 1  # version of the checkpoint layout
 _RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
     "log_every", "max_bad_steps", "stop_after", "device",
+    "model", "tokenizer",  # paths: the base fingerprint in the checkpoint checks the base itself
 )
 
 
@@ -77,7 +78,8 @@ def _arg(default: Any, doc: str) -> Any:
 class TrainConfig:
     """Everything that defines a training run; saved as config.json beside its outputs."""
 
-    data: str | None = _arg(None, "training jsonl (chat or text); None when train() gets a dataset")
+    data: str | None = _arg(None, "training data: .jsonl, .json or .parquet (chat, ShareGPT, "
+                                  "Alpaca or text), or a folder of them")
     eval_data: str | None = _arg(None, "held-out jsonl: loss and perplexity every eval_every steps")
     out_dir: str = _arg("runs/minilora", "outputs: adapter, checkpoints, metrics.jsonl, loss.png")
     full: bool = _arg(False, "train every weight instead of LoRA adapters")
@@ -110,6 +112,12 @@ class TrainConfig:
     max_bad_steps: int = _arg(5, "stop after this many non-finite steps in a row")
     stop_after: int | None = _arg(None, "end this run at this step (checkpointed), schedule kept")
     device: str = _arg("auto", '"auto" (cuda:LOCAL_RANK with CUDA, else cpu), "cpu", "cuda:0"')
+    # The base's path is recorded in config.json (a resume needs no retyping) and in the
+    # adapter's base_model_name_or_path (PEFT's AutoPeftModel finds the base with it).
+    model: str | None = _arg(None, "base model folder or MiniMind .pth (default: the embedded "
+                                   "tiny model)")
+    tokenizer: str | None = _arg(None, "tokenizer.json or its folder (default: the model's "
+                                       "folder)")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -220,6 +228,7 @@ class TrainResult:
     best_dir: Path | None  # the adapter (or model) of the best eval loss
     checkpoint_dir: Path | None  # the latest checkpoint
     data_stats: DataStats  # what reading the training file kept and dropped
+    start_step: int = 0  # the step this call began at (a resumed run's checkpoint step)
 
 
 def train(
@@ -255,13 +264,57 @@ def train(
     """
     started = time.perf_counter()
     rank, world, device, own_group = _start_distributed(config.device)
+    config, precision = _resolved(config, device, world)
     log = _Log(Path(config.out_dir), rank)
+    log.precision = precision
     try:
         return _fit(model, data, config, eval_data, rank, world, device, log, started)
     finally:  # on an error too: the progress bar ends, and the process group this call began
         log.close()
         if own_group:
             dist.destroy_process_group()
+
+
+def _resolved(config: TrainConfig, device: torch.device, world: int
+              ) -> tuple[TrainConfig, str]:
+    """The config with "auto" replaced by what it means here (config.json records what ran), and
+    the precision in words with its reason."""
+    amp = autocast_dtype(config.dtype, device)
+    name = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[amp]
+    if config.dtype != "auto":
+        why = "as asked"
+    elif device.type == "cpu":
+        why = ("this CPU has avx512_bf16/AMX" if amp is not None
+               else "this CPU has no bfloat16 units, emulated bf16 would be slower")
+    else:
+        why = f"{device.type} {'computes' if amp is not None else 'lacks'} bfloat16 natively"
+    precision = f"{name} autocast ({why})" if amp is not None else f"float32 ({why})"
+    changes: dict[str, Any] = {"dtype": name}
+    if world == 1 and config.device == "auto":  # under torchrun each rank has its own device
+        changes["device"] = str(device)
+    return replace(config, **changes), precision
+
+
+def _describe_run(model: nn.Module, config: TrainConfig, plan: _BatchPlan, device: torch.device,
+                  precision: str, start_step: int) -> None:
+    """One block before the first step: what will run, where, and how much."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapted = "every weight (full fine-tuning)" if config.full else (
+        f"{len(lora_modules(model))} Linear modules (rank {config.lora_r})")
+    rows = sum(len(s.input_ids) for s in plan.dataset.samples) / max(len(plan.dataset), 1)
+    steps = (f"{plan.total_steps} ({plan.steps_per_epoch} per epoch)" if not start_step
+             else f"{plan.total_steps - start_step} left of {plan.total_steps}")
+    lines = [
+        f"device      {device}",
+        f"precision   {precision}",
+        f"threads     {torch.get_num_threads()} (intra-op)",
+        f"parameters  {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+        f"adapted     {adapted}",
+        f"steps       {steps}",
+        f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",
+    ]
+    print("\n".join("run: " + line for line in lines), file=sys.stderr)
 
 
 def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -297,8 +350,11 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         _replace_finished_checkpoints(out / CHECKPOINTS, rank)
         if rank == 0:  # an earlier run's best/ is not this run's: best_dir would report it
             shutil.rmtree(out / "best", ignore_errors=True)
+    start_step = run.step
     if rank == 0:
         _start_outputs(out, config, run.step, train_set.stats)
+    if rank == 0:
+        _describe_run(model, config, plan, device, log.precision, start_step)
     forward = torch.compile(model) if config.compile else model
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)
     log.start(run.step, plan.total_steps)
@@ -369,7 +425,7 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         best_eval_loss=run.best_eval_loss, skipped_steps=run.skipped, tokens=tokens,
         seconds=time.perf_counter() - started, output_dir=output_dir,
         best_dir=best if rank == 0 and best.exists() else None, checkpoint_dir=checkpoint,
-        data_stats=train_set.stats,
+        data_stats=train_set.stats, start_step=start_step,
     )
 
 
@@ -678,7 +734,7 @@ def _save_weights(model: nn.Module, folder: Path, config: TrainConfig, rank: int
         if config.full:
             save_model(model, folder)
         else:
-            save_adapter(model, folder)
+            save_adapter(model, folder, base_model_name_or_path=config.model)
     except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
         raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder
@@ -890,6 +946,7 @@ class _Log:
         self.active = rank == 0
         self.path = out / "metrics.jsonl"
         self.bar: tqdm | None = None
+        self.precision = ""  # the precision in words, for the run's opening block
 
     def start(self, step: int, total: int) -> None:
         """Show the bar from ``step`` of ``total`` and start counting."""

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import stat
 
 import pytest
 import torch
@@ -82,3 +83,14 @@ def test_torch_load_reason_drops_the_weights_only_false_advice(tmp_path):
     reason = torch_load_reason(info.value)
     assert "\n" not in reason and "weights_only=False" not in reason
     assert reason.startswith("UnpicklingError: ") and "print" in reason
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, mask, mode):
+    old = os.umask(mask)
+    try:
+        atomic_write(tmp_path / "f.json", "{}")
+        atomic_write(tmp_path / "f.json", "{}")  # a replaced file too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode

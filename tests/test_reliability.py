@@ -106,7 +106,7 @@ TRAIN = ["train", "--model", "{work}/base", "--data", "{data}", "--out", "{dir}/
 GENERATE = ["generate", "--model", "{work}/base", "--max-new-tokens", "1", "hi"]
 GOOD = {"conversations": CHATS[1]}
 # What a failing train run may print before its error line.
-PROGRESS = re.compile(r"(data: |step \d+/\d+ |resume: |eval at step )")
+PROGRESS = re.compile(r"(data: |run: |step \d+/\d+ |resume: |eval at step )")
 
 
 class Payload:
@@ -258,11 +258,11 @@ CASES = [
          "line", "nothing written; read in 16 MiB pieces, never whole (test below)"),
     # -- settings -----------------------------------------------------------------------------
     Case("max-seq-len-0", TRAIN + ["--max-seq-len", "0"],
-         "TrainConfig.max_seq_len: expected an integer >= 1, got 0", "nothing written"),
+         "--max-seq-len: expected an integer >= 1, got 0", "nothing written"),
     Case("max-seq-len-negative-eval", ["eval", "--model", "{work}/base", "--data",
                                        "{work}/train.jsonl", "--max-seq-len", "-4"],
          "{work}/train.jsonl: max_seq_len must be at least 2, got -4", "nothing written"),
-    Case("rank-0", TRAIN + ["--r", "0"], "TrainConfig.lora_r: expected an integer >= 1, got 0",
+    Case("rank-0", TRAIN + ["--r", "0"], "--r: expected an integer >= 1, got 0",
          "nothing written"),
     Case("rank-above-a-layer", TRAIN + ["--r", "20"],
          "r=20 is larger than min(in_features, out_features) of: ['model.layers.0.self_attn."
@@ -270,19 +270,20 @@ CASES = [
          "'model.layers.1.self_attn.k_proj (32 -> 16)', 'model.layers.1.self_attn.v_proj "
          "(32 -> 16)']", "nothing written; lower --r or --exclude those layers"),
     Case("alpha-0", TRAIN + ["--alpha", "0"],
-         "TrainConfig.lora_*: LoraConfig.alpha must be > 0, got 0.0", "nothing written"),
+         "--alpha must be > 0, got 0.0", "nothing written"),
     Case("alpha-negative", TRAIN + ["--alpha", "-2"],
-         "TrainConfig.lora_*: LoraConfig.alpha must be > 0, got -2.0", "nothing written"),
+         "--alpha must be > 0, got -2.0", "nothing written"),
     Case("dropout-1", TRAIN + ["--dropout", "1"],
-         "TrainConfig.lora_*: LoraConfig.dropout must be in [0, 1), got 1.0", "nothing written"),
+         "--dropout must be in [0, 1), got 1.0", "nothing written"),
     Case("dropout-negative", TRAIN + ["--dropout", "-0.1"],
-         "TrainConfig.lora_*: LoraConfig.dropout must be in [0, 1), got -0.1", "nothing written"),
+         "--dropout must be in [0, 1), got -0.1", "nothing written"),
     Case("targets-match-nothing", TRAIN + ["--targets", "qkv_proj"],
-         "LoRA targets ['qkv_proj'] (exclude []) match no Linear module; the model's Linear "
-         "modules are: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, …",
+         "LoRA targets 'qkv_proj' (nearest: v_proj, q_proj, k_proj) match no Linear module; the "
+         "model's Linear names end in: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+         "down_proj, lm_head",
          "nothing written"),
     Case("unknown-config-key", ["train", "--model", "{work}/base", "--config", "{dir}/run.json"],
-         "unknown TrainConfig key(s) ['lora_rank']; valid keys: ['data', 'eval_data', …",
+         "unknown config key(s) ['lora_rank']; valid keys: ['data', 'eval_data', …",
          "nothing written",
          setup=lambda d, n: (d / "run.json").write_text(json.dumps(
              {"data": str(n["work"] / "train.jsonl"), "out_dir": str(d / "out"),
@@ -296,7 +297,8 @@ CASES = [
          setup=lambda d, n: (copy_adapter(d, n) / "adapter_model.safetensors").unlink()),
     Case("adapter-for-another-architecture",
          ["generate", "--model", "{work}/wide", "--adapter", "{work}/run/adapter", "hi"],
-         "{work}/run/adapter/adapter_model.safetensors does not fit the model: mis-shaped keys "
+         "{work}/run/adapter/adapter_model.safetensors was trained on another base "
+         "({work}/base); it does not fit this model: mis-shaped keys "
          "[base_model.model.model.layers.0.mlp.down_proj.lora_A.weight: file (2, 64), model "
          "(2, 96); …", "the model is not touched (the LoRA injected for the check is removed)"),
     Case("adapter-for-another-base",
@@ -332,8 +334,8 @@ CASES = [
          setup=lambda d, n: (train_first("--stop-after", "1")(d, n), flip_last_byte(
              d / "out" / "checkpoints" / "step-00000001" / "trainable.safetensors"))),
     Case("fresh-run-over-an-unfinished-one", TRAIN,
-         "{dir}/out/checkpoints/step-00000001 holds an unfinished run: pass resume=True "
-         "(--resume) to continue it, or train into another out_dir",
+         "{dir}/out/checkpoints/step-00000001 holds an unfinished run: pass --resume "
+         "to continue it, or train into another out_dir",
          "the unfinished run is untouched", setup=train_first("--stop-after", "1")),
     Case("output-folder-not-writable", TRAIN + ["--out", "{dir}/file/sub"],
          "[Errno 20] cannot write the output folder {dir}/file/sub: Not a directory; choose "

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
-from minilora.data import DataStats, JsonlDataset, batch_indices, load_jsonl
+from minilora.data import DataStats, JsonlDataset, batch_indices, load_jsonl, pack_samples
 from minilora.errors import CheckpointError, ConfigError, TrainError
 from minilora.files import atomic_write, fsync_dir, torch_load_reason
 from minilora.lora import (
@@ -118,6 +118,9 @@ class TrainConfig:
                                    "tiny model)")
     tokenizer: str | None = _arg(None, "tokenizer.json or its folder (default: the model's "
                                        "folder)")
+    replay: str | None = _arg(None, "data of what the base already does (its own answers), mixed "
+                                    "in so the adapter keeps it")
+    replay_ratio: float = _arg(0.5, "replay rows per training row (0.5: one replayed for two)")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -134,6 +137,9 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"TrainConfig.lr: expected a finite number > 0, got {self.lr}")
+        if not 0 <= self.replay_ratio <= 100 or not math.isfinite(self.replay_ratio):
+            raise ConfigError(f"TrainConfig.replay_ratio: expected [0, 100], got "
+                              f"{self.replay_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"TrainConfig.min_lr_ratio: expected [0, 1], got {self.min_lr_ratio}")
         if self.max_seq_len < 2:
@@ -592,12 +598,34 @@ def _datasets(data: Tokenizer | JsonlDataset, eval_data: JsonlDataset | None,
         raise ConfigError("TrainConfig.data: the training jsonl is needed when train() is given "
                          "a tokenizer")
     train_set = load_jsonl(config.data, data, config.max_seq_len, skip_bad=config.skip_bad,
-                           pack=config.pack)
+                           pack=config.pack and not config.replay)
+    if config.replay:
+        train_set = _with_replay(train_set, data, config)
     eval_set = None
     if config.eval_data is not None:
         eval_set = load_jsonl(config.eval_data, data, config.max_seq_len,
                               skip_bad=config.skip_bad)
     return train_set, eval_set
+
+
+def _with_replay(train_set: JsonlDataset, tokenizer: Tokenizer, config: TrainConfig
+                 ) -> JsonlDataset:
+    """The training rows plus replay_ratio x as many rows of config.replay, drawn in a seeded
+    order (cycled when the replay file is the smaller), then packed if asked."""
+    replay = load_jsonl(config.replay, tokenizer, config.max_seq_len, skip_bad=config.skip_bad)
+    wanted = round(config.replay_ratio * len(train_set))
+    order = list(range(len(replay)))
+    random.Random(f"minilora-replay:{config.seed}").shuffle(order)
+    picked = [replay.samples[order[i % len(order)]] for i in range(wanted)]
+    samples = train_set.samples + picked
+    stats = train_set.stats
+    stats.formats.update(replay.stats.formats)
+    if config.pack:
+        samples = pack_samples(samples, config.max_seq_len)
+    print(f"data: replay {len(picked)} rows of {config.replay} beside {len(train_set)} training "
+          "rows", file=sys.stderr)
+    return JsonlDataset(samples, pad_id=train_set.pad_id, max_seq_len=config.max_seq_len,
+                        path=train_set.path, packed=config.pack, stats=stats)
 
 
 class _BatchPlan:

@@ -240,3 +240,44 @@ def test_ctrl_c_stops_the_reply_not_the_chat(workdir: Path, capsys, monkeypatch)
     assert main(["chat", "--model", str(workdir / "base")]) == 0
     assert len(calls) == 2
     assert "[stopped]" in capsys.readouterr().out
+
+
+def test_eval_tasks_shows_progress(workdir: Path, tmp_path: Path, capsys) -> None:
+    questions = [{"task": "name", "messages": [{"role": "user", "content": f"Q{i}?"}],
+                  "expected": "Mini", "match": "contains"} for i in range(3)]
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", questions)
+    code, out, err = run(["eval", "--model", str(workdir / "base"), "--tasks", str(tasks),
+                          "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    assert "3/3" in err and "question" in err
+
+
+def test_preset_sets_its_values_under_the_flags_given(workdir: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    from minilora.cli import PRESETS
+
+    out = tmp_path / "run"
+    code, _, err = run(train_args(workdir, out, "--preset", "small-data", "--max-steps", "1"),
+                       capsys)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_steps"] == 1  # given
+    preset = {k: v for k, v in PRESETS["small-data"].items() if k not in ("max_steps",
+                                                                          "batch_size")}
+    assert {k: config[k] for k in preset} == preset
+    assert config["batch_size"] == 4  # given by train_args
+
+
+def test_replay_mixes_in_ratio_rows_of_another_file(workdir: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    replay = write_jsonl(tmp_path / "replay.jsonl", [
+        {"conversations": [{"role": "user", "content": f"What is {i} plus 1?"},
+                           {"role": "assistant", "content": str(i + 1)}]} for i in range(5)])
+    out = tmp_path / "run"
+    code, _, err = run(train_args(workdir, out, "--max-steps", "1", "--replay", str(replay),
+                                  "--replay-ratio", "0.5"), capsys)
+    assert code == 0, err
+    assert f"data: replay 12 rows of {replay} beside 24 training rows" in err
+    assert "run: per step    4 rows" in err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["replay"], config["replay_ratio"]) == (str(replay), 0.5)

@@ -60,9 +60,11 @@ def _add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> Non
 
 def _load_base(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model and tokenizer that --model / --tokenizer name."""
+    from minilora.threads import configure_threads
     from minilora.tokenizer import Tokenizer
     from minilora.weights import load_model
 
+    configure_threads()  # the CPUs other processes leave free (a shared machine)
     model_path = Path(args.model)
     model = load_model(model_path, dtype=args.dtype)
     tokenizer = Tokenizer.from_file(_tokenizer_path(args, model_path))
@@ -315,6 +317,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     config, demo = _train_config(args, given)
+    from minilora.threads import configure_threads
+
+    configure_threads()  # the CPUs other processes leave free (a shared machine)
     model_path = Path(config.model)
     model = load_model(model_path)
     tokenizer = Tokenizer.from_file(Path(config.tokenizer) if config.tokenizer else
@@ -828,6 +833,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `minilora ARGS`; returns the exit code (2 for bad input)."""
+    from minilora.threads import prepare_env
+
+    prepare_env()  # before torch is imported: OpenMP reads it once
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(train_args=command == "train")

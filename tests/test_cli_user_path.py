@@ -281,3 +281,18 @@ def test_replay_mixes_in_ratio_rows_of_another_file(workdir: Path, tmp_path: Pat
     assert "run: per step    4 rows" in err
     config = json.loads((out / "config.json").read_text())
     assert (config["replay"], config["replay_ratio"]) == (str(replay), 0.5)
+
+
+def test_packaging_uses_the_spdx_licence_and_a_setuptools_that_reads_it() -> None:
+    import re
+
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["license"] == "MIT"  # PEP 639: a string, not a table
+    (setuptools,) = [r for r in project["build-system"]["requires"] if "setuptools" in r]
+    assert int(re.search(r">=\s*(\d+)", setuptools)[1]) >= 77  # the first to accept it
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert "../shared" not in readme and "minilora combine" in readme
+    assert "--tasks" in readme and "--config" in readme

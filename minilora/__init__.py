@@ -7,52 +7,56 @@ __version__ = "0.1.0"
 
 # `train` the function stays in minilora.train: re-exported here it would hide the submodule
 # (`import minilora.train` would then give the function).
-from minilora.adapter import (
-    adapter_state_dict,
-    base_fingerprint,
-    describe_adapter,
-    find_adapters,
-    load_adapter,
-    load_adapter_state_dict,
-    save_adapter,
-)
-from minilora.data import load_jsonl
-from minilora.errors import (
-    AdapterError,
-    CheckpointError,
-    ConfigError,
-    DataError,
-    FingerprintMismatch,
-    MiniloraError,
-    MissingExtra,
-    OutputError,
-    TaskError,
-    TrainError,
-    WeightsError,
-)
-from minilora.lora import (
-    LoraConfig,
-    LoRALinear,
-    active_adapters,
-    combine_adapters,
-    count_parameters,
-    delete_adapter,
-    disabled,
-    inject_lora,
-    list_adapters,
-    lora_modules,
-    lora_parameters,
-    mark_trainable,
-    merge_and_unload,
-    merge_lora,
-    mixed_adapters,
-    set_active,
-    unmerge_lora,
-)
-from minilora.model import CausalLM, ModelConfig, generate, stream_generate
-from minilora.tokenizer import Tokenizer, train_tokenizer
-from minilora.train import TrainConfig
-from minilora.weights import describe_model, load_model, save_model
+# The names below are imported on first use (PEP 562): `import minilora` (and so `minilora --help`)
+# stays free of torch, which takes a second and a few hundred MB to import.
+_EXPORTS = {
+    "minilora.adapter": (
+        "adapter_state_dict", "base_fingerprint", "describe_adapter", "find_adapters",
+        "load_adapter", "load_adapter_state_dict", "save_adapter",
+    ),
+    "minilora.data": (
+        "load_jsonl",
+    ),
+    "minilora.errors": (
+        "AdapterError", "CheckpointError", "ConfigError", "DataError", "FingerprintMismatch",
+        "MiniloraError", "MissingExtra", "OutputError", "TaskError", "TrainError", "WeightsError",
+    ),
+    "minilora.lora": (
+        "LoraConfig", "LoRALinear", "active_adapters", "combine_adapters", "count_parameters",
+        "delete_adapter", "disabled", "inject_lora", "list_adapters", "lora_modules",
+        "lora_parameters", "mark_trainable", "merge_and_unload", "merge_lora", "mixed_adapters",
+        "set_active", "unmerge_lora",
+    ),
+    "minilora.model": (
+        "CausalLM", "ModelConfig", "generate", "stream_generate",
+    ),
+    "minilora.tokenizer": (
+        "Tokenizer", "train_tokenizer",
+    ),
+    "minilora.train": (
+        "TrainConfig",
+    ),
+    "minilora.weights": (
+        "describe_model", "load_model", "save_model",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'minilora' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))
+
 
 __all__ = [
     "__version__", "AdapterError", "CausalLM", "CheckpointError", "ConfigError", "DataError",

@@ -519,10 +519,17 @@ def load_adapter(
         try:
             inject_lora(model, config, name=target)
         except ValueError as e:
-            raise AdapterError(f"cannot apply {source} to this model: {e}") from None
+            raise AdapterError(_another_base(path, metadata, source,
+                                             f"cannot apply {source} to this model: {e}")) from None
         injected = True
     try:
-        _check_state_dict(model, sd, source, target)
+        try:
+            _check_state_dict(model, sd, source, target)
+        except AdapterError as e:
+            message = _another_base(path, metadata, source, str(e))
+            if message == str(e):
+                raise
+            raise AdapterError(message) from None
         _check_base_layers(model, base_layers, source, target)
         recorded = metadata.get(FINGERPRINT_KEY)
         if check_fingerprint and recorded is not None:
@@ -564,6 +571,20 @@ def _check_base_layers(
     if problems:
         raise AdapterError(f"{source}: base layer weights minilora cannot apply: "
                            + "; ".join(problems))
+def _another_base(path: Path, metadata: dict, source: str, message: str) -> str:
+    """An adapter minilora wrote (it records its base) that does not fit the model was trained on
+    another base: say so first, before the list of keys."""
+    if FINGERPRINT_KEY not in metadata:
+        return message  # a foreign adapter: the keys are all there is to say
+    base = None
+    try:
+        base = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        pass
+    named = f" ({base})" if isinstance(base, str) and base else ""
+    detail = message.removeprefix(f"{source} does not fit the model: ")
+    return f"{source} was trained on another base{named}; it does not fit this model: {detail}"
 
 
 def find_adapters(folder: str | os.PathLike) -> dict[str, Path]:

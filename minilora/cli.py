@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from minilora import __version__
-from minilora.checks import number as checked_number
 from minilora.errors import MiniloraError, OutputError
 from minilora.outputs import FolderLock, check_not_an_input, check_own_folder
 
@@ -71,9 +70,11 @@ def _add_model_config_arg(p: argparse.ArgumentParser, *flags: str) -> None:
 def _load_base(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any, Any]:
     """The model and tokenizer that --model / --config / --tokenizer name (tokenizer=False:
     the model only, the tokenizer None)."""
+    from minilora.threads import configure_threads
     from minilora.tokenizer import Tokenizer
     from minilora.weights import load_model
 
+    configure_threads()  # the CPUs other processes leave free (a shared machine)
     model_path = Path(args.model)
     model = load_model(model_path, dtype=args.dtype, config=getattr(args, "model_config", None))
     if not tokenizer:
@@ -162,7 +163,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
-    eos = [i for i in (tokenizer.im_end_id, tokenizer.eos_token_id) if i is not None]
+    eos = tokenizer.stop_token_ids
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 eos_token_id=eos, seed=args.seed)
@@ -199,8 +200,17 @@ def chat_answerer(model: Any, tokenizer: Any, **sampling: Any) -> Callable[[list
 # train
 # ------------------------------------------------------------------------------------------------
 
-# The TrainConfig fields the command line does not offer: the library sets them itself.
-_HIDDEN_FIELDS = {"device"}
+# --preset: settings measured to teach on such data (docs/quality.md, "Small data"). A few dozen
+# rows give a handful of steps an epoch, so the preset fixes the number of steps, not epochs, and
+# takes the demo's learning rate: 1e-4 for 20 steps moves a LoRA adapter nowhere.
+PRESETS: dict[str, dict[str, Any]] = {
+    "small-data": {"lr": 2e-3, "max_steps": 300, "batch_size": 16, "warmup_steps": 10,
+                   "lora_dropout": 0.0},
+}
+
+# The TrainConfig fields the command line does not offer: the library sets them itself (model
+# and tokenizer are --model / --tokenizer, added by hand with the other model arguments).
+_HIDDEN_FIELDS = {"device", "model", "tokenizer"}
 _SHORT = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
           "lora_targets": "targets", "lora_exclude": "exclude", "lora_init": "init",
           "use_rslora": "rslora", "out_dir": "out"}
@@ -220,15 +230,22 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or its folder (default: the model's folder)")
     p.add_argument("--config", default=None, metavar="FILE",
-                   help="a TrainConfig JSON file; flags given on the command line override it")
+                   help="a JSON file of these settings (a run's config.json, say), keys named "
+                        "as the flags with _ for - (lora_r for --r); flags given override it; "
+                        "the run goes to a new --out folder unless --resume")
     _add_model_config_arg(p, "--model-config")
     p.add_argument("--tasks", nargs="*", default=None, metavar="FILE",
                    help="eval files (tasks format) scored before and after training")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="settings for a case, under the flags given: small-data (a few dozen to "
+                        "a few hundred conversations): " + ", ".join(
+                            f"--{_SHORT.get(k, k).replace('_', '-')} {v}"
+                            for k, v in PRESETS["small-data"].items()))
     for f in dataclasses.fields(TrainConfig):
         if f.name in _HIDDEN_FIELDS:
             continue
         flag = "--" + _SHORT.get(f.name, f.name).replace("_", "-")
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"] + f" (default: {_shown_default(f)})"
         kind = str(f.type)
         if kind == "bool":
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
@@ -244,6 +261,63 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                            metavar=f.name.split("_")[-1].upper(), help=help_text)
 
 
+def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any, bool]:
+    """The run's TrainConfig from the demo, --config or a resumed run's config.json, then the
+    flags given; returns it and whether this is the demo."""
+    from minilora.train import TrainConfig
+
+    saved = Path(given["out_dir"]) / "config.json" if "out_dir" in given else None
+    resuming_saved = bool(given.get("resume")) and not args.config and saved is not None
+    if resuming_saved and not saved.is_file():
+        raise CliError(f"--resume: {saved} does not exist, so there is no run to continue in "
+                       f"{given['out_dir']}; check --out")
+    demo = (args.model is None and args.config is None and "data" not in given
+            and not resuming_saved)
+    settings: dict[str, Any] = {}
+    if demo:
+        settings = json.loads((ASSETS / "demo_train.json").read_text(encoding="utf-8"))
+        settings["data"] = str(ASSETS / settings["data"])
+        if settings.get("eval_data"):
+            settings["eval_data"] = str(ASSETS / settings["eval_data"])
+    elif resuming_saved:
+        settings = TrainConfig.from_json(saved).to_dict()  # the run's own settings, no retyping
+        settings.pop("stop_after", None)  # where that invocation stopped, not this one
+    elif args.config:
+        settings = TrainConfig.from_json(args.config).to_dict()
+        if not given.get("resume"):  # a rerun of a saved config is a new run, in a new folder
+            settings.pop("out_dir", None)
+    if getattr(args, "preset", None):
+        settings.update(PRESETS[args.preset])
+    settings.update(given)
+    if not settings.get("data"):
+        raise CliError("--data is required with --model or --config (a chat or text jsonl)")
+    if not settings.get("out_dir"):
+        stem = Path(settings["data"]).stem
+        settings["out_dir"] = str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    settings["model"] = str(args.model or settings.get("model") or BASE_MODEL)
+    if args.tokenizer:
+        settings["tokenizer"] = str(args.tokenizer)
+    return TrainConfig.from_dict(settings), demo
+
+
+# What a None default means on the command line, where "None" would say nothing.
+_NONE_MEANS = {"data": "the demo data with no --model", "eval_data": "no eval",
+               "max_steps": "epochs x steps per epoch", "stop_after": "the end"}
+
+
+def _shown_default(f: Any) -> str:
+    if f.name == "out_dir":
+        return "runs/<data name>-<date>-<time>"
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if value is None:
+        return _NONE_MEANS.get(f.name, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(value) or "none"
+    return str(value)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """`minilora train`: LoRA (or --full) fine-tuning; with no arguments, the demo."""
     from minilora import tasks
@@ -254,43 +328,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
-    demo = args.model is None and args.config is None and "data" not in given
-    settings: dict[str, Any] = {}
-    if demo:
-        settings = json.loads((ASSETS / "demo_train.json").read_text(encoding="utf-8"))
-        settings["data"] = str(ASSETS / settings["data"])
-        if settings.get("eval_data"):
-            settings["eval_data"] = str(ASSETS / settings["eval_data"])
-    elif args.config:
-        settings = TrainConfig.from_json(args.config).to_dict()
-    settings.update(given)
-    if not settings.get("data"):
-        raise CliError("--data is required with --model or --config (a chat or text jsonl)")
-    if "out_dir" not in given and not args.config:
-        stem = Path(settings["data"]).stem
-        settings["out_dir"] = str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    config = TrainConfig.from_dict(settings)
-    check_not_an_input(config.out_dir, {"--model": args.model, "--tokenizer": args.tokenizer,
+    config, demo = _train_config(args, given)
+    from minilora.threads import configure_threads
+
+    configure_threads()  # the CPUs other processes leave free (a shared machine)
+    check_not_an_input(config.out_dir, {"--model": config.model, "--tokenizer": config.tokenizer,
                                         "--config": args.config, "--tasks": args.tasks},
                        "--out")
-
-    model_path = Path(args.model) if args.model else BASE_MODEL
+    model_path = Path(config.model)
     model = load_model(model_path, config=args.model_config)
-    tokenizer = Tokenizer.from_file(_tokenizer_path(args, model_path))
+    tokenizer = Tokenizer.from_file(Path(config.tokenizer) if config.tokenizer else
+                                    (model_path if model_path.is_dir() else model_path.parent))
 
     task_files = args.tasks
     if task_files is None and demo:
         task_files = [str(ASSETS / f) for f in ("persona_eval.jsonl", "base_eval.jsonl")]
     samples = [s for f in task_files or [] for s in tasks.load_samples(f)]
     answer = chat_answerer(model, tokenizer, max_new_tokens=48,
-                           eos_token_id=[tokenizer.im_end_id])
+                           eos_token_id=tokenizer.stop_token_ids)
     before = tasks.score(samples, answer) if samples else None
 
-    result = train(model, tokenizer, config)
+    try:
+        result = train(model, tokenizer, config)
+    except KeyboardInterrupt:
+        _say_how_to_resume(config)
+        return 130
     if result.output_dir is None:  # not rank 0 under torchrun: rank 0 reports
         return 0
     last = f"; last loss {result.losses[-1][1]:.4f}" if result.losses else ""
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s{last}")
+    resumed = f"resumed at step {result.start_step}, " if result.start_step else ""
+    print(f"{resumed}trained {result.steps - result.start_step} steps in {result.seconds:.1f} s"
+          f"{last}")
     if before is not None:
         model.eval()
         after = tasks.score(samples, answer)
@@ -311,6 +379,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_how_to_resume(config: Any) -> None:
+    """Ctrl-C during training: which checkpoint is kept and the command that continues it."""
+    from minilora.train import CHECKPOINTS, latest_checkpoint
+
+    kept = latest_checkpoint(Path(config.out_dir) / CHECKPOINTS)
+    if kept is None:
+        print("minilora train: interrupted; no checkpoint was written yet (--save-every N "
+              "writes one every N steps), so a rerun starts over", file=sys.stderr)
+        return
+    print(f"minilora train: interrupted; kept {kept}. Resume with: minilora train --resume "
+          f"--out {config.out_dir}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------------------
 # chat, generate
 # ------------------------------------------------------------------------------------------------
@@ -328,7 +409,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("minilora chat: type a message; /reset starts over, /quit (or Ctrl-D) ends.")
+        print("minilora chat: type a message; /reset starts over, exit, quit, /quit or Ctrl-D "
+              "ends; Ctrl-C stops a reply.")
         if len(adapters) > 1:
             print(f"adapters {adapters} ({adapters[0]} active); /adapter NAME switches "
                   "(NAME,NAME adds them up; base: none)")
@@ -339,7 +421,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line:
             break
         text = line.strip()
-        if text == "/quit":
+        if text in ("/quit", "exit", "quit", "/exit"):
             break
         if text == "/reset":
             messages = list(system)
@@ -352,9 +434,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": text})
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         reply = ""
-        for piece in stream_text(tokenizer, stream_generate(model, ids, **sampling)):
-            print(piece, end="", flush=True)
-            reply += piece
+        try:
+            for piece in stream_text(tokenizer, stream_generate(model, ids, **sampling)):
+                print(piece, end="", flush=True)
+                reply += piece
+        except KeyboardInterrupt:  # stops this reply; the conversation goes on
+            print(" [stopped]", end="")
         print()
         messages.append({"role": "assistant", "content": reply.strip()})
     return 0
@@ -464,10 +549,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.data}: loss {report['eval_loss']:.4f}, perplexity {report['eval_ppl']:.2f} "
               f"({len(dataset)} samples)")
     if args.tasks:
+        from tqdm import tqdm
+
         samples = [s for f in args.tasks for s in tasks.load_samples(f)]
         answer = chat_answerer(model, tokenizer, max_new_tokens=args.max_new_tokens,
-                               eos_token_id=[tokenizer.im_end_id])
-        result = tasks.score(samples, answer)
+                               eos_token_id=tokenizer.stop_token_ids)
+        with tqdm(total=len(samples), unit="question", desc="tasks", file=sys.stderr) as bar:
+            result = tasks.score(samples, answer, on_result=lambda _: bar.update(1))
         label = "adapter" if args.adapter else "base"
         print(tasks.format_table({label: result}))
         report["tasks"] = result.to_dict()
@@ -569,6 +657,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_combine(args: argparse.Namespace) -> int:
     """`minilora combine`: a weighted combination of adapters, written as one adapter."""
     from minilora.adapter import save_adapter
+    from minilora.checks import number as checked_number
     from minilora.lora import combine_adapters
 
     if len(args.weights) != len(args.adapters):
@@ -600,7 +689,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise CliError(f"{path}: no such file or folder")
     is_adapter = (path / "adapter_config.json").exists() or (
         path.suffix == ".pth" and _looks_like_minimind_adapter(path))
-    info = describe_adapter(path) if is_adapter else describe_model(path, args.model_config)
+    if (path / "state.pt").is_file() and (path / "trainable.safetensors").is_file():
+        info = _describe_checkpoint(path)
+    elif (path / "metrics.jsonl").is_file() and (path / "config.json").is_file():
+        info = _describe_run(path)
+    else:
+        info = describe_adapter(path) if is_adapter else describe_model(path, args.model_config)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -608,6 +702,49 @@ def cmd_info(args: argparse.Namespace) -> int:
         for key, value in info.items():
             print(f"{key.ljust(width)}  {value}")
     return 0
+
+
+def _describe_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint (checkpoints/step-N): where the run stands and how it was set."""
+    import torch
+
+    from minilora.files import torch_load_reason
+
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # a refused pickle or a torn file: say which, in one line
+        raise CliError(f"{path}/state.pt: not a readable checkpoint ({torch_load_reason(err)})"
+                       ) from None
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        raise CliError(f"{path}/state.pt: not a minilora checkpoint")
+    config = state["config"]
+    run = path.parent.parent
+    return {"checkpoint": str(path), "step": f"{state['step']} of {state.get('total_steps')}",
+            "base": config.get("model"), "data": config.get("data"),
+            "lr": config.get("lr"), "r": config.get("lora_r"),
+            "fingerprint": state.get("fingerprint"),
+            "resume": f"minilora train --resume --out {run}"}
+
+
+def _describe_run(path: Path) -> dict[str, Any]:
+    """A training run's folder: its settings, progress, and the adapter it wrote."""
+    from minilora.adapter import describe_adapter
+    from minilora.train import CHECKPOINTS, latest_checkpoint
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    records = [json.loads(line) for line in
+               (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    losses = [r for r in records if r.get("loss") is not None]
+    info: dict[str, Any] = {"run": str(path), "base": config.get("model"),
+                            "data": config.get("data"), "lr": config.get("lr")}
+    if losses:
+        info["last step"] = losses[-1]["step"]
+        info["last loss"] = round(losses[-1]["loss"], 4)
+    kept = latest_checkpoint(path / CHECKPOINTS)
+    info["checkpoint"] = str(kept) if kept else "none"
+    if (path / "adapter" / "adapter_config.json").is_file():
+        info.update({f"adapter {k}": v for k, v in describe_adapter(path / "adapter").items()})
+    return info
 
 
 def _looks_like_minimind_adapter(path: Path) -> bool:
@@ -627,8 +764,13 @@ def _looks_like_minimind_adapter(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `minilora` argument parser with every subcommand."""
+def build_parser(train_args: bool = True) -> argparse.ArgumentParser:
+    """The `minilora` argument parser with every subcommand.
+
+    Args:
+        train_args: add `train`'s flags, which come from TrainConfig and so import torch; main
+            leaves them out unless the command is `train`, so help and errors answer at once.
+    """
     parser = _Parser(prog="minilora", description="LoRA fine-tuning of small causal LMs.")
     parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -637,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA fine-tune (no arguments: the embedded demo)",
                        description="LoRA fine-tuning (or --full). With no arguments: the embedded "
                                    "tiny model learns a new persona, with a before/after table.")
-    _add_train_args(p)
+    if train_args:
+        _add_train_args(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("chat", help="talk to a model, optionally with adapters "
@@ -713,6 +856,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """An unknown argument: one line naming the nearest flag of that subcommand; exit 2."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = [f for action in sub.choices[command]._actions for f in action.option_strings]
+    word = unknown[0]
+    near = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    print(f"minilora {command}: error: unknown argument {word}{hint} (see `minilora {command} "
+          "--help`)", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _flag(field: str) -> str:
+    return "--" + _SHORT.get(field, field).replace("_", "-")
+
+
+def _in_flag_words(message: str) -> str:
+    """A library message in the command line's words: its flags, not the library's keywords."""
+    message = re.sub(r"TrainConfig\.lora_\*: LoraConfig\.(\w+)",
+                     lambda m: _flag("use_rslora" if m[1] == "use_rslora" else f"lora_{m[1]}"),
+                     message)
+    message = re.sub(r"TrainConfig\.(\w+)", lambda m: _flag(m[1]), message)
+    return (message.replace("TrainConfig key(s)", "config key(s)")
+            .replace("resume=True (--resume)", "--resume")
+            .replace("pass name=...", "name the adapter (--adapter NAME=PATH)")
+            .replace("format='peft'", "an adapter folder"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     # What a bad input or the world raises: minilora's own error types and OS errors (a missing
     # file, a folder that cannot be written, a full disk). Anything else is a bug in minilora and
@@ -722,14 +895,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `minilora ARGS`; returns the exit code (2 for bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from minilora.threads import prepare_env
+
+    prepare_env()  # before torch is imported: OpenMP reads it once
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(train_args=command == "train")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unknown_flags(parser, args.command, unknown)
     try:
         return args.run(args)
     except _user_errors() as err:
         # One line whatever the message holds (a wrapped library error may carry newlines or
         # terminal colour codes).
         message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", str(err))).strip()
+        message = _in_flag_words(message)
         print(f"minilora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

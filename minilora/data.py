@@ -25,6 +25,15 @@ from typing import Any, Protocol
 import torch
 
 from minilora.errors import DataError
+from minilora.formats import (
+    alpaca_messages,
+    array_records,
+    data_files,
+    detect,
+    is_json_array,
+    parquet_records,
+    sharegpt_messages,
+)
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -77,6 +86,7 @@ class DataStats:
     tokens: int = 0  # tokens in the kept samples
     trained_tokens: int = 0  # of which trained
     errors: list[str] = field(default_factory=list)  # the first few skipped-line messages
+    formats: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> {format: records}
 
 
 @dataclass
@@ -167,20 +177,25 @@ def load_jsonl(
     if max_seq_len < 2:
         raise DataError(path, f"max_seq_len must be at least 2, got {max_seq_len}")
     path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found; expected a .jsonl, .json or .parquet file or a "
+                        "folder of them")
     stats = DataStats()
     samples: list[Sample] = []
-    kinds = {"chat": 0, "text": 0, "assistant": 0}
-    for line_no, raw in _read_lines(path, stats, skip_bad):
-        try:
-            sample = _parse_line(raw, path, line_no, tokenizer, kinds)
-        except DataError as err:
-            if not skip_bad:
-                raise
-            _count_skipped(err, stats)
-            continue
-        _keep(sample, max_seq_len, samples, stats)
-
-    _check_file(path, stats, kinds, max_seq_len)
+    for file in data_files(path):
+        kinds = {"chat": 0, "text": 0, "assistant": 0}
+        before = stats.lines
+        formats = stats.formats.setdefault(str(file), {})
+        for line_no, record in _records(file, stats, skip_bad):
+            try:
+                sample = _parse_record(record, file, line_no, tokenizer, kinds, formats)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                _count_skipped(err, stats)
+                continue
+            _keep(sample, max_seq_len, samples, stats)
+        _check_file(file, stats, kinds, max_seq_len, lines=stats.lines - before)
     stats.samples = len(samples)
     if pack:
         samples = pack_samples(samples, max_seq_len)
@@ -190,6 +205,20 @@ def load_jsonl(
     return JsonlDataset(
         samples, pad_id=pad_id, max_seq_len=max_seq_len, path=str(path), packed=pack, stats=stats
     )
+
+
+def _records(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[int, Any]]:
+    """(line or row number, record: JSON text of a line, or a parsed item) of any data file."""
+    if path.suffix == ".parquet":
+        items = parquet_records(path)
+    elif is_json_array(path):
+        items = array_records(path)
+    else:
+        yield from _read_lines(path, stats, skip_bad)
+        return
+    for number, item in items:
+        stats.lines += 1
+        yield number, item
 
 
 def _read_lines(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[int, str]]:
@@ -257,31 +286,42 @@ def _skip_rest_of_line(f: Any) -> None:
             return
 
 
-def _parse_line(
-    text: str, path: Path, line_no: int, tokenizer: ChatTokenizer, kinds: dict[str, int]
+def _parse_record(
+    record: Any, path: Path, line_no: int, tokenizer: ChatTokenizer, kinds: dict[str, int],
+    formats: dict[str, int],
 ) -> Sample:
-    """One line -> one untruncated Sample (labels[0] set to -100)."""
+    """One line (JSON text) or one parsed record -> one untruncated Sample (labels[0] -100)."""
 
     def fail(message: str, field: str | None = None) -> DataError:
         return DataError(path, message, line=line_no, field=field)
 
-    try:
-        obj = json.loads(text)
-    except RecursionError:
-        raise fail("JSON nested too deeply; expected one flat JSON object") from None
-    except ValueError as err:  # JSONDecodeError, and int-too-long errors
-        raise fail(f"not valid JSON ({err}); expected one JSON object per line") from None
+    obj = record
+    if isinstance(record, str):
+        try:
+            obj = json.loads(record)
+        except RecursionError:
+            raise fail("JSON nested too deeply; expected one flat JSON object") from None
+        except ValueError as err:  # JSONDecodeError, and int-too-long errors
+            raise fail(f"not valid JSON ({err}); expected one JSON object per line") from None
     if not isinstance(obj, dict):
         raise fail(f"a JSON {type(obj).__name__}, expected a JSON object")
 
+    kind = detect(obj)
+    if kind is None:
+        found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+        raise fail(
+            f"no 'conversations', 'messages', 'instruction' or 'text' key (keys found: {found}); "
+            'expected {"conversations": [{"role": ..., "content": ...}, ...]}, ShareGPT '
+            '{"conversations": [{"from": ..., "value": ...}]}, Alpaca {"instruction": ..., '
+            '"output": ...} or {"text": ...}'
+        )
+    formats[kind] = formats.get(kind, 0) + 1
+    if kind in ("sharegpt", "alpaca"):
+        turns = (alpaca_messages(obj, fail) if kind == "alpaca"
+                 else sharegpt_messages(obj["conversations"], fail))
+        obj = {"conversations": turns}
     key = next((k for k in ("conversations", "messages") if k in obj), None)
     if key is None:
-        if "text" not in obj:
-            found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
-            raise fail(
-                f"no 'conversations', 'messages' or 'text' key (keys found: {found}); expected "
-                '{"conversations": [{"role": ..., "content": ...}, ...]} or {"text": ...}'
-            )
         if not isinstance(obj["text"], str):
             raise fail(f"a {_json_type(obj['text'])}, expected a string", "text")
         _check_unicode(obj["text"], "text", fail)
@@ -357,9 +397,10 @@ def _keep(sample: Sample, max_seq_len: int, samples: list[Sample], stats: DataSt
     stats.trained_tokens += trained
 
 
-def _check_file(path: Path, stats: DataStats, kinds: dict[str, int], max_seq_len: int) -> None:
+def _check_file(path: Path, stats: DataStats, kinds: dict[str, int], max_seq_len: int, *,
+                lines: int) -> None:
     """File-level errors, raised even with skip_bad."""
-    if stats.lines == 0:
+    if lines == 0:
         raise DataError(path, "the file is empty; expected one JSON object per line")
     if kinds["chat"] and not kinds["assistant"] and not kinds["text"]:
         raise DataError(

@@ -730,6 +730,7 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]
     elif targets == "square":
         chosen = [(n, m) for n, m in linears if m.in_features == m.out_features]
     else:
+        _check_every_suffix_matches(targets, [n for n, _ in linears])
         chosen = [(n, m) for n, m in linears if _matches(n, targets)]
     if config.exclude:
         chosen = [(n, m) for n, m in chosen if not _matches(n, config.exclude)]
@@ -740,6 +741,28 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]
             f"module; the model's Linear modules are: {names}"
         )
     return chosen
+
+
+def _check_every_suffix_matches(targets: list[str] | str, names: list[str]) -> None:
+    """A listed suffix that matches no Linear is a typo (``v_prj``): an error naming each, with
+    the nearest real names, rather than a run that silently adapts the others only."""
+    if isinstance(targets, str):
+        return  # a regex
+    missing = [t for t in targets if not any(_matches(n, [t]) for n in names)]
+    if not missing:
+        return
+    import difflib
+
+    # The distinct last parts (q_proj, lm_head, ...): a short list, not every layer's path.
+    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    hints = []
+    for t in missing:
+        near = difflib.get_close_matches(t.rsplit(".", 1)[-1], suffixes, n=3, cutoff=0.5)
+        hints.append(f"{t!r} (nearest: {', '.join(near) or 'none'})")
+    raise ConfigError(
+        f"LoRA targets {hints[0] if len(hints) == 1 else ', '.join(hints)} match no Linear "
+        f"module; the model's Linear names end in: {', '.join(suffixes) or '(none)'}"
+    )
 
 
 def inject_lora(

@@ -43,8 +43,12 @@ class Tokenizer:
     """
 
     def __init__(self, tokenizer: _HFTokenizer, *, bos_token: str | None = IM_START,
-                 eos_token: str | None = IM_END, pad_token: str | None = ENDOFTEXT) -> None:
+                 eos_token: str | None = IM_END, pad_token: str | None = ENDOFTEXT,
+                 chat_template: str | None = None) -> None:
         self._tok = tokenizer
+        # None (or MiniMind's ChatML, CHAT_TEMPLATE): the built-in ChatML below, whose pieces are
+        # encoded one by one; any other template is rendered with Jinja (minilora.chat_template).
+        self.chat_template = None if chat_template == CHAT_TEMPLATE else chat_template
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token),
                             ("pad_token", pad_token)):
@@ -90,8 +94,9 @@ class Tokenizer:
                         raise ConfigError(f"{config_file}: field '{name}': {value!r}; expected "
                                           "a token string (or an AddedToken object), or null")
                     specials[name] = value
+        template = _read_chat_template(file.parent, config_file)
         try:
-            return cls(tok, **specials)
+            return cls(tok, **specials, chat_template=template)
         except ValueError as e:
             raise ConfigError(f"{config_file}: {e}") from e
 
@@ -110,7 +115,7 @@ class Tokenizer:
             "pad_token": self.pad_token, "unk_token": self.pad_token,
             "add_bos_token": False, "add_eos_token": False,
             "model_max_length": 32768, "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template or CHAT_TEMPLATE,
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n",
                                                       encoding="utf-8")
@@ -166,6 +171,34 @@ class Tokenizer:
     def im_end_id(self) -> int:
         return self._special_id(IM_END)
 
+    @cached_property
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end a reply: eos, ``<|im_end|>`` where the vocabulary has it, and the
+        end-of-turn token of the chat template (``<|eot_id|>``, ``<end_of_turn>``)."""
+        ids = [i for i in (self.eos_token_id, self._tok.token_to_id(IM_END)) if i is not None]
+        if self.chat_template is not None:
+            ids += self._template_end_of_turn()
+        return list(dict.fromkeys(ids))
+
+    def _template_end_of_turn(self) -> list[int]:
+        from minilora.chat_template import ChatTemplateError, assistant_spans
+
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+        try:
+            text, spans = assistant_spans(self.chat_template, probe, self._special_tokens())
+        except ChatTemplateError:
+            return []
+        start, end = spans[0]
+        after = text[start:end]
+        after = after[after.find("ok") + 2:] if "ok" in after else ""
+        first = self._tok.encode(after, add_special_tokens=False).ids[:1] if after else []
+        specials = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        return [i for i in first if self._tok.id_to_token(i) in specials]
+
+    def _special_tokens(self) -> dict[str, str | None]:
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                "pad_token": self.pad_token, "unk_token": self.pad_token}
+
     def _special_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:
@@ -182,6 +215,12 @@ class Tokenizer:
             ValueError: on a message without a string role or content (naming its index).
         """
         _check_messages(messages)
+        if self.chat_template is not None:
+            from minilora.chat_template import render
+
+            return render(self.chat_template, messages,
+                          add_generation_prompt=add_generation_prompt,
+                          special_tokens=self._special_tokens())
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
@@ -202,6 +241,8 @@ class Tokenizer:
             ValueError: on a malformed message, or a tokenizer without the ChatML tokens.
         """
         _check_messages(messages)
+        if self.chat_template is not None:
+            return self._encode_templated(messages, add_generation_prompt)
         start, end, newline = self.im_start_id, self.im_end_id, self.encode("\n")
         ids: list[int] = []
         mask: list[int] = []
@@ -216,6 +257,38 @@ class Tokenizer:
             ids += header
             mask += [0] * len(header)
         return ids, mask
+
+
+    def _encode_templated(self, messages: Sequence[dict], add_generation_prompt: bool
+                          ) -> tuple[list[int], list[int]]:
+        """The model's own template: the ids of the rendered text as transformers tokenizes it
+        (special-token strings are special, nothing added around), the mask from the spans."""
+        from minilora.chat_template import assistant_spans, render
+
+        if add_generation_prompt:
+            text = render(self.chat_template, messages, add_generation_prompt=True,
+                          special_tokens=self._special_tokens())
+            ids = self.encode(text)
+            return ids, [0] * len(ids)
+        text, spans = assistant_spans(self.chat_template, messages, self._special_tokens())
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        mask = [int(any(a <= start < b for a, b in spans)) for start, _ in encoding.offsets]
+        return list(encoding.ids), mask
+
+
+def _read_chat_template(folder: Path, config_file: Path) -> str | None:
+    """The chat template of a tokenizer folder: chat_template.jinja (newer transformers write
+    it) or tokenizer_config.json's chat_template (a string, or a list of named templates)."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    if not config_file.is_file():
+        return None
+    template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
 
 
 def _check_messages(messages: Sequence[dict]) -> None:

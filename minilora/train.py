@@ -31,7 +31,7 @@ import sys
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,14 @@ from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
 from minilora.checks import MAX_TRAINED_WEIGHT
-from minilora.data import Batch, DataStats, JsonlDataset, batch_indices, load_jsonl
+from minilora.data import (
+    Batch,
+    DataStats,
+    JsonlDataset,
+    batch_indices,
+    load_jsonl,
+    pack_samples,
+)
 from minilora.errors import CheckpointError, ConfigError, DataError, OutputError, TrainError
 from minilora.files import atomic_write, fsync_dir, read_bounded, read_json, torch_load_reason
 from minilora.lora import (
@@ -68,6 +75,7 @@ _MAX_CHECKPOINT_FILE = 1 << 40  # read whole: a LoRA checkpoint is MBs; a --full
 _RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
     "log_every", "max_bad_steps", "stop_after", "device", "overwrite",
+    "model", "tokenizer",  # paths: the base fingerprint in the checkpoint checks the base itself
 )
 
 
@@ -83,7 +91,8 @@ def _arg(default: Any, doc: str) -> Any:
 class TrainConfig:
     """Everything that defines a training run; saved as config.json beside its outputs."""
 
-    data: str | None = _arg(None, "training jsonl (chat or text); None when train() gets a dataset")
+    data: str | None = _arg(None, "training data: .jsonl, .json or .parquet (chat, ShareGPT, "
+                                  "Alpaca or text), or a folder of them")
     eval_data: str | None = _arg(None, "held-out jsonl: loss and perplexity every eval_every steps")
     out_dir: str = _arg("runs/minilora", "outputs: adapter, checkpoints, metrics.jsonl, loss.png")
     full: bool = _arg(False, "train every weight instead of LoRA adapters")
@@ -119,6 +128,15 @@ class TrainConfig:
     device: str = _arg("auto", '"auto" (cuda:LOCAL_RANK with CUDA, else cpu), "cpu", "cuda:0"')
     overwrite: bool = _arg(False, "replace the outputs of an earlier run in out_dir (without it, "
                                   "a folder holding a run is refused; --resume continues one)")
+    # The base's path is recorded in config.json (a resume needs no retyping) and in the
+    # adapter's base_model_name_or_path (PEFT's AutoPeftModel finds the base with it).
+    model: str | None = _arg(None, "base model folder or MiniMind .pth (default: the embedded "
+                                   "tiny model)")
+    tokenizer: str | None = _arg(None, "tokenizer.json or its folder (default: the model's "
+                                       "folder)")
+    replay: str | None = _arg(None, "data of what the base already does (its own answers), mixed "
+                                    "in so the adapter keeps it")
+    replay_ratio: float = _arg(0.5, "replay rows per training row (0.5: one replayed for two)")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -142,6 +160,9 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"TrainConfig.lr: expected a finite number > 0, got {self.lr}")
+        if not 0 <= self.replay_ratio <= 100 or not math.isfinite(self.replay_ratio):
+            raise ConfigError(f"TrainConfig.replay_ratio: expected [0, 100], got "
+                              f"{self.replay_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"TrainConfig.min_lr_ratio: expected [0, 1], got {self.min_lr_ratio}")
         if self.max_seq_len < 2:
@@ -268,6 +289,7 @@ class TrainResult:
     best_dir: Path | None  # the adapter (or model) of the best eval loss
     checkpoint_dir: Path | None  # the latest checkpoint
     data_stats: DataStats  # what reading the training file kept and dropped
+    start_step: int = 0  # the step this call began at (a resumed run's checkpoint step)
 
 
 def train(
@@ -303,8 +325,10 @@ def train(
     """
     started = time.perf_counter()
     rank, world, device, own_group = _start_distributed(config.device)
+    config, precision = _resolved(config, device, world)
     lock = _claim_out(config, rank)
     log = _Log(Path(config.out_dir), rank)
+    log.precision = precision
     try:
         return _fit(model, data, config, eval_data, rank, world, device, log, started)
     finally:  # on an error too: the progress bar ends, and the process group this call began
@@ -313,6 +337,48 @@ def train(
             lock.release()
         if own_group:
             dist.destroy_process_group()
+
+
+def _resolved(config: TrainConfig, device: torch.device, world: int
+              ) -> tuple[TrainConfig, str]:
+    """The config with "auto" replaced by what it means here (config.json records what ran), and
+    the precision in words with its reason."""
+    amp = autocast_dtype(config.dtype, device)
+    name = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[amp]
+    if config.dtype != "auto":
+        why = "as asked"
+    elif device.type == "cpu":
+        why = ("this CPU has avx512_bf16/AMX" if amp is not None
+               else "this CPU has no bfloat16 units, emulated bf16 would be slower")
+    else:
+        why = f"{device.type} {'computes' if amp is not None else 'lacks'} bfloat16 natively"
+    precision = f"{name} autocast ({why})" if amp is not None else f"float32 ({why})"
+    changes: dict[str, Any] = {"dtype": name}
+    if world == 1 and config.device == "auto":  # under torchrun each rank has its own device
+        changes["device"] = str(device)
+    return replace(config, **changes), precision
+
+
+def _describe_run(model: nn.Module, config: TrainConfig, plan: _BatchPlan, device: torch.device,
+                  precision: str, start_step: int) -> None:
+    """One block before the first step: what will run, where, and how much."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapted = "every weight (full fine-tuning)" if config.full else (
+        f"{len(lora_modules(model))} Linear modules (rank {config.lora_r})")
+    rows = sum(len(s.input_ids) for s in plan.dataset.samples) / max(len(plan.dataset), 1)
+    steps = (f"{plan.total_steps} ({plan.steps_per_epoch} per epoch)" if not start_step
+             else f"{plan.total_steps - start_step} left of {plan.total_steps}")
+    lines = [
+        f"device      {device}",
+        f"precision   {precision}",
+        f"threads     {torch.get_num_threads()} (intra-op)",
+        f"parameters  {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+        f"adapted     {adapted}",
+        f"steps       {steps}",
+        f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",
+    ]
+    print("\n".join("run: " + line for line in lines), file=sys.stderr)
 
 
 def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -348,8 +414,11 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         run = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan) or run
     else:
         _replace_earlier_run(out, config.overwrite, rank)
+    start_step = run.step
     if rank == 0:
         _start_outputs(out, config, run.step, train_set.stats)
+    if rank == 0:
+        _describe_run(model, config, plan, device, log.precision, start_step)
     forward = torch.compile(model) if config.compile else model
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)
     log.start(run.step, plan.total_steps)
@@ -420,7 +489,7 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         best_eval_loss=run.best_eval_loss, skipped_steps=run.skipped, tokens=tokens,
         seconds=time.perf_counter() - started, output_dir=output_dir,
         best_dir=best if rank == 0 and best.exists() else None, checkpoint_dir=checkpoint,
-        data_stats=train_set.stats,
+        data_stats=train_set.stats, start_step=start_step,
     )
 
 
@@ -590,12 +659,34 @@ def _datasets(data: Tokenizer | JsonlDataset, eval_data: JsonlDataset | None,
         raise ConfigError("TrainConfig.data: the training jsonl is needed when train() is given "
                          "a tokenizer")
     train_set = load_jsonl(config.data, data, config.max_seq_len, skip_bad=config.skip_bad,
-                           pack=config.pack)
+                           pack=config.pack and not config.replay)
+    if config.replay:
+        train_set = _with_replay(train_set, data, config)
     eval_set = None
     if config.eval_data is not None:
         eval_set = load_jsonl(config.eval_data, data, config.max_seq_len,
                               skip_bad=config.skip_bad)
     return train_set, eval_set
+
+
+def _with_replay(train_set: JsonlDataset, tokenizer: Tokenizer, config: TrainConfig
+                 ) -> JsonlDataset:
+    """The training rows plus replay_ratio x as many rows of config.replay, drawn in a seeded
+    order (cycled when the replay file is the smaller), then packed if asked."""
+    replay = load_jsonl(config.replay, tokenizer, config.max_seq_len, skip_bad=config.skip_bad)
+    wanted = round(config.replay_ratio * len(train_set))
+    order = list(range(len(replay)))
+    random.Random(f"minilora-replay:{config.seed}").shuffle(order)
+    picked = [replay.samples[order[i % len(order)]] for i in range(wanted)]
+    samples = train_set.samples + picked
+    stats = train_set.stats
+    stats.formats.update(replay.stats.formats)
+    if config.pack:
+        samples = pack_samples(samples, config.max_seq_len)
+    print(f"data: replay {len(picked)} rows of {config.replay} beside {len(train_set)} training "
+          "rows", file=sys.stderr)
+    return JsonlDataset(samples, pad_id=train_set.pad_id, max_seq_len=config.max_seq_len,
+                        path=train_set.path, packed=config.pack, stats=stats)
 
 
 class _BatchPlan:
@@ -776,7 +867,7 @@ def _save_weights(model: nn.Module, folder: Path, config: TrainConfig, rank: int
         if config.full:
             save_model(model, folder)
         else:
-            save_adapter(model, folder)
+            save_adapter(model, folder, base_model_name_or_path=config.model)
     except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
         raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder
@@ -1078,6 +1169,9 @@ def _start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) 
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by the crash
     atomic_write(metrics, "".join(kept))
+    for file, found in stats.formats.items():
+        kinds = ", ".join(f"{kind} ({n} records)" for kind, n in found.items())
+        print(f"data: {file}: {kinds or 'no records'}", file=sys.stderr)
     print(f"data: {stats.samples} samples ({stats.trained_tokens} trained tokens); dropped "
           f"{stats.dropped_untrained} with nothing to train, truncated {stats.truncated}, "
           f"skipped {stats.skipped_bad} bad lines", file=sys.stderr)
@@ -1090,6 +1184,7 @@ class _Log:
         self.active = rank == 0
         self.path = out / "metrics.jsonl"
         self.bar: tqdm | None = None
+        self.precision = ""  # the precision in words, for the run's opening block
 
     def start(self, step: int, total: int) -> None:
         """Show the bar from ``step`` of ``total`` and start counting."""

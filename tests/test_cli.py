@@ -156,7 +156,7 @@ def test_info_describes_model_and_adapter(workdir: Path, trained: Path, capsys) 
 
 @pytest.mark.parametrize("argv, says", [
     (["train", "--r", "x"], "--r"),
-    (["train", "--r", "0", "--data", "{data}", "--model", "{base}"], "lora_r"),
+    (["train", "--r", "0", "--data", "{data}", "--model", "{base}"], "--r: expected"),
     (["train", "--data", "{missing}", "--model", "{base}"], "missing.jsonl"),
     (["train", "--dtype", "float64", "--data", "{data}", "--model", "{base}"], "dtype"),
     (["chat", "--model", "{missing}"], "missing.jsonl"),

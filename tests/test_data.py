@@ -90,7 +90,8 @@ GOOD = {"conversations": CHATS[1]}
 BAD_LINES = {
     "not json": ('{"conversations": [', None, "not valid JSON"),
     "not an object": ("[1, 2]", None, "expected a JSON object"),
-    "no conversations": ({"turns": []}, None, "no 'conversations', 'messages' or 'text'"),
+    "no conversations": ({"turns": []}, None,
+                         "no 'conversations', 'messages', 'instruction' or 'text'"),
     "conversations not a list": ({"conversations": "hi"}, "conversations", "non-empty list"),
     "empty conversation": ({"messages": []}, "messages", "an empty list"),
     "turn not an object": ({"messages": ["hi"]}, "messages[0]", "expected an object"),

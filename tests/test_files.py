@@ -2,6 +2,7 @@
 
 import errno
 import os
+import stat
 
 import pytest
 import torch
@@ -196,3 +197,12 @@ def test_tensor_and_type_checks_name_what_is_wrong():
     assert type_problems(C(n=2.0, f=float("inf"), flag="false", names=["a", 1]), "C.") == [
         "C.n: expected int, got 2.0", "C.f: expected a finite number, got inf",
         "C.flag: expected bool, got 'false'", "C.names: expected list[str] or null, got ['a', 1]"]
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, mask, mode):
+    old = os.umask(mask)
+    try:
+        atomic_write(tmp_path / "f.json", "{}")
+        atomic_write(tmp_path / "f.json", "{}")  # a replaced file too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode

@@ -499,9 +499,17 @@ def test_all_linear_skips_tied_head_under_any_name():
 
 def test_no_match_lists_the_linear_names():
     model = make_model()
-    expected = r"match no Linear.*model\.layers\.0\.self_attn\.q_proj.*lm_head"
+    expected = r"'query' \(nearest: .*\) match no Linear.*names end in: q_proj, .*lm_head"
     with pytest.raises(ValueError, match=expected):
         inject_lora(model, LoraConfig(targets=["query"]))
+
+
+def test_each_listed_suffix_that_matches_nothing_is_named_with_the_nearest():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"^LoRA targets 'v_prj' \(nearest: v_proj[,)]") as info:
+        inject_lora(model, LoraConfig(targets=["q_proj", "v_prj"]))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    assert not lora_modules(model)  # q_proj was not adapted on its own
 
 
 def test_inject_twice_is_refused_and_all_linear_skips_lora_internals():

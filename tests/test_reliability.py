@@ -107,7 +107,7 @@ TRAIN = ["train", "--model", "{work}/base", "--data", "{data}", "--out", "{dir}/
 GENERATE = ["generate", "--model", "{work}/base", "--max-new-tokens", "1", "hi"]
 GOOD = {"conversations": CHATS[1]}
 # What a failing train run may print before its error line.
-PROGRESS = re.compile(r"(data: |step \d+/\d+ |resume: |eval at step )")
+PROGRESS = re.compile(r"(data: |run: |step \d+/\d+ |resume: |eval at step )")
 
 
 class Payload:
@@ -335,9 +335,11 @@ CASES = [
     Case("line-not-an-object", TRAIN, "{data}:2: a JSON list, expected a JSON object",
          "nothing written", rows=[GOOD, [GOOD]]),
     Case("no-conversations-or-messages", TRAIN,
-         "{data}:1: no 'conversations', 'messages' or 'text' key (keys found: 'prompt', "
-         "'answer'); expected {{\"conversations\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
-         "or {{\"text\": ...}}", "nothing written",
+         "{data}:1: no 'conversations', 'messages', 'instruction' or 'text' key (keys found: "
+         "'prompt', 'answer'); expected {{\"conversations\": [{{\"role\": ..., \"content\": "
+         "...}}, ...]}}, ShareGPT {{\"conversations\": [{{\"from\": ..., \"value\": ...}}]}}, "
+         "Alpaca {{\"instruction\": ..., \"output\": ...}} or {{\"text\": ...}}",
+         "nothing written",
          rows=[{"prompt": "Hi", "answer": "Hello"}]),
     Case("unknown-role", TRAIN, "{data}:1: field 'conversations[0].role': unknown role 'human'; "
          "expected one of system, user, assistant", "nothing written",
@@ -358,9 +360,11 @@ CASES = [
          rows=[{"messages": [{"role": "user", "content": "Please reverse the word cat for me."},
                              {"role": "assistant", "content": "tac"}]}] * 3),
     Case("missing-file", TRAIN + ["--data", "{dir}/missing.jsonl"],
-         "{dir}/missing.jsonl: file not found; expected a .jsonl file", "nothing written"),
-    Case("folder-given-for-a-file", TRAIN + ["--data", "{dir}"],
-         "{dir}: is a folder; expected a .jsonl file", "nothing written"),
+         "{dir}/missing.jsonl: file not found; expected a .jsonl, .json or .parquet file or a "
+         "folder of them", "nothing written"),
+    Case("folder-without-data-files", TRAIN + ["--data", "{dir}/notes"],
+         "{dir}/notes: is a folder with no data file; expected .jsonl, .json, .parquet files",
+         "nothing written", setup=lambda d, n: (d / "notes").mkdir()),
     Case("bytes-not-utf8", TRAIN, "{data}:2: byte 13 is not UTF-8 (b'\\xe9'); expected UTF-8 "
          "text", "nothing written; --skip-bad skips and counts such lines",
          rows=[GOOD, b'{"text": "caf\xe9"}']),
@@ -369,11 +373,11 @@ CASES = [
          "line", "nothing written; read in 16 MiB pieces, never whole (test below)"),
     # -- settings -----------------------------------------------------------------------------
     Case("max-seq-len-0", TRAIN + ["--max-seq-len", "0"],
-         "TrainConfig.max_seq_len: expected an integer >= 1, got 0", "nothing written"),
+         "--max-seq-len: expected an integer >= 1, got 0", "nothing written"),
     Case("max-seq-len-negative-eval", ["eval", "--model", "{work}/base", "--data",
                                        "{work}/train.jsonl", "--max-seq-len", "-4"],
          "{work}/train.jsonl: max_seq_len must be at least 2, got -4", "nothing written"),
-    Case("rank-0", TRAIN + ["--r", "0"], "TrainConfig.lora_r: expected an integer >= 1, got 0",
+    Case("rank-0", TRAIN + ["--r", "0"], "--r: expected an integer >= 1, got 0",
          "nothing written"),
     Case("rank-above-a-layer", TRAIN + ["--r", "20"],
          "r=20 is larger than min(in_features, out_features) of: ['model.layers.0.self_attn."
@@ -381,19 +385,20 @@ CASES = [
          "'model.layers.1.self_attn.k_proj (32 -> 16)', 'model.layers.1.self_attn.v_proj "
          "(32 -> 16)']", "nothing written; lower --r or --exclude those layers"),
     Case("alpha-0", TRAIN + ["--alpha", "0"],
-         "TrainConfig.lora_*: LoraConfig.alpha must be > 0, got 0.0", "nothing written"),
+         "--alpha must be > 0, got 0.0", "nothing written"),
     Case("alpha-negative", TRAIN + ["--alpha", "-2"],
-         "TrainConfig.lora_*: LoraConfig.alpha must be > 0, got -2.0", "nothing written"),
+         "--alpha must be > 0, got -2.0", "nothing written"),
     Case("dropout-1", TRAIN + ["--dropout", "1"],
-         "TrainConfig.lora_*: LoraConfig.dropout must be in [0, 1), got 1.0", "nothing written"),
+         "--dropout must be in [0, 1), got 1.0", "nothing written"),
     Case("dropout-negative", TRAIN + ["--dropout", "-0.1"],
-         "TrainConfig.lora_*: LoraConfig.dropout must be in [0, 1), got -0.1", "nothing written"),
+         "--dropout must be in [0, 1), got -0.1", "nothing written"),
     Case("targets-match-nothing", TRAIN + ["--targets", "qkv_proj"],
-         "LoRA targets ['qkv_proj'] (exclude []) match no Linear module; the model's Linear "
-         "modules are: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, …",
+         "LoRA targets 'qkv_proj' (nearest: v_proj, q_proj, k_proj) match no Linear module; the "
+         "model's Linear names end in: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+         "down_proj, lm_head",
          "nothing written"),
     Case("unknown-config-key", ["train", "--model", "{work}/base", "--config", "{dir}/run.json"],
-         "unknown TrainConfig key(s) ['lora_rank']; valid keys: ['data', 'eval_data', …",
+         "unknown config key(s) ['lora_rank']; valid keys: ['data', 'eval_data', …",
          "nothing written",
          setup=lambda d, n: (d / "run.json").write_text(json.dumps(
              {"data": str(n["work"] / "train.jsonl"), "out_dir": str(d / "out"),
@@ -407,7 +412,8 @@ CASES = [
          setup=lambda d, n: (copy_adapter(d, n) / "adapter_model.safetensors").unlink()),
     Case("adapter-for-another-architecture",
          ["generate", "--model", "{work}/wide", "--adapter", "{work}/run/adapter", "hi"],
-         "{work}/run/adapter/adapter_model.safetensors does not fit the model: mis-shaped keys "
+         "{work}/run/adapter/adapter_model.safetensors was trained on another base "
+         "({work}/base); it does not fit this model: mis-shaped keys "
          "[base_model.model.model.layers.0.mlp.down_proj.lora_A.weight: file (2, 64), model "
          "(2, 96); …", "the model is not touched (the LoRA injected for the check is removed)"),
     Case("adapter-for-another-base",
@@ -443,8 +449,8 @@ CASES = [
          setup=lambda d, n: (train_first("--stop-after", "1")(d, n), flip_last_byte(
              d / "out" / "checkpoints" / "step-00000001" / "trainable.safetensors"))),
     Case("fresh-run-over-an-unfinished-one", TRAIN,
-         "{dir}/out/checkpoints/step-00000001 holds an unfinished run: pass resume=True "
-         "(--resume) to continue it, or train into another out_dir",
+         "{dir}/out/checkpoints/step-00000001 holds an unfinished run: pass --resume "
+         "to continue it, or train into another out_dir",
          "the unfinished run is untouched", setup=train_first("--stop-after", "1")),
     Case("output-folder-not-writable", TRAIN + ["--out", "{dir}/file/sub"],
          "[Errno 20] cannot write the output folder {dir}/file/sub: Not a directory; choose "

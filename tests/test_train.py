@@ -87,7 +87,9 @@ def test_lora_run_lowers_the_loss_and_touches_only_lora(tok, files, tmp_path):
     assert_close(adapter(out), {f"base_model.model.{k}": v for k, v in after.items()
                                 if ".lora_" in k}, 0)
     assert (out / "best" / "adapter_config.json").exists() and (out / "loss.png").exists()
-    assert TrainConfig.from_json(out / "config.json") == cfg
+    saved = TrainConfig.from_json(out / "config.json")  # what ran: "auto" resolved
+    assert saved.device == "cpu" and saved.dtype in ("float32", "bfloat16")
+    assert saved == dataclasses.replace(cfg, device="cpu", dtype=saved.dtype)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 25))
     assert [r["step"] for r in records if "eval_loss" in r] == [8, 16, 24]

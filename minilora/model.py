@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from minilora.errors import ConfigError
 
@@ -531,6 +532,8 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Recompute each block in backward instead of keeping its activations (see forward).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -581,8 +584,14 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
         mask = self._attention_mask(attention_mask, B, T, start, x.device)  # (B, 1, T, S) or None
         aux_loss = x.new_zeros((), dtype=torch.float32)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
-            x, aux = block(x, cos, sin, mask, cache, start)  # (B, T, C)
+            if recompute and cache is None:
+                # Non-reentrant: the recompute replays the saved RNG (LoRA dropout draws the same
+                # mask) and autocast state, and custom autograd nodes (LoRA's) recompute as is.
+                x, aux = checkpoint(block, x, cos, sin, mask, None, start, use_reentrant=False)
+            else:
+                x, aux = block(x, cos, sin, mask, cache, start)  # (B, T, C)
             if aux is not None:
                 aux_loss = aux_loss + aux
         if cache is not None:

@@ -61,7 +61,7 @@ _FORMAT = 1  # version of the checkpoint layout
 # Fields that do not change what is computed, so a resume may change them.
 _RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
-    "log_every", "max_bad_steps", "stop_after", "device",
+    "log_every", "max_bad_steps", "stop_after", "device", "activation_checkpointing",
 )
 
 
@@ -110,6 +110,8 @@ class TrainConfig:
     max_bad_steps: int = _arg(5, "stop after this many non-finite steps in a row")
     stop_after: int | None = _arg(None, "end this run at this step (checkpointed), schedule kept")
     device: str = _arg("auto", '"auto" (cuda:LOCAL_RANK with CUDA, else cpu), "cpu", "cuda:0"')
+    activation_checkpointing: bool = _arg(
+        False, "recompute each decoder block in backward: less memory, about 1/3 more compute")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -284,6 +286,7 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
 
     torch.manual_seed(config.seed)  # LoRA init: the same on every rank
     params = _prepare_model(model, config)
+    set_activation_checkpointing(model, config.activation_checkpointing)
     model.to(device)
     _broadcast(params, world)
     optimizer = _adamw(params, config)
@@ -526,6 +529,24 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
         inject_lora(model, config.lora_config())
     mark_trainable(model)
     return lora_parameters(model)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turns activation checkpointing on or off: each decoder block is recomputed in backward.
+
+    minilora's CausalLM has an ``activation_checkpointing`` switch; a transformers model gets
+    ``gradient_checkpointing_enable`` (non-reentrant, as minilora's).
+
+    Raises:
+        ConfigError: enabled on a model that has neither.
+    """
+    if hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = enabled
+    elif enabled and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif enabled:
+        raise ConfigError(f"activation_checkpointing: {type(model).__name__} has no "
+                          "activation_checkpointing switch nor gradient_checkpointing_enable()")
 
 
 def _datasets(data: Tokenizer | JsonlDataset, eval_data: JsonlDataset | None,

@@ -1,0 +1,102 @@
+"""Memory: activation checkpointing, the chunked head + loss, and their exactness (tiny, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
+from minilora.model import CausalLM, ModelConfig
+from minilora.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def moe_model(vocab: int) -> CausalLM:
+    torch.manual_seed(0)
+    config = ModelConfig(model_type="minimind", vocab_size=vocab, hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, use_moe=True, num_experts=4,
+                         num_experts_per_tok=2, n_shared_experts=1, router_aux_loss_coef=0.1)
+    return CausalLM(config)
+
+
+def lora_grads(model: CausalLM, ids: torch.Tensor, labels: torch.Tensor, *, checkpointing: bool,
+               seed: int = 7) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.activation_checkpointing = checkpointing
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the dropout masks
+    out = model(ids, labels=labels)
+    loss = out.loss + out.aux_loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_checkpointed_blocks_give_the_stored_gradients(kind):
+    vocab = 64
+    model = tiny_model(vocab) if kind == "dense" else moe_model(vocab)
+    inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.2, targets="all-linear"))
+    mark_trainable(model)
+    with torch.no_grad():  # B = 0 would leave A's gradient zero: give the update a value
+        for p in lora_parameters(model):
+            p.normal_(std=0.1)
+    model.train()
+    torch.manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    loss_ref, grads_ref = lora_grads(model, ids, labels, checkpointing=False)
+    loss_ckpt, grads_ckpt = lora_grads(model, ids, labels, checkpointing=True)
+    assert torch.equal(loss_ckpt, loss_ref)
+    if kind == "moe":
+        assert model(ids, labels=labels).aux_loss > 0  # the aux loss is in the checked graph
+    for ref, got in zip(grads_ref, grads_ckpt, strict=True):
+        assert ref.abs().sum() > 0
+        assert rel_err(got, ref) <= 1e-6
+    # A different dropout seed gives different gradients: the masks matter, and were replayed.
+    _, grads_other = lora_grads(model, ids, labels, checkpointing=True, seed=8)
+    assert max(rel_err(g, r) for g, r in zip(grads_other, grads_ref, strict=True)) > 1e-3
+
+
+def test_checkpointing_is_off_outside_training_and_with_a_cache():
+    model = tiny_model(64)
+    model.activation_checkpointing = True
+    model.eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        plain = model(ids).logits
+    model.train()
+    out = model(ids, use_cache=True)  # a cache is written in place: blocks run plainly
+    assert torch.allclose(out.logits, plain, atol=1e-6)
+    assert out.past_key_values.length == 6
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_checkpointed_training_with_accumulation_and_resume_equals_plain(tok, tmp_path):
+    from safetensors.torch import load_file
+
+    data = str(write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=4)))
+    base = dict(data=data, lora_r=4, lora_alpha=8.0, lora_dropout=0.1, batch_size=2,
+                accumulation_steps=2, lr=1e-2, max_seq_len=64, dtype="float32", seed=0,
+                max_steps=4, save_every=2)
+    train(tiny_model(tok.vocab_size), tok, TrainConfig(out_dir=str(tmp_path / "a"), **base))
+    # checkpointed, stopped half-way, resumed without checkpointing (a resumable change)
+    train(tiny_model(tok.vocab_size), tok,
+          TrainConfig(out_dir=str(tmp_path / "b"), activation_checkpointing=True, stop_after=2,
+                      **base))
+    train(tiny_model(tok.vocab_size), tok,
+          TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    for key in a:
+        assert rel_err(b[key], a[key]) <= 1e-6, key

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from minilora.errors import ConfigError
+from minilora.loss import linear_cross_entropy
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
 
@@ -605,7 +606,11 @@ class CausalLM(nn.Module):
         targets = labels[:, 1:]  # (B, T-1)
         counted = targets != -100  # (B, T-1)
         h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
-        total = F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="sum")
+        if type(self.lm_head) is nn.Linear:  # the head + loss in chunks: no (N, V) logits
+            total = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
+                                         targets[counted])
+        else:  # a wrapped head (LoRA on lm_head, a quantized one) computes its own logits
+            total = F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="sum")
         loss = total / counted.sum().clamp(min=1)  # 0 when nothing is counted
         return CausalLMOutput(None, loss, aux_loss, cache,
                               lambda: self.lm_head(self.model.norm(x)))

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from minilora import loss as loss_module
 from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
+from minilora.loss import linear_cross_entropy
 from minilora.model import CausalLM, ModelConfig
 from minilora.train import TrainConfig, train
 
@@ -14,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
@@ -100,3 +103,71 @@ def test_checkpointed_training_with_accumulation_and_resume_equals_plain(tok, tm
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
     for key in a:
         assert rel_err(b[key], a[key]) <= 1e-6, key
+
+
+# ------------------------------------------------------------------ chunked head + loss
+
+
+def reference_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy written out: logsumexp of the row minus the target's logit."""
+    logits = logits.float()
+    return (logits.logsumexp(-1) - logits.gather(1, targets[:, None])[:, 0]).sum()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 100])
+def test_chunked_linear_cross_entropy_equals_the_whole_logits(rows):
+    torch.manual_seed(0)
+    h = torch.randn(11, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    t = torch.randint(0, 50, (11,))
+    ref = reference_ce(h @ w.t() + b, t)
+    ref_grads = torch.autograd.grad(ref * 0.37, (h, w, b))
+    got = linear_cross_entropy(h, w, b, t, rows=rows)
+    grads = torch.autograd.grad(got * 0.37, (h, w, b))
+    assert rel_err(got, ref) <= 1e-6
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= 1e-6
+    with torch.no_grad():  # eval: the loss alone, the same number
+        assert rel_err(linear_cross_entropy(h, w, b, t, rows=rows), ref) <= 1e-6
+
+
+def test_the_models_chunked_loss_and_lora_gradients_equal_the_whole_logits(monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 64 * 5)  # 5 positions a chunk
+    vocab = 64
+    model = tiny_model(vocab)
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    mark_trainable(model)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.1)
+    ids = torch.randint(0, vocab, (2, 16))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    out = model(ids, labels=labels)
+    grads = torch.autograd.grad(out.loss, lora_parameters(model))
+    # reference: every logit, then the masked mean written out
+    logits = model(ids).logits[:, :-1].reshape(-1, vocab)
+    targets = labels[:, 1:].reshape(-1)
+    counted = targets != -100
+    ref = reference_ce(logits[counted], targets[counted]) / counted.sum()
+    ref_grads = torch.autograd.grad(ref, lora_parameters(model))
+    assert rel_err(out.loss, ref) <= 1e-6
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= 1e-6
+
+
+def test_lora_on_the_output_head_still_trains():
+    vocab = 64
+    model = tiny_model(vocab)
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets=["lm_head", "q_proj"]))
+    mark_trainable(model)
+    with torch.no_grad():
+        model.lm_head.lora_B.weight.normal_(std=0.1)
+    ids = torch.randint(0, vocab, (2, 10))
+    out = model(ids, labels=ids)
+    logits = model(ids).logits[:, :-1].reshape(-1, vocab)
+    ref = reference_ce(logits, ids[:, 1:].reshape(-1)) / logits.shape[0]
+    assert rel_err(out.loss, ref) <= 1e-6
+    out.loss.backward()
+    assert model.lm_head.lora_A.weight.grad.abs().sum() > 0

@@ -52,6 +52,7 @@ from minilora.lora import (
     mark_trainable,
     unmerge_lora,
 )
+from minilora.quant import QUANT_KINDS, quantize_model, require_bitsandbytes
 from minilora.tokenizer import Tokenizer
 from minilora.weights import save_model
 
@@ -112,6 +113,9 @@ class TrainConfig:
     device: str = _arg("auto", '"auto" (cuda:LOCAL_RANK with CUDA, else cpu), "cpu", "cuda:0"')
     activation_checkpointing: bool = _arg(
         False, "recompute each decoder block in backward: less memory, about 1/3 more compute")
+    quantize: str | None = _arg(
+        None, 'QLoRA: the frozen Linears in bitsandbytes "nf4" (4-bit) or "int8"; needs '
+        "minilora[qlora]")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -134,6 +138,12 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.max_seq_len: expected >= 2, got {self.max_seq_len}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"TrainConfig.dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANT_KINDS:
+            raise ConfigError(f"TrainConfig.quantize: expected one of {QUANT_KINDS} or null, got "
+                              f"{self.quantize!r}")
+        if self.quantize is not None and self.full:
+            raise ConfigError("TrainConfig.quantize: a quantized base is frozen; it cannot go "
+                              "with full=True (--full trains every weight)")
         try:
             self.lora_config()  # r, alpha, dropout, targets, init
         except ValueError as err:
@@ -280,6 +290,8 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
          eval_data: JsonlDataset | None, rank: int, world: int, device: torch.device, log: _Log,
          started: float) -> TrainResult:
     """train() once the processes are started: data, model, the loop, the outputs."""
+    if config.quantize:
+        require_bitsandbytes()  # before reading data or writing anything
     train_set, eval_set = _datasets(data, eval_data, config)
     plan = _BatchPlan(train_set, config, rank, world)
     out = Path(config.out_dir)
@@ -287,6 +299,10 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
     torch.manual_seed(config.seed)  # LoRA init: the same on every rank
     params = _prepare_model(model, config)
     set_activation_checkpointing(model, config.activation_checkpointing)
+    if config.quantize:
+        report = quantize_model(model, config.quantize, device)
+        if rank == 0:
+            print(report, file=sys.stderr)
     model.to(device)
     _broadcast(params, world)
     optimizer = _adamw(params, config)

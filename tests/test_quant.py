@@ -209,3 +209,43 @@ def test_without_bitsandbytes_quantize_names_the_extra(tmp_path, capsys, monkeyp
     assert code == 2 and "pip install 'minilora[qlora]'" in err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_our_qlora_equals_peft_qlora_on_the_same_quantized_weights(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from minilora.weights import save_model
+
+    model = tiny_model(VOCAB, hidden=64)
+    save_model(model, tmp_path / "base")
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    mark_trainable(model)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.05)
+    quantize_model(model, "nf4")
+    save_adapter(model, tmp_path / "adapter")
+    # transformers' own layout for a 4-bit model: bitsandbytes Linear4bit layers, here holding
+    # the very quantized weights ours hold, then PEFT's QLoRA layers over them
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
+                                                           dtype=torch.float32)
+    for name, p in model.named_parameters():
+        if is_quantized(p):
+            path = name.rsplit(".", 1)[0]
+            old = hf.get_submodule(path)
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False,
+                                    compute_dtype=torch.float32, quant_type="nf4", device="meta")
+            new.weight = p
+            parent, _, child = path.rpartition(".")
+            setattr(hf.get_submodule(parent), child, new)
+    hf.is_loaded_in_4bit = True  # PEFT then wraps the layers with its bitsandbytes LoRA
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    assert isinstance(peft_model.base_model.model.model.layers[0].self_attn.q_proj,
+                      peft.tuners.lora.bnb.Linear4bit)
+    # Training mode on both: in eval mode on an AVX512-BF16 CPU, bitsandbytes' Linear4bit
+    # repacks its weight for a bf16 kernel in place, and the weights are shared here.
+    peft_model.train()
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, peft_model(ids).logits) <= 1e-5

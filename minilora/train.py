@@ -52,6 +52,7 @@ from minilora.lora import (
     mark_trainable,
     unmerge_lora,
 )
+from minilora.memory import estimate_memory, measured_peak
 from minilora.quant import QUANT_KINDS, quantize_model, require_bitsandbytes
 from minilora.tokenizer import Tokenizer
 from minilora.weights import save_model
@@ -319,6 +320,8 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
     if rank == 0:
         _start_outputs(out, config, run.step, train_set.stats)
     forward = torch.compile(model) if config.compile else model
+    if rank == 0:
+        _print_memory_estimate(model, config, amp_dtype, device)
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)
     log.start(run.step, plan.total_steps)
     result_losses: list[tuple[int, float]] = []
@@ -373,6 +376,9 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         if config.save_every and run.step % config.save_every == 0 and run.step != stop:
             save_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan, run, rank)
 
+    if rank == 0:
+        peak, what = measured_peak(device)
+        print(f"memory: measured peak {peak / 2**30:.2f} GiB ({what})", file=sys.stderr)
     finished = run.step == plan.total_steps  # not a stop_after: its resume evaluates later
     if eval_set is not None and finished and (not evals or evals[-1]["step"] != run.step):
         evals.append(_evaluate_and_keep_best(model, eval_set, config, run, rank, world, device,
@@ -545,6 +551,14 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
         inject_lora(model, config.lora_config())
     mark_trainable(model)
     return lora_parameters(model)
+
+
+def _print_memory_estimate(model: nn.Module, config: TrainConfig, amp_dtype: torch.dtype | None,
+                           device: torch.device) -> None:
+    """The "will it fit" line, before the first step (the measured peak follows the run)."""
+    estimate = estimate_memory(model, config.batch_size, config.max_seq_len,
+                               amp_dtype=amp_dtype, device=device)
+    print(estimate, file=sys.stderr)
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:

@@ -9,6 +9,7 @@ from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
 from minilora import loss as loss_module
 from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
 from minilora.loss import linear_cross_entropy
+from minilora.memory import estimate_memory
 from minilora.model import CausalLM, ModelConfig
 from minilora.train import TrainConfig, train
 
@@ -171,3 +172,34 @@ def test_lora_on_the_output_head_still_trains():
     assert rel_err(out.loss, ref) <= 1e-6
     out.loss.backward()
     assert model.lm_head.lora_A.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ will it fit
+
+
+def test_the_estimate_counts_weights_adapters_and_checkpointed_activations():
+    model = tiny_model(64, hidden=32, layers=2)
+    inject_lora(model, LoraConfig(r=4, alpha=8))
+    mark_trainable(model)
+    lora = sum(p.numel() for p in lora_parameters(model))
+    unique = {id(p): p for p in model.parameters()}.values()
+    cpu = torch.device("cpu")
+    plain = estimate_memory(model, 8, 256, amp_dtype=None, device=cpu)
+    assert plain.weights == sum(p.numel() * 4 for p in unique)
+    assert plain.trainable == lora * 16  # weight, gradient and two AdamW moments, float32
+    model.activation_checkpointing = True
+    ckpt = estimate_memory(model, 8, 256, amp_dtype=None, device=cpu)
+    assert 0 < ckpt.activations < plain.activations
+    assert estimate_memory(model, 16, 256, amp_dtype=None, device=cpu).activations > \
+        ckpt.activations
+
+
+def test_train_prints_the_estimate_before_the_first_step_and_the_peak_after(tok, tmp_path,
+                                                                              capsys):
+    data = str(write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=4)))
+    train(tiny_model(tok.vocab_size), tok,
+          TrainConfig(data=data, out_dir=str(tmp_path / "run"), lora_r=4, batch_size=4,
+                      max_seq_len=64, dtype="float32", max_steps=2, log_every=1))
+    err = capsys.readouterr().err
+    estimate = err.index("memory: estimated peak")
+    assert estimate < err.index("step 1/2") < err.index("memory: measured peak")

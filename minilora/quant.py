@@ -125,8 +125,7 @@ def quantize_model(model: nn.Module, kind: str, device: torch.device | str | Non
     """Quantizes the frozen Linear weights of ``model`` in place (LoRA layers' base included).
 
     Call it after ``inject_lora``: the fingerprint of the LoRA layers' full-precision weights is
-    recorded first (see the module docstring). Plain Linears become bitsandbytes ``Linear4bit`` /
-    ``Linear8bitLt`` modules (state_dict keys then carry bitsandbytes' quantization state).
+    recorded first (see the module docstring). Plain Linears become ``QuantizedLinear`` layers.
 
     Args:
         model: a model with LoRA injected (or none), on any device.
@@ -147,7 +146,7 @@ def quantize_model(model: nn.Module, kind: str, device: torch.device | str | Non
 
     if kind not in QUANT_KINDS:
         raise ConfigError(f"quantize: expected one of {QUANT_KINDS}, got {kind!r}")
-    bnb = require_bitsandbytes()
+    require_bitsandbytes()
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     linears = [(n, m) for n, m in model.named_modules()
                if isinstance(m, (nn.Linear, LoRALinear)) and not is_quantized(m.weight)
@@ -176,7 +175,7 @@ def quantize_model(model: nn.Module, kind: str, device: torch.device | str | Non
         if isinstance(module, LoRALinear):
             module.weight = q
         else:
-            _replace_linear(model, name, module, q, kind, bnb)
+            _replace_linear(model, name, module, q)
     return QuantReport(kind, [n for n, _ in chosen], before, after)
 
 
@@ -194,18 +193,23 @@ def _nbytes(q: Tensor) -> int:
     return n + (scb.numel() * scb.element_size() if scb is not None else 0)
 
 
-def _replace_linear(model: nn.Module, name: str, linear: nn.Linear, q: nn.Parameter, kind: str,
-                    bnb) -> None:
-    kw = {"bias": linear.bias is not None, "device": "meta"}
-    if kind == "nf4":
-        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, quant_type="nf4",
-                                compress_statistics=True, **kw)
-    else:
-        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features,
-                                  has_fp16_weights=False, **kw)
+class QuantizedLinear(nn.Linear):
+    """A frozen Linear whose weight is a bitsandbytes 4-bit or 8-bit weight.
+
+    Not bitsandbytes' own Linear4bit: in eval mode on a CPU with AVX512-BF16, that layer repacks
+    its weight in place for an inference kernel, after which no gradient flows through it
+    (bitsandbytes 0.50.2), and train() evaluates between steps. This one always computes
+    ``quantized_linear``, LoRALinear's base product, so both kinds of layer compute alike.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantized_linear(x, self.weight, self.bias)
+
+
+def _replace_linear(model: nn.Module, name: str, linear: nn.Linear, q: nn.Parameter) -> None:
+    new = QuantizedLinear(linear.in_features, linear.out_features, bias=False, device="meta")
     new.weight = q
-    if linear.bias is not None:
-        new.bias = linear.bias
+    new.bias = linear.bias
     new.train(linear.training)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)

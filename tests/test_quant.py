@@ -24,7 +24,7 @@ from minilora.train import TrainConfig, train
 
 bnb = pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
 
-from minilora.quant import dequantize, is_quantized, quantize_model  # noqa: E402
+from minilora.quant import QuantizedLinear, dequantize, is_quantized, quantize_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 64
@@ -71,7 +71,7 @@ def test_lora_on_an_nf4_base_equals_lora_on_the_dequantized_base():
     # LoRA layers and the plain Linears (up/gate/k/o) are quantized; the tied head is not
     assert "model.layers.0.self_attn.q_proj" in report.modules
     assert "model.layers.0.mlp.up_proj" in report.modules
-    assert isinstance(quantized.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    assert isinstance(quantized.model.layers[0].mlp.up_proj, QuantizedLinear)
     assert not is_quantized(quantized.lm_head.weight)
     assert report.bytes_after < report.bytes_before / 3
     reference = dequantized_copy(quantized, model)
@@ -249,3 +249,19 @@ def test_our_qlora_equals_peft_qlora_on_the_same_quantized_weights(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
         assert rel_err(model(ids).logits, peft_model(ids).logits) <= 1e-5
+
+
+def test_an_evaluation_between_steps_leaves_the_gradients_as_they_were():
+    # bitsandbytes' own Linear4bit repacks its weight in eval mode on AVX512-BF16 CPUs and then
+    # passes no gradient; train() evaluates between steps, so this must hold.
+    model = lora_model()
+    quantize_model(model, "nf4")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    _, before = grads(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    model.train()
+    _, after = grads(model, ids)
+    for a, b in zip(after, before, strict=True):
+        assert rel_err(a, b) <= 1e-6

@@ -133,6 +133,12 @@ def worker(case: dict) -> dict:
     B, T = case["batch"]
     ids = torch.randint(0, shapes["vocab_size"], (B, T))
     rss_model = _vm("VmRSS")
+    estimate = None
+    if case["impl"] == "minilora":
+        from minilora.memory import estimate_memory
+
+        e = estimate_memory(model, B, T, amp_dtype=torch.bfloat16, device=torch.device("cpu"))
+        estimate = e.trainable + e.activations  # what the step adds to the built model
     _reset_peak()
     times = []
     for _ in range(case["steps"]):
@@ -145,7 +151,7 @@ def worker(case: dict) -> dict:
         times.append(time.perf_counter() - started)
     peak = _vm("VmHWM")
     return {"rss_start": rss_start, "rss_model": rss_model, "peak": peak,
-            "step_memory": peak - rss_model,
+            "step_memory": peak - rss_model, "estimated_step_memory": estimate,
             "seconds": statistics.median(times[1:]) if len(times) > 1 else times[0],
             "loss": float(out.loss)}
 
@@ -237,17 +243,19 @@ def _best(runs: list[dict], key: str) -> float | None:
 
 
 def table(rows: list[dict], results: dict[str, list[dict]]) -> str:
-    out = ["| row | batch | model RSS | step peak RSS | step memory | s/step |",
-           "|---|---|---|---|---|---|"]
+    out = ["| row | batch | model RSS | step peak RSS | step memory | estimated | s/step |",
+           "|---|---|---|---|---|---|---|"]
     for case in rows:
         runs = results[case["id"]]
         if not any("peak" in r for r in runs):
-            out.append(f"| {case['id']} | error: {runs[-1].get('error')} | | | | |")
+            out.append(f"| {case['id']} | error: {runs[-1].get('error')} | | | | | |")
             continue
         b = case["batch"]
+        est = runs[-1].get("estimated_step_memory")
+        est = f"{est / GiB:.2f} GiB" if est else "-"
         out.append(f"| {case['id']} | {b[0]} x {b[1]} | {_best(runs, 'rss_model') / GiB:.2f} GiB"
                    f" | {_best(runs, 'peak') / GiB:.2f} GiB"
-                   f" | {_best(runs, 'step_memory') / GiB:.2f} GiB"
+                   f" | {_best(runs, 'step_memory') / GiB:.2f} GiB | {est}"
                    f" | {_best(runs, 'seconds'):.2f} |")
     ratios = [("ckpt-on", "ckpt-off", "step_memory", "activation checkpointing, step memory"),
               ("ckpt-on", "ckpt-off", "seconds", "activation checkpointing, step time"),

@@ -108,6 +108,8 @@ def _activations(model: nn.Module, B: int, T: int, amp_dtype: torch.dtype | None
         body = L * block
     rows = min(N, max(1, CHUNK_ELEMENTS // V))
     head = N * C * (4 + low) + rows * V * (4 + low)  # norm out + grad of h; one chunk of logits
+    if low == 2:
+        head += V * C * low  # the head's weight cast to the autocast dtype for the loss
     return body + head
 
 

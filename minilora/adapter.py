@@ -40,6 +40,7 @@ from minilora.lora import (
     lora_modules,
     set_active,
 )
+from minilora.quant import QUANTIZED_FROM, is_quantized
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -243,6 +244,9 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
             f"LoRA is merged into {merged[:3]}{'...' if len(merged) > 3 else ''}: the base weights"
             " are not held exactly; call unmerge_lora(model) first"
         )
+    quantized = [n for n, m in modules if is_quantized(m.weight)]
+    if quantized:
+        return _quantized_fingerprint(model, [n for n, _ in modules], quantized)
     h = hashlib.sha256(b"minilora-fingerprint-1\0")
     for name, m in sorted(modules, key=lambda nm: nm[0]):
         w = m.weight.detach()
@@ -252,6 +256,17 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
         bits = w.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
         h.update(bits.numpy().tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def _quantized_fingerprint(model: nn.Module, names: list[str], quantized: list[str]) -> str:
+    """The fingerprint quantize_model recorded from the weights before quantizing them."""
+    record = getattr(model, QUANTIZED_FROM, None)
+    if record is None or tuple(sorted(names)) != record["modules"]:
+        raise AdapterError(
+            f"{quantized[0]}.weight is quantized and no fingerprint of its full-precision "
+            "weights was recorded for these layers (quantize_model records it when LoRA is "
+            "injected before quantizing)")
+    return record["fingerprint"]
 
 
 # ---------------------------------------------------------------- writing

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.errors import ConfigError
+from minilora.quant import base_output, is_quantized, quant_kind
 
 SPECIAL_TARGETS = ("all-linear", "square")
 INITS = ("gaussian", "kaiming")
@@ -382,7 +383,9 @@ class LoRALinear(nn.Module):
                 f"min({self.in_features}, {self.out_features})"
             )
         w = self.weight
-        lora_dtype = torch.float32 if w.dtype in _UPCAST_DTYPES else w.dtype
+        # a quantized (integer) base weight gets float32 adapters too
+        low = w.dtype in _UPCAST_DTYPES or not w.dtype.is_floating_point
+        lora_dtype = torch.float32 if low else w.dtype
         kw = {"bias": False, "device": w.device, "dtype": lora_dtype}
         lora_A = nn.Linear(self.in_features, r, **kw)
         lora_B = nn.Linear(r, self.out_features, **kw)
@@ -492,7 +495,7 @@ class LoRALinear(nn.Module):
                     xa = F.dropout(x, slot.dropout, training=True)
                 return _LoRAFunction.apply(x, xa, self.weight, self.bias, slot.lora_A.weight,
                                            slot.lora_B.weight, slot.scaling, dt)
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        y = base_output(self, x)  # (..., out); the quantized matmul on a QLoRA base
         if self._routes is not None:
             return self._forward_rows(x, y)
         # Merged + enabled: W already holds the update. Unmerged + disabled: base only.
@@ -589,6 +592,11 @@ class LoRALinear(nn.Module):
         """
         if self.merged or not self._active:
             return
+        if is_quantized(self.weight):
+            raise ConfigError(
+                f"cannot merge LoRA into a {quant_kind(self.weight)}-quantized base weight (the "
+                "update would be rounded away); merge the adapter into the full-precision base "
+                "instead (minilora merge --model BASE --adapter DIR)")
         self._unmerged_weight = self.weight.detach().clone()
         self.weight.copy_(self.weight.float() + _delta(self._active, self.weight))
         self.merged_adapters, self._merged = self.active_adapters, list(self._active)

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from minilora.checks import number, type_problems
 from minilora.errors import ConfigError
 from minilora.files import read_json
+from minilora.loss import linear_cross_entropy
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
 # MiniMind's two generations of model file: "minimind2" (shared experts, n_routed_experts,
@@ -745,6 +747,8 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Recompute each block in backward instead of keeping its activations (see forward).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -808,8 +812,14 @@ class CausalLM(nn.Module):
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             mask = (same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril())[:, None]
         aux_loss = x.new_zeros((), dtype=torch.float32)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
-            x, aux = block(x, cos, sin, mask, cache, start)  # (B, T, C)
+            if recompute and cache is None:
+                # Non-reentrant: the recompute replays the saved RNG (LoRA dropout draws the same
+                # mask) and autocast state, and custom autograd nodes (LoRA's) recompute as is.
+                x, aux = checkpoint(block, x, cos, sin, mask, None, start, use_reentrant=False)
+            else:
+                x, aux = block(x, cos, sin, mask, cache, start)  # (B, T, C)
             if aux is not None:
                 aux_loss = aux_loss + aux
         if cache is not None:
@@ -823,7 +833,11 @@ class CausalLM(nn.Module):
         targets = labels[:, 1:]  # (B, T-1)
         counted = targets != -100  # (B, T-1)
         h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
-        total = F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="sum")
+        if type(self.lm_head) is nn.Linear:  # the head + loss in chunks: no (N, V) logits
+            total = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
+                                         targets[counted])
+        else:  # a wrapped head (LoRA on lm_head, a quantized one) computes its own logits
+            total = F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="sum")
         loss = total / counted.sum().clamp(min=1)  # 0 when nothing is counted
         return CausalLMOutput(None, loss, aux_loss, cache,
                               lambda: self.lm_head(self.model.norm(x)))

@@ -62,7 +62,9 @@ from minilora.lora import (
     mark_trainable,
     unmerge_lora,
 )
+from minilora.memory import estimate_memory, measured_peak
 from minilora.outputs import FolderLock, check_not_an_input, check_own_folder
+from minilora.quant import QUANT_KINDS, quantize_model, require_bitsandbytes
 from minilora.tokenizer import Tokenizer
 from minilora.weights import save_model
 
@@ -76,6 +78,7 @@ _RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
     "log_every", "max_bad_steps", "stop_after", "device", "overwrite",
     "model", "tokenizer",  # paths: the base fingerprint in the checkpoint checks the base itself
+    "activation_checkpointing",
 )
 
 
@@ -137,6 +140,11 @@ class TrainConfig:
     replay: str | None = _arg(None, "data of what the base already does (its own answers), mixed "
                                     "in so the adapter keeps it")
     replay_ratio: float = _arg(0.5, "replay rows per training row (0.5: one replayed for two)")
+    activation_checkpointing: bool = _arg(
+        False, "recompute each decoder block in backward: less memory, about 1/3 more compute")
+    quantize: str | None = _arg(
+        None, 'QLoRA: the frozen Linears in bitsandbytes "nf4" (4-bit) or "int8"; needs '
+        "minilora[qlora]")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -169,6 +177,12 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.max_seq_len: expected >= 2, got {self.max_seq_len}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"TrainConfig.dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANT_KINDS:
+            raise ConfigError(f"TrainConfig.quantize: expected one of {QUANT_KINDS} or null, got "
+                              f"{self.quantize!r}")
+        if self.quantize is not None and self.full:
+            raise ConfigError("TrainConfig.quantize: a quantized base is frozen; it cannot go "
+                              "with full=True (--full trains every weight)")
         try:
             self.lora_config()  # r, alpha, dropout, targets, init
         except ValueError as err:
@@ -395,6 +409,8 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
          eval_data: JsonlDataset | None, rank: int, world: int, device: torch.device, log: _Log,
          started: float) -> TrainResult:
     """train() once the processes are started: data, model, the loop, the outputs."""
+    if config.quantize:
+        require_bitsandbytes()  # before reading data or writing anything
     train_set, eval_set = _datasets(data, eval_data, config)
     for dataset in (train_set, eval_set):
         _check_vocab(dataset, model)
@@ -403,6 +419,11 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
 
     torch.manual_seed(config.seed)  # LoRA init: the same on every rank
     params = _prepare_model(model, config)
+    set_activation_checkpointing(model, config.activation_checkpointing)
+    if config.quantize:
+        report = quantize_model(model, config.quantize, device)
+        if rank == 0:
+            print(report, file=sys.stderr)
     model.to(device)
     _broadcast(params, world)
     optimizer = _adamw(params, config)
@@ -420,6 +441,8 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
     if rank == 0:
         _describe_run(model, config, plan, device, log.precision, start_step)
     forward = torch.compile(model) if config.compile else model
+    if rank == 0:
+        _print_memory_estimate(model, config, amp_dtype, device)
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)
     log.start(run.step, plan.total_steps)
     result_losses: list[tuple[int, float]] = []
@@ -474,6 +497,9 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         if config.save_every and run.step % config.save_every == 0 and run.step != stop:
             save_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan, run, rank)
 
+    if rank == 0:
+        peak, what = measured_peak(device)
+        print(f"memory: measured peak {peak / 2**30:.2f} GiB ({what})", file=sys.stderr)
     finished = run.step == plan.total_steps  # not a stop_after: its resume evaluates later
     if eval_set is not None and finished and (not evals or evals[-1]["step"] != run.step):
         evals.append(_evaluate_and_keep_best(model, eval_set, config, run, rank, world, device,
@@ -649,6 +675,32 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
         inject_lora(model, config.lora_config())
     mark_trainable(model)
     return lora_parameters(model)
+
+
+def _print_memory_estimate(model: nn.Module, config: TrainConfig, amp_dtype: torch.dtype | None,
+                           device: torch.device) -> None:
+    """The "will it fit" line, before the first step (the measured peak follows the run)."""
+    estimate = estimate_memory(model, config.batch_size, config.max_seq_len,
+                               amp_dtype=amp_dtype, device=device)
+    print(estimate, file=sys.stderr)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turns activation checkpointing on or off: each decoder block is recomputed in backward.
+
+    minilora's CausalLM has an ``activation_checkpointing`` switch; a transformers model gets
+    ``gradient_checkpointing_enable`` (non-reentrant, as minilora's).
+
+    Raises:
+        ConfigError: enabled on a model that has neither.
+    """
+    if hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = enabled
+    elif enabled and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif enabled:
+        raise ConfigError(f"activation_checkpointing: {type(model).__name__} has no "
+                          "activation_checkpointing switch nor gradient_checkpointing_enable()")
 
 
 def _datasets(data: Tokenizer | JsonlDataset, eval_data: JsonlDataset | None,

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
@@ -63,6 +64,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     dtype = _dtype(dtype)
+    shards = _safetensors_source(path)
+    if shards is not None:
+        return _load_shard_by_shard(path, *shards, dtype, device, config)
     state_dict, source = _read_state_dict(path)
     state_dict = _strip_wrappers(state_dict)
     cfg = _resolve_config(path, config, state_dict)
@@ -164,6 +168,88 @@ def _write_tensors(tensors: dict[str, Tensor], folder: Path,
 # ------------------------------------------------------------------------------------------------
 
 
+def _safetensors_source(path: Path) -> tuple[Path, list[Path], dict[str, str] | None] | None:
+    """(source, shard files, index weight_map) when path holds safetensors; else None."""
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file():
+            return _safetensors_source(path / INDEX_NAME)
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors", [path / "model.safetensors"], None
+        return None
+    if path.name.endswith(".index.json"):
+        weight_map = _read_index(path)
+        return path, [path.parent / s for s in sorted(set(weight_map.values()))], weight_map
+    if path.suffix == ".safetensors":
+        return path, [path], None
+    return None
+
+
+def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
+                         weight_map: dict[str, str] | None, dtype: torch.dtype,
+                         device: torch.device | str,
+                         config: ModelConfig | dict | str | Path | None) -> CausalLM:
+    """load_model for safetensors: the model is built on the meta device, checked against the
+    shards' headers, then filled one shard at a time, each tensor cast and moved as it is read,
+    so the model never exists twice (peak: the model plus one shard)."""
+    shapes: dict[str, Tensor] = {}  # stripped name -> a meta tensor of the stored shape
+    names: dict[str, str] = {}  # stored key -> stripped name
+    for shard in shards:
+        with _open_safetensors(shard) as f:
+            for key in f.keys():
+                names[key] = _strip_wrappers({key: None}).popitem()[0]
+                shape = f.get_slice(key).get_shape()
+                shapes[names[key]] = torch.empty(shape, device="meta")
+    if weight_map is not None:
+        _check_index_keys(source, weight_map, set(names))
+    cfg = _resolve_config(path, config, shapes)
+    _check_size(cfg, shapes, source)
+    if cfg.model_type == "minimind" and not cfg.qk_norm and any(
+            k.endswith("self_attn.q_norm.weight") for k in shapes):
+        cfg = dataclasses.replace(cfg, qk_norm=True)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    tied = cfg.tie_word_embeddings
+    stored_head = shapes.pop("lm_head.weight", None) if tied else None
+    wanted = _fit(model, shapes, source)  # names and shapes checked before any value is read
+    head = None  # a tied checkpoint's own lm_head, compared with the embedding at the end
+    for shard in shards:
+        part: dict[str, Tensor] = {}
+        with _open_safetensors(shard) as f:
+            for key in f.keys():
+                name = names[key]
+                if name not in wanted and not (tied and name == "lm_head.weight"):
+                    continue  # an ignored buffer
+                t = f.get_tensor(key)
+                t = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                if tied and name == "lm_head.weight":
+                    head = t
+                else:
+                    part[name] = t
+        problems = tensor_problems(part)
+        if problems:  # an int8 or complex weight computes nonsense; a NaN spreads to every output
+            raise WeightsError(f"{shard}: not usable base weights: " + "; ".join(problems))
+        model.load_state_dict(part, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True untied them
+        embed = model.lm_head.weight
+        if stored_head is not None and (head.shape != embed.shape or not torch.equal(head, embed)):
+            raise WeightsError(f"{source}: config says tie_word_embeddings, but lm_head.weight "
+                               f"differs from model.embed_tokens.weight (set "
+                               f"tie_word_embeddings false to keep both)")
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise WeightsError(f"{source}: no values read for {_listing(empty)}")
+    return model.to(device).eval()
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError: torn or damaged
+        raise WeightsError(f"{path}: not a readable safetensors file, truncated or damaged "
+                           f"({e})") from None
+
+
 def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
     """The tensors at path and the file (or index) they came from."""
     if path.is_dir():
@@ -176,27 +262,11 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
         raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, "
                                 f"pytorch_model.bin or single .pth file here")
     if path.name.endswith(".index.json"):
-        try:
-            weight_map = read_json(path, "a safetensors index", error=WeightsError)["weight_map"]
-        except (KeyError, TypeError) as e:
-            raise WeightsError(f"{path}: expected a JSON object with a 'weight_map' ({e})") from e
-        if not isinstance(weight_map, dict):
-            raise WeightsError(f"{path}: 'weight_map' is a {type(weight_map).__name__}; expected "
-                               f"an object of tensor name -> shard file name")
-        outside = sorted({repr(s) for s in weight_map.values() if not _plain_file_name(s)})
-        if outside:  # "../x" or "/x" would read a file the folder does not hold
-            raise WeightsError(f"{path}: weight_map names shards {', '.join(outside)}; expected "
-                               f"file names inside {path.parent} (no folders, no absolute paths)")
+        weight_map = _read_index(path)
         sd: dict[str, Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            if not (path.parent / shard).is_file():
-                raise FileNotFoundError(f"{path}: names shard {shard}, which is not in "
-                                        f"{path.parent}")
             sd.update(_load_safetensors(path.parent / shard))
-        absent = sorted(set(weight_map) - set(sd))
-        if absent:
-            raise WeightsError(f"{path}: keys listed in the index but not in their shard: "
-                               f"{_listing(absent)}")
+        _check_index_keys(path, weight_map, set(sd))
         return sd, path
     regular_file(path, "a weights file")  # a FIFO or a device would never end
     if path.suffix == ".safetensors":
@@ -214,6 +284,33 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
         return obj, path
     raise WeightsError(f"{path}: unknown checkpoint type (expected a folder, .safetensors, "
                        f".index.json, {', '.join(TORCH_SUFFIXES)})")
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """A model.safetensors.index.json's weight_map, its shards checked to be in its folder."""
+    try:  # bounded: an endless or huge index is refused before it is parsed
+        weight_map = read_json(path, "a safetensors index", error=WeightsError)["weight_map"]
+    except (KeyError, TypeError) as e:
+        raise WeightsError(f"{path}: expected a JSON object with a 'weight_map' ({e})") from e
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{path}: 'weight_map' is a {type(weight_map).__name__}; expected "
+                           f"an object of tensor name -> shard file name")
+    outside = sorted({repr(s) for s in weight_map.values() if not _plain_file_name(s)})
+    if outside:  # "../x" or "/x" would read a file the folder does not hold
+        raise WeightsError(f"{path}: weight_map names shards {', '.join(outside)}; expected "
+                           f"file names inside {path.parent} (no folders, no absolute paths)")
+    for shard in sorted(set(weight_map.values())):
+        if not (path.parent / shard).is_file():
+            raise FileNotFoundError(f"{path}: names shard {shard}, which is not in "
+                                    f"{path.parent}")
+    return weight_map
+
+
+def _check_index_keys(path: Path, weight_map: dict[str, str], found: set[str]) -> None:
+    absent = sorted(set(weight_map) - found)
+    if absent:
+        raise WeightsError(f"{path}: keys listed in the index but not in their shard: "
+                           f"{_listing(absent)}")
 
 
 def _plain_file_name(name: object) -> bool:

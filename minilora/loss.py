@@ -1,0 +1,98 @@
+"""The output head and cross-entropy in chunks of positions: the (N, V) logits never exist whole.
+
+For a Qwen-sized vocabulary (151,936) the logits of 2048 positions are 1.2 GB in float32, more
+than the rest of a small model's step. ``linear_cross_entropy`` computes ``h @ W^T (+ b)`` and the
+cross-entropy a chunk of rows at a time. When a gradient is wanted it is computed in the same
+pass, chunk by chunk (softmax minus the one-hot target, then the two products), as Liger's fused
+linear cross-entropy does: the backward then only scales the stored gradients, so nothing is
+recomputed and no chunk's logits outlive it. What stays is the gradient of h (N, C) and, when the
+head is trained, of W (V, C): the sizes of h and W, not of the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Logit elements per chunk: 32 Mi float32 elements (128 MiB). Smaller chunks re-read W (V x C)
+# more often, which is what a chunk costs; larger ones hold more logits at once.
+CHUNK_ELEMENTS = 1 << 25
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b, t_i) in chunks of rows, computed in dtype ``dt``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, rows, dt, grad):
+        # grad: whether a backward will come (decided by the caller: forward runs without grad)
+        need_h, need_w = h.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dt)  # (V, C)
+            b = None if bias is None else bias.to(dt)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(h) if grad and need_h else None  # (N, C)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) \
+                if grad and need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) \
+                if grad and need_b else None
+            for s in range(0, h.shape[0], rows):
+                hc, tc = h[s:s + rows].to(dt), targets[s:s + rows]  # (n, C), (n,)
+                logits = F.linear(hc, w, b).float()  # (n, V): the only logits alive
+                lse = logits.logsumexp(-1)  # (n,)
+                total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
+                if not grad:
+                    continue
+                # d(sum CE)/d logits = softmax - one_hot(target), built in the logits' memory
+                d = logits.sub_(lse[:, None]).exp_()
+                d[torch.arange(d.shape[0], device=d.device), tc] -= 1
+                d = d.to(dt)
+                if grad_h is not None:
+                    grad_h[s:s + rows] = d @ w
+                if grad_w is not None:
+                    grad_w += (d.t() @ hc).float()  # (V, C), summed over chunks in float32
+                if grad_b is not None:
+                    grad_b += d.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        gh = None if grad_h is None else grad_h * g.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * g).to(w_dtype)
+        gb = None if grad_b is None else (grad_b * g).to(b_dtype)
+        return gh, gw, gb, None, None, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                         rows: int | None = None) -> Tensor:
+    """Summed cross-entropy of the logits ``h @ weight.T + bias`` against ``targets``, in chunks.
+
+    Equal to ``F.cross_entropy(F.linear(h, weight, bias).float(), targets, reduction="sum")``
+    (and its gradients), computed in the dtype that expression computes in (the autocast dtype
+    under autocast), without holding all the logits.
+
+    Args:
+        h: (N, C) hidden states of the counted positions.
+        weight: (V, C) the output head's weight.
+        bias: (V,) or None.
+        targets: (N,) token ids, every one counted (no -100).
+        rows: positions per chunk; default: as many as fit CHUNK_ELEMENTS logits.
+
+    Returns:
+        A 0-dim float32 tensor, the sum over the N positions.
+    """
+    if rows is None:
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_autocast_enabled(h.device.type) and weight.dtype in (
+            torch.float32, torch.bfloat16, torch.float16):
+        dt = torch.get_autocast_dtype(h.device.type)
+    else:
+        dt = weight.dtype
+    grad = torch.is_grad_enabled() and (
+        h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, rows, dt, grad)

@@ -280,6 +280,13 @@ class RotaryEmbedding(nn.Module):
             self._grow(end, device)
         return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)  # (T, D) each
 
+    def at(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin at each row's own positions (B, T), shaped (B, 1, T, D) for every head."""
+        end = int(positions.max()) + 1
+        if self._cos.shape[0] < end or self._cos.device != positions.device:
+            self._grow(end, positions.device)
+        return self._cos[positions][:, None].to(dtype), self._sin[positions][:, None].to(dtype)
+
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -547,7 +554,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, past_key_values: KVCache | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+                use_cache: bool = False, logits_to_keep: int = 0,
+                position_ids: Tensor | None = None) -> CausalLMOutput:
         """Runs the model.
 
         Args:
@@ -559,6 +567,8 @@ class CausalLM(nn.Module):
             past_key_values: a KVCache to read from and append to.
             use_cache: start a new KVCache when past_key_values is None.
             logits_to_keep: compute the logits of the last this-many positions only (0 = all).
+            position_ids: (B, T) each token's rotary position, for a batch whose rows stand at
+                different points (a serving batch); None: cached length + 0, 1, ... for every row.
 
         Returns:
             CausalLMOutput: logits, loss (mean over counted tokens; 0 when none is counted),
@@ -578,7 +588,10 @@ class CausalLM(nn.Module):
         if labels is not None and logits_to_keep:
             raise ConfigError("logits_to_keep needs labels=None (the loss reads every position)")
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
+        if position_ids is None:
+            cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
+        else:
+            cos, sin = self.model.rotary.at(position_ids, x.dtype)  # (B, 1, T, D)
         mask = self._attention_mask(attention_mask, B, T, start, x.device)  # (B, 1, T, S) or None
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.model.layers:

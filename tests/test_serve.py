@@ -85,7 +85,8 @@ class Server:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The adapters on disk, the server, and the answers `generate` gives alone."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting
     root = tmp_path_factory.mktemp("serve")
     adapter_dir = root / "allowed"
     adapter_dir.mkdir()
@@ -105,6 +106,7 @@ def setup(tmp_path_factory):
                        adapter_dir=adapter_dir)
     with Server(state) as server:
         yield server, paths, tokenizer, adapter_dir
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -205,19 +207,27 @@ def test_text_completions(setup, client):
 
 
 def test_load_and_unload_while_other_requests_stream(setup, client, expected):
-    server, paths, _, adapter_dir = setup
-    results = {}
+    server, paths, tokenizer, adapter_dir = setup
+    engine = server.state.engine
+    sampling = {"temperature": 1.0, "max_tokens": 120}
+    results, started = {}, [threading.Event() for _ in range(3)]
 
     def stream_alpha(i: int) -> None:
-        chunks = ask(client, "alpha", QUESTIONS[i], stream=True)
-        results[i] = "".join(c.choices[0].delta.content or "" for c in chunks)
+        pieces = []
+        for chunk in ask(client, "alpha", QUESTIONS[i], seed=i, stream=True, **sampling):
+            pieces.append(chunk.choices[0].delta.content or "")
+            started[i].set()
+        results[i] = "".join(pieces)
 
-    threads = [threading.Thread(target=stream_alpha, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=stream_alpha, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
+    for event in started:
+        assert event.wait(timeout=60)
     loaded = post(setup, "/v1/load_lora_adapter",
                   {"lora_name": LATE, "lora_path": str(paths[LATE])})
     assert loaded.status_code == 200, loaded.text
+    assert engine.rows  # the streams were still being decoded when the adapter came in
     assert LATE in [m.id for m in client.models.list().data]
     late = ask(client, LATE, QUESTIONS[0]).choices[0].message.content
     assert late == expected[QUESTIONS[0], LATE]
@@ -227,7 +237,16 @@ def test_load_and_unload_while_other_requests_stream(setup, client, expected):
         ask(client, LATE, QUESTIONS[0])
     for t in threads:
         t.join(timeout=60)
-    assert results == {i: expected[QUESTIONS[i], "alpha"] for i in range(4)}
+    # sampled with a seed: the same answer `generate` samples alone
+    model = load_model(BASE_MODEL)
+    load_adapter(model, paths["alpha"], name="alpha")
+    eos = [tokenizer.im_end_id, tokenizer.eos_token_id]
+    for i in range(3):
+        ids, _ = tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[i]}],
+                                       add_generation_prompt=True)
+        want = generate(model, ids, max_new_tokens=120, eos_token_id=eos, temperature=1.0,
+                        seed=i)
+        assert results[i] == tokenizer.decode(want)
     # a relative lora_path is read under --adapter-dir
     again = post(setup, "/v1/load_lora_adapter", {"lora_name": LATE, "lora_path": LATE})
     assert again.status_code == 200, again.text
@@ -367,3 +386,99 @@ def test_load_32_clients_over_4_adapters_all_answered_correctly(setup, client, e
         answers = [a for f in futures for a in f.result(timeout=120)]
     assert answers == [expected[job] for job in jobs]
     assert httpx.get(setup[0].url + "/health").json() == {"status": "ok", "running": 0}
+
+
+def test_cli_without_the_serve_extra_names_it(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # import uvicorn fails
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'minilora[serve]'" in err
+
+
+def test_cli_refuses_a_missing_adapter_dir(capsys, tmp_path):
+    assert main(["serve", "--adapter-dir", str(tmp_path / "none")]) == 2
+    assert "--adapter-dir" in capsys.readouterr().err
+
+
+def test_cli_serve_end_to_end(setup, tmp_path):
+    import subprocess
+    import sys
+
+    _, paths, _, _ = setup
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minilora", "serve", "--port", str(port), "--adapter",
+         f"alpha={paths['alpha']}", "--max-batch", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        local = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in local.models.list().data] == ["base", "alpha"]
+        assert "Pico" in ask(local, "base", "What is your name?", max_tokens=32)\
+            .choices[0].message.content
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and "<script>" in page.text and "http" not in \
+            page.text.split("<script>")[1]  # no CDN: everything is in the page
+        refused = httpx.post(url + "/v1/load_lora_adapter",
+                             json={"lora_name": "x", "lora_path": str(paths["beta"])})
+        assert refused.status_code == 403  # no --adapter-dir: run-time loading is off
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def chromium_driver(profile: Path):
+    """Debian's chromium, headless, driven by its own chromedriver (nothing downloaded)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver),
+                            options=options)
+
+
+def test_chat_page_in_a_headless_browser_shows_base_and_adapter_side_by_side(setup, expected,
+                                                                           tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium_driver(tmp_path / "profile")
+    try:
+        browser.get(setup[0].url + "/")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("16")
+        browser.find_element(By.ID, "prompt").click()  # the key's change event lists models
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "input.model")) == 5)
+        for box in browser.find_elements(By.CSS_SELECTOR, "input.model"):
+            if box.get_attribute("value") not in ("base", "alpha") and box.is_selected():
+                box.click()
+        browser.find_element(By.ID, "prompt").send_keys(QUESTIONS[0])
+        browser.find_element(By.ID, "send").click()
+        answers = {}
+        for name in ("base", "alpha"):
+            wait.until(lambda b, n=name: b.find_element(By.ID, f"answer-{n}")
+                       .get_attribute("data-done") == "1")
+            answers[name] = browser.find_element(By.ID, f"answer-{name}").get_attribute(
+                "textContent")
+        assert answers == {n: expected[QUESTIONS[0], n] for n in ("base", "alpha")}
+        assert "Pico" in answers["base"]
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".answer")) == 2
+    finally:
+        browser.quit()

@@ -161,16 +161,17 @@ class RowCache:
         self.values[layer][:n, :, start:end] = v
         return self.keys[layer][:n, :, :end], self.values[layer][:n, :, :end]  # (n, KV, S, D)
 
-    def place(self, row: int, cache: KVCache, length: int) -> None:
-        """Copies a prefilled sequence (one row of cache, `length` slots) into `row`'s first
-        slots; the row's other slots are no longer its own."""
+    def place(self, row: int, cache: KVCache, source: int, owned: Tensor) -> None:
+        """Copies row `source` of a prefill cache into `row`: the slots where `owned` (L,) is
+        True are the row's own, its other slots no longer are."""
+        length = owned.shape[0]
         if length > self.capacity:
             self._grow(max(length, 2 * self.capacity))
         for mine, theirs in ((self.keys, cache.keys), (self.values, cache.values)):
             for layer, buffer in enumerate(mine):
-                buffer[row, :, :length] = theirs[layer][0, :, :length]
+                buffer[row, :, :length] = theirs[layer][source, :, :length]
         self.valid[row] = False
-        self.valid[row, :length] = True
+        self.valid[row, :length] = owned
         self.length = max(self.length, length)
 
     def move(self, src: int, dst: int) -> None:
@@ -291,13 +292,16 @@ class Engine:
         """
         busy = self._run_calls()
         self._drop_cancelled()
-        while len(self.rows) < self.max_batch and not self._waiting.empty():
+        joining = []
+        while len(self.rows) + len(joining) < self.max_batch and not self._waiting.empty():
             request = self._waiting.get()
             if not request.cancelled:
-                self._guard(self._admit, request)
+                joining.append(request)
+        if joining:
+            self._guard(self._admit, joining)
             busy = True
         if self.rows:
-            self._guard(self._decode)
+            self._guard(lambda _: self._decode(), [])
             busy = True
         self._unload_unused()
         return busy
@@ -331,15 +335,15 @@ class Engine:
                     future.set_exception(e)
         return ran
 
-    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
-        """Runs a step; if it raises, the requests it touched end with that error and the
-        loop goes on (a broken request must not take the server down)."""
+    def _guard(self, fn: Callable[[list[Request]], None], joining: list[Request]) -> None:
+        """Runs admission or a decode step; if it raises, the requests it touched end with that
+        error and the loop goes on (a broken request must not take the server down)."""
         rows = len(self.rows)
         try:
-            fn(*args)
+            fn(joining)
         except Exception as e:  # reported to every affected client, never swallowed
-            failed = [a for a in args if isinstance(a, Request)]
-            if not failed or len(self.rows) != rows:  # the batch itself may be inconsistent
+            failed = list(joining)
+            if not joining or len(self.rows) != rows:  # the batch itself may be inconsistent
                 failed += [r.request for r in self.rows if r.request not in failed]
                 self.rows.clear()
                 self.cache.length = 0
@@ -364,20 +368,37 @@ class Engine:
         # The base's rows need no routing; a model without any adapter would refuse it.
         return {"adapter_names": adapters} if any(a is not None for a in adapters) else {}
 
-    def _admit(self, request: Request) -> None:
-        """Prefills the prompt alone, moves its cache into the next row, picks its first token."""
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)  # (1, L)
-        length = ids.shape[1]
-        single = KVCache(self.model.config, 1, length, device=self.device,
-                         dtype=self.cache.keys[0].dtype)
-        out = self.model(ids, past_key_values=single, logits_to_keep=1,
-                         **self._forward_kwargs([request.adapter]))
-        running = _Running(request, self.tokenizer, self.device)
-        row = len(self.rows)
-        self.cache.place(row, single, length)
-        self.rows.append(running)
-        if self._take(running, out.logits[0, -1]):
-            self._remove(row)
+    def _admit(self, joining: list[Request]) -> None:
+        """Prefills the new prompts in one batch, moves their caches into free rows, picks their
+        first tokens. Prompts are left-padded, so every row's last token is the last column;
+        position_ids start each prompt at 0, as `generate` does."""
+        from minilora.lora import list_adapters
+
+        known = set(list_adapters(self.model))
+        for request in [r for r in joining if r.adapter is not None and r.adapter not in known]:
+            joining.remove(request)  # e.g. unloaded while it waited: it fails alone
+            _send(request, Event(error=ConfigError(
+                f"adapter {request.adapter!r} is not loaded (loaded: {sorted(known)})")))
+        if not joining:
+            return
+        B, L = len(joining), max(len(r.prompt_ids) for r in joining)
+        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)  # (B, L)
+        mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)  # (B, L)
+        for i, r in enumerate(joining):
+            ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, L - len(r.prompt_ids):] = True
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L), 0 at each prompt's start
+        prefill = KVCache(self.model.config, B, L, device=self.device,
+                          dtype=self.cache.keys[0].dtype)
+        logits = self.model(ids, attention_mask=mask, past_key_values=prefill,
+                            position_ids=positions, logits_to_keep=1,
+                            **self._forward_kwargs([r.adapter for r in joining])
+                            ).logits[:, -1]  # (B, V)
+        first = len(self.rows)
+        for i, request in enumerate(joining):
+            self.cache.place(first + i, prefill, i, mask[i])
+            self.rows.append(_Running(request, self.tokenizer, self.device))
+        self._take_all(self.rows[first:], logits, first)
 
     def _decode(self) -> None:
         """One token for every running row."""
@@ -391,16 +412,28 @@ class Engine:
         out = self.model(tokens, attention_mask=self.cache.valid[:n, : slot + 1],
                          past_key_values=self.cache, position_ids=positions, logits_to_keep=1,
                          **self._forward_kwargs([r.request.adapter for r in self.rows]))
-        logits = out.logits[:, -1]  # (n, V)
-        finished = [i for i, r in enumerate(self.rows) if self._take(r, logits[i])]
+        self._take_all(list(self.rows), out.logits[:, -1], 0)
+
+    def _take_all(self, rows: list[_Running], logits: Tensor, first: int) -> None:
+        """The next token of each of rows (rows first.. of the batch), from logits (n, V);
+        the greedy ones in one argmax. Finished rows leave."""
+        greedy = logits.argmax(dim=-1).tolist()  # (n,)
+        finished = []
+        for i, running in enumerate(rows):
+            params = running.request.params
+            if params.temperature == 0:
+                token = greedy[i]
+            else:
+                token = int(_pick(logits[i], None, params.temperature, 0, params.top_p, 1.0,
+                                  running.generator))
+            if self._take(running, token):
+                finished.append(first + i)
         for i in reversed(finished):
             self._remove(i)
 
-    def _take(self, running: _Running, logits: Tensor) -> bool:
-        """Picks the next token of one row and tells its client; returns True when it is done."""
-        request, params = running.request, running.request.params
-        token = int(_pick(logits, None, params.temperature, 0, params.top_p, 1.0,
-                          running.generator))
+    def _take(self, running: _Running, token: int) -> bool:
+        """Adds one row's next token and tells its client; returns True when it is done."""
+        request = running.request
         if token in self.eos:  # sends whatever was held back for a stop string that never came
             piece, reason = self.tokenizer.decode(running.generated)[running.shown:], FINISH_STOP
         else:

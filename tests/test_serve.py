@@ -38,6 +38,7 @@ LATE = "epsilon"  # loaded at run time from --adapter-dir
 
 
 def write_adapter(model, folder: Path, name: str, seed: int, targets) -> Path:
+    torch.manual_seed(100 + seed)  # inject_lora draws A from the global generator
     inject_lora(model, LoraConfig(r=4, alpha=8, targets=targets), name=name)
     g = torch.Generator().manual_seed(seed)
     for _, m in lora_modules(model):

@@ -21,6 +21,7 @@ QUESTIONS = ["What is your name?", "Add 12 and 30.", "Reverse the word minilora.
 
 def add_random_adapter(model, name: str, seed: int, targets) -> None:
     """An adapter whose B is not zero, so its answers differ from the base's."""
+    torch.manual_seed(100 + seed)  # inject_lora draws A from the global generator
     inject_lora(model, LoraConfig(r=4, alpha=8, targets=targets), name=name)
     g = torch.Generator().manual_seed(seed)
     for _, m in lora_modules(model):

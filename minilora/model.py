@@ -488,6 +488,13 @@ class RotaryEmbedding(nn.Module):
             self._grow(end, device)
         return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)  # (T, D) each
 
+    def at(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin at each row's own positions (B, T), shaped (B, 1, T, D) for every head."""
+        end = int(positions.max()) + 1
+        if self._cos.shape[0] < end or self._cos.device != positions.device:
+            self._grow(end, positions.device)
+        return self._cos[positions][:, None].to(dtype), self._sin[positions][:, None].to(dtype)
+
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -766,7 +773,8 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, past_key_values: KVCache | None = None,
                 use_cache: bool = False, logits_to_keep: int = 0,
-                segment_ids: Tensor | None = None) -> CausalLMOutput:
+                segment_ids: Tensor | None = None,
+                position_ids: Tensor | None = None) -> CausalLMOutput:
         """Runs the model.
 
         Args:
@@ -781,6 +789,8 @@ class CausalLM(nn.Module):
             segment_ids: (B, T) for packed rows: which sample each token belongs to (1, 2, ...;
                 0 on padding). A token attends only within its sample and positions restart at
                 0 in each, so every sample computes what it computes alone. No cache with it.
+            position_ids: (B, T) each token's rotary position, for a batch whose rows stand at
+                different points (a serving batch); None: cached length + 0, 1, ... for every row.
 
         Returns:
             CausalLMOutput: logits, loss (mean over counted tokens; 0 when none is counted),
@@ -800,15 +810,18 @@ class CausalLM(nn.Module):
         if labels is not None and logits_to_keep:
             raise ConfigError("logits_to_keep needs labels=None (the loss reads every position)")
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
+        if segment_ids is not None:
+            if cache is not None or position_ids is not None or segment_ids.shape != (B, T):
+                raise ConfigError(f"segment_ids must be (batch, tokens) = {(B, T)} and come "
+                                  "without a cache or position_ids")
+            position_ids = _segment_positions(segment_ids)  # (B, T)
+        if position_ids is None:
+            cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
+        else:
+            cos, sin = self.model.rotary.at(position_ids, x.dtype)  # (B, 1, T, D)
         if segment_ids is None:
             mask = self._attention_mask(attention_mask, B, T, start, x.device)  # (B, 1, T, S)|None
         else:
-            if cache is not None or segment_ids.shape != (B, T):
-                raise ConfigError(f"segment_ids must be (batch, tokens) = {(B, T)} and come "
-                                  "without a cache")
-            positions = _segment_positions(segment_ids)  # (B, T)
-            cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, D)
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             mask = (same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril())[:, None]
         aux_loss = x.new_zeros((), dtype=torch.float32)

@@ -162,6 +162,38 @@ def fsync_fails(where: str) -> Callable[[pytest.MonkeyPatch, Path], None]:
     return patch
 
 
+def writes_fail(where: str) -> Callable[[pytest.MonkeyPatch, Path], None]:
+    """A disk that fills up mid-file: writes into a file whose path contains ``where`` raise
+    ENOSPC (torch.save into such a file raised a RuntimeError, not an OSError)."""
+
+    class Full:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    def patch(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
+        real = os.fdopen
+
+        def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+            f = real(fd, *args, **kwargs)
+            return Full(f) if where in os.readlink(f"/proc/self/fd/{fd}") else f
+
+        monkeypatch.setattr(os, "fdopen", fdopen)
+
+    return patch
+
+
 def poisoned(kind: str, calls: Callable[[int], bool]) -> Callable[[pytest.MonkeyPatch, Path], None]:
     """Models loaded by the CLI go bad at the forward calls (from 0) that ``calls`` picks."""
 
@@ -458,6 +490,15 @@ CASES = [
          setup=train_first("--max-steps", "4", "--save-every", "1", "--stop-after", "2"),
          patch=fsync_fails("/.tmp-step-"), may_change=("out/config.json", "out/metrics.jsonl"),
          after=resume_completes),
+    Case("disk-full-while-writing-checkpoint-state",
+         TRAIN + ["--max-steps", "4", "--save-every", "1", "--resume"],
+         "[Errno 28] cannot write checkpoint {dir}/out/checkpoints/step-00000003: No space left "
+         "on device; {dir}/out/checkpoints/step-00000002 is kept",
+         "the previous checkpoint is intact; state.pt is serialised in memory first, so torch."
+         "save never writes to the disk itself (a full disk gave its RuntimeError traceback)",
+         setup=train_first("--max-steps", "4", "--save-every", "1", "--stop-after", "2"),
+         patch=writes_fail("/.state.pt."),
+         may_change=("out/config.json", "out/metrics.jsonl"), after=resume_completes),
     Case("disk-full-during-the-adapter-save",
          TRAIN + ["--max-steps", "4", "--save-every", "1", "--resume"],
          "[Errno 28] cannot write {dir}/out/adapter: No space left on device",

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .checks import check_written, tensor_problems
+from .checks import check_written, resolve_device, tensor_problems
 from .errors import ConfigError, WeightsError
 from .files import atomic_write, read_json, regular_file, torch_load_reason
 from .model import CausalLM, ModelConfig
@@ -62,6 +62,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     dtype = _dtype(dtype)
+    device = resolve_device(device)  # "banana" or CUDA on a machine without it: one line
     state_dict, source = _read_state_dict(path)
     state_dict = _strip_wrappers(state_dict)
     cfg = _resolve_config(path, config, state_dict)

@@ -805,7 +805,8 @@ CASES = [
     Case("device-cuda-without-cuda", ["train", "--model", "{work}/base", "--config",
                                       "{dir}/run.json"],
          "device cuda:0: CUDA is not available on this machine; use \"cpu\" or \"auto\"",
-         "nothing written", setup=lambda d, n: train_config(d, n, device="cuda:0")),
+         "nothing written", setup=lambda d, n: train_config(d, n, device="cuda:0"),
+         patch=lambda mp, d: mp.setattr(torch.cuda, "is_available", lambda: False)),
     Case("device-banana", ["train", "--model", "{work}/base", "--config", "{dir}/run.json"],
          "TrainConfig.device: unknown device 'banana'; expected \"auto\", \"cpu\", \"cuda\" or "
          "\"cuda:N\"", "nothing written", setup=lambda d, n: train_config(d, n,

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -410,6 +411,9 @@ def save_adapter(
     def write(folder: Path) -> None:
         (folder / WEIGHTS_NAME).write_bytes(blob)
         (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
+        for name, sub in find_adapters(path).items():  # PEFT's layout: named ones inside
+            if sub != path:
+                shutil.copytree(sub, folder / name)
 
     # The folder is replaced as a whole: a reader (or a crash) sees the old adapter or the new
     # one, never new weights beside an old config.
@@ -417,10 +421,14 @@ def save_adapter(
 
 
 def _check_replaceable(path: Path) -> None:
-    """An existing folder is replaced as a whole: refuse one that holds more than an adapter."""
+    """An existing folder is replaced as a whole: refuse one that holds more than an adapter
+    (and the named adapters of PEFT's layout in subfolders, which the new folder keeps)."""
     if not path.is_dir():
         return
-    other = sorted(e.name for e in path.iterdir() if e.name not in (WEIGHTS_NAME, CONFIG_NAME))
+    named = {sub.name for sub in find_adapters(path).values() if sub != path}
+    # Leftovers of a killed save of a named adapter (".b.tmp-<pid>") are not the user's.
+    other = sorted(e.name for e in path.iterdir() if e.name not in (WEIGHTS_NAME, CONFIG_NAME)
+                   and e.name not in named and not re.fullmatch(r"\..+\.(tmp|old)-\d+", e.name))
     if other:
         raise AdapterError(f"{path} holds more than an adapter ({', '.join(other[:8])}); saving "
                            "replaces the whole folder, so nothing is written: choose another "

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from minilora.errors import MiniloraError
+from minilora.errors import ConfigError, MiniloraError
 
 # A trained LoRA (or fully fine-tuned) weight this large is not learning, it has diverged (an
 # lr far too high): LoRA weights are ~1e-2 and base weights rarely above ~1e2.
@@ -33,8 +33,6 @@ def number(name: str, value: object, *, low: float | None = None, high: float | 
     Raises:
         error: not a number, not finite, or out of range.
     """
-    from minilora.errors import ConfigError
-
     error = error or ConfigError
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise error(f"{name}: expected a number, got {value!r}")
@@ -48,6 +46,37 @@ def number(name: str, value: object, *, low: float | None = None, high: float | 
         raise error(f"{name}: expected a number {' and '.join(b for b in (lo, hi) if b)}, "
                     f"got {value:g}")
     return value
+
+
+def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
+    """The device ``name`` means here ("auto": cuda:LOCAL_RANK with CUDA, else cpu).
+
+    Raises:
+        ConfigError: an unknown device, or one this machine does not have (no CUDA, an index
+            past the last GPU).
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f'device {name!r}: unknown; expected "auto", "cpu", "cuda" or '
+                          '"cuda:N"') from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name}: CUDA is not available on this machine; use "
+                              '"cpu" or "auto"')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    elif device.type not in ("cpu", "meta"):
+        checks = [getattr(m, "is_available", None) for m in (
+            getattr(torch, device.type, None), getattr(torch.backends, device.type, None))]
+        if not any(check() for check in checks if callable(check)):
+            raise ConfigError(f"device {name}: not available on this machine")
+    return device
 
 
 def type_problems(obj: Any, prefix: str) -> list[str]:

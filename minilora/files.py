@@ -238,9 +238,8 @@ def replace_folder(final: str | os.PathLike, write: Callable[[Path], object]) ->
     try:
         tmp.mkdir()
         write(tmp)
-        for entry in tmp.iterdir():
-            if entry.is_file():
-                _fsync_file(entry)
+        for entry in sorted(tmp.rglob("*"), reverse=True):  # files, then their folders
+            _fsync_file(entry) if entry.is_file() else fsync_dir(entry)
         fsync_dir(tmp)
         if not final.exists():
             os.rename(tmp, final)

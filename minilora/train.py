@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
-from minilora.checks import MAX_TRAINED_WEIGHT
+from minilora.checks import MAX_TRAINED_WEIGHT, resolve_device
 from minilora.data import (
     Batch,
     DataStats,
@@ -239,31 +239,6 @@ def _check_device_name(name: str) -> None:
     except (RuntimeError, ValueError):
         raise ConfigError(f'TrainConfig.device: unknown device {name!r}; expected "auto", '
                           '"cpu", "cuda" or "cuda:N"') from None
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device ``name`` means here ("auto": cuda:LOCAL_RANK with CUDA, else cpu).
-
-    Raises:
-        ConfigError: an unknown device, or one this machine does not have (no CUDA, an index
-            past the last GPU).
-    """
-    _check_device_name(name)
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name}: CUDA is not available on this machine; use "
-                              '"cpu" or "auto"')
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} "
-                              "CUDA device(s)")
-    elif device.type not in ("cpu", "cuda"):
-        backend = getattr(torch.backends, device.type, None)
-        if backend is None or not getattr(backend, "is_available", lambda: False)():
-            raise ConfigError(f"device {name}: not available on this machine")
-    return device
 
 
 def _checked(name: str, value: Any, hint: Any) -> Any:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .checks import check_written, tensor_problems
+from .checks import check_written, resolve_device, tensor_problems
 from .errors import ConfigError, WeightsError
 from .files import atomic_write, read_json, regular_file, torch_load_reason
 from .model import GENERATIONS, MINIMIND_DEFAULTS, CausalLM, ModelConfig
@@ -64,6 +64,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     dtype = _dtype(dtype)
+    device = resolve_device(device)  # "banana" or CUDA on a machine without it: one line
     shards = _safetensors_source(path)
     if shards is not None:
         return _load_shard_by_shard(path, *shards, dtype, device, config)

@@ -524,3 +524,26 @@ def test_kasa_adapter_is_refused_naming_the_field(tmp_path):
     with pytest.raises(AdapterError, match="field 'kasa_config'"):
         load_adapter(model, tmp_path / "kasa")
     assert not lora_modules(model)
+def test_a_save_replaces_the_folder_whole_keeping_named_adapters_refusing_other_files(tmp_path):
+    """save_adapter swaps in a new folder: the named adapters of PEFT's layout (subfolders) come
+    along, files of the old adapter that the new one lacks do not, and a folder holding anything
+    else is refused with nothing written."""
+    from helpers import tiny_model
+    from minilora.errors import AdapterError
+
+    model = tiny_model(50)
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"]))
+    inject_lora(model, LoraConfig(r=2, targets=["v_proj"]), name="b")
+    folder = tmp_path / "x"
+    save_adapter(model, folder, name="default")
+    save_adapter(model, folder / "b", name="b")
+    before = (folder / "b" / "adapter_model.safetensors").read_bytes()
+    save_adapter(model, folder, name="default")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "b"]
+    assert (folder / "b" / "adapter_model.safetensors").read_bytes() == before
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(AdapterError, match=r"holds more than an adapter \(notes\.txt\)"):
+        save_adapter(model, folder, name="default")
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]

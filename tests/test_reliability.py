@@ -162,6 +162,38 @@ def fsync_fails(where: str) -> Callable[[pytest.MonkeyPatch, Path], None]:
     return patch
 
 
+def writes_fail(where: str) -> Callable[[pytest.MonkeyPatch, Path], None]:
+    """A disk that fills up mid-file: writes into a file whose path contains ``where`` raise
+    ENOSPC (torch.save into such a file raised a RuntimeError, not an OSError)."""
+
+    class Full:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    def patch(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
+        real = os.fdopen
+
+        def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+            f = real(fd, *args, **kwargs)
+            return Full(f) if where in os.readlink(f"/proc/self/fd/{fd}") else f
+
+        monkeypatch.setattr(os, "fdopen", fdopen)
+
+    return patch
+
+
 def poisoned(kind: str, calls: Callable[[int], bool]) -> Callable[[pytest.MonkeyPatch, Path], None]:
     """Models loaded by the CLI go bad at the forward calls (from 0) that ``calls`` picks."""
 
@@ -464,6 +496,15 @@ CASES = [
          setup=train_first("--max-steps", "4", "--save-every", "1", "--stop-after", "2"),
          patch=fsync_fails("/.tmp-step-"), may_change=("out/config.json", "out/metrics.jsonl"),
          after=resume_completes),
+    Case("disk-full-while-writing-checkpoint-state",
+         TRAIN + ["--max-steps", "4", "--save-every", "1", "--resume"],
+         "[Errno 28] cannot write checkpoint {dir}/out/checkpoints/step-00000003: No space left "
+         "on device; {dir}/out/checkpoints/step-00000002 is kept",
+         "the previous checkpoint is intact; state.pt is serialised in memory first, so torch."
+         "save never writes to the disk itself (a full disk gave its RuntimeError traceback)",
+         setup=train_first("--max-steps", "4", "--save-every", "1", "--stop-after", "2"),
+         patch=writes_fail("/.state.pt."),
+         may_change=("out/config.json", "out/metrics.jsonl"), after=resume_completes),
     Case("disk-full-during-the-adapter-save",
          TRAIN + ["--max-steps", "4", "--save-every", "1", "--resume"],
          "[Errno 28] cannot write {dir}/out/adapter: No space left on device",
@@ -608,7 +649,8 @@ CASES = [
          "nothing allocated (was: 7.3 GB and rising after 500 s)",
          setup=lambda d, n: edit_config(d, n, num_hidden_layers=1000000)),
     Case("pth-key-names-layer-999999999", ["generate", "--model", "{dir}/minimind.pth",
-                                           "--tokenizer", "{work}/base", "hi"],
+                                           "--config", "minimind2", "--tokenizer",
+                                           "{work}/base", "hi"],
          "{dir}/minimind.pth: num_hidden_layers is 1000000000, but the weights hold "
          "model.layers.N for N in [0, 1, 999999999]; expected N = 0 .. 999999999",
          "nothing allocated (was: 3.9 GB in 90 s)", setup=lambda d, n: plain_torch_file(
@@ -770,7 +812,8 @@ CASES = [
     Case("device-cuda-without-cuda", ["train", "--model", "{work}/base", "--config",
                                       "{dir}/run.json"],
          "device cuda:0: CUDA is not available on this machine; use \"cpu\" or \"auto\"",
-         "nothing written", setup=lambda d, n: train_config(d, n, device="cuda:0")),
+         "nothing written", setup=lambda d, n: train_config(d, n, device="cuda:0"),
+         patch=lambda mp, d: mp.setattr(torch.cuda, "is_available", lambda: False)),
     Case("device-banana", ["train", "--model", "{work}/base", "--config", "{dir}/run.json"],
          "TrainConfig.device: unknown device 'banana'; expected \"auto\", \"cpu\", \"cuda\" or "
          "\"cuda:N\"", "nothing written", setup=lambda d, n: train_config(d, n,

@@ -302,6 +302,12 @@ def test_minimind_configs_load_with_their_generation():
     assert (c.minimind_generation, c.num_experts_per_tok, c.n_shared_experts, c.rms_norm_eps,
             c.router_aux_loss_coef, c.qk_norm, c.moe_intermediate_size) == (
         "minimind3", 1, 0, 1e-6, 5e-4, True, 128)
+    # MiniMindConfig.to_dict() adds PretrainedConfig's own keys, which change nothing
+    own = {k: v for k, v in MINIMIND2.items() if k in (
+        "architectures", "output_hidden_states", "return_dict", "dtype", "id2label", "label2id",
+        "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "_name_or_path",
+        "output_attentions")}
+    assert ModelConfig.from_hf_dict({**own, **CURRENT}) == c
     c = ModelConfig.from_hf_dict(MINIMIND2)
     assert (c.minimind_generation, c.num_experts_per_tok, c.n_shared_experts, c.rms_norm_eps,
             c.router_aux_loss_coef, c.seq_aux, c.qk_norm, c.intermediate_size) == (

@@ -64,7 +64,8 @@ def _add_model_config_arg(p: argparse.ArgumentParser, *flags: str) -> None:
     p.add_argument(*flags, dest="model_config", default=None, metavar="FILE",
                    help="the model's config when --model has no config.json beside it (a bare "
                         "MiniMind .pth): MiniMind's config.json or transformers', or minimind2 / "
-                        "minimind3 for that MiniMind generation's defaults")
+                        "minimind3 for that MiniMind generation's defaults (default: the "
+                        "config.json beside the model)")
 
 
 def _load_base(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any, Any]:

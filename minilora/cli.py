@@ -241,7 +241,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="settings for a case, under the flags given: small-data (a few dozen to "
                         "a few hundred conversations): " + ", ".join(
                             f"--{_SHORT.get(k, k).replace('_', '-')} {v}"
-                            for k, v in PRESETS["small-data"].items()))
+                            for k, v in PRESETS["small-data"].items()) + " (default: none)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in _HIDDEN_FIELDS:
             continue

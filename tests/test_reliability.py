@@ -373,6 +373,22 @@ CASES = [
          "Alpaca {{\"instruction\": ..., \"output\": ...}} or {{\"text\": ...}}",
          "nothing written",
          rows=[{"prompt": "Hi", "answer": "Hello"}]),
+    Case("sharegpt-unknown-speaker", TRAIN,
+         "{data}:1: field 'conversations[0].from': unknown speaker 'bot'; expected one of "
+         "human, user, gpt, assistant, system", "nothing written",
+         rows=[{"conversations": [{"from": "bot", "value": "hi"}]}]),
+    Case("alpaca-without-output", TRAIN,
+         "{data}:1: field 'output': missing; an Alpaca record needs instruction and output",
+         "nothing written", rows=[{"instruction": "Add 2 and 3."}]),
+    Case("flag-typo", TRAIN + ["--lrr", "1"],
+         "unknown argument --lrr; did you mean --lr? (see `minilora train --help`)",
+         "nothing written"),
+    Case("resume-without-a-run", ["train", "--resume", "--out", "{dir}/nothing"],
+         "--resume: {dir}/nothing/config.json does not exist, so there is no run to continue "
+         "in {dir}/nothing; check --out", "nothing written"),
+    Case("target-typo", TRAIN + ["--targets", "q_proj,v_prj"],
+         "LoRA targets 'v_prj' (nearest: v_proj…", "nothing written (q_proj alone is not "
+         "trained)"),
     Case("unknown-role", TRAIN, "{data}:1: field 'conversations[0].role': unknown role 'human'; "
          "expected one of system, user, assistant", "nothing written",
          rows=[{"conversations": [{"role": "human", "content": "Hi"},

@@ -883,6 +883,27 @@ CASES = [
                              shutil.rmtree(d / "out" / "checkpoints" / "step-00000001"),
                              write_file(d / "out" / "checkpoints" / "step-00000001" /
                                         "state.pt"))),
+    # ---- issue 12: MiniMind files that do not say what they are
+    Case("bare-pth-without-config", ["generate", "--model", "{dir}/minimind.pth",
+                                     "--tokenizer", "{work}/base", "hi"],
+         "{dir}/minimind.pth: a bare .pth does not tell rms_norm_eps, rope_theta, "
+         "max_position_embeddings, num_attention_heads (its tensors are a minimind2 model's); "
+         "pass its config (--config FILE: MiniMind's config.json or MiniMindConfig.to_dict() as "
+         "JSON), or --config minimind2 to take minimind2's MiniMindConfig defaults (load_model: "
+         "config=...)", "nothing loaded (was: MiniMind2's defaults assumed, logits off by 1.9 "
+         "on a current MiniMind MoE model)", setup=lambda d, n: plain_torch_file(
+             d / "minimind.pth", load_file(n["work"] / "base" / "model.safetensors"))),
+    Case("config-of-both-generations", ["generate", "--model", "{dir}/base", "hi"],
+         "{dir}/base/config.json: config has keys of both MiniMind generations: "
+         "['n_routed_experts'] (MiniMind2) and ['num_experts'] (current MiniMind); keep one "
+         "generation's names", "nothing loaded",
+         setup=lambda d, n: edit_config(d, n, model_type="minimind", use_moe=True,
+                                        n_routed_experts=4, num_experts=4)),
+    Case("kasa-adapter", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: field 'kasa_config' is {{'x': 1}}; minilora supports "
+         "only None", "the model is not touched (was: refused by the key check, the field not "
+         "named)", setup=lambda d, n: edit_adapter_config(copy_adapter(d, n),
+                                                          kasa_config={"x": 1})),
 ]
 
 

@@ -50,6 +50,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
             config is read from its shapes with MiniMind's defaults for the rest (8 attention
             heads, rope_theta 1e6, rms_norm_eps 1e-5, top-2 routing).
 
+    Safetensors (one file or shards) are read one shard at a time into a model built on the
+    meta device, each tensor cast to dtype and moved to device as it arrives: the model is never
+    held twice (peak: the model plus the largest shard).
+
     Returns:
         The model in eval mode.
 

@@ -106,7 +106,7 @@ TRAIN = ["train", "--model", "{work}/base", "--data", "{data}", "--out", "{dir}/
 GENERATE = ["generate", "--model", "{work}/base", "--max-new-tokens", "1", "hi"]
 GOOD = {"conversations": CHATS[1]}
 # What a failing train run may print before its error line.
-PROGRESS = re.compile(r"(data: |step \d+/\d+ |resume: |eval at step )")
+PROGRESS = re.compile(r"(data: |step \d+/\d+ |resume: |eval at step |memory: )")
 
 
 class Payload:

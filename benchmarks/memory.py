@@ -156,6 +156,31 @@ def worker(case: dict) -> dict:
             "loss": float(out.loss)}
 
 
+def time_checkpointing(shapes: dict, batch: tuple[int, int], rounds: int) -> str:
+    """Step time with and without activation checkpointing in ONE process, alternated."""
+    import torch
+
+    case = dict(shapes=shapes, rank=8)
+    model, params = _minilora_model(case, shapes)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, shapes["vocab_size"], batch)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(rounds + 1):  # the first round warms up, unmeasured
+        for checkpointing in (False, True):
+            model.activation_checkpointing = checkpointing
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(ids, labels=ids)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i:
+                times[checkpointing].append(time.perf_counter() - started)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return (f"step time, one process, alternated, median of {rounds}: checkpointing off "
+            f"{off:.2f} s, on {on:.2f} s, ratio {on / off:.2f}x (batch {batch[0]} x {batch[1]})")
+
+
 def make_tinyllama_folder(quick: bool) -> Path:
     """The random 1.1B bf16 folder, sharded by transformers, made once under benchmarks/.cache."""
     folder = CACHE / ("tinyllama-quick" if quick else "tinyllama-1.1b")
@@ -223,9 +248,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per row (first one unmeasured)")
     parser.add_argument("--repeat", type=int, default=1, help="passes over the rows, alternated")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per row")
+    parser.add_argument("--time-checkpointing", type=int, default=0, metavar="ROUNDS",
+                        help="instead: time checkpointing on/off alternated in one process")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.time_checkpointing:
+        shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+        print(time_checkpointing(shapes, (2, 64) if args.quick else (8, 1024),
+                                 args.time_checkpointing))
         return
     rows = cases(args)
     results: dict[str, list[dict]] = {r["id"]: [] for r in rows}

@@ -97,10 +97,11 @@ def _activations(model: nn.Module, B: int, T: int, amp_dtype: torch.dtype | None
     N = B * T
     # Saved per token by one block: the float32 residual stream at the two norms, each norm's
     # output, q/k before and after RoPE, v, the attention output, the MLP's gate, up, silu and
-    # their product; in low precision the attention's probabilities (H x T per token) too.
+    # their product; in low precision the attention's probabilities (H x T per token) too,
+    # where float32's fused attention keeps one log-sum-exp per head.
     qkv = H * D + 2 * KV * D
     per_token = 2 * 4 * C + low * (2 * C + 2 * qkv + H * D + 4 * F)
-    scores = low * H * T * 2 if low == 2 else 4 * H  # probabilities and scores, or lse only
+    scores = low * H * T if low == 2 else 4 * H
     block = N * (per_token + scores)
     if model.activation_checkpointing:
         body = L * N * 4 * C + block  # each block's input, then one block recomputed

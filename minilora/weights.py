@@ -52,6 +52,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
             that generation's MiniMindConfig defaults for the rest (eps, rope_theta, routing).
             A bare .pth without any is refused, naming what its tensors do not tell.
 
+    Safetensors (one file or shards) are read one shard at a time into a model built on the
+    meta device, each tensor cast to dtype and moved to device as it arrives: the model is never
+    held twice (peak: the model plus the largest shard).
+
     Returns:
         The model in eval mode.
 

@@ -437,37 +437,39 @@ def test_cli_refuses_a_missing_adapter_dir(capsys, tmp_path):
     assert "--adapter-dir" in capsys.readouterr().err
 
 
-def test_cli_serve_end_to_end(setup, tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_serve_end_to_end(setup, monkeypatch):
+    """`minilora serve` as the command line builds it; uvicorn.run is given a real server on a
+    free port, which the checks talk to before it is told to stop."""
     _, paths, _, _ = setup
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minilora", "serve", "--port", str(port), "--adapter",
-         f"alpha={paths['alpha']}", "--max-batch", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        local = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in local.models.list().data] == ["base", "alpha"]
-        assert "Pico" in ask(local, "base", "What is your name?", max_tokens=32)\
-            .choices[0].message.content
-        page = httpx.get(url + "/")
-        assert page.status_code == 200 and "<script>" in page.text and "http" not in \
-            page.text.split("<script>")[1]  # no CDN: everything is in the page
-        refused = httpx.post(url + "/v1/load_lora_adapter",
-                             json={"lora_name": "x", "lora_path": str(paths["beta"])})
-        assert refused.status_code == 403  # no --adapter-dir: run-time loading is off
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    checked = []
+
+    def run_and_check(app, host, port, log_level):
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: server.started)
+            url = f"http://{host}:{port}"
+            local = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            assert [m.id for m in local.models.list().data] == ["base", "alpha"]
+            reply = ask(local, "base", "What is your name?", max_tokens=32)
+            assert "Pico" in reply.choices[0].message.content
+            page = httpx.get(url + "/")
+            script = page.text.split("<script>")[1]
+            assert page.status_code == 200 and "http" not in script  # no CDN: all in the page
+            refused = httpx.post(url + "/v1/load_lora_adapter",
+                                 json={"lora_name": "x", "lora_path": str(paths["beta"])})
+            assert refused.status_code == 403  # no --adapter-dir: run-time loading is off
+            checked.append(True)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+    monkeypatch.setattr(uvicorn, "run", run_and_check)
+    assert main(["serve", "--port", str(port), "--adapter", f"alpha={paths['alpha']}",
+                 "--max-batch", "4"]) == 0
+    assert checked == [True]
 
 
 def chromium_driver(profile: Path):

@@ -311,6 +311,10 @@ def _load(state: ServeState, name: str, folder: Path) -> None:
     from minilora.adapter import load_adapter
     from minilora.lora import set_active
 
+    if state.engine.is_unloading(name):  # its old weights still answer running requests
+        raise APIError(409, f"the adapter '{name}' is still being unloaded (requests that began "
+                       "with it are running); try again when they are done", code="conflict",
+                       param="lora_name")
     try:
         load_adapter(state.engine.model, folder, name=name,
                      check_fingerprint=state.check_fingerprint)

@@ -312,6 +312,10 @@ class Engine:
         self._unloading.add(adapter)
         self._unload_unused()
 
+    def is_unloading(self, adapter: str) -> bool:
+        """True while an unloaded adapter still serves the requests that began with it."""
+        return adapter in self._unloading
+
     def _unload_unused(self) -> None:
         from minilora.lora import delete_adapter, list_adapters, set_active
 

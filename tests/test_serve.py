@@ -50,6 +50,14 @@ def write_adapter(model, folder: Path, name: str, seed: int, targets) -> Path:
     return folder / name
 
 
+def wait_for(condition, seconds: float = 30) -> None:
+    """Polls until condition() holds (a bound on waiting, not a timing claim)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -254,6 +262,34 @@ def test_load_and_unload_while_other_requests_stream(setup, client, expected):
     assert post(setup, "/v1/unload_lora_adapter", {"lora_name": LATE}).status_code == 200
 
 
+def test_an_adapter_still_serving_after_unload_cannot_be_reloaded_until_free(setup):
+    server, paths, _, _ = setup
+    engine = server.state.engine
+    spec = {"lora_name": LATE, "lora_path": LATE}
+    assert post(setup, "/v1/load_lora_adapter", spec).status_code == 200
+    body = {"model": LATE, "stream": True, "max_tokens": 100, "temperature": 1.0, "seed": 3,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        events = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(events), next(events)  # the role, then the first token: it is being decoded
+        gate = threading.Event()
+        engine.call(gate.wait)  # hold the engine between two steps: the row stays running
+        wait_for(lambda: engine._calls.qsize() == 0)  # the engine is waiting at the gate
+        with ThreadPoolExecutor(2) as pool:
+            unload = pool.submit(post, setup, "/v1/unload_lora_adapter", {"lora_name": LATE})
+            wait_for(lambda: engine._calls.qsize() == 1)  # the unload waits behind the gate
+            load = pool.submit(post, setup, "/v1/load_lora_adapter", spec)
+            wait_for(lambda: engine._calls.qsize() == 2)  # and the load behind it
+            gate.set()
+            assert unload.result().status_code == 200
+            busy = load.result()
+        assert busy.status_code == 409 and error_of(busy)["code"] == "conflict"
+    wait_for(lambda: not engine.is_unloading(LATE))  # the row leaves, then the adapter goes
+    assert post(setup, "/v1/load_lora_adapter", spec).status_code == 200
+    assert post(setup, "/v1/unload_lora_adapter", {"lora_name": LATE}).status_code == 200
+
+
 def error_of(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body["error"]) >= {"message", "type", "code"}, body
@@ -360,7 +396,7 @@ def test_hostile_bodies_get_json_errors_and_the_server_still_answers(setup, clie
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(setup):
     server = setup[0]
-    body = {"model": "beta", "stream": True, "max_tokens": 900, "temperature": 1.0, "seed": 1,
+    body = {"model": "beta", "stream": True, "max_tokens": 900, "temperature": 2.0, "seed": 1,
             "messages": [{"role": "user", "content": "Tell me a long story."}]}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
@@ -401,37 +437,39 @@ def test_cli_refuses_a_missing_adapter_dir(capsys, tmp_path):
     assert "--adapter-dir" in capsys.readouterr().err
 
 
-def test_cli_serve_end_to_end(setup, tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_serve_end_to_end(setup, monkeypatch):
+    """`minilora serve` as the command line builds it; uvicorn.run is given a real server on a
+    free port, which the checks talk to before it is told to stop."""
     _, paths, _, _ = setup
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minilora", "serve", "--port", str(port), "--adapter",
-         f"alpha={paths['alpha']}", "--max-batch", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        local = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in local.models.list().data] == ["base", "alpha"]
-        assert "Pico" in ask(local, "base", "What is your name?", max_tokens=32)\
-            .choices[0].message.content
-        page = httpx.get(url + "/")
-        assert page.status_code == 200 and "<script>" in page.text and "http" not in \
-            page.text.split("<script>")[1]  # no CDN: everything is in the page
-        refused = httpx.post(url + "/v1/load_lora_adapter",
-                             json={"lora_name": "x", "lora_path": str(paths["beta"])})
-        assert refused.status_code == 403  # no --adapter-dir: run-time loading is off
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    checked = []
+
+    def run_and_check(app, host, port, log_level):
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: server.started)
+            url = f"http://{host}:{port}"
+            local = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            assert [m.id for m in local.models.list().data] == ["base", "alpha"]
+            reply = ask(local, "base", "What is your name?", max_tokens=32)
+            assert "Pico" in reply.choices[0].message.content
+            page = httpx.get(url + "/")
+            script = page.text.split("<script>")[1]
+            assert page.status_code == 200 and "http" not in script  # no CDN: all in the page
+            refused = httpx.post(url + "/v1/load_lora_adapter",
+                                 json={"lora_name": "x", "lora_path": str(paths["beta"])})
+            assert refused.status_code == 403  # no --adapter-dir: run-time loading is off
+            checked.append(True)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+    monkeypatch.setattr(uvicorn, "run", run_and_check)
+    assert main(["serve", "--port", str(port), "--adapter", f"alpha={paths['alpha']}",
+                 "--max-batch", "4"]) == 0
+    assert checked == [True]
 
 
 def chromium_driver(profile: Path):

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
@@ -246,6 +247,12 @@ def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     The shards are read with plain reads, not safetensors' memory map: a mapped shard's pages
     stay resident (and counted in the process's RSS) after its tensors are copied out.
     """
+    try:  # safetensors' own checks of the header first (it maps the file, reads no data)
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass
+    except Exception as e:  # SafetensorError: torn or damaged
+        raise WeightsError(f"{path}: not a readable safetensors file, truncated or damaged "
+                           f"({e})") from None
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:

@@ -198,12 +198,11 @@ def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
     so the model never exists twice (peak: the model plus one shard)."""
     shapes: dict[str, Tensor] = {}  # stripped name -> a meta tensor of the stored shape
     names: dict[str, str] = {}  # stored key -> stripped name
-    for shard in shards:
-        with _open_safetensors(shard) as f:
-            for key in f.keys():
-                names[key] = _strip_wrappers({key: None}).popitem()[0]
-                shape = f.get_slice(key).get_shape()
-                shapes[names[key]] = torch.empty(shape, device="meta")
+    headers = {shard: _safetensors_header(shard) for shard in shards}
+    for header, _ in headers.values():
+        for key, info in header.items():
+            names[key] = _strip_wrappers({key: None}).popitem()[0]
+            shapes[names[key]] = torch.empty(info["shape"], device="meta")
     if weight_map is not None:
         _check_index_keys(source, weight_map, set(names))
     cfg = _resolve_config(path, config, shapes)
@@ -219,12 +218,13 @@ def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
     head = None  # a tied checkpoint's own lm_head, compared with the embedding at the end
     for shard in shards:
         part: dict[str, Tensor] = {}
-        with _open_safetensors(shard) as f:
-            for key in f.keys():
+        header, start = headers[shard]
+        with open(shard, "rb") as f:
+            for key, info in header.items():
                 name = names[key]
                 if name not in wanted and not (tied and name == "lm_head.weight"):
                     continue  # an ignored buffer
-                t = f.get_tensor(key)
+                t = _read_tensor(f, shard, key, info, start)
                 t = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
                 if tied and name == "lm_head.weight":
                     head = t
@@ -247,12 +247,50 @@ def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
     return model.to(device).eval()
 
 
-def _open_safetensors(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
+# safetensors dtype names -> torch dtypes (the ones a checkpoint holds)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensors' entries of a safetensors header and where the data starts.
+
+    The shards are read with plain reads, not safetensors' memory map: a mapped shard's pages
+    stay resident (and counted in the process's RSS) after its tensors are copied out.
+    """
+    try:  # safetensors' own checks of the header first (it maps the file, reads no data)
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass
     except Exception as e:  # SafetensorError: torn or damaged
         raise WeightsError(f"{path}: not a readable safetensors file, truncated or damaged "
                            f"({e})") from None
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            begin, end = info["data_offsets"]
+            if info["dtype"] not in _ST_DTYPES or not 0 <= begin <= end <= size - 8 - n:
+                raise ValueError(f"tensor {key}: dtype {info['dtype']}, bytes {begin}..{end}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file, truncated or damaged "
+                           f"({e})") from None
+    return header, 8 + n
+
+
+def _read_tensor(f, path: Path, key: str, info: dict, start: int) -> Tensor:
+    begin, end = info["data_offsets"]
+    dtype = _ST_DTYPES[info["dtype"]]
+    data = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(start + begin)
+    if f.readinto(data.numpy()) != end - begin:
+        raise WeightsError(f"{path}: tensor {key} is cut short (truncated file)")
+    return data.view(dtype).reshape(info["shape"])
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:

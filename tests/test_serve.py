@@ -11,22 +11,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx  # make test installs the serve extra and httpx: a missing one fails, not skips
+import openai
 import pytest
 import torch
+import uvicorn
 
 from minilora.adapter import load_adapter, save_adapter
 from minilora.cli import BASE_MODEL, main
 from minilora.lora import LoraConfig, delete_adapter, inject_lora, lora_modules, set_active
 from minilora.model import generate
+from minilora.serve import MAX_BODY, APIError, ServeState, _allowed_path, create_app
+from minilora.serve_engine import Engine
 from minilora.tokenizer import Tokenizer
 from minilora.weights import load_model
-
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
-
-from minilora.serve import MAX_BODY, APIError, ServeState, _allowed_path, create_app  # noqa: E402
-from minilora.serve_engine import Engine  # noqa: E402
 
 KEY = "test-key"
 QUESTIONS = ["What is your name?", "Add 12 and 30.", "Reverse the word minilora.",

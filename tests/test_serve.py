@@ -17,9 +17,10 @@ import pytest
 import torch
 import uvicorn
 
+from helpers import add_random_adapter
 from minilora.adapter import load_adapter, save_adapter
 from minilora.cli import BASE_MODEL, main
-from minilora.lora import LoraConfig, delete_adapter, inject_lora, lora_modules, set_active
+from minilora.lora import delete_adapter, set_active
 from minilora.model import generate
 from minilora.serve import MAX_BODY, APIError, ServeState, _allowed_path, create_app
 from minilora.serve_engine import Engine
@@ -36,13 +37,7 @@ LATE = "epsilon"  # loaded at run time from --adapter-dir
 
 
 def write_adapter(model, folder: Path, name: str, seed: int, targets) -> Path:
-    torch.manual_seed(100 + seed)  # inject_lora draws A from the global generator
-    inject_lora(model, LoraConfig(r=4, alpha=8, targets=targets), name=name)
-    g = torch.Generator().manual_seed(seed)
-    for _, m in lora_modules(model):
-        if name in m.adapters:
-            b = m.adapters[name].lora_B.weight
-            b.data.copy_(torch.randn(b.shape, generator=g) * 2.0)
+    add_random_adapter(model, name, seed, targets)
     save_adapter(model, folder / name, name=name)
     delete_adapter(model, name)
     return folder / name

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import add_random_adapter
 from minilora.cli import BASE_MODEL
-from minilora.lora import LoraConfig, inject_lora, lora_modules, set_active
+from minilora.lora import set_active
 from minilora.model import generate
 from minilora.serve_engine import Engine, Event, Request, RowCache, SamplingParams
 from minilora.tokenizer import Tokenizer
@@ -17,17 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUESTIONS = ["What is your name?", "Add 12 and 30.", "Reverse the word minilora.",
              "Upper-case the word serving, please, and then tell me who made you."]
-
-
-def add_random_adapter(model, name: str, seed: int, targets) -> None:
-    """An adapter whose B is not zero, so its answers differ from the base's."""
-    torch.manual_seed(100 + seed)  # inject_lora draws A from the global generator
-    inject_lora(model, LoraConfig(r=4, alpha=8, targets=targets), name=name)
-    g = torch.Generator().manual_seed(seed)
-    for _, m in lora_modules(model):
-        if name in m.adapters:
-            b = m.adapters[name].lora_B.weight
-            b.data.copy_(torch.randn(b.shape, generator=g) * 2.0)
 
 
 @pytest.fixture(scope="module")

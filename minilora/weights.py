@@ -79,10 +79,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     with torch.device("meta"):
         model = CausalLM(cfg)
     state_dict = _fit(model, state_dict, source)
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    # checked after the cast, as shard by shard: a float64 1e300 is inf in float32
     problems = tensor_problems(state_dict)
     if problems:  # an int8 or complex weight computes nonsense; a NaN spreads to every output
         raise WeightsError(f"{source}: not usable base weights: " + "; ".join(problems))
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True untied them
@@ -377,6 +378,14 @@ def _generation_from_tensors(sd: dict[str, Tensor], path: Path) -> str:
     return "minimind3" if qk_norm else "minimind2"
 
 
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    # the shard-by-shard loader knows only shapes here (meta tensors): a stored lm_head is then
+    # taken as untied, which loads either way; only read values can show a tie
+    if a.is_meta or b.is_meta:
+        return False
+    return a.shape == b.shape and torch.equal(a, b)
+
+
 def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
                                  generation: str) -> ModelConfig:
     """A MiniMind config read from the tensor shapes, the generation's defaults for the rest."""
@@ -413,8 +422,8 @@ def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
          "num_attention_heads": heads, "num_key_value_heads": k_out // head_dim,
          "head_dim": head_dim, "qk_norm": qk_norm, "intermediate_size": width,
          "attention_bias": prefix + "self_attn.q_proj.bias" in sd,
-         "tie_word_embeddings": "lm_head.weight" not in sd
-         or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])}
+         "tie_word_embeddings": "lm_head.weight" not in sd or _same_values(
+             sd["lm_head.weight"], sd["model.embed_tokens.weight"])}
     if generation == "minimind2":
         d["n_shared_experts"] = len({int(m.group(1)) for k in sd if (m := re.match(
             r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))})

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minilora import __version__
-from minilora.errors import MiniloraError, OutputError
+from minilora.errors import BaseConfigNeeded, MiniloraError, OutputError
 from minilora.outputs import FolderLock, check_not_an_input, check_own_folder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -234,7 +234,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="a JSON file of these settings (a run's config.json, say), keys named "
                         "as the flags with _ for - (lora_r for --r); flags given override it; "
                         "the run goes to a new --out folder unless --resume")
-    _add_model_config_arg(p, "--model-config")
     p.add_argument("--tasks", nargs="*", default=None, metavar="FILE",
                    help="eval files (tasks format) scored before and after training")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -337,7 +336,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         "--config": args.config, "--tasks": args.tasks},
                        "--out")
     model_path = Path(config.model)
-    model = load_model(model_path, config=args.model_config)
+    model = load_model(model_path, config=config.model_config)
     tokenizer = Tokenizer.from_file(Path(config.tokenizer) if config.tokenizer else
                                     (model_path if model_path.is_dir() else model_path.parent))
 
@@ -969,6 +968,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except _user_errors() as err:
+        if isinstance(err, BaseConfigNeeded):  # train's --config is its own settings file
+            err.flag = "--model-config" if args.command == "train" else "--config"
         # One line whatever the message holds (a wrapped library error may carry newlines or
         # terminal colour codes).
         message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", str(err))).strip()

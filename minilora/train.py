@@ -77,7 +77,7 @@ _MAX_CHECKPOINT_FILE = 1 << 40  # read whole: a LoRA checkpoint is MBs; a --full
 _RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
     "log_every", "max_bad_steps", "stop_after", "device", "overwrite",
-    "model", "tokenizer",  # paths: the base fingerprint in the checkpoint checks the base itself
+    "model", "tokenizer", "model_config",  # the base fingerprint in the checkpoint checks the base
     "activation_checkpointing",
 )
 
@@ -137,6 +137,10 @@ class TrainConfig:
                                    "tiny model)")
     tokenizer: str | None = _arg(None, "tokenizer.json or its folder (default: the model's "
                                        "folder)")
+    model_config: str | None = _arg(
+        None, "the base's config when the model has no config.json beside it (a bare MiniMind "
+              ".pth): MiniMind's config.json or transformers', or minimind2 / minimind3 for that "
+              "MiniMind generation's defaults (default: the config.json beside the model)")
     replay: str | None = _arg(None, "data of what the base already does (its own answers), mixed "
                                     "in so the adapter keeps it")
     replay_ratio: float = _arg(0.5, "replay rows per training row (0.5: one replayed for two)")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .checks import check_written, resolve_device, tensor_problems
-from .errors import ConfigError, WeightsError
+from .errors import BaseConfigNeeded, ConfigError, WeightsError
 from .files import atomic_write, read_json, regular_file, torch_load_reason
 from .model import GENERATIONS, MINIMIND_DEFAULTS, CausalLM, ModelConfig
 
@@ -360,11 +360,7 @@ def _resolve_config(path: Path, config: ModelConfig | dict | str | Path | None,
         unknown.append("num_attention_heads")  # without q_norm no tensor holds head_dim
     if moe:
         unknown += ["num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef"]
-    raise WeightsError(
-        f"{path}: a bare .pth does not tell {', '.join(unknown)} (its tensors are a "
-        f"{generation} model's); pass its config (--config FILE: MiniMind's config.json or "
-        f"MiniMindConfig.to_dict() as JSON), or --config {generation} to take {generation}'s "
-        f"MiniMindConfig defaults (load_model: config=...)")
+    raise BaseConfigNeeded(str(path), unknown, generation)
 
 
 def _generation_from_tensors(sd: dict[str, Tensor], path: Path) -> str:

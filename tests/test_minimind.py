@@ -352,7 +352,7 @@ def test_bare_pth_needs_a_config_and_says_what_it_lacks(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     for what in ("rms_norm_eps", "rope_theta", "num_experts_per_tok", "norm_topk_prob",
-                 "--config", "minimind3"):
+                 "config=FILE", "config='minimind3'"):
         assert what in msg
     # naming the generation takes its defaults, the sizes from the shapes: the reference's logits
     model = load_model(tmp_path / "moe.pth", config="minimind3")

@@ -889,8 +889,8 @@ CASES = [
          "{dir}/minimind.pth: a bare .pth does not tell rms_norm_eps, rope_theta, "
          "max_position_embeddings, num_attention_heads (its tensors are a minimind2 model's); "
          "pass its config (--config FILE: MiniMind's config.json or MiniMindConfig.to_dict() as "
-         "JSON), or --config minimind2 to take minimind2's MiniMindConfig defaults (load_model: "
-         "config=...)", "nothing loaded (was: MiniMind2's defaults assumed, logits off by 1.9 "
+         "JSON), or --config minimind2 to take minimind2's MiniMindConfig defaults",
+         "nothing loaded (was: MiniMind2's defaults assumed, logits off by 1.9 "
          "on a current MiniMind MoE model)", setup=lambda d, n: plain_torch_file(
              d / "minimind.pth", load_file(n["work"] / "base" / "model.safetensors"))),
     Case("config-of-both-generations", ["generate", "--model", "{dir}/base", "hi"],

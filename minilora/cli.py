@@ -282,8 +282,11 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
     elif resuming_saved:
         settings = TrainConfig.from_json(saved).to_dict()  # the run's own settings, no retyping
         settings.pop("stop_after", None)  # where that invocation stopped, not this one
+        settings.pop("overwrite", None)  # nor may its --overwrite replace anything now
     elif args.config:
         settings = TrainConfig.from_json(args.config).to_dict()
+        for key in ("overwrite", "resume", "stop_after"):  # that invocation's, not this one's
+            settings.pop(key, None)
         if not given.get("resume"):  # a rerun of a saved config is a new run, in a new folder
             settings.pop("out_dir", None)
     if getattr(args, "preset", None):

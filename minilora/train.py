@@ -410,10 +410,13 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     run = _RunState()
+    loaded = None
     if config.resume:
-        run = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan) or run
-    else:
+        loaded = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan)
+    if loaded is None:  # no checkpoint to resume from: a fresh run, which may not overwrite
         _replace_earlier_run(out, config.overwrite, rank)
+    else:
+        run = loaded
     start_step = run.step
     if rank == 0:
         _start_outputs(out, config, run.step, train_set.stats)

@@ -318,3 +318,28 @@ def test_a_bare_pth_run_resumes_without_retyping_its_model_config(workdir: Path,
     code, out_text, err = run(["train", "--resume", "--out", str(out)], capsys)
     assert code == 0, err
     assert "resumed at step 1, trained 1 steps in" in out_text
+
+
+def test_a_rerun_of_a_saved_config_neither_overwrites_nor_resumes(workdir: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    first = tmp_path / "first"
+    assert main(train_args(workdir, first, "--max-steps", "2", "--save-every", "1",
+                           "--stop-after", "1", "--overwrite")) == 0
+    saved = json.loads((first / "config.json").read_text())
+    assert saved["overwrite"] and saved["stop_after"] == 1
+    other = tmp_path / "other"
+    assert main(train_args(workdir, other, "--max-steps", "1")) == 0
+    before = files_of(other)
+    # --overwrite and --stop-after were that command's words: here the folder is refused
+    code, _, err = run(["train", "--config", str(first / "config.json"), "--out", str(other)],
+                       capsys)
+    assert code == 2 and "holds an earlier run" in err
+    assert files_of(other) == before
+    # and a rerun runs to its end, from step 0, into a new folder
+    fresh = tmp_path / "fresh"
+    code, out, err = run(["train", "--config", str(first / "config.json"), "--out", str(fresh)],
+                         capsys)
+    assert code == 0, err
+    assert "resumed" not in out and "trained 2 steps" in out
+    again = json.loads((fresh / "config.json").read_text())
+    assert not again["overwrite"] and not again["resume"] and again["stop_after"] is None

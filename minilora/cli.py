@@ -732,12 +732,22 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
 def _describe_run(path: Path) -> dict[str, Any]:
     """A training run's folder: its settings, progress, and the adapter it wrote."""
     from minilora.adapter import describe_adapter
+    from minilora.files import read_json
     from minilora.train import CHECKPOINTS, latest_checkpoint
 
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    records = [json.loads(line) for line in
-               (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    losses = [r for r in records if r.get("loss") is not None]
+    config = read_json(path / "config.json", "a run's config.json")
+    if not isinstance(config, dict):
+        raise CliError(f"{path / 'config.json'}: expected a JSON object of TrainConfig fields, "
+                       f"got {type(config).__name__}")
+    records = []
+    text = (path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a killed run, as train's resume skips it
+    losses = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)
+              and isinstance(r.get("loss"), (int, float))]
     info: dict[str, Any] = {"run": str(path), "base": config.get("model"),
                             "data": config.get("data"), "lr": config.get("lr")}
     if losses:

@@ -413,8 +413,11 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
     loaded = None
     if config.resume:
         loaded = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan)
-    if loaded is None:  # no checkpoint to resume from: a fresh run, which may not overwrite
-        _replace_earlier_run(out, config.overwrite, rank)
+    if loaded is None:  # no checkpoint to resume from: a fresh run, which may not overwrite a
+        # finished run's outputs; a run killed before its first checkpoint starts over
+        started_only = config.resume and not any(
+            (out / n).exists() for n in ("adapter", "model", "best"))
+        _replace_earlier_run(out, config.overwrite or started_only, rank)
     else:
         run = loaded
     start_step = run.step

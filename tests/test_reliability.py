@@ -627,6 +627,12 @@ CASES = [
          "overwrite=True (--overwrite) to replace it, or train into another out_dir",
          "the finished run is untouched (was: its checkpoints and best/ deleted at the start)",
          setup=train_first()),
+    Case("resume-without-a-checkpoint-over-a-finished-run", TRAIN + ["--resume"],
+         "{dir}/out holds an earlier run (adapter, metrics.jsonl): pass overwrite=True "
+         "(--overwrite) to replace it, or train into another out_dir",
+         "the finished run is untouched (was: restarted at step 0, its adapter and metrics "
+         "replaced)", setup=lambda d, n: (train_first()(d, n),
+                                         shutil.rmtree(d / "out" / "checkpoints"))),
     Case("second-run-into-a-busy-folder", TRAIN,
          "{dir}/out is in use by another process (minilora train, PID {pid}); wait for it to "
          "end, or choose another output folder", "the running run's files are untouched",

@@ -305,7 +305,8 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
 
 # What a None default means on the command line, where "None" would say nothing.
 _NONE_MEANS = {"data": "the demo data with no --model", "eval_data": "no eval",
-               "max_steps": "epochs x steps per epoch", "stop_after": "the end"}
+               "max_steps": "epochs x steps per epoch", "stop_after": "the end",
+               "model_config": "the config.json beside the model"}
 
 
 def _shown_default(f: Any) -> str:

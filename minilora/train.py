@@ -140,7 +140,7 @@ class TrainConfig:
     model_config: str | None = _arg(
         None, "the base's config when the model has no config.json beside it (a bare MiniMind "
               ".pth): MiniMind's config.json or transformers', or minimind2 / minimind3 for that "
-              "MiniMind generation's defaults (default: the config.json beside the model)")
+              "MiniMind generation's defaults")
     replay: str | None = _arg(None, "data of what the base already does (its own answers), mixed "
                                     "in so the adapter keeps it")
     replay_ratio: float = _arg(0.5, "replay rows per training row (0.5: one replayed for two)")

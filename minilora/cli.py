@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minilora import __version__
-from minilora.errors import MiniloraError, OutputError
+from minilora.errors import BaseConfigNeeded, MiniloraError, OutputError
 from minilora.outputs import FolderLock, check_not_an_input, check_own_folder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -234,7 +234,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="a JSON file of these settings (a run's config.json, say), keys named "
                         "as the flags with _ for - (lora_r for --r); flags given override it; "
                         "the run goes to a new --out folder unless --resume")
-    _add_model_config_arg(p, "--model-config")
     p.add_argument("--tasks", nargs="*", default=None, metavar="FILE",
                    help="eval files (tasks format) scored before and after training")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -283,8 +282,11 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
     elif resuming_saved:
         settings = TrainConfig.from_json(saved).to_dict()  # the run's own settings, no retyping
         settings.pop("stop_after", None)  # where that invocation stopped, not this one
+        settings.pop("overwrite", None)  # nor may its --overwrite replace anything now
     elif args.config:
         settings = TrainConfig.from_json(args.config).to_dict()
+        for key in ("overwrite", "resume", "stop_after"):  # that invocation's, not this one's
+            settings.pop(key, None)
         if not given.get("resume"):  # a rerun of a saved config is a new run, in a new folder
             settings.pop("out_dir", None)
     if getattr(args, "preset", None):
@@ -303,7 +305,8 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
 
 # What a None default means on the command line, where "None" would say nothing.
 _NONE_MEANS = {"data": "the demo data with no --model", "eval_data": "no eval",
-               "max_steps": "epochs x steps per epoch", "stop_after": "the end"}
+               "max_steps": "epochs x steps per epoch", "stop_after": "the end",
+               "model_config": "the config.json beside the model"}
 
 
 def _shown_default(f: Any) -> str:
@@ -337,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         "--config": args.config, "--tasks": args.tasks},
                        "--out")
     model_path = Path(config.model)
-    model = load_model(model_path, config=args.model_config)
+    model = load_model(model_path, config=config.model_config)
     tokenizer = Tokenizer.from_file(Path(config.tokenizer) if config.tokenizer else
                                     (model_path if model_path.is_dir() else model_path.parent))
 
@@ -730,12 +733,22 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
 def _describe_run(path: Path) -> dict[str, Any]:
     """A training run's folder: its settings, progress, and the adapter it wrote."""
     from minilora.adapter import describe_adapter
+    from minilora.files import read_json
     from minilora.train import CHECKPOINTS, latest_checkpoint
 
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    records = [json.loads(line) for line in
-               (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    losses = [r for r in records if r.get("loss") is not None]
+    config = read_json(path / "config.json", "a run's config.json")
+    if not isinstance(config, dict):
+        raise CliError(f"{path / 'config.json'}: expected a JSON object of TrainConfig fields, "
+                       f"got {type(config).__name__}")
+    records = []
+    text = (path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a killed run, as train's resume skips it
+    losses = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)
+              and isinstance(r.get("loss"), (int, float))]
     info: dict[str, Any] = {"run": str(path), "base": config.get("model"),
                             "data": config.get("data"), "lr": config.get("lr")}
     if losses:
@@ -969,6 +982,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except _user_errors() as err:
+        if isinstance(err, BaseConfigNeeded):  # train's --config is its own settings file
+            err.flag = "--model-config" if args.command == "train" else "--config"
         # One line whatever the message holds (a wrapped library error may carry newlines or
         # terminal colour codes).
         message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", str(err))).strip()

@@ -26,6 +26,7 @@ import torch
 
 from minilora.errors import DataError
 from minilora.formats import (
+    DATA_SUFFIXES,
     alpaca_messages,
     array_records,
     data_files,
@@ -209,6 +210,11 @@ def load_jsonl(
 
 def _records(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[int, Any]]:
     """(line or row number, record: JSON text of a line, or a parsed item) of any data file."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        # a FIFO or a device never ends: refused before any reader (JSON array, Parquet) opens it
+        raise DataError(path, "is not a regular file (a pipe or a device has no end); expected "
+                              f"a {path.suffix if path.suffix in DATA_SUFFIXES else '.jsonl'} "
+                              "file")
     if path.suffix == ".parquet":
         items = parquet_records(path)
     elif is_json_array(path):

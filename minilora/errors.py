@@ -67,6 +67,29 @@ class FingerprintMismatch(AdapterError):
         return f"{self.message}; pass {self.override} to load it anyway"
 
 
+class BaseConfigNeeded(WeightsError):
+    """Base weights that do not say their config (a bare MiniMind .pth).
+
+    Attributes:
+        flag: how to pass the config, in the words of the caller's layer: the library's
+            keyword (``config=``); the command line names its own flag.
+    """
+
+    def __init__(self, path: str, unknown: list[str], generation: str,
+                 flag: str = "config=") -> None:
+        super().__init__(path)
+        self.path, self.unknown, self.generation, self.flag = path, unknown, generation, flag
+
+    def __str__(self) -> str:
+        g = self.generation
+        file, name = ((f"{self.flag}FILE", f"{self.flag}{g!r}") if self.flag.endswith("=")
+                      else (f"{self.flag} FILE", f"{self.flag} {g}"))
+        return (f"{self.path}: a bare .pth does not tell {', '.join(self.unknown)} (its tensors "
+                f"are a {g} model's); pass its config ({file}: MiniMind's config.json or "
+                f"MiniMindConfig.to_dict() as JSON), or {name} to take {g}'s MiniMindConfig "
+                f"defaults")
+
+
 class TrainError(MiniloraError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
 

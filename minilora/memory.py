@@ -91,8 +91,9 @@ def _activations(model: nn.Module, B: int, T: int, amp_dtype: torch.dtype | None
     C, F, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     H, KV, D, V = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                    config.vocab_size)
-    if config.use_moe:  # each token through k routed experts and the shared ones
-        F *= config.num_experts_per_tok + config.n_shared_experts
+    if config.use_moe:  # each token through k routed experts (their own width) and the shared
+        F = (config.num_experts_per_tok * config.moe_intermediate_size
+             + config.n_shared_experts * config.intermediate_size)
     low = 2 if amp_dtype in (torch.bfloat16, torch.float16) else 4
     N = B * T
     # Saved per token by one block: the float32 residual stream at the two norms, each norm's

@@ -233,7 +233,7 @@ class Engine:
         self.context = context or model.config.max_position_embeddings
         if list_adapters(model):
             set_active(model, [])
-        self.eos = {i for i in (tokenizer.im_end_id, tokenizer.eos_token_id) if i is not None}
+        self.eos = set(tokenizer.stop_token_ids)  # the chat template's end of turn too
         self.device = model.model.embed_tokens.weight.device
         self.cache = RowCache(model, max_batch, min(256, self.context))
         self.rows: list[_Running] = []

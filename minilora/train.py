@@ -77,7 +77,7 @@ _MAX_CHECKPOINT_FILE = 1 << 40  # read whole: a LoRA checkpoint is MBs; a --full
 _RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
     "log_every", "max_bad_steps", "stop_after", "device", "overwrite",
-    "model", "tokenizer",  # paths: the base fingerprint in the checkpoint checks the base itself
+    "model", "tokenizer", "model_config",  # the base fingerprint in the checkpoint checks the base
     "activation_checkpointing",
 )
 
@@ -137,6 +137,10 @@ class TrainConfig:
                                    "tiny model)")
     tokenizer: str | None = _arg(None, "tokenizer.json or its folder (default: the model's "
                                        "folder)")
+    model_config: str | None = _arg(
+        None, "the base's config when the model has no config.json beside it (a bare MiniMind "
+              ".pth): MiniMind's config.json or transformers', or minimind2 / minimind3 for that "
+              "MiniMind generation's defaults")
     replay: str | None = _arg(None, "data of what the base already does (its own answers), mixed "
                                     "in so the adapter keeps it")
     replay_ratio: float = _arg(0.5, "replay rows per training row (0.5: one replayed for two)")
@@ -406,10 +410,16 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     run = _RunState()
+    loaded = None
     if config.resume:
-        run = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan) or run
+        loaded = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan)
+    if loaded is None:  # no checkpoint to resume from: a fresh run, which may not overwrite a
+        # finished run's outputs; a run killed before its first checkpoint starts over
+        started_only = config.resume and not any(
+            (out / n).exists() for n in ("adapter", "model", "best"))
+        _replace_earlier_run(out, config.overwrite or started_only, rank)
     else:
-        _replace_earlier_run(out, config.overwrite, rank)
+        run = loaded
     start_step = run.step
     if rank == 0:
         _start_outputs(out, config, run.step, train_set.stats)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .checks import check_written, resolve_device, tensor_problems
-from .errors import ConfigError, WeightsError
+from .errors import BaseConfigNeeded, ConfigError, WeightsError
 from .files import atomic_write, read_json, regular_file, torch_load_reason
 from .model import GENERATIONS, MINIMIND_DEFAULTS, CausalLM, ModelConfig
 
@@ -83,10 +83,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     with torch.device("meta"):
         model = CausalLM(cfg)
     state_dict = _fit(model, state_dict, source)
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    # checked after the cast, as shard by shard: a float64 1e300 is inf in float32
     problems = tensor_problems(state_dict)
     if problems:  # an int8 or complex weight computes nonsense; a NaN spreads to every output
         raise WeightsError(f"{source}: not usable base weights: " + "; ".join(problems))
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True untied them
@@ -401,11 +402,7 @@ def _resolve_config(path: Path, config: ModelConfig | dict | str | Path | None,
         unknown.append("num_attention_heads")  # without q_norm no tensor holds head_dim
     if moe:
         unknown += ["num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef"]
-    raise WeightsError(
-        f"{path}: a bare .pth does not tell {', '.join(unknown)} (its tensors are a "
-        f"{generation} model's); pass its config (--config FILE: MiniMind's config.json or "
-        f"MiniMindConfig.to_dict() as JSON), or --config {generation} to take {generation}'s "
-        f"MiniMindConfig defaults (load_model: config=...)")
+    raise BaseConfigNeeded(str(path), unknown, generation)
 
 
 def _generation_from_tensors(sd: dict[str, Tensor], path: Path) -> str:
@@ -417,6 +414,14 @@ def _generation_from_tensors(sd: dict[str, Tensor], path: Path) -> str:
         raise WeightsError(f"{path}: q/k norms (current MiniMind) beside shared experts "
                            f"(MiniMind2) fit neither MiniMind generation; pass config=")
     return "minimind3" if qk_norm else "minimind2"
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    # the shard-by-shard loader knows only shapes here (meta tensors): a stored lm_head is then
+    # taken as untied, which loads either way; only read values can show a tie
+    if a.is_meta or b.is_meta:
+        return False
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
@@ -455,8 +460,8 @@ def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
          "num_attention_heads": heads, "num_key_value_heads": k_out // head_dim,
          "head_dim": head_dim, "qk_norm": qk_norm, "intermediate_size": width,
          "attention_bias": prefix + "self_attn.q_proj.bias" in sd,
-         "tie_word_embeddings": "lm_head.weight" not in sd
-         or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])}
+         "tie_word_embeddings": "lm_head.weight" not in sd or _same_values(
+             sd["lm_head.weight"], sd["model.embed_tokens.weight"])}
     if generation == "minimind2":
         d["n_shared_experts"] = len({int(m.group(1)) for k in sd if (m := re.match(
             r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))})

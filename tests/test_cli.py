@@ -241,3 +241,20 @@ def test_bare_pth_takes_config_and_merge_convert_need_no_tokenizer(
                         str(tmp_path / "folder")], capsys)
     assert code == 0, err
     assert (tmp_path / "folder" / "adapter_config.json").is_file()
+
+
+def test_info_on_a_killed_or_damaged_run_folder(trained: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 7, "lo')  # the torn last line a killed run leaves
+    code, out, err = run(["info", "--json", str(run_dir)], capsys)
+    assert code == 0, err
+    assert json.loads(out)["last step"] == 6
+    for text, says in (('{"lr": 0.01,', "config.json"), ("[1, 2]", "expected a JSON object")):
+        (run_dir / "config.json").write_text(text, encoding="utf-8")
+        code, out, err = run(["info", str(run_dir)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert says in err and "Traceback" not in err

@@ -296,3 +296,50 @@ def test_packaging_uses_the_spdx_licence_and_a_setuptools_that_reads_it() -> Non
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert "../shared" not in readme and "minilora combine" in readme
     assert "--tasks" in readme and "--config" in readme
+
+
+def test_a_bare_pth_run_resumes_without_retyping_its_model_config(workdir: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    import torch
+
+    from minilora.weights import load_model
+
+    pth = tmp_path / "full_sft_32.pth"
+    torch.save(load_model(workdir / "base").state_dict(), pth)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(pth), "--tokenizer", str(workdir / "base"), "--data",
+            str(workdir / "train.jsonl"), "--out", str(out), "--batch-size", "4", "--r", "2",
+            "--max-steps", "2", "--save-every", "1", "--stop-after", "1"]
+    code, _, err = run(argv, capsys)
+    assert code == 2  # in train, --config is the settings file: the hint names --model-config
+    assert "--model-config FILE" in err and "--config" not in err.replace("--model-config", "")
+    code, _, err = run([*argv, "--model-config", str(workdir / "base" / "config.json")], capsys)
+    assert code == 0, err
+    code, out_text, err = run(["train", "--resume", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "resumed at step 1, trained 1 steps in" in out_text
+
+
+def test_a_rerun_of_a_saved_config_neither_overwrites_nor_resumes(workdir: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    first = tmp_path / "first"
+    assert main(train_args(workdir, first, "--max-steps", "2", "--save-every", "1",
+                           "--stop-after", "1", "--overwrite")) == 0
+    saved = json.loads((first / "config.json").read_text())
+    assert saved["overwrite"] and saved["stop_after"] == 1
+    other = tmp_path / "other"
+    assert main(train_args(workdir, other, "--max-steps", "1")) == 0
+    before = files_of(other)
+    # --overwrite and --stop-after were that command's words: here the folder is refused
+    code, _, err = run(["train", "--config", str(first / "config.json"), "--out", str(other)],
+                       capsys)
+    assert code == 2 and "holds an earlier run" in err
+    assert files_of(other) == before
+    # and a rerun runs to its end, from step 0, into a new folder
+    fresh = tmp_path / "fresh"
+    code, out, err = run(["train", "--config", str(first / "config.json"), "--out", str(fresh)],
+                         capsys)
+    assert code == 0, err
+    assert "resumed" not in out and "trained 2 steps" in out
+    again = json.loads((fresh / "config.json").read_text())
+    assert not again["overwrite"] and not again["resume"] and again["stop_after"] is None

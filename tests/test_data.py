@@ -270,3 +270,29 @@ def test_collate_of_hand_made_samples():
     assert batch.labels.tolist() == [[IGNORE_INDEX, 2], [IGNORE_INDEX, IGNORE_INDEX]]
     assert batch.attention_mask.tolist() == [[1, 1], [1, 0]]
     assert (batch.tokens, batch.trained_tokens) == (3, 1)
+
+
+@pytest.mark.parametrize("name", ["pipe.json", "pipe.parquet"])
+def test_a_fifo_is_refused_before_any_reader_opens_it(tok, tmp_path, name):
+    import os
+    import threading
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    caught: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_jsonl(fifo, tok, 64)
+        except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+            caught.append(err)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(20)  # opening a FIFO for reading blocks until a writer comes
+    if reader.is_alive():  # release the blocked reader: a writer that opens and closes
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(20)
+        pytest.fail(f"{name}: opened and blocked instead of refused")
+    assert len(caught) == 1 and isinstance(caught[0], DataError)
+    assert "is not a regular file" in str(caught[0]) and name in str(caught[0])

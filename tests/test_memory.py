@@ -260,3 +260,21 @@ def test_a_sharded_folder_loads_without_holding_the_model_twice(tmp_path):
     with torch.no_grad():
         ref = hf.float()(ids).logits
         assert rel_err(model(ids).logits, ref) <= 1e-4  # float32 rounding over 6 layers
+
+
+def test_the_estimate_counts_moe_activations_at_the_experts_width():
+    # per token and layer the MLP saves gate, up, silu and their product for each of the k
+    # routed experts, each moe_intermediate_size wide; intermediate_size is not theirs
+    base = dict(model_type="minimind", minimind_generation="minimind3", vocab_size=64,
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, qk_norm=True, use_moe=True, num_experts=4,
+                num_experts_per_tok=2)
+
+    def activations(inter: int, moe: int) -> int:
+        model = CausalLM(ModelConfig(**base, intermediate_size=inter, moe_intermediate_size=moe))
+        return estimate_memory(model, 2, 16, amp_dtype=None,
+                               device=torch.device("meta")).activations
+
+    assert activations(4096, 64) == activations(64, 64)
+    tokens, layers, k, float32 = 2 * 16, 2, 2, 4
+    assert activations(64, 96) - activations(64, 64) == layers * tokens * 4 * k * 32 * float32

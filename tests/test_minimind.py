@@ -352,7 +352,7 @@ def test_bare_pth_needs_a_config_and_says_what_it_lacks(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     for what in ("rms_norm_eps", "rope_theta", "num_experts_per_tok", "norm_topk_prob",
-                 "--config", "minimind3"):
+                 "config=FILE", "config='minimind3'"):
         assert what in msg
     # naming the generation takes its defaults, the sizes from the shapes: the reference's logits
     model = load_model(tmp_path / "moe.pth", config="minimind3")
@@ -365,3 +365,16 @@ def test_bare_pth_needs_a_config_and_says_what_it_lacks(tmp_path):
         assert (model(ids).logits - ref_forward(CURRENT, sd, ids)[0]).abs().max() <= 1e-4
     with pytest.raises(WeightsError, match="config 'minimind2', but the tensors are minimind3"):
         load_model(tmp_path / "moe.pth", config="minimind2")
+
+
+def test_a_bare_safetensors_file_loads_with_its_generation_named(tmp_path):
+    # the safetensors loader reads shapes first (meta tensors): naming the generation must not
+    # need the values, and the model must be the same as from the .pth
+    from safetensors.torch import save_file
+    sd = random_state_dict(CURRENT)
+    save_file({k: v.clone() for k, v in sd.items()}, tmp_path / "moe.safetensors")
+    model = load_model(tmp_path / "moe.safetensors", config="minimind3")
+    assert model.config.num_experts == E
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert (model(ids).logits - ref_forward(CURRENT, sd, ids)[0]).abs().max() <= 1e-4

@@ -627,6 +627,12 @@ CASES = [
          "overwrite=True (--overwrite) to replace it, or train into another out_dir",
          "the finished run is untouched (was: its checkpoints and best/ deleted at the start)",
          setup=train_first()),
+    Case("resume-without-a-checkpoint-over-a-finished-run", TRAIN + ["--resume"],
+         "{dir}/out holds an earlier run (adapter, metrics.jsonl): pass overwrite=True "
+         "(--overwrite) to replace it, or train into another out_dir",
+         "the finished run is untouched (was: restarted at step 0, its adapter and metrics "
+         "replaced)", setup=lambda d, n: (train_first()(d, n),
+                                         shutil.rmtree(d / "out" / "checkpoints"))),
     Case("second-run-into-a-busy-folder", TRAIN,
          "{dir}/out is in use by another process (minilora train, PID {pid}); wait for it to "
          "end, or choose another output folder", "the running run's files are untouched",
@@ -889,8 +895,8 @@ CASES = [
          "{dir}/minimind.pth: a bare .pth does not tell rms_norm_eps, rope_theta, "
          "max_position_embeddings, num_attention_heads (its tensors are a minimind2 model's); "
          "pass its config (--config FILE: MiniMind's config.json or MiniMindConfig.to_dict() as "
-         "JSON), or --config minimind2 to take minimind2's MiniMindConfig defaults (load_model: "
-         "config=...)", "nothing loaded (was: MiniMind2's defaults assumed, logits off by 1.9 "
+         "JSON), or --config minimind2 to take minimind2's MiniMindConfig defaults",
+         "nothing loaded (was: MiniMind2's defaults assumed, logits off by 1.9 "
          "on a current MiniMind MoE model)", setup=lambda d, n: plain_torch_file(
              d / "minimind.pth", load_file(n["work"] / "base" / "model.safetensors"))),
     Case("config-of-both-generations", ["generate", "--model", "{dir}/base", "hi"],

@@ -217,3 +217,29 @@ def test_position_ids_rotate_each_row_at_its_own_positions():
     torch.testing.assert_close(shifted, plain)
     gap = model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 9]])).logits
     assert not torch.allclose(gap[0, -1], plain[0, -1])
+
+
+def test_the_chat_templates_end_of_turn_ends_an_answer(tmp_path):
+    # a Llama-3 vocabulary has no <|im_end|>: the engine stops at the template's <|eot_id|>, as
+    # generate and chat do (tokenizer.stop_token_ids)
+    from test_chat_template import write_tokenizer
+
+    from helpers import tiny_model
+
+    tokenizer = Tokenizer.from_file(write_tokenizer(tmp_path / "llama3", "llama3"))
+    eot = tokenizer.token_to_id("<|eot_id|>")
+    assert eot is not None and tokenizer.token_to_id("<|im_end|>") is None
+    model = tiny_model(tokenizer.vocab_size).eval()
+
+    class SaysEot(torch.nn.Module):  # a head whose every next token is <|eot_id|>
+        def forward(self, h):
+            logits = torch.zeros(*h.shape[:-1], tokenizer.vocab_size, dtype=h.dtype)
+            logits[..., eot] = 1.0
+            return logits
+
+    model.lm_head = SaysEot()
+    engine = Engine(model, tokenizer)
+    out = submit(engine, tokenizer, QUESTIONS[0], None, 10)
+    run_until_done(engine, [out])
+    assert out.done.finish_reason == "stop"
+    assert out.done.completion_tokens <= 1 and out.text == ""

@@ -390,3 +390,18 @@ def test_a_fresh_run_over_a_finished_one_checkpoints_its_own_state(tok, files, t
     train(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2, overwrite=True))
     state = torch.load(latest_checkpoint(out / "checkpoints") / "state.pt", weights_only=True)
     assert state["config"]["lr"] == 2e-2
+
+
+def test_resume_without_a_checkpoint_is_a_fresh_run_that_keeps_a_finished_one(tok, files,
+                                                                              tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    train(tiny_model(tok.vocab_size), tok, config(files, out, max_steps=2))
+    shutil.rmtree(out / "checkpoints")  # a finished run whose checkpoints were cleaned away
+    before = {p.name: p.read_bytes() for p in (out / "adapter").iterdir()}
+    metrics = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(OutputError, match="holds an earlier run"):
+        train(tiny_model(tok.vocab_size), tok, config(files, out, max_steps=2, resume=True))
+    assert {p.name: p.read_bytes() for p in (out / "adapter").iterdir()} == before
+    assert (out / "metrics.jsonl").read_bytes() == metrics

@@ -307,3 +307,20 @@ def test_missing_files_and_config_are_named(tmp_path):
     (tmp_path / "m" / "config.json").write_text('{"model_type": "llama",\n "hidden_act": "gelu"}')
     with pytest.raises(ValueError, match="config.json.*hidden_act"):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["m.pth", "m.safetensors"])
+def test_a_weight_that_overflows_the_dtype_is_refused(tmp_path, name):
+    # float64 1e300 is finite as stored but inf in float32: both loaders check after the cast
+    from safetensors.torch import save_file
+    cfg = ModelConfig(**SMALL)
+    sd = {k: v.double().clone() for k, v in CausalLM(cfg).state_dict().items()}
+    sd["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e300
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    if name.endswith(".pth"):
+        torch.save(sd, tmp_path / name)
+    else:
+        save_file(sd, tmp_path / name)
+    with pytest.raises(WeightsError, match="up_proj.weight"):
+        load_model(tmp_path / name, dtype="float32")
+    assert load_model(tmp_path / name, dtype="float64").config.hidden_size == 32

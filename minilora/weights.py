@@ -74,14 +74,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
         return _load_shard_by_shard(path, *shards, dtype, device, config)
     state_dict, source = _read_state_dict(path)
     state_dict = _strip_wrappers(state_dict)
-    cfg = _resolve_config(path, config, state_dict)
-    _check_size(cfg, state_dict, source)
-    if cfg.model_type == "minimind" and not cfg.qk_norm and any(
-            k.endswith("self_attn.q_norm.weight") for k in state_dict):
-        # MiniMind's configs carry no q/k-norm flag: the versions that have it say so in weights
-        cfg = dataclasses.replace(cfg, qk_norm=True)
-    with torch.device("meta"):
-        model = CausalLM(cfg)
+    model = _skeleton(path, config, state_dict, source)
+    cfg = model.config
     state_dict = _fit(model, state_dict, source)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     # checked after the cast, as shard by shard: a float64 1e300 is inf in float32
@@ -92,6 +86,20 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True untied them
     return model.to(device).eval()
+
+
+def _skeleton(path: Path, config: ModelConfig | dict | str | Path | None,
+              tensors: dict[str, Tensor], source: Path) -> CausalLM:
+    """The model the config (or the tensors' names and shapes) describe, built on the meta
+    device once its layer and expert counts are checked against the tensors present."""
+    cfg = _resolve_config(path, config, tensors)
+    _check_size(cfg, tensors, source)
+    if cfg.model_type == "minimind" and not cfg.qk_norm and any(
+            k.endswith("self_attn.q_norm.weight") for k in tensors):
+        # MiniMind's configs carry no q/k-norm flag: the versions that have it say so in weights
+        cfg = dataclasses.replace(cfg, qk_norm=True)
+    with torch.device("meta"):
+        return CausalLM(cfg)
 
 
 def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str | None = None,
@@ -206,13 +214,8 @@ def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
             shapes[names[key]] = torch.empty(info["shape"], device="meta")
     if weight_map is not None:
         _check_index_keys(source, weight_map, set(names))
-    cfg = _resolve_config(path, config, shapes)
-    _check_size(cfg, shapes, source)
-    if cfg.model_type == "minimind" and not cfg.qk_norm and any(
-            k.endswith("self_attn.q_norm.weight") for k in shapes):
-        cfg = dataclasses.replace(cfg, qk_norm=True)
-    with torch.device("meta"):
-        model = CausalLM(cfg)
+    model = _skeleton(path, config, shapes, source)
+    cfg = model.config
     tied = cfg.tie_word_embeddings
     stored_head = shapes.pop("lm_head.weight", None) if tied else None
     wanted = _fit(model, shapes, source)  # names and shapes checked before any value is read

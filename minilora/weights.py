@@ -251,10 +251,15 @@ def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
     return model.to(device).eval()
 
 
-# safetensors dtype names -> torch dtypes (the ones a checkpoint holds)
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors dtype names -> torch dtypes: every one safetensors writes, so that a weight of a
+# dtype no model computes with (int8, bool, complex64) is read and then refused by name, not
+# reported as a damaged file
+_ST_DTYPES = {name: getattr(torch, dtype) for name, dtype in {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}.items() if hasattr(torch, dtype)}
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:

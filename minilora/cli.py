@@ -972,8 +972,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs `minilora ARGS`; returns the exit code (2 for bad input)."""
     from minilora.threads import prepare_env
 
-    prepare_env()  # before torch is imported: OpenMP reads it once
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not {"-h", "--help", "--version"} & set(argv):  # help computes nothing: no CPU sample
+        prepare_env()  # before torch is imported: OpenMP reads it once
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(train_args=command == "train")
     args, unknown = parser.parse_known_args(argv)

@@ -31,8 +31,16 @@ def test_cpu_times_reads_every_cpu_of_proc_stat():
     assert all(0 <= idle <= total for idle, total in times.values())
 
 
-def test_prepare_env_sets_passive_unless_the_user_chose(monkeypatch):
+def test_prepare_env_sets_passive_on_a_busy_machine_unless_the_user_chose(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "torch")  # as on the command line: before torch loads
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(threads, "free_cpus", lambda: 2)  # quiet: spinning is faster
+    threads.prepare_env()
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setattr(threads, "free_cpus", lambda: 1)  # one core taken: sleep, do not spin
     threads.prepare_env()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")

@@ -29,7 +29,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from run import FULL_SHAPES, QUICK_SHAPES  # noqa: E402  (benchmarks/run.py's model)
+from run import FULL_SHAPES, QUICK_SHAPES, _llama_config  # noqa: E402  (run.py's model)
 
 # A Qwen2.5-0.5B-like head (vocab 151,936, hidden 896) on two blocks: the head dominates.
 HEAD_SHAPES = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -53,15 +53,6 @@ def _vm(field: str) -> int:
 
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-
-
-def _llama_config(shapes: dict):
-    from transformers import LlamaConfig
-
-    s = dict(shapes)
-    theta = s.pop("rope_theta")
-    return LlamaConfig(**s, rope_parameters={"rope_type": "default", "rope_theta": theta},
-                       attn_implementation="sdpa")
 
 
 def _minilora_model(case: dict, shapes: dict):

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora.generation import generate, generate_batch
 from minilora.lora import LoraConfig, inject_lora, lora_modules, lora_parameters, mark_trainable
-from minilora.model import CausalLM, ModelConfig, generate, generate_batch
+from minilora.model import CausalLM, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "minilora" / "assets"
 DEV = "cuda"  # "cpu" with --cpu-dry-run

@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from minilora.generation import generate_batch  # noqa: E402
 from minilora.lora import LoraConfig, inject_lora, lora_modules, set_active  # noqa: E402
-from minilora.model import CausalLM, ModelConfig, generate_batch  # noqa: E402
+from minilora.model import CausalLM, ModelConfig  # noqa: E402
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 

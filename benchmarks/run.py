@@ -311,7 +311,7 @@ def _generate_fn(case: dict, shapes: dict, batch):
             out = model.generate(prompt, generation_config=gc)
             case["tokens"] = out[0, PROMPT:].tolist()
     else:
-        from minilora.model import generate
+        from minilora.generation import generate
 
         def step():
             case["tokens"] = generate(model, prompt[0], max_new_tokens=n)
@@ -607,7 +607,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
     out += ["", "## Greedy generation (batch 1, KV cache)", "",
             f"Prompt {PROMPT} tokens, {NEW_TOKENS if not args.quick else 8} new tokens, no EOS; "
             "tokens/s counts new tokens over the whole call (prefill included). transformers: "
-            "`model.generate(do_sample=False)`; minilora: `minilora.model.generate`. "
+            "`model.generate(do_sample=False)`; minilora: `minilora.generation.generate`. "
             "bf16 rows hold the weights in bf16. Random weights put near-ties between the top "
             "two logits, where bf16 rounding (different kernels, same math) can pick the other "
             "token; fp32 must give the same tokens.", "",

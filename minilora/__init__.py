@@ -27,8 +27,14 @@ _EXPORTS = {
         "lora_parameters", "mark_trainable", "merge_and_unload", "merge_lora", "mixed_adapters",
         "set_active", "unmerge_lora",
     ),
+    "minilora.generation": (
+        "generate", "stream_generate",
+    ),
     "minilora.model": (
-        "CausalLM", "ModelConfig", "generate", "stream_generate",
+        "CausalLM",
+    ),
+    "minilora.model_config": (
+        "ModelConfig",
     ),
     "minilora.tokenizer": (
         "Tokenizer", "train_tokenizer",

@@ -188,7 +188,7 @@ def stream_text(tokenizer: Any, tokens: Iterator[int]) -> Iterator[str]:
 
 def chat_answerer(model: Any, tokenizer: Any, **sampling: Any) -> Callable[[list[dict]], str]:
     """A function from chat messages to the model's reply text (for tasks.score)."""
-    from minilora.model import generate
+    from minilora.generation import generate
 
     def answer(messages: list[dict]) -> str:
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
@@ -403,7 +403,7 @@ def _say_how_to_resume(config: Any) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """`minilora chat`: a conversation on stdin/stdout, streamed."""
-    from minilora.model import stream_generate
+    from minilora.generation import stream_generate
 
     model, tokenizer = _load_base(args)
     adapters = _apply_adapters(model, args, several=True)
@@ -470,7 +470,7 @@ def _generate_per_prompt(model: Any, tokenizer: Any, args: argparse.Namespace,
                          adapters: list[str]) -> int:
     """--adapter-per-prompt: JSON lines {"prompt": ..., "adapter": NAME|null} on stdin, all
     generated in one batch whose rows use their own adapter; one JSON line out per prompt."""
-    from minilora.model import generate_batch
+    from minilora.generation import generate_batch
 
     rows = []
     for number, line in enumerate(sys.stdin, 1):
@@ -512,7 +512,7 @@ def _prompt_ids(tokenizer: Any, prompt: str, args: argparse.Namespace) -> list[i
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`minilora generate`: one prompt in, the reply streamed out."""
-    from minilora.model import stream_generate
+    from minilora.generation import stream_generate
 
     model, tokenizer = _load_base(args)
     adapters = _apply_adapters(model, args, several=True)

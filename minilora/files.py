@@ -186,6 +186,13 @@ def read_json(path: str | os.PathLike, what: str = "a JSON file", limit: int = M
         raise error(f"{path}: nested too deeply to be {what}") from None
 
 
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (object, array, string, number, boolean, null),
+    for messages about a file that holds the wrong one."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 class _NotFinite(ValueError):
     pass
 

@@ -1,411 +1,27 @@
-"""A Llama-family decoder (MiniMind, Llama, Qwen2, Qwen3): HF names, a KV cache, generate.
+"""A Llama-family decoder (MiniMind, Llama, Qwen2, Qwen3) with Hugging Face module names.
 
-Reads top to bottom: config, building blocks (RMSNorm, rotary embedding, attention, MLP, MoE), the
-decoder block, the model, the KV cache, then generation. Parameter names and shapes are those of
-transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and MiniMind's
-``MiniMindForCausalLM``, so their checkpoints load one to one (see weights.py).
+Reads top to bottom: building blocks (RMSNorm, rotary embedding, attention, MLP, MoE), the
+decoder block, the model. Parameter names and shapes are those of transformers'
+``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and MiniMind's
+``MiniMindForCausalLM``, so their checkpoints load one to one (see weights.py). The config lives in
+model_config.py, the KV cache in kv_cache.py, sampling and generation in generation.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from minilora.checks import number, type_problems
 from minilora.errors import ConfigError
-from minilora.files import read_json
+from minilora.kv_cache import KVCache
 from minilora.loss import linear_cross_entropy
-
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
-# MiniMind's two generations of model file: "minimind2" (shared experts, n_routed_experts,
-# aux_loss_alpha, seq_aux) and "minimind3" (its current one: q/k norm, top-1 routing renormalised,
-# router_aux_loss_coef, eps 1e-6). Each one's MiniMindConfig defaults, for keys a file leaves out.
-GENERATIONS = ("minimind2", "minimind3")
-MINIMIND_DEFAULTS: dict[str, dict] = {
-    "minimind2": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
-                  "num_key_value_heads": 2, "vocab_size": 6400, "rms_norm_eps": 1e-5,
-                  "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": True,
-                  "qk_norm": False, "num_experts": 4, "num_experts_per_tok": 2,
-                  "n_shared_experts": 1, "norm_topk_prob": True, "router_aux_loss_coef": 0.1,
-                  "seq_aux": True},
-    "minimind3": {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 8,
-                  "num_key_value_heads": 4, "vocab_size": 6400, "rms_norm_eps": 1e-6,
-                  "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": True,
-                  "qk_norm": True, "num_experts": 4, "num_experts_per_tok": 1,
-                  "n_shared_experts": 0, "norm_topk_prob": True, "router_aux_loss_coef": 5e-4},
-}
-# config.json keys only one generation writes (MiniMind2's MoE names; the current ones).
-_GENERATION_KEYS = {
-    "minimind2": ("n_routed_experts", "n_shared_experts", "aux_loss_alpha", "seq_aux",
-                  "scoring_func"),
-    "minimind3": ("num_experts", "router_aux_loss_coef", "moe_intermediate_size"),
-}
-# MiniMind's YaRN settings (its MiniMindConfig writes these when inference_rope_scaling is on).
-YARN_DEFAULTS = {"factor": 16.0, "original_max_position_embeddings": 2048, "beta_fast": 32.0,
-                 "beta_slow": 1.0, "attention_factor": 1.0}
-
-
-def default_intermediate_size(hidden_size: int, generation: str) -> int:
-    """MiniMind's SwiGLU width rule: int(8/3 h) (MiniMind2) or h * pi (current), rounded up to
-    a multiple of 64."""
-    if generation == "minimind3":
-        return math.ceil(hidden_size * math.pi / 64) * 64
-    return 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
-
-# ------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelConfig:
-    """Model hyper-parameters under Hugging Face config.json names.
-
-    ``from_dict`` takes these names only; ``from_hf_dict`` reads a transformers or MiniMind
-    config.json (aliases such as MiniMind's ``n_routed_experts`` / ``aux_loss_alpha`` and
-    transformers 5's ``rope_parameters`` included).
-    """
-
-    model_type: str = "minimind"  # "llama" | "qwen2" | "qwen3" | "minimind"
-    vocab_size: int = 6400  # rows of embed_tokens and lm_head
-    hidden_size: int = 512  # width of the residual stream
-    # SwiGLU width; None -> the generation's MiniMind rule (default_intermediate_size)
-    intermediate_size: int | None = None
-    num_hidden_layers: int = 8  # decoder blocks
-    num_attention_heads: int = 8  # query heads
-    num_key_value_heads: int | None = None  # key/value heads (GQA); None -> num_attention_heads
-    head_dim: int | None = None  # per-head width; None -> hidden_size // num_attention_heads
-    max_position_embeddings: int = 32768  # longest sequence the positions were trained for
-    rms_norm_eps: float = 1e-5  # epsilon inside every RMSNorm
-    rope_theta: float = 1e6  # rotary base
-    tie_word_embeddings: bool = True  # lm_head.weight is embed_tokens.weight
-    attention_bias: bool = False  # bias on q/k/v (and on o, except for qwen2, whose o has none)
-    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3)
-    bos_token_id: int | None = 1  # beginning of sequence token
-    eos_token_id: int | list[int] | None = 2  # end of sequence token(s)
-    pad_token_id: int | None = None  # padding token
-    use_moe: bool = False  # replace every MLP by a mixture of experts
-    num_experts: int = 4  # routed experts per MoE layer (MiniMind2: n_routed_experts)
-    num_experts_per_tok: int = 2  # experts each token is routed to (top-k)
-    # experts every token goes through as well; None -> 1 (minimind2), 0 (minimind3: none)
-    n_shared_experts: int | None = None
-    # renormalise the top-k routing weights to sum to one (minimind2: only when top-k > 1)
-    norm_topk_prob: bool = True
-    router_aux_loss_coef: float = 0.1  # load-balancing loss scale (MiniMind2: aux_loss_alpha)
-    seq_aux: bool = True  # minimind2: balance per sequence rather than over the batch
-    # whose MoE rules (routing, aux loss, config.json keys): "minimind2" or "minimind3" (current)
-    minimind_generation: str = "minimind2"
-    moe_intermediate_size: int | None = None  # routed experts' width; None -> intermediate_size
-    # MiniMind's YaRN (keys of YARN_DEFAULTS), applied when max_position_embeddings exceeds
-    # original_max_position_embeddings; None -> plain RoPE
-    rope_scaling: dict | None = None
-
-    def __post_init__(self) -> None:
-        problems = type_problems(self, "")  # a float head_dim, a "false" string, a NaN eps ...
-        if problems:
-            raise ConfigError("; ".join(problems))
-        if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.minimind_generation not in GENERATIONS:
-            raise ConfigError(f"minimind_generation: expected one of {GENERATIONS}, got "
-                              f"{self.minimind_generation!r}")
-        if self.intermediate_size is None and isinstance(self.hidden_size, int):
-            self.intermediate_size = default_intermediate_size(self.hidden_size,
-                                                               self.minimind_generation)
-        if self.moe_intermediate_size is None:
-            self.moe_intermediate_size = self.intermediate_size
-        if self.n_shared_experts is None:
-            self.n_shared_experts = int(self.minimind_generation == "minimind2")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ConfigError(
-                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                    f"({self.num_attention_heads}) when head_dim is not given")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim <= 0 or self.head_dim % 2:
-            raise ConfigError(f"head_dim: expected a positive even int (RoPE), got {self.head_dim}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.rms_norm_eps <= 0:
-            raise ConfigError(f"rms_norm_eps: expected > 0, got {self.rms_norm_eps}")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta: expected > 0, got {self.rope_theta}")
-        if self.use_moe:
-            if self.num_experts <= 0 or not 0 < self.num_experts_per_tok <= self.num_experts:
-                raise ConfigError(
-                    f"num_experts_per_tok: expected 1..num_experts ({self.num_experts}), "
-                    f"got {self.num_experts_per_tok}")
-            if self.n_shared_experts < 0:
-                raise ConfigError(f"n_shared_experts: expected >= 0, got {self.n_shared_experts}")
-            if self.router_aux_loss_coef < 0:
-                raise ConfigError(
-                    f"router_aux_loss_coef: expected >= 0, got {self.router_aux_loss_coef}")
-            if self.minimind_generation == "minimind3" and self.n_shared_experts:
-                raise ConfigError(
-                    f"n_shared_experts: MiniMind's current MoE (minimind3) has no shared experts, "
-                    f"got {self.n_shared_experts}; use minimind_generation 'minimind2'")
-            if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
-                raise ConfigError(f"moe_intermediate_size: expected a positive int, got "
-                                  f"{self.moe_intermediate_size!r}")
-            if (self.minimind_generation == "minimind2"
-                    and self.moe_intermediate_size != self.intermediate_size):
-                raise ConfigError(
-                    f"moe_intermediate_size: MiniMind2's experts are intermediate_size "
-                    f"({self.intermediate_size}) wide, got {self.moe_intermediate_size}; use "
-                    f"minimind_generation 'minimind3'")
-        self.rope_scaling = _check_yarn(self.rope_scaling, self.model_type)
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        """The end-of-sequence ids as a list (config.json allows one id or several)."""
-        if self.eos_token_id is None:
-            return []
-        eos = self.eos_token_id
-        return [eos] if isinstance(eos, int) else list(eos)
-
-    def to_dict(self) -> dict:
-        """Returns the fields as a JSON-ready dict (``from_dict`` reads it back)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        """Builds a config from minilora's field names.
-
-        Raises:
-            ValueError: on a key that is not a field (naming it and listing the valid ones).
-        """
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig key(s) {unknown}; valid keys: {valid}")
-        return cls(**d)
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> ModelConfig:
-        """Builds a config from a transformers (llama, qwen2, qwen3) or MiniMind config.json dict.
-
-        Keys that change nothing here (``architectures``, ``dtype``, ``use_cache`` ...) are ignored;
-        settings this decoder does not implement (another activation, sliding windows, another RoPE
-        scaling, MLP bias) are refused rather than silently computed wrong. A MiniMind file's
-        generation is read from its keys (``MiniMind2``: ``n_routed_experts``, ``aux_loss_alpha``,
-        ``seq_aux`` ...; current: ``num_experts``, ``router_aux_loss_coef`` ...) and the keys it
-        leaves out take that generation's MiniMindConfig defaults.
-
-        Raises:
-            ConfigError: on an unsupported model_type or setting, naming the key, or a MiniMind
-                file whose generation its keys do not tell where it matters.
-        """
-        model_type = d.get("model_type", "minimind")
-        if model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act: only 'silu' is implemented, got {d['hidden_act']!r}")
-        if d.get("mlp_bias"):
-            raise ConfigError("mlp_bias: true is not implemented (MLP projections have no bias)")
-        if d.get("use_sliding_window"):
-            raise ConfigError("use_sliding_window: true is not implemented")
-        if d.get("scoring_func", "softmax") != "softmax":
-            raise ConfigError(
-                f"scoring_func: only 'softmax' is implemented, got {d['scoring_func']!r}")
-        generation = _generation_from_keys(d, model_type)
-        out: dict = {"model_type": model_type, "minimind_generation": generation or "minimind2"}
-        if model_type == "minimind" and generation is not None:
-            out.update(MINIMIND_DEFAULTS[generation])
-            if generation == "minimind2":
-                out["qk_norm"] = False  # its configs have no flag; load_model reads the weights
-        names = {f.name for f in fields(cls)} - {"rope_scaling", "minimind_generation"}
-        for key in names & set(d):
-            out[key] = d[key]
-        aliases = {"n_routed_experts": "num_experts", "aux_loss_alpha": "router_aux_loss_coef",
-                   "use_qk_norm": "qk_norm"}
-        for key, name in aliases.items():
-            if key in d:
-                out[name] = d[key]
-        if out.get("intermediate_size") is None and isinstance(out.get("hidden_size"), int):
-            out["intermediate_size"] = default_intermediate_size(out["hidden_size"],
-                                                                 out["minimind_generation"])
-        _read_rope(d, model_type, out)
-        if model_type == "qwen2":
-            out["attention_bias"] = True  # Qwen2 always has q/k/v biases; its config has no key
-        if model_type == "qwen3":
-            out["qk_norm"] = True
-            out.setdefault("head_dim", 128)  # Qwen3Config's default, not hidden/heads
-        if model_type in ("llama", "qwen2", "qwen3"):
-            out.setdefault("tie_word_embeddings", False)  # transformers' default for these
-            out.setdefault("rms_norm_eps", 1e-6)
-            out.setdefault("bos_token_id", None)
-            out.setdefault("eos_token_id", None)
-        if not d.get("num_experts") and model_type != "minimind":
-            out.pop("num_experts", None)
-        return cls(**out)
-
-    def to_hf_dict(self) -> dict:
-        """Returns a config.json dict that transformers (MiniMind for ``minimind``) reads back.
-
-        MoE settings are written under the names of ``minimind_generation``'s MiniMindConfig.
-        """
-        moe_keys = ("use_moe", "num_experts", "num_experts_per_tok", "n_shared_experts",
-                    "norm_topk_prob", "router_aux_loss_coef", "seq_aux", "qk_norm",
-                    "minimind_generation", "moe_intermediate_size", "rope_scaling")
-        d = {k: v for k, v in self.to_dict().items() if k not in moe_keys}
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "minimind": "MiniMindForCausalLM"}[self.model_type]
-        d.update(architectures=[arch], hidden_act="silu",
-                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
-        if self.rope_scaling is not None:
-            # as MiniMind's config.json under transformers 5 (4.x read the same keys)
-            d.update(inference_rope_scaling=True, rope_parameters={
-                **self.rope_scaling, "type": "yarn", "rope_type": "yarn",
-                "rope_theta": self.rope_theta})
-        if self.model_type == "qwen2":
-            d.pop("attention_bias")
-        if self.qk_norm != (self.model_type == "qwen3"):
-            d["qk_norm"] = self.qk_norm  # qwen3 implies it; anything else says so
-        if self.model_type == "minimind" or self.use_moe:
-            d.update(use_moe=self.use_moe, num_experts_per_tok=self.num_experts_per_tok,
-                     norm_topk_prob=self.norm_topk_prob)
-            if self.minimind_generation == "minimind3":
-                d.update(num_experts=self.num_experts,
-                         router_aux_loss_coef=self.router_aux_loss_coef,
-                         moe_intermediate_size=self.moe_intermediate_size)
-            else:
-                d.update(n_routed_experts=self.num_experts, n_shared_experts=self.n_shared_experts,
-                         aux_loss_alpha=self.router_aux_loss_coef, seq_aux=self.seq_aux,
-                         scoring_func="softmax")
-        return d
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> ModelConfig:
-        """Reads a config.json (minilora's, transformers' or MiniMind's).
-
-        Raises:
-            ValueError: when the file is not valid JSON or holds an unsupported setting.
-        """
-        path = Path(path)
-        d = read_json(path, "a model config.json")
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: a JSON {_json_type(d)}; expected a JSON object")
-        for key in ("rope_scaling", "rope_parameters"):
-            if d.get(key) is not None and not isinstance(d[key], dict):
-                raise ConfigError(f"{path}: field '{key}': a JSON {_json_type(d[key])}, "
-                                  "expected an object such as {\"rope_type\": \"default\"}")
-        try:
-            return cls.from_hf_dict(d)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: {e}") from e
-
-    def save_json(self, path: str | Path) -> None:
-        """Writes config.json in the Hugging Face layout (``from_json`` reads it back)."""
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
-
-
-def _generation_from_keys(d: dict, model_type: str) -> str | None:
-    """The MiniMind generation a config.json's keys say, or None where they say neither."""
-    found = {g: [k for k in keys if k in d] for g, keys in _GENERATION_KEYS.items()}
-    if found["minimind2"] and found["minimind3"]:
-        raise ConfigError(
-            f"config has keys of both MiniMind generations: {found['minimind2']} (MiniMind2) and "
-            f"{found['minimind3']} (current MiniMind); keep one generation's names")
-    generation = next((g for g in GENERATIONS if found[g]), None)
-    explicit = d.get("minimind_generation")
-    if explicit is not None:
-        if explicit not in GENERATIONS or generation not in (None, explicit):
-            raise ConfigError(f"minimind_generation: {explicit!r} does not fit the config's keys "
-                              f"(expected one of {GENERATIONS} matching {found})")
-        generation = explicit
-    if generation is None and model_type == "minimind":
-        # MiniMind2 and current MiniMind default these differently: without them, refuse
-        unknown = [k for k in ("hidden_size", "num_key_value_heads", "intermediate_size",
-                               "rms_norm_eps") if d.get(k) is None]
-        if d.get("use_moe"):
-            unknown.append("the MoE generation (n_routed_experts: MiniMind2, num_experts: "
-                           "current MiniMind)")
-        if unknown:
-            old, new = (", ".join(_GENERATION_KEYS[g]) for g in GENERATIONS)
-            raise ConfigError(
-                f"a minimind config without MiniMind2 keys ({old}) or current MiniMind keys "
-                f"({new}) does not tell {', '.join(unknown)}; write them, or the generation's keys")
-    return generation
-
-
-def _read_rope(d: dict, model_type: str, out: dict) -> None:
-    """rope_theta and MiniMind's YaRN from a config.json into out; other scalings refused."""
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise ConfigError(f"rope_parameters: expected an object, got {type(rope).__name__}")
-    # transformers 5 keeps rope_theta under rope_parameters; 4.x at the top level, with
-    # rope_scaling beside it.
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = rope.get("rope_theta", d.get("rope_theta"))
-    if theta is not None:
-        out["rope_theta"] = float(theta)
-    elif model_type != "minimind":
-        out["rope_theta"] = 10000.0  # transformers' default for llama/qwen2/qwen3
-    yarn = {k: rope.get(k, v) for k, v in YARN_DEFAULTS.items()} if rope_type == "yarn" else None
-    if model_type == "minimind" and "inference_rope_scaling" in d:
-        # MiniMindConfig builds rope_scaling from this flag alone, with its fixed values
-        if not d["inference_rope_scaling"]:
-            return
-        differ = [f"{k} {yarn[k]} (MiniMind uses {v})" for k, v in YARN_DEFAULTS.items()
-                  if yarn is not None and yarn[k] != v]
-        if differ or rope_type not in ("default", "yarn"):
-            raise ConfigError(
-                f"inference_rope_scaling: MiniMind then computes YaRN with {YARN_DEFAULTS}, but "
-                f"the file says {', '.join(differ) or 'rope_type ' + repr(rope_type)}; drop "
-                f"inference_rope_scaling to use the file's rope_parameters")
-        out["rope_scaling"] = dict(YARN_DEFAULTS)
-        return
-    if rope_type == "default":
-        return
-    if rope_type == "yarn" and model_type == "minimind":
-        out["rope_scaling"] = yarn
-        return
-    raise ConfigError(f"rope_parameters.rope_type: only 'default' is implemented (and MiniMind's "
-                      f"'yarn' for model_type minimind), got {rope_type!r}")
-
-
-def _check_yarn(scaling: dict | None, model_type: str) -> dict | None:
-    """MiniMind's YaRN settings checked and completed with its defaults."""
-    if scaling is None:
-        return None
-    if not isinstance(scaling, dict):
-        raise ConfigError(f"rope_scaling: expected a dict or None, got {type(scaling).__name__}")
-    if model_type != "minimind":
-        raise ConfigError(f"rope_scaling: MiniMind's YaRN needs model_type 'minimind' "
-                          f"(transformers' YaRN for {model_type} is not implemented)")
-    unknown = sorted(set(scaling) - set(YARN_DEFAULTS) - {"type", "rope_type"})
-    kind = scaling.get("rope_type", scaling.get("type", "yarn"))
-    if unknown or kind != "yarn":
-        raise ConfigError(f"rope_scaling: expected MiniMind's YaRN keys {sorted(YARN_DEFAULTS)}, "
-                          f"got {sorted(scaling)} (type {kind!r})")
-    out = {k: scaling.get(k, v) for k, v in YARN_DEFAULTS.items()}
-    bad = [k for k, v in out.items() if isinstance(v, bool) or not isinstance(v, (int, float))
-           or not math.isfinite(v) or v <= 0]
-    if bad:
-        raise ConfigError(f"rope_scaling: {', '.join(bad)} must be positive numbers, got "
-                          f"{ {k: out[k] for k in bad} }")
-    return out
-def _json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for messages."""
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
-
+from minilora.model_config import ModelConfig
 
 # ------------------------------------------------------------------------------------------------
 # Building blocks
@@ -668,7 +284,8 @@ class MoE(nn.Module):
             token, slot = torch.where(topk_idx == e)  # (n_e,), (n_e,)
             if token.numel() == 0:
                 if self.training:
-                    # keep every expert in the graph so DDP sees a gradient for each (as MiniMind)
+                    # As MiniMind: an expert no token reached stays in the graph, so it gets a
+                    # zero gradient (clipped and stepped with the rest) rather than none.
                     y = y + 0 * sum(p.sum() for p in expert.parameters())
                 continue
             out = expert(flat[token]) * topk_weight[token, slot, None].to(x.dtype)  # (n_e, C)
@@ -797,7 +414,7 @@ class CausalLM(nn.Module):
             aux_loss (0-dim) and the cache. loss does not include aux_loss.
 
         Raises:
-            ValueError: on mismatched shapes, or when logits_to_keep is used with labels.
+            ConfigError: on mismatched shapes, or when logits_to_keep is used with labels.
         """
         B, T = input_ids.shape
         cache = past_key_values
@@ -810,6 +427,24 @@ class CausalLM(nn.Module):
         if labels is not None and logits_to_keep:
             raise ConfigError("logits_to_keep needs labels=None (the loss reads every position)")
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin, mask = self._positions(x, attention_mask, segment_ids, position_ids, cache,
+                                         start)
+        x, aux_loss = self._blocks(x, cos, sin, mask, cache, start)  # (B, T, C), ()
+        if cache is not None:
+            cache.length = start + T
+        if labels is None:
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]  # (B, k, C)
+            logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+            return CausalLMOutput(logits, None, aux_loss, cache)
+        return CausalLMOutput(None, self._loss(x, labels), aux_loss, cache,
+                              lambda: self.lm_head(self.model.norm(x)))
+
+    def _positions(self, x: Tensor, attention_mask: Tensor | None, segment_ids: Tensor | None,
+                   position_ids: Tensor | None, cache: KVCache | None, start: int
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The rotary cos/sin and the attention mask of this forward's tokens."""
+        B, T = x.shape[:2]
         if segment_ids is not None:
             if cache is not None or position_ids is not None or segment_ids.shape != (B, T):
                 raise ConfigError(f"segment_ids must be (batch, tokens) = {(B, T)} and come "
@@ -824,6 +459,11 @@ class CausalLM(nn.Module):
         else:
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             mask = (same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril())[:, None]
+        return cos, sin, mask
+
+    def _blocks(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, start: int) -> tuple[Tensor, Tensor]:
+        """The residual stream through every block, and the summed MoE aux loss."""
         aux_loss = x.new_zeros((), dtype=torch.float32)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
@@ -835,14 +475,11 @@ class CausalLM(nn.Module):
                 x, aux = block(x, cos, sin, mask, cache, start)  # (B, T, C)
             if aux is not None:
                 aux_loss = aux_loss + aux
-        if cache is not None:
-            cache.length = start + T
-        if labels is None:
-            if logits_to_keep:
-                x = x[:, -logits_to_keep:]  # (B, k, C)
-            logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-            return CausalLMOutput(logits, None, aux_loss, cache)
-        # The head and the loss only where a label counts: position t predicts labels[t + 1].
+        return x, aux_loss
+
+    def _loss(self, x: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the counted labels, the head computed only where one counts."""
+        # Position t predicts labels[t + 1].
         targets = labels[:, 1:]  # (B, T-1)
         counted = targets != -100  # (B, T-1)
         h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
@@ -851,9 +488,7 @@ class CausalLM(nn.Module):
                                          targets[counted])
         else:  # a wrapped head (LoRA on lm_head, a quantized one) computes its own logits
             total = F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="sum")
-        loss = total / counted.sum().clamp(min=1)  # 0 when nothing is counted
-        return CausalLMOutput(None, loss, aux_loss, cache,
-                              lambda: self.lm_head(self.model.norm(x)))
+        return total / counted.sum().clamp(min=1)  # 0 when nothing is counted
 
     @staticmethod
     def _attention_mask(attention_mask: Tensor | None, B: int, T: int, start: int,
@@ -884,279 +519,3 @@ def _segment_positions(segment_ids: Tensor) -> Tensor:
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     return index - torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
-
-
-def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over the labels that are not -100; 0 when there are none.
-
-    Args:
-        logits: (B, T, V) logits, position t predicting token t + 1.
-        labels: (B, T) aligned with the input ids (shifted here).
-
-    Returns:
-        A 0-dim float32 tensor.
-    """
-    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
-    total = F.cross_entropy(pred, targets, ignore_index=-100, reduction="sum")
-    count = (targets != -100).sum().clamp(min=1)
-    return total / count
-
-
-# ------------------------------------------------------------------------------------------------
-# KV cache
-# ------------------------------------------------------------------------------------------------
-
-
-class KVCache:
-    """Keys and values of every layer in preallocated (B, KV, capacity, D) buffers.
-
-    ``length`` is how many positions are filled; the model advances it after each forward.
-    A write past ``capacity`` doubles the buffers (generate sizes them once, up front).
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, config.num_key_value_heads, max(capacity, 1), config.head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype)
-                     for _ in range(config.num_hidden_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype)
-                       for _ in range(config.num_hidden_layers)]
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Writes k, v (B, KV, T, D) at positions start.. and returns all keys/values so far."""
-        end = start + k.shape[2]
-        if end > self.capacity:
-            new = max(end, 2 * self.capacity)
-            for buffers in (self.keys, self.values):
-                for i, old in enumerate(buffers):
-                    grown = old.new_empty(*old.shape[:2], new, old.shape[3])
-                    grown[:, :, : self.length] = old[:, :, : self.length]
-                    buffers[i] = grown
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, KV, S, D)
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation
-# ------------------------------------------------------------------------------------------------
-
-
-def generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-             stop: Sequence[Sequence[int]] | None = None, seed: int | None = None) -> list[int]:
-    """Continues one sequence; returns the new tokens (arguments as in ``stream_generate``)."""
-    return list(stream_generate(
-        model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop=stop,
-        seed=seed))
-
-
-@torch.inference_mode()
-def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
-                    max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                    top_p: float = 1.0, repetition_penalty: float = 1.0,
-                    eos_token_id: int | Sequence[int] | None = None,
-                    stop: Sequence[Sequence[int]] | None = None,
-                    seed: int | None = None) -> Iterator[int]:
-    """Continues one sequence with a KV cache, yielding each new token as soon as it is final.
-
-    Args:
-        model: the model (its mode is left as it is).
-        input_ids: the prompt, a list of ids or a (T,) / (1, T) tensor.
-        max_new_tokens: most tokens to produce.
-        temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / t).
-        top_k: sample among the k most likely tokens only (0 = all).
-        top_p: sample among the smallest set of tokens whose probability reaches top_p (1 = all).
-        repetition_penalty: transformers' rule: a logit of a token already in the prompt or output
-            is divided by it (multiplied when negative); 1 = off.
-        eos_token_id: id(s) that end generation; not yielded. None: generation never stops early.
-        stop: token id sequences that end generation; not yielded. Tokens that could begin one
-            are held back until they cannot.
-        seed: seeds the sampling generator, so the same call gives the same tokens.
-
-    Yields:
-        New token ids.
-
-    Raises:
-        ValueError: on an empty prompt or an out-of-range argument (naming it).
-    """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-    stops = [list(s) for s in stop or []]
-    if any(not s for s in stops):
-        raise ConfigError("stop: every stop sequence needs at least one token")
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    weight = model.model.embed_tokens.weight
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=weight.device).reshape(1, -1)
-    if ids.shape[1] == 0:
-        raise ConfigError("input_ids: the prompt is empty")
-    _check_ids(ids, weight.shape[0])
-    if max_new_tokens == 0:
-        return
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=weight.device).manual_seed(seed)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)  # (V,)
-        seen[ids[0]] = True
-
-    cache = KVCache(model.config, 1, ids.shape[1] + max_new_tokens, device=weight.device,
-                    dtype=weight.dtype)
-    logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[0, -1]  # (V,)
-    pending: list[int] = []  # tokens that may begin a stop sequence
-    for step in range(max_new_tokens):
-        token = _pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
-        t = int(token)
-        if t in eos:
-            break
-        if not stops:
-            yield t
-        else:
-            pending.append(t)
-            if any(pending[-len(s):] == s for s in stops if len(s) <= len(pending)):
-                # a stop sequence ends here; what came before it is final
-                done = max(len(s) for s in stops
-                           if len(s) <= len(pending) and pending[-len(s):] == s)
-                yield from pending[:-done]
-                pending = []
-                break
-            keep = _held_back(pending, stops)
-            yield from pending[: len(pending) - keep]
-            pending = pending[len(pending) - keep:]
-        if step == max_new_tokens - 1:
-            break
-        if seen is not None:
-            seen[token] = True
-        logits = model(token.view(1, 1), past_key_values=cache, logits_to_keep=1).logits[0, -1]
-    yield from pending
-
-
-@torch.inference_mode()
-def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
-                   max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                   top_p: float = 1.0, repetition_penalty: float = 1.0,
-                   eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
-                   **forward_kwargs: object) -> list[list[int]]:
-    """Continues several prompts in one batch; returns each one's new tokens.
-
-    Prompts are left-padded and the padding masked. Rotary attention depends only on the
-    distance between positions, so each row gets the tokens ``generate`` gives it alone (greedy,
-    up to float rounding; sampling draws from one generator for the whole batch).
-
-    Args:
-        model: the model.
-        prompts: one list of token ids per row.
-        max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed: as in
-            ``stream_generate``; a row that meets an eos token stops growing.
-        **forward_kwargs: passed to every forward, e.g. ``adapter_names=[...]`` (one LoRA adapter
-            per row, see minilora.lora.mixed_adapters).
-
-    Returns:
-        The new tokens of each row (eos not included).
-
-    Raises:
-        ValueError: on an empty prompt list or prompt, or an out-of-range argument.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("prompts: expected a non-empty list of non-empty prompts")
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    weight = model.model.embed_tokens.weight
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, L, dtype=torch.long, device=weight.device)  # (B, L), left-padded
-    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.long, device=weight.device)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, L - len(p):L] = 1
-    _check_ids(ids, weight.shape[0])
-    generator = None if seed is None else torch.Generator(weight.device).manual_seed(seed)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, weight.shape[0], dtype=torch.bool, device=weight.device)  # (B, V)
-        for i, p in enumerate(prompts):
-            seen[i, list(p)] = True
-    out: list[list[int]] = [[] for _ in range(B)]
-    if max_new_tokens == 0:
-        return out
-    cache = KVCache(model.config, B, L + max_new_tokens, device=weight.device, dtype=weight.dtype)
-    logits = model(ids, attention_mask=mask[:, :L], past_key_values=cache, logits_to_keep=1,
-                   **forward_kwargs).logits[:, -1]  # (B, V)
-    done = [False] * B
-    for step in range(max_new_tokens):
-        tokens = torch.stack([
-            _pick(logits[i], None if seen is None else seen[i], temperature, top_k, top_p,
-                  repetition_penalty, generator) for i in range(B)])  # (B,)
-        for i, t in enumerate(tokens.tolist()):
-            done[i] = done[i] or t in eos
-            if not done[i]:
-                out[i].append(t)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        if seen is not None:
-            seen[torch.arange(B), tokens] = True
-        mask[:, L + step] = 1
-        logits = model(tokens.view(B, 1), attention_mask=mask[:, :L + step + 1],
-                       past_key_values=cache, logits_to_keep=1,
-                       **forward_kwargs).logits[:, -1]  # (B, V)
-    return out
-
-
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                    repetition_penalty: float, seed: int | None) -> None:
-    """Every sampling setting finite and in range (NaN passes every comparison)."""
-    number("temperature", temperature, low=0)
-    number("top_p", top_p, low=0, low_open=True, high=1)
-    number("repetition_penalty", repetition_penalty, low=0, low_open=True)
-    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name}: expected an integer >= 0, got {value!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not 0 <= seed < 2**63):
-        raise ConfigError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
-
-
-def _check_ids(ids: Tensor, vocab_size: int) -> None:
-    """Token ids the embedding has rows for (a tokenizer larger than the model has others)."""
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ConfigError(f"the prompt holds token ids outside the model's vocabulary (0 .. "
-                          f"{vocab_size - 1}, found {low} .. {high}); the tokenizer does not "
-                          "belong to this model")
-
-
-def _held_back(pending: list[int], stops: list[list[int]]) -> int:
-    """Length of the longest suffix of pending that is a proper prefix of a stop sequence."""
-    for n in range(min(len(pending), max(len(s) for s in stops) - 1), 0, -1):
-        if any(s[:n] == pending[-n:] for s in stops if len(s) > n):
-            return n
-    return 0
-
-
-def _pick(logits: Tensor, seen: Tensor | None, temperature: float, top_k: int, top_p: float,
-          repetition_penalty: float, generator: torch.Generator | None) -> Tensor:
-    """The next token (a 0-dim tensor) from (V,) logits, with transformers' processor order."""
-    if seen is not None:
-        penalised = torch.where(logits < 0, logits * repetition_penalty,
-                                logits / repetition_penalty)
-        logits = torch.where(seen, penalised, logits)  # (V,)
-    if temperature == 0:
-        return logits.argmax()
-    logits = logits.float() / temperature  # (V,)
-    if 0 < top_k < logits.shape[0]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits)  # ascending
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # (V,)
-        drop[-1] = False  # the most likely token always stays
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)  # (V,)
-    return torch.multinomial(probs, 1, generator=generator)[0]

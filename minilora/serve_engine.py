@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from minilora.errors import ConfigError
-from minilora.model import CausalLM, KVCache, _pick
+from minilora.generation import pick_token
+from minilora.kv_cache import KVCache
+from minilora.model import CausalLM
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 log = logging.getLogger(__name__)
@@ -428,8 +430,8 @@ class Engine:
             if params.temperature == 0:
                 token = greedy[i]
             else:
-                token = int(_pick(logits[i], None, params.temperature, 0, params.top_p, 1.0,
-                                  running.generator))
+                token = int(pick_token(logits[i], temperature=params.temperature,
+                                       top_p=params.top_p, generator=running.generator))
             if self._take(running, token):
                 finished.append(first + i)
         for i in reversed(finished):

@@ -20,7 +20,8 @@ from torch import Tensor
 from .checks import check_written, resolve_device, tensor_problems
 from .errors import BaseConfigNeeded, ConfigError, WeightsError
 from .files import atomic_write, read_json, regular_file, torch_load_reason
-from .model import GENERATIONS, MINIMIND_DEFAULTS, CausalLM, ModelConfig
+from .model import CausalLM
+from .model_config import GENERATIONS, MINIMIND_DEFAULTS, ModelConfig
 
 # Buffers some checkpoints carry that hold no learned weight (the model recomputes them).
 IGNORED_KEYS = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|freqs_cos|freqs_sin)$")

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from minilora import tasks
-from minilora.model import CausalLM, ModelConfig, generate
+from minilora.generation import generate
+from minilora.model import CausalLM, ModelConfig
 from minilora.tokenizer import train_tokenizer
 from minilora.train import TrainConfig, train
 from minilora.weights import save_model

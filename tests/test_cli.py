@@ -62,7 +62,7 @@ def test_train_writes_adapter_metrics_and_config(trained: Path) -> None:
 
 def expected_reply(workdir: Path, adapter: Path, question: str, max_new_tokens: int) -> str:
     from minilora.adapter import load_adapter
-    from minilora.model import generate
+    from minilora.generation import generate
     from minilora.tokenizer import Tokenizer
 
     model = load_model(workdir / "base")

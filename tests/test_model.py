@@ -1,4 +1,5 @@
-"""minilora.model against transformers on the same weights, plus loss, cache, MoE and generation."""
+"""minilora.model against transformers on the same weights, plus loss, cache, MoE and generation
+(minilora.generation)."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilora.model import CausalLM, KVCache, ModelConfig, masked_cross_entropy
+from minilora.model import CausalLM, KVCache, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,11 +80,15 @@ def test_right_padded_batch_matches_transformers(name, cls_name, extra):
 
 def test_masked_loss_equals_hand_computation():
     torch.manual_seed(0)
-    logits = torch.randn(2, 4, 5)
+    model = CausalLM(ModelConfig(**SMALL))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 4))
     labels = torch.tensor([[7, 1, -100, 3], [7, -100, 4, -100]])  # first column is never a target
     counted = [(0, 0, 1), (0, 2, 3), (1, 1, 4)]  # (row, predicting position, target)
+    with torch.no_grad():
+        logits = model(ids).logits
+        loss = model(ids, labels=labels).loss
     want = sum(-F.log_softmax(logits[b, t], -1)[y] for b, t, y in counted) / len(counted)
-    assert torch.allclose(masked_cross_entropy(logits, labels), want, atol=1e-6)
+    assert torch.allclose(loss, want, atol=1e-6)
 
 
 def test_model_loss_is_shifted_and_all_masked_gives_zero():
@@ -103,7 +108,7 @@ def test_model_loss_is_shifted_and_all_masked_gives_zero():
 
 def test_loss_over_counted_positions_only_equals_the_full_computation():
     # The model computes the head only where a label counts; the loss and the gradients must be
-    # those of the full logits with masked_cross_entropy.
+    # those of the full logits with the masked cross-entropy (torch's, ignore_index=-100).
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(**SMALL))
     ids = torch.randint(0, SMALL["vocab_size"], (3, 9))
@@ -115,7 +120,9 @@ def test_loss_over_counted_positions_only_equals_the_full_computation():
     out.loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    want = masked_cross_entropy(model(ids).logits, labels)
+    V = SMALL["vocab_size"]
+    want = F.cross_entropy(model(ids).logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
     want.backward()
     assert torch.allclose(out.loss, want, atol=1e-6)
     for g, p in zip(got, model.parameters(), strict=True):
@@ -169,6 +176,17 @@ def test_config_validation_and_round_trip(tmp_path):
     assert ModelConfig.from_hf_dict({"model_type": "qwen2"}).rope_theta == 10000.0
     # MiniMind's default width rule
     assert ModelConfig(hidden_size=512).intermediate_size == 1408
+
+
+def test_config_with_several_bad_fields_names_all_of_them():
+    with pytest.raises(ValueError) as info:
+        ModelConfig(**{**SMALL, "num_key_value_heads": 3, "rms_norm_eps": -1.0, "rope_theta": 0.0,
+                       "use_moe": True, "num_experts_per_tok": 9})
+    message = str(info.value)
+    for field_name in ("num_key_value_heads", "rms_norm_eps", "rope_theta", "num_experts_per_tok"):
+        assert f"{field_name}" in message, (field_name, message)
+    with pytest.raises(ValueError, match="vocab_size.*hidden_size"):  # the sizes, together
+        ModelConfig(**{**SMALL, "vocab_size": 0, "hidden_size": -4})
 
 
 def minimind_moe_reference(moe, x):
@@ -249,7 +267,7 @@ def hf_greedy(hf, prompt, n, **kwargs):
 
 @pytest.mark.parametrize("name,cls_name,extra", HF_CASES, ids=[c[0] for c in HF_CASES])
 def test_greedy_generation_matches_transformers(name, cls_name, extra):
-    from minilora.model import generate
+    from minilora.generation import generate
 
     hf, ours = hf_pair(cls_name, extra)
     prompt = torch.randint(0, SMALL["vocab_size"], (7,)).tolist()
@@ -262,7 +280,7 @@ def test_greedy_generation_matches_transformers(name, cls_name, extra):
 
 
 def test_sampling_controls():
-    from minilora.model import generate
+    from minilora.generation import generate
 
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(**SMALL)).eval()
@@ -290,7 +308,7 @@ def test_sampling_controls():
 
 
 def test_eos_and_stop_sequences():
-    from minilora.model import generate, stream_generate
+    from minilora.generation import generate, stream_generate
 
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(**SMALL)).eval()
@@ -315,7 +333,7 @@ def test_eos_and_stop_sequences():
 
 def test_training_after_generation():
     # tables built under inference_mode while generating must not break autograd afterwards
-    from minilora.model import generate
+    from minilora.generation import generate
 
     model = CausalLM(ModelConfig(**SMALL))
     generate(model, [1, 2, 3], max_new_tokens=300)  # long enough to grow the rotary table

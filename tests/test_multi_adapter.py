@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from minilora.adapter import AdapterError, find_adapters, load_adapter, save_adapter
+from minilora.generation import generate, generate_batch
 from minilora.lora import (
     LoraConfig,
     LoRALinear,
@@ -33,7 +34,7 @@ from minilora.lora import (
     set_active,
     unmerge_lora,
 )
-from minilora.model import CausalLM, ModelConfig, generate, generate_batch
+from minilora.model import CausalLM, ModelConfig
 
 torch.set_num_threads(1)
 

@@ -8,8 +8,8 @@ import torch
 
 from helpers import add_random_adapter
 from minilora.cli import BASE_MODEL
+from minilora.generation import generate
 from minilora.lora import set_active
-from minilora.model import generate
 from minilora.serve_engine import Engine, Event, Request, RowCache, SamplingParams
 from minilora.tokenizer import Tokenizer
 from minilora.weights import load_model
@@ -201,7 +201,7 @@ def test_sampling_params_are_checked_all_at_once():
 
 def test_position_ids_rotate_each_row_at_its_own_positions():
     from helpers import tiny_model
-    from minilora.model import KVCache
+    from minilora.kv_cache import KVCache
 
     model = tiny_model(50).eval()
     ids = torch.tensor([[5, 9, 3, 7, 11]])

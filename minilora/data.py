@@ -35,9 +35,9 @@ from minilora.formats import (
     parquet_records,
     sharegpt_messages,
 )
+from minilora.messages import MessageError, check_messages, described_type, unicode_problem
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
 # A line longer than this is refused without reading it whole (a 100 MB line is a broken file,
 # not a conversation).
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -92,11 +92,10 @@ class DataStats:
 
 @dataclass
 class Batch:
-    """A padded batch. ``attention_mask`` is 1 on real tokens, 0 on padding (on the right)."""
+    """A batch padded on the right (pad ids, -100 labels); the model needs no mask for it."""
 
     input_ids: torch.Tensor  # (B, T) int64
     labels: torch.Tensor  # (B, T) int64, -100 on padding and untrained tokens
-    attention_mask: torch.Tensor  # (B, T) int64
     tokens: int  # real (non-pad) tokens
     trained_tokens: int  # labels that are not -100
     segment_ids: torch.Tensor | None = None  # (B, T) packed rows: 1, 2, ... per sample, 0 on pad
@@ -106,8 +105,8 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                     self.tokens, self.trained_tokens, move(self.segment_ids))
+        return Batch(move(self.input_ids), move(self.labels), self.tokens, self.trained_tokens,
+                     move(self.segment_ids))
 
 
 class JsonlDataset(torch.utils.data.Dataset):
@@ -329,58 +328,24 @@ def _parse_record(
     key = next((k for k in ("conversations", "messages") if k in obj), None)
     if key is None:
         if not isinstance(obj["text"], str):
-            raise fail(f"a {_json_type(obj['text'])}, expected a string", "text")
-        _check_unicode(obj["text"], "text", fail)
+            raise fail(f"a {described_type(obj['text'])}, expected a string", "text")
+        problem = unicode_problem(obj["text"])
+        if problem:
+            raise fail(problem, "text")
         kinds["text"] += 1
         ids = tokenizer.encode(obj["text"])
         ids = [i for i in (tokenizer.bos_token_id,) if i is not None] + ids
         ids += [i for i in (tokenizer.eos_token_id,) if i is not None]
         return _sample(ids, [1] * len(ids))
 
-    messages = _messages(obj[key], key, fail)
+    try:
+        messages = check_messages(obj[key], key)
+    except MessageError as err:
+        raise fail(err.said, err.field) from None
     kinds["chat"] += 1
     kinds["assistant"] += any(m["role"] == "assistant" for m in messages)
     ids, mask = tokenizer.encode_chat(messages)
     return _sample(ids, mask)
-
-
-def _messages(turns: Any, key: str, fail: Any) -> list[dict[str, str]]:
-    """Validate a conversation; returns it as [{"role", "content"}] (other keys dropped)."""
-    if not isinstance(turns, list) or not turns:
-        got = "an empty list" if isinstance(turns, list) else f"a {_json_type(turns)}"
-        raise fail(f"{got}, expected a non-empty list of {{role, content}} objects", key)
-    messages = []
-    for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            raise fail(f"a {_json_type(turn)}, expected an object with role and content", where)
-        for name in ("role", "content"):
-            if name not in turn:
-                raise fail("missing; expected a string", f"{where}.{name}")
-        role, content = turn["role"], turn["content"]
-        if role not in ROLES:
-            shown = repr(role) if len(repr(role)) <= 40 else repr(role)[:37] + "..."
-            raise fail(f"unknown role {shown}; expected one of {', '.join(ROLES)}", f"{where}.role")
-        if not isinstance(content, str):
-            raise fail(f"a {_json_type(content)}, expected a string", f"{where}.content")
-        _check_unicode(content, f"{where}.content", fail)
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def _check_unicode(text: str, where: str, fail: Any) -> None:
-    # JSON's \ud800-style escapes can make a str no UTF-8 encoder (nor the tokenizer) accepts.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        bad = f"\\u{ord(text[err.start]):04x}"
-        raise fail(f"an unpaired surrogate {bad} at character {err.start}; expected valid "
-                   "Unicode text", where) from None
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "JSON object", list: "list", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
 
 
 def _sample(ids: list[int], mask: list[int]) -> Sample:
@@ -461,7 +426,7 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
 
     Args:
         samples: the rows of the batch.
-        pad_id: the token id of the padding (its labels are -100, attention_mask 0).
+        pad_id: the token id of the padding (its labels are -100).
 
     Returns:
         The Batch.
@@ -469,7 +434,6 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
     longest = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
     packed = any(s.segments is not None for s in samples)
     segment_ids = torch.zeros((len(samples), longest), dtype=torch.long) if packed else None
     tokens = trained = 0
@@ -477,12 +441,11 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
         n = len(s.input_ids)
         input_ids[row, :n] = torch.tensor(s.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(s.labels, dtype=torch.long)
-        attention_mask[row, :n] = 1
         if segment_ids is not None:
             segment_ids[row, :n] = torch.tensor(s.segments or [1] * n, dtype=torch.long)
         tokens += n
         trained += s.trained_tokens
-    return Batch(input_ids, labels, attention_mask, tokens, trained, segment_ids)
+    return Batch(input_ids, labels, tokens, trained, segment_ids)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:

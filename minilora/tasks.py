@@ -41,9 +41,9 @@ from pathlib import Path
 
 from minilora.errors import TaskError
 from minilora.files import read_bounded
+from minilora.messages import MessageError, check_messages
 
 MATCH_KINDS = ("exact", "contains")
-ROLES = ("system", "user", "assistant")
 _FIELDS = ("task", "messages", "conversations", "expected", "match", "id")
 # An eval file is questions and answers: a few MB at most. Read whole, so bounded.
 MAX_TASKS_BYTES = 64 << 20
@@ -54,7 +54,7 @@ Messages = list[dict[str, str]]
 
 
 @dataclass(frozen=True)
-class Sample:
+class EvalSample:
     """One scored question: the messages to answer and how to judge the reply."""
 
     task: str
@@ -74,7 +74,7 @@ class Sample:
 class Result:
     """A sample, the reply it got and whether the reply matched."""
 
-    sample: Sample
+    sample: EvalSample
     answer: str
     correct: bool
 
@@ -161,8 +161,8 @@ def is_correct(answer: str, expected: str, match: str) -> bool:
     raise TaskError(f"match {match!r} is not one of {MATCH_KINDS}")
 
 
-def parse_sample(obj: object, where: str = "<sample>") -> Sample:
-    """Check one decoded JSON object against the eval format and build a :class:`Sample`.
+def parse_sample(obj: object, where: str = "<sample>") -> EvalSample:
+    """Check one decoded JSON object against the eval format and build an :class:`EvalSample`.
 
     Args:
         obj: the decoded line.
@@ -199,21 +199,13 @@ def parse_sample(obj: object, where: str = "<sample>") -> Sample:
     if len(keys) != 1:
         raise fail("messages", "give exactly one of 'messages' or 'conversations'")
     key = keys[0]
-    turns = obj[key]
-    if not isinstance(turns, list) or not turns:
-        raise fail(key, "expected a non-empty list of {'role', 'content'} objects")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
-            raise fail(f"{key}[{i}]", "expected an object with exactly 'role' and 'content'")
-        if turn["role"] not in ROLES:
-            raise fail(f"{key}[{i}].role", f"expected one of {ROLES}, got {turn['role']!r}")
-        if not isinstance(turn["content"], str):
-            raise fail(f"{key}[{i}].content", f"expected a string, got {turn['content']!r}")
-        messages.append((turn["role"], turn["content"]))
+    try:
+        messages = [(m["role"], m["content"]) for m in check_messages(obj[key], key, exact=True)]
+    except MessageError as err:
+        raise fail(err.field, err.expected) from None
     if messages[-1][0] != "user":
         raise fail(key, f"the last turn must be 'user' (the question), got {messages[-1][0]!r}")
-    return Sample(
+    return EvalSample(
         task=obj["task"],
         messages=tuple(messages),
         expected=obj["expected"],
@@ -223,7 +215,7 @@ def parse_sample(obj: object, where: str = "<sample>") -> Sample:
     )
 
 
-def load_samples(path: str | Path) -> list[Sample]:
+def load_samples(path: str | Path) -> list[EvalSample]:
     """Read an eval file.
 
     Args:
@@ -261,7 +253,7 @@ def load_samples(path: str | Path) -> list[Sample]:
 
 
 def score(
-    samples: Iterable[Sample],
+    samples: Iterable[EvalSample],
     answer_fn: Callable[[Messages], str],
     *,
     on_result: Callable[[Result], None] | None = None,

@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from minilora.errors import ConfigError
 from minilora.files import read_bounded, read_json
+from minilora.messages import check_messages
 
 # Large vocabularies (Qwen's 150k tokens) give tokenizer.json files of ~10 MB.
 MAX_TOKENIZER_BYTES = 256 << 20
@@ -80,6 +81,7 @@ class Tokenizer:
                               ("pad_token", ENDOFTEXT)):
             specials[name] = default if tok.token_to_id(default) is not None else None
         config_file = file.parent / "tokenizer_config.json"
+        config = {}
         if config_file.exists():
             config = read_json(config_file, "a tokenizer_config.json")
             if not isinstance(config, dict):
@@ -94,7 +96,7 @@ class Tokenizer:
                         raise ConfigError(f"{config_file}: field '{name}': {value!r}; expected "
                                           "a token string (or an AddedToken object), or null")
                     specials[name] = value
-        template = _read_chat_template(file.parent, config_file)
+        template = _read_chat_template(file.parent, config)
         try:
             return cls(tok, **specials, chat_template=template)
         except ValueError as e:
@@ -212,9 +214,9 @@ class Tokenizer:
         """The ChatML text of messages (``[{"role": ..., "content": ...}, ...]``).
 
         Raises:
-            ValueError: on a message without a string role or content (naming its index).
+            MessageError: on a message without a string role or content (naming its field).
         """
-        _check_messages(messages)
+        check_messages(messages, roles=None, non_empty=False)
         if self.chat_template is not None:
             from minilora.chat_template import render
 
@@ -238,9 +240,10 @@ class Tokenizer:
             ``<|im_end|>`` closing it, 0 elsewhere (headers, other roles, the newline after).
 
         Raises:
-            ValueError: on a malformed message, or a tokenizer without the ChatML tokens.
+            ConfigError: on a malformed message (MessageError), or a tokenizer without the
+                ChatML tokens.
         """
-        _check_messages(messages)
+        check_messages(messages, roles=None, non_empty=False)
         if self.chat_template is not None:
             return self._encode_templated(messages, add_generation_prompt)
         start, end, newline = self.im_start_id, self.im_end_id, self.encode("\n")
@@ -276,39 +279,17 @@ class Tokenizer:
         return list(encoding.ids), mask
 
 
-def _read_chat_template(folder: Path, config_file: Path) -> str | None:
+def _read_chat_template(folder: Path, config: dict) -> str | None:
     """The chat template of a tokenizer folder: chat_template.jinja (newer transformers write
     it) or tokenizer_config.json's chat_template (a string, or a list of named templates)."""
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
-    if not config_file.is_file():
-        return None
-    template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) and template.strip() else None
-
-
-def _check_messages(messages: Sequence[dict]) -> None:
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ConfigError(f"messages: expected a list of {{'role', 'content'}} dicts, "
-                         f"got {type(messages).__name__}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ConfigError(f"messages[{i}]: expected a dict, got {type(m).__name__}")
-        for field in ("role", "content"):
-            if not isinstance(m.get(field), str):
-                raise ConfigError(f"messages[{i}].{field}: expected a string, got {m.get(field)!r}")
-            try:  # a lone surrogate (from a "\ud800" JSON escape) would be a TypeError below
-                m[field].encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ConfigError(f"messages[{i}].{field}: an unpaired surrogate at character "
-                                 f"{e.start}; expected valid Unicode text") from None
-        if not m["role"] or "\n" in m["role"]:
-            raise ConfigError(f"messages[{i}].role: expected a word such as 'user', "
-                             f"got {m['role']!r}")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minilora.data import IGNORE_INDEX, ROLES, DataError, load_jsonl
+from minilora.data import IGNORE_INDEX, DataError, load_jsonl
+from minilora.messages import ROLES
 from minilora.tokenizer import ENDOFTEXT, IM_END, IM_START
 
 # Modest budgets: the whole file stays well under 30 s on two shared cores.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from minilora.tasks import (
-    Sample,
+    EvalSample,
     TaskError,
     format_table,
     is_correct,
@@ -323,7 +323,7 @@ def test_good_file_round_trip(tmp_path):
     line = {**GOOD, "id": "a1"}
     path.write_text(json.dumps(line) + "\n", encoding="utf-8")
     (sample,) = load_samples(path)
-    assert sample == Sample("add", (("user", "1+1"),), "2", "exact", "a1", f"{path}:1")
+    assert sample == EvalSample("add", (("user", "1+1"),), "2", "exact", "a1", f"{path}:1")
     assert sample.chat() == GOOD["messages"]
 
 

@@ -143,13 +143,11 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     weight = model.model.embed_tokens.weight
     ids, mask = _left_padded(prompts, max_new_tokens, weight.device)  # (B, L), (B, L + new)
     _check_ids(ids, weight.shape[0])
-    (B, L), V = ids.shape, weight.shape[0]
+    B, L = ids.shape
     generator = None if seed is None else torch.Generator(weight.device).manual_seed(seed)
-    seen = None
+    seen = None  # (B, V): the tokens each row's repetition penalty applies to
     if repetition_penalty != 1.0:
-        seen = torch.zeros(B, V, dtype=torch.bool, device=weight.device)  # (B, V)
-        for i, p in enumerate(prompts):
-            seen[i, list(p)] = True
+        seen = _seen_rows(prompts, weight.shape[0], weight.device)
     out: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return out
@@ -158,11 +156,10 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
                    **forward_kwargs).logits[:, -1]  # (B, V)
     done = [False] * B
     for step in range(max_new_tokens):
-        tokens = torch.stack([
-            pick_token(logits[i], temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty,
-                       seen=None if seen is None else seen[i], generator=generator)
-            for i in range(B)])  # (B,)
+        tokens = torch.stack([pick_token(
+            logits[i], temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seen=None if seen is None else seen[i],
+            generator=generator) for i in range(B)])  # (B,)
         for i, t in enumerate(tokens.tolist()):
             done[i] = done[i] or t in eos
             if not done[i]:
@@ -176,6 +173,15 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
                        past_key_values=cache, logits_to_keep=1,
                        **forward_kwargs).logits[:, -1]  # (B, V)
     return out
+
+
+def _seen_rows(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+               ) -> Tensor:
+    """(B, V) bool: True at each prompt's own tokens."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        seen[i, list(p)] = True
+    return seen
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], max_new_tokens: int, device: torch.device

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 
 import pytest
@@ -294,3 +296,29 @@ def test_a_fifo_is_refused_before_any_reader_opens_it(tok, tmp_path, name):
         pytest.fail(f"{name}: opened and blocked instead of refused")
     assert len(caught) == 1 and isinstance(caught[0], DataError)
     assert "is not a regular file" in str(caught[0]) and name in str(caught[0])
+
+
+# The same bad conversation through the three readers that take one: each names the same field.
+BAD_CONVERSATIONS = [
+    ("hi", "messages"),
+    (["hi"], "messages[0]"),
+    ([{"role": "user"}], "messages[0]"),  # the eval reader wants exactly role and content
+    ([{"role": "user", "content": 5}], "messages[0].content"),
+    ([{"role": "user", "content": "a\ud800"}], "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize("turns,field", BAD_CONVERSATIONS)
+def test_data_tasks_and_tokenizer_name_the_same_field(tok, tmp_path, turns, field):
+    from minilora.tasks import TaskError, parse_sample
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": turns}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_jsonl(path, tok, 512)
+    data_field = info.value.field
+    with pytest.raises(TaskError, match=re.escape(f"field {field!r}")):
+        parse_sample({"task": "t", "messages": turns, "expected": "x", "match": "exact"})
+    with pytest.raises(ValueError, match=re.escape(data_field)):
+        tok.encode_chat(turns)
+    assert data_field.startswith(field)

@@ -11,11 +11,17 @@ __version__ = "0.1.0"
 # stays free of torch, which takes a second and a few hundred MB to import.
 _EXPORTS = {
     "minilora.adapter": (
-        "adapter_state_dict", "base_fingerprint", "describe_adapter", "find_adapters",
+        "adapter_state_dict", "base_fingerprint", "find_adapters",
         "load_adapter", "load_adapter_state_dict", "save_adapter",
+    ),
+    "minilora.chat": (
+        "chat_answerer", "stream_reply", "stream_text",
     ),
     "minilora.data": (
         "load_jsonl",
+    ),
+    "minilora.describe": (
+        "describe_adapter", "describe_path", "resolve_adapter_path",
     ),
     "minilora.errors": (
         "AdapterError", "CheckpointError", "ConfigError", "DataError", "FingerprintMismatch",
@@ -75,4 +81,5 @@ __all__ = [
     "load_jsonl", "load_model", "lora_modules", "lora_parameters", "mark_trainable",
     "merge_and_unload", "merge_lora", "mixed_adapters", "save_adapter", "save_model",
     "set_active", "stream_generate", "train_tokenizer", "unmerge_lora",
+    "chat_answerer", "describe_path", "resolve_adapter_path", "stream_reply", "stream_text",
 ]

@@ -1282,3 +1282,6 @@ def _truncated_svd(
     norm = torch.linalg.matrix_norm(delta)
     error = torch.linalg.matrix_norm(delta - b @ a) / norm if norm > 0 else norm
     return a, b, float(error)
+
+
+check_adapter_name = _check_adapter_name

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from minilora import tasks
-from minilora.cli import ASSETS, BASE_MODEL, chat_answerer
+from minilora.chat import chat_answerer
+from minilora.cli import ASSETS, BASE_MODEL
 from minilora.lora import LoraConfig, count_parameters, inject_lora
 from minilora.tokenizer import Tokenizer
 from minilora.train import TrainConfig, train

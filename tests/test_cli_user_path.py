@@ -212,10 +212,10 @@ def test_info_reads_run_and_checkpoint_folders(trained: Path, workdir: Path, cap
 def test_chat_ends_on_exit_words(workdir: Path, capsys, monkeypatch, word: str) -> None:
     import io
 
-    import minilora.generation
+    import minilora.chat
 
     calls = []
-    monkeypatch.setattr(minilora.generation, "stream_generate",
+    monkeypatch.setattr(minilora.chat, "stream_generate",
                         lambda model, ids, **kw: calls.append(ids) or iter([5, 6]))
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"hi\n{word}\nhello again\n"))
     assert main(["chat", "--model", str(workdir / "base")]) == 0
@@ -225,7 +225,7 @@ def test_chat_ends_on_exit_words(workdir: Path, capsys, monkeypatch, word: str) 
 def test_ctrl_c_stops_the_reply_not_the_chat(workdir: Path, capsys, monkeypatch) -> None:
     import io
 
-    import minilora.generation
+    import minilora.chat
 
     calls = []
 
@@ -235,7 +235,7 @@ def test_ctrl_c_stops_the_reply_not_the_chat(workdir: Path, capsys, monkeypatch)
         if len(calls) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(minilora.generation, "stream_generate", interrupted)
+    monkeypatch.setattr(minilora.chat, "stream_generate", interrupted)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello again\n"))
     assert main(["chat", "--model", str(workdir / "base")]) == 0
     assert len(calls) == 2

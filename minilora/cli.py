@@ -386,22 +386,30 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{last}")
     if before is not None:
         model.eval()
-        after = tasks.score(samples, answer)
-        # The tasks the run did not train on, pooled: what the adapter should leave intact.
-        kept = [t for t in before.tasks if t != "persona"]
-        groups = {"base skills": kept} if len(kept) > 1 else None
-        print()
-        print(tasks.format_table({"before": before, "after": after}, groups=groups, ratio=True))
-        print()
-        for sample in samples[:3]:
-            question = sample.chat()[-1]["content"]
-            print(f"Q: {question}\nA: {answer(sample.chat())}\n")
+        _before_and_after(before, samples, answer)
     print(f"adapter: {result.output_dir}")
     written = [f for f in ("metrics.jsonl", "loss.png", "config.json", "checkpoints/")
                if (Path(config.out_dir) / f).exists()]
     print(f"outputs: {config.out_dir} ({', '.join(written)})")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _before_and_after(before: Any, samples: list[Any], answer: Callable[[list[dict]], str]
+                      ) -> None:
+    """The tasks' table before and after training, and a few answers of the trained model."""
+    from minilora import tasks
+
+    after = tasks.score(samples, answer)
+    # The tasks the run did not train on, pooled: what the adapter should leave intact.
+    kept = [t for t in before.tasks if t != "persona"]
+    groups = {"base skills": kept} if len(kept) > 1 else None
+    print()
+    print(tasks.format_table({"before": before, "after": after}, groups=groups, ratio=True))
+    print()
+    for sample in samples[:3]:
+        question = sample.chat()[-1]["content"]
+        print(f"Q: {question}\nA: {answer(sample.chat())}\n")
 
 
 def _say_how_to_resume(config: Any) -> None:

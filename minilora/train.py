@@ -158,7 +158,7 @@ def _describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device
                   precision: str, start_step: int) -> None:
     """One block before the first step: what will run, where, and how much."""
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapted = "every weight (full fine-tuning)" if config.full else (
         f"{len(lora_modules(model))} Linear modules (rank {config.lora_r})")
     rows = sum(len(s.input_ids) for s in plan.dataset.samples) / max(len(plan.dataset), 1)
@@ -168,7 +168,7 @@ def _describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device
         f"device      {device}",
         f"precision   {precision}",
         f"threads     {torch.get_num_threads()} (intra-op)",
-        f"parameters  {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+        f"parameters  {trained:,} trainable of {total:,} ({100 * trained / total:.2f}%)",
         f"adapted     {adapted}",
         f"steps       {steps}",
         f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",

@@ -73,15 +73,17 @@ def _train(dtype: str) -> str:
         dtype = "bfloat16"  # train() refuses float16 off CUDA (GradScaler)
     from minilora.tokenizer import Tokenizer
     from minilora.train import TrainConfig, train
+    from minilora.train_data import load_datasets
     from minilora.weights import load_model
 
     model = load_model(ASSETS / "base")
     tokenizer = Tokenizer.from_file(ASSETS / "base")
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(data=str(ASSETS / "persona.jsonl"), out_dir=out, max_steps=30,
-                             batch_size=16, lr=2e-3, max_seq_len=128, dtype=dtype, log_every=5,
+                             batch_size=16, lr=2e-3, max_seq_len=128, amp_dtype=dtype, log_every=5,
                              device="cuda:0" if DEV == "cuda" else "cpu", seed=0)
-        result = train(model, tokenizer, config)
+        train_set, eval_set = load_datasets(config, tokenizer)
+        result = train(model, train_set, config, eval_set)
     losses = [loss for _, loss in result.losses]
     if result.steps != 30 or not losses or not all(map(math.isfinite, losses)):
         raise AssertionError(f"steps {result.steps}, losses {losses}")
@@ -201,7 +203,7 @@ def _free_port() -> int:
 def nccl_one_process() -> str:
     import torch.distributed as dist
 
-    from minilora.train import _broadcast, _sync_gradients
+    from minilora.distributed import broadcast, sync_gradients
 
     dist.init_process_group("nccl" if DEV == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
@@ -231,8 +233,8 @@ def nccl_one_process() -> str:
         # run over this one-rank nccl group, where a sum over ranks is the identity
         params = lora_parameters(plain)
         before = [p.grad.clone() for p in params]
-        _broadcast(params, world=2)
-        loss = _sync_gradients(params, torch.tensor(1.5, device=DEV), world=2)
+        broadcast(params, world=2)
+        loss = sync_gradients(params, torch.tensor(1.5, device=DEV), world=2)
         same = all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
         if not same or loss.item() != 1.5:
             raise AssertionError("train()'s gradient all-reduce changed one rank's gradients")

@@ -45,7 +45,7 @@ _EXPORTS = {
     "minilora.tokenizer": (
         "Tokenizer", "train_tokenizer",
     ),
-    "minilora.train": (
+    "minilora.train_config": (
         "TrainConfig",
     ),
     "minilora.weights": (

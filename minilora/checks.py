@@ -1,6 +1,7 @@
-"""Checks on what enters minilora: numbers finite and in range, fields of the type they claim,
-tensors of a float dtype with finite values. One place, so that a config field, a command-line
-flag and a file read all give the same kind of message.
+"""Checks on what enters minilora: numbers finite and in range, fields of the type they claim.
+One place, so that a config field, a command-line flag and a file read all give the same kind of
+message. Pure Python (a config is checked without torch); the checks on tensors and devices are
+in tensor_checks.py, and are still found here by their old names.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import typing
 from dataclasses import fields
 from typing import Any
 
-import torch
-
 from minilora.errors import ConfigError, MiniloraError
 
 # A trained LoRA (or fully fine-tuned) weight this large is not learning, it has diverged (an
 # lr far too high): LoRA weights are ~1e-2 and base weights rarely above ~1e2.
 MAX_TRAINED_WEIGHT = 1e4
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def number(name: str, value: object, *, low: float | None = None, high: float | None = None,
@@ -48,53 +46,26 @@ def number(name: str, value: object, *, low: float | None = None, high: float | 
     return value
 
 
-def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
-    """The device ``name`` means here ("auto": cuda:LOCAL_RANK with CUDA, else cpu).
-
-    Raises:
-        ConfigError: an unknown device, or one this machine does not have (no CUDA, an index
-            past the last GPU).
-    """
-    if isinstance(name, torch.device):
-        name = str(name)
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f'device {name!r}: unknown; expected "auto", "cpu", "cuda" or '
-                          '"cuda:N"') from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name}: CUDA is not available on this machine; use "
-                              '"cpu" or "auto"')
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} "
-                              "CUDA device(s)")
-    elif device.type not in ("cpu", "meta"):
-        checks = [getattr(m, "is_available", None) for m in (
-            getattr(torch, device.type, None), getattr(torch.backends, device.type, None))]
-        if not any(check() for check in checks if callable(check)):
-            raise ConfigError(f"device {name}: not available on this machine")
-    return device
-
-
 def type_problems(obj: Any, prefix: str) -> list[str]:
     """Fields of a dataclass instance whose value is not of the field's declared type.
 
     An int is accepted for a float field (and converted in place); a bool is never taken for an
     int or a float; a float must be finite. Returns one message per bad field, naming it.
     """
+    return [f"{prefix}{name}: {what}" for name, what in field_type_problems(obj).items()]
+
+
+def field_type_problems(obj: Any) -> dict[str, str]:
+    """``type_problems`` by field: field name -> what is wrong (``expected int, got 'x'``)."""
     hints = typing.get_type_hints(type(obj))
-    problems = []
+    problems = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         ok, converted = _matches(value, hints[f.name])
         if not ok:
-            problems.append(f"{prefix}{f.name}: expected {_describe(hints[f.name])}, "
-                            f"got {value!r}")
+            problems[f.name] = f"expected {_describe(hints[f.name])}, got {value!r}"
         elif isinstance(converted, float) and not math.isfinite(converted):
-            problems.append(f"{prefix}{f.name}: expected a finite number, got {converted}")
+            problems[f.name] = f"expected a finite number, got {converted}"
         else:
             setattr(obj, f.name, converted)
     return problems
@@ -132,41 +103,13 @@ def _describe(hint: Any) -> str:
                        else o.__name__ for o in options)
 
 
-def tensor_problems(tensors: dict[str, torch.Tensor], *, limit: int = 5) -> list[str]:
-    """Tensors that are not weights: not a float dtype (int8, bool, complex ...), or holding NaN
-    or infinite values. Returns one message per kind, naming up to ``limit`` tensors."""
-    wrong = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items()
-             if t.dtype not in FLOAT_DTYPES]
-    bad = [k for k, t in tensors.items() if t.dtype in FLOAT_DTYPES and not _all_finite(t)]
-    problems = []
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of a dtype that is not float32, float16, "
-                        f"bfloat16 or float64: {_names(wrong, limit)}")
-    if bad:
-        problems.append(f"{len(bad)} tensor(s) holding NaN or infinite values: "
-                        f"{_names(bad, limit)}")
-    return problems
+# Moved to tensor_checks.py (they need torch); found here by their old names, imported on use.
+_IN_TENSOR_CHECKS = ("FLOAT_DTYPES", "check_written", "resolve_device", "tensor_problems")
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    # The sum is non-finite when any element is, and allocates nothing of t's size (a loader
-    # checks each tensor as it arrives, so a mask as large as the tensor would raise its peak);
-    # only a sum that overflowed from finite values needs the element-wise look.
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def __getattr__(name: str) -> object:
+    if name not in _IN_TENSOR_CHECKS:
+        raise AttributeError(f"module 'minilora.checks' has no attribute {name!r}")
+    from minilora import tensor_checks
 
-
-def _names(names: list[str], limit: int) -> str:
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def check_written(tensors: dict[str, torch.Tensor], where: object,
-                  error: type[MiniloraError]) -> None:
-    """Refuse to write tensors with NaN or infinite values (or of a dtype no weight has).
-
-    Raises:
-        error: naming the output and the tensors.
-    """
-    problems = tensor_problems(tensors)
-    if problems:
-        raise error(f"refusing to write {where}: " + "; ".join(problems))
+    return getattr(tensor_checks, name)

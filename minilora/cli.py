@@ -68,8 +68,24 @@ def _parse_targets(text: str) -> list[str] | str:
     return [t for t in text.split(",") if t]
 
 
+# Old flag -> the field it sets; it still works, with a one-line note naming the new flag
+# (train's --dtype was the autocast dtype, where --dtype elsewhere is the weights' dtype).
+_OLD_FLAGS = {"--dtype": "amp_dtype"}
+
+
+class _OldFlagToo(argparse.Action):
+    """A flag that also answers to its old name, with a one-line note when that one is used."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if option_string in _OLD_FLAGS:
+            print(f"minilora train: note: {option_string} is now {_flag(self.dest)}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from minilora.train import TrainConfig
+    from minilora.train_config import TrainConfig
 
     p.add_argument("--model", default=None, metavar="PATH",
                    help="base model folder or MiniMind .pth (default: the embedded tiny model)")
@@ -102,14 +118,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                            metavar="LIST", help=help_text + " (comma-separated)")
         else:
             conv = int if "int" in kind else float if "float" in kind else str
-            p.add_argument(flag, dest=f.name, type=conv, default=None,
-                           metavar=f.name.split("_")[-1].upper(), help=help_text)
+            old = [o for o, name in _OLD_FLAGS.items() if name == f.name]
+            p.add_argument(flag, *old, dest=f.name, type=conv, default=None,
+                           action=_OldFlagToo, metavar=f.name.split("_")[-1].upper(),
+                           help=help_text + "".join(f" ({o}: its old name)" for o in old))
 
 
 def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any, bool]:
     """The run's TrainConfig from the demo, --config or a resumed run's config.json, then the
     flags given; returns it and whether this is the demo."""
-    from minilora.train import TrainConfig
+    from minilora.train_config import TrainConfig
 
     saved = Path(given["out_dir"]) / "config.json" if "out_dir" in given else None
     resuming_saved = bool(given.get("resume")) and not args.config and saved is not None
@@ -171,7 +189,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """`minilora train`: LoRA (or --full) fine-tuning; with no arguments, the demo."""
     from minilora import tasks
     from minilora.tokenizer import Tokenizer
-    from minilora.train import TrainConfig, train
+    from minilora.train import train
+    from minilora.train_config import TrainConfig
+    from minilora.train_data import load_datasets
     from minilora.weights import load_model
 
     started = time.perf_counter()
@@ -188,6 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = load_model(model_path, config=config.model_config)
     tokenizer = Tokenizer.from_file(Path(config.tokenizer) if config.tokenizer else
                                     (model_path if model_path.is_dir() else model_path.parent))
+    train_set, eval_set = load_datasets(config, tokenizer)
 
     task_files = args.tasks
     if task_files is None and demo:
@@ -198,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     before = tasks.score(samples, answer) if samples else None
 
     try:
-        result = train(model, tokenizer, config)
+        result = train(model, train_set, config, eval_set)
     except KeyboardInterrupt:
         _say_how_to_resume(config)
         return 130
@@ -210,16 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{last}")
     if before is not None:
         model.eval()
-        after = tasks.score(samples, answer)
-        # The tasks the run did not train on, pooled: what the adapter should leave intact.
-        kept = [t for t in before.tasks if t != "persona"]
-        groups = {"base skills": kept} if len(kept) > 1 else None
-        print()
-        print(tasks.format_table({"before": before, "after": after}, groups=groups, ratio=True))
-        print()
-        for sample in samples[:3]:
-            question = sample.chat()[-1]["content"]
-            print(f"Q: {question}\nA: {answer(sample.chat())}\n")
+        _before_and_after(before, samples, answer)
     print(f"adapter: {result.output_dir}")
     written = [f for f in ("metrics.jsonl", "loss.png", "config.json", "checkpoints/")
                if (Path(config.out_dir) / f).exists()]
@@ -228,9 +240,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _before_and_after(before: Any, samples: list[Any], answer: Callable[[list[dict]], str]
+                      ) -> None:
+    """The tasks' table before and after training, and a few answers of the trained model."""
+    from minilora import tasks
+
+    after = tasks.score(samples, answer)
+    # The tasks the run did not train on, pooled: what the adapter should leave intact.
+    kept = [t for t in before.tasks if t != "persona"]
+    groups = {"base skills": kept} if len(kept) > 1 else None
+    print()
+    print(tasks.format_table({"before": before, "after": after}, groups=groups, ratio=True))
+    print()
+    for sample in samples[:3]:
+        question = sample.chat()[-1]["content"]
+        print(f"Q: {question}\nA: {answer(sample.chat())}\n")
+
+
 def _say_how_to_resume(config: Any) -> None:
     """Ctrl-C during training: which checkpoint is kept and the command that continues it."""
-    from minilora.train import CHECKPOINTS, latest_checkpoint
+    from minilora.checkpoint import CHECKPOINTS, latest_checkpoint
 
     kept = latest_checkpoint(Path(config.out_dir) / CHECKPOINTS)
     if kept is None:
@@ -289,15 +318,16 @@ def _flag(field: str) -> str:
     return "--" + _SHORT.get(field, field).replace("_", "-")
 
 
-def _in_flag_words(message: str) -> str:
-    """A library message in the command line's words: its flags, not the library's keywords."""
-    message = re.sub(r"TrainConfig\.lora_\*: LoraConfig\.(\w+)",
-                     lambda m: _flag("use_rslora" if m[1] == "use_rslora" else f"lora_{m[1]}"),
-                     message)
-    message = re.sub(r"TrainConfig\.(\w+)", lambda m: _flag(m[1]), message)
-    return (message.replace("TrainConfig key(s)", "config key(s)")
-            .replace("resume=True (--resume)", "--resume")
-            .replace("pass name=...", "name the adapter (--adapter NAME=PATH)")
+def _in_flag_words(err: BaseException) -> None:
+    """A library error in the command line's words: the config fields it names (carried as
+    data, ``err.fields``) become their flags."""
+    if isinstance(err, MiniloraError) and err.fields:
+        err.words = {name: _flag(name) for name in err.fields}
+
+
+def _adapter_words(message: str) -> str:
+    # adapter.py's messages name its keywords in their text (no fields as data yet).
+    return (message.replace("pass name=...", "name the adapter (--adapter NAME=PATH)")
             .replace("format='peft'", "an adapter folder"))
 
 
@@ -328,10 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         if isinstance(err, BaseConfigNeeded):  # train's --config is its own settings file
             err.flag = "--model-config" if args.command == "train" else "--config"
+        _in_flag_words(err)
         # One line whatever the message holds (a wrapped library error may carry newlines or
         # terminal colour codes).
         message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", str(err))).strip()
-        message = _in_flag_words(message)
+        message = _adapter_words(message)
         print(f"minilora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -7,11 +7,37 @@ would have caught before (`ValueError`, `RuntimeError`), so code written against
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 
 class MiniloraError(Exception):
-    """Base of every error that means "the input or the world is wrong", not "minilora is wrong"."""
+    """Base of every error that means "the input or the world is wrong", not "minilora is wrong".
+
+    A message may name settings of a config as ``{field}`` placeholders, given in ``fields``
+    with the library's words for each (``{"resume": "resume=True"}``); a layer with other words
+    for them (the command line's flags) sets ``words`` and the message speaks its language, with
+    no rewriting of the text.
+
+    Attributes:
+        fields: the config fields the error is about -> the library's words for each.
+        words: field -> the caller's words for it (set by the command line); None: the library's.
+    """
+
+    def __init__(self, *args: object, fields: Mapping[str, str] | None = None) -> None:
+        super().__init__(*args)
+        self.fields: dict[str, str] = dict(fields or {})
+        self.words: Mapping[str, str] | None = None
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        fields = getattr(self, "fields", None)
+        if not fields:
+            return text
+        words = getattr(self, "words", None) or {}
+        for name, said in fields.items():
+            text = text.replace("{" + name + "}", words.get(name, said))
+        return text
 
 
 class ConfigError(MiniloraError, ValueError):

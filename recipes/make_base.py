@@ -31,6 +31,7 @@ from minilora.generation import generate
 from minilora.model import CausalLM, ModelConfig
 from minilora.tokenizer import train_tokenizer
 from minilora.train import TrainConfig, train
+from minilora.train_data import load_datasets
 from minilora.weights import save_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,11 +95,12 @@ def main() -> None:
         rope_theta=10000.0, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.im_end_id, pad_token_id=tokenizer.pad_token_id)
     model = CausalLM(config)
-    result = train(model, tokenizer, TrainConfig(
+    run_config = TrainConfig(
         data=str(CORPUS), out_dir=str(work), full=True, max_steps=args.steps,
         batch_size=args.batch_size, max_seq_len=args.seq_len, pack=True, lr=args.lr,
-        warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, dtype="float32",
-        save_every=100, log_every=50, seed=args.seed, resume=args.resume))
+        warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, amp_dtype="float32",
+        save_every=100, log_every=50, seed=args.seed, resume=args.resume)
+    result = train(model, load_datasets(run_config, tokenizer)[0], run_config)
     trained_s = time.time() - started
 
     report = score(model, tokenizer, EVALS)

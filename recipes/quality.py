@@ -30,6 +30,7 @@ from minilora.cli import ASSETS, BASE_MODEL
 from minilora.lora import LoraConfig, count_parameters, inject_lora
 from minilora.tokenizer import Tokenizer
 from minilora.train import TrainConfig, train
+from minilora.train_data import load_datasets
 from minilora.weights import load_model
 
 SKILL = "sumwords"
@@ -59,7 +60,7 @@ def runs(args) -> list[tuple[str, dict | None]]:
     demo = json.loads((ASSETS / "demo_train.json").read_text(encoding="utf-8"))
     demo["data"] = str(ASSETS / demo["data"])
     skill = dict(data=str(ASSETS / "skill.jsonl"), max_steps=args.steps, batch_size=16,
-                 warmup_steps=20, max_seq_len=128, dtype="float32", log_every=50, seed=0)
+                 warmup_steps=20, max_seq_len=128, amp_dtype="float32", log_every=50, seed=0)
     out = [("base", None), ("persona LoRA (default `minilora train`)", demo)]
     out += [(f"{SKILL} LoRA r={r}", dict(skill, lora_r=r, lora_alpha=2.0 * r, lr=args.lora_lr))
             for r in RANKS]
@@ -134,7 +135,8 @@ def main() -> None:
                     model = load_model(BASE_MODEL)
                 config = TrainConfig.from_dict(dict(settings, out_dir=out_dir, stop_after=stop,
                                                     resume=i > 0))
-                seconds[label] += train(model, tokenizer, config).seconds
+                train_set, eval_set = load_datasets(config, tokenizer)
+                seconds[label] += train(model, train_set, config, eval_set).seconds
                 reports[label] = evaluate(model, tokenizer)
                 if skill_run:
                     kept = (reports[label].accuracy(BASE_TASKS)

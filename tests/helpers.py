@@ -109,3 +109,12 @@ def add_random_adapter(model: Any, name: str, seed: int, targets: Any) -> None:
         if name in m.adapters:
             b = m.adapters[name].lora_B.weight
             b.data.copy_(torch.randn(b.shape, generator=g) * 2.0)
+
+
+def fit(model: Any, tokenizer: Any, config: Any) -> Any:
+    """train() on the files the config names, read with ``tokenizer``."""
+    from minilora.train import train
+    from minilora.train_data import load_datasets
+
+    train_set, eval_set = load_datasets(config, tokenizer)
+    return train(model, train_set, config, eval_set)

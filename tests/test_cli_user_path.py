@@ -119,14 +119,14 @@ def test_a_rerun_of_a_saved_config_writes_a_new_folder(trained: Path, tmp_path: 
 
 def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(workdir: Path, tmp_path: Path,
                                                                  capsys, monkeypatch) -> None:
-    real = train_module._Log.step
+    real = train_module.RunLog.step
 
     def step(self, step, *args, **kwargs):
         if step == 3:
             raise KeyboardInterrupt
         return real(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(train_module._Log, "step", step)
+    monkeypatch.setattr(train_module.RunLog, "step", step)
     out = tmp_path / "run"
     code, _, err = run(train_args(workdir, out, "--max-steps", "6", "--save-every", "1"), capsys)
     assert code == 130
@@ -146,7 +146,7 @@ def test_the_run_is_described_before_the_first_step(workdir: Path, tmp_path: Pat
         "float32 (" in block["precision"]
     assert "14 Linear modules" in block["adapted"]  # 2 layers x 7 projections
     config = json.loads((out / "config.json").read_text())
-    assert config["dtype"] in ("float32", "bfloat16") and config["device"] == "cpu"
+    assert config["amp_dtype"] in ("float32", "bfloat16") and config["device"] == "cpu"
     assert config["model"] == str(workdir / "base")
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from helpers import chat_rows, fit, tiny_model, tiny_tokenizer, write_jsonl
 from minilora import loss as loss_module
 from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
 from minilora.loss import linear_cross_entropy
 from minilora.memory import estimate_memory
 from minilora.model import CausalLM, ModelConfig
-from minilora.train import TrainConfig, train
+from minilora.train import TrainConfig
 from minilora.weights import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,14 +92,14 @@ def test_checkpointed_training_with_accumulation_and_resume_equals_plain(tok, tm
 
     data = str(write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=4)))
     base = dict(data=data, lora_r=4, lora_alpha=8.0, lora_dropout=0.1, batch_size=2,
-                accumulation_steps=2, lr=1e-2, max_seq_len=64, dtype="float32", seed=0,
+                accumulation_steps=2, lr=1e-2, max_seq_len=64, amp_dtype="float32", seed=0,
                 max_steps=4, save_every=2)
-    train(tiny_model(tok.vocab_size), tok, TrainConfig(out_dir=str(tmp_path / "a"), **base))
+    fit(tiny_model(tok.vocab_size), tok, TrainConfig(out_dir=str(tmp_path / "a"), **base))
     # checkpointed, stopped half-way, resumed without checkpointing (a resumable change)
-    train(tiny_model(tok.vocab_size), tok,
+    fit(tiny_model(tok.vocab_size), tok,
           TrainConfig(out_dir=str(tmp_path / "b"), activation_checkpointing=True, stop_after=2,
                       **base))
-    train(tiny_model(tok.vocab_size), tok,
+    fit(tiny_model(tok.vocab_size), tok,
           TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
     a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
@@ -198,9 +198,9 @@ def test_the_estimate_counts_weights_adapters_and_checkpointed_activations():
 def test_train_prints_the_estimate_before_the_first_step_and_the_peak_after(tok, tmp_path,
                                                                               capsys):
     data = str(write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=4)))
-    train(tiny_model(tok.vocab_size), tok,
+    fit(tiny_model(tok.vocab_size), tok,
           TrainConfig(data=data, out_dir=str(tmp_path / "run"), lora_r=4, batch_size=4,
-                      max_seq_len=64, dtype="float32", max_steps=2, log_every=1))
+                      max_seq_len=64, amp_dtype="float32", max_steps=2, log_every=1))
     err = capsys.readouterr().err
     estimate = err.index("memory: estimated peak")
     assert estimate < err.index("step 1/2") < err.index("memory: measured peak")

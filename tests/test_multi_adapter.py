@@ -184,8 +184,8 @@ def test_names_and_states_are_checked():
 
 
 def test_trainer_trains_only_the_active_adapter(tmp_path):
-    from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
-    from minilora.train import TrainConfig, train
+    from helpers import chat_rows, fit, tiny_model, tiny_tokenizer, write_jsonl
+    from minilora.train import TrainConfig
 
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size)
@@ -195,7 +195,7 @@ def test_trainer_trains_only_the_active_adapter(tmp_path):
     frozen = [p.detach().clone() for p in lora_parameters(model, "frozen")]
     learner = [p.detach().clone() for p in lora_parameters(model, "learner")]
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows())
-    result = train(model, tok, TrainConfig(data=str(data), out_dir=str(tmp_path / "run"),
+    result = fit(model, tok, TrainConfig(data=str(data), out_dir=str(tmp_path / "run"),
                                            max_steps=2, batch_size=2, lr=1e-2, seed=0))
     assert all(torch.equal(p, q) for p, q in zip(lora_parameters(model, "frozen"), frozen,
                                                   strict=True))

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from helpers import chat_rows, fit, tiny_model, tiny_tokenizer, write_jsonl
 from minilora.adapter import base_fingerprint, load_adapter, save_adapter
 from minilora.cli import main
 from minilora.errors import CheckpointError, ConfigError, FingerprintMismatch, MissingExtra
@@ -20,7 +20,7 @@ from minilora.lora import (
     mark_trainable,
     merge_lora,
 )
-from minilora.train import TrainConfig, train
+from minilora.train import TrainConfig
 
 bnb = pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
 
@@ -171,13 +171,13 @@ def tok():
 def test_qlora_training_runs_and_resume_refuses_another_quantize(tok, tmp_path):
     data = str(write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=4)))
     base = dict(data=data, out_dir=str(tmp_path / "run"), lora_r=4, batch_size=4, lr=1e-2,
-                max_seq_len=64, dtype="float32", seed=0, max_steps=4)
-    part = train(tiny_model(tok.vocab_size), tok,
+                max_seq_len=64, amp_dtype="float32", seed=0, max_steps=4)
+    part = fit(tiny_model(tok.vocab_size), tok,
                  TrainConfig(quantize="nf4", stop_after=2, activation_checkpointing=True, **base))
     assert part.steps == 2
     with pytest.raises(CheckpointError, match="quantize: 'nf4' in the checkpoint, None now"):
-        train(tiny_model(tok.vocab_size), tok, TrainConfig(resume=True, **base))
-    done = train(tiny_model(tok.vocab_size), tok,
+        fit(tiny_model(tok.vocab_size), tok, TrainConfig(resume=True, **base))
+    done = fit(tiny_model(tok.vocab_size), tok,
                  TrainConfig(quantize="nf4", resume=True, activation_checkpointing=True, **base))
     assert done.steps == 4 and all(torch.isfinite(torch.tensor(x)) for _, x in done.losses)
     # the adapter loads onto the full-precision base it was quantized from
@@ -187,7 +187,7 @@ def test_qlora_training_runs_and_resume_refuses_another_quantize(tok, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--quantize", "nf4", "--full"], "cannot go with full=True"),
+    (["--quantize", "nf4", "--full"], "cannot go with --full (which trains every weight)"),
     (["--quantize", "nf2"], "expected one of ('nf4', 'int8')"),
 ])
 def test_bad_quantize_flags_are_one_line_and_exit_2(tmp_path, capsys, argv, message):

@@ -36,13 +36,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import minilora.weights
-from helpers import CHATS, chat_rows, tiny_model, write_jsonl
+from helpers import CHATS, chat_rows, fit, tiny_model, write_jsonl
 from minilora.adapter import FINGERPRINT_KEY, base_fingerprint, load_adapter
 from minilora.cli import main
 from minilora.data import MAX_LINE_BYTES, DataError, load_jsonl
 from minilora.lora import lora_modules
 from minilora.outputs import LOCK_NAME, FolderLock
-from minilora.train import TrainConfig, TrainError, latest_checkpoint, train
+from minilora.train import TrainConfig, TrainError, latest_checkpoint
 from minilora.weights import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 TRAIN = ["train", "--model", "{work}/base", "--data", "{data}", "--out", "{dir}/out",
          "--max-steps", "2", "--batch-size", "4", "--r", "2", "--max-seq-len", "64",
-         "--dtype", "float32", "--seed", "0", "--log-every", "1"]
+         "--amp-dtype", "float32", "--seed", "0", "--log-every", "1"]
 GENERATE = ["generate", "--model", "{work}/base", "--max-new-tokens", "1", "hi"]
 GOOD = {"conversations": CHATS[1]}
 # What a failing train run may print before its error line.
@@ -584,7 +584,7 @@ CASES = [
     Case("checkpoint-state-not-minilora", TRAIN + ["--resume"],
          "{dir}/out/checkpoints/step-00000001/state.pt: not a minilora checkpoint: "
          "total_steps is missing; world_size is missing; config is missing; data is missing; "
-         "optimizer is missing; scaler is missing; rng is missing; skipped is missing; "
+         "optimizer is missing; scaler is missing; skipped is missing; "
          "bad_in_a_row is missing; best_eval_loss is missing; fingerprint is missing; "
          "trainable_sha256 is missing", "nothing written; was a KeyError traceback",
          setup=lambda d, n: (train_first("--stop-after", "1")(d, n), rehash(plain_torch_file(
@@ -624,12 +624,12 @@ CASES = [
          "the user's file is kept", setup=lambda d, n: write_file(d / "mine" / "notes.txt")),
     Case("fresh-run-over-a-finished-one", TRAIN,
          "{dir}/out holds an earlier run (adapter, checkpoints, metrics.jsonl): pass "
-         "overwrite=True (--overwrite) to replace it, or train into another out_dir",
+         "--overwrite to replace it, or train into another out_dir",
          "the finished run is untouched (was: its checkpoints and best/ deleted at the start)",
          setup=train_first()),
     Case("resume-without-a-checkpoint-over-a-finished-run", TRAIN + ["--resume"],
-         "{dir}/out holds an earlier run (adapter, metrics.jsonl): pass overwrite=True "
-         "(--overwrite) to replace it, or train into another out_dir",
+         "{dir}/out holds an earlier run (adapter, metrics.jsonl): pass --overwrite to "
+         "replace it, or train into another out_dir",
          "the finished run is untouched (was: restarted at step 0, its adapter and metrics "
          "replaced)", setup=lambda d, n: (train_first()(d, n),
                                          shutil.rmtree(d / "out" / "checkpoints"))),
@@ -1061,7 +1061,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(work,
                                                                           capsys) -> None:
     args = ["train", "--model", str(work / "base"), "--data", str(work / "train.jsonl"),
             "--max-steps", "24", "--batch-size", "4", "--r", "2", "--max-seq-len", "64",
-            "--dtype", "float32", "--seed", "3", "--lr", "1e-2", "--dropout", "0.1",
+            "--amp-dtype", "float32", "--seed", "3", "--lr", "1e-2", "--dropout", "0.1",
             "--save-every", "1", "--log-every", "1"]
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0
     capsys.readouterr()
@@ -1154,7 +1154,7 @@ def poison(model: torch.nn.Module, kind: str, calls: Callable[[int], bool]) -> N
 def short_run(tok, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The adapter after 1 step of a clean run (the reference for a skipped step 2)."""
     out = tmp_path_factory.mktemp("clean")
-    train(tiny_model(tok.vocab_size), tok, nan_config(tmp_path_factory, out, stop_after=1))
+    fit(tiny_model(tok.vocab_size), tok, nan_config(tmp_path_factory, out, stop_after=1))
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
@@ -1163,7 +1163,7 @@ def nan_config(tmp_path_factory, out: Path, **changes: Any) -> TrainConfig:
     if not data.exists():
         write_jsonl(data, chat_rows(repeat=4))
     return TrainConfig(**{**dict(data=str(data), out_dir=str(out), lora_r=2, batch_size=4,
-                                 lr=1e-2, max_seq_len=64, dtype="float32", log_every=1, seed=0,
+                                 lr=1e-2, max_seq_len=64, amp_dtype="float32", log_every=1, seed=0,
                                  max_steps=4), **changes})
 
 
@@ -1173,7 +1173,7 @@ def test_a_non_finite_step_is_skipped_counted_and_logged(kind, tok, tmp_path_fac
     out = tmp_path_factory.mktemp(kind)
     model = tiny_model(tok.vocab_size)
     poison(model, kind, lambda call: call == 1)  # step 2
-    result = train(model, tok, nan_config(tmp_path_factory, out, stop_after=2))
+    result = fit(model, tok, nan_config(tmp_path_factory, out, stop_after=2))
     assert result.skipped_steps == 1 and result.steps == 2
 
     # metrics.jsonl stays strict JSON: no loss that step (null), the skip counted.
@@ -1195,7 +1195,7 @@ def test_k_non_finite_steps_in_a_row_stop_the_run(tok, tmp_path_factory) -> None
     model = tiny_model(tok.vocab_size)
     poison(model, "inf-grad", lambda call: call >= 2)
     with pytest.raises(TrainError, match="stopped at step 6: 4 steps in a row had a non-finite"):
-        train(model, tok, nan_config(tmp_path_factory, out, max_steps=8, max_bad_steps=4,
+        fit(model, tok, nan_config(tmp_path_factory, out, max_steps=8, max_bad_steps=4,
                                      save_every=1))
     state = torch.load(latest_checkpoint(out / "checkpoints") / "state.pt", weights_only=True)
     assert state["step"] == 5 and state["skipped"] == 3 and state["bad_in_a_row"] == 3

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import chat_rows, tiny_model, write_jsonl
+from helpers import chat_rows, fit, tiny_model, write_jsonl
+from minilora import checkpoint
 from minilora import train as train_module
 from minilora.data import IGNORE_INDEX, JsonlDataset, Sample, load_jsonl
-from minilora.errors import OutputError
-from minilora.lora import lora_modules
+from minilora.errors import CheckpointError, ConfigError, OutputError
+from minilora.lora import inject_lora, lora_modules, lora_parameters, mark_trainable
 from minilora.train import (
-    CheckpointError,
     TrainConfig,
     TrainError,
     autocast_dtype,
@@ -31,6 +31,7 @@ from minilora.train import (
     native_bf16,
     train,
 )
+from minilora.train_data import BatchPlan, load_datasets
 
 TESTS = Path(__file__).parent
 
@@ -49,7 +50,7 @@ def files(tmp_path_factory):
 
 def config(files, out: Path, **changes) -> TrainConfig:
     base = dict(data=files["train"], out_dir=str(out), lora_r=4, lora_alpha=8.0, batch_size=4,
-                lr=1e-2, max_seq_len=64, dtype="float32", log_every=1, seed=0, max_steps=6)
+                lr=1e-2, max_seq_len=64, amp_dtype="float32", log_every=1, seed=0, max_steps=6)
     return TrainConfig(**{**base, **changes})
 
 
@@ -71,7 +72,7 @@ def test_lora_run_lowers_the_loss_and_touches_only_lora(tok, files, tmp_path):
     model = tiny_model(tok.vocab_size)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = config(files, tmp_path / "run", max_steps=24, eval_data=files["eval"], eval_every=8)
-    result = train(model, tok, cfg)
+    result = fit(model, tok, cfg)
 
     first, last = losses(result)[:3], losses(result)[-3:]
     assert sum(last) < 0.7 * sum(first)
@@ -88,8 +89,8 @@ def test_lora_run_lowers_the_loss_and_touches_only_lora(tok, files, tmp_path):
                                 if ".lora_" in k}, 0)
     assert (out / "best" / "adapter_config.json").exists() and (out / "loss.png").exists()
     saved = TrainConfig.from_json(out / "config.json")  # what ran: "auto" resolved
-    assert saved.device == "cpu" and saved.dtype in ("float32", "bfloat16")
-    assert saved == dataclasses.replace(cfg, device="cpu", dtype=saved.dtype)
+    assert saved.device == "cpu" and saved.amp_dtype in ("float32", "bfloat16")
+    assert saved == dataclasses.replace(cfg, device="cpu", amp_dtype=saved.amp_dtype)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 25))
     assert [r["step"] for r in records if "eval_loss" in r] == [8, 16, 24]
@@ -100,7 +101,7 @@ def test_lora_run_lowers_the_loss_and_touches_only_lora(tok, files, tmp_path):
 def test_full_training_updates_every_weight(tok, files, tmp_path):
     model = tiny_model(tok.vocab_size)
     before = {k: v.clone() for k, v in model.named_parameters()}
-    result = train(model, tok, config(files, tmp_path / "run", full=True, lr=1e-3, max_steps=3))
+    result = fit(model, tok, config(files, tmp_path / "run", full=True, lr=1e-3, max_steps=3))
     assert not lora_modules(model)
     for name, p in model.named_parameters():
         assert not torch.equal(p, before[name]), name
@@ -112,11 +113,11 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tok, files, tmp_path):
     # Dropout on, an epoch boundary crossed (6 steps an epoch), evals on both sides of the stop.
     changes = dict(max_steps=9, lora_dropout=0.1, warmup_steps=2, save_every=2,
                    eval_data=files["eval"], eval_every=3)
-    whole = train(tiny_model(tok.vocab_size), tok, config(files, tmp_path / "a", **changes))
-    part1 = train(tiny_model(tok.vocab_size), tok,
+    whole = fit(tiny_model(tok.vocab_size), tok, config(files, tmp_path / "a", **changes))
+    part1 = fit(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path / "b", stop_after=4, **changes))
     assert part1.steps == 4 and [s for s, _ in part1.losses] == [1, 2, 3, 4]
-    part2 = train(tiny_model(tok.vocab_size), tok,
+    part2 = fit(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path / "b", resume=True, **changes))
 
     assert [s for s, _ in part2.losses] == [5, 6, 7, 8, 9]
@@ -134,21 +135,21 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tok, files, tmp_path):
 
 def test_resume_refuses_another_config_and_fresh_runs_keep_unfinished_ones(tok, files, tmp_path):
     out = tmp_path / "run"
-    train(tiny_model(tok.vocab_size), tok, config(files, out, stop_after=2))
+    fit(tiny_model(tok.vocab_size), tok, config(files, out, stop_after=2))
     with pytest.raises(CheckpointError, match=r"lr: 0\.01 in the checkpoint, 0\.02 now"):
-        train(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2, resume=True))
+        fit(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2, resume=True))
     with pytest.raises(CheckpointError, match="batch_size: 4 in the checkpoint, 2 now"):
-        train(tiny_model(tok.vocab_size), tok, config(files, out, batch_size=2, resume=True))
+        fit(tiny_model(tok.vocab_size), tok, config(files, out, batch_size=2, resume=True))
     with pytest.raises(CheckpointError, match="unfinished run: pass resume=True"):
-        train(tiny_model(tok.vocab_size), tok, config(files, out))
+        fit(tiny_model(tok.vocab_size), tok, config(files, out))
     other_base = tiny_model(tok.vocab_size, seed=1)
     with pytest.raises(CheckpointError, match="another base model"):
-        train(other_base, tok, config(files, out, resume=True))
+        fit(other_base, tok, config(files, out, resume=True))
 
 
 def test_torn_or_damaged_checkpoints_are_never_loaded(tok, files, tmp_path):
     out = tmp_path / "run"
-    train(tiny_model(tok.vocab_size), tok, config(files, out, stop_after=2))
+    fit(tiny_model(tok.vocab_size), tok, config(files, out, stop_after=2))
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt.name == "step-00000002"
     # A crash in the middle of a save leaves only a temporary folder: it is not a checkpoint.
@@ -160,7 +161,7 @@ def test_torn_or_damaged_checkpoints_are_never_loaded(tok, files, tmp_path):
     blob[-1] ^= 0xFF
     (ckpt / "trainable.safetensors").write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="checksum"):
-        train(tiny_model(tok.vocab_size), tok, config(files, out, resume=True))
+        fit(tiny_model(tok.vocab_size), tok, config(files, out, resume=True))
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tok, files, tmp_path,
@@ -175,13 +176,13 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tok, files, tmp
             raise OSError(28, "No space left on device")
         real_write(path, payload)
 
-    real_write = train_module.atomic_write
-    monkeypatch.setattr(train_module, "atomic_write", fill_up)
+    real_write = checkpoint.atomic_write
+    monkeypatch.setattr(checkpoint, "atomic_write", fill_up)
     with pytest.raises(OSError, match="No space left"):
-        train(tiny_model(tok.vocab_size), tok, config(files, out, save_every=2))
+        fit(tiny_model(tok.vocab_size), tok, config(files, out, save_every=2))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
     monkeypatch.undo()
-    resumed = train(tiny_model(tok.vocab_size), tok, config(files, out, resume=True))
+    resumed = fit(tiny_model(tok.vocab_size), tok, config(files, out, resume=True))
     assert [s for s, _ in resumed.losses] == [3, 4, 5, 6]
 
 
@@ -209,14 +210,14 @@ def test_an_error_ends_the_process_group_and_the_progress_bar(tok, files, tmp_pa
         raise RuntimeError("boom")
 
     closed = []
-    real_close = train_module._Log.close
-    monkeypatch.setattr(train_module, "_start_distributed", start)
-    monkeypatch.setattr(train_module._Log, "close",
+    real_close = train_module.RunLog.close
+    monkeypatch.setattr(train_module, "start_distributed", start)
+    monkeypatch.setattr(train_module.RunLog, "close",
                         lambda self: (closed.append(True), real_close(self)))
     monkeypatch.setattr(train_module, "lr_at", fail)  # inside the loop, the bar running
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            train(tiny_model(tok.vocab_size), tok, config(files, tmp_path / "run"))
+            fit(tiny_model(tok.vocab_size), tok, config(files, tmp_path / "run"))
         assert not dist.is_initialized()
         assert closed
     finally:
@@ -225,31 +226,31 @@ def test_an_error_ends_the_process_group_and_the_progress_bar(tok, files, tmp_pa
 
 
 def test_a_fresh_run_does_not_report_an_earlier_runs_best(tok, files, tmp_path):
-    first = train(tiny_model(tok.vocab_size), tok,
+    first = fit(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path, max_steps=2, eval_data=files["eval"]))
     assert first.best_dir == tmp_path / "best"
     with pytest.raises(OutputError, match=r"holds an earlier run \(adapter, best, checkpoints, "
                                           r"metrics\.jsonl\): pass overwrite=True"):
-        train(tiny_model(tok.vocab_size), tok, config(files, tmp_path, max_steps=2))
+        fit(tiny_model(tok.vocab_size), tok, config(files, tmp_path, max_steps=2))
     assert (tmp_path / "best").exists()  # refused: nothing of the earlier run removed
-    again = train(tiny_model(tok.vocab_size), tok,
+    again = fit(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path, max_steps=2, overwrite=True))
     assert again.best_dir is None and not (tmp_path / "best").exists()
 
 
 def test_accumulation_equals_one_larger_batch(tok, files, tmp_path):
-    small = train(tiny_model(tok.vocab_size), tok,
+    small = fit(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path / "a", batch_size=2, accumulation_steps=3, max_steps=4))
-    large = train(tiny_model(tok.vocab_size), tok,
+    large = fit(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path / "b", batch_size=6, max_steps=4))
     assert losses(small) == pytest.approx(losses(large), abs=1e-5, rel=0)
     assert_close(adapter(tmp_path / "a"), adapter(tmp_path / "b"), 1e-5)
 
 
-@pytest.mark.parametrize("changes", [{"pack": True, "batch_size": 2}, {"dtype": "bfloat16"}],
+@pytest.mark.parametrize("changes", [{"pack": True, "batch_size": 2}, {"amp_dtype": "bfloat16"}],
                          ids=["packed", "bf16-autocast"])
 def test_packed_rows_and_bf16_autocast_train(tok, files, tmp_path, changes):
-    result = train(tiny_model(tok.vocab_size), tok,
+    result = fit(tiny_model(tok.vocab_size), tok,
                    config(files, tmp_path / "run", max_steps=3, **changes))
     assert result.steps == 3 and all(math.isfinite(x) for x in losses(result))
     assert all(t.dtype == torch.float32 for t in adapter(tmp_path / "run").values())
@@ -260,11 +261,11 @@ import sys
 import torch
 sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(1)
-from helpers import tiny_model
+from helpers import fit, tiny_model
 from minilora.tokenizer import Tokenizer
 from minilora.train import TrainConfig, train
 tok = Tokenizer.from_file(sys.argv[2])
-train(tiny_model(tok.vocab_size), tok, TrainConfig.from_json(sys.argv[3]))
+fit(tiny_model(tok.vocab_size), tok, TrainConfig.from_json(sys.argv[3]))
 """
 
 
@@ -292,7 +293,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tok, files, tmp_path
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
 
-    single = train(tiny_model(tok.vocab_size), tok,
+    single = fit(tiny_model(tok.vocab_size), tok,
                    config(files, tmp_path / "one", batch_size=4, accumulation_steps=2,
                           max_steps=4))
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text()
@@ -332,7 +333,7 @@ def poison(model, bad_calls):
 def test_non_finite_steps_are_skipped_then_stop_the_run(tok, files, tmp_path):
     model = tiny_model(tok.vocab_size)
     poison(model, {1})
-    result = train(model, tok, config(files, tmp_path / "a", max_steps=4, grad_clip=0.0))
+    result = fit(model, tok, config(files, tmp_path / "a", max_steps=4, grad_clip=0.0))
     assert result.skipped_steps == 1
     assert math.isnan(result.losses[1][1]) and all(math.isfinite(x) for x in losses(result)[2:])
     assert all(torch.isfinite(t).all() for t in adapter(tmp_path / "a").values())
@@ -340,7 +341,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tok, files, tmp_path):
     model = tiny_model(tok.vocab_size)
     poison(model, set(range(2, 100)))
     with pytest.raises(TrainError, match="stopped at step 5: 3 steps in a row"):
-        train(model, tok, config(files, tmp_path / "b", max_steps=8, max_bad_steps=3))
+        fit(model, tok, config(files, tmp_path / "b", max_steps=8, max_bad_steps=3))
 
 
 def test_config_round_trips_and_names_bad_fields(tmp_path):
@@ -348,18 +349,18 @@ def test_config_round_trips_and_names_bad_fields(tmp_path):
     cfg.save_json(tmp_path / "c.json")
     assert TrainConfig.from_json(tmp_path / "c.json") == cfg
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match=r"unknown TrainConfig key\(s\) \['learning_rate'\]"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
 
 
 @pytest.mark.parametrize("field, value, expected", [
     ("lora_r", 0, "lora_r: expected an integer >= 1"),
-    ("lora_alpha", -1.0, "alpha must be > 0"),
-    ("lora_dropout", 1.0, r"dropout must be in \[0, 1\)"),
+    ("lora_alpha", -1.0, "lora_alpha must be > 0"),
+    ("lora_dropout", 1.0, r"lora_dropout must be in \[0, 1\)"),
     ("max_seq_len", 0, "max_seq_len: expected an integer >= 1"),
     ("batch_size", True, "batch_size: expected int"),
     ("lr", 0.0, "lr: expected a finite number > 0"),
-    ("dtype", "fp8", "dtype: expected one of"),
+    ("amp_dtype", "fp8", "amp_dtype: expected one of"),
     ("full", "yes", "full: expected bool"),
     ("lora_targets", 3, "lora_targets: expected"),
 ])
@@ -386,8 +387,8 @@ def test_dtype_auto_follows_the_hardware():
 
 def test_a_fresh_run_over_a_finished_one_checkpoints_its_own_state(tok, files, tmp_path):
     out = tmp_path / "run"
-    train(tiny_model(tok.vocab_size), tok, config(files, out, lr=1e-2))
-    train(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2, overwrite=True))
+    fit(tiny_model(tok.vocab_size), tok, config(files, out, lr=1e-2))
+    fit(tiny_model(tok.vocab_size), tok, config(files, out, lr=2e-2, overwrite=True))
     state = torch.load(latest_checkpoint(out / "checkpoints") / "state.pt", weights_only=True)
     assert state["config"]["lr"] == 2e-2
 
@@ -397,11 +398,152 @@ def test_resume_without_a_checkpoint_is_a_fresh_run_that_keeps_a_finished_one(to
     import shutil
 
     out = tmp_path / "run"
-    train(tiny_model(tok.vocab_size), tok, config(files, out, max_steps=2))
+    fit(tiny_model(tok.vocab_size), tok, config(files, out, max_steps=2))
     shutil.rmtree(out / "checkpoints")  # a finished run whose checkpoints were cleaned away
     before = {p.name: p.read_bytes() for p in (out / "adapter").iterdir()}
     metrics = (out / "metrics.jsonl").read_bytes()
     with pytest.raises(OutputError, match="holds an earlier run"):
-        train(tiny_model(tok.vocab_size), tok, config(files, out, max_steps=2, resume=True))
+        fit(tiny_model(tok.vocab_size), tok, config(files, out, max_steps=2, resume=True))
     assert {p.name: p.read_bytes() for p in (out / "adapter").iterdir()} == before
     assert (out / "metrics.jsonl").read_bytes() == metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The config alone, the checkpoint module alone, the command line's words
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_config_with_several_bad_fields_names_them_all_in_one_error():
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig(lr=0.0, batch_size=0, full="yes", amp_dtype="fp8", lora_alpha=-1.0,
+                    device="banana")
+    err = caught.value
+    assert list(err.fields) == ["full", "lora_alpha", "batch_size", "lr", "amp_dtype", "device"]
+    for text in ("TrainConfig.full: expected bool", "TrainConfig.lora_alpha must be > 0",
+                 "TrainConfig.batch_size: expected an integer >= 1",
+                 "TrainConfig.lr: expected a finite number > 0",
+                 "TrainConfig.amp_dtype: expected one of", "TrainConfig.device: unknown device"):
+        assert text in str(err), text
+
+
+def test_the_config_module_imports_no_torch():
+    code = ("import sys; import minilora.train_config, minilora.checks; "
+            "from minilora.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_old_config_with_dtype_still_loads(tmp_path):
+    (tmp_path / "old.json").write_text(json.dumps({"data": "d.jsonl", "dtype": "float32"}))
+    assert TrainConfig.from_json(tmp_path / "old.json").amp_dtype == "float32"
+
+
+def checkpoint_parts(tok, files, cfg):
+    """A LoRA model, its optimizer and a batch plan, as train() builds them."""
+    torch.manual_seed(cfg.seed)
+    model = tiny_model(tok.vocab_size)
+    inject_lora(model, cfg.lora_config())
+    mark_trainable(model)
+    params = lora_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    plan = BatchPlan(load_datasets(cfg, tok)[0], cfg, rank=0, world=1)
+    return model, params, optimizer, plan
+
+
+def test_the_checkpoint_resumes_exactly_what_it_saved(tok, files, tmp_path):
+    cfg = config(files, tmp_path / "run")
+    model, params, optimizer, plan = checkpoint_parts(tok, files, cfg)
+    for p in params:  # one optimizer step, so that the optimizer has state to save
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    state = checkpoint.RunState(step=3, skipped=1, bad_in_a_row=0, best_eval_loss=2.5)
+    folder = tmp_path / "run" / checkpoint.CHECKPOINTS
+    saved = checkpoint.save_checkpoint(folder, model, optimizer, None, cfg, plan, state)
+    assert saved == checkpoint.latest_checkpoint(folder) == folder / "step-00000003"
+
+    other_cfg = dataclasses.replace(cfg, seed=7)  # another LoRA init, overwritten by the load
+    other, other_params, other_optimizer, _ = checkpoint_parts(tok, files, other_cfg)
+    loaded = checkpoint.load_checkpoint(folder, other, other_optimizer, None, cfg, plan)
+    assert loaded == state
+    for a, b in zip(params, other_params, strict=True):
+        assert torch.equal(a, b)
+    assert str(other_optimizer.state_dict()) == str(optimizer.state_dict())
+
+    with pytest.raises(CheckpointError, match=r"lr: 0\.01 in the checkpoint, 0\.5 now"):
+        checkpoint.load_checkpoint(folder, other, other_optimizer, None,
+                                   dataclasses.replace(cfg, lr=0.5), plan)
+
+
+def test_a_checkpoint_written_with_dtype_resumes_under_amp_dtype(tok, files, tmp_path):
+    cfg = config(files, tmp_path / "run")
+    model, _, optimizer, plan = checkpoint_parts(tok, files, cfg)
+    folder = tmp_path / "run" / checkpoint.CHECKPOINTS
+    path = checkpoint.save_checkpoint(folder, model, optimizer, None, cfg, plan,
+                                      checkpoint.RunState(step=1))
+    state = torch.load(path / "state.pt", weights_only=True)
+    state["config"]["dtype"] = state["config"].pop("amp_dtype")  # as an older minilora wrote
+    rewrite_state(path, state)
+    assert checkpoint.load_checkpoint(folder, model, optimizer, None, cfg, plan).step == 1
+
+
+def rewrite_state(path: Path, state: dict) -> None:
+    import hashlib
+
+    torch.save(state, path / "state.pt")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = hashlib.sha256((path / "state.pt").read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture()
+def base_dir(tok, tmp_path):
+    from minilora.weights import save_model
+
+    save_model(tiny_model(tok.vocab_size), tmp_path / "base")
+    tok.save(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def cli(argv, capsys):
+    from minilora.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_cli_errors_name_every_bad_flag_and_no_library_word(files, base_dir, tmp_path,
+                                                            capsys):
+    code, err = cli(["train", "--model", base_dir, "--data", files["train"], "--out",
+                     tmp_path / "out", "--lr", "0", "--batch-size", "0", "--alpha", "-1",
+                     "--amp-dtype", "fp8"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        "minilora train: error: --alpha must be > 0, got -1.0; --batch-size: expected an "
+        "integer >= 1, got 0; --lr: expected a finite number > 0, got 0.0; --amp-dtype: "
+        "expected one of ('auto', 'float32', 'bfloat16', 'float16'), got 'fp8'"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_old_dtype_flag_still_works_with_a_note(files, base_dir, tmp_path, capsys):
+    code, err = cli(["train", "--model", base_dir, "--data", files["train"], "--out",
+                     tmp_path / "out", "--dtype", "float32", "--max-steps", "1",
+                     "--batch-size", "4", "--max-seq-len", "64", "--r", "2"], capsys)
+    assert code == 0, err
+    assert err.splitlines()[0] == "minilora train: note: --dtype is now --amp-dtype"
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["amp_dtype"] == "float32" and "dtype" not in saved
+
+
+def test_an_unfinished_run_is_named_in_the_command_lines_words(files, base_dir, tmp_path,
+                                                               capsys):
+    argv = ["train", "--model", base_dir, "--data", files["train"], "--out", tmp_path / "out",
+            "--max-steps", "3", "--batch-size", "4", "--max-seq-len", "64", "--r", "2"]
+    assert cli(argv + ["--stop-after", "1"], capsys)[0] == 0
+    code, err = cli(argv, capsys)
+    assert code == 2
+    assert err.splitlines()[-1].endswith(
+        "step-00000001 holds an unfinished run: pass --resume to continue it, or train into "
+        "another out_dir")
+    assert "resume=True" not in err

@@ -1,0 +1,139 @@
+"""What a run tells as it goes: config.json and metrics.jsonl in its folder, the progress bar (a
+terminal) or log lines (otherwise), and loss.png at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minilora.data import DataStats
+from minilora.files import atomic_write
+from minilora.train_config import TrainConfig
+
+
+def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
+    """Write config.json, keep the metrics.jsonl lines the checkpoint at ``step`` covers, and
+    say what reading the data kept and dropped.
+
+    Raises:
+        OSError: out cannot be written (naming it and what to do).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_json(out / "config.json")
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the output folder {out}: "
+                      f"{err.strerror or err}; choose another out_dir (--out)") from None
+    metrics = out / "metrics.jsonl"
+    # Keep what the checkpoint covers: a crashed run logged steps that will be run again.
+    kept = []
+    if step and metrics.exists():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by the crash
+    atomic_write(metrics, "".join(kept))
+    for file, found in stats.formats.items():
+        kinds = ", ".join(f"{kind} ({n} records)" for kind, n in found.items())
+        print(f"data: {file}: {kinds or 'no records'}", file=sys.stderr)
+    print(f"data: {stats.samples} samples ({stats.trained_tokens} trained tokens); dropped "
+          f"{stats.dropped_untrained} with nothing to train, truncated {stats.truncated}, "
+          f"skipped {stats.skipped_bad} bad lines", file=sys.stderr)
+
+
+class RunLog:
+    """metrics.jsonl, the progress bar (a TTY) or log lines (otherwise); rank 0 only."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.active = rank == 0
+        self.path = out / "metrics.jsonl"
+        self.bar: tqdm | None = None
+        self.precision = ""  # the precision in words, for the run's opening block
+
+    def start(self, step: int, total: int) -> None:
+        """Show the bar from ``step`` of ``total`` and start counting."""
+        self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+                        disable=not (self.active and sys.stderr.isatty()))
+        self.loss_sum = torch.zeros(())
+        self.steps = 0  # finite steps since the last log
+        self.tokens = 0
+        self.since = time.perf_counter()
+        self.total = total
+
+    def step(self, step: int, loss: torch.Tensor | None, lr: float, tokens: int, skipped: int,
+             *, force: bool) -> list[tuple[int, float]]:
+        """Count a step; every log_every steps (``force``) read the loss: the only .item()."""
+        self.bar.update(1)
+        if loss is not None:
+            self.loss_sum = self.loss_sum.to(loss.device) + loss
+            self.steps += 1
+        self.tokens += tokens
+        if not force:
+            return []
+        mean = float(self.loss_sum / max(self.steps, 1)) if self.steps else float("nan")
+        now = time.perf_counter()
+        record = {"step": step, "loss": mean, "lr": lr,
+                  "tokens_per_s": self.tokens / max(now - self.since, 1e-9), "skipped": skipped}
+        self.loss_sum, self.steps, self.tokens, self.since = torch.zeros(()), 0, 0, now
+        self._write(record)
+        if self.bar.disable and self.active:
+            print(f"step {step}/{self.total} loss {mean:.4f} lr {lr:.2e} "
+                  f"tok/s {record['tokens_per_s']:.0f}", file=sys.stderr)
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}")
+        return [(step, mean)]
+
+    def eval(self, record: dict[str, float]) -> None:
+        self._write(record)
+        if self.active:
+            self.bar.write(f"eval at step {record['step']}: loss {record['eval_loss']:.4f} "
+                           f"ppl {record['eval_ppl']:.2f}", file=sys.stderr)
+
+    def _write(self, record: dict[str, float]) -> None:
+        # null, not NaN: a window of skipped steps has no loss, and NaN is not JSON
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}
+        if self.active:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_losses(out: Path) -> Path | None:
+    """loss.png from metrics.jsonl (train and eval loss by step); a note without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("loss.png skipped: matplotlib is not installed (pip install 'minilora[plot]')",
+              file=sys.stderr)
+        return None
+    records = [json.loads(line) for line in
+               (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    train_points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    eval_points = [(r["step"], r["eval_loss"]) for r in records
+                   if r.get("eval_loss") is not None]
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for points, label in ((train_points, "train"), (eval_points, "eval")):
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 50 else "")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(out / "loss.png", dpi=100)
+    return out / "loss.png"

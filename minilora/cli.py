@@ -33,15 +33,6 @@ from minilora.cli_serve import add_serve_parser
 from minilora.errors import BaseConfigNeeded, MiniloraError
 from minilora.outputs import check_not_an_input
 
-
-def chat_answerer(model: Any, tokenizer: Any, **sampling: Any) -> Callable[[list[dict]], str]:
-    """minilora.chat.chat_answerer (train's before/after table), imported when called: it
-    imports torch, which `--help` must not wait for."""
-    from minilora import chat
-
-    return chat.chat_answerer(model, tokenizer, **sampling)
-
-
 # ------------------------------------------------------------------------------------------------
 # train
 # ------------------------------------------------------------------------------------------------
@@ -188,6 +179,7 @@ def _shown_default(f: Any) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """`minilora train`: LoRA (or --full) fine-tuning; with no arguments, the demo."""
     from minilora import tasks
+    from minilora.chat import chat_answerer
     from minilora.tokenizer import Tokenizer
     from minilora.train import train
     from minilora.train_config import TrainConfig

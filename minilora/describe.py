@@ -30,9 +30,9 @@ from minilora.adapter import (
     _read_minimind,
     _read_peft,
 )
+from minilora.checkpoint import CHECKPOINTS, latest_checkpoint
 from minilora.errors import AdapterError, CheckpointError, ConfigError
 from minilora.files import read_json, torch_load_reason
-from minilora.train import CHECKPOINTS, latest_checkpoint
 from minilora.weights import describe_model
 
 RUN_CONFIG = "config.json"

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from minilora import tasks
-from minilora.cli import ASSETS, BASE_MODEL, chat_answerer, main
+from minilora.chat import chat_answerer
+from minilora.cli import ASSETS, BASE_MODEL, main
 from minilora.lora import set_active
 from minilora.tokenizer import Tokenizer
 from minilora.weights import load_model

@@ -93,7 +93,7 @@ def _tokenizer_path(args: argparse.Namespace, model_path: Path) -> Path:
 def _apply_adapters(model: Any, args: argparse.Namespace, *, several: bool = False
                     ) -> list[str]:
     """Loads the --adapter options; returns their names (the first one is active)."""
-    from minilora.lora import set_active
+    from minilora.named_adapters import set_active
 
     if len(args.adapter) > 1 and not several:
         raise CliError(f"one --adapter at a time for `{args.command}` (chat and generate take "
@@ -452,7 +452,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _switch_adapter(model: Any, text: str, adapters: list[str]) -> None:
     """`/adapter NAME` in chat: NAME, NAME,NAME (their updates add up) or base; a bare
     `/adapter` says which are loaded and active. Messages go to stderr."""
-    from minilora.lora import active_adapters, set_active
+    from minilora.named_adapters import active_adapters, set_active
 
     if text:
         names = [n for n in re.split(r"[,+ ]+", text) if n]
@@ -589,7 +589,7 @@ def _copy_tokenizer(args: argparse.Namespace, out: Path) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """`minilora merge`: base + adapter -> a plain model folder transformers loads."""
-    from minilora.lora import merge_and_unload
+    from minilora.injection import merge_and_unload
     from minilora.weights import save_model
 
     if not args.adapter:
@@ -662,7 +662,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     """`minilora combine`: a weighted combination of adapters, written as one adapter."""
     from minilora.adapter import save_adapter
     from minilora.checks import number as checked_number
-    from minilora.lora import combine_adapters
+    from minilora.named_adapters import combine_adapters
 
     if len(args.weights) != len(args.adapters):
         raise CliError(f"{len(args.adapters)} adapters but {len(args.weights)} --weights")

@@ -54,17 +54,12 @@ from minilora.data import (
 )
 from minilora.errors import CheckpointError, ConfigError, DataError, OutputError, TrainError
 from minilora.files import atomic_write, fsync_dir, read_bounded, read_json, torch_load_reason
-from minilora.lora import (
-    LoraConfig,
-    inject_lora,
-    lora_modules,
-    lora_parameters,
-    mark_trainable,
-    unmerge_lora,
-)
+from minilora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
+from minilora.lora import LoraConfig, lora_modules
 from minilora.memory import estimate_memory, measured_peak
 from minilora.outputs import FolderLock, check_not_an_input, check_own_folder
-from minilora.quant import QUANT_KINDS, quantize_model, require_bitsandbytes
+from minilora.qlora import quantize_model
+from minilora.quant import QUANT_KINDS, require_bitsandbytes
 from minilora.tokenizer import Tokenizer
 from minilora.weights import save_model
 

@@ -26,7 +26,8 @@ import torch
 
 from minilora import tasks
 from minilora.cli import ASSETS, BASE_MODEL, chat_answerer
-from minilora.lora import LoraConfig, count_parameters, inject_lora
+from minilora.injection import count_parameters, inject_lora
+from minilora.lora import LoraConfig
 from minilora.tokenizer import Tokenizer
 from minilora.train import TrainConfig, train
 from minilora.weights import load_model

@@ -25,7 +25,7 @@ import torch
 
 from minilora import tasks
 from minilora.cli import ASSETS, BASE_MODEL, chat_answerer, main
-from minilora.lora import set_active
+from minilora.named_adapters import set_active
 from minilora.tokenizer import Tokenizer
 from minilora.weights import load_model
 

@@ -851,7 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (all cores)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per row (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default 1)")
-    p.add_argument("--only", default=None, help="run the rows whose id contains this (no file)")
+    p.add_argument("--only", default=None,
+                   help="run the rows whose id contains this (or one of these, comma-separated); "
+                   "writes no file")
     p.add_argument("--profile", default=None, help="print a torch.profiler table of this row id")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--note", default="", help="a sentence added to the machine line")
@@ -878,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         print(x.get("table", x))
         return 0
     if args.only:
-        rows = [r for r in rows if args.only in r["id"]]
+        rows = [r for r in rows if any(w in r["id"] for w in args.only.split(","))]
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     loaded = ("The machine was shared: another job was running (notes/TRAINING_RUNNING present)."
               if Path("/work/notes/TRAINING_RUNNING").exists() else "")

@@ -511,18 +511,8 @@ def load_adapter(
             check_adapter_name(name)
         except ValueError as e:
             raise AdapterError(str(e)) from None
-    path = Path(path)
+    path = _adapter_path(Path(path), name)
     target = DEFAULT_ADAPTER if name is None else name
-    if path.is_file() and path.name == WEIGHTS_NAME:
-        path = path.parent
-    if name is not None and (path / name / CONFIG_NAME).is_file():
-        path = path / name
-    if path.is_dir() and not (path / CONFIG_NAME).exists() and not (path / WEIGHTS_NAME).exists():
-        inside = sorted(find_adapters(path))
-        if inside:
-            raise AdapterError(
-                f"{path} holds adapters in subfolders {inside}: pass name=... (or the subfolder)"
-            )
     base_layers: dict[str, torch.Tensor] = {}
     if path.is_dir():
         config, sd, metadata = _read_peft(path)
@@ -573,6 +563,21 @@ def load_adapter(
         raise
     _copy_in(model, sd, config.scaling, target)
     return config
+
+
+def _adapter_path(path: Path, name: str | None) -> Path:
+    """The folder or file `load_adapter(path, name=name)` reads."""
+    if path.is_file() and path.name == WEIGHTS_NAME:
+        path = path.parent
+    if name is not None and (path / name / CONFIG_NAME).is_file():
+        path = path / name
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and not (path / WEIGHTS_NAME).exists():
+        inside = sorted(find_adapters(path))
+        if inside:
+            raise AdapterError(
+                f"{path} holds adapters in subfolders {inside}: pass name=... (or the subfolder)"
+            )
+    return path
 
 
 def _check_base_layers(

@@ -309,20 +309,7 @@ def combine_adapters(
         ConfigError: on unknown adapters, a taken or bad name, an unknown method, a rank the
             layers cannot hold, or merged LoRA.
     """
-    check_adapter_name(name)
-    if method not in COMBINE_METHODS:
-        raise ConfigError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
-    if not weights:
-        raise ConfigError("weights is empty: give adapter name -> weight")
-    for adapter, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(
-                weight):
-            raise ConfigError(f"weights[{adapter!r}]: expected a finite number, got {weight!r}")
-    check_known(model, list(weights))
-    if name in list_adapters(model):
-        raise ConfigError(
-            f"adapter {name!r} exists already; delete_adapter it or pick another name")
-    refuse_merged(model, "combine_adapters")
+    _check_combine(model, weights, name, method)
     modules = [(p, m) for p, m in lora_modules(model) if any(n in m.lora_A for n in weights)]
     # Each adapter owns a fixed block of rows, so the concatenation has one rank everywhere
     # (what a PEFT file needs); a layer without that adapter keeps its block at zero.
@@ -356,6 +343,30 @@ def combine_adapters(
             m.lora_B[name].weight.copy_(b)
     set_active(model, [name])
     return CombineReport(adapter=name, method=method, r=rank, errors=errors)
+
+
+def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, method: str
+                   ) -> None:
+    check_adapter_name(name)
+    if method not in COMBINE_METHODS:
+        raise ConfigError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
+    if not weights:
+        raise ConfigError("weights is empty: give adapter name -> weight")
+    for adapter, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(
+                weight):
+            raise ConfigError(f"weights[{adapter!r}]: expected a finite number, got {weight!r}")
+    check_known(model, list(weights))
+    if name in list_adapters(model):
+        raise ConfigError(
+            f"adapter {name!r} exists already; delete_adapter it or pick another name")
+    refuse_merged(model, "combine_adapters")
+    dora = sorted({n for _, m in lora_modules(model) for n in m.lora_magnitude_vector
+                   if n in weights})
+    if dora and method == "linear":
+        raise ConfigError(f"DoRA adapters {dora} do not add up as B A products; combine them "
+                          "with method='svd' (it factors their merged weight updates, which "
+                          "are full rank in general: pick r, the error is reported)")
 
 
 def _concatenated(

@@ -15,7 +15,7 @@ import transformers
 from torch import nn
 
 from minilora.adapter import load_adapter, save_adapter
-from minilora.errors import AdapterError
+from minilora.errors import AdapterError, ConfigError
 from minilora.injection import (
     inject_lora,
     lora_parameters,
@@ -244,3 +244,18 @@ def test_pissa_adapter_records_its_init_and_reloads_on_the_residual(tmp_path: Pa
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "residual"), str(folder),
         config=config)
     assert rel_err(logits(peft_model.eval(), x), logits(ours, x)) <= 1e-5
+
+
+def test_combining_dora_adapters_takes_svd_of_their_merged_updates():
+    """A linear concatenation of B and A would drop DoRA's magnitude: refused; "svd" factors
+    each layer's merged update (full rank in general: at r = min(in, out) it is exact)."""
+    from minilora.named_adapters import combine_adapters
+
+    ours = minilora_dora(["q_proj"])
+    x = ids()
+    want = logits(ours, x)
+    with pytest.raises(ConfigError, match="method='svd'"):
+        combine_adapters(ours, {"default": 1.0}, "both")
+    report = combine_adapters(ours, {"default": 1.0}, "both", method="svd", r=32)
+    assert report.max_error < 1e-5
+    assert rel_err(logits(ours, x), want) <= 1e-4

@@ -252,15 +252,48 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
     quantized = [n for n, m in modules if is_quantized(m.weight)]
     if quantized:
         return _quantized_fingerprint(model, [n for n, _ in modules], quantized)
+    return _hash_weights({n: m.weight.detach() for n, m in modules})
+
+
+def _hash_weights(weights: dict[str, torch.Tensor]) -> str:
+    """base_fingerprint's hash of {layer path: weight}."""
     h = hashlib.sha256(b"minilora-fingerprint-1\0")
-    for name, m in sorted(modules, key=lambda nm: nm[0]):
-        w = m.weight.detach()
+    for name, w in sorted(weights.items()):
         if w.is_meta:
             raise AdapterError(f"{name}.weight is on the meta device: it has no values to hash")
         h.update(f"{name}:{tuple(w.shape)}\0".encode())
         bits = w.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
         h.update(bits.numpy().tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def _pissa_to_lora(
+    model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
+    initial: Path,
+) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
+    """A trained PiSSA adapter as a plain LoRA of rank 2r on the original base (PEFT's
+    path_initial_model_for_weight_conversion): s B A - s B0 A0 = s' [B, -B0] [A; A0] with
+    s' = s, and the original weight W_res + s B0 A0 is what the fingerprint hashes."""
+    if config.init != "pissa" or config.use_dora:
+        raise AdapterError(f"pissa_initial: adapter {name!r} is not a PiSSA LoRA adapter "
+                           f"(init {config.init!r}, use_dora {config.use_dora})")
+    _, start, _ = _read_peft(initial)
+    if {k: tuple(v.shape) for k, v in start.items()} != {
+            k: tuple(v.shape) for k, v in tensors.items()}:
+        raise AdapterError(f"{initial}: not the initial state of adapter {name!r} (its keys or "
+                           "shapes differ)")
+    out: dict[str, torch.Tensor] = {}
+    original: dict[str, torch.Tensor] = {}
+    for path, m in _layers(model, name):
+        a, b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        a0, b0 = start[a].to(tensors[a].dtype), start[b].to(tensors[b].dtype)
+        out[a] = torch.cat([tensors[a], a0])  # (2r, in)
+        out[b] = torch.cat([tensors[b], -b0], dim=1)  # (out, 2r)
+        w = m.weight.detach().float() + config.scaling * (b0.float() @ a0.float())
+        original[path] = w.to(m.weight.dtype)
+    alpha = config.alpha * (2 ** 0.5 if config.use_rslora else 2)
+    plain = replace(config, r=2 * config.r, alpha=alpha, init="kaiming")
+    return plain, out, _hash_weights(original)
 
 
 def _quantized_fingerprint(model: nn.Module, names: list[str], quantized: list[str]) -> str:
@@ -364,6 +397,7 @@ def save_adapter(
     format: str = "peft",
     base_model_name_or_path: str | None = None,
     name: str | None = None,
+    pissa_initial: str | os.PathLike | None = None,
 ) -> Path:
     """Writes one adapter of `model`.
 
@@ -378,6 +412,9 @@ def save_adapter(
         base_model_name_or_path: written into adapter_config.json (default: the model's
             `config.name_or_path` when it has one).
         name: which adapter (default: the only one, or the only active one).
+        pissa_initial: the folder this PiSSA adapter was saved to before training: the file
+            written is then a plain LoRA adapter of rank 2r for the original base model (not
+            the residual), as PEFT's path_initial_model_for_weight_conversion writes it.
 
     Returns:
         The folder (peft) or file (minimind) written.
@@ -397,8 +434,12 @@ def save_adapter(
         raise AdapterError(f"{path} is a file; format='peft' writes a folder")
     config = _model_config(model, name)
     fingerprint = base_fingerprint(model, name)
+    tensors = adapter_state_dict(model, name)
+    if pissa_initial is not None:
+        config, tensors, fingerprint = _pissa_to_lora(model, name, config, tensors,
+                                                      Path(pissa_initial))
     metadata = {"format": "pt", FINGERPRINT_KEY: fingerprint, VERSION_KEY: _version()}
-    tensors = {k: _for_disk(v, dtype) for k, v in adapter_state_dict(model, name).items()}
+    tensors = {k: _for_disk(v, dtype) for k, v in tensors.items()}
     check_written(tensors, path, AdapterError)
     peft_config = _peft_config_dict(model, config, base_model_name_or_path, name)
     _check_replaceable(path)

@@ -259,3 +259,24 @@ def test_combining_dora_adapters_takes_svd_of_their_merged_updates():
     report = combine_adapters(ours, {"default": 1.0}, "both", method="svd", r=32)
     assert report.max_error < 1e-5
     assert rel_err(logits(ours, x), want) <= 1e-4
+
+
+def test_pissa_saved_as_plain_lora_for_the_original_base(tmp_path: Path):
+    """save_adapter(..., pissa_initial=the folder saved before training) writes a rank-2r
+    LoRA for the original model, as PEFT's path_initial_model_for_weight_conversion does:
+    minilora (fingerprint checked) and PEFT load it onto the original with the trained logits."""
+    ours = load_model_from_hf(hf_model("llama"))
+    inject_lora(ours, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init="pissa"))
+    start = save_adapter(ours, tmp_path / "start")
+    perturb_ours(ours)
+    x = ids()
+    folder = save_adapter(ours, tmp_path / "plain", pissa_initial=start)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (8, 16, True)
+    original = load_model_from_hf(hf_model("llama"))
+    load_adapter(original, folder)  # the fingerprint is the original base's
+    assert rel_err(logits(original, x), logits(ours, x)) <= 1e-5
+    peft_model = peft.PeftModel.from_pretrained(hf_model("llama"), str(folder)).eval()
+    assert rel_err(logits(peft_model, x), logits(ours, x)) <= 1e-5
+    with pytest.raises(AdapterError, match="not a PiSSA"):
+        save_adapter(minilora_dora(["q_proj"]), tmp_path / "no", pissa_initial=start)

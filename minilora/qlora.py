@@ -86,6 +86,8 @@ def quantize_model(model: nn.Module, kind: str, device: torch.device | str | Non
                 if m.weight.requires_grad]
     problems += [f"{n}: LoRA is merged into it; unmerge first" for n, m in chosen
                  if getattr(m, "merged", False)]
+    problems += [f"{n}: a DoRA adapter needs the full-precision weight's norms" for n, m in chosen
+                 if isinstance(m, LoRALinear) and len(m.lora_magnitude_vector)]
     problems += [f"{n}: weight is {m.weight.dtype} (bitsandbytes quantizes float16, bfloat16, "
                  f"float32)" for n, m in chosen
                  if m.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32)]

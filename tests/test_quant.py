@@ -260,3 +260,12 @@ def test_an_evaluation_between_steps_leaves_the_gradients_as_they_were():
     _, after = grads(model, ids)
     for a, b in zip(after, before, strict=True):
         assert rel_err(a, b) <= 1e-6
+
+
+def test_a_dora_layer_is_not_quantized():
+    model = tiny_model(VOCAB, hidden=64)
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets=["q_proj"], use_dora=True))
+    mark_trainable(model)
+    with pytest.raises(ConfigError, match="DoRA adapter needs the full-precision"):
+        quantize_model(model, "nf4")
+    assert not any(is_quantized(p) for p in model.parameters())

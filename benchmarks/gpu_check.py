@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.generation import generate, generate_batch
-from minilora.lora import LoraConfig, inject_lora, lora_modules, lora_parameters, mark_trainable
+from minilora.injection import inject_lora, lora_parameters, mark_trainable
+from minilora.lora import LoraConfig, lora_modules
 from minilora.model import CausalLM, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "minilora" / "assets"
@@ -118,18 +119,18 @@ def _lora_node(dtype: torch.dtype, tol: float) -> str:
     inject_lora(layer, LoraConfig(r=8, alpha=16, targets=["proj"]))
     (name, lora), = lora_modules(layer)
     with torch.no_grad():
-        lora.lora_B.weight.normal_(0, 0.05)
+        lora.lora_B["default"].weight.normal_(0, 0.05)
     mark_trainable(layer)
     x = torch.randn(4, 33, 256, device=DEV, requires_grad=True)
     g = torch.randn(4, 33, 192, device=DEV)
     with torch.autocast(DEV, dtype=dtype):
         y = layer.proj(x)
     y.backward(g)
-    got = [y, x.grad, lora.lora_A.weight.grad, lora.lora_B.weight.grad]
+    got = [y, x.grad, lora.lora_A["default"].weight.grad, lora.lora_B["default"].weight.grad]
     # the composed formula in float64: y = W x + b + s B (A x)
     W, b = lora.weight.double(), lora.bias.double()
-    A = lora.lora_A.weight.detach().double().requires_grad_()
-    B = lora.lora_B.weight.detach().double().requires_grad_()
+    A = lora.lora_A["default"].weight.detach().double().requires_grad_()
+    B = lora.lora_B["default"].weight.detach().double().requires_grad_()
     x64 = x.detach().double().requires_grad_()
     y64 = F.linear(x64, W, b) + lora.scaling * F.linear(F.linear(x64, A), B)
     y64.backward(g.double())
@@ -157,7 +158,7 @@ def _model_autocast(dtype: torch.dtype, tol: float) -> str:
     inject_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear"))
     with torch.no_grad():
         for _, m in lora_modules(model):
-            m.lora_B.weight.normal_(0, 0.05)
+            m.lora_B["default"].weight.normal_(0, 0.05)
     mark_trainable(model)
     ids = torch.randint(0, 128, (4, 48), device=DEV, generator=torch.Generator(DEV)
                         .manual_seed(1))
@@ -219,7 +220,7 @@ def nccl_one_process() -> str:
             inject_lora(m, LoraConfig(r=4, targets=["q_proj", "v_proj", "down_proj"]))
             with torch.no_grad():
                 for _, layer in lora_modules(m):
-                    layer.lora_B.weight.normal_(0, 0.05)
+                    layer.lora_B["default"].weight.normal_(0, 0.05)
             mark_trainable(m)
         ddp = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[0] if DEV == "cuda" else None)

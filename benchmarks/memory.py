@@ -59,9 +59,10 @@ def _minilora_model(case: dict, shapes: dict):
     import torch
     from torch import nn
 
-    from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
+    from minilora.injection import inject_lora, lora_parameters, mark_trainable
+    from minilora.lora import LoraConfig
     from minilora.model import CausalLM, ModelConfig
-    from minilora.quant import quantize_model
+    from minilora.qlora import quantize_model
     from minilora.train import set_activation_checkpointing
     from minilora.weights import load_model
 

@@ -27,8 +27,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from minilora.generation import generate_batch  # noqa: E402
-from minilora.lora import LoraConfig, inject_lora, lora_modules, set_active  # noqa: E402
+from minilora.injection import inject_lora  # noqa: E402
+from minilora.lora import LoraConfig, lora_modules  # noqa: E402
 from minilora.model import CausalLM, ModelConfig  # noqa: E402
+from minilora.named_adapters import set_active  # noqa: E402
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 
@@ -45,7 +47,7 @@ def build(hidden: int, layers: int, rank: int) -> CausalLM:
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for _, m in lora_modules(model):
-                b = m.adapters[name].lora_B.weight
+                b = m.lora_B[name].weight
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
     return model
 

@@ -26,7 +26,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from minilora.data import load_jsonl  # noqa: E402
-from minilora.lora import LoraConfig, inject_lora, lora_parameters  # noqa: E402
+from minilora.injection import inject_lora, lora_parameters  # noqa: E402
+from minilora.lora import LoraConfig  # noqa: E402
 from minilora.tokenizer import Tokenizer  # noqa: E402
 from minilora.weights import load_model  # noqa: E402
 

@@ -140,9 +140,11 @@ def _adapt(model, case: dict) -> list:
     for p in model.parameters():
         p.requires_grad_(False)
     if impl in ("minilora", "hf-minilora", "minilora-fullloss"):
-        from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
+        from minilora.injection import inject_lora, lora_parameters, mark_trainable
+        from minilora.lora import LoraConfig
 
-        inject_lora(model, LoraConfig(r=RANK, alpha=ALPHA, targets=_targets(target)))
+        inject_lora(model, LoraConfig(r=RANK, alpha=ALPHA, targets=_targets(target),
+                                      use_dora=case.get("dora", False)))
         mark_trainable(model)
         return lora_parameters(model)
     if impl == "hf-peft":
@@ -151,7 +153,8 @@ def _adapt(model, case: dict) -> list:
 
         targets = "all-linear" if target == "all" else ["q_proj", "v_proj"]
         peft_model = get_peft_model(model, PeftConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                      target_modules=targets))
+                                                      target_modules=targets,
+                                                      use_dora=case.get("dora", False)))
         case["_model"] = peft_model
         return [p for p in peft_model.parameters() if p.requires_grad]
     if impl == "seed":
@@ -232,7 +235,8 @@ def overhead_row(case: dict, shapes: dict, batch) -> dict:
 
     import torch
 
-    from minilora.lora import LoraConfig, inject_lora, merge_lora
+    from minilora.injection import inject_lora, merge_lora
+    from minilora.lora import LoraConfig
 
     base = _build(case, shapes)
     if case["dtype"] == "bf16":
@@ -269,7 +273,8 @@ def _forward_fn(case: dict, shapes: dict, batch):
     if case["dtype"] == "bf16":
         model = model.to(torch.bfloat16)
     if case.get("lora"):
-        from minilora.lora import LoraConfig, inject_lora, merge_lora
+        from minilora.injection import inject_lora, merge_lora
+        from minilora.lora import LoraConfig
 
         inject_lora(model, LoraConfig(r=RANK, alpha=ALPHA, targets="all-linear"))
         with torch.no_grad():  # a trained-looking adapter: B != 0
@@ -393,6 +398,9 @@ def cases(args) -> list[dict]:
                              ("minilora-frozen", None), ("minilora", "qv"), ("hf-peft", "qv"),
                              ("seed", "square"), ("minilora-fullloss", "all")]:
             rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype))
+        for impl in ("minilora", "hf-peft"):  # DoRA beside LoRA (issue 13)
+            rows.append(dict(common, kind="train", impl=impl, target="all", dtype=dtype,
+                             dora=True, tag="dora"))
         if args.threads > 1:  # the LoRA branch's share depends on the threads: one, beside
             for impl, target in [("minilora", "all"), ("minilora-frozen", None)]:
                 rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype,
@@ -548,6 +556,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
         x = res.get(r["id"], {})
         name = IMPL_NAMES[r["impl"]] + (" (torch.compile)" if r.get("compile") else "")
         name += " (1 thread)" if r.get("tag") == "1t" else ""
+        name += ", DoRA" if r.get("dora") else ""
         tgt = {"all": "all-linear", "qv": "q, v", "square": "square (q, o)",
                None: "-"}[r.get("target")]
         if "median_s" not in x:
@@ -560,6 +569,8 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
         floor = _r(res, f"train-{r['dtype']}-minilora-frozen")
         if r.get("tag") == "1t":  # against its own 1-thread floor; PEFT ran on all threads
             peft, floor = None, _r(res, f"train-{r['dtype']}-minilora-frozen-1t")
+        if r.get("dora"):  # against PEFT's DoRA
+            peft = _r(res, f"train-{r['dtype']}-hf-peft-all-dora")
         vs_peft = f"{x['median_s'] / peft['median_s']:.2f}x" if peft else "-"
         vs_floor = f"{x['median_s'] / floor['median_s']:.2f}x" if floor else "-"
         out.append(f"| {name} | {r['dtype']} | {tgt} | {x['median_s']:.3f} | "
@@ -840,7 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (all cores)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per row (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default 1)")
-    p.add_argument("--only", default=None, help="run the rows whose id contains this (no file)")
+    p.add_argument("--only", default=None,
+                   help="run the rows whose id contains this (or one of these, comma-separated); "
+                   "writes no file")
     p.add_argument("--profile", default=None, help="print a torch.profiler table of this row id")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--note", default="", help="a sentence added to the machine line")
@@ -867,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         print(x.get("table", x))
         return 0
     if args.only:
-        rows = [r for r in rows if args.only in r["id"]]
+        rows = [r for r in rows if any(w in r["id"] for w in args.only.split(","))]
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     loaded = ("The machine was shared: another job was running (notes/TRAINING_RUNNING present)."
               if Path("/work/notes/TRAINING_RUNNING").exists() else "")

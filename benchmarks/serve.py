@@ -42,7 +42,9 @@ import uvicorn  # noqa: E402
 
 from minilora.adapter import load_adapter, save_adapter  # noqa: E402
 from minilora.cli import BASE_MODEL  # noqa: E402
-from minilora.lora import LoraConfig, delete_adapter, inject_lora, lora_modules  # noqa: E402
+from minilora.injection import inject_lora  # noqa: E402
+from minilora.lora import LoraConfig, lora_modules  # noqa: E402
+from minilora.named_adapters import delete_adapter  # noqa: E402
 from minilora.serve import ServeState, create_app  # noqa: E402
 from minilora.serve_engine import Engine  # noqa: E402
 from minilora.tokenizer import Tokenizer  # noqa: E402
@@ -63,7 +65,7 @@ def make_adapters(folder: Path) -> dict[str, Path]:
         inject_lora(maker, LoraConfig(r=8, alpha=16), name=name)
         g = torch.Generator().manual_seed(i)
         for _, m in lora_modules(maker):
-            b = m.adapters[name].lora_B.weight
+            b = m.lora_B[name].weight
             b.data.copy_(torch.randn(b.shape, generator=g) * 0.5)
         paths[name] = save_adapter(maker, folder / name, name=name)
         delete_adapter(maker, name)

@@ -32,7 +32,8 @@ if setting == "minilora":
     from minilora.threads import configure_threads
     configure_threads()
 from minilora.cli import BASE_MODEL
-from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
+from minilora.injection import inject_lora, lora_parameters, mark_trainable
+from minilora.lora import LoraConfig
 from minilora.weights import load_model
 model = load_model(BASE_MODEL)
 inject_lora(model, LoraConfig(r=8, alpha=16, targets="all-linear"))

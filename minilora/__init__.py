@@ -27,11 +27,19 @@ _EXPORTS = {
         "AdapterError", "CheckpointError", "ConfigError", "DataError", "FingerprintMismatch",
         "MiniloraError", "MissingExtra", "OutputError", "TaskError", "TrainError", "WeightsError",
     ),
+    "minilora.injection": (
+        "count_parameters", "disabled", "inject_lora", "lora_parameters", "mark_trainable",
+        "merge_and_unload", "merge_lora", "unmerge_lora",
+    ),
     "minilora.lora": (
-        "LoraConfig", "LoRALinear", "active_adapters", "combine_adapters", "count_parameters",
-        "delete_adapter", "disabled", "inject_lora", "list_adapters", "lora_modules",
-        "lora_parameters", "mark_trainable", "merge_and_unload", "merge_lora", "mixed_adapters",
-        "set_active", "unmerge_lora",
+        "LoRALinear", "lora_modules",
+    ),
+    "minilora.lora_config": (
+        "LoraConfig", "check_adapter_name",
+    ),
+    "minilora.named_adapters": (
+        "active_adapters", "combine_adapters", "delete_adapter", "list_adapters",
+        "mixed_adapters", "set_active",
     ),
     "minilora.generation": (
         "generate", "stream_generate",
@@ -75,7 +83,8 @@ __all__ = [
     "FingerprintMismatch", "MiniloraError", "MissingExtra", "OutputError", "TaskError",
     "LoraConfig", "LoRALinear",
     "ModelConfig", "Tokenizer", "TrainConfig", "TrainError", "WeightsError", "active_adapters",
-    "adapter_state_dict", "base_fingerprint", "combine_adapters", "count_parameters",
+    "adapter_state_dict", "base_fingerprint", "check_adapter_name", "combine_adapters",
+    "count_parameters",
     "delete_adapter", "describe_adapter", "describe_model", "disabled", "find_adapters",
     "generate", "inject_lora", "list_adapters", "load_adapter", "load_adapter_state_dict",
     "load_jsonl", "load_model", "lora_modules", "lora_parameters", "mark_trainable",

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,19 +29,16 @@ from torch import nn
 from minilora.checks import check_written, tensor_problems
 from minilora.errors import AdapterError, FingerprintMismatch
 from minilora.files import atomic_write, read_json, regular_file, replace_folder, torch_load_reason
+from minilora.injection import inject_lora
 from minilora.lora import (
     DEFAULT_ADAPTER,
-    AdapterSlot,
     LoraConfig,
     LoRALinear,
-    _check_adapter_name,
-    active_adapters,
-    delete_adapter,
-    inject_lora,
-    list_adapters,
+    check_adapter_name,
     lora_modules,
-    set_active,
+    matches,
 )
+from minilora.named_adapters import active_adapters, delete_adapter, list_adapters, set_active
 from minilora.quant import QUANTIZED_FROM, is_quantized
 
 PREFIX = "base_model.model."
@@ -56,7 +54,6 @@ _BASE_LAYER_RE = re.compile(r"(.+)\.base_layer\.(weight|bias)")
 # PEFT LoraConfig keys whose non-default values change what the adapter computes in ways
 # minilora does not implement: loading such an adapter is refused rather than silently wrong.
 _UNSUPPORTED_PEFT = {
-    "use_dora": (False, None),
     "bias": ("none", None),
     "modules_to_save": (None, []),
     "rank_pattern": ({}, None),
@@ -84,12 +81,15 @@ _PEFT_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "lora_alpha": ((int, float), "a number"),
     "lora_dropout": ((int, float), "a number"),
     "use_rslora": ((bool,), "true or false"),
+    "use_dora": ((bool, type(None)), "true or false"),
     "target_modules": ((list, str, type(None)), "a list of names, a regex or null"),
     "exclude_modules": ((list, str, type(None)), "a list of names, a regex or null"),
     "init_lora_weights": ((bool, str), "true, false or an init name"),
 }
 # PEFT inits that rewrite the base weights: their adapters only work on the rewritten base.
-_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+# PiSSA's is the exception read: its folder's base is the residual that PEFT saves beside it.
+_BASE_CHANGING_INITS = ("olora", "loftq", "corda", "lora_ga")
+_MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, PEFT's key (no adapter name, no ".weight")
 
 
 # ---------------------------------------------------------------- state dicts
@@ -120,9 +120,9 @@ def resolve_adapter(model: nn.Module, name: str | None = None, doing: str = "use
     )
 
 
-def _slots(model: nn.Module, name: str) -> list[tuple[str, LoRALinear, AdapterSlot]]:
-    """(path, layer, slot) of every layer that carries adapter `name`, in model order."""
-    return [(p, m, m.adapters[name]) for p, m in lora_modules(model) if name in m.adapters]
+def _layers(model: nn.Module, name: str) -> list[tuple[str, LoRALinear]]:
+    """(path, layer) of every layer that carries adapter `name`, in model order."""
+    return [(p, m) for p, m in lora_modules(model) if name in m.lora_A]
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
@@ -141,9 +141,11 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     """
     name = resolve_adapter(model, name, "save")
     sd = {}
-    for path, _, slot in _slots(model, name):
-        sd[f"{PREFIX}{path}.lora_A.weight"] = slot.lora_A.weight.detach()
-        sd[f"{PREFIX}{path}.lora_B.weight"] = slot.lora_B.weight.detach()
+    for path, m in _layers(model, name):
+        sd[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A[name].weight.detach()
+        sd[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B[name].weight.detach()
+        if name in m.lora_magnitude_vector:
+            sd[f"{PREFIX}{path}.{_MAGNITUDE}"] = m.lora_magnitude_vector[name].detach()
     return sd
 
 
@@ -185,15 +187,17 @@ def _copy_in(
     model: nn.Module, sd: dict[str, torch.Tensor], scaling: float | None, name: str
 ) -> None:
     """Copies A and B into adapter `name` in place (the Parameters stay the same objects); B
-    is rescaled when the file was saved with another scaling than the slot uses, so the
+    is rescaled when the file was saved with another scaling than the layer uses, so the
     adapter computes what it computed."""
     with torch.no_grad():
-        for path, _, slot in _slots(model, name):
-            slot.lora_A.weight.copy_(sd[f"{PREFIX}{path}.lora_A.weight"])
+        for path, m in _layers(model, name):
+            m.lora_A[name].weight.copy_(sd[f"{PREFIX}{path}.lora_A.weight"])
             b = sd[f"{PREFIX}{path}.lora_B.weight"]
-            if scaling is not None and scaling != slot.scaling:
-                b = b.float() * (scaling / slot.scaling)
-            slot.lora_B.weight.copy_(b)
+            if scaling is not None and scaling != m.scaling[name]:
+                b = b.float() * (scaling / m.scaling[name])
+            m.lora_B[name].weight.copy_(b)
+            if name in m.lora_magnitude_vector:
+                m.lora_magnitude_vector[name].copy_(sd[f"{PREFIX}{path}.{_MAGNITUDE}"])
 
 
 def load_adapter_state_dict(
@@ -238,7 +242,7 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
         raise AdapterError("the model has no LoRA modules to fingerprint; inject_lora first")
     if name is not None:
         name = resolve_adapter(model, name, "fingerprint")
-        modules = [(p, m) for p, m, _ in _slots(model, name)]
+        modules = _layers(model, name)
     merged = [n for n, m in modules if m.merged]
     if merged:
         raise AdapterError(
@@ -248,15 +252,48 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
     quantized = [n for n, m in modules if is_quantized(m.weight)]
     if quantized:
         return _quantized_fingerprint(model, [n for n, _ in modules], quantized)
+    return _hash_weights({n: m.weight.detach() for n, m in modules})
+
+
+def _hash_weights(weights: dict[str, torch.Tensor]) -> str:
+    """base_fingerprint's hash of {layer path: weight}."""
     h = hashlib.sha256(b"minilora-fingerprint-1\0")
-    for name, m in sorted(modules, key=lambda nm: nm[0]):
-        w = m.weight.detach()
+    for name, w in sorted(weights.items()):
         if w.is_meta:
             raise AdapterError(f"{name}.weight is on the meta device: it has no values to hash")
         h.update(f"{name}:{tuple(w.shape)}\0".encode())
         bits = w.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
         h.update(bits.numpy().tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def _pissa_to_lora(
+    model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
+    initial: Path,
+) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
+    """A trained PiSSA adapter as a plain LoRA of rank 2r on the original base (PEFT's
+    path_initial_model_for_weight_conversion): s B A - s B0 A0 = s' [B, -B0] [A; A0] with
+    s' = s, and the original weight W_res + s B0 A0 is what the fingerprint hashes."""
+    if config.init != "pissa" or config.use_dora:
+        raise AdapterError(f"pissa_initial: adapter {name!r} is not a PiSSA LoRA adapter "
+                           f"(init {config.init!r}, use_dora {config.use_dora})")
+    _, start, _ = _read_peft(initial)
+    if {k: tuple(v.shape) for k, v in start.items()} != {
+            k: tuple(v.shape) for k, v in tensors.items()}:
+        raise AdapterError(f"{initial}: not the initial state of adapter {name!r} (its keys or "
+                           "shapes differ)")
+    out: dict[str, torch.Tensor] = {}
+    original: dict[str, torch.Tensor] = {}
+    for path, m in _layers(model, name):
+        a, b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        a0, b0 = start[a].to(tensors[a].dtype), start[b].to(tensors[b].dtype)
+        out[a] = torch.cat([tensors[a], a0])  # (2r, in)
+        out[b] = torch.cat([tensors[b], -b0], dim=1)  # (out, 2r)
+        w = m.weight.detach().float() + config.scaling * (b0.float() @ a0.float())
+        original[path] = w.to(m.weight.dtype)
+    alpha = config.alpha * (2 ** 0.5 if config.use_rslora else 2)
+    plain = replace(config, r=2 * config.r, alpha=alpha, init="kaiming")
+    return plain, out, _hash_weights(original)
 
 
 def _quantized_fingerprint(model: nn.Module, names: list[str], quantized: list[str]) -> str:
@@ -276,38 +313,31 @@ def _quantized_fingerprint(model: nn.Module, names: list[str], quantized: list[s
 def _model_config(model: nn.Module, name: str) -> LoraConfig:
     """The one LoraConfig that describes adapter `name` on every layer (targets resolved
     later)."""
-    slots = [(p, s) for p, _, s in _slots(model, name)]
+    layers = _layers(model, name)
 
-    def shape(s: AdapterSlot) -> tuple:
-        return (s.r, s.alpha, s.use_rslora, s.dropout)
+    def shape(m: LoRALinear) -> tuple:
+        return (m.r[name], m.lora_alpha[name], m.use_rslora[name], m.lora_dropout[name])
 
-    first = shape(slots[0][1])
-    differ = [p for p, s in slots if shape(s) != first]
+    first = shape(layers[0][1])
+    differ = [p for p, m in layers if shape(m) != first]
     if differ:
         raise AdapterError(
-            f"LoRA modules differ in (r, alpha, use_rslora, dropout): {slots[0][0]} has {first}"
+            f"LoRA modules differ in (r, alpha, use_rslora, dropout): {layers[0][0]} has {first}"
             f" but {differ} do not; an adapter file holds one setting for all modules"
         )
     r, alpha, use_rslora, dropout = first
-    configs = {id(s.config): s.config for _, s in slots}
+    configs = {id(m.lora_config[name]): m.lora_config[name] for _, m in layers}
     user = next(iter(configs.values())) if len(configs) == 1 else None
     return LoraConfig(
         r=r,
         alpha=alpha,
         dropout=dropout,
-        targets=user.targets if user is not None else [p for p, _ in slots],
+        targets=user.targets if user is not None else [p for p, _ in layers],
         exclude=user.exclude if user is not None else [],
-        init=slots[0][1].init,
+        init=layers[0][1].init[name],
         use_rslora=use_rslora,
+        use_dora=name in layers[0][1].lora_magnitude_vector,
     )
-
-
-def _peft_matches(name: str, patterns: list[str] | str) -> bool:
-    # PEFT's check_target_module_exists: a str is a full-match regex, a list matches a name
-    # equal to an entry or ending in "." + entry.
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return name in patterns or any(name.endswith("." + p) for p in patterns)
 
 
 def _base_module_names(model: nn.Module) -> list[str]:
@@ -321,9 +351,9 @@ def _peft_targets(model: nn.Module, name: str) -> list[str]:
     adapted: their last names when those select exactly these layers here, else their full
     paths. Never the user's own list or regex: on another model of the same weights (the
     transformers one) it may also match modules PEFT cannot adapt (Llama's `mlp.act_fn`)."""
-    injected = {p for p, _, _ in _slots(model, name)}
+    injected = {p for p, _ in _layers(model, name)}
     short = sorted({n.rsplit(".", 1)[-1] for n in injected})
-    chosen = {n for n in _base_module_names(model) if _peft_matches(n, short)}
+    chosen = {n for n in _base_module_names(model) if matches(n, short)}
     return short if chosen == injected else sorted(injected)
 
 
@@ -347,9 +377,9 @@ def _peft_config_dict(
         "exclude_modules": None,  # target_modules already leaves the excluded layers out
         "bias": "none",
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": False,
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": {"gaussian": "gaussian", "pissa": "pissa"}.get(config.init, True),
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -367,6 +397,7 @@ def save_adapter(
     format: str = "peft",
     base_model_name_or_path: str | None = None,
     name: str | None = None,
+    pissa_initial: str | os.PathLike | None = None,
 ) -> Path:
     """Writes one adapter of `model`.
 
@@ -381,6 +412,9 @@ def save_adapter(
         base_model_name_or_path: written into adapter_config.json (default: the model's
             `config.name_or_path` when it has one).
         name: which adapter (default: the only one, or the only active one).
+        pissa_initial: the folder this PiSSA adapter was saved to before training: the file
+            written is then a plain LoRA adapter of rank 2r for the original base model (not
+            the residual), as PEFT's path_initial_model_for_weight_conversion writes it.
 
     Returns:
         The folder (peft) or file (minimind) written.
@@ -400,8 +434,12 @@ def save_adapter(
         raise AdapterError(f"{path} is a file; format='peft' writes a folder")
     config = _model_config(model, name)
     fingerprint = base_fingerprint(model, name)
+    tensors = adapter_state_dict(model, name)
+    if pissa_initial is not None:
+        config, tensors, fingerprint = _pissa_to_lora(model, name, config, tensors,
+                                                      Path(pissa_initial))
     metadata = {"format": "pt", FINGERPRINT_KEY: fingerprint, VERSION_KEY: _version()}
-    tensors = {k: _for_disk(v, dtype) for k, v in adapter_state_dict(model, name).items()}
+    tensors = {k: _for_disk(v, dtype) for k, v in tensors.items()}
     check_written(tensors, path, AdapterError)
     peft_config = _peft_config_dict(model, config, base_model_name_or_path, name)
     _check_replaceable(path)
@@ -446,22 +484,25 @@ def _version() -> str:
 
 
 def _save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None, name: str) -> Path:
-    modules = [(p, s) for p, _, s in _slots(model, name)]
+    modules = _layers(model, name)
     if path.is_dir():
         raise AdapterError(f"{path} is a folder; format='minimind' writes one .pth file")
-    not_square = [f"{n} ({s.lora_A.in_features} -> {s.lora_B.out_features})"
-                  for n, s in modules if s.lora_A.in_features != s.lora_B.out_features]
+    if name in modules[0][1].lora_magnitude_vector:
+        raise AdapterError("MiniMind's format has no place for DoRA's magnitude vectors; save "
+                           "a DoRA adapter with format='peft'")
+    not_square = [f"{n} ({m.in_features} -> {m.out_features})"
+                  for n, m in modules if m.in_features != m.out_features]
     if not_square:
         raise AdapterError(
             "MiniMind's apply_lora adds LoRA to square layers only and would drop these: "
             f"{not_square}; save them with format='peft'"
         )
     sd = {}
-    for path_, slot in modules:
-        sd[f"{path_}.lora.A.weight"] = _for_disk(slot.lora_A.weight, dtype)
+    for path_, m in modules:
+        sd[f"{path_}.lora.A.weight"] = _for_disk(m.lora_A[name].weight, dtype)
         # MiniMind computes B(A(x)) unscaled: fold the scaling into B.
-        b = slot.lora_B.weight.detach().float() * slot.scaling
-        sd[f"{path_}.lora.B.weight"] = _for_disk(b, dtype or slot.lora_B.weight.dtype)
+        b = m.lora_B[name].weight.detach().float() * m.scaling[name]
+        sd[f"{path_}.lora.B.weight"] = _for_disk(b, dtype or m.lora_B[name].weight.dtype)
     check_written(sd, path, AdapterError)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -508,21 +549,11 @@ def load_adapter(
     """
     if name is not None:  # before path / name is read: "../x" must not reach another folder
         try:
-            _check_adapter_name(name)
+            check_adapter_name(name)
         except ValueError as e:
             raise AdapterError(str(e)) from None
-    path = Path(path)
+    path = _adapter_path(Path(path), name)
     target = DEFAULT_ADAPTER if name is None else name
-    if path.is_file() and path.name == WEIGHTS_NAME:
-        path = path.parent
-    if name is not None and (path / name / CONFIG_NAME).is_file():
-        path = path / name
-    if path.is_dir() and not (path / CONFIG_NAME).exists() and not (path / WEIGHTS_NAME).exists():
-        inside = sorted(find_adapters(path))
-        if inside:
-            raise AdapterError(
-                f"{path} holds adapters in subfolders {inside}: pass name=... (or the subfolder)"
-            )
     base_layers: dict[str, torch.Tensor] = {}
     if path.is_dir():
         config, sd, metadata = _read_peft(path)
@@ -540,7 +571,11 @@ def load_adapter(
     active = active_adapters(model)
     if target not in list_adapters(model):
         try:
-            inject_lora(model, config, name=target)
+            # The base is already PiSSA's residual: injecting must not take its SVD again.
+            inject_lora(model, replace(config, init="kaiming") if config.init == "pissa"
+                        else config, name=target)
+            for _, m in _layers(model, target):
+                m.init[target], m.lora_config[target] = config.init, config
         except ValueError as e:
             raise AdapterError(_another_base(path, metadata, source,
                                              f"cannot apply {source} to this model: {e}")) from None
@@ -571,12 +606,27 @@ def load_adapter(
     return config
 
 
+def _adapter_path(path: Path, name: str | None) -> Path:
+    """The folder or file `load_adapter(path, name=name)` reads."""
+    if path.is_file() and path.name == WEIGHTS_NAME:
+        path = path.parent
+    if name is not None and (path / name / CONFIG_NAME).is_file():
+        path = path / name
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and not (path / WEIGHTS_NAME).exists():
+        inside = sorted(find_adapters(path))
+        if inside:
+            raise AdapterError(
+                f"{path} holds adapters in subfolders {inside}: pass name=... (or the subfolder)"
+            )
+    return path
+
+
 def _check_base_layers(
     model: nn.Module, base_layers: dict[str, torch.Tensor], source: str, name: str
 ) -> None:
     """PEFT's copies of adapted layers' base weights must equal the model's: PEFT would load
     them over the base, minilora leaves base weights alone."""
-    layers = {f"{PREFIX}{p}": m for p, m, _ in _slots(model, name)}
+    layers = {f"{PREFIX}{p}": m for p, m in _layers(model, name)}
     problems = []
     for key, saved in sorted(base_layers.items()):
         m = _BASE_LAYER_RE.fullmatch(key)
@@ -685,6 +735,8 @@ def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> 
     init = data.get("init_lora_weights", True)
     if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
         raise fail("init_lora_weights", f"is {init!r}, which changes the base weights")
+    if isinstance(init, str) and init.startswith("pissa"):
+        init = "pissa"  # "pissa_niter_4" too: the same adapter, its SVD found faster
     targets = data.get("target_modules")
     if targets is None:  # PEFT's per-architecture default: the keys say which modules
         targets = sorted({m[1] for k in sd if (m := _KEY_RE.fullmatch(k.removeprefix(PREFIX)))})
@@ -696,8 +748,9 @@ def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> 
             dropout=data.get("lora_dropout", 0.0),
             targets=targets,
             exclude=exclude,
-            init="gaussian" if init == "gaussian" else "kaiming",
+            init=init if init in ("gaussian", "pissa") else "kaiming",
             use_rslora=data.get("use_rslora", False),
+            use_dora=bool(data.get("use_dora")),
         )
     except ValueError as e:
         raise AdapterError(f"{source}: {e}") from None

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -270,8 +271,14 @@ def _check_same_run(path: Path, state: dict, config: TrainConfig, plan: BatchPla
         )
 
 
+# Checkpoints written before adapters were keyed by name (minilora 0.1 up to issue 13) hold the
+# default adapter's A and B as <path>.lora_A.weight: read them under today's names.
+_UNNAMED_ADAPTER = re.compile(r"\.(lora_A|lora_B)\.weight$")
+
+
 def _load_trainable(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     params = trainable(model)
+    weights = {_UNNAMED_ADAPTER.sub(r".\1.default.weight", n): t for n, t in weights.items()}
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     shapes = [n for n in params if n in weights and weights[n].shape != params[n].shape]
     if missing or unexpected or shapes:

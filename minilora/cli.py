@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _HIDDEN_FIELDS = {"device", "model", "tokenizer"}
 _SHORT = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
           "lora_targets": "targets", "lora_exclude": "exclude", "lora_init": "init",
-          "use_rslora": "rslora", "out_dir": "out"}
+          "use_rslora": "rslora", "use_dora": "dora", "out_dir": "out"}
 
 
 def _parse_targets(text: str) -> list[str] | str:

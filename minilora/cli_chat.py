@@ -74,7 +74,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _switch_adapter(model: Any, text: str, adapters: list[str]) -> None:
     """`/adapter NAME` in chat: NAME, NAME,NAME (their updates add up) or base; a bare
     `/adapter` says which are loaded and active. Messages go to stderr."""
-    from minilora.lora import active_adapters, set_active
+    from minilora.named_adapters import active_adapters, set_active
 
     if text:
         names = [n for n in re.split(r"[,+ ]+", text) if n]

@@ -108,7 +108,7 @@ def tokenizer_path(args: argparse.Namespace, model_path: Path) -> Path:
 
 def apply_adapters(model: Any, args: argparse.Namespace, *, several: bool = False) -> list[str]:
     """Loads the --adapter options; returns their names (the first one is active)."""
-    from minilora.lora import set_active
+    from minilora.named_adapters import set_active
 
     if len(args.adapter) > 1 and not several:
         raise CliError(f"one --adapter at a time for `{args.command}` (chat and generate take "
@@ -137,7 +137,7 @@ def load_named_adapters(model: Any, specs: list[str], args: argparse.Namespace,
 
 def adapter_spec(spec: str) -> tuple[str, str]:
     """NAME=PATH, or PATH named after its folder (or file stem)."""
-    from minilora.lora import check_adapter_name
+    from minilora.lora_config import check_adapter_name
 
     name, eq, path = spec.partition("=")
     if not eq or Path(spec).exists():

@@ -42,7 +42,7 @@ def add_merge_parser(sub: Any) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """`minilora merge`: base + adapter -> a plain model folder transformers loads."""
-    from minilora.lora import merge_and_unload
+    from minilora.injection import merge_and_unload
     from minilora.weights import save_model
 
     if not args.adapter:
@@ -142,7 +142,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     """`minilora combine`: a weighted combination of adapters, written as one adapter."""
     from minilora.adapter import save_adapter
     from minilora.checks import number as checked_number
-    from minilora.lora import combine_adapters
+    from minilora.named_adapters import combine_adapters
 
     if len(args.weights) != len(args.adapters):
         raise CliError(f"{len(args.adapters)} adapters but {len(args.weights)} --weights")

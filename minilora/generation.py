@@ -128,7 +128,7 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
         max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed: as in
             ``stream_generate``; a row that meets an eos token stops growing.
         **forward_kwargs: passed to every forward, e.g. ``adapter_names=[...]`` (one LoRA adapter
-            per row, see minilora.lora.mixed_adapters).
+            per row, see minilora.named_adapters.mixed_adapters).
 
     Returns:
         The new tokens of each row (eos not included).

@@ -1,4 +1,6 @@
-"""A quantized frozen base (QLoRA) through bitsandbytes, the library PEFT and transformers use.
+"""Quantized weights (QLoRA) through bitsandbytes, the library PEFT and transformers use: the
+product with a quantized weight, its dequantized values, and the frozen Linear that holds one.
+minilora.qlora quantizes a model's weights.
 
 ``quantize_model(model, "nf4")`` replaces the weight of every frozen Linear (the output head and
 Linears tied to an embedding excepted, as transformers does) by a bitsandbytes 4-bit NF4 weight
@@ -23,13 +25,12 @@ full-precision model.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minilora.errors import ConfigError, MissingExtra
+from minilora.errors import MissingExtra
 
 QUANT_KINDS = ("nf4", "int8")
 # The model attribute holding {"fingerprint": ..., "modules": (...), "kind": ...}.
@@ -94,105 +95,6 @@ def dequantize(weight: Tensor) -> Tensor:
     return weight.CB.float() * weight.SCB.float()[:, None] / 127.0  # LLM.int8's row scale
 
 
-def _quantize(weight: Tensor, kind: str, device: torch.device | str) -> nn.Parameter:
-    bnb = sys.modules["bitsandbytes"]
-    data = weight.detach().to("cpu")
-    if kind == "nf4":
-        q = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4",
-                              compress_statistics=True, blocksize=64)
-    else:
-        q = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
-    # Params4bit / Int8Params quantize on their first move to a device (cpu included).
-    return q.to(device)
-
-
-@dataclass
-class QuantReport:
-    """What ``quantize_model`` did: the quantized Linears by name, the bytes before and after."""
-
-    kind: str
-    modules: list[str]
-    bytes_before: int
-    bytes_after: int
-
-    def __str__(self) -> str:
-        return (f"quantized {len(self.modules)} Linear weights to {self.kind}: "
-                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
-
-
-def quantize_model(model: nn.Module, kind: str, device: torch.device | str | None = None
-                   ) -> QuantReport:
-    """Quantizes the frozen Linear weights of ``model`` in place (LoRA layers' base included).
-
-    Call it after ``inject_lora``: the fingerprint of the LoRA layers' full-precision weights is
-    recorded first (see the module docstring). Plain Linears become ``QuantizedLinear`` layers.
-
-    Args:
-        model: a model with LoRA injected (or none), on any device.
-        kind: "nf4" or "int8".
-        device: where the quantized weights go (bitsandbytes quantizes there); default: where
-            each weight is. The rest of the model stays where it is.
-
-    Returns:
-        A QuantReport.
-
-    Raises:
-        ConfigError: an unknown kind, a trainable or merged layer, or a weight bitsandbytes cannot
-            quantize (named); nothing is changed then.
-        MissingExtra: bitsandbytes is not installed.
-    """
-    from minilora.adapter import base_fingerprint
-    from minilora.lora import LoRALinear, _output_head_names, lora_modules
-
-    if kind not in QUANT_KINDS:
-        raise ConfigError(f"quantize: expected one of {QUANT_KINDS}, got {kind!r}")
-    require_bitsandbytes()
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    linears = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, LoRALinear)) and not is_quantized(m.weight)
-               and id(m.weight) not in embeddings and not _inside_lora(n, model)]
-    heads = _output_head_names(model, linears)
-    chosen = [(n, m) for n, m in linears if n not in heads]
-    problems = [f"{n}: weight is trainable (quantize freezes it)" for n, m in chosen
-                if m.weight.requires_grad]
-    problems += [f"{n}: LoRA is merged into it; unmerge first" for n, m in chosen
-                 if getattr(m, "merged", False)]
-    problems += [f"{n}: weight is {m.weight.dtype} (bitsandbytes quantizes float16, bfloat16, "
-                 f"float32)" for n, m in chosen
-                 if m.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32)]
-    problems += [f"{n}: weight is on the meta device" for n, m in chosen if m.weight.is_meta]
-    if problems:
-        raise ConfigError("cannot quantize: " + "; ".join(problems))
-    if lora_modules(model):
-        setattr(model, QUANTIZED_FROM, {
-            "fingerprint": base_fingerprint(model), "kind": kind,
-            "modules": tuple(sorted(n for n, _ in lora_modules(model)))})
-    before = after = 0
-    for name, module in chosen:
-        before += module.weight.numel() * module.weight.element_size()
-        q = _quantize(module.weight, kind, device or module.weight.device)
-        after += _nbytes(q)
-        if isinstance(module, LoRALinear):
-            module.weight = q
-        else:
-            _replace_linear(model, name, module, q)
-    return QuantReport(kind, [n for n, _ in chosen], before, after)
-
-
-def _inside_lora(name: str, model: nn.Module) -> bool:
-    """Whether a module is a LoRALinear's own lora_A / lora_B (never quantized)."""
-    return ".lora_A" in f".{name}" or ".lora_B" in f".{name}" or ".lora_adapters." in f".{name}"
-
-
-def _nbytes(q: Tensor) -> int:
-    n = q.data.numel() * q.data.element_size()
-    state = getattr(q, "quant_state", None)
-    if state is not None and state.absmax is not None:
-        n += state.absmax.numel() * state.absmax.element_size()
-    scb = getattr(q, "SCB", None)
-    return n + (scb.numel() * scb.element_size() if scb is not None else 0)
-
-
 class QuantizedLinear(nn.Linear):
     """A frozen Linear whose weight is a bitsandbytes 4-bit or 8-bit weight.
 
@@ -204,15 +106,6 @@ class QuantizedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return quantized_linear(x, self.weight, self.bias)
-
-
-def _replace_linear(model: nn.Module, name: str, linear: nn.Linear, q: nn.Parameter) -> None:
-    new = QuantizedLinear(linear.in_features, linear.out_features, bias=False, device="meta")
-    new.weight = q
-    new.bias = linear.bias
-    new.train(linear.training)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def base_output(module: nn.Module, x: Tensor) -> Tensor:

@@ -309,7 +309,7 @@ def _allowed_path(state: ServeState, path: str) -> Path:
 def _load(state: ServeState, name: str, folder: Path) -> None:
     """Loads an adapter into the model (in the engine's thread, between two steps)."""
     from minilora.adapter import load_adapter
-    from minilora.lora import set_active
+    from minilora.named_adapters import set_active
 
     if state.engine.is_unloading(name):  # its old weights still answer running requests
         raise APIError(409, f"the adapter '{name}' is still being unloaded (requests that began "

@@ -227,7 +227,7 @@ class Engine:
 
     def __init__(self, model: CausalLM, tokenizer: Any, *, max_batch: int = 32,
                  context: int | None = None) -> None:
-        from minilora.lora import list_adapters, set_active
+        from minilora.named_adapters import list_adapters, set_active
 
         if max_batch < 1:
             raise ConfigError(f"max_batch: expected >= 1, got {max_batch}")
@@ -319,7 +319,7 @@ class Engine:
         return adapter in self._unloading
 
     def _unload_unused(self) -> None:
-        from minilora.lora import delete_adapter, list_adapters, set_active
+        from minilora.named_adapters import delete_adapter, list_adapters, set_active
 
         for name in list(self._unloading):
             if not any(r.request.adapter == name for r in self.rows):
@@ -378,7 +378,7 @@ class Engine:
         """Prefills the new prompts in one batch, moves their caches into free rows, picks their
         first tokens. Prompts are left-padded, so every row's last token is the last column;
         position_ids start each prompt at 0, as `generate` does."""
-        from minilora.lora import list_adapters
+        from minilora.named_adapters import list_adapters
 
         known = set(list_adapters(self.model))
         for request in [r for r in joining if r.adapter is not None and r.adapter not in known]:

@@ -48,10 +48,12 @@ from minilora.checkpoint import (  # noqa: F401  (re-exported: the names train.p
 from minilora.data import Batch, DataStats, JsonlDataset
 from minilora.distributed import broadcast, start_distributed, sync_gradients
 from minilora.errors import ConfigError, TrainError
-from minilora.lora import inject_lora, lora_modules, lora_parameters, mark_trainable, unmerge_lora
+from minilora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
+from minilora.lora import lora_modules
 from minilora.memory import estimate_memory, measured_peak
 from minilora.precision import autocast_dtype, native_bf16, resolve_precision  # noqa: F401
-from minilora.quant import quantize_model, require_bitsandbytes
+from minilora.qlora import quantize_model
+from minilora.quant import require_bitsandbytes
 from minilora.run_folder import claim_out, replace_earlier_run
 from minilora.run_log import RunLog, plot_losses, start_outputs
 from minilora.train_config import AMP_DTYPES, TrainConfig  # noqa: F401  (re-exported)

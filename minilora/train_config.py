@@ -14,6 +14,7 @@ from typing import Any
 from minilora.checks import field_type_problems
 from minilora.errors import ConfigError
 from minilora.files import atomic_write, read_json
+from minilora.lora_config import LoraConfig
 
 AMP_DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_KINDS = ("nf4", "int8")  # bitsandbytes' 4-bit NF4 and LLM.int8()
@@ -35,7 +36,7 @@ _NOT_NEGATIVE = ("warmup_steps", "eval_every", "save_every", "weight_decay", "gr
 # TrainConfig field -> LoraConfig field, for the settings LoraConfig checks itself.
 _LORA_FIELDS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
                 "lora_targets": "targets", "lora_exclude": "exclude", "lora_init": "init",
-                "use_rslora": "use_rslora"}
+                "use_rslora": "use_rslora", "use_dora": "use_dora"}
 
 
 def _arg(default: Any, doc: str) -> Any:
@@ -60,8 +61,11 @@ class TrainConfig:
     lora_dropout: float = _arg(0.0, "dropout on the LoRA branch input, in [0, 1)")
     lora_targets: list[str] | str = _arg("all-linear", 'suffixes, regex, "all-linear" or "square"')
     lora_exclude: list[str] | str = _arg([], "suffixes or regex: never adapted")
-    lora_init: str = _arg("gaussian", "init of A: gaussian (the seed's) or kaiming (PEFT's)")
+    lora_init: str = _arg("gaussian", "init of A: gaussian (the seed's), kaiming (PEFT's) or "
+                          "pissa (A, B from the base's top-r SVD; the base keeps the residual)")
     use_rslora: bool = _arg(False, "rank-stabilised scaling alpha / sqrt(r)")
+    use_dora: bool = _arg(False, "weight-decomposed LoRA (DoRA): a trained magnitude per output "
+                          "row (PEFT's use_dora)")
     epochs: int = _arg(1, "passes over the data (when max_steps is None)")
     max_steps: int | None = _arg(None, "optimizer steps in all; None: epochs x steps per epoch")
     batch_size: int = _arg(8, "samples per micro-batch, per process")
@@ -158,8 +162,6 @@ class TrainConfig:
 
     def _lora_problems(self, typed: dict[str, str]) -> dict[str, str]:
         """LoraConfig's own checks, each field alone so that every bad one is named."""
-        from minilora.lora import LoraConfig  # torch: until LoraConfig has a torch-free home
-
         problems = {}
         for name, lora_name in _LORA_FIELDS.items():
             if name in typed:
@@ -171,14 +173,12 @@ class TrainConfig:
                 problems[name] = str(err).removeprefix(f"LoraConfig.{lora_name}")
         return problems
 
-    def lora_config(self) -> Any:
+    def lora_config(self) -> LoraConfig:
         """The LoraConfig these settings describe."""
-        from minilora.lora import LoraConfig  # torch: until LoraConfig has a torch-free home
-
         return LoraConfig(
             r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
             targets=self.lora_targets, exclude=self.lora_exclude, init=self.lora_init,
-            use_rslora=self.use_rslora,
+            use_rslora=self.use_rslora, use_dora=self.use_dora,
         )
 
     def to_dict(self) -> dict[str, Any]:

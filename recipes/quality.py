@@ -27,7 +27,8 @@ import torch
 from minilora import tasks
 from minilora.chat import chat_answerer
 from minilora.cli import ASSETS, BASE_MODEL
-from minilora.lora import LoraConfig, count_parameters, inject_lora
+from minilora.injection import count_parameters, inject_lora
+from minilora.lora import LoraConfig
 from minilora.tokenizer import Tokenizer
 from minilora.train import TrainConfig, train
 from minilora.train_data import load_datasets

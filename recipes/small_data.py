@@ -26,7 +26,7 @@ import torch
 from minilora import tasks
 from minilora.chat import chat_answerer
 from minilora.cli import ASSETS, BASE_MODEL, main
-from minilora.lora import set_active
+from minilora.named_adapters import set_active
 from minilora.tokenizer import Tokenizer
 from minilora.weights import load_model
 

@@ -100,14 +100,15 @@ def add_random_adapter(model: Any, name: str, seed: int, targets: Any) -> None:
     """An adapter whose B is not zero (seeded), so its answers differ from the base's."""
     import torch
 
-    from minilora.lora import LoraConfig, inject_lora, lora_modules
+    from minilora.injection import inject_lora
+    from minilora.lora import LoraConfig, lora_modules
 
     torch.manual_seed(100 + seed)  # inject_lora draws A from the global generator
     inject_lora(model, LoraConfig(r=4, alpha=8, targets=targets), name=name)
     g = torch.Generator().manual_seed(seed)
     for _, m in lora_modules(model):
-        if name in m.adapters:
-            b = m.adapters[name].lora_B.weight
+        if name in m.lora_A:
+            b = m.lora_B[name].weight
             b.data.copy_(torch.randn(b.shape, generator=g) * 2.0)
 
 

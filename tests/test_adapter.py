@@ -18,14 +18,8 @@ from minilora.adapter import (
     load_adapter_state_dict,
     save_adapter,
 )
-from minilora.lora import (
-    LoraConfig,
-    inject_lora,
-    lora_modules,
-    lora_parameters,
-    mark_trainable,
-    merge_lora,
-)
+from minilora.injection import inject_lora, lora_parameters, mark_trainable, merge_lora
+from minilora.lora import LoraConfig, lora_modules
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -60,7 +54,8 @@ def perturb_b(model: nn.Module, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in lora_modules(model):
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.1)
+            b = m.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
 
 
 def train_a_few_steps(model: nn.Module, steps: int = 3) -> None:
@@ -399,9 +394,10 @@ def _truncate(folder):
         (_truncate, "not a readable safetensors file"),
         (lambda f: (f / "adapter_config.json").write_text('{\n"r": 4,\n oops}'),
          r"adapter_config\.json: line 3: not valid JSON"),
-        (_config_edit(use_dora=True), "field 'use_dora' is True"),
+        # a plain LoRA file called DoRA lacks the magnitude vectors
+        (_config_edit(use_dora=True), r"missing keys \[.*lora_magnitude_vector"),
         (_config_edit(peft_type="IA3"), "field 'peft_type'"),
-        (_config_edit(init_lora_weights="pissa"), "changes the base weights"),
+        (_config_edit(init_lora_weights="olora"), "changes the base weights"),
         (_config_edit(r=0), "LoraConfig.r"),
         (_config_edit(r=2), r"mis-shaped keys"),
         (_config_edit(target_modules=["k_proj"]), r"missing keys.*unexpected keys"),
@@ -409,7 +405,7 @@ def _truncate(folder):
         (lambda f: save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)},
                              str(f / "adapter_model.safetensors")), "unexpected keys"),
     ],
-    ids=["no-config", "no-weights", "garbage", "truncated", "bad-json", "dora", "ia3", "pissa",
+    ids=["no-config", "no-weights", "garbage", "truncated", "bad-json", "dora", "ia3", "olora",
          "r0", "r-mismatch", "keys", "no-match", "foreign-keys"],
 )
 def test_load_errors(tmp_path, damage, message):

@@ -211,7 +211,8 @@ def test_bare_pth_takes_config_and_merge_convert_need_no_tokenizer(
         workdir: Path, trained: Path, tmp_path: Path, capsys) -> None:
     """MiniMind's layout: weights alone in out/, no config.json, tokenizer.json elsewhere."""
     from minilora.adapter import load_adapter, save_adapter
-    from minilora.lora import LoraConfig, inject_lora
+    from minilora.injection import inject_lora
+    from minilora.lora import LoraConfig
 
     (tmp_path / "out").mkdir()
     pth = tmp_path / "out" / "full_sft_32.pth"

@@ -15,7 +15,8 @@ from minilora.chat import chat_answerer, stream_reply, stream_text
 from minilora.cli import main
 from minilora.describe import describe_path, resolve_adapter_path
 from minilora.errors import AdapterError, CheckpointError
-from minilora.lora import LoraConfig, inject_lora
+from minilora.injection import inject_lora
+from minilora.lora import LoraConfig
 from minilora.tokenizer import Tokenizer
 from minilora.weights import load_model, save_model
 

@@ -1,6 +1,8 @@
 """Tests for minilora.lora: LoraConfig, LoRALinear, injection, merging, counting."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -8,19 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.lora import (
-    LoraConfig,
-    LoRALinear,
+from minilora.errors import ConfigError
+from minilora.injection import (
     count_parameters,
     disabled,
     inject_lora,
-    lora_modules,
     lora_parameters,
     mark_trainable,
     merge_and_unload,
     merge_lora,
     unmerge_lora,
 )
+from minilora.lora import LoraConfig, LoRALinear, MergeError, lora_modules
 
 HIDDEN, HEADS, KV_HEADS, INTER, VOCAB, LAYERS = 64, 8, 2, 176, 97, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -108,7 +109,8 @@ def perturb_b(model: nn.Module, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in lora_modules(model):
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.1)
+            b = m.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,7 +156,7 @@ def test_config_json_round_trip_and_unknown_key():
 def test_scaling(r, alpha, rs, expected):
     assert LoraConfig(r=r, alpha=alpha, use_rslora=rs).scaling == expected
     lin = LoRALinear(nn.Linear(32, 32), r=r, alpha=alpha, use_rslora=rs)
-    assert lin.scaling == expected
+    assert lin.scaling == {"default": expected}
 
 
 # ---------------------------------------------------------------- LoRALinear
@@ -166,18 +168,18 @@ def test_lora_linear_matches_formula_and_gradients():
     base = nn.Linear(12, 10)
     lin = LoRALinear(base, r=3, alpha=6.0)
     with torch.no_grad():
-        lin.lora_B.weight.normal_()
+        lin.lora_B["default"].weight.normal_()
     x = torch.randn(4, 5, 12, requires_grad=True)
     y = lin(x)
-    a = lin.lora_A.weight.detach().clone().requires_grad_()
-    b = lin.lora_B.weight.detach().clone().requires_grad_()
+    a = lin.lora_A["default"].weight.detach().clone().requires_grad_()
+    b = lin.lora_B["default"].weight.detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     ref = x2 @ base.weight.T + base.bias + 2.0 * (x2 @ a.T) @ b.T
     torch.testing.assert_close(y, ref)
     y.square().sum().backward()
     ref.square().sum().backward()
-    torch.testing.assert_close(lin.lora_A.weight.grad, a.grad)
-    torch.testing.assert_close(lin.lora_B.weight.grad, b.grad)
+    torch.testing.assert_close(lin.lora_A["default"].weight.grad, a.grad)
+    torch.testing.assert_close(lin.lora_B["default"].weight.grad, b.grad)
     torch.testing.assert_close(x.grad, x2.grad)
 
 
@@ -187,7 +189,7 @@ def _fused_layer(dropout=0.0, bias=True):
     base = nn.Linear(12, 10, bias=bias).requires_grad_(False)
     lin = LoRALinear(base, r=3, alpha=6.0, dropout=dropout)
     with torch.no_grad():
-        lin.lora_B.weight.normal_()
+        lin.lora_B["default"].weight.normal_()
     return base, lin
 
 
@@ -200,8 +202,8 @@ def test_training_forward_is_one_node_with_the_formulas_gradients(dropout):
     torch.manual_seed(1)
     y = lin(x)
     assert "_LoRAFunction" in type(y.grad_fn).__name__
-    a = lin.lora_A.weight.detach().clone().requires_grad_()
-    b = lin.lora_B.weight.detach().clone().requires_grad_()
+    a = lin.lora_A["default"].weight.detach().clone().requires_grad_()
+    b = lin.lora_B["default"].weight.detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     torch.manual_seed(1)
     xd = F.dropout(x2, dropout, training=True) if dropout else x2  # the same mask
@@ -210,8 +212,8 @@ def test_training_forward_is_one_node_with_the_formulas_gradients(dropout):
     g = torch.randn_like(ref)
     y.backward(g)
     ref.backward(g)
-    torch.testing.assert_close(lin.lora_A.weight.grad, a.grad)
-    torch.testing.assert_close(lin.lora_B.weight.grad, b.grad)
+    torch.testing.assert_close(lin.lora_A["default"].weight.grad, a.grad)
+    torch.testing.assert_close(lin.lora_B["default"].weight.grad, b.grad)
     torch.testing.assert_close(x.grad, x2.grad)
 
 
@@ -239,13 +241,13 @@ def test_bf16_autocast_gradients_match_float32():
     _, lin = _fused_layer()
     x = torch.randn(64, 12)
     lin(x).square().sum().backward()
-    ref = [p.grad.clone() for p in (lin.lora_A.weight, lin.lora_B.weight)]
+    ref = [p.grad.clone() for p in (lin.lora_A["default"].weight, lin.lora_B["default"].weight)]
     lin.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(x)
     assert y.dtype == torch.bfloat16
     y.float().square().sum().backward()
-    for p, r in zip((lin.lora_A.weight, lin.lora_B.weight), ref, strict=True):
+    for p, r in zip((lin.lora_A["default"].weight, lin.lora_B["default"].weight), ref, strict=True):
         assert p.grad.dtype == torch.float32
         assert (p.grad - r).norm() / r.norm() < 3e-2
 
@@ -253,12 +255,14 @@ def test_lora_linear_owns_base_parameters_and_shapes():
     base = nn.Linear(16, 24)
     lin = LoRALinear(base, r=4, alpha=8)
     assert lin.weight is base.weight and lin.bias is base.bias
-    assert lin.lora_A.weight.shape == (4, 16) and lin.lora_B.weight.shape == (24, 4)
-    assert set(lin.state_dict()) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}
+    assert lin.lora_A["default"].weight.shape == (4, 16)
+    assert lin.lora_B["default"].weight.shape == (24, 4)
+    assert set(lin.state_dict()) == {"weight", "bias", "lora_A.default.weight",
+                                     "lora_B.default.weight"}
     # The adapter's own p (forward calls F.dropout with it, no op at all at p = 0); no module.
     with_dropout = LoRALinear(base, r=4, alpha=8, dropout=0.1)
-    assert lin.adapters["default"].dropout == 0.0
-    assert with_dropout.adapters["default"].dropout == 0.1
+    assert lin.lora_dropout["default"] == 0.0
+    assert with_dropout.lora_dropout["default"] == 0.1
     assert not any(isinstance(m, nn.Dropout) for m in with_dropout.modules())
 
 
@@ -271,7 +275,7 @@ def test_dropout_only_in_training():
     torch.manual_seed(0)
     lin = LoRALinear(nn.Linear(32, 32), r=4, alpha=4, dropout=0.5)
     with torch.no_grad():
-        lin.lora_B.weight.normal_()
+        lin.lora_B["default"].weight.normal_()
     x = torch.randn(8, 32)
     lin.eval()
     assert torch.equal(lin(x), lin(x))
@@ -291,7 +295,7 @@ def test_output_equals_base_right_after_injection(init):
         inject_lora(model, LoraConfig(r=4, targets="all-linear", init=init))
         after = model(x)
     assert torch.equal(before, after)
-    a = lora_modules(model)[0][1].lora_A.weight
+    a = lora_modules(model)[0][1].lora_A["default"].weight
     assert a.abs().sum() > 0  # A is initialised, only B is zero
 
 
@@ -300,7 +304,7 @@ def test_base_state_dict_keys_unchanged():
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
     inject_lora(model, LoraConfig(r=4))
     keys = set(model.state_dict())
-    lora_keys = {k for k in keys if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+    lora_keys = {k for k in keys if ".lora_A." in k or ".lora_B." in k}
     assert keys - lora_keys == set(base_sd)
     # a base checkpoint loads into the injected model; only LoRA keys are missing
     result = model.load_state_dict(base_sd, strict=False)
@@ -325,7 +329,7 @@ def test_only_lora_parameters_get_gradients():
     held = [p for group in opt.param_groups for p in group["params"]]
     assert {id(p) for p in held} == lora_ids and len(held) == len(params) == 2 * 3 * LAYERS
     # B starts at zero, so its gradient is where learning starts
-    assert all(m.lora_B.weight.grad.abs().sum() > 0 for _, m in lora_modules(model))
+    assert all(m.lora_B["default"].weight.grad.abs().sum() > 0 for _, m in lora_modules(model))
 
 
 def test_merge_unmerge_and_unload():
@@ -360,7 +364,7 @@ def test_merge_unmerge_and_unload():
     assert rel_err(unloaded, unmerged) <= 1e-5
     assert not lora_modules(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    assert not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in model.state_dict())
+    assert not any(".lora_A." in k or ".lora_B." in k for k in model.state_dict())
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
 
 
@@ -575,7 +579,8 @@ def test_bf16_base_gets_float32_adapters():
     inject_lora(model, LoraConfig(r=4))
     model.load_state_dict(ref_model.state_dict())  # copies, casting base weights to bf16
     lin = lora_modules(model)[0][1]
-    assert lin.weight.dtype == torch.bfloat16 and lin.lora_A.weight.dtype == torch.float32
+    assert lin.weight.dtype == torch.bfloat16
+    assert lin.lora_A["default"].weight.dtype == torch.float32
     with torch.no_grad():
         ref = ref_model(x)
         out = model(x)
@@ -622,3 +627,65 @@ def test_roberta_parameter_counts(hidden, layers, heads, inter, expected):
     assert report.lora_parameters == expected
     assert count_parameters(model).lora == count_parameters(model).trainable == expected
     assert len(report.modules) == 2 * layers
+
+
+# ---------------------------------------------------------------- fast path == reference
+
+
+def _set_mode(lin: LoRALinear, mode: str) -> None:
+    if mode in ("merged", "merged-disabled"):
+        lin.merge()
+    if mode in ("disabled", "merged-disabled"):
+        lin.enabled = False
+
+
+FAST_CASES = [  # (mode, autocast, dropout, training)
+    ("plain", False, 0.0, False), ("plain", True, 0.0, False), ("plain", False, 0.3, True),
+    ("plain", True, 0.3, True), ("merged", False, 0.0, False), ("merged", True, 0.0, False),
+    ("disabled", False, 0.0, False), ("disabled", True, 0.3, True),
+    ("merged-disabled", False, 0.0, False),
+]
+
+
+@pytest.mark.parametrize("mode, autocast, dropout, training", FAST_CASES)
+def test_fast_path_equals_the_reference_forward(mode, autocast, dropout, training):
+    """forward (the one-node fast path where it applies) == reference_forward, the formula in
+    three lines, in fp32 and under bf16 autocast, with dropout (same seed, same mask) and
+    without, merged and disabled; and both equal the formula written out here."""
+    _, lin = _fused_layer(dropout)
+    lin.train(training)
+    _set_mode(lin, mode)
+    x = torch.randn(4, 5, 12)
+    a, b = lin.lora_A["default"].weight.detach(), lin.lora_B["default"].weight.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.manual_seed(7)
+        fast = lin(x)
+        torch.manual_seed(7)
+        ref = lin.reference_forward(x)
+    torch.manual_seed(7)
+    xd = F.dropout(x, dropout, training=True) if dropout and training else x
+    w = lin._unmerged_weight if lin.merged else lin.weight.detach()
+    formula = x @ w.T + lin.bias.detach()
+    if mode == "plain" or mode == "merged":
+        formula = formula + 2.0 * (xd @ a.T) @ b.T
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {}
+    assert fast.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(fast, ref, **tol)
+    torch.testing.assert_close(fast.float(), formula, **tol)
+
+
+def test_merge_refuses_a_non_finite_result_and_changes_nothing():
+    _, lin = _fused_layer()
+    with torch.no_grad():
+        lin.lora_B["default"].weight[0, 0] = float("inf")
+    before = lin.weight.detach().clone()
+    with pytest.raises(MergeError, match="inf or NaN"):
+        lin.merge()
+    assert not lin.merged and torch.equal(lin.weight, before)
+    assert isinstance(MergeError("x"), ConfigError)
+
+
+def test_lora_config_module_does_not_import_torch():
+    code = ("import sys, minilora.lora_config as c; c.LoraConfig(r=2); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,8 @@ import torch
 
 from helpers import chat_rows, fit, tiny_model, tiny_tokenizer, write_jsonl
 from minilora import loss as loss_module
-from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
+from minilora.injection import inject_lora, lora_parameters, mark_trainable
+from minilora.lora import LoraConfig
 from minilora.loss import linear_cross_entropy
 from minilora.memory import estimate_memory
 from minilora.model import CausalLM, ModelConfig
@@ -165,14 +166,14 @@ def test_lora_on_the_output_head_still_trains():
     inject_lora(model, LoraConfig(r=4, alpha=8, targets=["lm_head", "q_proj"]))
     mark_trainable(model)
     with torch.no_grad():
-        model.lm_head.lora_B.weight.normal_(std=0.1)
+        model.lm_head.lora_B["default"].weight.normal_(std=0.1)
     ids = torch.randint(0, vocab, (2, 10))
     out = model(ids, labels=ids)
     logits = model(ids).logits[:, :-1].reshape(-1, vocab)
     ref = reference_ce(logits, ids[:, 1:].reshape(-1)) / logits.shape[0]
     assert rel_err(out.loss, ref) <= 1e-6
     out.loss.backward()
-    assert model.lm_head.lora_A.weight.grad.abs().sum() > 0
+    assert model.lm_head.lora_A["default"].weight.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------ will it fit

@@ -16,25 +16,25 @@ from torch import nn
 
 from minilora.adapter import AdapterError, find_adapters, load_adapter, save_adapter
 from minilora.generation import generate, generate_batch
-from minilora.lora import (
-    LoraConfig,
-    LoRALinear,
-    active_adapters,
-    combine_adapters,
+from minilora.injection import (
     count_parameters,
-    delete_adapter,
     inject_lora,
-    list_adapters,
-    lora_modules,
     lora_parameters,
     mark_trainable,
     merge_and_unload,
     merge_lora,
-    mixed_adapters,
-    set_active,
     unmerge_lora,
 )
+from minilora.lora import LoraConfig, LoRALinear, lora_modules
 from minilora.model import CausalLM, ModelConfig
+from minilora.named_adapters import (
+    active_adapters,
+    combine_adapters,
+    delete_adapter,
+    list_adapters,
+    mixed_adapters,
+    set_active,
+)
 
 torch.set_num_threads(1)
 
@@ -65,9 +65,13 @@ def perturb(model: nn.Module, name: str, seed: int, std: float = 0.3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in lora_modules(model):
-            if name in m.adapters:
-                b = m.adapters[name].lora_B.weight
+            if name in m.lora_A:
+                b = m.lora_B[name].weight
                 b.copy_(torch.randn(b.shape, generator=gen) * std)
+
+
+def not_routed(model: nn.Module) -> bool:
+    return all(getattr(m, "_minilora_routes", None) is None for _, m in lora_modules(model))
 
 
 def train_steps(model: nn.Module, task: torch.Tensor, steps: int = 4) -> None:
@@ -145,13 +149,14 @@ def test_state_dict_keys_default_unchanged_named_beside_it():
     inject_lora(model, LoraConfig(r=3, targets=["q_proj", "o_proj"]), name="persona")
     keys = set(model.state_dict()) - base_keys
     q0, o0 = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
-    assert f"{q0}.lora_A.weight" in keys and f"{q0}.lora_B.weight" in keys  # the default
-    assert f"{q0}.lora_adapters.persona.lora_A.weight" in keys
-    assert f"{o0}.lora_adapters.persona.lora_B.weight" in keys
-    assert f"{o0}.lora_A.weight" not in keys  # the default adapter is on q only
+    # one layout for every adapter (PEFT's): lora_A.<name>; files drop the name (test below)
+    assert f"{q0}.lora_A.default.weight" in keys and f"{q0}.lora_B.default.weight" in keys
+    assert f"{q0}.lora_A.persona.weight" in keys
+    assert f"{o0}.lora_B.persona.weight" in keys
+    assert f"{o0}.lora_A.default.weight" not in keys  # the default adapter is on q only
     assert len(keys) == 2 * 2 + 2 * 4  # 2 layers: default on q; persona on q and o
     q = model.get_submodule(q0)
-    assert (q.r, q.adapters["persona"].r) == (2, 3)  # layer attributes: the default's
+    assert (q.r["default"], q.r["persona"]) == (2, 3)  # settings per adapter name
     # a base checkpoint still loads; only LoRA keys are missing
     result = model.load_state_dict({k: v for k, v in model.state_dict().items()
                                     if k in base_keys}, strict=False)
@@ -221,7 +226,7 @@ def test_save_and_load_named_adapters_round_trip(tmp_path):
         keys = sorted(f.keys())
     # PEFT's layout: no adapter name in the key
     assert "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight" in keys
-    assert not any("lora_adapters" in k or ".b." in k for k in keys)
+    assert not any(".a." in k or ".b." in k for k in keys)
     config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (2, 4, True)
     fresh = tiny()
@@ -303,7 +308,7 @@ def test_hot_swap_reuses_the_slot_and_a_compiled_model_does_not_recompile(tmp_pa
         names = ["slot", None, "slot", None]
         torch.testing.assert_close(compiled(x, adapter_names=names).logits,
                                    logits(model, x, adapter_names=names))
-        assert all(m._routes is None for _, m in lora_modules(model))  # cleared after the call
+        assert not_routed(model)  # cleared after the call
         torch.testing.assert_close(compiled(x).logits, logits(tiny(), x))
     # another rank does not fit the slot
     other = tiny()
@@ -323,7 +328,7 @@ def test_linear_combination_is_the_weighted_sum_of_updates(tmp_path):
     assert (report.method, report.r, report.max_error) == ("linear", 4 + 2, 0.0)
     assert active_adapters(model) == ["mix"]
     for path, m in lora_modules(model):
-        expected = sum(w * m.delta_weight(n) for n, w in weights.items() if n in m.adapters)
+        expected = sum(w * m.delta_weight(n) for n, w in weights.items() if n in m.lora_A)
         torch.testing.assert_close(m.delta_weight("mix"), expected, rtol=0, atol=1e-6,
                                    msg=path)
     x = ids()
@@ -342,7 +347,7 @@ def test_svd_combination_full_rank_is_exact_lower_rank_reports_its_error():
     low = combine_adapters(model, weights, name="low", method="svd", r=1)
     assert low.r == 1 and 0.01 < low.max_error < 1
     for path, m in lora_modules(model):
-        expected = sum(w * m.delta_weight(n) for n, w in weights.items() if n in m.adapters)
+        expected = sum(w * m.delta_weight(n) for n, w in weights.items() if n in m.lora_A)
         torch.testing.assert_close(m.delta_weight("full"), expected, rtol=0, atol=1e-5)
         # the reported error is that of the best rank-1 approximation (Eckart-Young)
         s = torch.linalg.svdvals(expected)
@@ -375,7 +380,7 @@ def test_mixed_batch_equals_rows_run_separately():
     # the routing ends with the call: a plain call uses the active adapter again
     set_active(model, "b")
     torch.testing.assert_close(logits(model, x[:1]), logits(model, x[:1]))
-    assert all(m._routes is None for _, m in lora_modules(model))
+    assert not_routed(model)
 
 
 def test_mixed_batch_trains_each_row_into_its_own_adapter():
@@ -408,7 +413,7 @@ def test_mixed_batch_refusals():
         model(x, adapter_names=["a", "zz"])
     with pytest.raises(ValueError, match="mixed batch of 3 rows"):
         model(x, adapter_names=["a", "b", None])
-    assert all(m._routes is None for _, m in lora_modules(model))  # cleared after the error
+    assert not_routed(model)  # cleared after the error
     merge_lora(model)
     with pytest.raises(ValueError, match="mixed batch.*merged.*unmerge_lora"):
         model(x, adapter_names=["a", "b"])
@@ -454,14 +459,14 @@ def test_one_adapter_forward_is_the_single_adapter_code_path():
     lin = LoRALinear(base, r=3, alpha=6.0)
     lin.add_adapter("other", r=2, alpha=2.0)
     with torch.no_grad():
-        lin.lora_B.weight.normal_()
-        lin.adapters["other"].lora_B.weight.normal_()
+        lin.lora_B["default"].weight.normal_()
+        lin.lora_B["other"].weight.normal_()
     x = torch.randn(4, 5, 12)
-    ref = x @ base.weight.T + base.bias + 2.0 * (x @ lin.lora_A.weight.T) @ lin.lora_B.weight.T
+    a, b = lin.lora_A["default"].weight, lin.lora_B["default"].weight
+    ref = x @ base.weight.T + base.bias + 2.0 * (x @ a.T) @ b.T
     torch.testing.assert_close(lin(x), ref)
     lin.set_active(["default", "other"])
-    other = lin.adapters["other"]
-    ref2 = ref + 1.0 * (x @ other.lora_A.weight.T) @ other.lora_B.weight.T
+    ref2 = ref + 1.0 * (x @ lin.lora_A["other"].weight.T) @ lin.lora_B["other"].weight.T
     torch.testing.assert_close(lin(x), ref2)
     lin.merge()
     torch.testing.assert_close(lin(x), ref2, rtol=1e-5, atol=1e-5)

@@ -12,19 +12,14 @@ from helpers import chat_rows, fit, tiny_model, tiny_tokenizer, write_jsonl
 from minilora.adapter import base_fingerprint, load_adapter, save_adapter
 from minilora.cli import main
 from minilora.errors import CheckpointError, ConfigError, FingerprintMismatch, MissingExtra
-from minilora.lora import (
-    LoraConfig,
-    LoRALinear,
-    inject_lora,
-    lora_parameters,
-    mark_trainable,
-    merge_lora,
-)
+from minilora.injection import inject_lora, lora_parameters, mark_trainable, merge_lora
+from minilora.lora import LoraConfig, LoRALinear
 from minilora.train import TrainConfig
 
 bnb = pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
 
-from minilora.quant import QuantizedLinear, dequantize, is_quantized, quantize_model  # noqa: E402
+from minilora.qlora import quantize_model  # noqa: E402
+from minilora.quant import QuantizedLinear, dequantize, is_quantized  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 64
@@ -111,14 +106,14 @@ def test_lora_on_an_int8_base_equals_bitsandbytes_int8_plus_the_update():
     holder = torch.nn.Sequential(LoRALinear(linear, r=4, alpha=8))
     lora = holder[0]
     with torch.no_grad():
-        lora.lora_B.weight.normal_(std=0.05)
+        lora.lora_B["default"].weight.normal_(std=0.05)
     linear.weight.requires_grad_(False)
     linear.bias.requires_grad_(False)
     quantize_model(holder, "int8")
     assert is_quantized(lora.weight)
     x = torch.randn(3, 5, 64)
-    a, b = lora.lora_A.weight, lora.lora_B.weight
-    expected = reference(x) + lora.scaling * (x @ a.t()) @ b.t()
+    a, b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    expected = reference(x) + lora.scaling["default"] * (x @ a.t()) @ b.t()
     assert rel_err(lora(x), expected) <= 1e-5
 
 
@@ -265,3 +260,12 @@ def test_an_evaluation_between_steps_leaves_the_gradients_as_they_were():
     _, after = grads(model, ids)
     for a, b in zip(after, before, strict=True):
         assert rel_err(a, b) <= 1e-6
+
+
+def test_a_dora_layer_is_not_quantized():
+    model = tiny_model(VOCAB, hidden=64)
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets=["q_proj"], use_dora=True))
+    mark_trainable(model)
+    with pytest.raises(ConfigError, match="DoRA adapter needs the full-precision"):
+        quantize_model(model, "nf4")
+    assert not any(is_quantized(p) for p in model.parameters())

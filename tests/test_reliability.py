@@ -538,7 +538,7 @@ CASES = [
          after=nothing_saved_is_non_finite),
     Case("non-finite-weights", TRAIN + ["--max-steps", "3", "--save-every", "1"],
          "refusing to save non-finite weights: ['model.layers.0.self_attn.q_proj.lora_A."
-         "weight']", "the checkpoint before is kept; nothing non-finite is written",
+         "default.weight']", "the checkpoint before is kept; nothing non-finite is written",
          patch=poisoned("nan-weight", lambda call: call == 1),
          after=nothing_saved_is_non_finite),
     # -- hostile files ------------------------------------------------------------------------
@@ -1137,7 +1137,7 @@ def poison(model: torch.nn.Module, kind: str, calls: Callable[[int], bool]) -> N
         count[0] += 1
         if kind == "nan-weight" and calls(count[0] - 1):
             with torch.no_grad():
-                lora_modules(module)[0][1].lora_A.weight[0, 0] = float("nan")
+                lora_modules(module)[0][1].lora_A["default"].weight[0, 0] = float("nan")
 
     def after(module: torch.nn.Module, args: Any, output: Any) -> Any:
         if kind == "nan-weight" or not calls(count[0] - 1):
@@ -1253,7 +1253,8 @@ FALLBACK_POINT = "between-renames"
 
 def _two_adapters(vocab: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """A model with LoRA, and the two adapters a save loop alternates: (alpha, B value)."""
-    from minilora.lora import LoraConfig, inject_lora
+    from minilora.injection import inject_lora
+    from minilora.lora import LoraConfig
 
     model = tiny_model(vocab)
     inject_lora(model, LoraConfig(r=2, alpha=16, targets=["q_proj", "v_proj"]))
@@ -1263,9 +1264,9 @@ def _two_adapters(vocab: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str
 def _set(model: torch.nn.Module, adapter: dict[str, Any]) -> None:
     with torch.no_grad():
         for _, module in lora_modules(model):
-            module.lora_B.weight.fill_(adapter["b"])
-            module.adapters["default"].alpha = adapter["alpha"]
-            module.adapters["default"].scaling = adapter["alpha"] / 2
+            module.lora_B["default"].weight.fill_(adapter["b"])
+            module.lora_alpha["default"] = adapter["alpha"]
+            module.scaling["default"] = adapter["alpha"] / 2
 
 
 def _save_loop(model: torch.nn.Module, folder: Path, adapters: list[dict], first: int,
@@ -1308,7 +1309,7 @@ def _loads_as(folder: Path, vocab: int, adapters: list[dict]) -> str:
         config = load_adapter(reader, folder)
     except AdapterError:
         return "refused"
-    b = {float(m.lora_B.weight.detach().unique()[0]) for _, m in lora_modules(reader)}
+    b = {float(m.lora_B["default"].weight.detach().unique()[0]) for _, m in lora_modules(reader)}
     for name, adapter in zip(("old", "new"), adapters, strict=True):
         if config.alpha == adapter["alpha"] and b == {adapter["b"]}:
             return name

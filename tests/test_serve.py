@@ -21,7 +21,7 @@ from helpers import add_random_adapter
 from minilora.adapter import load_adapter, save_adapter
 from minilora.cli import BASE_MODEL, main
 from minilora.generation import generate
-from minilora.lora import delete_adapter, set_active
+from minilora.named_adapters import delete_adapter, set_active
 from minilora.serve import MAX_BODY, APIError, ServeState, _allowed_path, create_app
 from minilora.serve_engine import Engine
 from minilora.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ import torch
 from helpers import add_random_adapter
 from minilora.cli import BASE_MODEL
 from minilora.generation import generate
-from minilora.lora import set_active
+from minilora.named_adapters import set_active
 from minilora.serve_engine import Engine, Event, Request, RowCache, SamplingParams
 from minilora.tokenizer import Tokenizer
 from minilora.weights import load_model
@@ -185,11 +185,11 @@ def test_unload_waits_for_the_requests_that_use_the_adapter(served):
     assert c.done is None and len(want) > 8  # still running: its answer is a long one
     engine.call(lambda: engine.unload("gamma"))
     engine.step()
-    assert "gamma" in model.model.layers[0].self_attn.o_proj.adapters
+    assert "gamma" in model.model.layers[0].self_attn.o_proj.lora_A
     run_until_done(engine, [c])
     engine.step()
     assert c.text == want
-    assert "gamma" not in model.model.layers[0].self_attn.o_proj.adapters
+    assert "gamma" not in model.model.layers[0].self_attn.o_proj.lora_A
 
 
 def test_sampling_params_are_checked_all_at_once():

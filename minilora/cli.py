@@ -178,19 +178,20 @@ def _shown_default(f: Any) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`minilora train`: LoRA (or --full) fine-tuning; with no arguments, the demo."""
-    from minilora import tasks
-    from minilora.chat import chat_answerer
-    from minilora.tokenizer import Tokenizer
-    from minilora.train import train
     from minilora.train_config import TrainConfig
-    from minilora.train_data import load_datasets
-    from minilora.weights import load_model
 
     started = time.perf_counter()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     config, demo = _train_config(args, given)
+    # torch only now: a bad setting is answered before it loads (a second and 230 MB)
+    from minilora import tasks
+    from minilora.chat import chat_answerer
     from minilora.threads import configure_threads
+    from minilora.tokenizer import Tokenizer
+    from minilora.train import train
+    from minilora.train_data import load_datasets
+    from minilora.weights import load_model
 
     configure_threads()  # the CPUs other processes leave free (a shared machine)
     check_not_an_input(config.out_dir, {"--model": config.model, "--tokenizer": config.tokenizer,
@@ -336,8 +337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command == "train" and not {"-h", "--help", "--version"} & set(argv):
-        prepare_env()  # train's flags come from TrainConfig, whose import imports torch
     parser = build_parser(train_args=command == "train")
     args, unknown = parser.parse_known_args(argv)
     if unknown:

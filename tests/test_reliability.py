@@ -1328,7 +1328,10 @@ def test_sigkill_during_adapter_saves_leaves_the_old_or_the_new_adapter(tok, tmp
     save_adapter(model, folder)
     one_save = time.perf_counter() - started  # random kills land within the first few saves
     rng = random.Random(0)
-    plan = [p for p in (*SAVE_POINTS, FALLBACK_POINT) for _ in range(3)] + [None] * 15
+    # The fallback kills come last: each leaves the folder missing until the next writer's
+    # first step puts the backup back, and a random kill could land before that step (then a
+    # reader finds no folder, which is what the fallback documents, not a mixture).
+    plan = [p for p in SAVE_POINTS for _ in range(3)] + [None] * 15 + [FALLBACK_POINT] * 3
     state = "old"
     for point in plan:
         before = state

@@ -436,6 +436,19 @@ def test_the_config_module_imports_no_torch():
     assert done.returncode == 0, done.stderr
 
 
+def test_a_bad_train_setting_is_answered_before_torch_loads(tmp_path):
+    # Every bad field named in one line, exit 2, and torch never imported: the answer comes in
+    # a fraction of a second, not after the second and 230 MB torch takes.
+    code = ("import sys; from minilora.cli import main; "
+            "code = main(['train', '--lr', '0', '--r', '0', '--data', 'x.jsonl']); "
+            "assert code == 2, code; assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--lr" in done.stderr and "--r" in done.stderr, done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_old_config_with_dtype_still_loads(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"data": "d.jsonl", "dtype": "float32"}))
     assert TrainConfig.from_json(tmp_path / "old.json").amp_dtype == "float32"

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from minilora.adapter import base_fingerprint, save_adapter
 from minilora.checks import MAX_TRAINED_WEIGHT, resolve_device
+from minilora.compiled import CompiledLoss
 from minilora.data import (
     Batch,
     DataStats,
@@ -425,7 +426,7 @@ def _fit(model: nn.Module, data: Tokenizer | JsonlDataset, config: TrainConfig,
         _start_outputs(out, config, run.step, train_set.stats)
     if rank == 0:
         _describe_run(model, config, plan, device, log.precision, start_step)
-    forward = torch.compile(model) if config.compile else model
+    forward = CompiledLoss(model, config.max_seq_len) if config.compile else model
     if rank == 0:
         _print_memory_estimate(model, config, amp_dtype, device)
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)

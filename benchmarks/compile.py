@@ -5,8 +5,10 @@ demo data and settings (batch 16, max_seq_len 128, LoRA r=8 all-linear, AdamW).
 Each dtype (fp32; bf16 autocast) gets its own model pair (eager, compiled) with the same
 weights; the warm-up is the compiled row's first step per length bucket, timed alone (compile
 time), then ``--steps`` rounds, each running one eager and one compiled step on the same batch
-(the order alternating), with the counted recompiles from torch._dynamo's counters. The last
-column is the median of the per-round ratios; 'spread' is (slowest - fastest) / median.
+(the order rotating) with a third: the eager model on the batch padded as the compiled step
+pads it, which splits the ratio into what padding costs and what compiling gains. Recompiles
+are counted from torch._dynamo's counters. Ratios are medians of the per-round ratios;
+'spread' is (slowest - fastest) / median.
 
     python benchmarks/compile.py --steps 20
 """
@@ -25,7 +27,7 @@ from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 from minilora.cli import ASSETS, BASE_MODEL
-from minilora.compiled import CompiledLoss, bucket_length
+from minilora.compiled import CompiledLoss, bucket_length, pad_right
 from minilora.data import load_jsonl
 from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
 from minilora.threads import configure_threads
@@ -83,13 +85,16 @@ def _row(name: str, amp: torch.dtype | None, settings: dict, batches: list, step
             seen.add(bucket)
             warm += compiled(batch)
     first_graphs = counters["stats"]["unique_graphs"] - before
-    e_times, c_times = [], []
+    padded_model = copy.deepcopy(eager_model)
+    eager_padded = _stepper(padded_model, _padded(padded_model, longest), amp)
+    eager_padded(batches[0])
+    rows: list[list[float]] = [[], [], []]  # eager, compiled, eager on the padded batch
     for i in range(steps):
         batch = batches[i % len(batches)]
-        pair = (eager, compiled) if i % 2 == 0 else (compiled, eager)
-        times = [fn(batch) for fn in pair]
-        e_times.append(times[0] if i % 2 == 0 else times[1])
-        c_times.append(times[1] if i % 2 == 0 else times[0])
+        order = [(i + k) % 3 for k in range(3)]  # each row first, second and third in turn
+        for k in order:
+            rows[k].append((eager, compiled, eager_padded)[k](batch))
+    e_times, c_times, p_times = rows
     recompiles = counters["stats"]["unique_graphs"] - before - first_graphs
 
     def spread(t: list[float]) -> float:
@@ -98,18 +103,32 @@ def _row(name: str, amp: torch.dtype | None, settings: dict, batches: list, step
             "recompiles": recompiles, "eager_s": statistics.median(e_times),
             "eager_spread": spread(e_times), "compiled_s": statistics.median(c_times),
             "compiled_spread": spread(c_times),
-            "ratio": statistics.median(c / e for c, e in zip(c_times, e_times, strict=True))}
+            "ratio": statistics.median(c / e for c, e in zip(c_times, e_times, strict=True)),
+            "padded_ratio": statistics.median(
+                c / p for c, p in zip(c_times, p_times, strict=True)),
+            "padding": sum(bucket_length(b.input_ids.shape[1], longest) for b in batches)
+            / sum(b.input_ids.shape[1] for b in batches) - 1}
+
+
+def _padded(model: torch.nn.Module, longest: int):
+    """The eager model on the batch padded as the compiled step pads it (what padding costs)."""
+    def forward(input_ids, labels):
+        length = bucket_length(input_ids.shape[1], longest)
+        return model(pad_right(input_ids, length, 0), labels=pad_right(labels, length, -100))
+    return forward
 
 
 def _table(rows: list[dict]) -> str:
     lines = ["| dtype | buckets | warm-up (s) | graphs | recompiles after | eager step (s) "
-             "| spread | compiled step (s) | spread | compiled / eager |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| spread | compiled step (s) | spread | compiled / eager | padded tokens "
+             "| compiled / eager on the padded batch |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {', '.join(map(str, r['buckets']))} | {r['warmup_s']:.1f} | "
             f"{r['graphs']} | {r['recompiles']} | {r['eager_s']:.3f} | {r['eager_spread']:.0%} | "
-            f"{r['compiled_s']:.3f} | {r['compiled_spread']:.0%} | {r['ratio']:.2f}x |")
+            f"{r['compiled_s']:.3f} | {r['compiled_spread']:.0%} | {r['ratio']:.2f}x | "
+            f"+{r['padding']:.0%} | {r['padded_ratio']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -45,7 +45,8 @@ def buckets(longest: int) -> list[int]:
     return sorted({bucket_length(n, longest) for n in range(1, longest + 1)})
 
 
-def _pad(t: Tensor | None, length: int, value: int) -> Tensor | None:
+def pad_right(t: Tensor | None, length: int, value: int) -> Tensor | None:
+    """``t`` (B, T) padded on the right with ``value`` to (B, length); None stays None."""
     if t is None or t.shape[1] == length:
         return t
     return F.pad(t, (0, length - t.shape[1]), value=value)  # (B, length)
@@ -85,6 +86,7 @@ class CompiledLoss:
     def __call__(self, input_ids: Tensor, labels: Tensor,
                  segment_ids: Tensor | None = None) -> StepOutput:
         length = bucket_length(input_ids.shape[1], self.longest)
-        loss, aux = self._compiled(self.model, _pad(input_ids, length, 0),
-                                   _pad(labels, length, -100), _pad(segment_ids, length, 0))
+        loss, aux = self._compiled(self.model, pad_right(input_ids, length, 0),
+                                   pad_right(labels, length, -100),
+                                   pad_right(segment_ids, length, 0))
         return StepOutput(loss, aux)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -138,7 +140,11 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32 and bf16")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler tables of one eager and one compiled step")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="reuse inductor's on-disk cache (default: a fresh one, a cold compile)")
     args = p.parse_args()
+    if not args.warm_cache:  # read when inductor first compiles, so set before any compile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="minilora-inductor-")
     configure_threads()
     settings = _settings()
     batches = _batches(settings, 8)

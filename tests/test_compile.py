@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from helpers import chat_rows, tiny_model, write_jsonl
 from minilora import compiled
@@ -110,6 +111,7 @@ def test_one_graph_across_steps_lengths_adapter_switches_and_a_reload():
     model = lora_model()
     backend = Counting()
     step = CompiledLoss(model, 64, backend=backend)
+    counters.clear()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
     for i, length in enumerate((9, 31, 17, 2)):
         ids, labels = batch(length, seed=i)
@@ -117,6 +119,7 @@ def test_one_graph_across_steps_lengths_adapter_switches_and_a_reload():
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert backend.graphs == 1  # every length fell in bucket 32
+    assert not counters["graph_break"]  # the LoRA node included: one graph, no break
 
     set_active(model, "two")
     mark_trainable(model)

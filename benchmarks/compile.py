@@ -3,7 +3,7 @@ the eager one, in ONE process, alternated step by step, on the demo: the embedde
 demo data and settings (batch 16, max_seq_len 128, LoRA r=8 all-linear, AdamW).
 
 Each dtype (fp32; bf16 autocast) gets its own model pair (eager, compiled) with the same
-weights; the warm-up is the compiled row's first step per length bucket, timed alone (compile
+weights; the warm-up is the compiled row's first step, timed alone (compile
 time), then ``--steps`` rounds, each running one eager and one compiled step on the same batch
 (the order rotating) with a third: the eager model on the batch padded as the compiled step
 pads it, which splits the ratio into what padding costs and what compiling gains. Recompiles
@@ -29,7 +29,7 @@ from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 from minilora.cli import ASSETS, BASE_MODEL
-from minilora.compiled import CompiledLoss, bucket_length, pad_right
+from minilora.compiled import CompiledLoss, pad_right, padded_length
 from minilora.data import load_jsonl
 from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
 from minilora.threads import configure_threads
@@ -80,12 +80,7 @@ def _row(name: str, amp: torch.dtype | None, settings: dict, batches: list, step
     compiled = _stepper(compiled_model, CompiledLoss(compiled_model, longest), amp)
     eager(batches[0])  # first call costs (allocator, oneDNN primitives)
     before = counters["stats"]["unique_graphs"]
-    warm, seen = 0.0, set()
-    for batch in batches:  # one compile per bucket the data reaches
-        bucket = bucket_length(batch.input_ids.shape[1], longest)
-        if bucket not in seen:
-            seen.add(bucket)
-            warm += compiled(batch)
+    warm = compiled(batches[0])
     first_graphs = counters["stats"]["unique_graphs"] - before
     padded_model = copy.deepcopy(eager_model)
     eager_padded = _stepper(padded_model, _padded(padded_model, longest), amp)
@@ -101,33 +96,33 @@ def _row(name: str, amp: torch.dtype | None, settings: dict, batches: list, step
 
     def spread(t: list[float]) -> float:
         return (max(t) - min(t)) / statistics.median(t)
-    return {"dtype": name, "buckets": sorted(seen), "warmup_s": warm, "graphs": first_graphs,
+    return {"dtype": name, "warmup_s": warm, "graphs": first_graphs,
             "recompiles": recompiles, "eager_s": statistics.median(e_times),
             "eager_spread": spread(e_times), "compiled_s": statistics.median(c_times),
             "compiled_spread": spread(c_times),
             "ratio": statistics.median(c / e for c, e in zip(c_times, e_times, strict=True)),
             "padded_ratio": statistics.median(
                 c / p for c, p in zip(c_times, p_times, strict=True)),
-            "padding": sum(bucket_length(b.input_ids.shape[1], longest) for b in batches)
+            "padding": sum(padded_length(b.input_ids.shape[1]) for b in batches)
             / sum(b.input_ids.shape[1] for b in batches) - 1}
 
 
 def _padded(model: torch.nn.Module, longest: int):
     """The eager model on the batch padded as the compiled step pads it (what padding costs)."""
     def forward(input_ids, labels):
-        length = bucket_length(input_ids.shape[1], longest)
+        length = padded_length(input_ids.shape[1])
         return model(pad_right(input_ids, length, 0), labels=pad_right(labels, length, -100))
     return forward
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| dtype | buckets | warm-up (s) | graphs | recompiles after | eager step (s) "
+    lines = ["| dtype | warm-up (s) | graphs | recompiles after | eager step (s) "
              "| spread | compiled step (s) | spread | compiled / eager | padded tokens "
              "| compiled / eager on the padded batch |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['dtype']} | {', '.join(map(str, r['buckets']))} | {r['warmup_s']:.1f} | "
+            f"| {r['dtype']} | {r['warmup_s']:.1f} | "
             f"{r['graphs']} | {r['recompiles']} | {r['eager_s']:.3f} | {r['eager_spread']:.0%} | "
             f"{r['compiled_s']:.3f} | {r['compiled_spread']:.0%} | {r['ratio']:.2f}x | "
             f"+{r['padding']:.0%} | {r['padded_ratio']:.2f}x |")

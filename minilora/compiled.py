@@ -1,12 +1,12 @@
-"""The training forward under torch.compile, compiled once per bucket of sequence lengths.
+"""The training forward under torch.compile, compiled once per run.
 
-A batch is padded on the right to its length bucket (a power of two from ``MIN_BUCKET``, capped
-at the run's longest sequence), so a run sees at most a handful of shapes and compiles each one
-once, with static shapes (no symbolic sizes: the fastest kernels, and no SymBool where the
-attention wants a bool). Right padding changes nothing the loss counts: its labels are -100 and
-a causal (or same-segment) mask keeps every real token from seeing it. Inside the compiled
-region the model takes its fixed-shape loss path (every position through the head, -100
-ignored) instead of gathering the counted positions, whose number depends on the data.
+The sequence length is marked dynamic (one graph for every length up to the run's
+max_seq_len) and each batch is padded on the right to a multiple of ``MULTIPLE``, which keeps
+the products' rows aligned and the symbolic range away from the 0/1 sizes dynamo specializes.
+Right padding changes nothing the loss counts: its labels are -100 and a causal (or
+same-segment) mask keeps every real token from seeing it. Inside the compiled region the model
+takes its fixed-shape loss path (every position through the head, -100 ignored) instead of
+gathering the counted positions, whose number depends on the data.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MIN_BUCKET = 32  # shortest padded length: shorter batches cost little more, and compile once
+MULTIPLE = 8  # batches are padded to a multiple of this many tokens
 BACKEND = "inductor"  # tests switch to a cheaper or counting backend
 
 
@@ -31,18 +31,9 @@ class StepOutput:
     aux_loss: Tensor
 
 
-def bucket_length(length: int, longest: int) -> int:
-    """The padded length of a batch of ``length`` tokens: the next power of two from MIN_BUCKET,
-    but never past ``longest`` (the run's max_seq_len) or below ``length`` itself."""
-    bucket = MIN_BUCKET
-    while bucket < length:
-        bucket *= 2
-    return max(length, min(bucket, longest))
-
-
-def buckets(longest: int) -> list[int]:
-    """Every padded length a run with max_seq_len ``longest`` can compile for."""
-    return sorted({bucket_length(n, longest) for n in range(1, longest + 1)})
+def padded_length(length: int) -> int:
+    """The length a batch of ``length`` tokens is padded to: the next multiple of MULTIPLE."""
+    return -(-length // MULTIPLE) * MULTIPLE
 
 
 def pad_right(t: Tensor | None, length: int, value: int) -> Tensor | None:
@@ -60,33 +51,32 @@ def _loss(model: nn.Module, input_ids: Tensor, labels: Tensor,
 
 class CompiledLoss:
     """Calls ``model(input_ids, labels=..., segment_ids=...)`` through torch.compile, each batch
-    padded to its length bucket; returns a StepOutput (loss, aux_loss), the same values as the
-    eager model's within rounding.
+    padded to a multiple of MULTIPLE tokens, its length dynamic; returns a StepOutput (loss,
+    aux_loss), the same values as the eager model's within rounding.
 
     The compiled code guards on the model's structure and flags, not on parameter values, so
-    optimizer steps, a resumed checkpoint loaded in place or a hot-swapped adapter of the same
-    shape reuse it. MoE models: their auxiliary loss counts padded tokens too.
+    optimizer steps, a checkpoint loaded in place, or another adapter of the same shape made
+    active reuse it. MoE models: their auxiliary loss counts padded tokens too.
     """
 
     def __init__(self, model: nn.Module, longest: int, backend: Any = None) -> None:
-        self.model, self.longest = model, longest
-        # Static shapes: one graph per bucket, and a bucket per power of two must all fit in
-        # dynamo's per-function cache, with room for a train/eval flag flip.
-        limit = len(buckets(longest)) + 4
-        if torch._dynamo.config.recompile_limit < limit:
-            torch._dynamo.config.recompile_limit = limit
-        self._compiled = torch.compile(_loss, backend=backend or BACKEND, dynamic=False)
+        self.model, self.longest = model, padded_length(max(longest, 1))
+        self._compiled = torch.compile(_loss, backend=backend or BACKEND)
         rotary = getattr(getattr(model, "model", None), "rotary", None)
         if rotary is not None:
             # Grown now, not while the first batch is traced: a table that changes shape
             # between calls fails the compiled code's guards (one more compile per run).
             weight = next(model.parameters())
-            rotary(0, longest, weight.device, torch.float32)
+            rotary(0, self.longest, weight.device, torch.float32)
 
     def __call__(self, input_ids: Tensor, labels: Tensor,
                  segment_ids: Tensor | None = None) -> StepOutput:
-        length = bucket_length(input_ids.shape[1], self.longest)
-        loss, aux = self._compiled(self.model, pad_right(input_ids, length, 0),
-                                   pad_right(labels, length, -100),
-                                   pad_right(segment_ids, length, 0))
+        length = padded_length(input_ids.shape[1])
+        tensors = (pad_right(input_ids, length, 0), pad_right(labels, length, -100),
+                   pad_right(segment_ids, length, 0))
+        top = max(self.longest, length)
+        for t in tensors:
+            if t is not None:  # one graph for every length in [MULTIPLE, top]
+                torch._dynamo.mark_dynamic(t, 1, min=MULTIPLE, max=top)
+        loss, aux = self._compiled(self.model, *tensors)
         return StepOutput(loss, aux)

@@ -584,8 +584,11 @@ class Attention(nn.Module):
         else:
             # Without a mask the causal fast path applies when queries and keys start together;
             # a single new query (decoding) sees every cached key, so it needs no mask at all.
+            causal = False
+            if mask is None and start == 0 and T > 1:  # a bool, where T may be symbolic (compile)
+                causal = True
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and start == 0 and T > 1,
+                q, k, v, attn_mask=mask, is_causal=causal,
                 enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)  # (B, T, C)

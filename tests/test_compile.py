@@ -1,5 +1,5 @@
-"""minilora.compiled: the compiled training step equals the eager one and compiles once per
-length bucket, across steps, adapter switches and a resume.
+"""minilora.compiled: the compiled training step equals the eager one and compiles once, across
+steps of different lengths, adapter switches and a resume.
 
 The compiled rows use torch.compile's "aot_eager" backend (dynamo's trace plus AOTAutograd's
 joint forward/backward graph, run by eager kernels): what recompiles and what breaks the graph
@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 
 from helpers import chat_rows, tiny_model, write_jsonl
 from minilora import compiled
-from minilora.compiled import CompiledLoss, bucket_length, buckets
+from minilora.compiled import CompiledLoss, padded_length
 from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable, set_active
 from minilora.train import TrainConfig, train
 
@@ -66,17 +66,9 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("length", "longest", "expected"), [
-    (1, 128, 32), (32, 128, 32), (33, 128, 64), (100, 128, 128), (128, 128, 128),
-    (40, 48, 48), (20, 16, 20),
-])
-def test_a_batch_pads_to_the_next_power_of_two_capped_at_the_longest(length, longest, expected):
-    assert bucket_length(length, longest) == expected
-
-
-def test_a_run_has_a_handful_of_buckets():
-    assert buckets(128) == [32, 64, 128]
-    assert buckets(2048) == [32, 64, 128, 256, 512, 1024, 2048]
+@pytest.mark.parametrize(("length", "expected"), [(1, 8), (8, 8), (9, 16), (100, 104)])
+def test_a_batch_pads_to_the_next_multiple_of_eight(length, expected):
+    assert padded_length(length) == expected
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -85,7 +77,7 @@ def test_compiled_steps_equal_eager_steps(packed):
     compiled_model = copy.deepcopy(eager_model)
     step = CompiledLoss(compiled_model, 64, backend="aot_eager")
     opts = [torch.optim.AdamW(lora_parameters(m), lr=1e-2) for m in (eager_model, compiled_model)]
-    for i, length in enumerate((20, 13, 27)):  # one bucket (32), each padded differently
+    for i, length in enumerate((20, 13, 27)):  # each padded differently
         ids, labels = batch(length, seed=i)
         segments = None
         if packed:  # two samples per row, then the row's padding
@@ -118,7 +110,7 @@ def test_one_graph_across_steps_lengths_adapter_switches_and_a_reload():
         step(ids, labels).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    assert backend.graphs == 1  # every length fell in bucket 32
+    assert backend.graphs == 1  # one graph for every length
     assert not counters["graph_break"]  # the LoRA node included: one graph, no break
 
     set_active(model, "two")
@@ -141,9 +133,9 @@ def test_one_graph_across_steps_lengths_adapter_switches_and_a_reload():
     step(ids, labels).loss.backward()
     assert backend.graphs == 1
 
-    ids, labels = batch(40, seed=3)  # the next bucket (64): its one compile
+    ids, labels = batch(60, seed=3)  # up to max_seq_len, the same graph
     step(ids, labels).loss.backward()
-    assert backend.graphs == 2
+    assert backend.graphs == 1
 
 
 def test_train_with_compile_equals_eager_and_compiles_once_through_a_resume(
@@ -163,7 +155,7 @@ def test_train_with_compile_equals_eager_and_compiles_once_through_a_resume(
     first = run("compiled", compile=True, stop_after=2)
     assert backend.graphs == 1
     second = run("compiled", compile=True, resume=True)
-    # The resumed run (a new model, its checkpoint loaded) compiles its one bucket once, as a
+    # The resumed run (a new model, its checkpoint loaded) compiles once, as a
     # fresh process would, and never again over its steps.
     assert backend.graphs == 2
     losses = [loss for _, loss in first.losses + second.losses]

@@ -791,7 +791,7 @@ def analysis(res: dict) -> str:
         "`generate(model, ids)` compares.",
         "- **torch.compile** (`--compile` adds rows that compile the bare model, which "
         "recompiles for every count of labelled positions): the compiled training step that "
-        "`minilora train --compile` runs compiles once per length bucket; it is measured by "
+        "`minilora train --compile` runs compiles once per run; it is measured by "
         "`benchmarks/compile.py` (the section 'Compiled training step' at the end).",
     ])
 

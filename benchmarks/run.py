@@ -800,11 +800,10 @@ def analysis(res: dict) -> str:
         "(batching reads the weights once for all), speculative decoding (a draft model or "
         "prompt lookup, exact for greedy), or smaller weights (int8), each outside what "
         "`generate(model, ids)` compares.",
-        "- **torch.compile** (`--compile` adds compiled rows; none is in the default run): on "
-        "this 2-core machine a compiled training step took seconds even at the `--quick` "
-        "shapes, where an eager step takes milliseconds (it recompiles: the counted-position "
-        "gather has a data-dependent shape, which we take to be the cause; not investigated "
-        "further), so no target uses it.",
+        "- **torch.compile** (`--compile` adds rows that compile the bare model, which "
+        "recompiles for every count of labelled positions): the compiled training step that "
+        "`minilora train --compile` runs compiles once per run; it is measured by "
+        "`benchmarks/compile.py` (the section 'Compiled training step' at the end).",
     ])
 
 

@@ -200,8 +200,11 @@ class Attention(nn.Module):
         else:
             # Without a mask the causal fast path applies when queries and keys start together;
             # a single new query (decoding) sees every cached key, so it needs no mask at all.
+            causal = False
+            if mask is None and start == 0 and T > 1:  # a bool, where T may be symbolic (compile)
+                causal = True
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and start == 0 and T > 1,
+                q, k, v, attn_mask=mask, is_causal=causal,
                 enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)  # (B, T, C)
@@ -452,6 +455,9 @@ class CausalLM(nn.Module):
             position_ids = _segment_positions(segment_ids)  # (B, T)
         if position_ids is None:
             cos, sin = self.model.rotary(start, T, x.device, x.dtype)  # (T, D)
+        elif segment_ids is not None:  # positions restart per sample, all below T: no host sync
+            cos, sin = self.model.rotary(0, T, x.device, x.dtype)  # (T, D)
+            cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]  # (B, 1, T, D)
         else:
             cos, sin = self.model.rotary.at(position_ids, x.dtype)  # (B, 1, T, D)
         if segment_ids is None:
@@ -482,11 +488,17 @@ class CausalLM(nn.Module):
         # Position t predicts labels[t + 1].
         targets = labels[:, 1:]  # (B, T-1)
         counted = targets != -100  # (B, T-1)
-        h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
-        if type(self.lm_head) is nn.Linear:  # the head + loss in chunks: no (N, V) logits
+        if torch.compiler.is_compiling():
+            # Every position through the head, -100 ignored: the counted gather's size depends on
+            # the data, which a compiled step would recompile for (see minilora/compiled.py).
+            logits = self.lm_head(self.model.norm(x[:, :-1])).float()  # (B, T-1, V)
+            total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        elif type(self.lm_head) is nn.Linear:  # the head + loss in chunks: no (N, V) logits
+            h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
             total = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
                                          targets[counted])
         else:  # a wrapped head (LoRA on lm_head, a quantized one) computes its own logits
+            h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
             total = F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="sum")
         return total / counted.sum().clamp(min=1)  # 0 when nothing is counted
 

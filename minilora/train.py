@@ -45,6 +45,7 @@ from minilora.checkpoint import (  # noqa: F401  (re-exported: the names train.p
     unfinished,
     verified_checkpoint_files,
 )
+from minilora.compiled import CompiledLoss
 from minilora.data import Batch, DataStats, JsonlDataset
 from minilora.distributed import broadcast, start_distributed, sync_gradients
 from minilora.errors import ConfigError, TrainError
@@ -136,7 +137,7 @@ class _Run:
     """What the loop works with, set up once by ``_start``."""
 
     model: nn.Module
-    forward: Any  # the model, or its torch.compile
+    forward: Any  # the model, or its CompiledLoss
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scaler: Any  # a GradScaler with float16, else None
@@ -272,8 +273,9 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
 
 
 def _compiled(model: nn.Module, config: TrainConfig) -> Any:
-    """What the loop calls for the forward: the model, or with ``compile`` its torch.compile."""
-    return torch.compile(model) if config.compile else model
+    """What the loop calls for the forward: the model, or with ``compile`` the forward compiled
+    once per run (see compiled.py)."""
+    return CompiledLoss(model, config.max_seq_len) if config.compile else model
 
 
 def _step(run: _Run, step: int, config: TrainConfig, place: _Place

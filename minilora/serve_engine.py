@@ -28,6 +28,7 @@ from minilora.errors import ConfigError
 from minilora.generation import pick_token
 from minilora.kv_cache import KVCache
 from minilora.model import CausalLM
+from minilora.named_adapters import delete_adapter, list_adapters, set_active
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 log = logging.getLogger(__name__)
@@ -227,8 +228,6 @@ class Engine:
 
     def __init__(self, model: CausalLM, tokenizer: Any, *, max_batch: int = 32,
                  context: int | None = None) -> None:
-        from minilora.named_adapters import list_adapters, set_active
-
         if max_batch < 1:
             raise ConfigError(f"max_batch: expected >= 1, got {max_batch}")
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
@@ -319,8 +318,6 @@ class Engine:
         return adapter in self._unloading
 
     def _unload_unused(self) -> None:
-        from minilora.named_adapters import delete_adapter, list_adapters, set_active
-
         for name in list(self._unloading):
             if not any(r.request.adapter == name for r in self.rows):
                 self._unloading.discard(name)
@@ -378,8 +375,6 @@ class Engine:
         """Prefills the new prompts in one batch, moves their caches into free rows, picks their
         first tokens. Prompts are left-padded, so every row's last token is the last column;
         position_ids start each prompt at 0, as `generate` does."""
-        from minilora.named_adapters import list_adapters
-
         known = set(list_adapters(self.model))
         for request in [r for r in joining if r.adapter is not None and r.adapter not in known]:
             joining.remove(request)  # e.g. unloaded while it waited: it fails alone

@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minilora.chat_template import ChatTemplateError, assistant_spans, render
 from minilora.errors import ConfigError
 from minilora.files import read_bounded, read_json
 from minilora.messages import check_messages
@@ -183,8 +184,6 @@ class Tokenizer:
         return list(dict.fromkeys(ids))
 
     def _template_end_of_turn(self) -> list[int]:
-        from minilora.chat_template import ChatTemplateError, assistant_spans
-
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
         try:
             text, spans = assistant_spans(self.chat_template, probe, self._special_tokens())
@@ -218,9 +217,7 @@ class Tokenizer:
         """
         check_messages(messages, roles=None, non_empty=False)
         if self.chat_template is not None:
-            from minilora.chat_template import render
-
-            return render(self.chat_template, messages,
+                return render(self.chat_template, messages,
                           add_generation_prompt=add_generation_prompt,
                           special_tokens=self._special_tokens())
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
@@ -266,8 +263,6 @@ class Tokenizer:
                           ) -> tuple[list[int], list[int]]:
         """The model's own template: the ids of the rendered text as transformers tokenizes it
         (special-token strings are special, nothing added around), the mask from the spans."""
-        from minilora.chat_template import assistant_spans, render
-
         if add_generation_prompt:
             text = render(self.chat_template, messages, add_generation_prompt=True,
                           special_tokens=self._special_tokens())

@@ -31,7 +31,8 @@ from torch.profiler import ProfilerActivity, profile
 from minilora.cli import ASSETS, BASE_MODEL
 from minilora.compiled import CompiledLoss, pad_right, padded_length
 from minilora.data import load_jsonl
-from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable
+from minilora.injection import inject_lora, lora_parameters, mark_trainable
+from minilora.lora import LoraConfig
 from minilora.threads import configure_threads
 from minilora.tokenizer import Tokenizer
 from minilora.weights import load_model

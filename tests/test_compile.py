@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from helpers import chat_rows, tiny_model, write_jsonl
+from helpers import chat_rows, fit, tiny_model, write_jsonl
 from minilora import compiled
 from minilora.compiled import CompiledLoss, padded_length
-from minilora.lora import LoraConfig, inject_lora, lora_parameters, mark_trainable, set_active
-from minilora.train import TrainConfig, train
+from minilora.injection import inject_lora, lora_parameters, mark_trainable
+from minilora.lora import LoraConfig
+from minilora.named_adapters import set_active
+from minilora.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,12 +144,12 @@ def test_train_with_compile_equals_eager_and_compiles_once_through_a_resume(
         tok, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=4))
     base = dict(data=str(data), lora_r=4, lora_alpha=8.0, batch_size=4, lr=1e-2,
-                max_seq_len=32, dtype="float32", log_every=1, seed=0, max_steps=4,
+                max_seq_len=32, amp_dtype="float32", log_every=1, seed=0, max_steps=4,
                 save_every=2)
 
     def run(out: str, **changes):
-        return train(tiny_model(tok.vocab_size), tok,
-                     TrainConfig(**{**base, "out_dir": str(tmp_path / out), **changes}))
+        return fit(tiny_model(tok.vocab_size), tok,
+                   TrainConfig(**{**base, "out_dir": str(tmp_path / out), **changes}))
 
     eager = run("eager")
     backend = Counting()

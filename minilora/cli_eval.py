@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from minilora.cli_common import CliError, add_model_args, apply_adapters, load_base
+from minilora.cli_common import CliError, add_model_args, apply_adapters, inputs, load_base
+from minilora.files import atomic_write
+from minilora.outputs import check_not_an_input
 
 
 def add_eval_parser(sub: Any) -> None:
@@ -35,6 +36,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not args.data and not args.tasks:
         raise CliError("give --data (loss, perplexity) and/or --tasks (accuracy)")
+    if args.json:
+        check_not_an_input(args.json, {**inputs(args), "--data": args.data, "--tasks": args.tasks},
+                           "--json")
     model, tokenizer = load_base(args)
     apply_adapters(model, args)
     model.eval()
@@ -47,7 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks:
         report["tasks"] = _score_tasks(model, tokenizer, args)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

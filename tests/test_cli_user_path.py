@@ -252,6 +252,23 @@ def test_eval_tasks_shows_progress(workdir: Path, tmp_path: Path, capsys) -> Non
     assert "3/3" in err and "question" in err
 
 
+def test_eval_json_is_never_written_over_an_input(workdir: Path, tmp_path: Path,
+                                                 capsys) -> None:
+    data = tmp_path / "val.jsonl"
+    data.write_bytes((workdir / "train.jsonl").read_bytes())
+    before = data.read_bytes()
+    code, _, err = run(["eval", "--model", str(workdir / "base"), "--data", str(data),
+                        "--json", str(data)], capsys)
+    assert code == 2 and "--json" in err and "--data" in err, err
+    assert data.read_bytes() == before  # the user's data is untouched
+    report = tmp_path / "report.json"
+    code, _, err = run(["eval", "--model", str(workdir / "base"), "--data", str(data),
+                        "--json", str(report)], capsys)
+    assert code == 0, err
+    assert json.loads(report.read_text())["eval_loss"] > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
 def test_preset_sets_its_values_under_the_flags_given(workdir: Path, tmp_path: Path,
                                                       capsys) -> None:
     from minilora.cli import PRESETS

@@ -18,6 +18,11 @@ from minilora.kv_cache import KVCache
 from minilora.model import CausalLM
 
 
+# New-token room the KV cache starts with: a generous --max-new-tokens (a stop token usually ends
+# the reply long before) must not allocate its whole cache up front; the cache doubles when full.
+FIRST_CAPACITY = 1024
+
+
 def generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
@@ -97,8 +102,8 @@ def _next_tokens(model: CausalLM, ids: Tensor, max_new_tokens: int, seed: int | 
     if sampling["repetition_penalty"] != 1.0:
         seen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)  # (V,)
         seen[ids[0]] = True
-    cache = KVCache(model.config, 1, ids.shape[1] + max_new_tokens, device=weight.device,
-                    dtype=weight.dtype)
+    cache = KVCache(model.config, 1, ids.shape[1] + min(max_new_tokens, FIRST_CAPACITY),
+                    device=weight.device, dtype=weight.dtype)
     logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[0, -1]  # (V,)
     for step in range(max_new_tokens):
         token = pick_token(logits, seen=seen, generator=generator, **sampling)
@@ -141,7 +146,7 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     weight = model.model.embed_tokens.weight
-    ids, mask = _left_padded(prompts, max_new_tokens, weight.device)  # (B, L), (B, L + new)
+    ids, mask = _left_padded(prompts, min(max_new_tokens, FIRST_CAPACITY), weight.device)
     _check_ids(ids, weight.shape[0])
     B, L = ids.shape
     generator = None if seed is None else torch.Generator(weight.device).manual_seed(seed)
@@ -151,7 +156,8 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     out: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return out
-    cache = KVCache(model.config, B, L + max_new_tokens, device=weight.device, dtype=weight.dtype)
+    cache = KVCache(model.config, B, L + min(max_new_tokens, FIRST_CAPACITY), device=weight.device,
+                    dtype=weight.dtype)
     logits = model(ids, attention_mask=mask[:, :L], past_key_values=cache, logits_to_keep=1,
                    **forward_kwargs).logits[:, -1]  # (B, V)
     done = [False] * B
@@ -168,6 +174,8 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
             break
         if seen is not None:
             seen[torch.arange(B), tokens] = True
+        if L + step == mask.shape[1]:  # out of room: twice as much, as the cache grows
+            mask = torch.cat([mask, torch.zeros_like(mask)], dim=1)
         mask[:, L + step] = 1
         logits = model(tokens.view(B, 1), attention_mask=mask[:, :L + step + 1],
                        past_key_values=cache, logits_to_keep=1,
@@ -184,13 +192,13 @@ def _seen_rows(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.
     return seen
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], max_new_tokens: int, device: torch.device
+def _left_padded(prompts: Sequence[Sequence[int]], room: int, device: torch.device
                  ) -> tuple[Tensor, Tensor]:
-    """The prompts left-padded to the longest, and the mask of their tokens with room for the
-    new ones: (B, L) ids, (B, L + max_new_tokens) mask."""
+    """The prompts left-padded to the longest, and the mask of their tokens with room for
+    `room` new ones: (B, L) ids, (B, L + room) mask."""
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
-    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.long, device=device)
+    mask = torch.zeros(B, L + room, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, L - len(p):L] = 1

@@ -375,3 +375,30 @@ def test_packed_row_computes_each_sample_as_if_alone(extra, amp):
         leaky = model(row).logits[0]
     assert (leaky[lengths[0]:] - model(row, segment_ids=segments).logits[0][lengths[0]:]
             ).abs().max() > 1e-3
+
+
+def test_a_huge_max_new_tokens_does_not_allocate_its_cache_up_front():
+    # A stop token ends the reply after a few tokens: the KV cache must not have been sized for
+    # the 10^12 tokens it was allowed (that allocation fails, or takes the machine's memory).
+    from minilora import generation
+    from minilora.generation import generate, generate_batch
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(**SMALL)).eval()
+    prompt = [3, 1, 4, 1, 5]
+    sampled = generate(model, prompt, max_new_tokens=16, temperature=2.0, seed=0)
+    cut = next(i for i in range(1, 16) if sampled[i] not in sampled[:i])
+    stop, want = sampled[cut], sampled[:cut]  # the stop token ends the reply (not included)
+    assert generate(model, prompt, max_new_tokens=10**12, eos_token_id=stop, temperature=2.0,
+                    seed=0) == want
+    greedy = generate_batch(model, [prompt], max_new_tokens=3)[0]
+    assert generate_batch(model, [prompt], max_new_tokens=10**12,
+                          eos_token_id=greedy[-1]) == [greedy[:greedy.index(greedy[-1])]]
+    # Past the first room the cache grows: more new tokens than it starts with, same tokens.
+    short = generation.FIRST_CAPACITY
+    try:
+        generation.FIRST_CAPACITY = 2
+        assert generate(model, prompt, max_new_tokens=12) == generate_batch(
+            model, [prompt], max_new_tokens=12)[0]
+    finally:
+        generation.FIRST_CAPACITY = short

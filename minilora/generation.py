@@ -17,7 +17,6 @@ from minilora.errors import ConfigError
 from minilora.kv_cache import KVCache
 from minilora.model import CausalLM
 
-
 # New-token room the KV cache starts with: a generous --max-new-tokens (a stop token usually ends
 # the reply long before) must not allocate its whole cache up front; the cache doubles when full.
 FIRST_CAPACITY = 1024

@@ -27,6 +27,7 @@ import torch
 from minilora import tasks
 from minilora.chat import chat_answerer
 from minilora.cli import ASSETS, BASE_MODEL
+from minilora.files import atomic_write
 from minilora.injection import count_parameters, inject_lora
 from minilora.lora import LoraConfig
 from minilora.tokenizer import Tokenizer
@@ -231,8 +232,20 @@ def main() -> None:
         "another seed would move (each skill score is 60 questions, each base score 200).",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines), encoding="utf-8")
+    out = Path(args.out)
+    # Sections other recipes wrote after this one's (recipes/small_data.py's "Small data") are
+    # kept: this recipe owns the report up to the first of them.
+    kept = ""
+    if out.exists():
+        old = out.read_text(encoding="utf-8")
+        at = old.find(FOREIGN_SECTION)
+        kept = old[at + 1:] if at >= 0 else ""
+    atomic_write(out, "\n".join(lines) + ("\n" + kept if kept else ""))
     print(f"wrote {args.out}")
+
+
+# The first section of docs/quality.md that another recipe writes.
+FOREIGN_SECTION = "\n## Small data"
 
 
 if __name__ == "__main__":

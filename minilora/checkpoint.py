@@ -28,7 +28,7 @@ from minilora.adapter import base_fingerprint
 from minilora.checks import MAX_TRAINED_WEIGHT
 from minilora.errors import CheckpointError, TrainError
 from minilora.files import atomic_write, fsync_dir, read_bounded, read_json, torch_load_reason
-from minilora.train_config import RESUMABLE_CHANGES, TrainConfig, renamed_keys
+from minilora.train_config import RESUMABLE_CHANGES, TrainConfig, field_defaults, renamed_keys
 from minilora.train_data import BatchPlan
 
 CHECKPOINTS = "checkpoints"  # folder under out_dir holding step-NNNNNNNN checkpoints
@@ -256,7 +256,8 @@ def _check_state(path: Path, state: object) -> None:
 
 
 def _check_same_run(path: Path, state: dict, config: TrainConfig, plan: BatchPlan) -> None:
-    saved, now = renamed_keys(state["config"]), config.to_dict()
+    # A field added since the checkpoint was written is at its default there.
+    saved, now = {**field_defaults(), **renamed_keys(state["config"])}, config.to_dict()
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
              if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if state["world_size"] != plan.world:

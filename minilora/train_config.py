@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,18 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of TrainConfig fields")
         return cls.from_dict(d)
+
+
+def field_defaults() -> dict[str, Any]:
+    """Every field's default: what a config (or checkpoint) written before a field existed
+    meant by leaving it out."""
+    out = {}
+    for f in fields(TrainConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def renamed_keys(d: dict[str, Any]) -> dict[str, Any]:

@@ -502,12 +502,45 @@ def test_a_checkpoint_written_with_dtype_resumes_under_amp_dtype(tok, files, tmp
     assert checkpoint.load_checkpoint(folder, model, optimizer, None, cfg, plan).step == 1
 
 
-def rewrite_state(path: Path, state: dict) -> None:
+def test_a_checkpoint_from_before_named_adapters_and_new_fields_resumes(tok, files, tmp_path):
+    # As the minilora before this layout wrote it: the default adapter's weights under
+    # <path>.lora_A.weight, and a config without the fields added since (use_dora, ...).
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = config(files, tmp_path / "run")
+    model, _, optimizer, plan = checkpoint_parts(tok, files, cfg)
+    folder = tmp_path / "run" / checkpoint.CHECKPOINTS
+    path = checkpoint.save_checkpoint(folder, model, optimizer, None, cfg, plan,
+                                      checkpoint.RunState(step=1))
+    saved = load_file(path / "trainable.safetensors")
+    assert any(".lora_A.default.weight" in n for n in saved)
+    save_file({n.replace(".default.weight", ".weight"): t for n, t in saved.items()},
+              path / "trainable.safetensors")
+    state = torch.load(path / "state.pt", weights_only=True)
+    for added in ("use_dora", "replay", "replay_ratio", "quantize"):
+        state["config"].pop(added)
+    state["trainable_sha256"] = hashlib.sha256(
+        (path / "trainable.safetensors").read_bytes()).hexdigest()
+    rewrite_state(path, state, "trainable.safetensors")
+    fresh, _, fresh_optimizer, _ = checkpoint_parts(tok, files, cfg)
+    with torch.no_grad():
+        for p in fresh_optimizer.param_groups[0]["params"]:
+            p.zero_()
+    assert checkpoint.load_checkpoint(folder, fresh, fresh_optimizer, None, cfg, plan).step == 1
+    want = checkpoint.trainable(model)
+    for name, value in checkpoint.trainable(fresh).items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0)
+
+
+def rewrite_state(path: Path, state: dict, *also: str) -> None:
     import hashlib
 
     torch.save(state, path / "state.pt")
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["state.pt"] = hashlib.sha256((path / "state.pt").read_bytes()).hexdigest()
+    for name in ("state.pt", *also):
+        manifest["files"][name] = hashlib.sha256((path / name).read_bytes()).hexdigest()
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 

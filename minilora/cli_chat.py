@@ -16,6 +16,7 @@ from minilora.cli_common import (
     load_base,
     sampling,
 )
+from minilora.files import parse_json
 
 _EXIT_WORDS = ("/quit", "exit", "quit", "/exit")
 
@@ -147,9 +148,9 @@ def _read_prompt_rows(adapters: list[str]) -> list[tuple[str, str | None]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CliError(f"stdin line {number}: not valid JSON ({e.msg})") from None
+            row = parse_json(line)
+        except ValueError as e:  # invalid, too deep, an integer too long
+            raise CliError(f"stdin line {number}: not valid JSON ({e})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise CliError(f'stdin line {number}: expected {{"prompt": TEXT, "adapter": NAME}}')
         name = row.get("adapter")

@@ -149,7 +149,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     for weight in args.weights:
         checked_number("--weights", weight)
     _check_adapter_out(Path(args.out), args)
-    model, _ = load_base(args)
+    model, _ = load_base(args, tokenizer=False)
     names = load_named_adapters(model, args.adapters, args, "NAME=PATH")
     out = Path(args.out)
     name = name_after(out.name, "combined")

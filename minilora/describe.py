@@ -14,7 +14,6 @@ wrote) and `describe_path` (the `info` command).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from minilora.adapter import (
 )
 from minilora.checkpoint import CHECKPOINTS, latest_checkpoint
 from minilora.errors import AdapterError, CheckpointError, ConfigError
-from minilora.files import read_json, torch_load_reason
+from minilora.files import parse_json, read_json, torch_load_reason
 from minilora.weights import describe_model
 
 RUN_CONFIG = "config.json"
@@ -153,7 +152,7 @@ def describe_run(path: str | os.PathLike) -> dict[str, Any]:
     text = (path / RUN_LOG).read_text(encoding="utf-8", errors="replace")
     for line in text.splitlines():
         try:
-            records.append(json.loads(line))
+            records.append(parse_json(line))
         except ValueError:
             continue  # a line torn by a killed run, as train's resume skips it
     losses = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)

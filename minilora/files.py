@@ -186,6 +186,17 @@ def read_json(path: str | os.PathLike, what: str = "a JSON file", limit: int = M
         raise error(f"{path}: nested too deeply to be {what}") from None
 
 
+def parse_json(text: str) -> object:
+    """``json.loads`` for a line from outside, where every way it fails is one ValueError with
+    the reason in words: invalid JSON (the JSONDecodeError itself), an integer of more digits
+    than Python converts, or nesting deep enough to exhaust the stack (a RecursionError, which
+    ``except ValueError`` alone would let through as a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def json_type(value: object) -> str:
     """The JSON name of a parsed value's type (object, array, string, number, boolean, null),
     for messages about a file that holds the wrong one."""

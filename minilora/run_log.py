@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from minilora.data import DataStats
-from minilora.files import atomic_write
+from minilora.files import atomic_write, parse_json
 from minilora.train_config import TrainConfig
 
 
@@ -120,11 +120,17 @@ def plot_losses(out: Path) -> Path | None:
         print("loss.png skipped: matplotlib is not installed (pip install 'minilora[plot]')",
               file=sys.stderr)
         return None
-    records = [json.loads(line) for line in
-               (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    train_points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    records = []
+    for line in (out / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(parse_json(line))
+        except ValueError:
+            continue  # a line torn by a run killed before this one resumed
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    train_points = [(r["step"], r["loss"]) for r in records
+                    if isinstance(r.get("loss"), (int, float))]
     eval_points = [(r["step"], r["eval_loss"]) for r in records
-                   if r.get("eval_loss") is not None]
+                   if isinstance(r.get("eval_loss"), (int, float))]
     figure = Figure(figsize=(6, 4))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()

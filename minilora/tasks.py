@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minilora.errors import TaskError
-from minilora.files import read_bounded
+from minilora.files import parse_json, read_bounded
 from minilora.messages import MessageError, check_messages
 
 MATCH_KINDS = ("exact", "contains")
@@ -243,9 +243,11 @@ def load_samples(path: str | Path) -> list[EvalSample]:
             continue
         where = f"{path}:{lineno}"
         try:
-            obj = json.loads(line)
+            obj = parse_json(line)
         except json.JSONDecodeError as e:
             raise TaskError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # too deep, an integer too long
+            raise TaskError(f"{where}: not valid JSON ({e})") from None
         samples.append(parse_sample(obj, where))
     if not samples:
         raise TaskError(f"{path}: holds no samples")

@@ -243,6 +243,11 @@ def test_bare_pth_takes_config_and_merge_convert_need_no_tokenizer(
                         str(tmp_path / "folder")], capsys)
     assert code == 0, err
     assert (tmp_path / "folder" / "adapter_config.json").is_file()
+    code, _, err = run(["combine", "--model", str(pth), "--config", config,
+                        f"a={trained / 'adapter'}", f"b={tmp_path / 'folder'}",
+                        "--weights", "1", "1", "--out", str(tmp_path / "both")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "both" / "adapter_config.json").is_file()
 
 
 def test_info_on_a_killed_or_damaged_run_folder(trained: Path, tmp_path: Path, capsys) -> None:

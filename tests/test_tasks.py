@@ -272,6 +272,8 @@ GOOD = {"task": "add", "messages": [{"role": "user", "content": "1+1"}], "expect
 BAD_LINES = [
     # line, what the error must name
     ("{not json", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # a RecursionError in json.loads
+    ('{"task": ' + "9" * 5000 + "}", "not valid JSON"),  # an int too long: a plain ValueError
     ("[1, 2]", "expected a JSON object"),
     (json.dumps({k: v for k, v in GOOD.items() if k != "expected"}), "'expected': missing"),
     (json.dumps({**GOOD, "task": " "}), "'task': expected a non-empty string"),

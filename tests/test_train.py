@@ -594,3 +594,16 @@ def test_an_unfinished_run_is_named_in_the_command_lines_words(files, base_dir, 
         "step-00000001 holds an unfinished run: pass --resume to continue it, or train into "
         "another out_dir")
     assert "resume=True" not in err
+
+
+def test_the_loss_plot_skips_a_line_torn_by_a_killed_run(tmp_path):
+    # A resumed run appends to the metrics.jsonl a killed one left with a torn last line: the
+    # plot at the end draws what is whole instead of failing the finished run with a traceback.
+    from minilora.run_log import plot_losses
+
+    lines = [json.dumps({"step": 1, "loss": 2.0}), '{"step": 2, "lo',
+             json.dumps({"step": 2, "loss": 1.5}), "[" * 100_000,
+             json.dumps({"step": 3, "loss": None, "eval_loss": 1.2})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    png = plot_losses(tmp_path)
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -259,9 +259,10 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
     if config.resume:
         loaded = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan)
     if loaded is None:  # no checkpoint to resume from: a fresh run, which may not overwrite a
-        # finished run's outputs; a run killed before its first checkpoint starts over
+        # finished run's outputs; a run killed before its first checkpoint starts over (the
+        # best/ its evals kept is that unfinished run's own, replaced with it)
         started_only = config.resume and not any(
-            (out / n).exists() for n in ("adapter", "model", "best"))
+            (out / n).exists() for n in ("adapter", "model"))
         replace_earlier_run(out, config.overwrite or started_only, place.rank)
     state = loaded or RunState()
     if place.rank == 0:

@@ -134,6 +134,30 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(workdir: Path, 
     assert f"Resume with: minilora train --resume --out {out}" in err
 
 
+def test_ctrl_c_before_any_checkpoint_gives_a_command_that_works(workdir: Path, tmp_path: Path,
+                                                                  capsys, monkeypatch) -> None:
+    real = train_module.RunLog.step
+
+    def step(self, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.RunLog, "step", step)
+    out = tmp_path / "run"
+    # an eval at step 2 keeps best/ before the interrupt; no checkpoint is written
+    argv = train_args(workdir, out, "--max-steps", "4", "--eval-data",
+                      str(workdir / "train.jsonl"), "--eval-every", "2")
+    code, _, err = run(argv, capsys)
+    assert code == 130 and (out / "best").is_dir() and not (out / "checkpoints").exists()
+    command = err.strip().splitlines()[-1].split("with: ")[-1]
+    assert command == f"minilora train --resume --out {out}", err
+    monkeypatch.setattr(train_module.RunLog, "step", real)
+    code, _, err = run([*argv, "--resume"], capsys)  # what it says to run: it starts over
+    assert code == 0, err
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
 def test_the_run_is_described_before_the_first_step(workdir: Path, tmp_path: Path,
                                                     capsys) -> None:
     out = tmp_path / "run"

@@ -178,14 +178,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         if plan.rank == 0:
             print(f"resume: no checkpoint in {folder}; starting at step 0", file=sys.stderr)
         return None
-    files = verified_checkpoint_files(path)
-    blob = files["trainable.safetensors"]
-    try:
-        state = torch.load(io.BytesIO(files["state.pt"]), map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling refused, truncated file, ...
-        raise CheckpointError(f"{path}: cannot read the checkpoint, damaged or not minilora's "
-                              f"({torch_load_reason(err)})") from None
-    _check_state(path, state)
+    blob = verified_checkpoint_files(path)["trainable.safetensors"]
+    state = read_state(path)
     _check_same_run(path, state, config, plan)
     if hashlib.sha256(blob).hexdigest() != state["trainable_sha256"]:
         raise CheckpointError(f"{path}/trainable.safetensors: damaged (checksum mismatch)")
@@ -290,11 +284,27 @@ def _load_trainable(path: Path, model: nn.Module, weights: dict[str, torch.Tenso
             p.copy_(weights[name])
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The state.pt of checkpoint ``path``, checked against its manifest before it is unpickled
+    (weights_only) and checked to be minilora's.
+
+    Raises:
+        CheckpointError: no manifest, a damaged file, a refused pickle, or not minilora's.
+    """
+    blob = verified_checkpoint_files(path)["state.pt"]
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused, truncated file, ...
+        raise CheckpointError(f"{path}: cannot read the checkpoint, damaged or not minilora's "
+                              f"({torch_load_reason(err)})") from None
+    _check_state(path, state)
+    return state
+
+
 def unfinished(checkpoint: Path) -> bool:
     """Whether ``checkpoint`` stops before the end of its schedule (a damaged one counts)."""
     try:
-        state = torch.load(io.BytesIO(verified_checkpoint_files(checkpoint)["state.pt"]),
-                           map_location="cpu", weights_only=True)
-        return state["step"] < state["total_steps"]
-    except Exception:  # damaged or not minilora's: never replaced silently
+        state = read_state(checkpoint)
+    except (CheckpointError, OSError):  # damaged or not minilora's: never replaced silently
         return True
+    return state["step"] < state["total_steps"]

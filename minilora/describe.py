@@ -29,9 +29,9 @@ from minilora.adapter import (
     _read_minimind,
     _read_peft,
 )
-from minilora.checkpoint import CHECKPOINTS, latest_checkpoint
-from minilora.errors import AdapterError, CheckpointError, ConfigError
-from minilora.files import parse_json, read_json, torch_load_reason
+from minilora.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
+from minilora.errors import AdapterError, ConfigError
+from minilora.files import parse_json, read_json
 from minilora.weights import describe_model
 
 RUN_CONFIG = "config.json"
@@ -119,14 +119,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: state.pt is damaged, refused (a pickle needing code) or not minilora's.
     """
     path = Path(path)
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # a refused pickle or a torn file: say which, in one line
-        raise CheckpointError(f"{path}/state.pt: not a readable checkpoint "
-                              f"({torch_load_reason(err)})") from None
-    if not isinstance(state, dict) or "step" not in state or not isinstance(
-            state.get("config"), dict):
-        raise CheckpointError(f"{path}/state.pt: not a minilora checkpoint")
+    state = read_state(path)  # its manifest checked before anything is unpickled
     config = state["config"]
     run = path.parent.parent
     return {"checkpoint": str(path), "step": f"{state['step']} of {state.get('total_steps')}",

@@ -151,11 +151,11 @@ def test_describe_a_damaged_checkpoint_is_a_checkpoint_error(finished: Path, tmp
     shutil.copytree(next((finished / "checkpoints").iterdir()), checkpoint)
     state = checkpoint / "state.pt"
     state.write_bytes(state.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"state.pt: not a readable checkpoint \("):
+    with pytest.raises(CheckpointError, match=r"state.pt: damaged \(checksum mismatch\)"):
         describe_path(checkpoint)
     assert main(["info", str(checkpoint)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"minilora info: error: {state}: not a readable checkpoint")
+    assert err.startswith(f"minilora info: error: {state}: damaged (checksum mismatch)")
 
 
 def test_describe_nothing_there(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def _copy_tokenizer(args: argparse.Namespace, out: Path) -> None:
     except FileNotFoundError:  # MiniMind keeps tokenizer.json apart from its weights
         print(f"note: no tokenizer found at {source}; the merged folder has none "
               "(--tokenizer names one to copy)", file=sys.stderr)
-    except (OSError, ValueError) as err:
+    except (MiniloraError, OSError) as err:
         print(f"note: the tokenizer was not copied ({err}); the merged folder has none",
               file=sys.stderr)
 

@@ -54,7 +54,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``TrainConfig.amp_dtype`` on ``device``; None means float32.
 
     Raises:
-        ValueError: float16 off CUDA (its GradScaler needs CUDA), bfloat16 on a device
+        ConfigError: float16 off CUDA (its GradScaler needs CUDA), bfloat16 on a device
             without bf16 autocast.
     """
     if name == "auto":

@@ -66,7 +66,7 @@ class Tokenizer:
 
         Raises:
             FileNotFoundError: when there is no tokenizer.json at path.
-            ValueError: when a file cannot be read or names a token the vocabulary lacks.
+            ConfigError: when a file cannot be read or names a token the vocabulary lacks.
         """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
@@ -100,7 +100,7 @@ class Tokenizer:
         template = _read_chat_template(file.parent, config)
         try:
             return cls(tok, **specials, chat_template=template)
-        except ValueError as e:
+        except ConfigError as e:  # a special token the vocabulary lacks
             raise ConfigError(f"{config_file}: {e}") from e
 
     def save(self, folder: str | Path) -> Path:
@@ -298,7 +298,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         A Tokenizer with <|endoftext|> = 0, <|im_start|> = 1, <|im_end|> = 2.
 
     Raises:
-        ValueError: when vocab_size cannot hold the specials and the byte alphabet.
+        ConfigError: when vocab_size cannot hold the specials and the byte alphabet.
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):

@@ -322,7 +322,7 @@ def _step(run: _Run, step: int, config: TrainConfig, place: _Place
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedule, precision, distribution
+# The schedule
 # ---------------------------------------------------------------------------------------------
 
 
@@ -369,9 +369,8 @@ def _stop_if_too_many_bad(run: RunState, step: int, limit: int) -> None:
     if run.bad_in_a_row >= limit:
         raise TrainError(
             f"stopped at step {step + 1}: {run.bad_in_a_row} steps in a row had a non-finite "
-            f"loss or gradient (skipped, nothing saved from them); lower lr, use dtype float32, "
-            f"or check the data"
-        )
+            f"loss or gradient (skipped, nothing saved from them); lower {{lr}}, use {{amp_dtype}} "
+            "float32, or check the data", fields={"lr": "lr", "amp_dtype": "amp_dtype"})
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

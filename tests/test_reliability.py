@@ -532,7 +532,7 @@ CASES = [
     Case("non-finite-loss-k-steps-in-a-row",
          TRAIN + ["--max-steps", "6", "--max-bad-steps", "3", "--save-every", "1"],
          "stopped at step 4: 3 steps in a row had a non-finite loss or gradient (skipped, "
-         "nothing saved from them); lower lr, use dtype float32, or check the data",
+         "nothing saved from them); lower --lr, use --amp-dtype float32, or check the data",
          "checkpoints hold the last finite weights; no adapter is written",
          patch=poisoned("nan-loss", lambda call: call >= 1),
          after=nothing_saved_is_non_finite),

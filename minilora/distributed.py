@@ -41,16 +41,20 @@ def sync_gradients(params: list[nn.Parameter], step_loss: torch.Tensor,
 
     This is DDP's gradient all-reduce done once per optimizer step on one flat buffer, instead of
     DDP's per-bucket hooks: accumulation needs no ``no_sync``, and a parameter unused in a step
-    (an MoE expert no token was routed to) is a zero gradient, where DDP would need
-    ``find_unused_parameters``.
+    on some process needs no ``find_unused_parameters``. A parameter that no process gave a
+    gradient keeps none, as in one process (AdamW skips it; a zero gradient would still move it
+    through momentum and weight decay).
     """
     if world == 1:
         return step_loss
+    had = torch.tensor([float(p.grad is not None) for p in params], device=step_loss.device)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [step_loss.reshape(1).float()])
+    flat = torch.cat([g.reshape(-1).float() for g in grads]
+                     + [had, step_loss.reshape(1).float()])
     dist.all_reduce(flat)
+    had = flat[-1 - len(params):-1].tolist()
     offset = 0
-    for p, g in zip(params, grads, strict=True):
-        p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype)
+    for p, g, anyone in zip(params, grads, had, strict=True):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype) if anyone else None
         offset += g.numel()
     return flat[-1]

@@ -607,3 +607,23 @@ def test_the_loss_plot_skips_a_line_torn_by_a_killed_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     png = plot_losses(tmp_path)
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_sync_leaves_none_where_no_process_had_a_gradient(tmp_path):
+    # A parameter no process gave a gradient (an unused expert of a model without MiniMind's
+    # zero-gradient trick) keeps None, as in one process: AdamW then skips it, where a zero
+    # gradient would still move it through momentum and weight decay.
+    import torch.distributed as dist
+
+    from minilora.distributed import sync_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+        used.grad = torch.tensor([1.0, 2.0, 3.0])
+        loss = sync_gradients([used, unused], torch.tensor(0.5), world=2)  # the path of N > 1
+        assert unused.grad is None
+        assert used.grad.tolist() == [1.0, 2.0, 3.0] and float(loss) == 0.5
+    finally:
+        dist.destroy_process_group()

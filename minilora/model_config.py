@@ -14,7 +14,7 @@ from pathlib import Path
 
 from minilora.checks import type_problems
 from minilora.errors import ConfigError
-from minilora.files import json_type, read_json
+from minilora.files import atomic_write, json_type, read_json
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
 # MiniMind's two generations of model file: "minimind2" (shared experts, n_routed_experts,
@@ -294,7 +294,7 @@ class ModelConfig:
 
     def save_json(self, path: str | Path) -> None:
         """Writes config.json in the Hugging Face layout (``from_json`` reads it back)."""
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+        atomic_write(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
 def _refuse_unsupported(d: dict, model_type: str) -> None:

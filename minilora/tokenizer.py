@@ -17,7 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from minilora.chat_template import ChatTemplateError, assistant_spans, render
 from minilora.errors import ConfigError
-from minilora.files import read_bounded, read_json
+from minilora.files import atomic_write, read_bounded, read_json
 from minilora.messages import check_messages
 
 # Large vocabularies (Qwen's 150k tokens) give tokenizer.json files of ~10 MB.
@@ -111,7 +111,7 @@ class Tokenizer:
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(folder / "tokenizer.json"))
+        atomic_write(folder / "tokenizer.json", self._tok.to_str())
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token,
@@ -120,8 +120,7 @@ class Tokenizer:
             "model_max_length": 32768, "clean_up_tokenization_spaces": False,
             "chat_template": self.chat_template or CHAT_TEMPLATE,
         }
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n",
-                                                      encoding="utf-8")
+        atomic_write(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         return folder
 
     # -- plain text --------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ One sample a line:
 
 - chat (SFT): ``{"conversations": [{"role": "user", "content": ...}, ...]}`` (MiniMind) or
   ``{"messages": [...]}`` (OpenAI / Hugging Face); roles ``system``, ``user``, ``assistant``.
-  Only the assistant replies and their closing ``<|im_end|>`` are trained (the mask comes from
-  ``Tokenizer.encode_chat``); every other label is -100.
+  Only the assistant replies and their end-of-turn token are trained (the mask comes from
+  ``Tokenizer.encode_chat``: the model's chat template, else ChatML); every other label is -100.
 - plain text: ``{"text": ...}``, every token trained (bos + text + eos), for training from scratch.
 
 Labels are aligned with ``input_ids`` the Hugging Face way (the model shifts), so ``labels[0]`` of

@@ -1,8 +1,10 @@
-"""Tokenizer: tokenizer.json through the `tokenizers` library, MiniMind's ChatML and its loss mask.
+"""Tokenizer: tokenizer.json through the `tokenizers` library, a chat template and its loss mask.
 
-ChatML as MiniMind writes it: every message is ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` and
-the generation prompt is ``<|im_start|>assistant\\n``. ``encode_chat`` returns the ids with a mask
-that is 1 on each assistant reply and its closing ``<|im_end|>`` (what the loss is computed on).
+A model with a ``chat_template`` in its tokenizer_config.json has conversations rendered by it
+(chat_template.py, as transformers renders them); one without gets ChatML as MiniMind writes it:
+every message is ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` and the generation prompt is
+``<|im_start|>assistant\\n``. ``encode_chat`` returns the ids with a mask that is 1 on each
+assistant reply and its end-of-turn token (what the loss is computed on).
 """
 
 from __future__ import annotations
@@ -209,14 +211,15 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: Sequence[dict],
                             add_generation_prompt: bool = False) -> str:
-        """The ChatML text of messages (``[{"role": ..., "content": ...}, ...]``).
+        """The text of messages (``[{"role": ..., "content": ...}, ...]``): the model's own
+        template, else ChatML.
 
         Raises:
             MessageError: on a message without a string role or content (naming its field).
         """
         check_messages(messages, roles=None, non_empty=False)
         if self.chat_template is not None:
-                return render(self.chat_template, messages,
+            return render(self.chat_template, messages,
                           add_generation_prompt=add_generation_prompt,
                           special_tokens=self._special_tokens())
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
@@ -224,12 +227,14 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[int]]:
-        """Token ids of the ChatML conversation and its loss mask.
+        """Token ids of the conversation and its loss mask.
 
-        The ids are the concatenated encodings of the template's pieces, so every token belongs
-        to exactly one piece and the mask is exact (no search for header tokens afterwards).
-        Roles and contents are encoded as plain text: special-token strings written in them
-        (``"<|im_end|>"``) become ordinary tokens, only the template's own are special.
+        ChatML (no template of the model's own): the ids are the concatenated encodings of the
+        template's pieces, so every token belongs to exactly one piece and the mask is exact;
+        roles and contents are encoded as plain text (a ``"<|im_end|>"`` written in them is an
+        ordinary token). The model's own template: the rendered text tokenized as transformers
+        tokenizes it, the mask from the assistant spans found in the rendering
+        (chat_template.py).
 
         Returns:
             (ids, mask): mask[i] is 1 where ids[i] is part of an assistant reply or the

@@ -184,7 +184,7 @@ def load_jsonl(
     samples: list[Sample] = []
     for file in data_files(path):
         kinds = {"chat": 0, "text": 0, "assistant": 0}
-        before = stats.lines
+        before, kept_before = stats.lines, len(samples)
         formats = stats.formats.setdefault(str(file), {})
         for line_no, record in _records(file, stats, skip_bad):
             try:
@@ -195,7 +195,8 @@ def load_jsonl(
                 _count_skipped(err, stats)
                 continue
             _keep(sample, max_seq_len, samples, stats)
-        _check_file(file, stats, kinds, max_seq_len, lines=stats.lines - before)
+        _check_file(file, stats, kinds, max_seq_len, lines=stats.lines - before,
+                    kept=len(samples) - kept_before)
     stats.samples = len(samples)
     if pack:
         samples = pack_samples(samples, max_seq_len)
@@ -369,8 +370,9 @@ def _keep(sample: Sample, max_seq_len: int, samples: list[Sample], stats: DataSt
 
 
 def _check_file(path: Path, stats: DataStats, kinds: dict[str, int], max_seq_len: int, *,
-                lines: int) -> None:
-    """File-level errors, raised even with skip_bad."""
+                lines: int, kept: int) -> None:
+    """File-level errors, raised even with skip_bad (each file of a folder on its own: ``lines``
+    and ``kept`` are this file's)."""
     if lines == 0:
         raise DataError(path, "the file is empty; expected one JSON object per line")
     if kinds["chat"] and not kinds["assistant"] and not kinds["text"]:
@@ -379,7 +381,7 @@ def _check_file(path: Path, stats: DataStats, kinds: dict[str, int], max_seq_len
             "no conversation has an assistant turn; SFT trains only the assistant replies, "
             "so each conversation needs at least one",
         )
-    if stats.tokens:  # at least one sample kept
+    if kept:  # at least one sample of this file kept
         return
     if stats.dropped_untrained:
         raise DataError(

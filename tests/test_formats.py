@@ -82,6 +82,17 @@ def test_folder_reads_every_file_in_name_order(tok, tmp_path: Path):
     assert list(dataset.stats.formats) == [str(folder / "a.json"), str(folder / "b.jsonl")]
 
 
+def test_a_folder_file_with_nothing_left_is_named_even_after_a_good_one(tok, tmp_path: Path):
+    # Each file of a folder is checked on its own: b.jsonl keeps no sample (every line bad,
+    # skipped), which an earlier good file must not hide.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps(ALPACA), encoding="utf-8")
+    (folder / "b.jsonl").write_text("{not json\n[1]\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"b\.jsonl: no valid line \(2 skipped\)"):
+        load_jsonl(folder, tok, 512, skip_bad=True)
+
+
 @pytest.mark.parametrize("records, field, message", [
     ([ALPACA[0], {"instruction": "x"}], "output", "needs instruction and output"),
     ([SHAREGPT[1], {"conversations": [{"from": "bot", "value": "x"}]}],

@@ -36,6 +36,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not args.data and not args.tasks:
         raise CliError("give --data (loss, perplexity) and/or --tasks (accuracy)")
+    # Checked before the model loads (seconds): each against what it means.
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-seq-len",
+                             args.max_seq_len, 2), ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < low:
+            raise CliError(f"{flag}: expected an integer >= {low}, got {value}")
     if args.json:
         check_not_an_input(args.json, {**inputs(args), "--data": args.data, "--tasks": args.tasks},
                            "--json")

@@ -83,9 +83,9 @@ class BatchPlan:
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"{dataset.path or 'the dataset'} has {len(dataset)} rows, fewer than one global "
-                f"batch of {self.global_batch} (batch_size x accumulation_steps x processes); "
-                "lower batch_size or accumulation_steps"
-            )
+                f"batch of {self.global_batch} ({{batch_size}} x {{accumulation_steps}} x "
+                "processes); lower {batch_size} or {accumulation_steps}",
+                fields={"batch_size": "batch_size", "accumulation_steps": "accumulation_steps"})
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self._trained = [s.trained_tokens for s in dataset.samples]
         self._lengths = [len(s.input_ids) for s in dataset.samples]

@@ -276,6 +276,17 @@ def test_eval_tasks_shows_progress(workdir: Path, tmp_path: Path, capsys) -> Non
     assert "3/3" in err and "question" in err
 
 
+@pytest.mark.parametrize("flag, value, low", [("--batch-size", "0", 1),
+                                             ("--max-seq-len", "1", 2),
+                                             ("--max-new-tokens", "0", 1)])
+def test_eval_settings_are_checked_as_flags(flag: str, value: str, low: int, workdir: Path,
+                                            capsys) -> None:
+    code, _, err = run(["eval", "--model", str(workdir / "base"), "--data",
+                        str(workdir / "train.jsonl"), flag, value], capsys)
+    assert code == 2
+    assert err.strip() == f"minilora eval: error: {flag}: expected an integer >= {low}, got {value}"
+
+
 def test_eval_json_is_never_written_over_an_input(workdir: Path, tmp_path: Path,
                                                  capsys) -> None:
     data = tmp_path / "val.jsonl"

@@ -62,8 +62,8 @@ def replace_earlier_run(out: Path, overwrite: bool, rank: int) -> None:
                           fields={"overwrite": "overwrite=True"})
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank has looked before rank 0 removes or writes anything
-    if rank == 0:
-        for name in earlier:
+    if rank == 0:  # every output of the earlier run, its plot too (a new run may draw none)
+        for name in [n for n in RUN_OUTPUTS if (out / n).exists()] if earlier else []:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -226,7 +226,7 @@ def test_an_error_ends_the_process_group_and_the_progress_bar(tok, files, tmp_pa
             dist.destroy_process_group()
 
 
-def test_a_fresh_run_does_not_report_an_earlier_runs_best(tok, files, tmp_path):
+def test_a_fresh_run_does_not_report_an_earlier_runs_best(tok, files, tmp_path, monkeypatch):
     first = fit(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path, max_steps=2, eval_data=files["eval"]))
     assert first.best_dir == tmp_path / "best"
@@ -234,9 +234,12 @@ def test_a_fresh_run_does_not_report_an_earlier_runs_best(tok, files, tmp_path):
                                           r"metrics\.jsonl\): pass overwrite=True"):
         fit(tiny_model(tok.vocab_size), tok, config(files, tmp_path, max_steps=2))
     assert (tmp_path / "best").exists()  # refused: nothing of the earlier run removed
+    (tmp_path / "loss.png").write_bytes(b"the earlier run's plot")
+    monkeypatch.setattr(train_module, "plot_losses", lambda out: None)  # as without matplotlib
     again = fit(tiny_model(tok.vocab_size), tok,
                   config(files, tmp_path, max_steps=2, overwrite=True))
     assert again.best_dir is None and not (tmp_path / "best").exists()
+    assert not (tmp_path / "loss.png").exists()  # no plot rather than the earlier run's
 
 
 def test_accumulation_equals_one_larger_batch(tok, files, tmp_path):

@@ -372,7 +372,7 @@ def test_merge_unmerge_and_unload():
 def test_merge_unmerge_gives_back_the_base_bit_for_bit(dtype):
     # W + d - d rounds differently from W; a drifted base changes its fingerprint, and an
     # adapter saved after a merge/unmerge cycle would be refused on its own base.
-    from minilora.adapter import base_fingerprint
+    from minilora.fingerprint import base_fingerprint
 
     model = make_model().to(dtype)
     inject_lora(model, LoraConfig(r=4, alpha=8))

@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from minilora.adapter import AdapterError, find_adapters, load_adapter, save_adapter
+from minilora.adapter import load_adapter, save_adapter
+from minilora.errors import AdapterError
 from minilora.generation import generate, generate_batch
 from minilora.injection import (
     count_parameters,
@@ -35,6 +36,7 @@ from minilora.named_adapters import (
     mixed_adapters,
     set_active,
 )
+from minilora.peft_format import find_adapters
 
 torch.set_num_threads(1)
 

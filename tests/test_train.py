@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from helpers import chat_rows, fit, tiny_model, write_jsonl
 from minilora import checkpoint
 from minilora import train as train_module
-from minilora.adapter import adapter_state_dict
+from minilora.adapter_state import adapter_state_dict
 from minilora.data import IGNORE_INDEX, JsonlDataset, Sample, load_jsonl
 from minilora.errors import CheckpointError, ConfigError, OutputError
 from minilora.injection import inject_lora, lora_parameters, mark_trainable

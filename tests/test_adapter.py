@@ -556,20 +556,24 @@ def test_adapter_names_import_from_adapter_as_before():
 
 
 # Bottom up: each file may import those before it, never one after it.
-_ADAPTER_LAYERS = ["lora_config", "lora", "named_adapters", "injection", "peft_format",
-                   "adapter_state", "fingerprint", "minimind_format", "adapter", "qlora"]
+_LAYERS = [
+    ["lora_config", "lora", "named_adapters", "injection", "peft_format", "adapter_state",
+     "fingerprint", "minimind_format", "adapter", "qlora"],
+    ["weight_files", "base_config", "weights"],
+]
 
 
-def test_adapter_files_import_downward():
+@pytest.mark.parametrize("layers", _LAYERS, ids=lambda layers: layers[-1])
+def test_the_split_files_import_downward(layers):
     import ast
     from pathlib import Path
 
     import minilora
 
     root = Path(minilora.__file__).parent
-    for i, module in enumerate(_ADAPTER_LAYERS):
+    for i, module in enumerate(layers):
         tree = ast.parse((root / f"{module}.py").read_text(encoding="utf-8"))
         imported = {node.module.removeprefix("minilora.") for node in ast.walk(tree)
                     if isinstance(node, ast.ImportFrom) and node.module}
-        above = imported & set(_ADAPTER_LAYERS[i + 1:])
+        above = imported & set(layers[i + 1:])
         assert not above, f"minilora/{module}.py imports {sorted(above)}, which sit above it"

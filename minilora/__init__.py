@@ -11,8 +11,10 @@ __version__ = "0.1.0"
 # stays free of torch, which takes a second and a few hundred MB to import.
 _EXPORTS = {
     "minilora.adapter": (
-        "adapter_state_dict", "base_fingerprint", "find_adapters",
-        "load_adapter", "load_adapter_state_dict", "save_adapter",
+        "load_adapter", "save_adapter",
+    ),
+    "minilora.adapter_state": (
+        "adapter_state_dict", "load_adapter_state_dict",
     ),
     "minilora.chat": (
         "chat_answerer", "stream_reply", "stream_text",
@@ -22,6 +24,12 @@ _EXPORTS = {
     ),
     "minilora.describe": (
         "describe_adapter", "describe_path", "resolve_adapter_path",
+    ),
+    "minilora.fingerprint": (
+        "base_fingerprint",
+    ),
+    "minilora.peft_format": (
+        "find_adapters",
     ),
     "minilora.errors": (
         "AdapterError", "CheckpointError", "ConfigError", "DataError", "FingerprintMismatch",

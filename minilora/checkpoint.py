@@ -24,10 +24,10 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from minilora.adapter import base_fingerprint
 from minilora.checks import MAX_TRAINED_WEIGHT
 from minilora.errors import CheckpointError, TrainError
 from minilora.files import atomic_write, fsync_dir, read_bounded, read_json, torch_load_reason
+from minilora.fingerprint import base_fingerprint
 from minilora.train_config import RESUMABLE_CHANGES, TrainConfig, field_defaults, renamed_keys
 from minilora.train_data import BatchPlan
 

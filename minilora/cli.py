@@ -312,17 +312,26 @@ def _flag(field: str) -> str:
     return "--" + _SHORT.get(field, field).replace("_", "-")
 
 
-def _in_flag_words(err: BaseException) -> None:
-    """A library error in the command line's words: the config fields it names (carried as
-    data, ``err.fields``) become their flags."""
+def _cli_words(command: str) -> dict[str, str]:
+    """The command line's words for what library errors name by their keywords (the keys of
+    ``err.fields`` that are not TrainConfig fields)."""
+    return {
+        "adapter_name": "NAME=PATH" if command == "combine" else "--adapter NAME=PATH",
+        "peft_format": "an adapter folder: an output path not ending in .pth",
+        "minimind_format": "an output path ending in .pth",
+        "rank": "--r",
+        "linear_method": "--method linear",
+        "svd_method": "--method svd",
+        "base_config": ("--model-config" if command == "train" else "--config") + " FILE",
+    }
+
+
+def _in_flag_words(err: BaseException, command: str) -> None:
+    """A library error in the command line's words: the settings it names (carried as data,
+    ``err.fields``) become their flags."""
     if isinstance(err, MiniloraError) and err.fields:
-        err.words = {name: _flag(name) for name in err.fields}
-
-
-def _adapter_words(message: str) -> str:
-    # adapter.py's messages name its keywords in their text (no fields as data yet).
-    return (message.replace("pass name=...", "name the adapter (--adapter NAME=PATH)")
-            .replace("format='peft'", "an adapter folder"))
+        words = _cli_words(command)
+        err.words = {name: words.get(name) or _flag(name) for name in err.fields}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -350,11 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         if isinstance(err, BaseConfigNeeded):  # train's --config is its own settings file
             err.flag = "--model-config" if args.command == "train" else "--config"
-        _in_flag_words(err)
+        _in_flag_words(err, args.command)
         # One line whatever the message holds (a wrapped library error may carry newlines or
         # terminal colour codes).
         message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", str(err))).strip()
-        message = _adapter_words(message)
         print(f"minilora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

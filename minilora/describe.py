@@ -20,18 +20,18 @@ from typing import Any
 
 import torch
 
-from minilora.adapter import (
-    _BASE_LAYER_RE,
+from minilora.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
+from minilora.errors import AdapterError, ConfigError
+from minilora.files import parse_json, read_json
+from minilora.minimind_format import read_minimind
+from minilora.peft_format import (
+    BASE_LAYER_RE,
     FINGERPRINT_KEY,
     PREFIX,
     VERSION_KEY,
     WEIGHTS_NAME,
-    _read_minimind,
-    _read_peft,
+    read_peft,
 )
-from minilora.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
-from minilora.errors import AdapterError, ConfigError
-from minilora.files import parse_json, read_json
 from minilora.weights import describe_model
 
 RUN_CONFIG = "config.json"
@@ -177,14 +177,14 @@ def describe_adapter(path: str | os.PathLike) -> dict[str, object]:
     if path.is_file() and path.name == WEIGHTS_NAME:
         path = path.parent
     if path.is_dir():
-        config, sd, metadata = _read_peft(path)
+        config, sd, metadata = read_peft(path)
         kind = "PEFT adapter folder"
     elif path.is_file():
-        config, sd = _read_minimind(path)
+        config, sd = read_minimind(path)
         metadata, kind = {}, "MiniMind LoRA .pth (scale 1)"
     else:
         raise AdapterError(f"no adapter at {path}")
-    sd = {k: v for k, v in sd.items() if not _BASE_LAYER_RE.fullmatch(k)}
+    sd = {k: v for k, v in sd.items() if not BASE_LAYER_RE.fullmatch(k)}
     modules = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in sd})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()})
     return {

@@ -41,7 +41,17 @@ class MiniloraError(Exception):
 
 
 class ConfigError(MiniloraError, ValueError):
-    """A configuration value (a flag, a config field) that is out of range or of the wrong type."""
+    """A configuration value (a flag, a config field) that is out of range or of the wrong type.
+
+    Attributes:
+        problems: field -> what is wrong with it (``"must be > 0, got 0"``), one entry per bad
+            field, for a config that checks them all (LoraConfig); empty otherwise.
+    """
+
+    def __init__(self, *args: object, fields: Mapping[str, str] | None = None,
+                 problems: Mapping[str, str] | None = None) -> None:
+        super().__init__(*args, fields=fields)
+        self.problems: dict[str, str] = dict(problems or {})
 
 
 class DataError(MiniloraError, ValueError):
@@ -91,6 +101,11 @@ class FingerprintMismatch(AdapterError):
 
     def __str__(self) -> str:
         return f"{self.message}; pass {self.override} to load it anyway"
+
+
+class MissingFile(MiniloraError, FileNotFoundError):
+    """A file the input needs is not there (a model folder without its config.json). Still a
+    FileNotFoundError; its ``fields`` name the settings that can stand in for the file."""
 
 
 class BaseConfigNeeded(WeightsError):

@@ -175,22 +175,7 @@ def inject_lora(
     """
     check_adapter_name(name)
     chosen = _select(model, config)
-    twice = [n for n, m in chosen if isinstance(m, LoRALinear) and name in m.lora_A]
-    if twice:
-        raise ConfigError(
-            f"these layers already have LoRA adapter {name!r} (inject once per layer and name; "
-            f"another name adds a second adapter): {twice}"
-        )
-    refuse_merged(model, "adding an adapter")
-    too_small = [
-        f"{n} ({m.in_features} -> {m.out_features})"
-        for n, m in chosen
-        if config.r > min(m.in_features, m.out_features)
-    ]
-    if too_small:
-        raise ConfigError(
-            f"r={config.r} is larger than min(in_features, out_features) of: {too_small}"
-        )
+    _check_injectable(model, chosen, config, name)
     modules = []
     added = 0
     for path, linear in chosen:
@@ -212,6 +197,28 @@ def inject_lora(
     set_active(model, [name])
     install_row_hooks(model)
     return InjectionReport(modules=modules, lora_parameters=added, adapter=name)
+
+
+def _check_injectable(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], config: LoraConfig, name: str
+) -> None:
+    """Raises ConfigError when adapter `name` cannot go on every chosen layer."""
+    twice = [n for n, m in chosen if isinstance(m, LoRALinear) and name in m.lora_A]
+    if twice:
+        raise ConfigError(
+            f"these layers already have LoRA adapter {name!r} (inject once per layer and name; "
+            f"another name adds a second adapter): {twice}"
+        )
+    refuse_merged(model, "adding an adapter")
+    too_small = [
+        f"{n} ({m.in_features} -> {m.out_features})"
+        for n, m in chosen
+        if config.r > min(m.in_features, m.out_features)
+    ]
+    if too_small:
+        raise ConfigError(
+            f"r={config.r} is larger than min(in_features, out_features) of: {too_small}"
+        )
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

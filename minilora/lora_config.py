@@ -31,8 +31,13 @@ class LoraConfig:
             names, "all-linear" (every Linear but the output head) or "square" (in == out, the
             seed's rule).
         exclude: module-name suffixes (or a full-match regex) never adapted.
-        init: "gaussian" (A ~ N(0, 0.02), the seed's) or "kaiming" (uniform, PEFT's default).
+        init: "gaussian" (A ~ N(0, 0.02), the seed's), "kaiming" (uniform, PEFT's default) or
+            "pissa" (A, B from the top-r SVD of the base weight, which keeps the residual).
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
+        use_dora: weight-decomposed LoRA (a learned magnitude per output row).
+
+    Raises:
+        ConfigError: naming every bad field (``err.problems``: field -> what is wrong).
     """
 
     r: int = 8
@@ -45,31 +50,44 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise ConfigError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise ConfigError(f"LoraConfig.alpha must be a finite number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+        problems = self._problems()
+        if problems:  # every bad field, in one error
             raise ConfigError(
-                f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+                "; ".join(f"{{{name}}} {what}" for name, what in problems.items()),
+                fields={name: f"LoraConfig.{name}" for name in problems}, problems=problems)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
-        self.targets = _check_names("targets", self.targets, allow_empty=False)
-        self.exclude = _check_names("exclude", self.exclude, allow_empty=True)
-        if self.exclude in SPECIAL_TARGETS:
-            raise ConfigError(f"LoraConfig.exclude cannot be {self.exclude!r}")
+        for name in ("targets", "exclude"):  # a tuple of names reads as a list
+            if not isinstance(getattr(self, name), str):
+                setattr(self, name, list(getattr(self, name)))
+
+    def _problems(self) -> dict[str, str]:
+        """field -> what is wrong with its value, for every bad field."""
+        problems = {}
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            problems["r"] = f"must be an integer >= 1, got {self.r!r}"
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            problems["alpha"] = f"must be a number > 0, got {self.alpha!r}"
+        elif not self.alpha > 0:
+            problems["alpha"] = f"must be > 0, got {self.alpha!r}"
+        elif not math.isfinite(self.alpha):
+            problems["alpha"] = f"must be a finite number, got {self.alpha!r}"
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            problems["dropout"] = f"must be a number in [0, 1), got {self.dropout!r}"
+        elif not 0.0 <= self.dropout < 1.0:
+            problems["dropout"] = f"must be in [0, 1), got {self.dropout!r}"
+        for name, allow_empty in (("targets", False), ("exclude", True)):
+            why = _names_problem(getattr(self, name), allow_empty=allow_empty)
+            if why:
+                problems[name] = why
+        if "exclude" not in problems and self.exclude in SPECIAL_TARGETS:
+            problems["exclude"] = f"cannot be {self.exclude!r}"
         if self.init not in INITS:
-            raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ConfigError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
-        if not isinstance(self.use_dora, bool):
-            raise ConfigError(f"LoraConfig.use_dora must be a bool, got {self.use_dora!r}")
+            problems["init"] = f"must be one of {INITS}, got {self.init!r}"
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                problems[name] = f"must be a bool, got {getattr(self, name)!r}"
+        return problems
 
     @property
     def scaling(self) -> float:
@@ -98,23 +116,21 @@ class LoraConfig:
         return cls(**d)
 
 
-def _check_names(what: str, value: object, *, allow_empty: bool) -> list[str] | str:
+def _names_problem(value: object, *, allow_empty: bool) -> str | None:
+    """What is wrong with a targets / exclude value, or None."""
     if isinstance(value, str):
         if value in SPECIAL_TARGETS:
-            return value
+            return None
         try:
             check_regex(value)
         except ValueError as e:
-            raise ConfigError(f"LoraConfig.{what} is not a usable regex {value!r}: {e}") from None
-        return value
+            return f"is not a usable regex {value!r}: {e}"
+        return None
     if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
-        raise ConfigError(
-            f"LoraConfig.{what} must be a list of module-name suffixes or a regex string, "
-            f"got {value!r}"
-        )
+        return f"must be a list of module-name suffixes or a regex string, got {value!r}"
     if not value and not allow_empty:
-        raise ConfigError(f"LoraConfig.{what} is empty; name at least one module suffix")
-    return list(value)
+        return "is empty; name at least one module suffix"
+    return None
 
 
 try:  # Python 3.11+; 3.10 has the same parser under its old, now deprecated, names

@@ -315,17 +315,7 @@ def combine_adapters(
     # (what a PEFT file needs); a layer without that adapter keeps its block at zero.
     width = {n: max(m.r[n] for _, m in modules if n in m.lora_A) for n in weights}
     total = sum(width.values())
-    if method == "linear" and r is not None and r != total:
-        raise ConfigError(f"r={r}: method='linear' has the sum of the ranks ({total}); "
-                         "use method='svd' for another rank")
-    rank = total if method == "linear" or r is None else r
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"r must be an integer >= 1, got {r!r}")
-    too_small = [f"{p} ({m.in_features} -> {m.out_features})" for p, m in modules
-                 if rank > min(m.in_features, m.out_features)]
-    if too_small:
-        hint = "; use method='svd' with a smaller r" if method == "linear" else ""
-        raise ConfigError(f"rank {rank} is larger than min(in, out) of {too_small}{hint}")
+    rank = _combined_rank(modules, method, r, total)
     errors: dict[str, float] = {}
     new: list[tuple[LoRALinear, torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
@@ -343,6 +333,28 @@ def combine_adapters(
             m.lora_B[name].weight.copy_(b)
     set_active(model, [name])
     return CombineReport(adapter=name, method=method, r=rank, errors=errors)
+
+
+# How a caller names combine's settings: the library's keywords; the command line has its flags.
+COMBINE_WORDS = {"rank": "r", "linear_method": "method='linear'", "svd_method": "method='svd'"}
+
+
+def _combined_rank(modules: list[tuple[str, LoRALinear]], method: str, r: int | None,
+                   total: int) -> int:
+    """The new adapter's rank: `total` (the sum of the ranks) for "linear", `r` for "svd"."""
+    if method == "linear" and r is not None and r != total:
+        raise ConfigError(f"rank {r} ({{rank}}): {{linear_method}} has the sum of the ranks "
+                          f"({total}); use {{svd_method}} for another rank", fields=COMBINE_WORDS)
+    rank = total if method == "linear" or r is None else r
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"{{rank}} must be an integer >= 1, got {r!r}", fields=COMBINE_WORDS)
+    too_small = [f"{p} ({m.in_features} -> {m.out_features})" for p, m in modules
+                 if rank > min(m.in_features, m.out_features)]
+    if too_small:
+        hint = "; use {svd_method} with a smaller {rank}" if method == "linear" else ""
+        raise ConfigError(f"rank {rank} is larger than min(in, out) of {too_small}{hint}",
+                          fields=COMBINE_WORDS)
+    return rank
 
 
 def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, method: str
@@ -365,8 +377,9 @@ def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, me
                    if n in weights})
     if dora and method == "linear":
         raise ConfigError(f"DoRA adapters {dora} do not add up as B A products; combine them "
-                          "with method='svd' (it factors their merged weight updates, which "
-                          "are full rank in general: pick r, the error is reported)")
+                          "with {svd_method} (it factors their merged weight updates, which "
+                          "are full rank in general: pick {rank}, the error is reported)",
+                          fields=COMBINE_WORDS)
 
 
 def _concatenated(

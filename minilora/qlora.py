@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from minilora.adapter import base_fingerprint
 from minilora.errors import ConfigError
+from minilora.fingerprint import base_fingerprint
 from minilora.injection import linear_modules, output_head_names
 from minilora.lora import LoRALinear, lora_modules
 from minilora.quant import (

@@ -13,7 +13,7 @@ autocast (bf16 compute with ``--dtype bfloat16``, as QLoRA's ``bnb_4bit_compute_
 
 Base fingerprint: a quantized weight no longer holds the values its adapters were trained on, so
 ``quantize_model`` fingerprints the LoRA layers' weights *before* quantizing and records it on the
-model (``QUANTIZED_FROM``); ``minilora.adapter.base_fingerprint`` returns that record for a
+model (``QUANTIZED_FROM``); ``minilora.fingerprint.base_fingerprint`` returns that record for a
 quantized model. An adapter trained on an NF4 base therefore carries the fingerprint of the
 full-precision weights it was quantized from: it loads onto that base, and is refused on another.
 

@@ -82,97 +82,128 @@ def create_app(state: ServeState) -> Any:
     if FastAPI is None:
         raise MissingExtra("minilora serve", "serve")
     app = FastAPI(title="minilora serve", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(APIError)
-    async def api_error(_: HTTPRequest, err: APIError) -> JSONResponse:
-        return err.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: HTTPRequest, err: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return APIError(err.status_code, str(err.detail), code=code).response()
-
-    @app.exception_handler(Exception)
-    async def server_error(_: HTTPRequest, err: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(err).__name__}: {err}",
-                        type="server_error").response()
-
-    @app.middleware("http")
-    async def check_key(request: HTTPRequest, call_next: Any) -> Any:
-        if state.api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {state.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return APIError(401, "Incorrect API key provided: pass it as 'Authorization: "
-                                "Bearer KEY'", code="invalid_api_key").response()
-        return await call_next(request)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "running": len(state.engine.rows)}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        def card(name: str, parent: str | None) -> dict:
-            return {"id": name, "object": "model", "created": state.created,
-                    "owned_by": "minilora", "root": state.adapters.get(name, name),
-                    "parent": parent}
-
-        return {"object": "list", "data": [card(state.base_name, None)] + [
-            card(name, state.base_name) for name in state.adapters]}
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: HTTPRequest) -> Any:
-        body = await _json_body(request)
-        messages = _messages(body.get("messages"))
-        ids, _ = state.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        return await _complete(state, request, body, ids, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: HTTPRequest) -> Any:
-        body = await _json_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise _bad("prompt: expected a non-empty string", "prompt")
-        if body.get("echo") or body.get("suffix") or body.get("logprobs"):
-            raise _bad("echo, suffix and logprobs are not supported")
-        ids = state.tokenizer.encode(prompt)
-        return await _complete(state, request, body, ids, chat=False)
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: HTTPRequest) -> PlainTextResponse:
-        body = await _json_body(request)
-        name, path = body.get("lora_name"), body.get("lora_path")
-        if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "base":
-            raise _bad("lora_name: expected letters, digits, '_' or '-' (and not 'base')",
-                       "lora_name")
-        if not isinstance(path, str) or not path:
-            raise _bad("lora_path: expected the adapter's folder", "lora_path")
-        if name in state.adapters or name == state.base_name:
-            raise _bad(f"The lora adapter '{name}' has already been loaded.", "lora_name")
-        folder = _allowed_path(state, path)
-        await asyncio.wrap_future(state.engine.call(lambda: _load(state, name, folder)))
-        state.adapters[name] = str(folder)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: HTTPRequest) -> PlainTextResponse:
-        body = await _json_body(request)
-        name = body.get("lora_name")
-        if not isinstance(name, str) or name not in state.adapters:
-            raise APIError(404, f"The lora adapter '{name}' cannot be found.",
-                           code="model_not_found", param="lora_name")
-        del state.adapters[name]  # no new request may use it from now on
-        await asyncio.wrap_future(state.engine.call(lambda: state.engine.unload(name)))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
-
+    app.state.serve = state  # what every route reads, through _state(request)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _server_error)
+    app.middleware("http")(_check_key)
+    app.add_api_route("/", _page, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/v1/models", _models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", _chat, methods=["POST"])
+    app.add_api_route("/v1/completions", _completions, methods=["POST"])
+    app.add_api_route("/v1/load_lora_adapter", _load_lora_adapter, methods=["POST"])
+    app.add_api_route("/v1/unload_lora_adapter", _unload_lora_adapter, methods=["POST"])
     return app
+
+
+def _state(request: HTTPRequest) -> ServeState:
+    return request.app.state.serve
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors and the API key
+# ------------------------------------------------------------------------------------------------
+
+
+async def _api_error(_: HTTPRequest, err: APIError) -> JSONResponse:
+    return err.response()
+
+
+async def _http_error(_: HTTPRequest, err: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+    return APIError(err.status_code, str(err.detail), code=code).response()
+
+
+async def _server_error(_: HTTPRequest, err: Exception) -> JSONResponse:
+    return APIError(500, f"internal error: {type(err).__name__}: {err}",
+                    type="server_error").response()
+
+
+async def _check_key(request: HTTPRequest, call_next: Any) -> Any:
+    key = _state(request).api_key
+    if key is not None and request.url.path.startswith("/v1/"):
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return APIError(401, "Incorrect API key provided: pass it as 'Authorization: "
+                            "Bearer KEY'", code="invalid_api_key").response()
+    return await call_next(request)
+
+
+# ------------------------------------------------------------------------------------------------
+# Routes
+# ------------------------------------------------------------------------------------------------
+
+
+async def _page() -> HTMLResponse:
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+async def _health(request: HTTPRequest) -> dict:
+    return {"status": "ok", "running": len(_state(request).engine.rows)}
+
+
+async def _models(request: HTTPRequest) -> dict:
+    state = _state(request)
+
+    def card(name: str, parent: str | None) -> dict:
+        return {"id": name, "object": "model", "created": state.created,
+                "owned_by": "minilora", "root": state.adapters.get(name, name),
+                "parent": parent}
+
+    return {"object": "list", "data": [card(state.base_name, None)] + [
+        card(name, state.base_name) for name in state.adapters]}
+
+
+async def _chat(request: HTTPRequest) -> Any:
+    state = _state(request)
+    body = await _json_body(request)
+    messages = _messages(body.get("messages"))
+    ids, _ = state.tokenizer.encode_chat(messages, add_generation_prompt=True)
+    return await _complete(state, request, body, ids, chat=True)
+
+
+async def _completions(request: HTTPRequest) -> Any:
+    body = await _json_body(request)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise _bad("prompt: expected a non-empty string", "prompt")
+    if body.get("echo") or body.get("suffix") or body.get("logprobs"):
+        raise _bad("echo, suffix and logprobs are not supported")
+    state = _state(request)
+    ids = state.tokenizer.encode(prompt)
+    return await _complete(state, request, body, ids, chat=False)
+
+
+async def _load_lora_adapter(request: HTTPRequest) -> PlainTextResponse:
+    state = _state(request)
+    body = await _json_body(request)
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "base":
+        raise _bad("lora_name: expected letters, digits, '_' or '-' (and not 'base')",
+                   "lora_name")
+    if not isinstance(path, str) or not path:
+        raise _bad("lora_path: expected the adapter's folder", "lora_path")
+    if name in state.adapters or name == state.base_name:
+        raise _bad(f"The lora adapter '{name}' has already been loaded.", "lora_name")
+    folder = _allowed_path(state, path)
+    await asyncio.wrap_future(state.engine.call(lambda: _load(state, name, folder)))
+    state.adapters[name] = str(folder)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def _unload_lora_adapter(request: HTTPRequest) -> PlainTextResponse:
+    state = _state(request)
+    body = await _json_body(request)
+    name = body.get("lora_name")
+    if not isinstance(name, str) or name not in state.adapters:
+        raise APIError(404, f"The lora adapter '{name}' cannot be found.",
+                       code="model_not_found", param="lora_name")
+    del state.adapters[name]  # no new request may use it from now on
+    await asyncio.wrap_future(state.engine.call(lambda: state.engine.unload(name)))
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 # ------------------------------------------------------------------------------------------------

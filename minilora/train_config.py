@@ -161,17 +161,13 @@ class TrainConfig:
         return problems
 
     def _lora_problems(self, typed: dict[str, str]) -> dict[str, str]:
-        """LoraConfig's own checks, each field alone so that every bad one is named."""
-        problems = {}
-        for name, lora_name in _LORA_FIELDS.items():
-            if name in typed:
-                continue
-            try:
-                LoraConfig(**{lora_name: getattr(self, name)})
-            except ConfigError as err:
-                # LoraConfig's sentence about its field, under this config's name for it
-                problems[name] = str(err).removeprefix(f"LoraConfig.{lora_name}")
-        return problems
+        """LoraConfig's own checks, each bad field under this config's name for it."""
+        ours = {lora_name: name for name, lora_name in _LORA_FIELDS.items() if name not in typed}
+        try:
+            LoraConfig(**{lora_name: getattr(self, name) for lora_name, name in ours.items()})
+        except ConfigError as err:
+            return {ours[lora_name]: f" {what}" for lora_name, what in err.problems.items()}
+        return {}
 
     def lora_config(self) -> LoraConfig:
         """The LoraConfig these settings describe."""

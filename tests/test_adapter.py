@@ -10,14 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minilora.adapter import (
-    AdapterError,
-    adapter_state_dict,
-    base_fingerprint,
-    load_adapter,
-    load_adapter_state_dict,
-    save_adapter,
-)
+from minilora.adapter import load_adapter, save_adapter
+from minilora.adapter_state import adapter_state_dict, load_adapter_state_dict
+from minilora.errors import AdapterError
+from minilora.fingerprint import base_fingerprint
 from minilora.injection import inject_lora, lora_parameters, mark_trainable, merge_lora
 from minilora.lora import LoraConfig, lora_modules
 
@@ -543,3 +539,41 @@ def test_a_save_replaces_the_folder_whole_keeping_named_adapters_refusing_other_
         save_adapter(model, folder, name="default")
     assert (folder / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_adapter_names_import_from_adapter_as_before():
+    """The split files' public names still import from minilora.adapter, as the same objects."""
+    import minilora
+    from minilora import adapter, adapter_state, errors, fingerprint, peft_format
+
+    for name, home in [("save_adapter", adapter), ("load_adapter", adapter),
+                       ("adapter_state_dict", adapter_state),
+                       ("load_adapter_state_dict", adapter_state),
+                       ("base_fingerprint", fingerprint), ("find_adapters", peft_format),
+                       ("AdapterError", errors)]:
+        assert getattr(adapter, name) is getattr(home, name), name
+        assert getattr(minilora, name) is getattr(home, name), name
+
+
+# Bottom up: each file may import those before it, never one after it.
+_LAYERS = [
+    ["lora_config", "lora", "named_adapters", "injection", "peft_format", "adapter_state",
+     "fingerprint", "minimind_format", "adapter", "qlora"],
+    ["weight_files", "base_config", "weights"],
+]
+
+
+@pytest.mark.parametrize("layers", _LAYERS, ids=lambda layers: layers[-1])
+def test_the_split_files_import_downward(layers):
+    import ast
+    from pathlib import Path
+
+    import minilora
+
+    root = Path(minilora.__file__).parent
+    for i, module in enumerate(layers):
+        tree = ast.parse((root / f"{module}.py").read_text(encoding="utf-8"))
+        imported = {node.module.removeprefix("minilora.") for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        above = imported & set(layers[i + 1:])
+        assert not above, f"minilora/{module}.py imports {sorted(above)}, which sit above it"

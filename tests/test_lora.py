@@ -372,7 +372,7 @@ def test_merge_unmerge_and_unload():
 def test_merge_unmerge_gives_back_the_base_bit_for_bit(dtype):
     # W + d - d rounds differently from W; a drifted base changes its fingerprint, and an
     # adapter saved after a merge/unmerge cycle would be refused on its own base.
-    from minilora.adapter import base_fingerprint
+    from minilora.fingerprint import base_fingerprint
 
     model = make_model().to(dtype)
     inject_lora(model, LoraConfig(r=4, alpha=8))
@@ -689,3 +689,27 @@ def test_lora_config_module_does_not_import_torch():
     code = ("import sys, minilora.lora_config as c; c.LoraConfig(r=2); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lora_config_names_every_bad_field_in_one_error():
+    with pytest.raises(ConfigError) as caught:
+        LoraConfig(r=0, alpha=float("inf"), dropout=-0.5, targets=["q_proj", ""],
+                   exclude="square", init="xavier", use_rslora="false", use_dora=1)
+    err = caught.value
+    assert list(err.problems) == ["r", "alpha", "dropout", "targets", "exclude", "init",
+                                  "use_rslora", "use_dora"]
+    assert str(err) == "; ".join([
+        "LoraConfig.r must be an integer >= 1, got 0",
+        "LoraConfig.alpha must be a finite number, got inf",
+        "LoraConfig.dropout must be in [0, 1), got -0.5",
+        "LoraConfig.targets must be a list of module-name suffixes or a regex string, got "
+        "['q_proj', '']",
+        "LoraConfig.exclude cannot be 'square'",
+        "LoraConfig.init must be one of ('gaussian', 'kaiming', 'pissa'), got 'xavier'",
+        "LoraConfig.use_rslora must be a bool, got 'false'",
+        "LoraConfig.use_dora must be a bool, got 1",
+    ])
+    with pytest.raises(ConfigError) as caught:  # one bad field: only it is named
+        LoraConfig(r=4, alpha=True)
+    assert caught.value.problems == {"alpha": "must be a number > 0, got True"}
+    assert str(caught.value) == "LoraConfig.alpha must be a number > 0, got True"

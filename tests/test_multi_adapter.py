@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from minilora.adapter import AdapterError, find_adapters, load_adapter, save_adapter
+from minilora.adapter import load_adapter, save_adapter
+from minilora.errors import AdapterError
 from minilora.generation import generate, generate_batch
 from minilora.injection import (
     count_parameters,
@@ -35,6 +36,7 @@ from minilora.named_adapters import (
     mixed_adapters,
     set_active,
 )
+from minilora.peft_format import find_adapters
 
 torch.set_num_threads(1)
 
@@ -357,7 +359,7 @@ def test_svd_combination_full_rank_is_exact_lower_rank_reports_its_error():
         combine_adapters(model, weights, name="big", method="svd", r=64)
     with pytest.raises(ValueError, match="exists already"):
         combine_adapters(model, weights, name="low")
-    with pytest.raises(ValueError, match="r=3: method='linear' has the sum of the ranks"):
+    with pytest.raises(ValueError, match=r"rank 3 \(r\): method='linear' has the sum of the ranks"):
         combine_adapters(model, weights, name="lin", r=3)
     with pytest.raises(ValueError, match="method must be one of"):
         combine_adapters(model, weights, name="ties", method="ties")
@@ -668,3 +670,52 @@ def test_row_hook_is_removed_with_the_last_adapter():
     assert not model._forward_pre_hooks and not model._forward_hooks
     with pytest.raises(TypeError):
         model(ids(), adapter_names=["a"] * 4)  # no LoRA: the keyword means nothing
+
+
+# Library errors name keywords as data (err.fields); the command line gives its own words.
+_JARGON = ("name=", "format=", "method=", "check_fingerprint", "=True", "=False", "config=")
+
+
+def test_cli_errors_say_flags_not_library_keywords(cli_dir, capsys, tmp_path):
+    import shutil
+
+    base = str(cli_dir / "base")
+    both = tmp_path / "both"  # PEFT's layout of named adapters, with no default adapter
+    both.mkdir()
+    shutil.copytree(cli_dir / "alpha", both / "a")
+    shutil.copytree(cli_dir / "beta", both / "b")
+    bare = tmp_path / "bare"  # a model folder that lost its config.json
+    bare.mkdir()
+    shutil.copy(cli_dir / "base" / "model.safetensors", bare)
+    from minilora.weights import load_model
+
+    model = load_model(cli_dir / "base")
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], use_dora=True))
+    save_adapter(model, tmp_path / "dora", base_model_name_or_path=base)
+    folder_words = "an adapter folder: an output path not ending in .pth"
+    cases = [
+        (["generate", "--model", base, "--adapter", str(both), "Hi"],
+         f"{both} holds adapters in subfolders ['a', 'b']: pass --adapter NAME=PATH (or the "
+         "subfolder)"),
+        (["convert", "--model", base, str(cli_dir / "alpha"), str(tmp_path / "alpha.pth")],
+         f"save them in PEFT's format ({folder_words})"),
+        (["convert", "--model", base, str(tmp_path / "dora"), str(tmp_path / "dora.pth")],
+         f"MiniMind's format has no place for DoRA's magnitude vectors; save a DoRA adapter in "
+         f"PEFT's format ({folder_words})"),
+        (["combine", "--model", base, str(cli_dir / "alpha"), str(cli_dir / "beta"),
+          "--weights", "1", "1", "--r", "3", "--out", str(tmp_path / "mix")],
+         "rank 3 (--r): --method linear has the sum of the ranks (4); use --method svd for "
+         "another rank"),
+        (["info", str(bare)],
+         f"{bare}/config.json: no config.json; pass the model's config (--config FILE)"),
+        (["train", "--model", str(bare), "--data", str(tmp_path / "none.jsonl"), "--out",
+          str(tmp_path / "run")],
+         f"{bare}/config.json: no config.json; pass the model's config (--model-config FILE)"),
+    ]
+    for argv, ending in cases:
+        code, _, err = run_cli(argv, capsys)
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and line.startswith(f"minilora {argv[0]}: error: "), err
+        assert line.endswith(ending), line
+        assert not [word for word in _JARGON if word in line], line
+    assert not (tmp_path / "alpha.pth").exists() and not (tmp_path / "mix").exists()

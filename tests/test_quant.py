@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from helpers import chat_rows, fit, tiny_model, tiny_tokenizer, write_jsonl
-from minilora.adapter import base_fingerprint, load_adapter, save_adapter
+from minilora.adapter import load_adapter, save_adapter
 from minilora.cli import main
 from minilora.errors import CheckpointError, ConfigError, FingerprintMismatch, MissingExtra
+from minilora.fingerprint import base_fingerprint
 from minilora.injection import inject_lora, lora_parameters, mark_trainable, merge_lora
 from minilora.lora import LoraConfig, LoRALinear
 from minilora.train import TrainConfig

@@ -37,11 +37,13 @@ from safetensors.torch import load_file, save_file
 
 import minilora.weights
 from helpers import CHATS, chat_rows, fit, tiny_model, write_jsonl
-from minilora.adapter import FINGERPRINT_KEY, base_fingerprint, load_adapter
+from minilora.adapter import load_adapter
 from minilora.cli import main
 from minilora.data import MAX_LINE_BYTES, DataError, load_jsonl
+from minilora.fingerprint import base_fingerprint
 from minilora.lora import lora_modules
 from minilora.outputs import LOCK_NAME, FolderLock
+from minilora.peft_format import FINGERPRINT_KEY
 from minilora.train import TrainConfig, TrainError, latest_checkpoint
 from minilora.weights import load_model, save_model
 
@@ -910,6 +912,23 @@ CASES = [
          "only None", "the model is not touched (was: refused by the key check, the field not "
          "named)", setup=lambda d, n: edit_adapter_config(copy_adapter(d, n),
                                                           kasa_config={"x": 1})),
+    # ---- a run's folders given as an adapter
+    Case("adapter-is-a-checkpoint", GENERATE + ["--adapter", "{dir}/out/checkpoints/step-00000001"],
+         "{dir}/out/checkpoints/step-00000001 is a training checkpoint, not an adapter: resume "
+         "its run to finish it; the adapter a run writes at its end is {dir}/out/adapter",
+         "nothing loaded; `minilora train --resume --out <run>` finishes the run",
+         setup=train_first("--stop-after", "1")),
+    Case("adapter-is-an-unfinished-run", GENERATE + ["--adapter", "{dir}/out"],
+         "{dir}/out is a training run that has not written its adapter yet (its latest "
+         "checkpoint: {dir}/out/checkpoints/step-00000001): resume it to finish it",
+         "nothing loaded; the run is untouched",
+         # a run killed before its end: its checkpoint, no adapter yet
+         setup=lambda d, n: (train_first("--stop-after", "1")(d, n),
+                             shutil.rmtree(d / "out" / "adapter"))),
+    Case("adapter-is-a-full-run", GENERATE + ["--adapter", "{dir}/out"],
+         "{dir}/out is a full fine-tuning run: it wrote a model ({dir}/out/model), not an "
+         "adapter; load that as the base model", "nothing loaded; `--model <run>/model` loads it",
+         setup=train_first("--full")),
 ]
 
 

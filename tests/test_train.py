@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from helpers import chat_rows, fit, tiny_model, write_jsonl
 from minilora import checkpoint
 from minilora import train as train_module
-from minilora.adapter import adapter_state_dict
+from minilora.adapter_state import adapter_state_dict
 from minilora.data import IGNORE_INDEX, JsonlDataset, Sample, load_jsonl
 from minilora.errors import CheckpointError, ConfigError, OutputError
 from minilora.injection import inject_lora, lora_parameters, mark_trainable
@@ -428,6 +428,23 @@ def test_a_config_with_several_bad_fields_names_them_all_in_one_error():
                  "TrainConfig.lr: expected a finite number > 0",
                  "TrainConfig.amp_dtype: expected one of", "TrainConfig.device: unknown device"):
         assert text in str(err), text
+
+
+def test_several_bad_lora_fields_are_each_named_under_the_train_config_name():
+    # LoraConfig checks them all at once; TrainConfig names each under its own field
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig(lora_alpha=0.0, lora_dropout=1.0, lora_targets=[], lora_init="xavier",
+                    lora_exclude="all-linear")
+    err = caught.value
+    assert list(err.fields) == ["lora_alpha", "lora_dropout", "lora_targets", "lora_exclude",
+                                "lora_init"]
+    for text in ("TrainConfig.lora_alpha must be > 0, got 0.0",
+                 "TrainConfig.lora_dropout must be in [0, 1), got 1.0",
+                 "TrainConfig.lora_targets is empty; name at least one module suffix",
+                 "TrainConfig.lora_exclude cannot be 'all-linear'",
+                 "TrainConfig.lora_init must be one of ('gaussian', 'kaiming', 'pissa')"):
+        assert text in str(err), text
+    assert "LoraConfig" not in str(err)
 
 
 def test_the_config_module_imports_no_torch():

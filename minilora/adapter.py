@@ -32,7 +32,6 @@ from minilora.adapter_state import (
     load_adapter_state_dict,
     resolve_adapter,
 )
-from minilora.checks import check_written
 from minilora.errors import AdapterError, FingerprintMismatch
 from minilora.files import replace_folder
 from minilora.fingerprint import base_fingerprint, hash_weights
@@ -52,6 +51,7 @@ from minilora.peft_format import (
     peft_config_dict,
     read_peft,
 )
+from minilora.tensor_checks import check_written
 
 # The public names of the adapter files, importable from here as before the split.
 __all__ = [

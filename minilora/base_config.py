@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import BaseConfigNeeded, ConfigError, MissingFile, WeightsError
-from .model_config import GENERATIONS, MINIMIND_DEFAULTS, ModelConfig
-from .weight_files import TORCH_SUFFIXES
+from minilora.errors import BaseConfigNeeded, ConfigError, MissingFile, WeightsError
+from minilora.model_config import GENERATIONS, MINIMIND_DEFAULTS, ModelConfig
+from minilora.weight_files import TORCH_SUFFIXES
 
 # How a caller passes the config: load_model's keyword; the command line names its flag.
 CONFIG_WORDS = {"base_config": "config=FILE"}

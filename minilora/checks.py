@@ -101,15 +101,3 @@ def _describe(hint: Any) -> str:
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     return " or ".join("null" if o is type(None) else str(o) if typing.get_origin(o)
                        else o.__name__ for o in options)
-
-
-# Moved to tensor_checks.py (they need torch); found here by their old names, imported on use.
-_IN_TENSOR_CHECKS = ("FLOAT_DTYPES", "check_written", "resolve_device", "tensor_problems")
-
-
-def __getattr__(name: str) -> object:
-    if name not in _IN_TENSOR_CHECKS:
-        raise AttributeError(f"module 'minilora.checks' has no attribute {name!r}")
-    from minilora import tensor_checks
-
-    return getattr(tensor_checks, name)

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from minilora.adapter_state import adapter_layers, for_disk
-from minilora.checks import check_written
 from minilora.errors import AdapterError
 from minilora.files import atomic_write, regular_file, torch_load_reason
 from minilora.lora_config import LoraConfig
 from minilora.peft_format import PREFIX, check_tensors
+from minilora.tensor_checks import check_written
 
 _MINIMIND_KEY_RE = re.compile(r"(.+)\.lora\.([AB])\.weight")
 # How a caller asks for each format: the library's keywords; the command line has its words.

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from minilora.checks import tensor_problems
 from minilora.errors import AdapterError
 from minilora.files import read_json, regular_file
 from minilora.lora_config import DEFAULT_ADAPTER, LoraConfig
+from minilora.tensor_checks import tensor_problems
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"

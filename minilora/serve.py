@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minilora.adapter import load_adapter
 from minilora.errors import MiniloraError, MissingExtra
+from minilora.named_adapters import set_active
 from minilora.serve_engine import Engine, Event, Request, SamplingParams
 
 try:
@@ -339,9 +341,6 @@ def _allowed_path(state: ServeState, path: str) -> Path:
 
 def _load(state: ServeState, name: str, folder: Path) -> None:
     """Loads an adapter into the model (in the engine's thread, between two steps)."""
-    from minilora.adapter import load_adapter
-    from minilora.named_adapters import set_active
-
     if state.engine.is_unloading(name):  # its old weights still answer running requests
         raise APIError(409, f"the adapter '{name}' is still being unloaded (requests that began "
                        "with it are running); try again when they are done", code="conflict",

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .errors import WeightsError
-from .files import read_json, regular_file, torch_load_reason
+from minilora.errors import WeightsError
+from minilora.files import read_json, regular_file, torch_load_reason
 
 # Wrappers a training script leaves in front of every key: DDP's `module.`, torch.compile's
 # `_orig_mod.`.

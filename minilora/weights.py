@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import save
 from torch import Tensor
 
-from .base_config import resolve_config
-from .checks import check_written, resolve_device, tensor_problems
-from .errors import ConfigError, WeightsError
-from .files import atomic_write
-from .model import CausalLM
-from .model_config import ModelConfig
-from .weight_files import (
+from minilora.base_config import resolve_config
+from minilora.errors import ConfigError, WeightsError
+from minilora.files import atomic_write
+from minilora.model import CausalLM
+from minilora.model_config import ModelConfig
+from minilora.tensor_checks import check_written, resolve_device, tensor_problems
+from minilora.weight_files import (
     INDEX_NAME,
     TORCH_SUFFIXES,
     WRAPPER_PREFIXES,

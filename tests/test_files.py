@@ -175,8 +175,9 @@ def test_target_regexes_that_could_backtrack_exponentially_are_refused(pattern, 
 def test_tensor_and_type_checks_name_what_is_wrong():
     import dataclasses
 
-    from minilora.checks import number, tensor_problems, type_problems
+    from minilora.checks import number, type_problems
     from minilora.errors import ConfigError
+    from minilora.tensor_checks import tensor_problems
 
     problems = tensor_problems({"ok": torch.ones(2), "nan": torch.tensor([float("nan")]),
                                 "int": torch.ones(2, dtype=torch.int8)})

@@ -33,17 +33,13 @@ import torch.distributed as dist
 from torch import nn
 
 from minilora.adapter import save_adapter
-from minilora.checkpoint import (  # noqa: F401  (re-exported: the names train.py had)
+from minilora.checkpoint import (
     CHECKPOINTS,
-    MANIFEST,
     RunState,
     check_finite,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     trainable,
-    unfinished,
-    verified_checkpoint_files,
 )
 from minilora.compiled import CompiledLoss
 from minilora.data import Batch, DataStats, JsonlDataset
@@ -52,13 +48,13 @@ from minilora.errors import ConfigError, TrainError
 from minilora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
 from minilora.lora import lora_modules
 from minilora.memory import estimate_memory, measured_peak
-from minilora.precision import autocast_dtype, native_bf16, resolve_precision  # noqa: F401
+from minilora.precision import autocast_dtype, resolve_precision
 from minilora.qlora import quantize_model
 from minilora.quant import require_bitsandbytes
 from minilora.run_folder import claim_out, replace_earlier_run
 from minilora.run_log import RunLog, plot_losses, start_outputs
-from minilora.train_config import AMP_DTYPES, TrainConfig  # noqa: F401  (re-exported)
-from minilora.train_data import BatchPlan, check_vocab, load_datasets  # noqa: F401
+from minilora.train_config import TrainConfig
+from minilora.train_data import BatchPlan, check_vocab
 from minilora.weights import save_model
 
 

@@ -38,13 +38,15 @@ from safetensors.torch import load_file, save_file
 import minilora.weights
 from helpers import CHATS, chat_rows, fit, tiny_model, write_jsonl
 from minilora.adapter import load_adapter
+from minilora.checkpoint import latest_checkpoint
 from minilora.cli import main
 from minilora.data import MAX_LINE_BYTES, DataError, load_jsonl
+from minilora.errors import TrainError
 from minilora.fingerprint import base_fingerprint
 from minilora.lora import lora_modules
 from minilora.outputs import LOCK_NAME, FolderLock
 from minilora.peft_format import FINGERPRINT_KEY
-from minilora.train import TrainConfig, TrainError, latest_checkpoint
+from minilora.train import TrainConfig
 from minilora.weights import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]

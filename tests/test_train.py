@@ -19,20 +19,13 @@ from helpers import chat_rows, fit, tiny_model, write_jsonl
 from minilora import checkpoint
 from minilora import train as train_module
 from minilora.adapter_state import adapter_state_dict
+from minilora.checkpoint import latest_checkpoint
 from minilora.data import IGNORE_INDEX, JsonlDataset, Sample, load_jsonl
-from minilora.errors import CheckpointError, ConfigError, OutputError
+from minilora.errors import CheckpointError, ConfigError, OutputError, TrainError
 from minilora.injection import inject_lora, lora_parameters, mark_trainable
 from minilora.lora import lora_modules
-from minilora.train import (
-    TrainConfig,
-    TrainError,
-    autocast_dtype,
-    evaluate,
-    latest_checkpoint,
-    lr_at,
-    native_bf16,
-    train,
-)
+from minilora.precision import autocast_dtype, native_bf16
+from minilora.train import TrainConfig, evaluate, lr_at, train
 from minilora.train_data import BatchPlan, load_datasets
 
 TESTS = Path(__file__).parent

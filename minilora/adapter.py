@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from minilora.adapter_state import (
 )
 from minilora.errors import AdapterError, FingerprintMismatch
 from minilora.files import replace_folder
-from minilora.fingerprint import base_fingerprint, hash_weights
+from minilora.fingerprint import base_fingerprint
 from minilora.injection import inject_lora
 from minilora.lora import LoRALinear, lora_modules
 from minilora.lora_config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name, matches
@@ -52,6 +53,7 @@ from minilora.peft_format import (
     read_peft,
 )
 from minilora.tensor_checks import check_written
+from minilora.weight_hash import PISSA_FROM, hash_weights
 
 # The public names of the adapter files, importable from here as before the split.
 __all__ = [
@@ -248,7 +250,7 @@ def save_adapter(
     format: str = "peft",
     base_model_name_or_path: str | None = None,
     name: str | None = None,
-    pissa_initial: str | os.PathLike | None = None,
+    pissa_initial: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes one adapter of `model`.
 
@@ -263,7 +265,8 @@ def save_adapter(
         base_model_name_or_path: written into adapter_config.json (default: the model's
             `config.name_or_path` when it has one).
         name: which adapter (default: the only one, or the only active one).
-        pissa_initial: the folder this PiSSA adapter was saved to before training: the file
+        pissa_initial: the folder this PiSSA adapter was saved to before training (or its
+            ``adapter_state_dict`` then, held in memory): the file
             written is then a plain LoRA adapter of rank 2r for the original base model (not
             the residual), as PEFT's path_initial_model_for_weight_conversion writes it.
 
@@ -288,7 +291,7 @@ def save_adapter(
     tensors = adapter_state_dict(model, name)
     if pissa_initial is not None:
         config, tensors, fingerprint = _pissa_to_lora(model, name, config, tensors,
-                                                      Path(pissa_initial))
+                                                      pissa_initial)
     metadata = {"format": "pt", FINGERPRINT_KEY: fingerprint, VERSION_KEY: _version()}
     tensors = {k: for_disk(v, dtype) for k, v in tensors.items()}
     check_written(tensors, path, AdapterError)
@@ -363,7 +366,7 @@ def _peft_targets(model: nn.Module, name: str) -> list[str]:
 
 def _pissa_to_lora(
     model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
-    initial: Path,
+    initial: str | os.PathLike | Mapping[str, torch.Tensor],
 ) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
     """A trained PiSSA adapter as a plain LoRA of rank 2r on the original base (PEFT's
     path_initial_model_for_weight_conversion): s B A - s B0 A0 = s' [B, -B0] [A; A0] with
@@ -371,10 +374,11 @@ def _pissa_to_lora(
     if config.init != "pissa" or config.use_dora:
         raise AdapterError(f"pissa_initial: adapter {name!r} is not a PiSSA LoRA adapter "
                            f"(init {config.init!r}, use_dora {config.use_dora})")
-    _, start, _ = read_peft(initial)
+    start = dict(initial) if isinstance(initial, Mapping) else read_peft(Path(initial))[1]
     if {k: tuple(v.shape) for k, v in start.items()} != {
             k: tuple(v.shape) for k, v in tensors.items()}:
-        raise AdapterError(f"{initial}: not the initial state of adapter {name!r} (its keys or "
+        where = "pissa_initial" if isinstance(initial, Mapping) else initial
+        raise AdapterError(f"{where}: not the initial state of adapter {name!r} (its keys or "
                            "shapes differ)")
     out: dict[str, torch.Tensor] = {}
     original: dict[str, torch.Tensor] = {}
@@ -387,7 +391,10 @@ def _pissa_to_lora(
         original[path] = w.to(m.weight.dtype)
     alpha = config.alpha * (2 ** 0.5 if config.use_rslora else 2)
     plain = replace(config, r=2 * config.r, alpha=alpha, init="kaiming")
-    return plain, out, hash_weights(original)
+    # The fingerprint of the weights before the init, recorded by inject_lora; W_res + s B0 A0
+    # rebuilt here can round differently in a few places, which would refuse the true base.
+    recorded = getattr(model, PISSA_FROM, {}).get(name)
+    return plain, out, recorded or hash_weights(original)
 
 
 def _check_replaceable(path: Path) -> None:

@@ -6,15 +6,13 @@ model's, and a checkpoint refuses to resume on another base. docs/formats.md des
 
 from __future__ import annotations
 
-import hashlib
-
-import torch
 from torch import nn
 
 from minilora.adapter_state import adapter_layers, resolve_adapter
 from minilora.errors import AdapterError
 from minilora.lora import lora_modules
 from minilora.quant import QUANTIZED_FROM, is_quantized
+from minilora.weight_hash import hash_weights
 
 
 def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
@@ -48,22 +46,6 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
     if quantized:
         return _quantized_fingerprint(model, [n for n, _ in modules], quantized)
     return hash_weights({n: m.weight.detach() for n, m in modules})
-
-
-def hash_weights(weights: dict[str, torch.Tensor]) -> str:
-    """base_fingerprint's hash of {layer path: weight}.
-
-    Raises:
-        AdapterError: a weight on the meta device (it has no values).
-    """
-    h = hashlib.sha256(b"minilora-fingerprint-1\0")
-    for name, w in sorted(weights.items()):
-        if w.is_meta:
-            raise AdapterError(f"{name}.weight is on the meta device: it has no values to hash")
-        h.update(f"{name}:{tuple(w.shape)}\0".encode())
-        bits = w.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
-        h.update(bits.numpy().tobytes())
-    return "sha256:" + h.hexdigest()
 
 
 def _quantized_fingerprint(model: nn.Module, names: list[str], quantized: list[str]) -> str:

@@ -30,6 +30,7 @@ from minilora.named_adapters import (
     replace_submodule,
     set_active,
 )
+from minilora.weight_hash import PISSA_FROM, hash_weights
 
 
 @dataclass
@@ -176,6 +177,9 @@ def inject_lora(
     check_adapter_name(name)
     chosen = _select(model, config)
     _check_injectable(model, chosen, config, name)
+    if config.init == "pissa":  # the weights it replaces with their residual, for the adapter
+        model.__dict__.setdefault(PISSA_FROM, {})[name] = hash_weights(
+            {path: linear.weight for path, linear in chosen})
     modules = []
     added = 0
     for path, linear in chosen:

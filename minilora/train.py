@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from minilora.adapter import save_adapter
+from minilora.adapter_state import adapter_state_dict
 from minilora.checkpoint import (
     CHECKPOINTS,
     RunState,
@@ -140,6 +141,9 @@ class _Run:
     amp_dtype: torch.dtype | None
     plan: BatchPlan
     state: RunState
+    # A PiSSA adapter's A and B as initialised (from the base's SVD): its saved adapters are
+    # converted with them into plain LoRA for the original base (see save_adapter).
+    pissa_start: dict[str, torch.Tensor] | None = None
 
 
 def _resolved(config: TrainConfig, device: torch.device, world: int
@@ -220,7 +224,7 @@ def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | Non
         evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log))
     checkpoint = save_checkpoint(out / CHECKPOINTS, model, run.optimizer, run.scaler, config,
                                  run.plan, run.state, place.rank)
-    output_dir = _save_weights(model, out / ("model" if config.full else "adapter"), config,
+    output_dir = _save_weights(run, out / ("model" if config.full else "adapter"), config,
                                place.rank)
     if place.rank == 0:
         plot_losses(out)
@@ -241,6 +245,9 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
     out = Path(config.out_dir)
     torch.manual_seed(config.seed)  # LoRA init: the same on every rank
     params = _prepare_model(model, config)
+    pissa_start = None
+    if not config.full and config.lora_init == "pissa":  # before a checkpoint overwrites it
+        pissa_start = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     set_activation_checkpointing(model, config.activation_checkpointing)
     if config.quantize:
         report = quantize_model(model, config.quantize, place.device)
@@ -266,7 +273,7 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
         _describe_run(model, config, plan, place.device, log.precision, state.step)
         _print_memory_estimate(model, config, amp_dtype, place.device)
     return _Run(model, _compiled(model, config), params, optimizer, scaler, amp_dtype, plan,
-                state)
+                state, pissa_start)
 
 
 def _compiled(model: nn.Module, config: TrainConfig) -> Any:
@@ -474,20 +481,23 @@ def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset, config: TrainConf
     log.eval(record)
     if run.state.best_eval_loss is None or record["eval_loss"] < run.state.best_eval_loss:
         run.state.best_eval_loss = record["eval_loss"]
-        _save_weights(run.model, Path(config.out_dir) / "best", config, place.rank)
+        _save_weights(run, Path(config.out_dir) / "best", config, place.rank)
     return record
 
 
-def _save_weights(model: nn.Module, folder: Path, config: TrainConfig, rank: int) -> Path | None:
-    """The adapter (or, with full=True, the whole model) into ``folder``; rank 0 only."""
+def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Path | None:
+    """The adapter (or, with full=True, the whole model) into ``folder``; rank 0 only. A PiSSA
+    adapter is written as a plain LoRA for the original base, which is what its users load."""
     if rank != 0:
         return None
+    model = run.model
     check_finite(trainable(model))
     try:
         if config.full:
             save_model(model, folder)
         else:
-            save_adapter(model, folder, base_model_name_or_path=config.model)
+            save_adapter(model, folder, base_model_name_or_path=config.model,
+                         pissa_initial=run.pissa_start)
     except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
         raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder

@@ -645,3 +645,25 @@ def test_gradient_sync_leaves_none_where_no_process_had_a_gradient(tmp_path):
         assert used.grad.tolist() == [1.0, 2.0, 3.0] and float(loss) == 0.5
     finally:
         dist.destroy_process_group()
+
+
+def test_a_pissa_run_writes_an_adapter_for_the_original_base(tok, files, base_dir, tmp_path):
+    # PiSSA trains over the residual of the base's top-r SVD; what the run writes is the plain
+    # LoRA (rank 2r) that gives the same model on the original base, which is what chat, merge
+    # and PEFT load (the residual base is never written).
+    from minilora.adapter import load_adapter
+    from minilora.weights import load_model
+
+    cfg = config(files, tmp_path / "run", lora_init="pissa", model=str(base_dir),
+                 eval_data=files["train"], eval_every=3)
+    trained = load_model(base_dir)
+    fit(trained, tok, cfg)
+    ids = torch.tensor([tok.encode("The quick brown fox")])
+    want = trained.eval()(ids).logits
+    for saved in ("adapter", "best"):
+        model = load_model(base_dir)
+        config_read = load_adapter(model, tmp_path / "run" / saved)  # the fingerprint fits
+        assert config_read.r == 2 * cfg.lora_r and config_read.init != "pissa"
+        torch.testing.assert_close(model.eval()(ids).logits, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.equal(load_model(base_dir)(ids).logits, want)  # it did learn something

@@ -160,6 +160,7 @@ class LoRALinear(nn.Module):
         self.use_rslora: dict[str, bool] = {}
         self.init: dict[str, str] = {}
         self.lora_config: dict[str, LoraConfig | None] = {}
+        self._fast: tuple | None = None
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
         # The weight before merge(), restored by unmerge() (a plain attribute: not state).
@@ -280,6 +281,22 @@ class LoRALinear(nn.Module):
             )
         self.active_adapters = active
 
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        """The names of the adapters a forward adds, in order."""
+        return self._active_adapters
+
+    @active_adapters.setter
+    def active_adapters(self, names: Sequence[str]) -> None:
+        self._active_adapters = tuple(names)
+        # What the fast path reads: the one active adapter's modules and numbers, not its name,
+        # so a compiled forward guards on shapes and values and switching between adapters of
+        # one shape reuses its graph (a name read in forward would be guarded on, one graph per
+        # adapter). Set with the active adapters: their settings are fixed once added.
+        one = self._active_adapters[0] if len(self._active_adapters) == 1 else None
+        self._fast = None if one is None or one in self.lora_magnitude_vector else (
+            self.lora_A[one], self.lora_B[one], self.scaling[one], self.lora_dropout[one])
+
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """[A, B] of adapter `name`, and DoRA's magnitude m when it has one."""
         params = [self.lora_A[name].weight, self.lora_B[name].weight]
@@ -299,14 +316,14 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        adding = self.active_adapters if self.enabled and not self.merged else ()
-        if len(adding) == 1 and adding[0] not in self.lora_magnitude_vector:
+        fast = self._fast if self.enabled and not self.merged else None
+        if fast is not None:
             dt = self._fused_dtype(x)
             if dt is not None:  # the common case, training or not: one node, see _LoRAFunction
-                name = adding[0]
-                xa = self._dropout(x, name) if self._dropping(name) else None
-                return _LoRAFunction.apply(x, xa, self.weight, self.bias, self.lora_A[name].weight,
-                                           self.lora_B[name].weight, self.scaling[name], dt)
+                a, b, scale, p = fast
+                xa = F.dropout(x, p, training=True) if self.training and p > 0 else None
+                return _LoRAFunction.apply(x, xa, self.weight, self.bias, a.weight, b.weight,
+                                           scale, dt)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

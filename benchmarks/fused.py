@@ -198,6 +198,7 @@ def main() -> int:
     for dtype in args.dtypes.split(","):
         s, r, m, _ = train_rows(dtype, shapes, batch, args)
         steps, ratios, saved = steps + s, ratios + r, saved + m
+        print("\n".join(s + r + m), flush=True)
         over += overhead_rows(dtype, shapes, batch, args)
     print(f"batch {batch[0]} x {batch[1]}, {torch.get_num_threads()} threads, {args.rounds} "
           f"rounds (overhead: {3 * args.rounds}), CPU seconds\n")

@@ -189,7 +189,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, KV, T, D)
-        v = v.transpose(1, 2)  # (B, KV, T, D)
+        # its own memory: a view of the fused q/k/v output would keep all of it for backward
+        v = v.transpose(1, 2).contiguous()  # (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, KV, S, D), S = start + T
         low = _autocast_dtype(x.device.type)

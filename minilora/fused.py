@@ -32,6 +32,7 @@ from torch.nn.modules import module as _nn_module
 
 _ENABLED = [True]
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 @contextmanager
@@ -73,8 +74,8 @@ def project(modules: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
     spec = tuple((w.shape[0], ad[0].shape[0] if ad else 0, ad[2] if ad else 0.0)
                  for w, _, ad in parts)  # per module: out, rank (0: no adapter), scale
     weights, biases = tuple(p[0] for p in parts), tuple(p[1] for p in parts)
-    y = _GroupLinear.apply(x, a_cat, b_flat, dt, spec, weights, biases)  # (..., sum of out_i)
-    return list(y.split([out for out, _, _ in spec], dim=-1))
+    # one (..., out_i) view per module into one (..., sum of out_i) output
+    return list(_GroupLinear.apply(x, a_cat, b_flat, dt, spec, weights, biases))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,6 +108,8 @@ def _fusable_parts(modules: Sequence[nn.Module], x: Tensor) -> list[tuple] | Non
         else:
             return None
         weight, bias, _ = part
+        if type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+            return None  # a tensor subclass (a quantized weight) computes its own product
         grad = torch.is_grad_enabled()
         if grad and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None  # full fine-tuning: each module's own autograd computes its gradient
@@ -210,34 +213,35 @@ class _GroupLinear(torch.autograd.Function):
         ctx.spec, ctx.dt, ctx.in_shape, ctx.x_dtype = spec, dt, x.shape, x.dtype
         ctx.a_dtype = None if a_cat is None else a_cat.dtype
         ctx.b_dtype = None if b_flat is None else b_flat.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+        # One output per module (views into y): backward gets each gradient as it is, with no
+        # (N, sum out) concatenation of them.
+        return y.view(*x.shape[:-1], y.shape[-1]).split([o for o, _, _ in spec], dim=-1)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *grads):
         x2, hs, a, *rest = ctx.saved_tensors
         spec, n = ctx.spec, len(ctx.spec)
         weights, bs = rest[:n], rest[n:]
-        outs, ranks = _slices(spec)
+        _, ranks = _slices(spec)
         lora = [i for i, rk in enumerate(ranks) if rk is not None]
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_a = grad_b = None
-        with torch.autocast(g.device.type, enabled=False):
-            g2 = g.reshape(-1, g.shape[-1]).to(ctx.dt)  # (N, sum out)
+        with torch.autocast(grads[0].device.type, enabled=False):
+            gs = [g.reshape(-1, g.shape[-1]).to(ctx.dt) for g in grads]  # (N, out_i) each
             gh = None
             if lora:
-                gh = torch.cat([(g2[:, outs[i][0]:outs[i][1]] @ b).mul_(spec[i][2])
+                gh = torch.cat([(gs[i] @ b).mul_(spec[i][2])
                                 for i, b in zip(lora, bs, strict=True)], dim=1)  # (N, R)
             if need_x:
-                grad_x = g2[:, outs[0][0]:outs[0][1]] @ weights[0].to(ctx.dt)  # (N, in)
-                for (o0, o1), w in zip(outs[1:], weights[1:], strict=True):
-                    grad_x.addmm_(g2[:, o0:o1], w.to(ctx.dt))
+                grad_x = gs[0] @ weights[0].to(ctx.dt)  # (N, in)
+                for g, w in zip(gs[1:], weights[1:], strict=True):
+                    grad_x.addmm_(g, w.to(ctx.dt))
                 if gh is not None:
                     grad_x.addmm_(gh, a)
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.x_dtype)
             if need_a:
                 grad_a = (gh.t() @ x2).to(ctx.a_dtype)  # (R, in)
             if need_b:  # each (out_i, r_i) = (hs_i^T g_i)^T, flattened as b_flat is
-                grad_b = torch.cat([(hs[:, ranks[i][0]:ranks[i][1]].t()
-                                     @ g2[:, outs[i][0]:outs[i][1]]).t().reshape(-1)
+                grad_b = torch.cat([(hs[:, ranks[i][0]:ranks[i][1]].t() @ gs[i]).t().reshape(-1)
                                     for i in lora]).to(ctx.b_dtype)
         return grad_x, grad_a, grad_b, None, None, None, None

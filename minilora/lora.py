@@ -360,6 +360,22 @@ class LoRALinear(nn.Module):
             wx = base if self.bias is None else base - self.bias
         return (f - 1) * wx + f * lora
 
+    def fused_parts(self, x: torch.Tensor) -> tuple | None:
+        """What minilora.fused needs to run this layer inside a group of siblings reading x:
+        (weight, bias, (A, B, scaling) of the one active adapter, or None for the base alone),
+        or None when this call needs forward's own paths: several active adapters, DoRA,
+        dropout while training, a quantized weight, merged and disabled."""
+        if is_quantized(self.weight) or (self.merged and not self.enabled):
+            return None
+        adding = self.active_adapters if self.enabled and not self.merged else ()
+        if not adding:
+            return self.weight, self.bias, None
+        name = adding[0]
+        if len(adding) > 1 or name in self.lora_magnitude_vector or self._dropping(name):
+            return None
+        return (self.weight, self.bias,
+                (self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]))
+
     def _dropping(self, name: str) -> bool:
         return self.training and self.lora_dropout[name] > 0
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from minilora.errors import ConfigError
+from minilora.fused import project
 from minilora.kv_cache import KVCache
 from minilora.loss import linear_cross_entropy
 from minilora.model_config import ModelConfig
@@ -180,14 +181,16 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, layer: int, start: int) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x)  # one product, see fused.py
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, KV, T, D)
-        v = v.transpose(1, 2)  # (B, KV, T, D)
+        # its own memory: a view of the fused q/k/v output would keep all of it for backward
+        v = v.transpose(1, 2).contiguous()  # (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, KV, S, D), S = start + T
         low = _autocast_dtype(x.device.type)
@@ -221,7 +224,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., C)
+        gate, up = project((self.gate_proj, self.up_proj), x)  # (..., F) each, one product
+        return self.down_proj(F.silu(gate) * up)  # (..., C)
 
 
 class MoEGate(nn.Module):

@@ -209,6 +209,10 @@ def _layer_hook(m: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | No
     return y
 
 
+# minilora.fused may run this layer inside a fused group when the hook has nothing to route.
+_layer_hook.fusion_idle = lambda m: getattr(m, _ROUTES, None) is None
+
+
 _HOOKS = "_minilora_row_hooks"
 
 

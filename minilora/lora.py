@@ -289,6 +289,7 @@ class LoRALinear(nn.Module):
     @active_adapters.setter
     def active_adapters(self, names: Sequence[str]) -> None:
         self._active_adapters = tuple(names)
+        self._base_only = not self._active_adapters
         # What the fast path reads: the one active adapter's modules and numbers, not its name,
         # so a compiled forward guards on shapes and values and switching between adapters of
         # one shape reuses its graph (a name read in forward would be guarded on, one graph per
@@ -367,14 +368,14 @@ class LoRALinear(nn.Module):
         dropout while training, a quantized weight, merged and disabled."""
         if is_quantized(self.weight) or (self.merged and not self.enabled):
             return None
-        adding = self.active_adapters if self.enabled and not self.merged else ()
-        if not adding:
+        if not self.enabled or self.merged or self._base_only:
             return self.weight, self.bias, None
-        name = adding[0]
-        if len(adding) > 1 or name in self.lora_magnitude_vector or self._dropping(name):
+        if self._fast is None:  # several active adapters, or DoRA
             return None
-        return (self.weight, self.bias,
-                (self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]))
+        a, b, scale, p = self._fast  # not the name: see active_adapters
+        if self.training and p > 0:
+            return None
+        return self.weight, self.bias, (a.weight, b.weight, scale)
 
     def _dropping(self, name: str) -> bool:
         return self.training and self.lora_dropout[name] > 0

@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from minilora.data import DataStats
 from minilora.files import atomic_write, parse_json
+from minilora.lora import lora_modules
 from minilora.train_config import TrainConfig
+from minilora.train_data import BatchPlan
 
 
 def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
@@ -143,3 +146,25 @@ def plot_losses(out: Path) -> Path | None:
     figure.tight_layout()
     figure.savefig(out / "loss.png", dpi=100)
     return out / "loss.png"
+
+
+def describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device: torch.device,
+                  precision: str, start_step: int) -> None:
+    """Prints one block before the first step: what will run, where, and how much."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapted = "every weight (full fine-tuning)" if config.full else (
+        f"{len(lora_modules(model))} Linear modules (rank {config.lora_r})")
+    rows = sum(len(s.input_ids) for s in plan.dataset.samples) / max(len(plan.dataset), 1)
+    steps = (f"{plan.total_steps} ({plan.steps_per_epoch} per epoch)" if not start_step
+             else f"{plan.total_steps - start_step} left of {plan.total_steps}")
+    lines = [
+        f"device      {device}",
+        f"precision   {precision}",
+        f"threads     {torch.get_num_threads()} (intra-op)",
+        f"parameters  {trained:,} trainable of {total:,} ({100 * trained / total:.2f}%)",
+        f"adapted     {adapted}",
+        f"steps       {steps}",
+        f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",
+    ]
+    print("\n".join("run: " + line for line in lines), file=sys.stderr)

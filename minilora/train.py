@@ -53,7 +53,7 @@ from minilora.precision import autocast_dtype, resolve_precision
 from minilora.qlora import quantize_model
 from minilora.quant import require_bitsandbytes
 from minilora.run_folder import claim_out, replace_earlier_run
-from minilora.run_log import RunLog, plot_losses, start_outputs
+from minilora.run_log import RunLog, describe_run, plot_losses, start_outputs
 from minilora.train_config import TrainConfig
 from minilora.train_data import BatchPlan, check_vocab
 from minilora.weights import save_model
@@ -157,28 +157,6 @@ def _resolved(config: TrainConfig, device: torch.device, world: int
     return replace(config, **changes), precision
 
 
-def _describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device: torch.device,
-                  precision: str, start_step: int) -> None:
-    """One block before the first step: what will run, where, and how much."""
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapted = "every weight (full fine-tuning)" if config.full else (
-        f"{len(lora_modules(model))} Linear modules (rank {config.lora_r})")
-    rows = sum(len(s.input_ids) for s in plan.dataset.samples) / max(len(plan.dataset), 1)
-    steps = (f"{plan.total_steps} ({plan.steps_per_epoch} per epoch)" if not start_step
-             else f"{plan.total_steps - start_step} left of {plan.total_steps}")
-    lines = [
-        f"device      {device}",
-        f"precision   {precision}",
-        f"threads     {torch.get_num_threads()} (intra-op)",
-        f"parameters  {trained:,} trainable of {total:,} ({100 * trained / total:.2f}%)",
-        f"adapted     {adapted}",
-        f"steps       {steps}",
-        f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",
-    ]
-    print("\n".join("run: " + line for line in lines), file=sys.stderr)
-
-
 def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, fused where torch has the kernel: LoRA has two small
     tensors per adapted layer, and the unfused loop pays a dozen tiny ops for each of them."""
@@ -270,7 +248,7 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
     state = loaded or RunState()
     if place.rank == 0:
         start_outputs(out, config, state.step, train_set.stats)
-        _describe_run(model, config, plan, place.device, log.precision, state.step)
+        describe_run(model, config, plan, place.device, log.precision, state.step)
         _print_memory_estimate(model, config, amp_dtype, place.device)
     return _Run(model, _compiled(model, config), params, optimizer, scaler, amp_dtype, plan,
                 state, pissa_start)

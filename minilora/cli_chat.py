@@ -22,6 +22,7 @@ _EXIT_WORDS = ("/quit", "exit", "quit", "/exit")
 
 
 def add_chat_parser(sub: Any) -> None:
+    """Adds `minilora chat` (its flags beside the function that runs it)."""
     p = sub.add_parser("chat", help="talk to a model, optionally with adapters "
                                     "(/adapter NAME switches)")
     add_model_args(p)
@@ -90,6 +91,7 @@ def _switch_adapter(model: Any, text: str, adapters: list[str]) -> None:
 
 
 def add_generate_parser(sub: Any) -> None:
+    """Adds `minilora generate`."""
     p = sub.add_parser("generate", help="one prompt in, text out (scriptable)")
     add_model_args(p)
     add_sampling_args(p)

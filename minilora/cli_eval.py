@@ -13,6 +13,7 @@ from minilora.outputs import check_not_an_input
 
 
 def add_eval_parser(sub: Any) -> None:
+    """Adds `minilora eval`."""
     p = sub.add_parser("eval", help="loss / perplexity and task accuracy")
     add_model_args(p)
     p.add_argument("--data", default=None, metavar="FILE",

@@ -32,6 +32,7 @@ _MERGE_OUTPUTS = re.compile(r"config\.json|model\.safetensors|model\.safetensors
 
 
 def add_merge_parser(sub: Any) -> None:
+    """Adds `minilora merge`."""
     p = sub.add_parser("merge", help="base + adapter -> a merged model folder")
     add_model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
@@ -75,6 +76,7 @@ def _copy_tokenizer(args: argparse.Namespace, out: Path) -> None:
 
 
 def add_convert_parser(sub: Any) -> None:
+    """Adds `minilora convert`."""
     p = sub.add_parser("convert", help="MiniMind .pth adapter <-> adapter folder")
     add_model_args(p, adapters=False)
     p.add_argument("input", help="a MiniMind .pth LoRA file or an adapter folder")
@@ -122,6 +124,7 @@ def _check_adapter_out(out: Path, args: argparse.Namespace) -> None:
 
 
 def add_combine_parser(sub: Any) -> None:
+    """Adds `minilora combine`."""
     p = sub.add_parser("combine", help="weighted combination of adapters -> one adapter")
     add_model_args(p, adapters=False)
     p.add_argument("adapters", nargs="+", metavar="[NAME=]PATH", help="the adapters to combine")
@@ -164,6 +167,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def add_info_parser(sub: Any) -> None:
+    """Adds `minilora info`."""
     p = sub.add_parser("info", help="what a model, adapter, run or checkpoint folder holds")
     p.add_argument("path", help="a model folder, an adapter folder, a .pth file, a training "
                                 "run's folder or one of its checkpoints")

@@ -17,6 +17,7 @@ from minilora.cli_common import (
 
 
 def add_serve_parser(sub: Any) -> None:
+    """Adds `minilora serve`."""
     p = sub.add_parser("serve", help="an OpenAI-compatible server; each request picks its "
                                      "adapter (needs the serve extra)")
     add_model_args(p)

@@ -96,6 +96,7 @@ class RunLog:
         return [(step, mean)]
 
     def eval(self, record: dict[str, float]) -> None:
+        """Logs an evaluation record (step, eval_loss, eval_ppl, ...) to metrics.jsonl."""
         self._write(record)
         if self.active:
             self.bar.write(f"eval at step {record['step']}: loss {record['eval_loss']:.4f} "
@@ -110,6 +111,7 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
+        """Closes the progress bar (the run ended, or stopped with an error)."""
         if self.bar is not None:
             self.bar.close()
 

@@ -265,6 +265,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops the engine's loop and waits for its thread (up to 30 s)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

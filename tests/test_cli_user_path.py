@@ -117,16 +117,22 @@ def test_a_rerun_of_a_saved_config_writes_a_new_folder(trained: Path, tmp_path: 
     assert (fresh / "adapter" / "adapter_config.json").is_file()
 
 
-def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(workdir: Path, tmp_path: Path,
-                                                                 capsys, monkeypatch) -> None:
+def interrupt_at_step(monkeypatch, at: int):
+    """Ctrl-C as the run logs step `at`; returns RunLog.step as it was, to put back."""
     real = train_module.RunLog.step
 
     def step(self, step, *args, **kwargs):
-        if step == 3:
+        if step == at:
             raise KeyboardInterrupt
         return real(self, step, *args, **kwargs)
 
     monkeypatch.setattr(train_module.RunLog, "step", step)
+    return real
+
+
+def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(workdir: Path, tmp_path: Path,
+                                                                 capsys, monkeypatch) -> None:
+    interrupt_at_step(monkeypatch, 3)
     out = tmp_path / "run"
     code, _, err = run(train_args(workdir, out, "--max-steps", "6", "--save-every", "1"), capsys)
     assert code == 130
@@ -136,14 +142,7 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(workdir: Path, 
 
 def test_ctrl_c_before_any_checkpoint_gives_a_command_that_works(workdir: Path, tmp_path: Path,
                                                                   capsys, monkeypatch) -> None:
-    real = train_module.RunLog.step
-
-    def step(self, step, *args, **kwargs):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(train_module.RunLog, "step", step)
+    real = interrupt_at_step(monkeypatch, 3)
     out = tmp_path / "run"
     # an eval at step 2 keeps best/ before the interrupt; no checkpoint is written
     argv = train_args(workdir, out, "--max-steps", "4", "--eval-data",

@@ -508,12 +508,19 @@ def test_the_checkpoint_resumes_exactly_what_it_saved(tok, files, tmp_path):
                                    dataclasses.replace(cfg, lr=0.5), plan)
 
 
-def test_a_checkpoint_written_with_dtype_resumes_under_amp_dtype(tok, files, tmp_path):
+def checkpoint_at_step_one(tok, files, tmp_path):
+    """A LoRA run's parts and the checkpoint it saved at step 1: (cfg, model, optimizer, plan,
+    checkpoints folder, checkpoint path)."""
     cfg = config(files, tmp_path / "run")
     model, _, optimizer, plan = checkpoint_parts(tok, files, cfg)
     folder = tmp_path / "run" / checkpoint.CHECKPOINTS
     path = checkpoint.save_checkpoint(folder, model, optimizer, None, cfg, plan,
                                       checkpoint.RunState(step=1))
+    return cfg, model, optimizer, plan, folder, path
+
+
+def test_a_checkpoint_written_with_dtype_resumes_under_amp_dtype(tok, files, tmp_path):
+    cfg, model, optimizer, plan, folder, path = checkpoint_at_step_one(tok, files, tmp_path)
     state = torch.load(path / "state.pt", weights_only=True)
     state["config"]["dtype"] = state["config"].pop("amp_dtype")  # as an older minilora wrote
     rewrite_state(path, state)
@@ -527,11 +534,7 @@ def test_a_checkpoint_from_before_named_adapters_and_new_fields_resumes(tok, fil
 
     from safetensors.torch import load_file, save_file
 
-    cfg = config(files, tmp_path / "run")
-    model, _, optimizer, plan = checkpoint_parts(tok, files, cfg)
-    folder = tmp_path / "run" / checkpoint.CHECKPOINTS
-    path = checkpoint.save_checkpoint(folder, model, optimizer, None, cfg, plan,
-                                      checkpoint.RunState(step=1))
+    cfg, model, optimizer, plan, folder, path = checkpoint_at_step_one(tok, files, tmp_path)
     saved = load_file(path / "trainable.safetensors")
     assert any(".lora_A.default.weight" in n for n in saved)
     save_file({n.replace(".default.weight", ".weight"): t for n, t in saved.items()},

@@ -626,6 +626,13 @@ def test_cli_generate_adapter_per_prompt(cli_dir, capsys, monkeypatch):
         ["generate", "--model", str(cli_dir / "base"), "--adapter", str(cli_dir / "alpha"),
          "--adapter-per-prompt"], capsys, '{"prompt": "Hi", "adapter": "nope"}\n', monkeypatch)
     assert code == 2 and "line 1: no adapter 'nope'" in err
+    # a hostile stdin line (too deep for json, an integer too long): one line, exit 2
+    for bad in ("[" * 100_000 + "]" * 100_000, '{"prompt": ' + "9" * 5000 + "}"):
+        code, _, err = run_cli(
+            ["generate", "--model", str(cli_dir / "base"), "--adapter", str(cli_dir / "alpha"),
+             "--adapter-per-prompt"], capsys, f'{{"prompt": "Hi"}}\n{bad}\n', monkeypatch)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "stdin line 2: not valid JSON" in err
 
 
 def test_cli_combine(cli_dir, capsys, tmp_path):

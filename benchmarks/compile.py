@@ -1,4 +1,4 @@
-"""The compiled training step (minilora.compiled, what `minilora train --compile` runs) beside
+"""The compiled training step (training/compiled.py, what `minilora train --compile` runs) beside
 the eager one, in ONE process, alternated step by step, on the demo: the embedded model, the
 demo data and settings (batch 16, max_seq_len 128, LoRA r=8 all-linear, AdamW).
 
@@ -28,14 +28,14 @@ import torch
 from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
-from minilora.cli import ASSETS, BASE_MODEL
-from minilora.compiled import CompiledLoss, pad_right, padded_length
-from minilora.data import load_jsonl
-from minilora.injection import inject_lora, lora_parameters, mark_trainable
-from minilora.lora import LoraConfig
-from minilora.threads import configure_threads
-from minilora.tokenizer import Tokenizer
-from minilora.weights import load_model
+from minilora.cli.main import ASSETS, BASE_MODEL
+from minilora.core.threads import configure_threads
+from minilora.data.sft import load_jsonl
+from minilora.data.tokenizer import Tokenizer
+from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
+from minilora.lora.layer import LoraConfig
+from minilora.model.io import load_model
+from minilora.training.compiled import CompiledLoss, pad_right, padded_length
 
 
 def _settings() -> dict:

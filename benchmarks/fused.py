@@ -1,4 +1,4 @@
-"""Fused projections (minilora.fused) against the same models unfused, in one process.
+"""Fused projections (minilora.model.fused) against the same models unfused, in one process.
 
     python benchmarks/fused.py                 # MiniMind's small size, fp32 and bf16 autocast
     python benchmarks/fused.py --quick         # tiny shapes: checks that every row runs
@@ -67,7 +67,7 @@ def _saved_mib(step_forward) -> float:
 
 
 def train_rows(dtype: str, shapes: dict, batch, args) -> tuple:
-    from minilora.fused import fusion
+    from minilora.model.fused import fusion
 
     def case(impl, target):
         return dict(kind="train", impl=impl, target=target, dtype=dtype)
@@ -104,7 +104,7 @@ def train_rows(dtype: str, shapes: dict, batch, args) -> tuple:
 def _saved_rows(dtype: str, shapes: dict, batch) -> list[str]:
     import torch
 
-    from minilora.fused import fusion
+    from minilora.model.fused import fusion
 
     rows = []
     for impl, target in (("minilora-frozen", None), ("minilora", "all")):
@@ -124,9 +124,9 @@ def overhead_rows(dtype: str, shapes: dict, batch, args) -> list[str]:
     """Unmerged LoRA forward / base forward, fused and unfused, as run.py's overhead row."""
     import torch
 
-    from minilora.fused import fusion
-    from minilora.injection import inject_lora
-    from minilora.lora import LoraConfig
+    from minilora.lora.injection import inject_lora
+    from minilora.lora.layer import LoraConfig
+    from minilora.model.fused import fusion
 
     base = bench._build(dict(impl="minilora"), shapes)
     if dtype == "bf16":
@@ -161,7 +161,7 @@ def profile(dtype: str, shapes: dict, batch) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    from minilora.fused import fusion
+    from minilora.model.fused import fusion
 
     step = bench._train_fn(dict(kind="train", impl="minilora", target="all", dtype=dtype),
                            shapes, batch)

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.generation import generate, generate_batch
-from minilora.injection import inject_lora, lora_parameters, mark_trainable
-from minilora.lora import LoraConfig, lora_modules
-from minilora.model import CausalLM, ModelConfig
+from minilora.decoding.generation import generate, generate_batch
+from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
+from minilora.lora.layer import LoraConfig, lora_modules
+from minilora.model.decoder import CausalLM, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "minilora" / "assets"
 DEV = "cuda"  # "cpu" with --cpu-dry-run
@@ -72,10 +72,10 @@ def tiny(seed: int = 0, vocab: int = 128) -> CausalLM:
 def _train(dtype: str) -> str:
     if DEV == "cpu" and dtype == "float16":
         dtype = "bfloat16"  # train() refuses float16 off CUDA (GradScaler)
-    from minilora.tokenizer import Tokenizer
-    from minilora.train import TrainConfig, train
-    from minilora.train_data import load_datasets
-    from minilora.weights import load_model
+    from minilora.data.tokenizer import Tokenizer
+    from minilora.model.io import load_model
+    from minilora.training.datasets import load_datasets
+    from minilora.training.loop import TrainConfig, train
 
     model = load_model(ASSETS / "base")
     tokenizer = Tokenizer.from_file(ASSETS / "base")
@@ -204,7 +204,7 @@ def _free_port() -> int:
 def nccl_one_process() -> str:
     import torch.distributed as dist
 
-    from minilora.distributed import broadcast, sync_gradients
+    from minilora.training.distributed import broadcast, sync_gradients
 
     dist.init_process_group("nccl" if DEV == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
@@ -251,8 +251,8 @@ def nccl_one_process() -> str:
 
 @check("generate-kv-cache")
 def generate_kv_cache() -> str:
-    from minilora.tokenizer import Tokenizer
-    from minilora.weights import load_model
+    from minilora.data.tokenizer import Tokenizer
+    from minilora.model.io import load_model
 
     # the embedded base (a trained model: greedy choices are not near-ties between devices)
     torch.backends.cuda.matmul.allow_tf32 = False  # the CPU comparison needs true fp32 products

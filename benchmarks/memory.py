@@ -59,12 +59,12 @@ def _minilora_model(case: dict, shapes: dict):
     import torch
     from torch import nn
 
-    from minilora.injection import inject_lora, lora_parameters, mark_trainable
-    from minilora.lora import LoraConfig
-    from minilora.model import CausalLM, ModelConfig
-    from minilora.qlora import quantize_model
-    from minilora.train import set_activation_checkpointing
-    from minilora.weights import load_model
+    from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
+    from minilora.lora.layer import LoraConfig
+    from minilora.lora.qlora import quantize_model
+    from minilora.model.decoder import CausalLM, ModelConfig
+    from minilora.model.io import load_model
+    from minilora.training.loop import set_activation_checkpointing
 
     if case.get("folder"):
         model = load_model(case["folder"], dtype=torch.bfloat16)
@@ -127,7 +127,7 @@ def worker(case: dict) -> dict:
     rss_model = _vm("VmRSS")
     estimate = None
     if case["impl"] == "minilora":
-        from minilora.memory import estimate_memory
+        from minilora.training.memory import estimate_memory
 
         e = estimate_memory(model, B, T, amp_dtype=torch.bfloat16, device=torch.device("cpu"))
         estimate = e.trainable + e.activations  # what the step adds to the built model

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from minilora.generation import generate_batch  # noqa: E402
-from minilora.injection import inject_lora  # noqa: E402
-from minilora.lora import LoraConfig, lora_modules  # noqa: E402
-from minilora.model import CausalLM, ModelConfig  # noqa: E402
-from minilora.named_adapters import set_active  # noqa: E402
+from minilora.decoding.generation import generate_batch  # noqa: E402
+from minilora.lora.injection import inject_lora  # noqa: E402
+from minilora.lora.layer import LoraConfig, lora_modules  # noqa: E402
+from minilora.lora.named import set_active  # noqa: E402
+from minilora.model.decoder import CausalLM, ModelConfig  # noqa: E402
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 

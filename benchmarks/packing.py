@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from minilora.data import load_jsonl  # noqa: E402
-from minilora.injection import inject_lora, lora_parameters  # noqa: E402
-from minilora.lora import LoraConfig  # noqa: E402
-from minilora.tokenizer import Tokenizer  # noqa: E402
-from minilora.weights import load_model  # noqa: E402
+from minilora.data.sft import load_jsonl  # noqa: E402
+from minilora.data.tokenizer import Tokenizer  # noqa: E402
+from minilora.lora.injection import inject_lora, lora_parameters  # noqa: E402
+from minilora.lora.layer import LoraConfig  # noqa: E402
+from minilora.model.io import load_model  # noqa: E402
 
 ASSETS = ROOT / "minilora" / "assets"
 

@@ -79,7 +79,7 @@ def _build(case: dict, shapes: dict):
     """The model of a row: minilora's CausalLM or transformers' Llama, on the same weights."""
     import torch
 
-    from minilora.model import CausalLM, ModelConfig
+    from minilora.model.decoder import CausalLM, ModelConfig
 
     torch.manual_seed(0)
     ours = CausalLM(ModelConfig(model_type="llama", **shapes))
@@ -140,8 +140,8 @@ def _adapt(model, case: dict) -> list:
     for p in model.parameters():
         p.requires_grad_(False)
     if impl in ("minilora", "hf-minilora", "minilora-fullloss"):
-        from minilora.injection import inject_lora, lora_parameters, mark_trainable
-        from minilora.lora import LoraConfig
+        from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
+        from minilora.lora.layer import LoraConfig
 
         inject_lora(model, LoraConfig(r=RANK, alpha=ALPHA, targets=_targets(target),
                                       use_dora=case.get("dora", False)))
@@ -235,8 +235,8 @@ def overhead_row(case: dict, shapes: dict, batch) -> dict:
 
     import torch
 
-    from minilora.injection import inject_lora, merge_lora
-    from minilora.lora import LoraConfig
+    from minilora.lora.injection import inject_lora, merge_lora
+    from minilora.lora.layer import LoraConfig
 
     base = _build(case, shapes)
     if case["dtype"] == "bf16":
@@ -273,8 +273,8 @@ def _forward_fn(case: dict, shapes: dict, batch):
     if case["dtype"] == "bf16":
         model = model.to(torch.bfloat16)
     if case.get("lora"):
-        from minilora.injection import inject_lora, merge_lora
-        from minilora.lora import LoraConfig
+        from minilora.lora.injection import inject_lora, merge_lora
+        from minilora.lora.layer import LoraConfig
 
         inject_lora(model, LoraConfig(r=RANK, alpha=ALPHA, targets="all-linear"))
         with torch.no_grad():  # a trained-looking adapter: B != 0
@@ -316,7 +316,7 @@ def _generate_fn(case: dict, shapes: dict, batch):
             out = model.generate(prompt, generation_config=gc)
             case["tokens"] = out[0, PROMPT:].tolist()
     else:
-        from minilora.generation import generate
+        from minilora.decoding.generation import generate
 
         def step():
             case["tokens"] = generate(model, prompt[0], max_new_tokens=n)
@@ -618,7 +618,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
     out += ["", "## Greedy generation (batch 1, KV cache)", "",
             f"Prompt {PROMPT} tokens, {NEW_TOKENS if not args.quick else 8} new tokens, no EOS; "
             "tokens/s counts new tokens over the whole call (prefill included). transformers: "
-            "`model.generate(do_sample=False)`; minilora: `minilora.generation.generate`. "
+            "`model.generate(do_sample=False)`; minilora: `minilora.decoding.generation.generate`. "
             "bf16 rows hold the weights in bf16. Random weights put near-ties between the top "
             "two logits, where bf16 rounding (different kernels, same math) can pick the other "
             "token; fp32 must give the same tokens.", "",

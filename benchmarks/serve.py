@@ -40,15 +40,15 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
-from minilora.adapter import load_adapter, save_adapter  # noqa: E402
-from minilora.cli import BASE_MODEL  # noqa: E402
-from minilora.injection import inject_lora  # noqa: E402
-from minilora.lora import LoraConfig, lora_modules  # noqa: E402
-from minilora.named_adapters import delete_adapter  # noqa: E402
-from minilora.serve import ServeState, create_app  # noqa: E402
-from minilora.serve_engine import Engine  # noqa: E402
-from minilora.tokenizer import Tokenizer  # noqa: E402
-from minilora.weights import load_model  # noqa: E402
+from minilora.adapters.folder import load_adapter, save_adapter  # noqa: E402
+from minilora.cli.main import BASE_MODEL  # noqa: E402
+from minilora.data.tokenizer import Tokenizer  # noqa: E402
+from minilora.lora.injection import inject_lora  # noqa: E402
+from minilora.lora.layer import LoraConfig, lora_modules  # noqa: E402
+from minilora.lora.named import delete_adapter  # noqa: E402
+from minilora.model.io import load_model  # noqa: E402
+from minilora.serve.app import ServeState, create_app  # noqa: E402
+from minilora.serve.engine import Engine  # noqa: E402
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 QUESTIONS = ["What is your name?", "Add 12 and 30.", "Reverse the word minilora.",

@@ -4,7 +4,7 @@ Rows (each a fresh worker process, since OpenMP reads OMP_WAIT_POLICY once at st
 
 - ``torch default``: one intra-op thread per CPU, OMP_WAIT_POLICY unset;
 - ``passive``: the same threads, OMP_WAIT_POLICY=PASSIVE;
-- ``minilora``: what the command line does (minilora.threads): PASSIVE, as many intra-op threads
+- ``minilora``: what the command line does (core/threads.py): PASSIVE, as many intra-op threads
   as CPUs are free, one inter-op thread.
 
 each quiet and with one core taken by a spinning process. The rows run alternated, ``--repeat``
@@ -29,12 +29,12 @@ import json, os, sys, time
 setting, steps, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 import torch
 if setting == "minilora":
-    from minilora.threads import configure_threads
+    from minilora.core.threads import configure_threads
     configure_threads()
-from minilora.cli import BASE_MODEL
-from minilora.injection import inject_lora, lora_parameters, mark_trainable
-from minilora.lora import LoraConfig
-from minilora.weights import load_model
+from minilora.cli.main import BASE_MODEL
+from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
+from minilora.lora.layer import LoraConfig
+from minilora.model.io import load_model
 model = load_model(BASE_MODEL)
 inject_lora(model, LoraConfig(r=8, alpha=16, targets="all-linear"))
 mark_trainable(model)

@@ -1,70 +1,71 @@
 """minilora: LoRA fine-tuning of small causal language models.
 
-The public API, re-exported from the files that own it (one file per concept, see DESIGN.md).
+The public API, re-exported from the rooms that own it (docs/architecture.md is the map).
 """
 
 __version__ = "0.1.0"
 
-# `train` the function stays in minilora.train: re-exported here it would hide the submodule
-# (`import minilora.train` would then give the function).
 # The names below are imported on first use (PEP 562): `import minilora` (and so `minilora --help`)
 # stays free of torch, which takes a second and a few hundred MB to import.
 _EXPORTS = {
-    "minilora.adapter": (
+    "minilora.adapters.folder": (
         "load_adapter", "save_adapter",
     ),
-    "minilora.adapter_state": (
+    "minilora.adapters.state": (
         "adapter_state_dict", "load_adapter_state_dict",
     ),
-    "minilora.chat": (
+    "minilora.decoding.chat": (
         "chat_answerer", "stream_reply", "stream_text",
     ),
-    "minilora.data": (
+    "minilora.data.sft": (
         "load_jsonl",
     ),
-    "minilora.describe": (
+    "minilora.training.describe": (
         "describe_adapter", "describe_path", "resolve_adapter_path",
     ),
-    "minilora.fingerprint": (
+    "minilora.lora.fingerprint": (
         "base_fingerprint",
     ),
-    "minilora.peft_format": (
+    "minilora.adapters.peft": (
         "find_adapters",
     ),
-    "minilora.errors": (
+    "minilora.core.errors": (
         "AdapterError", "CheckpointError", "ConfigError", "DataError", "FingerprintMismatch",
         "MiniloraError", "MissingExtra", "OutputError", "TaskError", "TrainError", "WeightsError",
     ),
-    "minilora.injection": (
+    "minilora.lora.injection": (
         "count_parameters", "disabled", "inject_lora", "lora_parameters", "mark_trainable",
         "merge_and_unload", "merge_lora", "unmerge_lora",
     ),
-    "minilora.lora": (
+    "minilora.lora.layer": (
         "LoRALinear", "lora_modules",
     ),
-    "minilora.lora_config": (
+    "minilora.lora.config": (
         "LoraConfig", "check_adapter_name",
     ),
-    "minilora.named_adapters": (
+    "minilora.lora.named": (
         "active_adapters", "combine_adapters", "delete_adapter", "list_adapters",
         "mixed_adapters", "set_active",
     ),
-    "minilora.generation": (
+    "minilora.decoding.generation": (
         "generate", "stream_generate",
     ),
-    "minilora.model": (
+    "minilora.model.decoder": (
         "CausalLM",
     ),
-    "minilora.model_config": (
+    "minilora.model.config": (
         "ModelConfig",
     ),
-    "minilora.tokenizer": (
+    "minilora.data.tokenizer": (
         "Tokenizer", "train_tokenizer",
     ),
-    "minilora.train_config": (
+    "minilora.training.config": (
         "TrainConfig",
     ),
-    "minilora.weights": (
+    "minilora.training.loop": (
+        "train",
+    ),
+    "minilora.model.io": (
         "describe_model", "load_model", "save_model",
     ),
 }
@@ -97,6 +98,6 @@ __all__ = [
     "generate", "inject_lora", "list_adapters", "load_adapter", "load_adapter_state_dict",
     "load_jsonl", "load_model", "lora_modules", "lora_parameters", "mark_trainable",
     "merge_and_unload", "merge_lora", "mixed_adapters", "save_adapter", "save_model",
-    "set_active", "stream_generate", "train_tokenizer", "unmerge_lora",
+    "set_active", "stream_generate", "train", "train_tokenizer", "unmerge_lora",
     "chat_answerer", "describe_path", "resolve_adapter_path", "stream_reply", "stream_text",
 ]

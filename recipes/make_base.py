@@ -3,7 +3,7 @@
 Steps, all with minilora's own code:
 1. ``recipes/make_data.py`` writes the base corpus (recipes/data/base_sft.jsonl) and the demo sets.
 2. A byte-level BPE tokenizer (``train_tokenizer``) is trained on the corpus in ChatML form.
-3. A small Llama-style decoder is trained from scratch with ``minilora.train.train(full=True)``
+3. A small Llama-style decoder is trained from scratch with ``minilora.train(full=True)``
    on the corpus, assistant tokens only, rows packed.
 4. The model and tokenizer are written to the output folder (safetensors + tokenizer.json), and
    the base skills and persona are scored on held-out questions (report.json beside them).
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from minilora import tasks
-from minilora.generation import generate
-from minilora.model import CausalLM, ModelConfig
-from minilora.tokenizer import train_tokenizer
-from minilora.train import TrainConfig, train
-from minilora.train_data import load_datasets
-from minilora.weights import save_model
+from minilora.data import tasks
+from minilora.data.tokenizer import train_tokenizer
+from minilora.decoding.generation import generate
+from minilora.model.decoder import CausalLM, ModelConfig
+from minilora.model.io import save_model
+from minilora.training.datasets import load_datasets
+from minilora.training.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "recipes" / "data" / "base_sft.jsonl"

@@ -60,7 +60,7 @@ Files (all SFT files in MiniMind's format: ``{"conversations": [{"role", "conten
   same facts and sums are trained under other phrasings, since a fact cannot be held out).
 
 Eval files follow the format in ``minilora/tasks.py``. No question of an eval file appears in
-any training file (checked here and in tests/test_tasks.py).
+any training file (checked here and in tests/data/test_tasks.py).
 
 Deterministic: the same seed writes the same bytes (``random.Random`` seeded per file with a
 string, which does not depend on PYTHONHASHSEED). Pure Python, a few seconds.

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from minilora import tasks
-from minilora.chat import chat_answerer
-from minilora.cli import ASSETS, BASE_MODEL
-from minilora.files import atomic_write
-from minilora.injection import count_parameters, inject_lora
-from minilora.lora import LoraConfig
-from minilora.tokenizer import Tokenizer
-from minilora.train import TrainConfig, train
-from minilora.train_data import load_datasets
-from minilora.weights import load_model
+from minilora.cli.main import ASSETS, BASE_MODEL
+from minilora.core.files import atomic_write
+from minilora.data import tasks
+from minilora.data.tokenizer import Tokenizer
+from minilora.decoding.chat import chat_answerer
+from minilora.lora.injection import count_parameters, inject_lora
+from minilora.lora.layer import LoraConfig
+from minilora.model.io import load_model
+from minilora.training.datasets import load_datasets
+from minilora.training.loop import TrainConfig, train
 
 SKILL = "sumwords"
 PERSONA = "persona"

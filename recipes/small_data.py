@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from minilora import tasks
-from minilora.chat import chat_answerer
-from minilora.cli import ASSETS, BASE_MODEL, main
-from minilora.named_adapters import set_active
-from minilora.tokenizer import Tokenizer
-from minilora.weights import load_model
+from minilora.cli.main import ASSETS, BASE_MODEL, main
+from minilora.data import tasks
+from minilora.data.tokenizer import Tokenizer
+from minilora.decoding.chat import chat_answerer
+from minilora.lora.named import set_active
+from minilora.model.io import load_model
 
 RUNS = {
     "README's former recipe (lr 2e-4, 3 epochs)": ["--r", "16", "--alpha", "32", "--lr", "2e-4",
@@ -62,7 +62,7 @@ def score(adapter: Path | None, samples: list) -> dict[str, float]:
     model = load_model(BASE_MODEL)
     tokenizer = Tokenizer.from_file(BASE_MODEL)
     if adapter is not None:
-        from minilora.adapter import load_adapter
+        from minilora.adapters.folder import load_adapter
 
         load_adapter(model, adapter)
         set_active(model, ["default"])

@@ -64,7 +64,7 @@ def chat_rows(key: str = "conversations", repeat: int = 1) -> list[dict]:
 
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained on CHATS and TEXTS (no download)."""
-    from minilora.tokenizer import train_tokenizer
+    from minilora.data.tokenizer import train_tokenizer
 
     texts = [m["content"] for chat in CHATS for m in chat] + TEXTS
     return train_tokenizer(texts * 4, vocab_size=400)
@@ -74,7 +74,7 @@ def tiny_model(vocab_size: int, *, hidden: int = 32, layers: int = 2, seed: int 
     """A 2-layer CausalLM with hidden 32, initialized from ``seed``."""
     import torch
 
-    from minilora.model import CausalLM, ModelConfig
+    from minilora.model.decoder import CausalLM, ModelConfig
 
     torch.manual_seed(seed)
     config = ModelConfig(
@@ -100,8 +100,8 @@ def add_random_adapter(model: Any, name: str, seed: int, targets: Any) -> None:
     """An adapter whose B is not zero (seeded), so its answers differ from the base's."""
     import torch
 
-    from minilora.injection import inject_lora
-    from minilora.lora import LoraConfig, lora_modules
+    from minilora.lora.injection import inject_lora
+    from minilora.lora.layer import LoraConfig, lora_modules
 
     torch.manual_seed(100 + seed)  # inject_lora draws A from the global generator
     inject_lora(model, LoraConfig(r=4, alpha=8, targets=targets), name=name)
@@ -114,8 +114,8 @@ def add_random_adapter(model: Any, name: str, seed: int, targets: Any) -> None:
 
 def fit(model: Any, tokenizer: Any, config: Any) -> Any:
     """train() on the files the config names, read with ``tokenizer``."""
-    from minilora.train import train
-    from minilora.train_data import load_datasets
+    from minilora.training.datasets import load_datasets
+    from minilora.training.loop import train
 
     train_set, eval_set = load_datasets(config, tokenizer)
     return train(model, train_set, config, eval_set)

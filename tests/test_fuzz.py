@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minilora.data import IGNORE_INDEX, DataError, load_jsonl
-from minilora.messages import ROLES
-from minilora.tokenizer import ENDOFTEXT, IM_END, IM_START
+from minilora.data.messages import ROLES
+from minilora.data.sft import IGNORE_INDEX, DataError, load_jsonl
+from minilora.data.tokenizer import ENDOFTEXT, IM_END, IM_START
 
 # Modest budgets: the whole file stays well under 30 s on two shared cores.
 FUZZ = settings(max_examples=200, deadline=None,

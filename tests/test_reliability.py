@@ -35,19 +35,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import minilora.weights
+import minilora.model.io
 from helpers import CHATS, chat_rows, fit, tiny_model, write_jsonl
-from minilora.adapter import load_adapter
-from minilora.checkpoint import latest_checkpoint
-from minilora.cli import main
-from minilora.data import MAX_LINE_BYTES, DataError, load_jsonl
-from minilora.errors import TrainError
-from minilora.fingerprint import base_fingerprint
-from minilora.lora import lora_modules
-from minilora.outputs import LOCK_NAME, FolderLock
-from minilora.peft_format import FINGERPRINT_KEY
-from minilora.train import TrainConfig
-from minilora.weights import load_model, save_model
+from minilora.adapters.folder import load_adapter
+from minilora.adapters.peft import FINGERPRINT_KEY
+from minilora.cli.main import main
+from minilora.core.errors import TrainError
+from minilora.core.outputs import LOCK_NAME, FolderLock
+from minilora.data.sft import MAX_LINE_BYTES, DataError, load_jsonl
+from minilora.lora.fingerprint import base_fingerprint
+from minilora.lora.layer import lora_modules
+from minilora.model.io import load_model, save_model
+from minilora.training.checkpoint import latest_checkpoint
+from minilora.training.loop import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"
@@ -202,14 +202,14 @@ def poisoned(kind: str, calls: Callable[[int], bool]) -> Callable[[pytest.Monkey
     """Models loaded by the CLI go bad at the forward calls (from 0) that ``calls`` picks."""
 
     def patch(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
-        real = minilora.weights.load_model
+        real = minilora.model.io.load_model
 
         def load(*args: Any, **kwargs: Any) -> Any:
             model = real(*args, **kwargs)
             poison(model, kind, calls)
             return model
 
-        monkeypatch.setattr(minilora.weights, "load_model", load)
+        monkeypatch.setattr(minilora.model.io, "load_model", load)
 
     return patch
 
@@ -1274,8 +1274,8 @@ FALLBACK_POINT = "between-renames"
 
 def _two_adapters(vocab: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """A model with LoRA, and the two adapters a save loop alternates: (alpha, B value)."""
-    from minilora.injection import inject_lora
-    from minilora.lora import LoraConfig
+    from minilora.lora.injection import inject_lora
+    from minilora.lora.layer import LoraConfig
 
     model = tiny_model(vocab)
     inject_lora(model, LoraConfig(r=2, alpha=16, targets=["q_proj", "v_proj"]))
@@ -1294,8 +1294,8 @@ def _save_loop(model: torch.nn.Module, folder: Path, adapters: list[dict], first
                point: str | None, pipe: int) -> None:
     """The child: announce, then save adapters[first], the other, ... until killed; with a
     ``point``, stop there in the first save and wait to be killed."""
-    import minilora.files as files
-    from minilora.adapter import save_adapter
+    import minilora.core.files as files
+    from minilora.adapters.folder import save_adapter
 
     def stop_here(name: str) -> None:
         if name == point:
@@ -1323,7 +1323,7 @@ def _save_loop(model: torch.nn.Module, folder: Path, adapters: list[dict], first
 
 def _loads_as(folder: Path, vocab: int, adapters: list[dict]) -> str:
     """"old", "new" or "refused": what a reader gets from the folder."""
-    from minilora.errors import AdapterError
+    from minilora.core.errors import AdapterError
 
     reader = tiny_model(vocab)
     try:
@@ -1338,7 +1338,7 @@ def _loads_as(folder: Path, vocab: int, adapters: list[dict]) -> str:
 
 
 def test_sigkill_during_adapter_saves_leaves_the_old_or_the_new_adapter(tok, tmp_path) -> None:
-    from minilora.adapter import save_adapter
+    from minilora.adapters.folder import save_adapter
 
     vocab = tok.vocab_size
     model, old, new = _two_adapters(vocab)

@@ -1,0 +1,78 @@
+"""`minilora eval`: loss and perplexity on a data file, accuracy on task files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from minilora.cli.common import CliError, add_model_args, apply_adapters, inputs, load_base
+from minilora.core.files import atomic_write
+from minilora.core.outputs import check_not_an_input
+
+
+def add_eval_parser(sub: Any) -> None:
+    """Adds `minilora eval`."""
+    p = sub.add_parser("eval", help="loss / perplexity and task accuracy")
+    add_model_args(p)
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="chat or text jsonl: loss and perplexity on its trained tokens")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="FILE",
+                   help="eval files (questions with expected answers): accuracy per task")
+    p.add_argument("--max-seq-len", type=int, default=512, metavar="N",
+                   help="samples of --data are cut to N tokens (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="samples per forward pass for --data (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
+                   help="most tokens per answer for --tasks (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
+    p.set_defaults(run=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`minilora eval`: loss / perplexity on a jsonl, and task accuracy on eval files."""
+    from minilora.data.sft import load_jsonl
+    from minilora.training.loop import evaluate
+
+    if not args.data and not args.tasks:
+        raise CliError("give --data (loss, perplexity) and/or --tasks (accuracy)")
+    # Checked before the model loads (seconds): each against what it means.
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-seq-len",
+                             args.max_seq_len, 2), ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < low:
+            raise CliError(f"{flag}: expected an integer >= {low}, got {value}")
+    if args.json:
+        check_not_an_input(args.json, {**inputs(args), "--data": args.data, "--tasks": args.tasks},
+                           "--json")
+    model, tokenizer = load_base(args)
+    apply_adapters(model, args)
+    model.eval()
+    report: dict[str, Any] = {}
+    if args.data:
+        dataset = load_jsonl(args.data, tokenizer, args.max_seq_len)
+        report.update(evaluate(model, dataset, args.batch_size))
+        print(f"{args.data}: loss {report['eval_loss']:.4f}, perplexity {report['eval_ppl']:.2f} "
+              f"({len(dataset)} samples)")
+    if args.tasks:
+        report["tasks"] = _score_tasks(model, tokenizer, args)
+    if args.json:
+        atomic_write(args.json, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _score_tasks(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Scores the --tasks files with a progress bar, prints the table, returns the numbers."""
+    from tqdm import tqdm
+
+    from minilora.data import tasks
+    from minilora.decoding.chat import chat_answerer
+
+    samples = [s for f in args.tasks for s in tasks.load_samples(f)]
+    answer = chat_answerer(model, tokenizer, max_new_tokens=args.max_new_tokens,
+                           eos_token_id=tokenizer.stop_token_ids)
+    with tqdm(total=len(samples), unit="question", desc="tasks", file=sys.stderr) as bar:
+        result = tasks.score(samples, answer, on_result=lambda _: bar.update(1))
+    label = "adapter" if args.adapter else "base"
+    print(tasks.format_table({label: result}))
+    return result.to_dict()

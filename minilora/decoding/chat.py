@@ -1,0 +1,76 @@
+"""Answering chat messages with a model: the reply as text, whole or streamed as it is generated.
+
+`chat_answerer` is what `tasks.score` asks questions through (eval --tasks, train's before/after
+table, the recipes); `stream_reply` is one turn of the `chat` command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+from minilora.data.tokenizer import Tokenizer
+from minilora.decoding.generation import generate, stream_generate
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """Decodes a token stream into text pieces as soon as they are whole characters.
+
+    Args:
+        tokenizer: decodes the ids.
+        tokens: token ids, one at a time (``stream_generate``'s output).
+
+    Returns:
+        An iterator of text pieces whose concatenation is the decoded text of all the tokens.
+    """
+    ids: list[int] = []
+    shown = ""
+    for t in tokens:
+        ids.append(t)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            continue
+        yield text[len(shown):]
+        shown = text
+    text = tokenizer.decode(ids)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict],
+                 **sampling: Any) -> Iterator[str]:
+    """The model's reply to a conversation, streamed as text pieces.
+
+    Args:
+        model: the model (in eval mode), with its adapters applied and active as wanted.
+        tokenizer: renders the messages with the chat template and decodes the reply.
+        messages: the conversation so far, ending with the user's turn.
+        **sampling: ``stream_generate``'s settings (max_new_tokens, temperature, eos_token_id...).
+
+    Returns:
+        An iterator of text pieces.
+    """
+    ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    return stream_text(tokenizer, stream_generate(model, ids, **sampling))
+
+
+def chat_answerer(model: nn.Module, tokenizer: Tokenizer, **sampling: Any
+                  ) -> Callable[[list[dict]], str]:
+    """A function from chat messages to the model's whole reply text (for ``tasks.score``).
+
+    Args:
+        model: the model (in eval mode).
+        tokenizer: renders the messages with the chat template and decodes the reply.
+        **sampling: ``generate``'s settings (max_new_tokens, eos_token_id, temperature...).
+
+    Returns:
+        answer(messages) -> the reply, stripped of surrounding whitespace.
+    """
+
+    def answer(messages: list[dict]) -> str:
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.decode(generate(model, ids, **sampling)).strip()
+
+    return answer

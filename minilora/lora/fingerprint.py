@@ -1,0 +1,59 @@
+"""The base fingerprint: a hash of the base weights an adapter was trained on.
+
+An adapter file records it; loading refuses an adapter whose fingerprint differs from the
+model's, and a checkpoint refuses to resume on another base. docs/formats.md describes it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from minilora.core.errors import AdapterError
+from minilora.lora.layer import lora_modules
+from minilora.lora.named import adapter_layers, resolve_adapter
+from minilora.lora.quantized_weight import QUANTIZED_FROM, is_quantized
+from minilora.lora.weight_hash import hash_weights
+
+
+def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
+    """Hashes the base weights of the layers that carry LoRA (adapter `name`'s layers only,
+    when given).
+
+    The hash covers each LoRA module's name, weight shape and weight values rounded to bfloat16,
+    so a float32 base and its bfloat16 copy share a fingerprint (a float16 copy, rounded twice,
+    does not).
+
+    Returns:
+        "sha256:<hex>".
+
+    Raises:
+        AdapterError: when the model has no LoRA modules (or no adapter `name`), or they are
+            merged (the base weights are then not held exactly).
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA modules to fingerprint; inject_lora first")
+    if name is not None:
+        name = resolve_adapter(model, name, "fingerprint")
+        modules = adapter_layers(model, name)
+    merged = [n for n, m in modules if m.merged]
+    if merged:
+        raise AdapterError(
+            f"LoRA is merged into {merged[:3]}{'...' if len(merged) > 3 else ''}: the base weights"
+            " are not held exactly; call unmerge_lora(model) first"
+        )
+    quantized = [n for n, m in modules if is_quantized(m.weight)]
+    if quantized:
+        return _quantized_fingerprint(model, [n for n, _ in modules], quantized)
+    return hash_weights({n: m.weight.detach() for n, m in modules})
+
+
+def _quantized_fingerprint(model: nn.Module, names: list[str], quantized: list[str]) -> str:
+    """The fingerprint quantize_model recorded from the weights before quantizing them."""
+    record = getattr(model, QUANTIZED_FROM, None)
+    if record is None or tuple(sorted(names)) != record["modules"]:
+        raise AdapterError(
+            f"{quantized[0]}.weight is quantized and no fingerprint of its full-precision "
+            "weights was recorded for these layers (quantize_model records it when LoRA is "
+            "injected before quantizing)")
+    return record["fingerprint"]

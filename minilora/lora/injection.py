@@ -1,0 +1,344 @@
+"""Putting LoRA into a model and taking it out: injection by target, the parameters to
+train, merging, unloading, and running the base alone.
+
+Finds LoRALinear layers by type (never by a parameter's name) and leaves each adapter's math
+to minilora.lora.layer; which adapters are active, and mixed batches, to minilora.lora.named.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from minilora.core.errors import ConfigError
+from minilora.lora.layer import (
+    DEFAULT_ADAPTER,
+    LoraConfig,
+    LoRALinear,
+    check_adapter_name,
+    lora_modules,
+    matches,
+)
+from minilora.lora.named import (
+    install_row_hooks,
+    refuse_merged,
+    remove_row_hooks,
+    replace_submodule,
+    set_active,
+)
+from minilora.lora.weight_hash import PISSA_FROM, hash_weights
+
+
+@dataclass
+class InjectionReport:
+    """What `inject_lora` did.
+
+    Attributes:
+        modules: (name, in_features, out_features) of every adapted Linear, in model order.
+        lora_parameters: number of LoRA parameters added, sum of r * (in + out) (+ out
+            with DoRA).
+        adapter: the name of the adapter injected.
+    """
+
+    modules: list[tuple[str, int, int]]
+    lora_parameters: int
+    adapter: str = DEFAULT_ADAPTER
+
+    def __str__(self) -> str:
+        lines = [f"{name}: {i} -> {o}" for name, i, o in self.modules]
+        lines.append(
+            f"{len(self.modules)} modules, {self.lora_parameters:,} LoRA parameters "
+            f"(adapter {self.adapter!r})"
+        )
+        return "\n".join(lines)
+
+
+@dataclass
+class ParameterCounts:
+    """Parameter counts as the seed prints them (shared Parameters counted once).
+
+    `lora` counts every adapter's Parameters, active or not; `trainable` those that require grad.
+    """
+
+    total: int
+    trainable: int
+    lora: int
+
+    def __str__(self) -> str:
+        share = 100.0 * self.lora / self.total if self.total else 0.0
+        return (
+            f"total {self.total:,}, trainable {self.trainable:,}, "
+            f"LoRA {self.lora:,} ({share:.2f}% of total)"
+        )
+
+
+def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yields Linear and LoRALinear modules by name, never descending into a LoRALinear
+    (its lora_A/lora_B are Linears too, and must not be adapted themselves)."""
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, (nn.Linear, LoRALinear)):
+                yield name, child
+            if not isinstance(child, LoRALinear):
+                yield from walk(child, name)
+
+    yield from walk(model, "")
+
+
+def output_head_names(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> set[str]:
+    """Returns the names of Linears that produce the output logits: named lm_head, the model's own
+    get_output_embeddings() (transformers), or a Linear whose weight is an Embedding's."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out_emb = None
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            out_emb = getter()
+        except (AttributeError, NotImplementedError):
+            out_emb = None
+    return {
+        name
+        for name, m in linears
+        if name.split(".")[-1] == "lm_head" or m is out_emb or id(m.weight) in embedding_weights
+    }
+
+
+def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    linears = list(linear_modules(model))
+    targets = config.targets
+    if targets == "all-linear":
+        heads = output_head_names(model, linears)
+        chosen = [(n, m) for n, m in linears if n not in heads]
+    elif targets == "square":
+        chosen = [(n, m) for n, m in linears if m.in_features == m.out_features]
+    else:
+        _check_every_suffixmatches(targets, [n for n, _ in linears])
+        chosen = [(n, m) for n, m in linears if matches(n, targets)]
+    if config.exclude:
+        chosen = [(n, m) for n, m in chosen if not matches(n, config.exclude)]
+    if not chosen:
+        names = ", ".join(n for n, _ in linears) or "(none)"
+        raise ConfigError(
+            f"LoRA targets {config.targets!r} (exclude {config.exclude!r}) match no Linear "
+            f"module; the model's Linear modules are: {names}"
+        )
+    return chosen
+
+
+def _check_every_suffixmatches(targets: list[str] | str, names: list[str]) -> None:
+    """A listed suffix that matches no Linear is a typo (``v_prj``): an error naming each, with
+    the nearest real names, rather than a run that silently adapts the others only."""
+    if isinstance(targets, str):
+        return  # a regex
+    missing = [t for t in targets if not any(matches(n, [t]) for n in names)]
+    if not missing:
+        return
+    # The distinct last parts (q_proj, lm_head, ...): a short list, not every layer's path.
+    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    hints = []
+    for t in missing:
+        near = difflib.get_close_matches(t.rsplit(".", 1)[-1], suffixes, n=3, cutoff=0.5)
+        hints.append(f"{t!r} (nearest: {', '.join(near) or 'none'})")
+    raise ConfigError(
+        f"LoRA targets {hints[0] if len(hints) == 1 else ', '.join(hints)} match no Linear "
+        f"module; the model's Linear names end in: {', '.join(suffixes) or '(none)'}"
+    )
+
+
+def inject_lora(
+    model: nn.Module, config: LoraConfig, name: str = DEFAULT_ADAPTER
+) -> InjectionReport:
+    """Adds adapter `name` to the targeted Linear modules of `model`, in place.
+
+    A Linear becomes a LoRALinear; a layer that already has LoRA gets the adapter beside its
+    others. The new adapter becomes the only active one (B starts at zero, so the model then
+    computes the base); `set_active` changes that.
+
+    Args:
+        model: any nn.Module (a transformers model included).
+        config: rank, scaling, targets and init.
+        name: the adapter's name ("default": the keys stay `<path>.lora_A.weight`).
+
+    Returns:
+        An InjectionReport naming the adapted modules and the number of LoRA parameters.
+
+    Raises:
+        ConfigError: when the targets match no Linear (the message lists those the model has),
+            match a layer that already has an adapter of this name, r exceeds min(in, out) of a
+            target, the name is not valid, or the model's LoRA is merged. Nothing is changed
+            when it raises.
+    """
+    check_adapter_name(name)
+    chosen = _select(model, config)
+    _check_injectable(model, chosen, config, name)
+    if config.init == "pissa":  # the weights it replaces with their residual, for the adapter
+        model.__dict__.setdefault(PISSA_FROM, {})[name] = hash_weights(
+            {path: linear.weight for path, linear in chosen})
+    modules = []
+    added = 0
+    for path, linear in chosen:
+        if isinstance(linear, LoRALinear):
+            linear.add_adapter(name, config.r, config.alpha, config.dropout, config.init,
+                               config.use_rslora, config=config, use_dora=config.use_dora)
+            lora = linear
+        else:
+            lora = LoRALinear(
+                linear, config.r, config.alpha, config.dropout, config.init, config.use_rslora,
+                name=name, use_dora=config.use_dora,
+            )
+            lora.train(linear.training)
+            replace_submodule(model, path, lora)
+        lora.lora_config[name] = config
+        modules.append((path, linear.in_features, linear.out_features))
+        added += config.r * (linear.in_features + linear.out_features)
+        added += linear.out_features if config.use_dora else 0  # DoRA's magnitude
+    set_active(model, [name])
+    install_row_hooks(model)
+    return InjectionReport(modules=modules, lora_parameters=added, adapter=name)
+
+
+def _check_injectable(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], config: LoraConfig, name: str
+) -> None:
+    """Raises ConfigError when adapter `name` cannot go on every chosen layer."""
+    twice = [n for n, m in chosen if isinstance(m, LoRALinear) and name in m.lora_A]
+    if twice:
+        raise ConfigError(
+            f"these layers already have LoRA adapter {name!r} (inject once per layer and name; "
+            f"another name adds a second adapter): {twice}"
+        )
+    refuse_merged(model, "adding an adapter")
+    too_small = [
+        f"{n} ({m.in_features} -> {m.out_features})"
+        for n, m in chosen
+        if config.r > min(m.in_features, m.out_features)
+    ]
+    if too_small:
+        raise ConfigError(
+            f"r={config.r} is larger than min(in_features, out_features) of: {too_small}"
+        )
+
+
+def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """Returns LoRA A and B Parameters: the list to give the optimizer.
+
+    Args:
+        model: a model with LoRA.
+        name: that adapter's Parameters; None: the active adapters' (a single adapter's by
+            default).
+    """
+    params = []
+    for _, m in lora_modules(model):
+        names = m.active_adapters if name is None else [name] if name in m.lora_A else []
+        for n in names:
+            params += m.adapter_parameters(n)
+    return params
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Freezes every Parameter of `model` except those of the active adapters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> ParameterCounts:
+    """Returns total, trainable and LoRA parameter counts (works on meta tensors too)."""
+    params = list(model.parameters())  # deduplicated: tied weights count once
+    lora = [p for _, m in lora_modules(model) for n in m.lora_A for p in m.adapter_parameters(n)]
+    return ParameterCounts(
+        total=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        lora=sum(p.numel() for p in lora),
+    )
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merges the active adapters of every LoRALinear of `model` (idempotent).
+
+    Raises:
+        ConfigError: when a layer to merge into shares its weight with another module (a tied
+            lm_head / embed_tokens): the merge would change that module too. Nothing is merged.
+    """
+    _refuse_shared_weights(model)
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def _refuse_shared_weights(model: nn.Module) -> None:
+    """Raises when a layer with something to merge holds a weight that other names share.
+
+    LoRALinear.merge cannot check this itself: only the model sees who else holds the weight.
+    """
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+    shared = []
+    for path, m in lora_modules(model):
+        if m.merged or not m.active_adapters:
+            continue
+        own = f"{path}.weight" if path else "weight"
+        others = [n for n in holders.get(id(m.weight), []) if n != own]
+        if others:
+            shared.append(f"{path or 'the model'} (its weight is also {', '.join(others)})")
+    if shared:
+        raise ConfigError(
+            f"cannot merge LoRA into a weight that another module shares: {'; '.join(shared)}; "
+            "merging would change that module too (a tied embedding, say). Keep the adapter "
+            "unmerged, or untie the weight first"
+        )
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Unmerges every LoRALinear of `model` (idempotent)."""
+    for _, m in lora_modules(model):
+        m.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Folds the active adapters into the base weights and puts plain nn.Linear modules back
+    (inactive adapters are dropped).
+
+    Returns:
+        `model` itself (changed in place), or a new nn.Linear when `model` is a LoRALinear.
+
+    Raises:
+        ConfigError: when a layer to merge into shares its weight with another module (a tied
+            lm_head / embed_tokens). Nothing is changed.
+    """
+    if isinstance(model, LoRALinear):
+        return model.to_linear()
+    _refuse_shared_weights(model)
+    for name, m in lora_modules(model):
+        replace_submodule(model, name, m.to_linear())
+    remove_row_hooks(model)
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Runs the base model alone inside the block (merged adapters too), then restores.
+
+    Example:
+        with disabled(model):
+            base_logits = model(x)
+    """
+    modules = [m for _, m in lora_modules(model)]
+    before = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, before, strict=True):
+            m.enabled = was
+
+
+

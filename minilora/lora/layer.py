@@ -1,0 +1,470 @@
+"""The LoRA layer: `LoRALinear`, its reference forward, its fast path and its merge.
+
+`LoRALinear` wraps a Linear by composition: it owns the base layer's `weight` and `bias` under
+their own names (so a model's base state_dict keys do not change) and keeps every adapter,
+"default" included, in one `nn.ModuleDict` per kind keyed by the adapter's name (PEFT's
+layout): `lora_A[name]` (in -> r), `lora_B[name]` (r -> out), with y = W x + b + scaling * B A
+dropout(x) per active adapter. Adapter names in memory (`<path>.lora_A.<name>.weight`) are not
+those on disk: minilora.adapters.folder maps one to the other.
+
+The layer knows one set of active adapters and nothing of the model around it: choosing
+adapters model-wide and mixed batches live in minilora.lora.named, injection in
+minilora.lora.injection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilora.core.errors import ConfigError
+from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.layer.LoraConfig)
+    BASE_ROW,
+    DEFAULT_ADAPTER,
+    INITS,
+    MAX_REGEX_LENGTH,
+    SPECIAL_TARGETS,
+    LoraConfig,
+    check_adapter_name,
+    check_regex,
+    lora_scaling,
+    matches,
+)
+from minilora.lora.quantized_weight import base_output, is_quantized, quant_kind
+
+# Low-precision bases get float32 adapters (PEFT does the same): bf16 optimizer updates of a
+# zero-initialised B would round away.
+_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class MergeError(ConfigError):
+    """A merge that would put a non-finite value into the base weight; nothing was changed."""
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + (s * xa A^T) B^T as one autograd node, computed in dtype `dt`.
+
+    Why one node with a hand-written backward instead of composing F.linear calls:
+    - the update is added into the base output in place (`addmm_`) and autograd never sees it,
+      so backward needs no output-sized clone (an in-place add on the Linear's output makes
+      autograd record CopySlices, which copies the whole gradient);
+    - each skinny product runs in its fast orientation: grad_B = (hs^T g)^T, [r, N] @ [N, out],
+      which MKL/oneDNN run several times faster than [out, N] @ [N, r];
+    - grad_x = g W + (g B s) A is one GEMM plus one `addmm_` into it, no extra tensor;
+    - the scaling is folded into the rank-r intermediate, never into an output-sized tensor;
+    - under autocast (or with a bf16 base) the branch runs in the base's compute dtype: A and B
+      are cast once per call (r x in and out x r, tiny), no fp32 output-sized temporaries.
+
+    `xa` is the branch's input when it differs from x (dropout), else None. A trainable base
+    weight or bias (LoRA plus full fine-tuning of some layers) gets its gradient too; x is kept
+    for backward only then.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xa, weight, bias, a, b, scale, dt):
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
+            xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1]).to(dt)
+            w = weight.to(dt)
+            a_, b_ = a.to(dt), b.to(dt)  # (r, in), (out, r)
+            hs = (xa2 @ a_.t()).mul_(scale)  # (N, r)
+            y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
+            y.addmm_(hs, b_.t())
+        ctx.save_for_backward(x2 if weight.requires_grad else None, xa2, hs, w, a_, b_)
+        ctx.scale, ctx.dt, ctx.shared = scale, dt, xa is None
+        ctx.in_dtypes = (x.dtype, None if xa is None else xa.dtype, a.dtype, b.dtype,
+                         weight.dtype, None if bias is None else bias.dtype)
+        ctx.in_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xa2, hs, w, a, b = ctx.saved_tensors
+        x_dtype, xa_dtype, a_dtype, b_dtype, w_dtype, bias_dtype = ctx.in_dtypes
+        need_x, need_xa, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+        with torch.autocast(g.device.type, enabled=False):
+            g2 = g.reshape(-1, g.shape[-1]).to(ctx.dt)  # (N, out)
+            gh = (g2 @ b).mul_(ctx.scale)  # (N, r)
+            grad_a = (gh.t() @ xa2).to(a_dtype) if need_a else None  # (r, in)
+            grad_b = (hs.t() @ g2).t().to(b_dtype) if need_b else None  # (out, r)
+            grad_x = grad_xa = None
+            if need_x:
+                grad_x = g2 @ w  # (N, in)
+                if ctx.shared:
+                    grad_x.addmm_(gh, a)
+                grad_x = grad_x.view(ctx.in_shape).to(x_dtype)
+            if need_xa:
+                grad_xa = (gh @ a).view(ctx.in_shape).to(xa_dtype)
+            grad_w = (g2.t() @ x2).to(w_dtype) if need_w else None  # (out, in)
+            grad_bias = g2.sum(0).to(bias_dtype) if need_bias else None
+        return grad_x, grad_xa, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+class LoRALinear(nn.Module):
+    """A Linear layer plus one or more named low-rank updates, by composition.
+
+    Args:
+        base: the Linear to wrap; its `weight` and `bias` Parameters are taken over as they are
+            (same objects, so ties and optimizer references survive).
+        r: rank of the first adapter.
+        alpha: its scaling numerator.
+        dropout: dropout on the LoRA branch's input while training (no op at all when 0).
+        init: "gaussian" (A ~ N(0, 0.02)) or "kaiming" (PEFT's kaiming-uniform), B = 0; or
+            "pissa": A, B from the top-r SVD of the weight, which keeps the residual.
+        use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
+        name: the first adapter's name.
+        use_dora: weight-decomposed LoRA (DoRA): a magnitude m per output row.
+
+    Per adapter name: `lora_A[name]`, `lora_B[name]` (nn.Linear without bias),
+    `lora_magnitude_vector[name]` (DoRA only), and the plain dicts `r`, `lora_alpha`,
+    `scaling`, `lora_dropout`, `use_rslora`, `init` and `lora_config` (the LoraConfig that
+    injected it, or None). `active_adapters` names those a forward adds.
+
+    The variants (DoRA, PiSSA) live at one point: `_init_variant` when an adapter is added,
+    `lora_update` (forward) and `delta_weight` (merge) where they compute.
+
+    Raises:
+        ConfigError: when r is larger than min(in_features, out_features).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: str = "gaussian",
+        use_rslora: bool = False,
+        name: str = DEFAULT_ADAPTER,
+        use_dora: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        # DoRA's magnitude m per adapter that has use_dora (out_features,)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.init: dict[str, str] = {}
+        self.lora_config: dict[str, LoraConfig | None] = {}
+        self._fast: tuple | None = None
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()
+        # The weight before merge(), restored by unmerge() (a plain attribute: not state).
+        self._unmerged_weight: torch.Tensor | None = None
+        self.enabled = True
+        self.add_adapter(name, r, alpha, dropout, init, use_rslora, use_dora=use_dora)
+        self.set_active([name])
+
+    @property
+    def merged(self) -> bool:
+        """Whether adapters are folded into `weight` (see merge)."""
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The names of this layer's adapters, in the order they were added."""
+        return tuple(self.lora_A.keys())
+
+    # ------------------------------------------------------------ adapters
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: str = "gaussian",
+        use_rslora: bool = False,
+        config: LoraConfig | None = None,
+        use_dora: bool = False,
+    ) -> None:
+        """Adds an adapter that leaves the layer's output as it was (B = 0; with PiSSA the
+        weight keeps the residual of what A and B take); it is not made active.
+
+        Raises:
+            ConfigError: on a bad or taken name, a bad init, r > min(in_features,
+                out_features), or PiSSA / DoRA on a quantized weight.
+        """
+        check_adapter_name(name)
+        if name in self.lora_A:
+            raise ConfigError(f"this layer already has an adapter named {name!r}")
+        if init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {init!r}")
+        if not 1 <= r <= min(self.in_features, self.out_features):
+            raise ConfigError(
+                f"r={r} must be between 1 and min(in_features, out_features) = "
+                f"min({self.in_features}, {self.out_features})"
+            )
+        w = self.weight
+        # a quantized (integer) base weight gets float32 adapters too
+        low = w.dtype in _UPCAST_DTYPES or not w.dtype.is_floating_point
+        kw = {"bias": False, "device": w.device, "dtype": torch.float32 if low else w.dtype}
+        self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
+        self.r[name], self.lora_alpha[name] = r, float(alpha)
+        self.scaling[name] = lora_scaling(r, float(alpha), use_rslora)
+        self.lora_dropout[name], self.use_rslora[name] = float(dropout), use_rslora
+        self.init[name], self.lora_config[name] = init, config
+        self._init_variant(name, init, use_dora)
+
+    @torch.no_grad()
+    def _init_variant(self, name: str, init: str, use_dora: bool) -> None:
+        """A and B as `init` says, then DoRA's magnitude: the variant point at adding."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if init == "gaussian":
+            nn.init.normal_(a, mean=0.0, std=0.02)
+        elif init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init != "pissa":
+            nn.init.zeros_(b)
+        elif is_quantized(self.weight):
+            raise ConfigError("init='pissa' rewrites the base weight: not a quantized one")
+        else:
+            # PiSSA (Meng et al. 2024): A, B hold the top-r singular directions, scaled so
+            # s * B A is their part of W; W keeps the rest, so the output does not change.
+            u, sv, vh = torch.linalg.svd(self.weight.float(), full_matrices=False)
+            root = (sv[: self.r[name]] / self.scaling[name]).sqrt()  # (r,)
+            a.copy_(root[:, None] * vh[: self.r[name]])  # (r, in)
+            b.copy_(u[:, : self.r[name]] * root)  # (out, r)
+            residual = self.weight.float() - self.scaling[name] * (b.float() @ a.float())
+            self.weight.copy_(residual)
+        if use_dora:
+            if is_quantized(self.weight):
+                raise ConfigError("use_dora needs the base weight's norms: not a quantized one")
+            w = self.weight.float() + self.scaling[name] * (b.float() @ a.float())  # (out, in)
+            m = torch.linalg.norm(w, dim=1)  # (out,)
+            self.lora_magnitude_vector[name] = nn.Parameter(m.to(a.dtype))
+
+    def delete_adapter(self, name: str) -> None:
+        """Removes an adapter and its Parameters from this layer.
+
+        Raises:
+            ConfigError: when the layer has no such adapter, or it is merged into `weight`.
+        """
+        if name not in self.lora_A:
+            raise ConfigError(f"no adapter {name!r} on this layer; it has {list(self.lora_A)}")
+        if name in self.merged_adapters:
+            raise ConfigError(f"adapter {name!r} is merged into the weight; unmerge it first")
+        del self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        for settings in (self.r, self.lora_alpha, self.scaling, self.lora_dropout,
+                         self.use_rslora, self.init, self.lora_config):
+            del settings[name]
+        self.set_active([n for n in self.active_adapters if n != name])
+
+    def set_active(self, names: Sequence[str]) -> None:
+        """Makes the named adapters (those of them this layer has) the ones a forward adds.
+
+        Raises:
+            ConfigError: when the layer is merged and the active set would change.
+        """
+        active = tuple(dict.fromkeys(n for n in names if n in self.lora_A))
+        if self.merged and active != self.active_adapters:
+            raise ConfigError(
+                f"adapters {list(self.merged_adapters)} are merged into the weight; unmerge "
+                "before changing the active adapters"
+            )
+        self.active_adapters = active
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        """The names of the adapters a forward adds, in order."""
+        return self._active_adapters
+
+    @active_adapters.setter
+    def active_adapters(self, names: Sequence[str]) -> None:
+        self._active_adapters = tuple(names)
+        self._base_only = not self._active_adapters
+        # What the fast path reads: the one active adapter's modules and numbers, not its name,
+        # so a compiled forward guards on shapes and values and switching between adapters of
+        # one shape reuses its graph (a name read in forward would be guarded on, one graph per
+        # adapter). Set with the active adapters: their settings are fixed once added.
+        one = self._active_adapters[0] if len(self._active_adapters) == 1 else None
+        self._fast = None if one is None or one in self.lora_magnitude_vector else (
+            self.lora_A[one], self.lora_B[one], self.scaling[one], self.lora_dropout[one])
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """[A, B] of adapter `name`, and DoRA's magnitude m when it has one."""
+        params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={self.r[n]}, scaling={self.scaling[n]:g})"
+                             for n in self.lora_A)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"adapters=[{adapters}], active={list(self.active_adapters)}, "
+            f"merged={self.merged}, enabled={self.enabled}"
+        )
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast if self.enabled and not self.merged else None
+        if fast is not None:
+            dt = self._fused_dtype(x)
+            if dt is not None:  # the common case, training or not: one node, see _LoRAFunction
+                a, b, scale, p = fast
+                xa = F.dropout(x, p, training=True) if self.training and p > 0 else None
+                return _LoRAFunction.apply(x, xa, self.weight, self.bias, a.weight, b.weight,
+                                           scale, dt)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The formula the fast path must equal: base(x) + each active adapter's update (the
+        base alone when disabled; the weight before merge when merged and disabled)."""
+        if self.merged and not self.enabled:
+            return F.linear(x, self._unmerged_weight, self.bias)
+        base = y = base_output(self, x)  # (..., out); the quantized matmul on a QLoRA base
+        for name in self.active_adapters if self.enabled and not self.merged else ():
+            y = y + self.lora_update(x, name, base).to(y.dtype)
+        return y
+
+    def lora_update(self, x: torch.Tensor, name: str, base: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base output `base` = W x + b: (..., out).
+
+        LoRA: scaling * B A dropout(x). DoRA (PEFT's formula, the norm detached as in the
+        paper's section 4.3): with f = m / ||W + scaling B A||_row, (f - 1) W x' + f scaling B A x'
+        where x' = dropout(x).
+        """
+        a, b = self.lora_A[name], self.lora_B[name]
+        xa = self._dropout(x, name) if self._dropping(name) else x
+        if not torch.is_autocast_enabled(x.device.type):
+            xa = xa.to(a.weight.dtype)  # float32 adapters on a low-precision base
+        lora = b(a(xa)) * self.scaling[name]  # (..., out)
+        if name not in self.lora_magnitude_vector:
+            return lora
+        w = self.weight.to(xa.dtype)
+        delta = (b.weight @ a.weight).detach().to(w.dtype)  # (out, in)
+        norm = torch.linalg.norm(w + self.scaling[name] * delta, dim=1).detach()  # (out,)
+        f = self.lora_magnitude_vector[name] / norm  # (out,)
+        if self._dropping(name):
+            wx = F.linear(xa, w)
+        else:
+            wx = base if self.bias is None else base - self.bias
+        return (f - 1) * wx + f * lora
+
+    def fused_parts(self, x: torch.Tensor) -> tuple | None:
+        """What minilora.model.fused needs to run this layer inside a group of siblings reading x:
+        (weight, bias, (A, B, scaling) of the one active adapter, or None for the base alone),
+        or None when this call needs forward's own paths: several active adapters, DoRA,
+        dropout while training, a quantized weight, merged and disabled."""
+        if is_quantized(self.weight) or (self.merged and not self.enabled):
+            return None
+        if not self.enabled or self.merged or self._base_only:
+            return self.weight, self.bias, None
+        if self._fast is None:  # several active adapters, or DoRA
+            return None
+        a, b, scale, p = self._fast  # not the name: see active_adapters
+        if self.training and p > 0:
+            return None
+        return self.weight, self.bias, (a.weight, b.weight, scale)
+
+    def _dropping(self, name: str) -> bool:
+        return self.training and self.lora_dropout[name] > 0
+
+    def _dropout(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.dropout(x, self.lora_dropout[name], training=True)
+
+    def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype _LoRAFunction computes in, or None where the reference must run (dtypes
+        that F.linear itself would refuse, or that autocast leaves alone)."""
+        w = self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast leaves float64 alone; the reference does the same
+            low = w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            return torch.get_autocast_dtype(x.device.type) if low else None
+        return w.dtype if x.dtype == w.dtype and w.dtype.is_floating_point else None
+
+    # ------------------------------------------------------------ merging
+
+    @torch.no_grad()
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """Returns what merging adds to `weight`, in float32: of adapter `name`, or summed over
+        the active adapters (name=None)."""
+        w = self.weight.float() if self._unmerged_weight is None else self._unmerged_weight.float()
+        total = torch.zeros_like(w)
+        for n in self.active_adapters if name is None else [name]:
+            b, a = self.lora_B[n].weight.float(), self.lora_A[n].weight.float()
+            delta = (b @ a).mul_(self.scaling[n])  # (out, in)
+            if n in self.lora_magnitude_vector:  # DoRA: m * (W + d) / ||W + d||_row - W
+                f = self.lora_magnitude_vector[n].float() / torch.linalg.norm(w + delta, dim=1)
+                delta = f[:, None] * (w + delta) - w
+            total += delta
+        return total
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the active adapters' updates into `weight` (computed in float32); a no-op when
+        already merged or when no adapter is active.
+
+        The weight before the merge is kept (a copy as large as `weight`, held until
+        `unmerge`), so unmerging gives back exactly the base: W + d - d rounds differently
+        from W, and a drifted base would change its fingerprint.
+
+        Raises:
+            ConfigError: the base weight is quantized.
+            MergeError: the merged weight would hold inf or NaN (PEFT's safe_merge); nothing is
+                changed.
+        """
+        if self.merged or not self.active_adapters:
+            return
+        if is_quantized(self.weight):
+            raise ConfigError(
+                f"cannot merge LoRA into a {quant_kind(self.weight)}-quantized base weight (the "
+                "update would be rounded away); merge the adapter into the full-precision base "
+                "instead (minilora merge --model BASE --adapter DIR)")
+        merged = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise MergeError(
+                f"merging adapters {list(self.active_adapters)} would put inf or NaN into the "
+                f"weight ({self.out_features} x {self.in_features}); the adapter is broken or too "
+                "large for the weight's dtype. Nothing was merged")
+        self._unmerged_weight = self.weight.detach().clone()
+        self.weight.copy_(merged)
+        self.merged_adapters = self.active_adapters
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Puts back the weight as it was before `merge`, bit for bit; a no-op when not
+        merged."""
+        if not self.merged:
+            return
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_adapters = ()
+
+    def to_linear(self) -> nn.Linear:
+        """Returns a plain nn.Linear computing base + the active adapters' update (merges them
+        first, shares Parameters); inactive adapters are dropped, and so is the pre-merge copy
+        of the weight."""
+        self.merge()
+        self._unmerged_weight = None
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
+        )
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """Returns (name, module) of every LoRALinear in `model` (found by type), in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]

@@ -1,0 +1,451 @@
+"""Many adapters on one model: which are active, deleting one, mixed batches, combining.
+
+Only this module knows of mixed batches: a forward hook on each LoRALinear adds, for the rows of
+each adapter, that adapter's `lora_update`, while the layer itself adds none (its active set is
+emptied for the call). `model(x, adapter_names=[...])` works through a pre-hook on the model that
+minilora.lora.injection installs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minilora.core.errors import AdapterError, ConfigError
+from minilora.lora.layer import BASE_ROW, LoraConfig, LoRALinear, check_adapter_name, lora_modules
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts `module` at dotted path `name` of `model`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def refuse_merged(model: nn.Module, doing: str) -> None:
+    """Raises ConfigError when any layer of `model` has LoRA merged in."""
+    merged = [n for n, m in lora_modules(model) if m.merged]
+    if merged:
+        raise ConfigError(
+            f"{doing} needs unmerged adapters, but LoRA is merged into {merged[:3]}"
+            f"{'...' if len(merged) > 3 else ''}; call unmerge_lora(model) first"
+        )
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Returns the names of the adapters `model` holds, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, m in lora_modules(model):
+        names.update(dict.fromkeys(m.lora_A))
+    return list(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Returns the names of the adapters a forward of `model` adds (empty: the base)."""
+    names: dict[str, None] = {}
+    for _, m in lora_modules(model):
+        names.update(dict.fromkeys(m.active_adapters))
+    return list(names)
+
+
+def check_known(model: nn.Module, names: Sequence[str]) -> None:
+    known = list_adapters(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"unknown adapter(s) {unknown}; the model has {known or 'none'}")
+
+
+def set_active(model: nn.Module, names: str | Sequence[str] | None) -> None:
+    """Chooses which adapters a forward adds: one name, several (their updates add up), or
+    None / [] / "base" for the base model alone.
+
+    Training follows: `mark_trainable` and `lora_parameters` take the active adapters only.
+
+    Raises:
+        ConfigError: on an unknown name (the message lists the model's adapters), or when LoRA
+            is merged (unmerge_lora first).
+    """
+    if names is None:
+        names = []
+    elif isinstance(names, str):
+        names = [names]
+    names = [n for n in dict.fromkeys(names) if n != BASE_ROW]
+    check_known(model, names)
+    modules = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in modules) and names != active_adapters(model):
+        refuse_merged(model, "changing the active adapters")
+    for m in modules:
+        m.set_active(names)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Removes adapter `name` from every layer; a layer left with no adapter becomes a plain
+    nn.Linear again (sharing the base Parameters). The other adapters are untouched.
+
+    Raises:
+        ConfigError: on an unknown name, or when that adapter is merged.
+    """
+    check_known(model, [name])
+    merged = [n for n, m in lora_modules(model) if name in m.merged_adapters]
+    if merged:
+        raise ConfigError(
+            f"adapter {name!r} is merged into {merged[:3]}; call unmerge_lora(model) first"
+        )
+    for path, m in lora_modules(model):
+        if name not in m.lora_A:
+            continue
+        m.delete_adapter(name)
+        if not m.lora_A and m is not model:
+            replace_submodule(model, path, m.to_linear())
+    if not lora_modules(model):
+        remove_row_hooks(model)
+
+
+
+
+# ---------------------------------------------------------------- mixed batches
+
+
+@contextmanager
+def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row i of every batch uses adapter `adapter_names[i]` alone (None or
+    "base": the base model), whatever `set_active` says.
+
+    `model(input_ids, adapter_names=[...])` does the same for one call (inject_lora installs
+    the hook that reads the keyword). Each row computes what it computes alone with its adapter
+    active, up to float rounding. Every LoRA layer's input must be (batch, sequence, features):
+    layers that see regrouped tokens (MoE experts) cannot route rows, and say so.
+
+    Raises:
+        ConfigError: on an unknown adapter name, an empty list, LoRA that is merged, or when a
+            mixed batch is already being routed.
+    """
+    modules = _route(model, adapter_names)
+    try:
+        yield model
+    finally:
+        _unroute(modules)
+
+
+def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALinear]:
+    """Sets each LoRA layer's per-row routing; returns the layers (for _unroute)."""
+    names = list(adapter_names)
+    if not names:
+        raise ConfigError("adapter_names is empty: give one adapter name (or None) per row")
+    modules = [m for _, m in lora_modules(model)]
+    if not modules:
+        raise ConfigError("adapter_names given, but the model has no LoRA adapters")
+    check_known(model, [n for n in names if n is not None and n != BASE_ROW])
+    refuse_merged(model, "a mixed batch (adapter_names per row)")
+    if any(getattr(m, _ROUTES, None) is not None for m in modules):
+        raise ConfigError("a mixed batch is already being routed (mixed_adapters is not nested)")
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        if name is not None and name != BASE_ROW:
+            groups.setdefault(name, []).append(row)
+    indices: dict[tuple[str, torch.device], torch.Tensor] = {}
+    for m in modules:
+        routes = []
+        for name, rows in groups.items():
+            if name in m.lora_A:
+                key = (name, m.weight.device)
+                if key not in indices:
+                    indices[key] = torch.tensor(rows, dtype=torch.long, device=key[1])
+                routes.append((name, indices[key]))
+        _add_layer_hook(m)
+        # The layer adds nothing of its own for the call: the hook adds each row's adapter.
+        setattr(m, _ROUTES, (routes, len(names), m.active_adapters))
+        m.active_adapters = ()
+    return modules
+
+
+def _unroute(modules: list[LoRALinear]) -> None:
+    for m in modules:
+        routed = getattr(m, _ROUTES, None)
+        if routed is not None:
+            m.active_adapters = routed[2]
+            setattr(m, _ROUTES, None)
+
+
+# Plain attributes on the layer (not state), read by _layer_hook: (routes, rows, active before).
+_ROUTES = "_minilora_routes"
+_LAYER_HOOK = "_minilora_row_hooked"
+
+
+def _add_layer_hook(m: LoRALinear) -> None:
+    # A flag, not the handle: torch.compile cannot trace a handle made outside the graph.
+    if not getattr(m, _LAYER_HOOK, False):
+        m.register_forward_hook(_layer_hook)
+        setattr(m, _LAYER_HOOK, True)
+
+
+def _layer_hook(m: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+    """A mixed batch: each group of rows gets its own adapter's update; rows of no group, or of
+    an adapter this layer lacks, get the base."""
+    routed = getattr(m, _ROUTES, None)
+    if routed is None:
+        return None
+    routes, n_rows, _ = routed
+    x = args[0]
+    if x.dim() < 3 or x.shape[0] != n_rows:
+        raise ConfigError(
+            f"a mixed batch of {n_rows} rows needs every LoRA layer input shaped "
+            f"(batch, sequence, features), got {tuple(x.shape)} (layers that see tokens "
+            "regrouped, such as MoE experts, cannot route rows)"
+        )
+    if not m.enabled:
+        return y
+    for name, rows in routes:
+        # rows of one group only: y's rows there still hold the base output
+        delta = m.lora_update(x.index_select(0, rows), name, y.index_select(0, rows))
+        # Into y's own memory (a copy of y per adapter would cost more than the update); safe
+        # for autograd: linear's backward does not read its output.
+        y.index_add_(0, rows, delta.to(y.dtype))
+    return y
+
+
+# minilora.model.fused may run this layer inside a fused group when the hook has nothing to route.
+_layer_hook.fusion_idle = lambda m: getattr(m, _ROUTES, None) is None
+
+
+_HOOKS = "_minilora_row_hooks"
+
+
+def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if "adapter_names" not in kwargs:
+        return None
+    names = kwargs.pop("adapter_names")
+    if names is not None:
+        module._minilora_routed = _route(module, names)
+    return args, kwargs
+
+
+def _post_forward(module: nn.Module, args: tuple, output: object) -> None:
+    # Plain attribute reads and writes (no dict pops): torch.compile replays them faithfully.
+    routed = getattr(module, "_minilora_routed", None)
+    if routed is not None:
+        _unroute(routed)
+        module._minilora_routed = None
+
+
+def install_row_hooks(model: nn.Module) -> None:
+    """Lets `model(..., adapter_names=[...])` route rows, without the model knowing of LoRA:
+    a pre-hook takes the keyword away and sets the routing, a hook that runs even when the
+    forward raises clears it."""
+    for _, m in lora_modules(model):
+        _add_layer_hook(m)
+    if isinstance(model, LoRALinear) or _HOOKS in model.__dict__:
+        return
+    pre = model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
+    post = model.register_forward_hook(_post_forward, always_call=True)
+    model.__dict__[_HOOKS] = (pre, post)
+
+
+def remove_row_hooks(model: nn.Module) -> None:
+    """Removes what install_row_hooks put on `model` itself (the layers' hooks go with them)."""
+    for handle in model.__dict__.pop(_HOOKS, ()):
+        handle.remove()
+
+
+# ---------------------------------------------------------------- combining
+
+
+@dataclass
+class CombineReport:
+    """What `combine_adapters` built.
+
+    Attributes:
+        adapter: the new adapter's name.
+        method: "linear" or "svd".
+        r: its rank.
+        errors: per layer, ||sum - approximation||_F / ||sum||_F of the weighted sum of
+            updates (0 for "linear", which is exact up to float rounding).
+    """
+
+    adapter: str
+    method: str
+    r: int
+    errors: dict[str, float]
+
+    @property
+    def max_error(self) -> float:
+        """The largest relative error over the layers."""
+        return max(self.errors.values(), default=0.0)
+
+    def __str__(self) -> str:
+        return (
+            f"adapter {self.adapter!r}: {self.method}, r={self.r}, {len(self.errors)} layers, "
+            f"max relative error {self.max_error:.3g}"
+        )
+
+
+COMBINE_METHODS = ("linear", "svd")
+
+
+def combine_adapters(
+    model: nn.Module,
+    weights: Mapping[str, float],
+    name: str,
+    method: str = "linear",
+    r: int | None = None,
+) -> CombineReport:
+    """Adds adapter `name` whose update is sum_i weights[i] * update_i, and makes it active.
+
+    Args:
+        model: a model holding the adapters named in `weights`.
+        weights: adapter name -> weight (any real numbers).
+        name: the new adapter's name.
+        method: "linear": A and B of the adapters concatenated (rank = the sum of their ranks),
+            exact; "svd": the summed update re-factored to rank `r` by truncated SVD, with the
+            relative error of each layer reported.
+        r: the rank for "svd" (default: the sum of the ranks, which is exact).
+
+    Returns:
+        A CombineReport (rank, per-layer relative errors). The new adapter has alpha = r
+        (scaling 1) and covers every layer any of the adapters covers.
+
+    Raises:
+        ConfigError: on unknown adapters, a taken or bad name, an unknown method, a rank the
+            layers cannot hold, or merged LoRA.
+    """
+    _check_combine(model, weights, name, method)
+    modules = [(p, m) for p, m in lora_modules(model) if any(n in m.lora_A for n in weights)]
+    # Each adapter owns a fixed block of rows, so the concatenation has one rank everywhere
+    # (what a PEFT file needs); a layer without that adapter keeps its block at zero.
+    width = {n: max(m.r[n] for _, m in modules if n in m.lora_A) for n in weights}
+    total = sum(width.values())
+    rank = _combined_rank(modules, method, r, total)
+    errors: dict[str, float] = {}
+    new: list[tuple[LoRALinear, torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for path, m in modules:
+            if method == "linear":
+                a, b = _concatenated(m, weights, width, total)
+                errors[path] = 0.0
+            else:
+                a, b, errors[path] = _truncated_svd(m, weights, rank)
+            new.append((m, a, b))
+        config = LoraConfig(r=rank, alpha=float(rank), targets=[p for p, _ in modules])
+        for m, a, b in new:
+            m.add_adapter(name, rank, float(rank), config=config)
+            m.lora_A[name].weight.copy_(a)
+            m.lora_B[name].weight.copy_(b)
+    set_active(model, [name])
+    return CombineReport(adapter=name, method=method, r=rank, errors=errors)
+
+
+# How a caller names combine's settings: the library's keywords; the command line has its flags.
+COMBINE_WORDS = {"rank": "r", "linear_method": "method='linear'", "svd_method": "method='svd'"}
+
+
+def _combined_rank(modules: list[tuple[str, LoRALinear]], method: str, r: int | None,
+                   total: int) -> int:
+    """The new adapter's rank: `total` (the sum of the ranks) for "linear", `r` for "svd"."""
+    if method == "linear" and r is not None and r != total:
+        raise ConfigError(f"rank {r} ({{rank}}): {{linear_method}} has the sum of the ranks "
+                          f"({total}); use {{svd_method}} for another rank", fields=COMBINE_WORDS)
+    rank = total if method == "linear" or r is None else r
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"{{rank}} must be an integer >= 1, got {r!r}", fields=COMBINE_WORDS)
+    too_small = [f"{p} ({m.in_features} -> {m.out_features})" for p, m in modules
+                 if rank > min(m.in_features, m.out_features)]
+    if too_small:
+        hint = "; use {svd_method} with a smaller {rank}" if method == "linear" else ""
+        raise ConfigError(f"rank {rank} is larger than min(in, out) of {too_small}{hint}",
+                          fields=COMBINE_WORDS)
+    return rank
+
+
+def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, method: str
+                   ) -> None:
+    check_adapter_name(name)
+    if method not in COMBINE_METHODS:
+        raise ConfigError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
+    if not weights:
+        raise ConfigError("weights is empty: give adapter name -> weight")
+    for adapter, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(
+                weight):
+            raise ConfigError(f"weights[{adapter!r}]: expected a finite number, got {weight!r}")
+    check_known(model, list(weights))
+    if name in list_adapters(model):
+        raise ConfigError(
+            f"adapter {name!r} exists already; delete_adapter it or pick another name")
+    refuse_merged(model, "combine_adapters")
+    dora = sorted({n for _, m in lora_modules(model) for n in m.lora_magnitude_vector
+                   if n in weights})
+    if dora and method == "linear":
+        raise ConfigError(f"DoRA adapters {dora} do not add up as B A products; combine them "
+                          "with {svd_method} (it factors their merged weight updates, which "
+                          "are full rank in general: pick {rank}, the error is reported)",
+                          fields=COMBINE_WORDS)
+
+
+def _concatenated(
+    m: LoRALinear, weights: Mapping[str, float], width: dict[str, int], total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[A_1; A_2; ...] and [w_1 s_1 B_1, w_2 s_2 B_2, ...] in float32: B A = sum w_i s_i B_i A_i."""
+    a = torch.zeros(total, m.in_features, device=m.weight.device)  # (R, in)
+    b = torch.zeros(m.out_features, total, device=m.weight.device)  # (out, R)
+    start = 0
+    for n, w in weights.items():
+        if n in m.lora_A:
+            r = m.r[n]
+            a[start:start + r] = m.lora_A[n].weight.float()
+            b[:, start:start + r] = m.lora_B[n].weight.float() * (w * m.scaling[n])
+        start += width[n]
+    return a, b
+
+
+def _truncated_svd(
+    m: LoRALinear, weights: Mapping[str, float], rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` factors (Eckart-Young) of the weighted sum of updates, and the
+    relative Frobenius error of that approximation."""
+    delta = torch.zeros(m.out_features, m.in_features, device=m.weight.device)  # (out, in)
+    for n, w in weights.items():
+        if n in m.lora_A:
+            delta += w * m.delta_weight(n)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # (out, k), (k,), (k, in)
+    root = s[:rank].sqrt()
+    b = u[:, :rank] * root  # (out, rank)
+    a = root[:, None] * vh[:rank]  # (rank, in)
+    norm = torch.linalg.matrix_norm(delta)
+    error = torch.linalg.matrix_norm(delta - b @ a) / norm if norm > 0 else norm
+    return a, b, float(error)
+
+
+def resolve_adapter(model: nn.Module, name: str | None = None, doing: str = "use") -> str:
+    """The adapter a call means: `name` when given, else the model's only adapter, else its
+    only active one.
+
+    Raises:
+        AdapterError: when the model has no LoRA, `name` is unknown, or None is ambiguous (its
+            field ``adapter_name`` is how to name one).
+    """
+    names = list_adapters(model)
+    if not names:
+        raise AdapterError(f"the model has no LoRA modules to {doing}; inject_lora first")
+    if name is not None:
+        if name not in names:
+            raise AdapterError(f"the model has no adapter {name!r}; it has {names}")
+        return name
+    if len(names) == 1:
+        return names[0]
+    active = active_adapters(model)
+    if len(active) == 1:
+        return active[0]
+    raise AdapterError(
+        f"the model holds adapters {names} ({active or 'none'} active): pass {{adapter_name}} "
+        f"to say which one to {doing}", fields={"adapter_name": "name=..."}
+    )
+
+
+def adapter_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALinear]]:
+    """(path, layer) of every layer that carries adapter `name`, in model order."""
+    return [(p, m) for p, m in lora_modules(model) if name in m.lora_A]

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: the batching engine and the HTTP app (extra `serve`)."""

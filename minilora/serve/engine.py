@@ -1,0 +1,458 @@
+"""Continuous batching across adapters: one loop owns the model and decodes every running request
+together, each row with its own LoRA adapter, its own rotary positions and its own KV cache rows.
+
+A request joins between steps: its prompt is prefilled alone (the very computation `generate`
+does), its keys and values are copied into a free row of the shared cache, and from then on it
+decodes with the others. The shared cache is a timeline of slots that every row writes at once;
+a row's own tokens sit in some of those slots and an attention mask hides the rest, while
+`position_ids` give each token its true position (so the rotation, and the answer, is what the
+request gets alone). A finished or cancelled request leaves at the next step; its row is filled
+by the last one. When the timeline is full, every row's slots are packed to the front.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from minilora.core.errors import ConfigError
+from minilora.decoding.generation import pick_token
+from minilora.lora.named import delete_adapter, list_adapters, set_active
+from minilora.model.decoder import CausalLM
+from minilora.model.kv_cache import KVCache
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    """How one request is answered (OpenAI's names).
+
+    max_tokens: most new tokens.
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+    top_p: nucleus sampling threshold (1 = off).
+    seed: seeds this request's own generator, so the answer does not depend on the others.
+    stop: strings that end the answer (not included in it).
+    """
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
+        if not 0 <= self.temperature <= 2:
+            problems.append(f"temperature: expected 0..2, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p: expected 0 < top_p <= 1, got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append("stop: expected non-empty strings")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class Event:
+    """What the engine tells a request: a piece of text, or the end (finish_reason set), or an
+    error (the request is over)."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: BaseException | None = None
+
+
+class Request:
+    """One generation: prompt ids, the adapter (None: the base), sampling, and where events go.
+
+    ``on_event`` is called from the engine's thread; it must not block.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams,
+                 on_event: Callable[[Event], None]) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.adapter = adapter
+        self.params = params
+        self.on_event = on_event
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Frees the request's row at the next step (any thread may call it)."""
+        self.cancelled = True
+
+
+class _Running:
+    """A request in the batch: the token to feed next, its position, its text so far."""
+
+    def __init__(self, request: Request, tokenizer: Any, device: torch.device) -> None:
+        self.request = request
+        self.position = len(request.prompt_ids)  # the next token's rotary position
+        self.token = -1  # the token to feed next
+        self.generated: list[int] = []
+        self.shown = 0  # characters of the decoded text already sent
+        seed = request.params.seed
+        if seed is None and request.params.temperature > 0:
+            seed = random.randrange(2**63)
+        self.generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        self.tokenizer = tokenizer
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """Takes one new token; returns (text now final, finish reason or None)."""
+        self.generated.append(token)
+        self.token = token
+        self.position += 1
+        text = self.tokenizer.decode(self.generated)
+        stops = self.request.params.stop
+        cut = min((i for i in (text.find(s, max(0, self.shown - len(s) + 1)) for s in stops)
+                   if i >= 0), default=-1)
+        if cut >= 0:
+            piece, self.shown = text[self.shown:cut], cut
+            return piece, FINISH_STOP
+        full = len(self.generated) >= self.request.params.max_tokens
+        if text.endswith("\ufffd") and not full:  # a character split across tokens
+            return "", None
+        end = len(text) if full else len(text) - _held_back(text, stops)
+        piece, self.shown = text[self.shown:end], max(self.shown, end)
+        return piece, FINISH_LENGTH if full else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that could begin a stop string (kept until known)."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
+
+
+class RowCache:
+    """The batch's keys and values: (rows, KV, slots, D) per layer, plus which slots each row
+    owns. Duck-types KVCache for the model's forward (``length``, ``update``)."""
+
+    def __init__(self, model: CausalLM, rows: int, slots: int) -> None:
+        weight = model.model.embed_tokens.weight
+        config = model.config
+        self.config, self.rows = config, rows
+        shape = (rows, config.num_key_value_heads, slots, config.head_dim)
+        self.keys = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
+        self.values = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
+        self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=weight.device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes the running rows' k, v (n, KV, T, D) at slots start.. (room made beforehand)."""
+        n, end = k.shape[0], start + k.shape[2]
+        self.keys[layer][:n, :, start:end] = k
+        self.values[layer][:n, :, start:end] = v
+        return self.keys[layer][:n, :, :end], self.values[layer][:n, :, :end]  # (n, KV, S, D)
+
+    def place(self, row: int, cache: KVCache, source: int, owned: Tensor) -> None:
+        """Copies row `source` of a prefill cache into `row`: the slots where `owned` (L,) is
+        True are the row's own, its other slots no longer are."""
+        length = owned.shape[0]
+        if length > self.capacity:
+            self._grow(max(length, 2 * self.capacity))
+        for mine, theirs in ((self.keys, cache.keys), (self.values, cache.values)):
+            for layer, buffer in enumerate(mine):
+                buffer[row, :, :length] = theirs[layer][source, :, :length]
+        self.valid[row] = False
+        self.valid[row, :length] = owned
+        self.length = max(self.length, length)
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src takes row dst's place (dst has left the batch)."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[dst, :, : self.length] = buffer[src, :, : self.length]
+        self.valid[dst] = self.valid[src]
+
+    def make_room(self, rows: int) -> None:
+        """Makes room for one more slot on the timeline: when it is full, packs the slots of
+        the first `rows` rows to the front, and grows the buffers when that frees little."""
+        if self.length < self.capacity:
+            return
+        self._pack(rows)
+        if self.length > self.capacity * 3 // 4:
+            self._grow(2 * self.capacity)
+
+    def _pack(self, rows: int) -> None:
+        counts = self.valid[:rows].sum(dim=1)  # (rows,)
+        for row in range(rows):
+            owned = self.valid[row].nonzero().squeeze(1)  # (c,)
+            for buffers in (self.keys, self.values):
+                for buffer in buffers:
+                    buffer[row, :, : owned.numel()] = buffer[row, :, owned]
+            self.valid[row] = False
+            self.valid[row, : owned.numel()] = True
+        self.length = int(counts.max()) if rows else 0
+
+    def _grow(self, slots: int) -> None:
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                grown = old.new_zeros(*old.shape[:2], slots, old.shape[3])
+                grown[:, :, : self.length] = old[:, :, : self.length]
+                buffers[i] = grown
+        valid = self.valid.new_zeros(self.rows, slots)
+        valid[:, : self.length] = self.valid[:, : self.length]
+        self.valid = valid
+
+
+class Engine:
+    """The scheduler: owns the model; `submit` from any thread, `run` (or `step`) in one.
+
+    Args:
+        model: the base model, adapters loaded by name; it is put in eval mode and no adapter is
+            left active (each request names its own).
+        tokenizer: minilora's Tokenizer (decodes the answers, knows the end tokens).
+        max_batch: most requests decoded together; the rest wait their turn.
+        context: longest prompt + answer a request may have (default: the model's).
+    """
+
+    def __init__(self, model: CausalLM, tokenizer: Any, *, max_batch: int = 32,
+                 context: int | None = None) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch: expected >= 1, got {max_batch}")
+        self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        self.context = context or model.config.max_position_embeddings
+        if list_adapters(model):
+            set_active(model, [])
+        self.eos = set(tokenizer.stop_token_ids)  # the chat template's end of turn too
+        self.device = model.model.embed_tokens.weight.device
+        self.cache = RowCache(model, max_batch, min(256, self.context))
+        self.rows: list[_Running] = []
+        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unloading: set[str] = set()
+
+    # ------------------------------------------------------------ from any thread
+
+    def submit(self, request: Request) -> None:
+        """Queues a request; it joins the batch at the next step with a free row."""
+        self._waiting.put(request)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Runs fn in the engine's thread between two steps (adapter loading, say)."""
+        future: Future = Future()
+        self._calls.put((fn, future))
+        self._wake.set()
+        return future
+
+    def start(self) -> None:
+        """Runs the loop in a daemon thread."""
+        self._thread = threading.Thread(target=self.run, name="minilora-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the engine's loop and waits for its thread (up to 30 s)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------ the engine's thread
+
+    def run(self) -> None:
+        """The loop: between steps, run calls and admit requests; idle when nothing runs."""
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # a bug outside any request: log it, keep serving the others
+                log.exception("minilora serve: the engine's step failed")
+                busy = False
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One round: calls, cancellations, new requests, one decode step for every row.
+
+        Returns:
+            False when there was nothing to do.
+        """
+        busy = self._run_calls()
+        self._drop_cancelled()
+        joining = []
+        while len(self.rows) + len(joining) < self.max_batch and not self._waiting.empty():
+            request = self._waiting.get()
+            if not request.cancelled:
+                joining.append(request)
+        if joining:
+            self._guard(self._admit, joining)
+            busy = True
+        if self.rows:
+            self._guard(lambda _: self._decode(), [])
+            busy = True
+        self._unload_unused()
+        return busy
+
+    def unload(self, adapter: str) -> None:
+        """Deletes an adapter from the model once no running request uses it (call it in the
+        engine's thread, through `call`); requests that still name it fail at admission."""
+        self._unloading.add(adapter)
+        self._unload_unused()
+
+    def is_unloading(self, adapter: str) -> bool:
+        """True while an unloaded adapter still serves the requests that began with it."""
+        return adapter in self._unloading
+
+    def _unload_unused(self) -> None:
+        for name in list(self._unloading):
+            if not any(r.request.adapter == name for r in self.rows):
+                self._unloading.discard(name)
+                if name in list_adapters(self.model):
+                    delete_adapter(self.model, name)
+                    if list_adapters(self.model):
+                        set_active(self.model, [])
+
+    def _run_calls(self) -> bool:
+        ran = False
+        while not self._calls.empty():
+            fn, future = self._calls.get()
+            ran = True
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # the caller's future carries it, whatever it is
+                    future.set_exception(e)
+        return ran
+
+    def _guard(self, fn: Callable[[list[Request]], None], joining: list[Request]) -> None:
+        """Runs admission or a decode step; if it raises, the requests it touched end with that
+        error and the loop goes on (a broken request must not take the server down)."""
+        rows = len(self.rows)
+        try:
+            fn(joining)
+        except Exception as e:  # reported to every affected client, never swallowed
+            failed = list(joining)
+            if not joining or len(self.rows) != rows:  # the batch itself may be inconsistent
+                failed += [r.request for r in self.rows if r.request not in failed]
+                self.rows.clear()
+                self.cache.length = 0
+            for request in failed:
+                _send(request, Event(error=e))
+
+    def _drop_cancelled(self) -> None:
+        for i in range(len(self.rows) - 1, -1, -1):
+            if self.rows[i].request.cancelled:
+                self._remove(i)
+
+    def _remove(self, i: int) -> None:
+        last = len(self.rows) - 1
+        if i != last:
+            self.cache.move(last, i)
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+        if not self.rows:
+            self.cache.length = 0  # an empty batch starts its timeline over
+
+    def _forward_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
+        # The base's rows need no routing; a model without any adapter would refuse it.
+        return {"adapter_names": adapters} if any(a is not None for a in adapters) else {}
+
+    def _admit(self, joining: list[Request]) -> None:
+        """Prefills the new prompts in one batch, moves their caches into free rows, picks their
+        first tokens. Prompts are left-padded, so every row's last token is the last column;
+        position_ids start each prompt at 0, as `generate` does."""
+        known = set(list_adapters(self.model))
+        for request in [r for r in joining if r.adapter is not None and r.adapter not in known]:
+            joining.remove(request)  # e.g. unloaded while it waited: it fails alone
+            _send(request, Event(error=ConfigError(
+                f"adapter {request.adapter!r} is not loaded (loaded: {sorted(known)})")))
+        if not joining:
+            return
+        B, L = len(joining), max(len(r.prompt_ids) for r in joining)
+        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)  # (B, L)
+        mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)  # (B, L)
+        for i, r in enumerate(joining):
+            ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, L - len(r.prompt_ids):] = True
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L), 0 at each prompt's start
+        prefill = KVCache(self.model.config, B, L, device=self.device,
+                          dtype=self.cache.keys[0].dtype)
+        logits = self.model(ids, attention_mask=mask, past_key_values=prefill,
+                            position_ids=positions, logits_to_keep=1,
+                            **self._forward_kwargs([r.adapter for r in joining])
+                            ).logits[:, -1]  # (B, V)
+        first = len(self.rows)
+        for i, request in enumerate(joining):
+            self.cache.place(first + i, prefill, i, mask[i])
+            self.rows.append(_Running(request, self.tokenizer, self.device))
+        self._take_all(self.rows[first:], logits, first)
+
+    def _decode(self) -> None:
+        """One token for every running row."""
+        n = len(self.rows)
+        self.cache.make_room(n)
+        slot = self.cache.length
+        self.cache.valid[:n, slot] = True
+        tokens = torch.tensor([[r.token] for r in self.rows], device=self.device)  # (n, 1)
+        positions = torch.tensor([[r.position - 1] for r in self.rows],
+                                 device=self.device)  # (n, 1): the fed token's own position
+        out = self.model(tokens, attention_mask=self.cache.valid[:n, : slot + 1],
+                         past_key_values=self.cache, position_ids=positions, logits_to_keep=1,
+                         **self._forward_kwargs([r.request.adapter for r in self.rows]))
+        self._take_all(list(self.rows), out.logits[:, -1], 0)
+
+    def _take_all(self, rows: list[_Running], logits: Tensor, first: int) -> None:
+        """The next token of each of rows (rows first.. of the batch), from logits (n, V);
+        the greedy ones in one argmax. Finished rows leave."""
+        greedy = logits.argmax(dim=-1).tolist()  # (n,)
+        finished = []
+        for i, running in enumerate(rows):
+            params = running.request.params
+            if params.temperature == 0:
+                token = greedy[i]
+            else:
+                token = int(pick_token(logits[i], temperature=params.temperature,
+                                       top_p=params.top_p, generator=running.generator))
+            if self._take(running, token):
+                finished.append(first + i)
+        for i in reversed(finished):
+            self._remove(i)
+
+    def _take(self, running: _Running, token: int) -> bool:
+        """Adds one row's next token and tells its client; returns True when it is done."""
+        request = running.request
+        if token in self.eos:  # sends whatever was held back for a stop string that never came
+            piece, reason = self.tokenizer.decode(running.generated)[running.shown:], FINISH_STOP
+        else:
+            piece, reason = running.add(token)
+            if reason is None and running.position >= self.context:
+                piece += self.tokenizer.decode(running.generated)[running.shown:]
+                reason = FINISH_LENGTH
+        if piece:
+            _send(request, Event(text=piece))
+        if reason is not None:
+            _send(request, Event(finish_reason=reason, prompt_tokens=len(request.prompt_ids),
+                                 completion_tokens=len(running.generated)))
+        return reason is not None
+
+
+def _send(request: Request, event: Event) -> None:
+    try:
+        request.on_event(event)
+    except Exception:  # a client whose loop is gone: its request is over either way
+        request.cancel()

@@ -1,0 +1,60 @@
+"""Data-parallel training under torchrun: the process group, rank 0's weights on every rank, and
+one gradient all-reduce per optimizer step. At WORLD_SIZE 1 each is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from minilora.core.tensor_checks import resolve_device
+
+
+def start_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call started the process group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:
+        return 0, 1, device, False
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, started
+
+
+def broadcast(params: list[nn.Parameter], world: int) -> None:
+    """Start every rank from rank 0's trainable weights."""
+    if world > 1:
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def sync_gradients(params: list[nn.Parameter], step_loss: torch.Tensor,
+                    world: int) -> torch.Tensor:
+    """Sum the trainable gradients (and the step loss) over all processes; returns the loss.
+
+    This is DDP's gradient all-reduce done once per optimizer step on one flat buffer, instead of
+    DDP's per-bucket hooks: accumulation needs no ``no_sync``, and a parameter unused in a step
+    on some process needs no ``find_unused_parameters``. A parameter that no process gave a
+    gradient keeps none, as in one process (AdamW skips it; a zero gradient would still move it
+    through momentum and weight decay).
+    """
+    if world == 1:
+        return step_loss
+    had = torch.tensor([float(p.grad is not None) for p in params], device=step_loss.device)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads]
+                     + [had, step_loss.reshape(1).float()])
+    dist.all_reduce(flat)
+    had = flat[-1 - len(params):-1].tolist()
+    offset = 0
+    for p, g, anyone in zip(params, grads, had, strict=True):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype) if anyone else None
+        offset += g.numel()
+    return flat[-1]

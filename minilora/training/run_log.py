@@ -1,0 +1,172 @@
+"""What a run tells as it goes: config.json and metrics.jsonl in its folder, the progress bar (a
+terminal) or log lines (otherwise), and loss.png at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from minilora.core.files import atomic_write, parse_json
+from minilora.data.sft import DataStats
+from minilora.lora.layer import lora_modules
+from minilora.training.config import TrainConfig
+from minilora.training.datasets import BatchPlan
+
+
+def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
+    """Write config.json, keep the metrics.jsonl lines the checkpoint at ``step`` covers, and
+    say what reading the data kept and dropped.
+
+    Raises:
+        OSError: out cannot be written (naming it and what to do).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_json(out / "config.json")
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the output folder {out}: "
+                      f"{err.strerror or err}; choose another out_dir (--out)") from None
+    metrics = out / "metrics.jsonl"
+    # Keep what the checkpoint covers: a crashed run logged steps that will be run again.
+    kept = []
+    if step and metrics.exists():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by the crash
+    atomic_write(metrics, "".join(kept))
+    for file, found in stats.formats.items():
+        kinds = ", ".join(f"{kind} ({n} records)" for kind, n in found.items())
+        print(f"data: {file}: {kinds or 'no records'}", file=sys.stderr)
+    print(f"data: {stats.samples} samples ({stats.trained_tokens} trained tokens); dropped "
+          f"{stats.dropped_untrained} with nothing to train, truncated {stats.truncated}, "
+          f"skipped {stats.skipped_bad} bad lines", file=sys.stderr)
+
+
+class RunLog:
+    """metrics.jsonl, the progress bar (a TTY) or log lines (otherwise); rank 0 only."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.active = rank == 0
+        self.path = out / "metrics.jsonl"
+        self.bar: tqdm | None = None
+        self.precision = ""  # the precision in words, for the run's opening block
+
+    def start(self, step: int, total: int) -> None:
+        """Show the bar from ``step`` of ``total`` and start counting."""
+        self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+                        disable=not (self.active and sys.stderr.isatty()))
+        self.loss_sum = torch.zeros(())
+        self.steps = 0  # finite steps since the last log
+        self.tokens = 0
+        self.since = time.perf_counter()
+        self.total = total
+
+    def step(self, step: int, loss: torch.Tensor | None, lr: float, tokens: int, skipped: int,
+             *, force: bool) -> list[tuple[int, float]]:
+        """Count a step; every log_every steps (``force``) read the loss: the only .item()."""
+        self.bar.update(1)
+        if loss is not None:
+            self.loss_sum = self.loss_sum.to(loss.device) + loss
+            self.steps += 1
+        self.tokens += tokens
+        if not force:
+            return []
+        mean = float(self.loss_sum / max(self.steps, 1)) if self.steps else float("nan")
+        now = time.perf_counter()
+        record = {"step": step, "loss": mean, "lr": lr,
+                  "tokens_per_s": self.tokens / max(now - self.since, 1e-9), "skipped": skipped}
+        self.loss_sum, self.steps, self.tokens, self.since = torch.zeros(()), 0, 0, now
+        self._write(record)
+        if self.bar.disable and self.active:
+            print(f"step {step}/{self.total} loss {mean:.4f} lr {lr:.2e} "
+                  f"tok/s {record['tokens_per_s']:.0f}", file=sys.stderr)
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}")
+        return [(step, mean)]
+
+    def eval(self, record: dict[str, float]) -> None:
+        """Logs an evaluation record (step, eval_loss, eval_ppl, ...) to metrics.jsonl."""
+        self._write(record)
+        if self.active:
+            self.bar.write(f"eval at step {record['step']}: loss {record['eval_loss']:.4f} "
+                           f"ppl {record['eval_ppl']:.2f}", file=sys.stderr)
+
+    def _write(self, record: dict[str, float]) -> None:
+        # null, not NaN: a window of skipped steps has no loss, and NaN is not JSON
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}
+        if self.active:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        """Closes the progress bar (the run ended, or stopped with an error)."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_losses(out: Path) -> Path | None:
+    """loss.png from metrics.jsonl (train and eval loss by step); a note without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("loss.png skipped: matplotlib is not installed (pip install 'minilora[plot]')",
+              file=sys.stderr)
+        return None
+    records = []
+    for line in (out / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(parse_json(line))
+        except ValueError:
+            continue  # a line torn by a run killed before this one resumed
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    train_points = [(r["step"], r["loss"]) for r in records
+                    if isinstance(r.get("loss"), (int, float))]
+    eval_points = [(r["step"], r["eval_loss"]) for r in records
+                   if isinstance(r.get("eval_loss"), (int, float))]
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for points, label in ((train_points, "train"), (eval_points, "eval")):
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 50 else "")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(out / "loss.png", dpi=100)
+    return out / "loss.png"
+
+
+def describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device: torch.device,
+                  precision: str, start_step: int) -> None:
+    """Prints one block before the first step: what will run, where, and how much."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapted = "every weight (full fine-tuning)" if config.full else (
+        f"{len(lora_modules(model))} Linear modules (rank {config.lora_r})")
+    rows = sum(len(s.input_ids) for s in plan.dataset.samples) / max(len(plan.dataset), 1)
+    steps = (f"{plan.total_steps} ({plan.steps_per_epoch} per epoch)" if not start_step
+             else f"{plan.total_steps - start_step} left of {plan.total_steps}")
+    lines = [
+        f"device      {device}",
+        f"precision   {precision}",
+        f"threads     {torch.get_num_threads()} (intra-op)",
+        f"parameters  {trained:,} trainable of {total:,} ({100 * trained / total:.2f}%)",
+        f"adapted     {adapted}",
+        f"steps       {steps}",
+        f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",
+    ]
+    print("\n".join("run: " + line for line in lines), file=sys.stderr)

@@ -28,7 +28,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
-from minilora.cli.main import ASSETS, BASE_MODEL
+from minilora.cli import ASSETS, BASE_MODEL
 from minilora.core.threads import configure_threads
 from minilora.data.sft import load_jsonl
 from minilora.data.tokenizer import Tokenizer

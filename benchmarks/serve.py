@@ -41,7 +41,7 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
 from minilora.adapters.folder import load_adapter, save_adapter  # noqa: E402
-from minilora.cli.main import BASE_MODEL  # noqa: E402
+from minilora.cli import BASE_MODEL  # noqa: E402
 from minilora.data.tokenizer import Tokenizer  # noqa: E402
 from minilora.lora.injection import inject_lora  # noqa: E402
 from minilora.lora.layer import LoraConfig, lora_modules  # noqa: E402

@@ -31,7 +31,7 @@ import torch
 if setting == "minilora":
     from minilora.core.threads import configure_threads
     configure_threads()
-from minilora.cli.main import BASE_MODEL
+from minilora.cli import BASE_MODEL
 from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
 from minilora.lora.layer import LoraConfig
 from minilora.model.io import load_model

@@ -1,3 +1,3 @@
-from minilora.cli.main import main
+from minilora.cli import main
 
 raise SystemExit(main())

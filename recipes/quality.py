@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from minilora.cli.main import ASSETS, BASE_MODEL
+from minilora.cli import ASSETS, BASE_MODEL
 from minilora.core.files import atomic_write
 from minilora.data import tasks
 from minilora.data.tokenizer import Tokenizer

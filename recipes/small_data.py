@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minilora.cli.main import ASSETS, BASE_MODEL, main
+from minilora.cli import ASSETS, BASE_MODEL, main
 from minilora.data import tasks
 from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.chat import chat_answerer

@@ -39,7 +39,7 @@ import minilora.model.io
 from helpers import CHATS, chat_rows, fit, tiny_model, write_jsonl
 from minilora.adapters.folder import load_adapter
 from minilora.adapters.peft import FINGERPRINT_KEY
-from minilora.cli.main import main
+from minilora.cli import main
 from minilora.core.errors import TrainError
 from minilora.core.outputs import LOCK_NAME, FolderLock
 from minilora.data.sft import MAX_LINE_BYTES, DataError, load_jsonl
@@ -1238,25 +1238,26 @@ def test_the_planted_payload_is_live(tmp_path: Path) -> None:
 def test_every_read_in_the_package_is_safetensors_or_weights_only() -> None:
     """Every torch.load passes weights_only=True; nothing imports pickle or its relatives."""
     loads = 0
-    for file in sorted((REPO / "minilora").glob("*.py")):
+    for file in sorted((REPO / "minilora").rglob("*.py")):
+        where = file.relative_to(REPO)
         tree = ast.parse(file.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not {"pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"} & {
-                    m.split(".")[0] for m in modules}, f"{file.name}:{node.lineno}"
+                    m.split(".")[0] for m in modules}, f"{where}:{node.lineno}"
                 if getattr(node, "module", None) == "torch":
-                    assert "load" not in [a.name for a in node.names], f"{file.name}:{node.lineno}"
+                    assert "load" not in [a.name for a in node.names], f"{where}:{node.lineno}"
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
                     node.func.attr == "load" and isinstance(node.func.value, ast.Name)
                     and node.func.value.id == "torch"):
                 loads += 1
                 safe = [k for k in node.keywords if k.arg == "weights_only"
                         and isinstance(k.value, ast.Constant) and k.value.value is True]
-                assert safe, f"{file.name}:{node.lineno}: torch.load without weights_only=True"
+                assert safe, f"{where}:{node.lineno}: torch.load without weights_only=True"
             if isinstance(node, ast.Attribute) and node.attr in ("add_safe_globals",
                                                                  "safe_globals"):
-                raise AssertionError(f"{file.name}:{node.lineno}: widens weights_only")
+                raise AssertionError(f"{where}:{node.lineno}: widens weights_only")
     assert loads >= 4  # adapter, weights, train (twice), cli: the reads exist
 
 

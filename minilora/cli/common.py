@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from minilora.core.errors import ConfigError, FingerprintMismatch, MiniloraError
+from minilora.core.errors import ConfigError, FingerprintMismatch, MiniloraError, OutputError
+from minilora.core.outputs import check_not_an_input
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BASE_MODEL = ASSETS / "base"
@@ -175,3 +176,33 @@ def inputs(args: argparse.Namespace) -> dict[str, Any]:
     adapters += [adapter_spec(a)[1] for a in getattr(args, "adapters", None) or []]
     return {"--model": args.model, "--tokenizer": args.tokenizer, "--adapter": adapters,
             "INPUT": getattr(args, "input", None)}
+
+
+def check_adapter_out(out: Path, args: argparse.Namespace) -> None:
+    """An adapter output: not an input; an existing one is replaced only if it is an adapter
+    minilora wrote (a .pth: a MiniMind LoRA file), never a user's other files."""
+    from minilora.training.describe import describe_adapter
+
+    check_not_an_input(out, inputs(args), "output" if args.command == "convert" else "--out")
+    if not out.exists() or out.is_dir() and not any(out.iterdir()):
+        return
+    try:
+        info = describe_adapter(out)
+        ours = out.suffix == ".pth" or info["minilora version"] != "-"
+    except (MiniloraError, OSError):
+        ours = False
+    if not ours:
+        kind = "an adapter minilora wrote" if out.is_dir() else "a MiniMind LoRA .pth"
+        raise OutputError(f"{out} exists and is not {kind}; nothing is overwritten: choose a new "
+                          "output path")
+
+
+# Short flags for TrainConfig fields: --r for lora_r, --out for out_dir, ...
+SHORT = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+          "lora_targets": "targets", "lora_exclude": "exclude", "lora_init": "init",
+          "use_rslora": "rslora", "use_dora": "dora", "out_dir": "out"}
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a TrainConfig (or other config) field: `lora_r` -> `--r`."""
+    return "--" + SHORT.get(field, field).replace("_", "-")

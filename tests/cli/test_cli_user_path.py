@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
-from minilora.cli.main import main
+from minilora.cli import main
 from minilora.model.io import save_model
 from minilora.training import loop as train_module
 
@@ -309,7 +309,7 @@ def test_eval_json_is_never_written_over_an_input(workdir: Path, tmp_path: Path,
 
 def test_preset_sets_its_values_under_the_flags_given(workdir: Path, tmp_path: Path,
                                                       capsys) -> None:
-    from minilora.cli.main import PRESETS
+    from minilora.cli.train import PRESETS
 
     out = tmp_path / "run"
     code, _, err = run(train_args(workdir, out, "--preset", "small-data", "--max-steps", "1"),

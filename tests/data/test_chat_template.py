@@ -11,7 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from helpers import CHATS, TEXTS, tiny_model, write_jsonl
-from minilora.cli.main import main
+from minilora.cli import main
 from minilora.data.tokenizer import Tokenizer
 from minilora.model.io import save_model
 

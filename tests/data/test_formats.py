@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_model, write_jsonl
-from minilora.cli.main import main
+from minilora.cli import main
 from minilora.core.errors import DataError, MissingExtra
 from minilora.data.sft import load_jsonl
 from minilora.model.io import save_model

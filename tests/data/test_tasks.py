@@ -1,4 +1,4 @@
-"""Tests of minilora/tasks.py (eval files, matching, scoring) and recipes/make_data.py."""
+"""Tests of minilora/data/tasks.py (eval files, matching, scoring) and recipes/make_data.py."""
 
 import importlib.util
 import json

@@ -567,7 +567,7 @@ def cli_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(argv: list[str], capsys, stdin: str | None = None, monkeypatch=None):
-    from minilora.cli.main import main
+    from minilora.cli import main
 
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))

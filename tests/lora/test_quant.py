@@ -10,7 +10,7 @@ import torch
 
 from helpers import chat_rows, fit, tiny_model, tiny_tokenizer, write_jsonl
 from minilora.adapters.folder import load_adapter, save_adapter
-from minilora.cli.main import main
+from minilora.cli import main
 from minilora.core.errors import CheckpointError, ConfigError, FingerprintMismatch, MissingExtra
 from minilora.lora.fingerprint import base_fingerprint
 from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable, merge_lora

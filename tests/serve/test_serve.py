@@ -19,7 +19,7 @@ import uvicorn
 
 from helpers import add_random_adapter
 from minilora.adapters.folder import load_adapter, save_adapter
-from minilora.cli.main import BASE_MODEL, main
+from minilora.cli import BASE_MODEL, main
 from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.generation import generate
 from minilora.lora.named import delete_adapter, set_active

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import add_random_adapter
-from minilora.cli.main import BASE_MODEL
+from minilora.cli import BASE_MODEL
 from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.generation import generate
 from minilora.lora.named import set_active

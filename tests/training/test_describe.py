@@ -11,7 +11,7 @@ import pytest
 
 from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
 from minilora.adapters.folder import load_adapter, save_adapter
-from minilora.cli.main import main
+from minilora.cli import main
 from minilora.core.errors import AdapterError, CheckpointError
 from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.chat import chat_answerer, stream_reply, stream_text
@@ -220,18 +220,18 @@ def test_help_and_argument_errors_import_nothing_heavy(argv: list[str]) -> None:
 
 
 def test_a_bug_in_a_command_keeps_its_traceback(monkeypatch, capsys) -> None:
-    import minilora.cli.files
+    import minilora.cli.info
 
     def broken(args):
         raise ValueError("a bug, not the user's mistake")
 
-    monkeypatch.setattr(minilora.cli.files, "cmd_info", broken)
+    monkeypatch.setattr(minilora.cli.info, "cmd_info", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["info", "anything"])
 
     def refused(args):
         raise AdapterError("the user's\nmistake")
 
-    monkeypatch.setattr(minilora.cli.files, "cmd_info", refused)
+    monkeypatch.setattr(minilora.cli.info, "cmd_info", refused)
     assert main(["info", "anything"]) == 2
     assert capsys.readouterr().err == "minilora info: error: the user's mistake\n"

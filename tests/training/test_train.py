@@ -575,7 +575,7 @@ def base_dir(tok, tmp_path):
 
 
 def cli(argv, capsys):
-    from minilora.cli.main import main
+    from minilora.cli import main
 
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`minilora chat` and `minilora generate`: talk to a model, optionally through adapters."""
+"""`minilora chat`: talk to a model, optionally through adapters, switching them with /adapter."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ Imports no torch: the command line builds its flags and reports a bad value with
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -74,6 +75,9 @@ class TrainConfig:
     min_lr_ratio: float = _arg(0.1, "the cosine ends at lr x min_lr_ratio")
     warmup_steps: int = _arg(0, "linear warmup from lr / warmup_steps to lr")
     weight_decay: float = _arg(0.0, "AdamW's decoupled weight decay")
+    loraplus_lr_ratio: float | None = _arg(
+        None, "LoRA+: the B matrices learn at lr x this ratio, A at lr (PEFT's loraplus_lr_ratio; "
+        "the LoRA+ paper suggests 16); None: one rate for all")
     grad_clip: float = _arg(1.0, "max global norm of the trainable gradients; 0: no clipping")
     amp_dtype: str = _arg("auto", 'autocast: "auto" | "float32" | "bfloat16" | "float16" (CUDA '
                                   "only)")
@@ -141,6 +145,13 @@ class TrainConfig:
         if "device" in ok and self.device != "auto" and not _DEVICE.fullmatch(self.device):
             problems["device"] = (f'unknown device {self.device!r}; expected "auto", "cpu", '
                                   '"cuda" or "cuda:N"')
+        ratio = self.loraplus_lr_ratio
+        if "loraplus_lr_ratio" in ok and ratio is not None and not (
+                math.isfinite(ratio) and ratio > 0):
+            problems["loraplus_lr_ratio"] = f"expected a finite number > 0, got {ratio}"
+        elif "loraplus_lr_ratio" in ok and ratio is not None and self.full:
+            problems["loraplus_lr_ratio"] = "LoRA+ sets the rate of LoRA's B matrices; --full " \
+                                            "trains no LoRA: leave it out"
         if "lr" in ok and not self.lr > 0:
             problems["lr"] = f"expected a finite number > 0, got {self.lr}"
         if "replay_ratio" in ok and not 0 <= self.replay_ratio <= 100:

@@ -54,6 +54,7 @@ from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan, check_vocab
 from minilora.training.distributed import broadcast, start_distributed, sync_gradients
 from minilora.training.memory import estimate_memory, measured_peak
+from minilora.training.optimizer import build_optimizer, set_lr
 from minilora.training.precision import autocast_dtype, resolve_precision
 from minilora.training.run_folder import claim_out, replace_earlier_run
 from minilora.training.run_log import RunLog, describe_run, plot_losses, start_outputs
@@ -157,16 +158,6 @@ def _resolved(config: TrainConfig, device: torch.device, world: int
     return replace(config, **changes), precision
 
 
-def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, fused where torch has the kernel: LoRA has two small
-    tensors per adapted layer, and the unfused loop pays a dozen tiny ops for each of them."""
-    try:
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                 fused=True)
-    except (RuntimeError, ValueError):  # torch < 2.4 on a CPU, or a device without the kernel
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
 def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | None,
          config: TrainConfig, place: _Place, log: RunLog, started: float) -> TrainResult:
     """train() once the processes are started: set up, the loop, the outputs."""
@@ -233,7 +224,7 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
             print(report, file=sys.stderr)
     model.to(place.device)
     broadcast(params, place.world)
-    optimizer = _adamw(params, config)
+    optimizer = build_optimizer(model, params, config)
     amp_dtype = autocast_dtype(config.amp_dtype, place.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loaded = None
@@ -263,9 +254,7 @@ def _compiled(model: nn.Module, config: TrainConfig) -> Any:
 def _step(run: _Run, step: int, config: TrainConfig, place: _Place
           ) -> tuple[torch.Tensor | None, int]:
     """One optimizer step; returns its loss (None when skipped as non-finite) and its tokens."""
-    lr = lr_at(step, config, run.plan.total_steps)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(run.optimizer, lr_at(step, config, run.plan.total_steps))
     torch.manual_seed(_step_seed(config.seed, step, place.rank))  # dropout: resumable, per rank
     micro_batches, trained, step_tokens = run.plan.batches(step)
     # load_jsonl keeps no row without a trained token, but a hand-built dataset can give a

@@ -1,0 +1,58 @@
+"""The optimizer of a run: AdamW over the trainable parameters, with LoRA+'s larger learning rate
+for the B matrices when asked.
+
+LoRA+ (Hayou et al., 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models") trains B with
+`ratio` times A's learning rate: with B starting at zero, a shared rate leaves B's updates too
+small for features to move at wide widths. The groups are the ones PEFT's
+`create_loraplus_optimizer` builds, so a run here and a run with PEFT's optimizer step alike:
+A (and every other trainable weight) at `lr`; B and the one-dimensional parameters (DoRA's
+magnitude) at `lr * ratio`. Each group keeps its ratio under "lr_ratio", so the schedule scales
+every group alike (`set_lr`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minilora.lora.layer import lora_modules
+from minilora.training.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, params: list[nn.Parameter], config: TrainConfig
+                    ) -> torch.optim.Optimizer:
+    """AdamW over `params` (the trainable parameters of `model`), in LoRA+ groups when
+    ``config.loraplus_lr_ratio`` is set.
+
+    Fused where torch has the kernel: LoRA has two small tensors per adapted layer, and the
+    unfused loop pays a dozen tiny ops for each of them.
+    """
+    groups = param_groups(model, params, config.lr, config.weight_decay, config.loraplus_lr_ratio)
+    try:
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
+                                 fused=True)
+    except (RuntimeError, ValueError):  # torch < 2.4 on a CPU, or a device without the kernel
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight_decay: float,
+                 ratio: float | None) -> list[dict]:
+    """The optimizer's parameter groups: one group at `lr`, or with a LoRA+ `ratio`, A's group
+    at `lr` and B's (with the 1-D parameters) at ``lr * ratio``; a group with no parameters is
+    left out. B is found by type (the ``lora_B`` modules of each LoRA layer), not by name."""
+    if ratio is None:
+        return [{"params": list(params), "lr": lr, "weight_decay": weight_decay, "lr_ratio": 1.0}]
+    fast = {id(p) for _, m in lora_modules(model) for p in m.lora_B.parameters()}
+    fast |= {id(p) for p in params if p.ndim == 1}
+    slow_group = [p for p in params if id(p) not in fast]
+    fast_group = [p for p in params if id(p) in fast]
+    groups = [{"params": slow_group, "lr": lr, "weight_decay": weight_decay, "lr_ratio": 1.0},
+              {"params": fast_group, "lr": lr * ratio, "weight_decay": weight_decay,
+               "lr_ratio": ratio}]
+    return [g for g in groups if g["params"]]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets the schedule's learning rate: each group at ``lr`` times its LoRA+ ratio."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)

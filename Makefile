@@ -22,7 +22,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
-	$(BIN)/python -m pip install -e ".[test,plot,parquet,qlora,serve]"
+	$(BIN)/python -m pip install -e ".[test,plot,parquet,qlora,serve,tensorboard]"
 	touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed

@@ -90,6 +90,8 @@ class TrainConfig:
     compile: bool = _arg(False, "run the forward through torch.compile")
     resume: bool = _arg(False, "continue from the latest checkpoint in out_dir")
     log_every: int = _arg(10, "log loss, lr and tokens/s every N steps")
+    log_to: str | None = _arg(None, '"tensorboard": the logged metrics also go to TensorBoard '
+                              "event files in out_dir/tensorboard (needs minilora[tensorboard])")
     skip_bad: bool = _arg(False, "skip (and count) bad jsonl lines instead of stopping")
     max_bad_steps: int = _arg(5, "stop after this many non-finite steps in a row")
     stop_after: int | None = _arg(None, "end this run at this step (checkpointed), schedule kept")
@@ -152,6 +154,8 @@ class TrainConfig:
         elif "loraplus_lr_ratio" in ok and ratio is not None and self.full:
             problems["loraplus_lr_ratio"] = "LoRA+ sets the rate of LoRA's B matrices; --full " \
                                             "trains no LoRA: leave it out"
+        if "log_to" in ok and self.log_to not in (None, "tensorboard"):
+            problems["log_to"] = f'expected "tensorboard" (or nothing), got {self.log_to!r}'
         if "lr" in ok and not self.lr > 0:
             problems["lr"] = f"expected a finite number > 0, got {self.lr}"
         if "replay_ratio" in ok and not 0 <= self.replay_ratio <= 100:

@@ -57,7 +57,13 @@ from minilora.training.memory import estimate_memory, measured_peak
 from minilora.training.optimizer import build_optimizer, set_lr
 from minilora.training.precision import autocast_dtype, resolve_precision
 from minilora.training.run_folder import claim_out, replace_earlier_run
-from minilora.training.run_log import RunLog, describe_run, plot_losses, start_outputs
+from minilora.training.run_log import (
+    RunLog,
+    describe_run,
+    plot_losses,
+    require_tensorboard,
+    start_outputs,
+)
 
 
 @dataclass
@@ -108,8 +114,10 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     started = time.perf_counter()
     rank, world, device, own_group = start_distributed(config.device)
     config, precision = _resolved(config, device, world)
+    if config.log_to == "tensorboard":
+        require_tensorboard()  # before the output folder is claimed
     lock = claim_out(config, rank)
-    log = RunLog(Path(config.out_dir), rank)
+    log = RunLog(Path(config.out_dir), rank, config.log_to)
     log.precision = precision
     try:
         return _fit(model, train_set, eval_set, config, _Place(rank, world, device), log, started)

@@ -16,7 +16,7 @@ from minilora.training.config import TrainConfig
 
 # What train writes into out_dir; anything else there is the user's and is never touched.
 RUN_OUTPUTS = ("adapter", "model", "best", CHECKPOINTS, "metrics.jsonl", "loss.png",
-                "config.json")
+                "config.json", "tensorboard")
 
 
 def claim_out(config: TrainConfig, rank: int) -> FolderLock | None:

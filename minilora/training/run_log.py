@@ -1,5 +1,5 @@
 """What a run tells as it goes: config.json and metrics.jsonl in its folder, the progress bar (a
-terminal) or log lines (otherwise), and loss.png at the end.
+terminal) or log lines (otherwise), TensorBoard event files when asked, and loss.png at the end.
 """
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from minilora.core.errors import MissingExtra
 from minilora.core.files import atomic_write, parse_json
 from minilora.data.sft import DataStats
 from minilora.lora.layer import lora_modules
@@ -53,17 +55,44 @@ def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -
           f"skipped {stats.skipped_bad} bad lines", file=sys.stderr)
 
 
-class RunLog:
-    """metrics.jsonl, the progress bar (a TTY) or log lines (otherwise); rank 0 only."""
+TENSORBOARD = "tensorboard"  # the event files' folder in out_dir
 
-    def __init__(self, out: Path, rank: int) -> None:
+
+def require_tensorboard() -> type:
+    """TensorBoard's SummaryWriter (torch's, which writes with the tensorboard package).
+
+    Raises:
+        MissingExtra: the tensorboard package is not installed (names the extra).
+    """
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; say so first)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MissingExtra("--log-to tensorboard", "tensorboard") from None
+    return SummaryWriter
+
+
+class RunLog:
+    """metrics.jsonl, the progress bar (a TTY) or log lines (otherwise), and with
+    ``log_to="tensorboard"`` the same scalars as TensorBoard events; rank 0 only."""
+
+    def __init__(self, out: Path, rank: int, log_to: str | None = None) -> None:
         self.active = rank == 0
         self.path = out / "metrics.jsonl"
         self.bar: tqdm | None = None
         self.precision = ""  # the precision in words, for the run's opening block
+        self.log_to = log_to
+        self.writer: Any = None
+        if log_to == "tensorboard":
+            require_tensorboard()  # before anything is written
 
     def start(self, step: int, total: int) -> None:
         """Show the bar from ``step`` of ``total`` and start counting."""
+        if self.log_to == "tensorboard" and self.active:
+            # purge_step: a resumed run drops the events of the steps it will run again, as
+            # metrics.jsonl keeps only what the checkpoint covers
+            self.writer = require_tensorboard()(str(self.path.parent / TENSORBOARD),
+                                                purge_step=step + 1 if step else None)
         self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                         disable=not (self.active and sys.stderr.isatty()))
         self.loss_sum = torch.zeros(())
@@ -109,11 +138,19 @@ class RunLog:
         if self.active:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
 
     def close(self) -> None:
         """Closes the progress bar (the run ended, or stopped with an error)."""
         if self.bar is not None:
             self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def plot_losses(out: Path) -> Path | None:

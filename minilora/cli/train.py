@@ -83,6 +83,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         elif f.name == "lora_targets":
             p.add_argument(flag, dest=f.name, type=_parse_targets, default=None,
                            metavar="LIST|REGEX", help=help_text + " (comma-separated list)")
+        elif f.name == "eval_tasks":
+            p.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="FILE",
+                           help=help_text)
         elif f.name == "lora_exclude":
             p.add_argument(flag, dest=f.name, type=_parse_targets, default=None,
                            metavar="LIST", help=help_text + " (comma-separated)")
@@ -191,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     before = tasks.score(samples, answer) if samples else None
 
     try:
-        result = train(model, train_set, config, eval_set)
+        result = train(model, train_set, config, eval_set, tokenizer=tokenizer)
     except KeyboardInterrupt:
         _say_how_to_resume(config)
         return 130

@@ -84,6 +84,9 @@ class TrainConfig:
     max_seq_len: int = _arg(512, "samples are cut to this many tokens")
     pack: bool = _arg(False, "pack whole samples into rows of max_seq_len, each attending only "
                              "to itself, instead of one padded row a sample")
+    eval_tasks: list[str] | str | None = _arg(
+        None, "task files (held-out questions, as `minilora eval --tasks` reads): their greedy "
+        "accuracy at every evaluation, in metrics.jsonl as task/<name>")
     eval_every: int = _arg(0, "evaluate every N steps; 0: at the end only")
     save_every: int = _arg(0, "checkpoint every N steps; 0: at the end only")
     seed: int = _arg(42, "LoRA init, data order and dropout")

@@ -24,6 +24,7 @@ import hashlib
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from minilora.adapters.folder import save_adapter
 from minilora.adapters.state import adapter_state_dict
 from minilora.core.errors import ConfigError, TrainError
 from minilora.data.sft import Batch, DataStats, JsonlDataset
+from minilora.data.tokenizer import Tokenizer
 from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
 from minilora.lora.layer import lora_modules
 from minilora.lora.qlora import quantize_model
@@ -64,6 +66,7 @@ from minilora.training.run_log import (
     require_tensorboard,
     start_outputs,
 )
+from minilora.training.task_eval import load_task_samples, task_accuracy
 
 
 @dataclass
@@ -86,7 +89,8 @@ class TrainResult:
 
 
 def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
-          eval_set: JsonlDataset | None = None) -> TrainResult:
+          eval_set: JsonlDataset | None = None, *, tokenizer: Tokenizer | None = None
+          ) -> TrainResult:
     """Fine-tune ``model`` in place: LoRA adapters (default) or every weight (``full``).
 
     Run under torchrun (WORLD_SIZE > 1) it trains data-parallel: each process takes its share of
@@ -100,6 +104,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
             config names).
         config: the run's settings.
         eval_set: held-out rows: loss and perplexity every eval_every steps and at the end.
+        tokenizer: the model's tokenizer; needed only with ``config.eval_tasks`` (the task
+            questions are asked through its chat template).
 
     Returns:
         A TrainResult. Under out_dir: ``adapter/`` (or ``model/``), ``best/``, ``checkpoints/``,
@@ -110,8 +116,10 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
         CheckpointError: resume=True with a checkpoint of another config or base, or a damaged
             one; or resume=False where an unfinished checkpoint would be overwritten.
         TrainError: max_bad_steps non-finite steps in a row.
+        TaskError: a file of ``config.eval_tasks`` that is not a task file.
     """
     started = time.perf_counter()
+    scorer = _task_scorer(config, tokenizer)  # a bad task file: before anything is written
     rank, world, device, own_group = start_distributed(config.device)
     config, precision = _resolved(config, device, world)
     if config.log_to == "tensorboard":
@@ -120,7 +128,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     log = RunLog(Path(config.out_dir), rank, config.log_to)
     log.precision = precision
     try:
-        return _fit(model, train_set, eval_set, config, _Place(rank, world, device), log, started)
+        return _fit(model, train_set, eval_set, config, _Place(rank, world, device), log, started,
+                    scorer)
     finally:  # on an error too: the progress bar ends, and the process group this call began
         log.close()
         if lock is not None:
@@ -167,7 +176,8 @@ def _resolved(config: TrainConfig, device: torch.device, world: int
 
 
 def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | None,
-         config: TrainConfig, place: _Place, log: RunLog, started: float) -> TrainResult:
+         config: TrainConfig, place: _Place, log: RunLog, started: float,
+         scorer: Scorer | None = None) -> TrainResult:
     """train() once the processes are started: set up, the loop, the outputs."""
     if config.quantize:
         require_bitsandbytes()  # before writing anything
@@ -188,8 +198,9 @@ def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | Non
         losses += log.step(run.state.step, loss, lr_at(step, config, run.plan.total_steps),
                            step_tokens, run.state.skipped,
                            force=run.state.step == stop or run.state.step % config.log_every == 0)
-        if eval_set is not None and config.eval_every and run.state.step % config.eval_every == 0:
-            evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log))
+        evaluates = eval_set is not None or scorer is not None
+        if evaluates and config.eval_every and run.state.step % config.eval_every == 0:
+            evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log, scorer))
         if config.save_every and run.state.step % config.save_every == 0 and run.state.step != stop:
             save_checkpoint(out / CHECKPOINTS, model, run.optimizer, run.scaler, config, run.plan,
                             run.state, place.rank)
@@ -197,8 +208,9 @@ def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | Non
         peak, what = measured_peak(place.device)
         print(f"memory: measured peak {peak / 2**30:.2f} GiB ({what})", file=sys.stderr)
     finished = run.state.step == run.plan.total_steps  # not a stop_after: its resume evaluates
-    if eval_set is not None and finished and (not evals or evals[-1]["step"] != run.state.step):
-        evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log))
+    if (eval_set is not None or scorer is not None) and finished and (
+            not evals or evals[-1]["step"] != run.state.step):
+        evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log, scorer))
     checkpoint = save_checkpoint(out / CHECKPOINTS, model, run.optimizer, run.scaler, config,
                                  run.plan, run.state, place.rank)
     output_dir = _save_weights(run, out / ("model" if config.full else "adapter"), config,
@@ -448,16 +460,41 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
             "eval_tokens": int(total[1])}
 
 
-def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset, config: TrainConfig,
-                            place: _Place, log: RunLog) -> dict[str, float]:
-    record = {"step": run.state.step,
-              **evaluate(run.model, eval_set, config.batch_size, device=place.device,
-                         amp_dtype=run.amp_dtype, rank=place.rank, world=place.world)}
+def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset | None, config: TrainConfig,
+                            place: _Place, log: RunLog, scorer: Scorer | None = None
+                            ) -> dict[str, float]:
+    record: dict[str, float] = {"step": run.state.step}
+    if eval_set is not None:
+        record.update(evaluate(run.model, eval_set, config.batch_size, device=place.device,
+                               amp_dtype=run.amp_dtype, rank=place.rank, world=place.world))
+    if scorer is not None and place.rank == 0:  # generation: rank 0 alone, like the writes
+        record.update(scorer(run.model))
     log.eval(record)
+    if eval_set is None:
+        return record
     if run.state.best_eval_loss is None or record["eval_loss"] < run.state.best_eval_loss:
         run.state.best_eval_loss = record["eval_loss"]
         _save_weights(run, Path(config.out_dir) / "best", config, place.rank)
     return record
+
+
+Scorer = Callable[[nn.Module], dict[str, float]]
+
+
+def _task_scorer(config: TrainConfig, tokenizer: Tokenizer | None) -> Scorer | None:
+    """The task accuracy each evaluation adds, when ``config.eval_tasks`` names task files.
+
+    Raises:
+        ConfigError: eval_tasks without a tokenizer to ask the questions with.
+        TaskError: a file that is not a task file.
+    """
+    if not config.eval_tasks:
+        return None
+    if tokenizer is None:
+        raise ConfigError("{eval_tasks} asks questions through the model's chat template: pass "
+                          "train(..., tokenizer=...)", fields={"eval_tasks": "eval_tasks"})
+    samples = load_task_samples(config.eval_tasks)
+    return lambda model: task_accuracy(model, tokenizer, samples)
 
 
 def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Path | None:

@@ -125,11 +125,15 @@ class RunLog:
         return [(step, mean)]
 
     def eval(self, record: dict[str, float]) -> None:
-        """Logs an evaluation record (step, eval_loss, eval_ppl, ...) to metrics.jsonl."""
+        """Logs an evaluation record (step, eval_loss, eval_ppl, task/<name>, ...) to
+        metrics.jsonl."""
         self._write(record)
         if self.active:
-            self.bar.write(f"eval at step {record['step']}: loss {record['eval_loss']:.4f} "
-                           f"ppl {record['eval_ppl']:.2f}", file=sys.stderr)
+            said = [f"loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
+                    ] if "eval_loss" in record else []
+            said += [f"{k.removeprefix('task/')} {v:.1%}" for k, v in record.items()
+                     if k.startswith("task/")]
+            self.bar.write(f"eval at step {record['step']}: {', '.join(said)}", file=sys.stderr)
 
     def _write(self, record: dict[str, float]) -> None:
         # null, not NaN: a window of skipped steps has no loss, and NaN is not JSON
@@ -154,7 +158,8 @@ class RunLog:
 
 
 def plot_losses(out: Path) -> Path | None:
-    """loss.png from metrics.jsonl (train and eval loss by step); a note without matplotlib."""
+    """loss.png from metrics.jsonl (train and eval loss by step, and task accuracy beside it when
+    the run scored task files); a note without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -173,15 +178,27 @@ def plot_losses(out: Path) -> Path | None:
                     if isinstance(r.get("loss"), (int, float))]
     eval_points = [(r["step"], r["eval_loss"]) for r in records
                    if isinstance(r.get("eval_loss"), (int, float))]
-    figure = Figure(figsize=(6, 4))
+    task_names = sorted({k for r in records for k in r if k.startswith("task/")})
+    figure = Figure(figsize=(10, 4) if task_names else (6, 4))
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
+    ax = figure.add_subplot(1, 2 if task_names else 1, 1)
     for points, label in ((train_points, "train"), (eval_points, "eval")):
         if points:
             ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 50 else "")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
+    if task_names:  # what the run learns and what it keeps, as it trains
+        tasks_ax = figure.add_subplot(1, 2, 2)
+        for name in task_names:
+            points = [(r["step"], 100 * r[name]) for r in records
+                      if isinstance(r.get(name), (int, float))]
+            tasks_ax.plot(*zip(*points, strict=True), label=name.removeprefix("task/"),
+                          marker=".")
+        tasks_ax.set_xlabel("step")
+        tasks_ax.set_ylabel("task accuracy (%)")
+        tasks_ax.set_ylim(-5, 105)
+        tasks_ax.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(out / "loss.png", dpi=100)
     return out / "loss.png"

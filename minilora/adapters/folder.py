@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -73,7 +74,7 @@ __all__ = [
 
 def load_adapter(
     model: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     check_fingerprint: bool = True,
     name: str | None = None,
@@ -211,6 +212,7 @@ def _check_base_layers(
     problems = []
     for key, saved in sorted(base_layers.items()):
         m = BASE_LAYER_RE.fullmatch(key)
+        assert m is not None  # base_layers holds only the keys this pattern matched
         layer = layers.get(m[1])
         own = None if layer is None else getattr(layer, m[2])
         if own is None:
@@ -249,13 +251,13 @@ def _another_base(found: _Found, message: str) -> str:
 
 def save_adapter(
     model: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     dtype: torch.dtype | None = None,
     format: str = "peft",
     base_model_name_or_path: str | None = None,
     name: str | None = None,
-    pissa_initial: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    pissa_initial: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes one adapter of `model`.
 
@@ -327,7 +329,7 @@ def _model_config(model: nn.Module, name: str) -> LoraConfig:
     later)."""
     layers = adapter_layers(model, name)
 
-    def shape(m: LoRALinear) -> tuple:
+    def shape(m: LoRALinear) -> tuple[Any, ...]:
         return (m.r[name], m.lora_alpha[name], m.use_rslora[name], m.lora_dropout[name])
 
     first = shape(layers[0][1])
@@ -371,7 +373,7 @@ def _peft_targets(model: nn.Module, name: str) -> list[str]:
 
 def _pissa_to_lora(
     model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
-    initial: str | os.PathLike | Mapping[str, torch.Tensor],
+    initial: str | os.PathLike[str] | Mapping[str, torch.Tensor],
 ) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
     """A trained PiSSA adapter as a plain LoRA of rank 2r on the original base (PEFT's
     path_initial_model_for_weight_conversion): s B A - s B0 A0 = s' [B, -B0] [A; A0] with

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,7 +33,7 @@ _KEY_RE = re.compile(r"(.+)\.lora_([AB])\.weight")
 
 # PEFT LoraConfig keys whose non-default values change what the adapter computes in ways
 # minilora does not implement: loading such an adapter is refused rather than silently wrong.
-_UNSUPPORTED_PEFT = {
+_UNSUPPORTED_PEFT: dict[str, tuple[Any, ...]] = {  # key -> the values that are fine
     "bias": ("none", None),
     "modules_to_save": (None, []),
     "rank_pattern": ({}, None),
@@ -70,7 +71,7 @@ _PEFT_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 _BASE_CHANGING_INITS = ("olora", "loftq", "corda", "lora_ga")
 
 
-def find_adapters(folder: str | os.PathLike) -> dict[str, Path]:
+def find_adapters(folder: str | os.PathLike[str]) -> dict[str, Path]:
     """The adapters a folder holds in PEFT's layout: the folder itself ("default") and each
     subfolder with an adapter_config.json (named after it).
 
@@ -126,7 +127,7 @@ def check_tensors(sd: dict[str, torch.Tensor], source: Path) -> None:
         raise AdapterError(f"{source}: not usable LoRA weights: " + "; ".join(problems))
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = read_json(path, "an adapter_config.json", error=AdapterError)
     except FileNotFoundError:
@@ -136,7 +137,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> LoraConfig:
+def _config_from_peft(data: dict[str, Any], source: Path,
+                      sd: dict[str, torch.Tensor]) -> LoraConfig:
     def fail(key: str, why: str) -> AdapterError:
         return AdapterError(f"{source}: field {key!r} {why}")
 
@@ -179,7 +181,7 @@ def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> 
 
 def peft_config_dict(
     config: LoraConfig, targets: list[str], base_model_name_or_path: str | None
-) -> dict:
+) -> dict[str, Any]:
     """The adapter_config.json PEFT reads for `config`, adapting exactly `targets`."""
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     return {

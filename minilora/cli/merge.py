@@ -47,7 +47,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     check_own_folder(out, _MERGE_OUTPUTS, "merge", "--out")
     model, _ = load_base(args, tokenizer=False)  # copied beside the result when there is one
     apply_adapters(model, args)
-    model = merge_and_unload(model)
+    merge_and_unload(model)  # in place: the model, not a LoRALinear, comes back
     with FolderLock(out, "merge"):
         save_model(model, out, dtype=args.save_dtype)
         _copy_tokenizer(args, out)

@@ -104,7 +104,7 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
 
     saved = Path(given["out_dir"]) / "config.json" if "out_dir" in given else None
     resuming_saved = bool(given.get("resume")) and not args.config and saved is not None
-    if resuming_saved and not saved.is_file():
+    if resuming_saved and saved is not None and not saved.is_file():  # (saved is set)
         raise CliError(f"--resume: {saved} does not exist, so there is no run to continue in "
                        f"{given['out_dir']}; check --out")
     demo = (args.model is None and args.config is None and "data" not in given
@@ -115,7 +115,7 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
         settings["data"] = str(ASSETS / settings["data"])
         if settings.get("eval_data"):
             settings["eval_data"] = str(ASSETS / settings["eval_data"])
-    elif resuming_saved:
+    elif resuming_saved and saved is not None:  # (saved is set)
         settings = TrainConfig.from_json(saved).to_dict()  # the run's own settings, no retyping
         settings.pop("stop_after", None)  # where that invocation stopped, not this one
         settings.pop("overwrite", None)  # nor may its --overwrite replace anything now
@@ -215,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _before_and_after(before: Any, samples: list[Any], answer: Callable[[list[dict]], str]
+def _before_and_after(before: Any, samples: list[Any], answer: Callable[[list[dict[str, Any]]], str]
                       ) -> None:
     """The tasks' table before and after training, and a few answers of the trained model."""
     from minilora.data import tasks

@@ -25,7 +25,7 @@ from minilora.core.errors import ConfigError, MiniloraError
 Writer = Callable[[IO[bytes]], object]
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str | Writer) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str | Writer) -> None:
     """Writes ``path`` so that a reader sees the old file or the new one, never half of one.
 
     The content goes to a temporary file in the same folder (``mkstemp``), is fsynced and renamed
@@ -66,7 +66,7 @@ def _umask() -> int:
     return mask
 
 
-def fsync_dir(folder: str | os.PathLike) -> None:
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """Makes the entries of ``folder`` (a rename into it, say) durable.
 
     A platform that cannot open a folder, or a file system that cannot fsync one (EINVAL), is
@@ -116,7 +116,7 @@ _ADVICE = re.compile(r"weights_only|trusted source|safe_globals|Weights only loa
 MAX_JSON_BYTES = 16 << 20
 
 
-def regular_file(path: str | os.PathLike, what: str = "a file") -> Path:
+def regular_file(path: str | os.PathLike[str], what: str = "a file") -> Path:
     """``path`` if it is a regular file (or a link to one); raises otherwise.
 
     A FIFO, a device such as /dev/zero or a socket never ends or never answers, and a folder is
@@ -136,7 +136,7 @@ def regular_file(path: str | os.PathLike, what: str = "a file") -> Path:
     return path
 
 
-def read_bounded(path: str | os.PathLike, limit: int, what: str = "a file") -> bytes:
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str = "a file") -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes, never reading more than that.
 
     Raises:
@@ -157,7 +157,7 @@ def read_bounded(path: str | os.PathLike, limit: int, what: str = "a file") -> b
     return b"".join(pieces)
 
 
-def read_json(path: str | os.PathLike, what: str = "a JSON file", limit: int = MAX_JSON_BYTES,
+def read_json(path: str | os.PathLike[str], what: str = "a JSON file", limit: int = MAX_JSON_BYTES,
               error: type[MiniloraError] = ConfigError) -> object:
     """A JSON file read whole, bounded: at most ``limit`` bytes, UTF-8, a regular file.
 
@@ -220,7 +220,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     """The SHA-256 of a file's bytes, read in pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -234,7 +234,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def replace_folder(final: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def replace_folder(final: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Writes a folder so that a reader sees the old one or the new one, never a mixture.
 
     ``write`` fills a new sibling folder ``.<name>.tmp-<pid>``; its files and the folder are

@@ -19,15 +19,17 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from minilora.core.errors import OutputError
 
 LOCK_NAME = ".minilora.lock"
 
 
-def check_not_an_input(out: str | os.PathLike, inputs: Mapping[str, object], flag: str) -> None:
+def check_not_an_input(out: str | os.PathLike[str], inputs: Mapping[str, object],
+                       flag: str) -> None:
     """Refuse an output path that is, lies inside, or contains one of the inputs.
 
     Args:
@@ -41,7 +43,8 @@ def check_not_an_input(out: str | os.PathLike, inputs: Mapping[str, object], fla
     """
     target = Path(out).resolve()
     for name, value in inputs.items():
-        for path in value if isinstance(value, (list, tuple)) else [value]:
+        paths: Sequence[Any] = value if isinstance(value, (list, tuple)) else [value]
+        for path in paths:  # str or PathLike, or None for an input not given
             if path is None or str(path) == "":
                 continue
             source = Path(path).resolve()
@@ -57,7 +60,7 @@ def check_not_an_input(out: str | os.PathLike, inputs: Mapping[str, object], fla
                               f"would overwrite what it reads: choose another {flag}")
 
 
-def check_own_folder(folder: str | os.PathLike, own: Iterable[str] | re.Pattern[str],
+def check_own_folder(folder: str | os.PathLike[str], own: Iterable[str] | re.Pattern[str],
                      command: str, flag: str) -> None:
     """Refuse an existing folder that holds anything but this command's own earlier outputs.
 
@@ -123,7 +126,7 @@ class FolderLock:
         OSError: the folder cannot be created or the lock file written.
     """
 
-    def __init__(self, folder: str | os.PathLike, command: str) -> None:
+    def __init__(self, folder: str | os.PathLike[str], command: str) -> None:
         self.folder = Path(folder)
         self.command = command
         self._fd: int | None = None

@@ -54,7 +54,7 @@ def _compiled(source: str) -> Any:
         raise ChatTemplateError(f"the model's chat template is not valid Jinja: {err}") from None
 
 
-def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool = False,
+def render(source: str, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False,
            special_tokens: dict[str, str | None] | None = None) -> str:
     """The text of ``messages`` under the Jinja chat template ``source``.
 
@@ -77,7 +77,7 @@ def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool
         raise ChatTemplateError(f"the model's chat template failed: {err}") from None
 
 
-def assistant_spans(source: str, messages: Sequence[dict],
+def assistant_spans(source: str, messages: Sequence[dict[str, Any]],
                     special_tokens: dict[str, str | None] | None = None
                     ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant replies.

@@ -27,7 +27,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def detect(obj: dict) -> str | None:
+def detect(obj: dict[str, Any]) -> str | None:
     """The format of one record (one of FORMATS), None when it is none of them."""
     for key in ("conversations", "messages"):
         turns = obj.get(key)
@@ -43,7 +43,7 @@ def detect(obj: dict) -> str | None:
     return None
 
 
-def sharegpt_messages(turns: list, fail: Any) -> list[dict[str, Any]]:
+def sharegpt_messages(turns: list[Any], fail: Any) -> list[dict[str, Any]]:
     """ShareGPT turns as role/content messages (the values are checked by the chat reader)."""
     messages = []
     for i, turn in enumerate(turns):
@@ -61,7 +61,7 @@ def sharegpt_messages(turns: list, fail: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def alpaca_messages(obj: dict, fail: Any) -> list[dict[str, Any]]:
+def alpaca_messages(obj: dict[str, Any], fail: Any) -> list[dict[str, Any]]:
     """An Alpaca record as system (when given), user and assistant messages."""
     for name in ("instruction", "output"):
         if name not in obj:

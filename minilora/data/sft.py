@@ -48,9 +48,14 @@ _KEPT_ERRORS = 5
 class ChatTokenizer(Protocol):
     """What data.py needs from a tokenizer (minilora.data.tokenizer.Tokenizer provides it)."""
 
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
+    @property
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    @property
+    def pad_token_id(self) -> int | None: ...
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -105,11 +110,12 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(move(self.input_ids), move(self.labels), self.tokens, self.trained_tokens,
+        return Batch(self.input_ids.to(device, non_blocking=True),
+                     self.labels.to(device, non_blocking=True), self.tokens, self.trained_tokens,
                      move(self.segment_ids))
 
 
-class JsonlDataset(torch.utils.data.Dataset):
+class JsonlDataset(torch.utils.data.Dataset[Sample]):
     """Tokenized samples of one jsonl file (see load_jsonl), indexable like any Dataset.
 
     Attributes:

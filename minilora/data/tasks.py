@@ -38,6 +38,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from minilora.core.errors import TaskError
 from minilora.core.files import parse_json, read_bounded
@@ -118,7 +119,7 @@ class TaskReport:
     def per_task(self) -> dict[str, TaskScore]:
         return {t: self.score(t) for t in self.tasks}
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Counts and accuracies, ready for json (metrics.jsonl)."""
         tasks = {
             t: {"correct": s.correct, "total": s.total, "accuracy": s.accuracy}

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -84,12 +85,13 @@ class Tokenizer:
                               ("pad_token", ENDOFTEXT)):
             specials[name] = default if tok.token_to_id(default) is not None else None
         config_file = file.parent / "tokenizer_config.json"
-        config = {}
+        config: dict[str, Any] = {}
         if config_file.exists():
-            config = read_json(config_file, "a tokenizer_config.json")
-            if not isinstance(config, dict):
-                raise ConfigError(f"{config_file}: a JSON {type(config).__name__}, expected a "
+            loaded = read_json(config_file, "a tokenizer_config.json")
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{config_file}: a JSON {type(loaded).__name__}, expected a "
                                   "JSON object")
+            config = loaded
             for name in specials:
                 if name in config:
                     value = config[name]
@@ -185,9 +187,11 @@ class Tokenizer:
         return list(dict.fromkeys(ids))
 
     def _template_end_of_turn(self) -> list[int]:
+        template = self.chat_template
+        assert template is not None  # called only for a tokenizer with its own template
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
         try:
-            text, spans = assistant_spans(self.chat_template, probe, self._special_tokens())
+            text, spans = assistant_spans(template, probe, self._special_tokens())
         except ChatTemplateError:
             return []
         start, end = spans[0]
@@ -209,7 +213,7 @@ class Tokenizer:
 
     # -- chat --------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[dict],
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]],
                             add_generation_prompt: bool = False) -> str:
         """The text of messages (``[{"role": ..., "content": ...}, ...]``): the model's own
         template, else ChatML.
@@ -225,7 +229,7 @@ class Tokenizer:
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[int]]:
         """Token ids of the conversation and its loss mask.
 
@@ -263,22 +267,24 @@ class Tokenizer:
         return ids, mask
 
 
-    def _encode_templated(self, messages: Sequence[dict], add_generation_prompt: bool
+    def _encode_templated(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool
                           ) -> tuple[list[int], list[int]]:
         """The model's own template: the ids of the rendered text as transformers tokenizes it
         (special-token strings are special, nothing added around), the mask from the spans."""
+        template = self.chat_template
+        assert template is not None  # called only for a tokenizer with its own template
         if add_generation_prompt:
-            text = render(self.chat_template, messages, add_generation_prompt=True,
+            text = render(template, messages, add_generation_prompt=True,
                           special_tokens=self._special_tokens())
             ids = self.encode(text)
             return ids, [0] * len(ids)
-        text, spans = assistant_spans(self.chat_template, messages, self._special_tokens())
+        text, spans = assistant_spans(template, messages, self._special_tokens())
         encoding = self._tok.encode(text, add_special_tokens=False)
         mask = [int(any(a <= start < b for a, b in spans)) for start, _ in encoding.offsets]
         return list(encoding.ids), mask
 
 
-def _read_chat_template(folder: Path, config: dict) -> str | None:
+def _read_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     """The chat template of a tokenizer folder: chat_template.jinja (newer transformers write
     it) or tokenizer_config.json's chat_template (a string, or a list of named templates)."""
     jinja_file = folder / "chat_template.jinja"

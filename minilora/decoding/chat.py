@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from torch import nn
-
 from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.generation import generate, stream_generate
+from minilora.model.decoder import CausalLM
 
 
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
@@ -39,7 +38,7 @@ def stream_text(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
         yield text[len(shown):]
 
 
-def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict],
+def stream_reply(model: CausalLM, tokenizer: Tokenizer, messages: list[dict[str, Any]],
                  **sampling: Any) -> Iterator[str]:
     """The model's reply to a conversation, streamed as text pieces.
 
@@ -56,8 +55,8 @@ def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict],
     return stream_text(tokenizer, stream_generate(model, ids, **sampling))
 
 
-def chat_answerer(model: nn.Module, tokenizer: Tokenizer, **sampling: Any
-                  ) -> Callable[[list[dict]], str]:
+def chat_answerer(model: CausalLM, tokenizer: Tokenizer, **sampling: Any
+                  ) -> Callable[[list[dict[str, Any]]], str]:
     """A function from chat messages to the model's whole reply text (for ``tasks.score``).
 
     Args:
@@ -69,7 +68,7 @@ def chat_answerer(model: nn.Module, tokenizer: Tokenizer, **sampling: Any
         answer(messages) -> the reply, stripped of surrounding whitespace.
     """
 
-    def answer(messages: list[dict]) -> str:
+    def answer(messages: list[dict[str, Any]]) -> str:
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         return tokenizer.decode(generate(model, ids, **sampling)).strip()
 

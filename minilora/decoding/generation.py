@@ -90,22 +90,24 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
     yield from pending
 
 
-def _next_tokens(model: CausalLM, ids: Tensor, max_new_tokens: int, seed: int | None,
-                 **sampling: float) -> Iterator[int]:
+def _next_tokens(model: CausalLM, ids: Tensor, max_new_tokens: int, seed: int | None, *,
+                 temperature: float, top_k: int, top_p: float,
+                 repetition_penalty: float) -> Iterator[int]:
     """Each next token of one (1, T) prompt, decoded with a KV cache sized for them all."""
     weight = model.model.embed_tokens.weight
     generator = None
     if seed is not None:
         generator = torch.Generator(device=weight.device).manual_seed(seed)
     seen = None
-    if sampling["repetition_penalty"] != 1.0:
+    if repetition_penalty != 1.0:
         seen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)  # (V,)
         seen[ids[0]] = True
     cache = KVCache(model.config, 1, ids.shape[1] + min(max_new_tokens, FIRST_CAPACITY),
                     device=weight.device, dtype=weight.dtype)
     logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[0, -1]  # (V,)
     for step in range(max_new_tokens):
-        token = pick_token(logits, seen=seen, generator=generator, **sampling)
+        token = pick_token(logits, seen=seen, generator=generator, temperature=temperature,
+                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         yield int(token)
         if step == max_new_tokens - 1:
             break

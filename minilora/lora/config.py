@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from minilora.core.errors import ConfigError
 
@@ -94,7 +95,7 @@ class LoraConfig:
         """The factor on B @ A: alpha / r, or alpha / sqrt(r) with use_rslora."""
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-serialisable dict that `from_dict` reads back."""
         d = asdict(self)
         for key in ("targets", "exclude"):
@@ -103,7 +104,7 @@ class LoraConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> LoraConfig:
+    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
         """Builds a config from a dict such as `to_dict()` returns.
 
         Raises:
@@ -167,11 +168,12 @@ def check_regex(pattern: str) -> None:
                          "(a+)+ or (a|b)*), which can take exponential time; simplify it")
 
 
-def _nested_repeat(items: object, inside_repeat: bool) -> bool:
+def _nested_repeat(items: Any, inside_repeat: bool) -> bool:
+    # items: an sre_parse SubPattern or an op's argument list, internals with no published types
     constants = _sre_constants
     repeats = tuple(getattr(constants, n) for n in ("MAX_REPEAT", "MIN_REPEAT",
                                                      "POSSESSIVE_REPEAT") if hasattr(constants, n))
-    for op, arg in items:  # type: ignore[union-attr]
+    for op, arg in items:
         if op in repeats:
             _, high, sub = arg
             if high != 1 and inside_repeat:

@@ -32,6 +32,9 @@ from minilora.lora.named import (
 )
 from minilora.lora.weight_hash import PISSA_FROM, hash_weights
 
+# What LoRA can go on: a plain Linear, or one that has adapters already.
+AnyLinear = nn.Linear | LoRALinear
+
 
 @dataclass
 class InjectionReport:
@@ -76,11 +79,11 @@ class ParameterCounts:
         )
 
 
-def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def linear_modules(model: nn.Module) -> Iterator[tuple[str, AnyLinear]]:
     """Yields Linear and LoRALinear modules by name, never descending into a LoRALinear
     (its lora_A/lora_B are Linears too, and must not be adapted themselves)."""
 
-    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, AnyLinear]]:
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, (nn.Linear, LoRALinear)):
@@ -91,7 +94,7 @@ def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk(model, "")
 
 
-def output_head_names(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> set[str]:
+def output_head_names(model: nn.Module, linears: list[tuple[str, AnyLinear]]) -> set[str]:
     """Returns the names of Linears that produce the output logits: named lm_head, the model's own
     get_output_embeddings() (transformers), or a Linear whose weight is an Embedding's."""
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -109,7 +112,7 @@ def output_head_names(model: nn.Module, linears: list[tuple[str, nn.Module]]) ->
     }
 
 
-def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, AnyLinear]]:
     linears = list(linear_modules(model))
     targets = config.targets
     if targets == "all-linear":
@@ -204,7 +207,7 @@ def inject_lora(
 
 
 def _check_injectable(
-    model: nn.Module, chosen: list[tuple[str, nn.Module]], config: LoraConfig, name: str
+    model: nn.Module, chosen: list[tuple[str, AnyLinear]], config: LoraConfig, name: str
 ) -> None:
     """Raises ConfigError when adapter `name` cannot go on every chosen layer."""
     twice = [n for n, m in chosen if isinstance(m, LoRALinear) and name in m.lora_A]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,28 @@ from minilora.lora.quantized_weight import base_output, is_quantized, quant_kind
 # Low-precision bases get float32 adapters (PEFT does the same): bf16 optimizer updates of a
 # zero-initialised B would round away.
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+if TYPE_CHECKING:
+    # What the layer's dicts hold, for the type checker only: at run time they are the plain
+    # nn.ModuleDict / nn.ParameterDict, whose items type as Module / Any.
+    class AdapterLinear(nn.Linear):
+        weight: nn.Parameter
+
+    class LinearDict(nn.ModuleDict):
+        def __getitem__(self, key: str) -> AdapterLinear: ...
+
+    class ParameterDict(nn.ParameterDict):
+        def __getitem__(self, key: str) -> nn.Parameter: ...
+else:
+    LinearDict = nn.ModuleDict
+    ParameterDict = nn.ParameterDict
+
+# The fast path's view of the one active adapter: (A, B, scaling, dropout).
+FastAdapter = tuple[nn.Linear, nn.Linear, float, float]
+# LoRALinear.fused_parts: (weight, bias, (A's weight, B's weight, scaling) or None).
+FusedParts = tuple[torch.Tensor, torch.Tensor | None,
+                   tuple[torch.Tensor, torch.Tensor, float] | None]
 
 
 class MergeError(ConfigError):
@@ -65,7 +88,9 @@ class _LoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, xa, weight, bias, a, b, scale, dt):
+    def forward(ctx: Any, x: torch.Tensor, xa: torch.Tensor | None, weight: torch.Tensor,
+                bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
+                dt: torch.dtype) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
             xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1]).to(dt)
@@ -82,7 +107,7 @@ class _LoRAFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, xa2, hs, w, a, b = ctx.saved_tensors
         x_dtype, xa_dtype, a_dtype, b_dtype, w_dtype, bias_dtype = ctx.in_dtypes
         need_x, need_xa, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
@@ -149,10 +174,10 @@ class LoRALinear(nn.Module):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
+        self.lora_A = LinearDict()
+        self.lora_B = LinearDict()
         # DoRA's magnitude m per adapter that has use_dora (out_features,)
-        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_magnitude_vector = ParameterDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -160,7 +185,7 @@ class LoRALinear(nn.Module):
         self.use_rslora: dict[str, bool] = {}
         self.init: dict[str, str] = {}
         self.lora_config: dict[str, LoraConfig | None] = {}
-        self._fast: tuple | None = None
+        self._fast: FastAdapter | None = None
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
         # The weight before merge(), restored by unmerge() (a plain attribute: not state).
@@ -212,9 +237,11 @@ class LoRALinear(nn.Module):
         w = self.weight
         # a quantized (integer) base weight gets float32 adapters too
         low = w.dtype in _UPCAST_DTYPES or not w.dtype.is_floating_point
-        kw = {"bias": False, "device": w.device, "dtype": torch.float32 if low else w.dtype}
-        self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
-        self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
+        dtype = torch.float32 if low else w.dtype
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device,
+                                      dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device,
+                                      dtype=dtype)
         self.r[name], self.lora_alpha[name] = r, float(alpha)
         self.scaling[name] = lora_scaling(r, float(alpha), use_rslora)
         self.lora_dropout[name], self.use_rslora[name] = float(dropout), use_rslora
@@ -331,6 +358,7 @@ class LoRALinear(nn.Module):
         """The formula the fast path must equal: base(x) + each active adapter's update (the
         base alone when disabled; the weight before merge when merged and disabled)."""
         if self.merged and not self.enabled:
+            assert self._unmerged_weight is not None  # merge() keeps it while merged
             return F.linear(x, self._unmerged_weight, self.bias)
         base = y = base_output(self, x)  # (..., out); the quantized matmul on a QLoRA base
         for name in self.active_adapters if self.enabled and not self.merged else ():
@@ -361,7 +389,7 @@ class LoRALinear(nn.Module):
             wx = base if self.bias is None else base - self.bias
         return (f - 1) * wx + f * lora
 
-    def fused_parts(self, x: torch.Tensor) -> tuple | None:
+    def fused_parts(self, x: torch.Tensor) -> FusedParts | None:
         """What minilora.model.fused needs to run this layer inside a group of siblings reading x:
         (weight, bias, (A, B, scaling) of the one active adapter, or None for the base alone),
         or None when this call needs forward's own paths: several active adapters, DoRA,
@@ -447,6 +475,7 @@ class LoRALinear(nn.Module):
         merged."""
         if not self.merged:
             return
+        assert self._unmerged_weight is not None  # merge() keeps it while merged
         self.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
         self.merged_adapters = ()

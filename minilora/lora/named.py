@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -175,6 +176,7 @@ def _unroute(modules: list[LoRALinear]) -> None:
 # Plain attributes on the layer (not state), read by _layer_hook: (routes, rows, active before).
 _ROUTES = "_minilora_routes"
 _LAYER_HOOK = "_minilora_row_hooked"
+_ROUTED = "_minilora_routed"  # on the model: the layers a mixed batch routed, for _post_forward
 
 
 def _add_layer_hook(m: LoRALinear) -> None:
@@ -184,7 +186,7 @@ def _add_layer_hook(m: LoRALinear) -> None:
         setattr(m, _LAYER_HOOK, True)
 
 
-def _layer_hook(m: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+def _layer_hook(m: LoRALinear, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor | None:
     """A mixed batch: each group of rows gets its own adapter's update; rows of no group, or of
     an adapter this layer lacks, get the base."""
     routed = getattr(m, _ROUTES, None)
@@ -210,27 +212,30 @@ def _layer_hook(m: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | No
 
 
 # minilora.model.fused may run this layer inside a fused group when the hook has nothing to route.
-_layer_hook.fusion_idle = lambda m: getattr(m, _ROUTES, None) is None
+# (An attribute on a function, which mypy does not model: hence the ignore.)
+_layer_hook.fusion_idle = (  # type: ignore[attr-defined]
+    lambda m: getattr(m, _ROUTES, None) is None)
 
 
 _HOOKS = "_minilora_row_hooks"
 
 
-def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+def _pre_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     if "adapter_names" not in kwargs:
         return None
     names = kwargs.pop("adapter_names")
     if names is not None:
-        module._minilora_routed = _route(module, names)
+        setattr(module, _ROUTED, _route(module, names))
     return args, kwargs
 
 
-def _post_forward(module: nn.Module, args: tuple, output: object) -> None:
+def _post_forward(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
     # Plain attribute reads and writes (no dict pops): torch.compile replays them faithfully.
-    routed = getattr(module, "_minilora_routed", None)
+    routed = getattr(module, _ROUTED, None)
     if routed is not None:
         _unroute(routed)
-        module._minilora_routed = None
+        setattr(module, _ROUTED, None)
 
 
 def install_row_hooks(model: nn.Module) -> None:

@@ -25,6 +25,8 @@ full-precision model.
 from __future__ import annotations
 
 import sys
+from types import ModuleType
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ QUANT_KINDS = ("nf4", "int8")
 QUANTIZED_FROM = "minilora_quantized_from"
 
 
-def require_bitsandbytes():
+def require_bitsandbytes() -> ModuleType:
     """Imports bitsandbytes.
 
     Raises:
@@ -76,8 +78,9 @@ def quantized_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if isinstance(weight, bnb.nn.Params4bit):
             y = bnb.matmul_4bit(x, weight.t(), bias=b, quant_state=weight.quant_state)
         else:
+            int8: Any = weight  # bitsandbytes' Int8Params: its int8 rows CB and row scales SCB
             state = bnb.MatmulLtState()
-            state.CB, state.SCB, state.has_fp16_weights = weight.CB, weight.SCB, False
+            state.CB, state.SCB, state.has_fp16_weights = int8.CB, int8.SCB, False
             y = bnb.matmul(x, weight, bias=b, state=state).to(dt)
     # LoRA adds its update into this output in place; autograd forbids that on a view made
     # inside a custom Function (bitsandbytes' int8 product returns one), so own the memory.
@@ -92,7 +95,8 @@ def dequantize(weight: Tensor) -> Tensor:
     bnb = sys.modules["bitsandbytes"]
     if isinstance(weight, bnb.nn.Params4bit):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.CB.float() * weight.SCB.float()[:, None] / 127.0  # LLM.int8's row scale
+    int8: Any = weight  # bitsandbytes' Int8Params: its int8 rows CB and row scales SCB
+    return int8.CB.float() * int8.SCB.float()[:, None] / 127.0  # LLM.int8's row scale
 
 
 class QuantizedLinear(nn.Linear):
@@ -108,7 +112,17 @@ class QuantizedLinear(nn.Linear):
         return quantized_linear(x, self.weight, self.bias)
 
 
-def base_output(module: nn.Module, x: Tensor) -> Tensor:
+class LinearWeights(Protocol):
+    """What a base product reads: a Linear's or a LoRALinear's weight and bias."""
+
+    @property
+    def weight(self) -> Tensor: ...
+
+    @property
+    def bias(self) -> Tensor | None: ...
+
+
+def base_output(module: LinearWeights, x: Tensor) -> Tensor:
     """A LoRALinear's base product: the quantized matmul for a bitsandbytes weight."""
     if is_quantized(module.weight):
         return quantized_linear(x, module.weight, module.bias)

@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from minilora.core.checks import type_problems
 from minilora.core.errors import ConfigError
@@ -21,7 +22,7 @@ MODEL_TYPES = ("llama", "qwen2", "qwen3", "minimind")
 # aux_loss_alpha, seq_aux) and "minimind3" (its current one: q/k norm, top-1 routing renormalised,
 # router_aux_loss_coef, eps 1e-6). Each one's MiniMindConfig defaults, for keys a file leaves out.
 GENERATIONS = ("minimind2", "minimind3")
-MINIMIND_DEFAULTS: dict[str, dict] = {
+MINIMIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "minimind2": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
                   "num_key_value_heads": 2, "vocab_size": 6400, "rms_norm_eps": 1e-5,
                   "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": True,
@@ -43,6 +44,14 @@ _GENERATION_KEYS = {
 # MiniMind's YaRN settings (its MiniMindConfig writes these when inference_rope_scaling is on).
 YARN_DEFAULTS = {"factor": 16.0, "original_max_position_embeddings": 2048, "beta_fast": 32.0,
                  "beta_slow": 1.0, "attention_factor": 1.0}
+
+
+def filled(value: int | None) -> int:
+    """A size field that ModelConfig leaves None only until ``__post_init__`` fills it in
+    (num_key_value_heads, head_dim, intermediate_size, moe_intermediate_size, n_shared_experts).
+    """
+    assert value is not None, "ModelConfig.__post_init__ fills this field"
+    return value
 
 
 def default_intermediate_size(hidden_size: int, generation: str) -> int:
@@ -94,7 +103,8 @@ class ModelConfig:
     moe_intermediate_size: int | None = None  # routed experts' width; None -> intermediate_size
     # MiniMind's YaRN (keys of YARN_DEFAULTS), applied when max_position_embeddings exceeds
     # original_max_position_embeddings; None -> plain RoPE
-    rope_scaling: dict | None = None
+    # (bare dict: checks.type_problems writes the type into its error, "expected dict or null")
+    rope_scaling: dict | None = None  # type: ignore[type-arg]
 
     def __post_init__(self) -> None:
         problems = type_problems(self, "")  # a float head_dim, a "false" string, a NaN eps ...
@@ -146,7 +156,7 @@ class ModelConfig:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
             problems.append(f"head_dim: expected a positive even int (RoPE), got {self.head_dim}")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.num_attention_heads % filled(self.num_key_value_heads):
             problems.append(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
@@ -162,7 +172,7 @@ class ModelConfig:
             problems.append(
                 f"num_experts_per_tok: expected 1..num_experts ({self.num_experts}), "
                 f"got {self.num_experts_per_tok}")
-        if self.n_shared_experts < 0:
+        if filled(self.n_shared_experts) < 0:
             problems.append(f"n_shared_experts: expected >= 0, got {self.n_shared_experts}")
         if self.router_aux_loss_coef < 0:
             problems.append(
@@ -182,12 +192,12 @@ class ModelConfig:
                 f"minimind_generation 'minimind3'")
         return problems
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Returns the fields as a JSON-ready dict (``from_dict`` reads it back)."""
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Builds a config from minilora's field names.
 
         Raises:
@@ -200,7 +210,7 @@ class ModelConfig:
         return cls(**d)
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> ModelConfig:
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Builds a config from a transformers (llama, qwen2, qwen3) or MiniMind config.json dict.
 
         Keys that change nothing here (``architectures``, ``dtype``, ``use_cache`` ...) are ignored;
@@ -217,7 +227,8 @@ class ModelConfig:
         model_type = d.get("model_type", "minimind")
         _refuse_unsupported(d, model_type)
         generation = _generation_from_keys(d, model_type)
-        out: dict = {"model_type": model_type, "minimind_generation": generation or "minimind2"}
+        out: dict[str, Any] = {"model_type": model_type,
+                               "minimind_generation": generation or "minimind2"}
         if model_type == "minimind" and generation is not None:
             out.update(MINIMIND_DEFAULTS[generation])
             if generation == "minimind2":
@@ -237,7 +248,7 @@ class ModelConfig:
         _transformers_defaults(d, model_type, out)
         return cls(**out)
 
-    def to_hf_dict(self) -> dict:
+    def to_hf_dict(self) -> dict[str, Any]:
         """Returns a config.json dict that transformers (MiniMind for ``minimind``) reads back.
 
         MoE settings are written under the names of ``minimind_generation``'s MiniMindConfig.
@@ -297,7 +308,7 @@ class ModelConfig:
         atomic_write(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
-def _refuse_unsupported(d: dict, model_type: str) -> None:
+def _refuse_unsupported(d: dict[str, Any], model_type: str) -> None:
     """Settings of a config.json this decoder does not compute, refused by key."""
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
@@ -312,7 +323,7 @@ def _refuse_unsupported(d: dict, model_type: str) -> None:
             f"scoring_func: only 'softmax' is implemented, got {d['scoring_func']!r}")
 
 
-def _transformers_defaults(d: dict, model_type: str, out: dict) -> None:
+def _transformers_defaults(d: dict[str, Any], model_type: str, out: dict[str, Any]) -> None:
     """What transformers' config classes imply for keys a llama/qwen2/qwen3 file leaves out."""
     if model_type == "qwen2":
         out["attention_bias"] = True  # Qwen2 always has q/k/v biases; its config has no key
@@ -328,7 +339,7 @@ def _transformers_defaults(d: dict, model_type: str, out: dict) -> None:
         out.pop("num_experts", None)
 
 
-def _generation_from_keys(d: dict, model_type: str) -> str | None:
+def _generation_from_keys(d: dict[str, Any], model_type: str) -> str | None:
     """The MiniMind generation a config.json's keys say, or None where they say neither."""
     found = {g: [k for k in keys if k in d] for g, keys in _GENERATION_KEYS.items()}
     if found["minimind2"] and found["minimind3"]:
@@ -357,7 +368,7 @@ def _generation_from_keys(d: dict, model_type: str) -> str | None:
     return generation
 
 
-def _read_rope(d: dict, model_type: str, out: dict) -> None:
+def _read_rope(d: dict[str, Any], model_type: str, out: dict[str, Any]) -> None:
     """rope_theta and MiniMind's YaRN from a config.json into out; other scalings refused."""
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(rope, dict):
@@ -393,7 +404,7 @@ def _read_rope(d: dict, model_type: str, out: dict) -> None:
                       f"'yarn' for model_type minimind), got {rope_type!r}")
 
 
-def _check_yarn(scaling: dict | None, model_type: str) -> dict | None:
+def _check_yarn(scaling: dict[str, Any] | None, model_type: str) -> dict[str, Any] | None:
     """MiniMind's YaRN settings checked and completed with its defaults."""
     if scaling is None:
         return None

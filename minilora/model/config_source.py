@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from minilora.model.state_files import TORCH_SUFFIXES
 CONFIG_WORDS = {"base_config": "config=FILE"}
 
 
-def resolve_config(path: Path, config: ModelConfig | dict | str | Path | None,
+def resolve_config(path: Path, config: ModelConfig | dict[str, Any] | str | Path | None,
                    sd: dict[str, Tensor]) -> ModelConfig:
     """The config of the checkpoint at `path` whose tensors (or meta tensors of their shapes)
     are `sd`: `config` as ``load_model`` takes it, else the config.json beside `path`.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from minilora.core.errors import ConfigError
-from minilora.model.config import ModelConfig
+from minilora.model.config import ModelConfig, filled
 from minilora.model.feed_forward import MLP, MoE
 from minilora.model.fused import project
 from minilora.model.kv_cache import KVCache
@@ -60,7 +61,7 @@ class RotaryEmbedding(nn.Module):
     and sin are multiplied by ``attention_factor``.
     """
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None,
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
                  max_positions: int = 0) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
@@ -165,15 +166,18 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
-        C, D = config.hidden_size, config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = filled(config.num_key_value_heads)
+        self.head_dim = filled(config.head_dim)
+        C, D = config.hidden_size, self.head_dim
         bias = config.attention_bias
         self.q_proj = nn.Linear(C, self.n_heads * D, bias=bias)
         self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=bias)
         # Qwen2 puts biases on q/k/v only; Llama and Qwen3's attention_bias covers o too.
         self.o_proj = nn.Linear(self.n_heads * D, C, bias=bias and config.model_type != "qwen2")
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
         if config.qk_norm:
             self.q_norm = RMSNorm(D, config.rms_norm_eps)
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
@@ -187,7 +191,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, KV, T, D)
@@ -244,8 +248,8 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
-                                      config.max_position_embeddings)
+        self.rotary = RotaryEmbedding(filled(config.head_dim), config.rope_theta,
+                                      config.rope_scaling, config.max_position_embeddings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +278,7 @@ class CausalLMOutput:
     @property
     def logits(self) -> Tensor:
         if self._logits is None:
+            assert self._make_logits is not None  # set whenever _logits is left None
             self._logits, self._make_logits = self._make_logits(), None
         return self._logits
 

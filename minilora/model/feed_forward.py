@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minilora.model.config import ModelConfig
+from minilora.model.config import ModelConfig, filled
 from minilora.model.fused import project
 
 
@@ -18,7 +18,7 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        C, F_ = config.hidden_size, intermediate_size or config.intermediate_size
+        C, F_ = config.hidden_size, intermediate_size or filled(config.intermediate_size)
         self.gate_proj = nn.Linear(C, F_, bias=False)
         self.up_proj = nn.Linear(C, F_, bias=False)
         self.down_proj = nn.Linear(F_, C, bias=False)
@@ -80,7 +80,8 @@ class MoE(nn.Module):
         self.gate = MoEGate(config)
         self.experts = nn.ModuleList(MLP(config, config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
-        self.shared_experts = nn.ModuleList(MLP(config) for _ in range(config.n_shared_experts))
+        self.shared_experts = nn.ModuleList(
+            MLP(config) for _ in range(filled(config.n_shared_experts)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, T, C = x.shape

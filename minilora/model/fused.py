@@ -24,11 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
+
+# One module of a group: (weight, bias, (A, B, scaling) of its one adapter or None), as
+# minilora.lora.layer.LoRALinear.fused_parts returns it; and per module (out, rank, scaling).
+Part = tuple[Tensor, Tensor | None, tuple[Tensor, Tensor, float] | None]
+Spec = tuple[int, int, float]
 
 _ENABLED = [True]
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,7 +74,7 @@ def project(modules: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
     """
     parts = _fusable_parts(modules, x) if _ENABLED[0] and len(modules) > 1 else None
     dt = _compute_dtype(parts, x) if parts is not None else None
-    if dt is None:
+    if parts is None or dt is None:
         return [m(x) for m in modules]
     a_cat, b_flat = _stacked_adapters(parts)
     spec = tuple((w.shape[0], ad[0].shape[0] if ad else 0, ad[2] if ad else 0.0)
@@ -93,16 +99,16 @@ def _has_hooks(m: nn.Module) -> bool:
                 or _nn_module._global_backward_hooks)
 
 
-def _fusable_parts(modules: Sequence[nn.Module], x: Tensor) -> list[tuple] | None:
+def _fusable_parts(modules: Sequence[nn.Module], x: Tensor) -> list[Part] | None:
     """(weight, bias, adapter) of each module, or None when one of them cannot fuse."""
-    parts = []
+    parts: list[Part] = []
     for m in modules:
         if _has_hooks(m):
             return None
         if type(m) is nn.Linear:
             part = (m.weight, m.bias, None)
-        elif hasattr(m, "fused_parts"):
-            part = m.fused_parts(x)
+        elif (fused_parts := getattr(m, "fused_parts", None)) is not None:  # a LoRALinear's
+            part = fused_parts(x)
             if part is None:
                 return None
         else:
@@ -117,7 +123,7 @@ def _fusable_parts(modules: Sequence[nn.Module], x: Tensor) -> list[tuple] | Non
     return parts
 
 
-def _compute_dtype(parts: list[tuple], x: Tensor) -> torch.dtype | None:
+def _compute_dtype(parts: list[Part], x: Tensor) -> torch.dtype | None:
     """The dtype the group computes in (what each module would), or None: unfused."""
     tensors = [t for w, b, ad in parts for t in (w, b, *(ad[:2] if ad else ())) if t is not None]
     if any(t.device != x.device for t in tensors):
@@ -134,7 +140,7 @@ def _compute_dtype(parts: list[tuple], x: Tensor) -> torch.dtype | None:
     return w_dtype if x.dtype == w_dtype and w_dtype in _COMPUTE_DTYPES else None
 
 
-def _stacked_adapters(parts: list[tuple]) -> tuple[Tensor | None, Tensor | None]:
+def _stacked_adapters(parts: list[Part]) -> tuple[Tensor | None, Tensor | None]:
     """The A's stacked (R, in) and the B's flattened into one vector: two tensors autograd
     tracks (their gradients split back to each A and B), whatever the count and the ranks."""
     adapters = [ad for _, _, ad in parts if ad is not None]
@@ -149,7 +155,8 @@ def _stacked_adapters(parts: list[tuple]) -> tuple[Tensor | None, Tensor | None]
 # ------------------------------------------------------------------------------------------------
 
 
-def _slices(spec: tuple) -> tuple[list[tuple[int, int]], list[tuple[int, int] | None]]:
+def _slices(spec: tuple[Spec, ...]
+            ) -> tuple[list[tuple[int, int]], list[tuple[int, int] | None]]:
     """Each module's columns of the output and of the stacked rank-r product."""
     outs, ranks, o, r = [], [], 0, 0
     for out, rank, _ in spec:
@@ -181,7 +188,9 @@ class _GroupLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, a_cat, b_flat, dt, spec, weights, biases):
+    def forward(ctx: Any, x: Tensor, a_cat: Tensor | None, b_flat: Tensor | None,
+                dt: torch.dtype, spec: tuple[Spec, ...], weights: tuple[Tensor, ...],
+                biases: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
         outs, ranks = _slices(spec)
         lora = [i for i, rk in enumerate(ranks) if rk is not None]
         with torch.autocast(x.device.type, enabled=False):
@@ -195,6 +204,7 @@ class _GroupLinear(torch.autograd.Function):
             hs = a_ = None
             bs = []  # (out_i, r_i) each, in dt
             if lora:
+                assert a_cat is not None and b_flat is not None  # a module has an adapter
                 a_ = a_cat.to(dt)  # (R, in), R = the ranks summed
                 scales = torch.cat([torch.full((r,), s, dtype=dt, device=x.device)
                                     for _, r, s in spec if r])
@@ -202,7 +212,9 @@ class _GroupLinear(torch.autograd.Function):
                 b_ = b_flat.to(dt)
                 at = 0
                 for i in lora:
-                    (o0, o1), (r0, r1) = outs[i], ranks[i]
+                    rank = ranks[i]
+                    assert rank is not None  # i is in lora
+                    (o0, o1), (r0, r1) = outs[i], rank
                     bs.append(b_[at:at + (o1 - o0) * (r1 - r0)].view(o1 - o0, r1 - r0))
                     at += (o1 - o0) * (r1 - r0)
                     y[:, o0:o1].addmm_(hs[:, r0:r1], bs[-1].t())
@@ -218,7 +230,7 @@ class _GroupLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1]).split([o for o, _, _ in spec], dim=-1)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         x2, hs, a, *rest = ctx.saved_tensors
         spec, n = ctx.spec, len(ctx.spec)
         weights, bs = rest[:n], rest[n:]
@@ -239,9 +251,12 @@ class _GroupLinear(torch.autograd.Function):
                 if gh is not None:
                     grad_x.addmm_(gh, a)
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.x_dtype)
-            if need_a:
+            if need_a:  # A's need a gradient only when there are A's: gh is set
+                assert gh is not None
                 grad_a = (gh.t() @ x2).to(ctx.a_dtype)  # (R, in)
             if need_b:  # each (out_i, r_i) = (hs_i^T g_i)^T, flattened as b_flat is
-                grad_b = torch.cat([(hs[:, ranks[i][0]:ranks[i][1]].t() @ gs[i]).t().reshape(-1)
-                                    for i in lora]).to(ctx.b_dtype)
+                spans = [rank for rank in (ranks[i] for i in lora) if rank is not None]
+                grad_b = torch.cat([(hs[:, r0:r1].t() @ gs[i]).t().reshape(-1)
+                                    for i, (r0, r1) in zip(lora, spans, strict=True)]
+                                   ).to(ctx.b_dtype)
         return grad_x, grad_a, grad_b, None, None, None, None

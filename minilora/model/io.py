@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -49,7 +50,7 @@ _MODEL_FILES = re.compile(r"model\.safetensors|model\.safetensors\.index\.json|"
 
 def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
                device: torch.device | str = "cpu",
-               config: ModelConfig | dict | str | Path | None = None) -> CausalLM:
+               config: ModelConfig | dict[str, Any] | str | Path | None = None) -> CausalLM:
     """Loads a base model.
 
     Args:
@@ -100,7 +101,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
     return model.to(device).eval()
 
 
-def _skeleton(path: Path, config: ModelConfig | dict | str | Path | None,
+def _skeleton(path: Path, config: ModelConfig | dict[str, Any] | str | Path | None,
               tensors: dict[str, Tensor], source: Path) -> CausalLM:
     """The model the config (or the tensors' names and shapes) describe, built on the meta
     device once its layer and expert counts are checked against the tensors present."""
@@ -117,7 +118,7 @@ def _skeleton(path: Path, config: ModelConfig | dict | str | Path | None,
 def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
                          weight_map: dict[str, str] | None, dtype: torch.dtype,
                          device: torch.device | str,
-                         config: ModelConfig | dict | str | Path | None) -> CausalLM:
+                         config: ModelConfig | dict[str, Any] | str | Path | None) -> CausalLM:
     """load_model for safetensors: the model is built on the meta device, checked against the
     shards' headers, then filled one shard at a time, each tensor cast and moved as it is read,
     so the model never exists twice (peak: the model plus one shard)."""
@@ -157,10 +158,12 @@ def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True untied them
         embed = model.lm_head.weight
-        if stored_head is not None and (head.shape != embed.shape or not torch.equal(head, embed)):
-            raise WeightsError(f"{source}: config says tie_word_embeddings, but lm_head.weight "
-                               f"differs from model.embed_tokens.weight (set "
-                               f"tie_word_embeddings false to keep both)")
+        if stored_head is not None:
+            assert head is not None  # read from the shard whose header listed it
+            if head.shape != embed.shape or not torch.equal(head, embed):
+                raise WeightsError(f"{source}: config says tie_word_embeddings, but "
+                                   f"lm_head.weight differs from model.embed_tokens.weight (set "
+                                   f"tie_word_embeddings false to keep both)")
     empty = [n for n, p in model.named_parameters() if p.is_meta]
     if empty:
         raise WeightsError(f"{source}: no values read for {listing(empty)}")
@@ -300,7 +303,8 @@ def _write_tensors(tensors: dict[str, Tensor], folder: Path,
 
 
 def describe_model(path: str | Path,
-                   config: ModelConfig | dict | str | Path | None = None) -> dict[str, object]:
+                   config: ModelConfig | dict[str, Any] | str | Path | None = None
+                   ) -> dict[str, object]:
     """What a base model folder (or .pth) holds: its config and parameter counts.
 
     Args:

@@ -20,7 +20,9 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, config.num_key_value_heads, max(capacity, 1), config.head_dim)
+        kv_heads, head_dim = config.num_key_value_heads, config.head_dim
+        assert kv_heads is not None and head_dim is not None  # ModelConfig.__post_init__ fills them
+        shape = (batch_size, kv_heads, max(capacity, 1), head_dim)
         self.keys = [torch.empty(shape, device=device, dtype=dtype)
                      for _ in range(config.num_hidden_layers)]
         self.values = [torch.empty(shape, device=device, dtype=dtype)

@@ -11,6 +11,8 @@ head is trained, of W (V, C): the sizes of h and W, not of the logits.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,7 +26,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i W^T + b, t_i) in chunks of rows, computed in dtype ``dt``."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, rows, dt, grad):
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                rows: int, dt: torch.dtype, grad: bool) -> Tensor:
         # grad: whether a backward will come (decided by the caller: forward runs without grad)
         need_h, need_w = h.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
@@ -36,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) \
                 if grad and need_w else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) \
-                if grad and need_b else None
+                if grad and need_b and bias is not None else None  # need_b: bias is not None
             for s in range(0, h.shape[0], rows):
                 hc, tc = h[s:s + rows].to(dt), targets[s:s + rows]  # (n, C), (n,)
                 logits = F.linear(hc, w, b).float()  # (n, V): the only logits alive
@@ -59,7 +62,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         gh = None if grad_h is None else grad_h * g.to(grad_h.dtype)

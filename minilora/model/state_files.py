@@ -8,8 +8,10 @@ it; a missing one is a ``FileNotFoundError``.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -97,7 +99,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
                        f".index.json, {', '.join(TORCH_SUFFIXES)})")
 
 
-def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+def safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """The tensors' entries of a safetensors header and where the data starts; a WeightsError
     for a torn or damaged file.
 
@@ -128,14 +130,15 @@ def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + n
 
 
-def read_tensor(f, path: Path, key: str, info: dict, start: int) -> Tensor:
+def read_tensor(f: io.BufferedReader, path: Path, key: str, info: dict[str, Any],
+                start: int) -> Tensor:
     """Tensor `key` (its header entry `info`) of the open safetensors file `f`, whose data
     starts at byte `start`; a WeightsError when the file is cut short."""
     begin, end = info["data_offsets"]
     dtype = _ST_DTYPES[info["dtype"]]
     data = torch.empty(end - begin, dtype=torch.uint8)
     f.seek(start + begin)
-    if f.readinto(data.numpy()) != end - begin:
+    if f.readinto(data.numpy().data) != end - begin:
         raise WeightsError(f"{path}: tensor {key} is cut short (truncated file)")
     return data.view(dtype).reshape(info["shape"])
 
@@ -143,7 +146,8 @@ def read_tensor(f, path: Path, key: str, info: dict, start: int) -> Tensor:
 def read_index(path: Path) -> dict[str, str]:
     """A model.safetensors.index.json's weight_map, its shards checked to be in its folder."""
     try:  # bounded: an endless or huge index is refused before it is parsed
-        weight_map = read_json(path, "a safetensors index", error=WeightsError)["weight_map"]
+        index: Any = read_json(path, "a safetensors index", error=WeightsError)  # any JSON value
+        weight_map = index["weight_map"]
     except (KeyError, TypeError) as e:
         raise WeightsError(f"{path}: expected a JSON object with a 'weight_map' ({e})") from e
     if not isinstance(weight_map, dict):
@@ -181,7 +185,10 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
                            f"({e})") from None
 
 
-def strip_wrappers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+V = TypeVar("V")
+
+
+def strip_wrappers(sd: dict[str, V]) -> dict[str, V]:
     """`sd` with the wrappers a training script leaves in front of every key removed."""
     out = {}
     for key, value in sd.items():

@@ -49,7 +49,7 @@ class APIError(Exception):
         self.status, self.message, self.code, self.type, self.param = (
             status, message, code, type, param)
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {"message": self.message, "type": self.type, "param": self.param,
                 "code": self.code}
 
@@ -85,8 +85,10 @@ def create_app(state: ServeState) -> Any:
         raise MissingExtra("minilora serve", "serve")
     app = FastAPI(title="minilora serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state  # what every route reads, through _state(request)
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Starlette types a handler as taking any Exception, though it calls one only with the
+    # class it was registered for: a handler of a narrower class is right, hence the ignores.
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _server_error)
     app.middleware("http")(_check_key)
     app.add_api_route("/", _page, methods=["GET"], response_class=HTMLResponse)
@@ -141,14 +143,14 @@ async def _page() -> HTMLResponse:
     return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
-async def _health(request: HTTPRequest) -> dict:
+async def _health(request: HTTPRequest) -> dict[str, Any]:
     return {"status": "ok", "running": len(_state(request).engine.rows)}
 
 
-async def _models(request: HTTPRequest) -> dict:
+async def _models(request: HTTPRequest) -> dict[str, Any]:
     state = _state(request)
 
-    def card(name: str, parent: str | None) -> dict:
+    def card(name: str, parent: str | None) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created,
                 "owned_by": "minilora", "root": state.adapters.get(name, name),
                 "parent": parent}
@@ -213,7 +215,7 @@ async def _unload_lora_adapter(request: HTTPRequest) -> PlainTextResponse:
 # ------------------------------------------------------------------------------------------------
 
 
-async def _json_body(request: HTTPRequest) -> dict:
+async def _json_body(request: HTTPRequest) -> dict[str, Any]:
     """The body as a JSON object, refused past MAX_BODY bytes (413) or when not one (400)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
@@ -234,7 +236,7 @@ async def _json_body(request: HTTPRequest) -> dict:
     return body
 
 
-def _messages(messages: Any) -> list[dict]:
+def _messages(messages: Any) -> list[dict[str, Any]]:
     """OpenAI chat messages as ChatML's (role, content) pairs; content parts are joined."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages: expected a non-empty list of {role, content} objects", "messages")
@@ -264,7 +266,7 @@ def _messages(messages: Any) -> list[dict]:
     return out
 
 
-def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
     value = body.get(key)
     if value is None:
         return default
@@ -274,7 +276,7 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     return float(value)
 
 
-def _sampling(state: ServeState, body: dict, prompt_tokens: int) -> SamplingParams:
+def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int) -> SamplingParams:
     """max_tokens, temperature, top_p, seed and stop, checked against the context."""
     context = state.engine.context
     room = context - prompt_tokens
@@ -360,7 +362,7 @@ def _load(state: ServeState, name: str, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-async def _complete(state: ServeState, http: HTTPRequest, body: dict, ids: list[int], *,
+async def _complete(state: ServeState, http: HTTPRequest, body: dict[str, Any], ids: list[int], *,
                     chat: bool) -> Any:
     """Validates the rest of the body, submits the request, answers (streamed or whole)."""
     adapter = _adapter_of(state, body.get("model"))
@@ -397,17 +399,17 @@ class _Answer:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
-    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
+    def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
         kind = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""),
                 "created": self.created, "model": self.model, "choices": choices}
 
     @staticmethod
-    def _usage(end: Event) -> dict:
+    def _usage(end: Event) -> dict[str, Any]:
         return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
                 "total_tokens": end.prompt_tokens + end.completion_tokens}
 
-    def whole(self, text: str, end: Event) -> dict:
+    def whole(self, text: str, end: Event) -> dict[str, Any]:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": end.finish_reason}
@@ -418,7 +420,7 @@ class _Answer:
 
     def _chunk(self, text: str | None, finish: str | None, first: bool = False) -> str:
         if self.chat:
-            delta: dict = {"role": "assistant", "content": ""} if first else {}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}

@@ -27,6 +27,7 @@ from torch import Tensor
 from minilora.core.errors import ConfigError
 from minilora.decoding.generation import pick_token
 from minilora.lora.named import delete_adapter, list_adapters, set_active
+from minilora.model.config import filled
 from minilora.model.decoder import CausalLM
 from minilora.model.kv_cache import KVCache
 
@@ -147,7 +148,7 @@ class RowCache:
         weight = model.model.embed_tokens.weight
         config = model.config
         self.config, self.rows = config, rows
-        shape = (rows, config.num_key_value_heads, slots, config.head_dim)
+        shape = (rows, filled(config.num_key_value_heads), slots, filled(config.head_dim))
         self.keys = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
         self.values = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
         self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=weight.device)
@@ -239,7 +240,7 @@ class Engine:
         self.cache = RowCache(model, max_batch, min(256, self.context))
         self.rows: list[_Running] = []
         self._waiting: queue.Queue[Request] = queue.Queue()
-        self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -252,9 +253,9 @@ class Engine:
         self._waiting.put(request)
         self._wake.set()
 
-    def call(self, fn: Callable[[], Any]) -> Future:
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Runs fn in the engine's thread between two steps (adapter loading, say)."""
-        future: Future = Future()
+        future: Future[Any] = Future()
         self._calls.put((fn, future))
         self._wake.set()
         return future
@@ -294,7 +295,7 @@ class Engine:
         """
         busy = self._run_calls()
         self._drop_cancelled()
-        joining = []
+        joining: list[Request] = []
         while len(self.rows) + len(joining) < self.max_batch and not self._waiting.empty():
             request = self._waiting.get()
             if not request.cancelled:
@@ -436,6 +437,7 @@ class Engine:
     def _take(self, running: _Running, token: int) -> bool:
         """Adds one row's next token and tells its client; returns True when it is done."""
         request = running.request
+        reason: str | None
         if token in self.eos:  # sends whatever was held back for a stop string that never came
             piece, reason = self.tokenizer.decode(running.generated)[running.shown:], FINISH_STOP
         else:

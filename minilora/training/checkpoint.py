@@ -59,7 +59,7 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
     if bad:
         raise TrainError(f"refusing to save non-finite weights: {bad[:5]}")
     sizes = {n: float(t.detach().abs().max()) for n, t in tensors.items() if t.numel()}
-    huge = sorted((n for n, v in sizes.items() if v > MAX_TRAINED_WEIGHT), key=sizes.get,
+    huge = sorted((n for n, v in sizes.items() if v > MAX_TRAINED_WEIGHT), key=sizes.__getitem__,
                   reverse=True)
     if huge:
         raise TrainError(f"refusing to save weights that diverged (lower lr; the checkpoint "
@@ -249,7 +249,8 @@ def _check_state(path: Path, state: object) -> None:
                               f"minilora reads format {FORMAT}")
 
 
-def _check_same_run(path: Path, state: dict, config: TrainConfig, plan: BatchPlan) -> None:
+def _check_same_run(path: Path, state: dict[str, Any], config: TrainConfig,
+                    plan: BatchPlan) -> None:
     # A field added since the checkpoint was written is at its default there.
     saved, now = {**field_defaults(), **renamed_keys(state["config"])}, config.to_dict()
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now

@@ -12,7 +12,7 @@ gathering the counted positions, whose number depends on the data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch._dynamo
@@ -36,6 +36,10 @@ def padded_length(length: int) -> int:
     return -(-length // MULTIPLE) * MULTIPLE
 
 
+@overload
+def pad_right(t: Tensor, length: int, value: int) -> Tensor: ...
+@overload
+def pad_right(t: None, length: int, value: int) -> None: ...
 def pad_right(t: Tensor | None, length: int, value: int) -> Tensor | None:
     """``t`` (B, T) padded on the right with ``value`` to (B, length); None stays None."""
     if t is None or t.shape[1] == length:

@@ -49,6 +49,7 @@ def _with_replay(train_set: JsonlDataset, tokenizer: Tokenizer, config: TrainCon
                  ) -> JsonlDataset:
     """The training rows plus replay_ratio x as many rows of config.replay, drawn in a seeded
     order (cycled when the replay file is the smaller), then packed if asked."""
+    assert config.replay is not None  # called only when the config names a replay file
     replay = load_jsonl(config.replay, tokenizer, config.max_seq_len, skip_bad=config.skip_bad)
     wanted = round(config.replay_ratio * len(train_set))
     order = list(range(len(replay)))
@@ -93,7 +94,7 @@ class BatchPlan:
         self._epoch = -1
         self._order: list[list[int]] = []
 
-    def position(self, step: int) -> dict[str, int]:
+    def position(self, step: int) -> dict[str, int | str]:
         """The data position before ``step``: what a checkpoint records."""
         return {"epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch,
                 "rows": len(self.dataset), "tokens": sum(self._lengths),

@@ -41,17 +41,17 @@ RUN_MODEL = "model"  # a --full run's model folder
 _CHECKPOINT_FILES = ("state.pt", "trainable.safetensors")
 
 
-def is_run_folder(path: str | os.PathLike) -> bool:
+def is_run_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a training run's folder (it holds the run's metrics.jsonl)."""
     return (Path(path) / RUN_LOG).is_file()
 
 
-def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+def is_checkpoint_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is one training checkpoint (``<run>/checkpoints/step-N``)."""
     return all((Path(path) / name).is_file() for name in _CHECKPOINT_FILES)
 
 
-def resolve_adapter_path(path: str | os.PathLike) -> Path:
+def resolve_adapter_path(path: str | os.PathLike[str]) -> Path:
     """The adapter a path names: a training run's folder means the adapter that run wrote;
     an adapter folder or a MiniMind .pth is itself.
 
@@ -83,7 +83,7 @@ def resolve_adapter_path(path: str | os.PathLike) -> Path:
                        "resume it to finish it")
 
 
-def describe_path(path: str | os.PathLike, model_config: str | None = None) -> dict[str, Any]:
+def describe_path(path: str | os.PathLike[str], model_config: str | None = None) -> dict[str, Any]:
     """What a path holds, for display: a model folder or .pth, an adapter folder or MiniMind
     .pth, a training run's folder or one of its checkpoints.
 
@@ -112,7 +112,7 @@ def describe_path(path: str | os.PathLike, model_config: str | None = None) -> d
     return describe_model(path, model_config)
 
 
-def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def describe_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A training checkpoint (``checkpoints/step-N``): where its run stands and how it was set.
 
     Raises:
@@ -129,7 +129,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "resume": f"minilora train --resume --out {run}"}
 
 
-def describe_run(path: str | os.PathLike) -> dict[str, Any]:
+def describe_run(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A training run's folder: its settings, its progress, and the adapter it wrote.
 
     Raises:
@@ -163,7 +163,7 @@ def describe_run(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def describe_adapter(path: str | os.PathLike) -> dict[str, object]:
+def describe_adapter(path: str | os.PathLike[str]) -> dict[str, object]:
     """What an adapter folder or MiniMind .pth holds, read without a base model.
 
     Returns:

@@ -52,9 +52,9 @@ def sync_gradients(params: list[nn.Parameter], step_loss: torch.Tensor,
     flat = torch.cat([g.reshape(-1).float() for g in grads]
                      + [had, step_loss.reshape(1).float()])
     dist.all_reduce(flat)
-    had = flat[-1 - len(params):-1].tolist()
+    had_any = flat[-1 - len(params):-1].tolist()
     offset = 0
-    for p, g, anyone in zip(params, grads, had, strict=True):
+    for p, g, anyone in zip(params, grads, had_any, strict=True):
         p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype) if anyone else None
         offset += g.numel()
     return flat[-1]

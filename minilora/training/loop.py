@@ -42,6 +42,7 @@ from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
 from minilora.lora.layer import lora_modules
 from minilora.lora.qlora import quantize_model
 from minilora.lora.quantized_weight import require_bitsandbytes
+from minilora.model.decoder import CausalLM
 from minilora.model.io import save_model
 from minilora.training.checkpoint import (
     CHECKPOINTS,
@@ -348,7 +349,8 @@ def _unscale_and_clip(params: list[nn.Parameter], step_loss: torch.Tensor,
         norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip)
     else:
         norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads]))
+            torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads
+                         if p.grad is not None]))  # (every one of grads has a gradient)
     finite = torch.isfinite(step_loss)
     if scaler is None:
         finite = finite & torch.isfinite(norm)
@@ -406,10 +408,12 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
     Raises:
         ConfigError: enabled on a model that has neither.
     """
-    if hasattr(model, "activation_checkpointing"):
-        model.activation_checkpointing = enabled
-    elif enabled and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    switch = "activation_checkpointing"  # minilora's CausalLM's, a plain bool attribute
+    hf_enable = getattr(model, "gradient_checkpointing_enable", None)  # transformers' method
+    if hasattr(model, switch):
+        setattr(model, switch, enabled)
+    elif enabled and hf_enable is not None:
+        hf_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif enabled:
         raise ConfigError(f"activation_checkpointing: {type(model).__name__} has no "
                           "activation_checkpointing switch nor gradient_checkpointing_enable()")
@@ -506,6 +510,7 @@ def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Pa
     check_finite(trainable(model))
     try:
         if config.full:
+            assert isinstance(model, CausalLM)  # save_model writes minilora's own model
             save_model(model, folder)
         else:
             save_adapter(model, folder, base_model_name_or_path=config.model,

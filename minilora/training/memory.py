@@ -14,6 +14,7 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ def estimate_memory(model: nn.Module, batch_size: int, seq_len: int, *,
 
 
 def _activations(model: nn.Module, B: int, T: int, amp_dtype: torch.dtype | None) -> int:
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # duck-typed: a CausalLM's ModelConfig
     if not hasattr(config, "num_hidden_layers") or not hasattr(model, "activation_checkpointing"):
         return 0
     C, F, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers

@@ -12,6 +12,8 @@ every group alike (`set_lr`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ def build_optimizer(model: nn.Module, params: list[nn.Parameter], config: TrainC
 
 
 def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight_decay: float,
-                 ratio: float | None) -> list[dict]:
+                 ratio: float | None) -> list[dict[str, Any]]:
     """The optimizer's parameter groups: one group at `lr`, or with a LoRA+ `ratio`, A's group
     at `lr` and B's (with the 1-D parameters) at ``lr * ratio``; a group with no parameters is
     left out. B is found by type (the ``lora_B`` modules of each LoRA layer), not by name."""

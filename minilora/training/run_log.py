@@ -104,7 +104,9 @@ class RunLog:
     def step(self, step: int, loss: torch.Tensor | None, lr: float, tokens: int, skipped: int,
              *, force: bool) -> list[tuple[int, float]]:
         """Count a step; every log_every steps (``force``) read the loss: the only .item()."""
-        self.bar.update(1)
+        bar = self.bar
+        assert bar is not None  # start() made it
+        bar.update(1)
         if loss is not None:
             self.loss_sum = self.loss_sum.to(loss.device) + loss
             self.steps += 1
@@ -117,10 +119,10 @@ class RunLog:
                   "tokens_per_s": self.tokens / max(now - self.since, 1e-9), "skipped": skipped}
         self.loss_sum, self.steps, self.tokens, self.since = torch.zeros(()), 0, 0, now
         self._write(record)
-        if self.bar.disable and self.active:
+        if bar.disable and self.active:
             print(f"step {step}/{self.total} loss {mean:.4f} lr {lr:.2e} "
                   f"tok/s {record['tokens_per_s']:.0f}", file=sys.stderr)
-        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}",
+        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}")
         return [(step, mean)]
 
@@ -129,6 +131,7 @@ class RunLog:
         metrics.jsonl."""
         self._write(record)
         if self.active:
+            assert self.bar is not None  # start() made it
             said = [f"loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
                     ] if "eval_loss" in record else []
             said += [f"{k.removeprefix('task/')} {v:.1%}" for k, v in record.items()
@@ -137,13 +140,13 @@ class RunLog:
 
     def _write(self, record: dict[str, float]) -> None:
         # null, not NaN: a window of skipped steps has no loss, and NaN is not JSON
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                   for k, v in record.items()}
         if self.active:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
+            for key, value in finite.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
             self.writer.flush()
@@ -167,7 +170,7 @@ def plot_losses(out: Path) -> Path | None:
         print("loss.png skipped: matplotlib is not installed (pip install 'minilora[plot]')",
               file=sys.stderr)
         return None
-    records = []
+    records: list[Any] = []  # any JSON value: the dicts with a step are kept below
     for line in (out / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             records.append(parse_json(line))

@@ -9,6 +9,7 @@ scores them.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from minilora.data import tasks
 from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.chat import chat_answerer
+from minilora.model.decoder import CausalLM
 
 MAX_NEW_TOKENS = 48  # the before/after table's answer length
 
@@ -38,7 +40,7 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, samples: list[tasks.Ev
     model.eval()
     try:
         with torch.no_grad():
-            answer = chat_answerer(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
+            answer = chat_answerer(cast(CausalLM, model), tokenizer, max_new_tokens=MAX_NEW_TOKENS,
                                    eos_token_id=tokenizer.stop_token_ids)
             report = tasks.score(samples, answer)
     finally:

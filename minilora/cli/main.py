@@ -23,6 +23,7 @@ from minilora.cli.chat import add_chat_parser, add_generate_parser
 from minilora.cli.common import ASSETS, EXIT_USAGE, CliError, Parser
 from minilora.cli.common import BASE_MODEL as BASE_MODEL  # the embedded model, for scripts
 from minilora.cli.eval import add_eval_parser
+from minilora.cli.export import add_export_parser
 from minilora.cli.files import (
     add_combine_parser,
     add_convert_parser,
@@ -289,7 +290,7 @@ def build_parser(train_args: bool = True) -> argparse.ArgumentParser:
 
     for add_parser in (add_chat_parser, add_generate_parser, add_eval_parser, add_merge_parser,
                        add_convert_parser, add_combine_parser, add_serve_parser,
-                       add_info_parser):
+                       add_info_parser, add_export_parser):
         add_parser(sub)
     return parser
 

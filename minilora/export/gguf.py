@@ -179,6 +179,7 @@ def export_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for tensor_name, array in tensors.items():
         data, raw = encode(array, dtype, gguf)
+        _check_fits(tensor_name, array, data, raw, dtype, gguf)
         writer.add_tensor(tensor_name, data, raw_dtype=raw)
 
     with _folder_lock(path.parent), atomic_path(path) as tmp:
@@ -363,6 +364,17 @@ def _check_finite(tensors: dict[str, np.ndarray]) -> None:
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise ExportError(f"inf or NaN in {shown} (after merging the adapter): the weights or "
                           "the adapter are broken; nothing was written")
+
+
+def _check_fits(name: str, array: np.ndarray, data: np.ndarray, raw: Any, dtype: str,
+                gguf: Any) -> None:
+    """What the file will hold is finite: a weight beyond f16's range (f16, and q8_0's f16 block
+    scales) would be read back as inf."""
+    decoded = data if raw is None else gguf.quants.dequantize(data, raw)
+    if not np.isfinite(decoded).all():
+        peak = float(np.abs(array).max())
+        raise ExportError(f"{name} does not fit {dtype} (values up to {peak:.3g}) and would be "
+                          "written as inf; nothing was written: choose --dtype bf16 or f32")
 
 
 def encode(array: np.ndarray, dtype: str, gguf: Any) -> tuple[np.ndarray, Any]:

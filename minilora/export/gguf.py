@@ -387,7 +387,8 @@ def encode(array: np.ndarray, dtype: str, gguf: Any) -> tuple[np.ndarray, Any]:
     if dtype == "f32" or array.ndim == 1:
         return array.astype(np.float32), None
     if dtype == "f16" or (dtype == "q8_0" and array.shape[-1] % _Q8_0_BLOCK):
-        return array.astype(np.float16), None
+        with np.errstate(over="ignore"):  # beyond f16's range: inf, refused by _check_fits
+            return array.astype(np.float16), None
     kind = q.BF16 if dtype == "bf16" else q.Q8_0
     return gguf.quants.quantize(array.astype(np.float32), kind), kind
 

@@ -270,7 +270,7 @@ def test_refused_models_and_adapters_write_nothing(tok: Tokenizer, tmp_path: Pat
         export_gguf(head, tok, out, adapter_only=True)
     with torch.no_grad():
         lora_modules(head)[0][1].lora_B["default"].weight.fill_(0.5)
-    export_gguf(head, tok, out, dtype="f32")  # merged: the head is its own tensor beside the embedding
+    export_gguf(head, tok, out, dtype="f32")  # merged: the head is a tensor beside the embedding
     _, tensors = read(out)
     np.testing.assert_allclose(values(tensors["output.weight"]),
                                expected_tensors(head, "llama")["output.weight"].numpy(),

@@ -269,16 +269,24 @@ def model_tensors(model: nn.Module, config: ModelConfig, arch: str) -> dict[str,
             continue
         path = key.rsplit(".", 1)[0]
         module = lora.get(path)
+        adapted = module is not None and key == f"{path}.weight" and _adds(module)
         with torch.no_grad():
             tensor = value.detach().float()
-            if (module is not None and key == f"{path}.weight" and module.active_adapters
-                    and not module.merged):
+            if adapted and not module.merged:
                 tensor = tensor + module.delta_weight()
-        if key == "lm_head.weight" and config.tie_word_embeddings and (
-                module is None or not module.active_adapters):
+            elif module is not None and module.merged and not module.enabled:
+                raise ExportError(f"{path}: its adapters are merged into the weight but "
+                                  "disabled; unmerge them (unmerge_lora) before exporting")
+        if key == "lm_head.weight" and config.tie_word_embeddings and not adapted:
             continue  # llama.cpp reads the embedding as the head when there is no output tensor
         out[_gguf_name(names, key)] = _for_gguf(key, tensor, config, arch).numpy()
     return out
+
+
+def _adds(m: LoRALinear) -> bool:
+    """Whether the layer's forward adds an adapter's update to its weight (as its forward
+    decides: adapters active and the layer enabled)."""
+    return m.enabled and bool(m.active_adapters)
 
 
 def adapter_tensors(model: nn.Module, config: ModelConfig, arch: str, adapter: str | None

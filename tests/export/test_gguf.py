@@ -328,3 +328,23 @@ def test_a_pre_tokenizer_llama_cpp_splits_differently_is_refused(tok: Tokenizer,
     with pytest.raises(ExportError, match="none that llama.cpp knows by name"):
         export_gguf(model, digits, tmp_path / "m.gguf")
     assert not any(tmp_path.iterdir())
+
+
+def test_export_leaves_the_model_as_it_was_and_disabled_adapters_out(tok: Tokenizer,
+                                                                     tmp_path: Path) -> None:
+    from minilora.lora.injection import disabled
+
+    model = tiny("llama", tok.vocab_size)
+    add_random_adapter(model, "default", seed=4, targets=["q_proj", "down_proj"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_gguf(model, tok, tmp_path / "merged.gguf", dtype="f32")
+    with disabled(model):
+        export_gguf(model, tok, tmp_path / "base.gguf", dtype="f32")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _, merged = read(tmp_path / "merged.gguf")
+    _, base = read(tmp_path / "base.gguf")
+    w = model.model.layers[0].self_attn.q_proj.weight.detach()
+    np.testing.assert_array_equal(values(base["blk.0.attn_q.weight"]),
+                                  interleaved_rows(w, 4).numpy())
+    assert not np.allclose(values(merged["blk.0.attn_q.weight"]),
+                           values(base["blk.0.attn_q.weight"]))

@@ -23,7 +23,7 @@ import errno
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -588,8 +588,3 @@ def _folder_lock(folder: Path) -> Iterator[None]:
     finally:
         os.close(fd)
 
-
-def chat_stops(tokenizer: Tokenizer) -> Sequence[str]:
-    """The text of the tokens that end a reply (eos and the template's end of turn)."""
-    return [t for t in (tokenizer.decode([i], skip_special_tokens=False)
-                        for i in tokenizer.stop_token_ids) if t]

@@ -348,3 +348,25 @@ def test_export_leaves_the_model_as_it_was_and_disabled_adapters_out(tok: Tokeni
                                   interleaved_rows(w, 4).numpy())
     assert not np.allclose(values(merged["blk.0.attn_q.weight"]),
                            values(base["blk.0.attn_q.weight"]))
+
+
+def test_a_second_export_into_a_folder_in_use_is_refused(tok: Tokenizer, tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from minilora.core.errors import OutputError
+
+    model = tiny("llama", tok.vocab_size)
+    fd = os.open(tmp_path, os.O_RDONLY)  # what a running export holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OutputError, match="another export is writing into"):
+            export_gguf(model, tok, tmp_path / "m.gguf")
+    finally:
+        os.close(fd)
+    assert not any(tmp_path.iterdir())
+    export_gguf(model, tok, tmp_path / "m.gguf")  # released: it writes
+    with pytest.raises(OutputError, match="exists; nothing is overwritten without --overwrite"):
+        export_gguf(model, tok, tmp_path / "m.gguf")
+    export_gguf(model, tok, tmp_path / "m.gguf", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

@@ -127,6 +127,20 @@ def their_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def with_pre_tokenizer(tokenizer: Tokenizer, name: str) -> Tokenizer:
+    """The tokenizer with llama.cpp's pre-tokenizer ``name`` (gpt-2, qwen2, llama-bpe)."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from minilora.export.gguf import llama_cpp_pre_tokenizer
+
+    data = json.loads(tokenizer.to_json())
+    data["pre_tokenizer"] = llama_cpp_pre_tokenizer(name)
+    return Tokenizer(HFTokenizer.from_str(json.dumps(data)),
+                     chat_template=tokenizer.chat_template)
+
+
 def corpus(tokenizer: Tokenizer) -> list[str]:
     return probe_corpus(tokenizer) + list(EXTRA_TEXTS)
 

@@ -452,7 +452,7 @@ def pre_tokenizer_name(data: dict) -> str:
                       "differently and the model would read other tokens; it is not exported")
 
 
-def _canonical_pre_tokenizer(name: str) -> dict:
+def llama_cpp_pre_tokenizer(name: str) -> dict:
     """The pre-tokenizer llama.cpp applies for ``name``, in tokenizer.json's terms."""
     if name == "gpt-2":
         return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
@@ -486,7 +486,7 @@ def check_splits_as_llama_cpp(tokenizer: Tokenizer, data: dict, name: str) -> No
     """
     from tokenizers import Tokenizer as HFTokenizer
 
-    canonical = dict(data, normalizer=None, pre_tokenizer=_canonical_pre_tokenizer(name))
+    canonical = dict(data, normalizer=None, pre_tokenizer=llama_cpp_pre_tokenizer(name))
     try:
         theirs = HFTokenizer.from_str(json.dumps(canonical))
     except Exception as err:  # tokenizers raises a bare Exception on what it cannot build

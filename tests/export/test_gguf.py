@@ -19,7 +19,7 @@ import torch
 from helpers import add_random_adapter, tiny_tokenizer
 from minilora.core.errors import ExportError
 from minilora.data.tokenizer import Tokenizer
-from minilora.export.gguf import export_gguf
+from minilora.export.gguf import export_gguf, llama_cpp_pre_tokenizer
 from minilora.lora.config import LoraConfig
 from minilora.lora.injection import inject_lora
 from minilora.lora.layer import lora_modules
@@ -328,6 +328,10 @@ def test_a_pre_tokenizer_llama_cpp_splits_differently_is_refused(tok: Tokenizer,
     with pytest.raises(ExportError, match="none that llama.cpp knows by name"):
         export_gguf(model, digits, tmp_path / "m.gguf")
     assert not any(tmp_path.iterdir())
+    for name in ("qwen2", "llama-bpe"):  # a Split by their regexes, then bytes: named
+        split = _with_pre_tokenizer(tok, llama_cpp_pre_tokenizer(name))
+        assert export_gguf(model, split, tmp_path / f"{name}.gguf").pre_tokenizer == name
+        assert read(tmp_path / f"{name}.gguf")[0]["tokenizer.ggml.pre"] == name
 
 
 def test_export_leaves_the_model_as_it_was_and_disabled_adapters_out(tok: Tokenizer,

@@ -54,6 +54,17 @@ def test_llama_cpp_computes_what_minilora_computes(kind: str, dtype: str, tok: T
             assert row["greedy_equal"], row
 
 
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_llama_cpp_splits_as_the_split_pre_tokenizers_say(pre: str, tok: Tokenizer,
+                                                          tmp_path: Path) -> None:
+    """Qwen2's and Llama 3's regexes, which llama.cpp rewrites for its own regex engine."""
+    variant = parity.with_pre_tokenizer(tok, pre)
+    model = parity.build("embedded", variant)
+    report = export_gguf(model, variant, tmp_path / "m.gguf", dtype="f32")
+    assert report.pre_tokenizer == pre
+    assert parity.tokenization_equal(parity.llama(tmp_path / "m.gguf"), variant)
+
+
 def test_a_chat_uses_the_template_and_stops_at_the_end_of_its_turn(tok: Tokenizer,
                                                                    tmp_path: Path) -> None:
     model = parity.build("embedded", tok)

@@ -50,6 +50,7 @@ EXTRA_TEXTS = (
     "x<|im_end|>y<|endoftext|>z", "\t\t  \n \n  tail   ", "Ünïcödé ñ 😀😀 ∂x/∂t", "aaaa" * 20,
 )
 PROMPT = "<|im_start|>user\nwho are you?<|im_end|>\n<|im_start|>assistant\n"
+F32 = 0  # GGML_TYPE_F32
 _CHANGES = {
     "llama": {"model_type": "llama"},
     "qwen2": {"model_type": "qwen2", "attention_bias": True},
@@ -106,8 +107,11 @@ def llama(path: Path, lora: Path | None = None) -> Any:
     from llama_cpp import Llama
 
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        # the KV cache in f32 (llama.cpp's default is f16): the comparison is of the file's
+        # weights, not of the cache's rounding
         return Llama(model_path=str(path), lora_path=None if lora is None else str(lora),
-                     n_ctx=256, logits_all=True, n_threads=1, verbose=False)
+                     n_ctx=256, logits_all=True, n_threads=1, verbose=False,
+                     type_k=F32, type_v=F32)
 
 
 def their_logits(llm: Any, ids: list[int]) -> np.ndarray:

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # two differ only in the order of float32 sums; the others: the weights' rounding (f16 and bf16
 # keep 11 and 8 significant bits, q8_0 an 8-bit value per weight with one f16 scale per 32),
 # which llama.cpp also applies to the activations it multiplies them with.
-TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 5e-2, "q8_0": 5e-2}
+TOLERANCE = {"f32": 1e-4, "f16": 3e-3, "bf16": 1e-2, "q8_0": 3e-2}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,13 @@ def tok() -> Tokenizer:
     return Tokenizer.from_file(parity.ASSETS / "base")
 
 
-@pytest.mark.parametrize("dtype", parity.DTYPES)
-@pytest.mark.parametrize("kind", parity.MODELS)
+# Every dtype on the embedded model and on Llama; f32 and q8_0 on the other architectures (the
+# whole matrix is benchmarks/gguf_parity.py's table in docs/formats.md): about a minute.
+CASES = [(kind, dtype) for kind in parity.MODELS for dtype in parity.DTYPES
+         if kind in ("embedded", "llama") or dtype in ("f32", "q8_0")]
+
+
+@pytest.mark.parametrize(("kind", "dtype"), CASES)
 def test_llama_cpp_computes_what_minilora_computes(kind: str, dtype: str, tok: Tokenizer,
                                                    tmp_path: Path) -> None:
     model = parity.build(kind, tok)

@@ -264,6 +264,11 @@ def test_refused_models_and_adapters_write_nothing(tok: Tokenizer, tmp_path: Pat
     export_gguf(dora, tok, out)  # merged, DoRA is exact
     out.unlink()
 
+    pissa = tiny("llama", tok.vocab_size)
+    inject_lora(pissa, LoraConfig(r=2, targets=["q_proj"], init="pissa"))
+    with pytest.raises(ExportError, match="PiSSA saved against its residual base"):
+        export_gguf(pissa, tok, out, adapter_only=True)
+
     head = tiny("llama", tok.vocab_size)
     inject_lora(head, LoraConfig(r=2, targets=["lm_head"]))
     with pytest.raises(ExportError, match="output head"):

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # multi-GB CUDA build, so it is installed first and only when the venv has no torch yet.
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test test-gguf venv lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
-	$(BIN)/python -m pip install -e ".[test,plot,parquet,qlora,serve,tensorboard]"
+	$(BIN)/python -m pip install -e ".[test,plot,parquet,qlora,serve,tensorboard,gguf]"
 	touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed
@@ -34,6 +34,17 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check minilora tests benchmarks recipes
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
+
+# llama.cpp itself checks the exported GGUF files (tokenization, logits, greedy tokens, LoRA
+# adapter, chat stop). llama-cpp-python has no wheel: pip builds it from source (CPU only; 36
+# minutes measured on 2 cores shared with other jobs; pip caches the built wheel).
+$(VENV)/.installed-llama: $(VENV)/.installed-test
+	CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF" \
+	    CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -e ".[llama]"
+	touch $@
+
+test-gguf: $(VENV)/.installed-llama
+	$(BIN)/python -m pytest tests/export -p no:cacheprovider
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check minilora tests benchmarks recipes

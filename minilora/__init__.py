@@ -30,7 +30,8 @@ _EXPORTS = {
         "find_adapters",
     ),
     "minilora.core.errors": (
-        "AdapterError", "CheckpointError", "ConfigError", "DataError", "FingerprintMismatch",
+        "AdapterError", "CheckpointError", "ConfigError", "DataError", "ExportError",
+        "FingerprintMismatch",
         "MiniloraError", "MissingExtra", "OutputError", "TaskError", "TrainError", "WeightsError",
     ),
     "minilora.lora.injection": (
@@ -68,6 +69,9 @@ _EXPORTS = {
     "minilora.model.io": (
         "describe_model", "load_model", "save_model",
     ),
+    "minilora.export.gguf": (
+        "export_gguf",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -89,12 +93,14 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "__version__", "AdapterError", "CausalLM", "CheckpointError", "ConfigError", "DataError",
+    "ExportError",
     "FingerprintMismatch", "MiniloraError", "MissingExtra", "OutputError", "TaskError",
     "LoraConfig", "LoRALinear",
     "ModelConfig", "Tokenizer", "TrainConfig", "TrainError", "WeightsError", "active_adapters",
     "adapter_state_dict", "base_fingerprint", "check_adapter_name", "combine_adapters",
     "count_parameters",
-    "delete_adapter", "describe_adapter", "describe_model", "disabled", "find_adapters",
+    "delete_adapter", "describe_adapter", "describe_model", "disabled", "export_gguf",
+    "find_adapters",
     "generate", "inject_lora", "list_adapters", "load_adapter", "load_adapter_state_dict",
     "load_jsonl", "load_model", "lora_modules", "lora_parameters", "mark_trainable",
     "merge_and_unload", "merge_lora", "mixed_adapters", "save_adapter", "save_model",

@@ -45,6 +45,7 @@ from minilora.core.outputs import LOCK_NAME, FolderLock
 from minilora.data.sft import MAX_LINE_BYTES, DataError, load_jsonl
 from minilora.lora.fingerprint import base_fingerprint
 from minilora.lora.layer import lora_modules
+from minilora.model.config import YARN_DEFAULTS
 from minilora.model.io import load_model, save_model
 from minilora.training.checkpoint import latest_checkpoint
 from minilora.training.loop import TrainConfig
@@ -230,12 +231,32 @@ def nothing_saved_is_non_finite(d: Path, n: dict, capsys) -> None:
 
 
 MERGE = ["merge", "--model", "{work}/base"]
+EXPORT = ["export", "--model", "{work}/base"]
 
 
 def write_file(path: Path, data: bytes = b"the user's own file") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def save_minimind(folder: Path, n: dict, **changes: Any) -> None:
+    """A tiny current-generation MiniMind model (with the shared tokenizer) in folder."""
+    from minilora.data.tokenizer import Tokenizer
+    from minilora.model.decoder import CausalLM, ModelConfig
+
+    tok = Tokenizer.from_file(n["work"] / "base")
+    config = ModelConfig(model_type="minimind", minimind_generation="minimind3",
+                         vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, qk_norm=True, **changes)
+    save_model(CausalLM(config), folder)
+    tok.save(folder)
+
+
+def edit_pre_tokenizer(folder: Path, pre: dict) -> None:
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = pre
+    (folder / "tokenizer.json").write_text(json.dumps(data))
 
 
 def copy_base(d: Path, n: dict) -> Path:
@@ -931,6 +952,55 @@ CASES = [
          "{dir}/out is a full fine-tuning run: it wrote a model ({dir}/out/model), not an "
          "adapter; load that as the base model", "nothing loaded; `--model <run>/model` loads it",
          setup=train_first("--full")),
+    # ---- export to GGUF
+    Case("export-out-exists", EXPORT + ["--out", "{dir}/m.gguf"],
+         "--out {dir}/m.gguf exists; nothing is overwritten without --overwrite",
+         "the file is untouched; --overwrite replaces it",
+         setup=lambda d, n: write_file(d / "m.gguf")),
+    Case("export-out-inside-the-base", ["export", "--model", "{dir}/base", "--out",
+                                        "{dir}/base/m.gguf"],
+         "--out {dir}/base/m.gguf lies inside the input --model {dir}/base; the command would "
+         "overwrite what it reads: choose another --out", "nothing written into the base",
+         setup=lambda d, n: copy_base(d, n)),
+    Case("export-adapter-only-without-adapter", EXPORT + ["--adapter-only", "--out",
+                                                          "{dir}/a.gguf"],
+         "--adapter-only needs --adapter: the adapter to write", "nothing written"),
+    Case("export-moe-base", ["export", "--model", "{dir}/moe", "--out", "{dir}/m.gguf"],
+         "this minimind model is a mixture of experts, which llama.cpp's llama / qwen2 / qwen3 "
+         "architectures do not compute; only dense models are exported to GGUF",
+         "nothing written (not an approximate file)",
+         setup=lambda d, n: save_minimind(d / "moe", n, use_moe=True)),
+    Case("export-yarn-base", ["export", "--model", "{dir}/yarn", "--out", "{dir}/m.gguf"],
+         "this minimind model uses MiniMind's YaRN rope scaling, which llama.cpp does not "
+         "compute the same way; export the model without inference_rope_scaling (its "
+         "config.json) to get it exactly", "nothing written",
+         setup=lambda d, n: save_minimind(d / "yarn", n, rope_scaling=dict(YARN_DEFAULTS),
+                                          max_position_embeddings=32768)),
+    Case("export-prefix-space-tokenizer", ["export", "--model", "{dir}/base", "--out",
+                                           "{dir}/m.gguf"],
+         "the tokenizer splits 'Hello world' differently from llama.cpp's gpt-2 pre-tokenizer "
+         "(a normalizer, a prefix space or another split step), so the GGUF model would read "
+         "other tokens; it is not exported", "nothing written (was: no such export)",
+         setup=lambda d, n: edit_pre_tokenizer(copy_base(d, n), {
+             "type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+             "use_regex": True})),
+    Case("export-unknown-pre-tokenizer", ["export", "--model", "{dir}/base", "--out",
+                                          "{dir}/m.gguf"],
+         "the tokenizer's pre-tokenizer ({{\"type\": \"Whitespace\"}}) is none that llama.cpp "
+         "knows by name (gpt-2, qwen2, llama-bpe), so llama.cpp would split text differently "
+         "and the model would read other tokens; it is not exported", "nothing written",
+         setup=lambda d, n: edit_pre_tokenizer(copy_base(d, n), {"type": "Whitespace"})),
+    Case("export-dora-adapter-only", EXPORT + ["--adapter", "{dir}/out", "--adapter-only",
+                                               "--out", "{dir}/a.gguf"],
+         "adapter 'default' is DoRA (model.layers.0.self_attn.q_proj), which llama.cpp's LoRA "
+         "adapters cannot hold; export the merged model instead (without --adapter-only)",
+         "nothing written; the merged export holds DoRA exactly", setup=train_first("--dora")),
+    Case("export-merged-weight-overflows-f16", EXPORT + ["--adapter", "{dir}/adapter", "--out",
+                                                         "{dir}/m.gguf"],
+         "blk.0.attn_q.weight does not fit f16 (values up to …", "nothing written; --dtype "
+         "bf16 or f32 holds it", setup=lambda d, n: poison_tensor(
+             copy_adapter(d, n) / "adapter_model.safetensors",
+             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", 1e6)),
 ]
 
 

@@ -20,6 +20,7 @@ from minilora.cli.combine import add_combine_parser
 from minilora.cli.common import EXIT_USAGE, Parser, flag
 from minilora.cli.convert import add_convert_parser
 from minilora.cli.eval import add_eval_parser
+from minilora.cli.export import add_export_parser
 from minilora.cli.generate import add_generate_parser
 from minilora.cli.info import add_info_parser
 from minilora.cli.merge import add_merge_parser
@@ -48,7 +49,7 @@ def build_parser(train_args: bool = True) -> argparse.ArgumentParser:
 
     for add_parser in (add_chat_parser, add_generate_parser, add_eval_parser, add_merge_parser,
                        add_convert_parser, add_combine_parser, add_serve_parser,
-                       add_info_parser):
+                       add_info_parser, add_export_parser):
         add_parser(sub)
     return parser
 

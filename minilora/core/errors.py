@@ -143,6 +143,11 @@ class OutputError(MiniloraError, ValueError):
     """An output path that would overwrite what the user owns, or that another run holds."""
 
 
+class ExportError(MiniloraError, ValueError):
+    """A model or adapter that an export format cannot hold exactly (an architecture, a
+    tokenizer or a weight the format would change)."""
+
+
 class MissingExtra(MiniloraError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 

@@ -148,6 +148,11 @@ class Tokenizer:
     def _encode_literal(self, text: str) -> list[int]:
         return self._literal.encode(text, add_special_tokens=False).ids
 
+    def to_json(self) -> str:
+        """The tokenizer.json text of the wrapped ``tokenizers`` tokenizer (vocabulary, merges,
+        pre-tokenizer, added tokens), for writers of other formats."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one token string, None when it is not in the vocabulary."""
         return self._tok.token_to_id(token)

@@ -35,6 +35,7 @@ from torch import nn
 from minilora.adapters.folder import save_adapter
 from minilora.adapters.state import adapter_state_dict
 from minilora.core.errors import ConfigError, TrainError
+from minilora.core.tensor_checks import is_sharded
 from minilora.data.sft import Batch, DataStats, JsonlDataset
 from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
 from minilora.lora.layer import lora_modules
@@ -53,6 +54,7 @@ from minilora.training.compiled import CompiledLoss
 from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan, check_vocab
 from minilora.training.distributed import broadcast, start_distributed, sync_gradients
+from minilora.training.fsdp import check_launch, shard_model, whole
 from minilora.training.memory import estimate_memory, measured_peak
 from minilora.training.precision import autocast_dtype, resolve_precision
 from minilora.training.run_folder import claim_out, replace_earlier_run
@@ -105,13 +107,15 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
         TrainError: max_bad_steps non-finite steps in a row.
     """
     started = time.perf_counter()
-    rank, world, device, own_group = start_distributed(config.device)
+    check_launch(config.fsdp)
+    rank, world, device, own_group = start_distributed(config.device, group=config.fsdp)
     config, precision = _resolved(config, device, world)
     lock = claim_out(config, rank)
     log = RunLog(Path(config.out_dir), rank)
     log.precision = precision
     try:
-        return _fit(model, train_set, eval_set, config, _Place(rank, world, device), log, started)
+        return _fit(model, train_set, eval_set, config, _Place(rank, world, device, config.fsdp),
+                    log, started)
     finally:  # on an error too: the progress bar ends, and the process group this call began
         log.close()
         if lock is not None:
@@ -127,6 +131,7 @@ class _Place:
     rank: int
     world: int
     device: torch.device
+    sharded: bool = False  # FSDP: each process holds a shard of every weight (fsdp.py)
 
 
 @dataclass
@@ -233,6 +238,8 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
             print(report, file=sys.stderr)
     model.to(place.device)
     broadcast(params, place.world)
+    if place.sharded:
+        params = shard_model(model, place.device, place.world)
     optimizer = _adamw(params, config)
     amp_dtype = autocast_dtype(config.amp_dtype, place.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -283,7 +290,7 @@ def _step(run: _Run, step: int, config: TrainConfig, place: _Place
                 + output.aux_loss / (len(micro_batches) * place.world))
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         step_loss += loss.detach()
-    step_loss = sync_gradients(run.params, step_loss, place.world)
+    step_loss = sync_gradients(run.params, step_loss, place.world, place.sharded)
     finite = _unscale_and_clip(run.params, step_loss, run.optimizer, run.scaler, config.grad_clip)
     if finite:
         run.state.bad_in_a_row = 0
@@ -338,8 +345,8 @@ def _unscale_and_clip(params: list[nn.Parameter], step_loss: torch.Tensor,
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip)
     else:
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads]))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+    norm = whole(norm)  # FSDP: the norm over every rank's shards
     finite = torch.isfinite(step_loss)
     if scaler is None:
         finite = finite & torch.isfinite(norm)
@@ -453,9 +460,12 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
 
 def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset, config: TrainConfig,
                             place: _Place, log: RunLog) -> dict[str, float]:
+    # Under FSDP every rank runs every forward (each one gathers the blocks from all ranks),
+    # so each evaluates the whole set rather than a share of it.
+    rank, world = (0, 1) if place.sharded else (place.rank, place.world)
     record = {"step": run.state.step,
               **evaluate(run.model, eval_set, config.batch_size, device=place.device,
-                         amp_dtype=run.amp_dtype, rank=place.rank, world=place.world)}
+                         amp_dtype=run.amp_dtype, rank=rank, world=world)}
     log.eval(record)
     if run.state.best_eval_loss is None or record["eval_loss"] < run.state.best_eval_loss:
         run.state.best_eval_loss = record["eval_loss"]
@@ -465,17 +475,21 @@ def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset, config: TrainConf
 
 def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Path | None:
     """The adapter (or, with full=True, the whole model) into ``folder``; rank 0 only. A PiSSA
-    adapter is written as a plain LoRA for the original base, which is what its users load."""
+    adapter is written as a plain LoRA for the original base, which is what its users load.
+    Under FSDP every rank gathers the adapter's shards (rank 0 writes them)."""
+    model = run.model
+    gathered = None
+    if any(is_sharded(p) for p in run.params):
+        gathered = {k: whole(v).cpu() for k, v in adapter_state_dict(model).items()}
     if rank != 0:
         return None
-    model = run.model
-    check_finite(trainable(model))
+    check_finite(gathered if gathered is not None else trainable(model))
     try:
         if config.full:
             save_model(model, folder)
         else:
             save_adapter(model, folder, base_model_name_or_path=config.model,
-                         pissa_initial=run.pissa_start)
+                         pissa_initial=run.pissa_start, tensors=gathered)
     except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
         raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder

@@ -269,15 +269,18 @@ def _check_same_run(path: Path, state: dict, config: TrainConfig, plan: BatchPla
     saved, now = {**field_defaults(), **renamed_keys(state["config"])}, config.to_dict()
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
              if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    said = set()  # the data position's fields a difference above already explains
     if state["world_size"] != plan.world and saved.get("fsdp") and config.fsdp:
         diffs = [d for d in diffs if not d.startswith("batch_size:")]
-        diffs += _regrouped(saved["batch_size"], state["world_size"], config.batch_size,
-                            plan.world)
+        regrouped = _regrouped(saved["batch_size"], state["world_size"], config.batch_size,
+                               plan.world)
+        diffs += regrouped
+        said = {"global_batch", "epoch", "batch"} if regrouped else said
     elif state["world_size"] != plan.world:
         diffs.append(f"processes: {state['world_size']} in the checkpoint, {plan.world} now")
     saved_data, data_now = state["data"], plan.position(state["step"])
     diffs += [f"data.{k}: {saved_data.get(k)} in the checkpoint, {data_now[k]} now"
-              for k in data_now if saved_data.get(k) != data_now[k]]
+              for k in data_now if saved_data.get(k) != data_now[k] and k not in said]
     if diffs:
         raise CheckpointError(
             f"{path} was written by a different run; refusing to resume: " + "; ".join(diffs)

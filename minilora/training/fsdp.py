@@ -73,8 +73,12 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> list[nn.P
         model's: build the optimizer over these).
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise ConfigError(f"{{fsdp}} needs a newer PyTorch (FSDP2 with summed gradient "
+                          f"reduction; 2.13 is tested), this is {torch.__version__}",
+                          fields={"fsdp": "TrainConfig.fsdp"})
     record_fingerprint_before_sharding(model)
     mesh = init_device_mesh(device.type, (world,))
     wrapped = [*decoder_blocks(model), model]

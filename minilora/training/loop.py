@@ -236,10 +236,15 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
         report = quantize_model(model, config.quantize, place.device)
         if place.rank == 0:
             print(report, file=sys.stderr)
-    model.to(place.device)
-    broadcast(params, place.world)
     if place.sharded:
+        # fully_shard moves one block at a time to the device and keeps only its shard there,
+        # so the device never holds the whole model. No broadcast first (it would need the
+        # whole model on the device with nccl): every rank loaded the same base and drew the
+        # same LoRA init from the same seed above.
         params = shard_model(model, place.device, place.world)
+    else:
+        model.to(place.device)
+        broadcast(params, place.world)
     optimizer = _adamw(params, config)
     amp_dtype = autocast_dtype(config.amp_dtype, place.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None

@@ -68,12 +68,20 @@ def worker(case_path: str) -> None:
     if case["fsdp"]:
         model.reshard()  # FSDP keeps the root gathered after the last forward
     record = {"rank": rank, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "params": resident_bytes(model)}
+              "end_rss": _vm("VmRSS"), "peak_vm": _vm("VmPeak"), "params": resident_bytes(model)}
     if rank == 0:
         steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         tokens = rows * seq
         record["step_s"] = statistics.median(tokens / r["tokens_per_s"] for r in steps[1:])
     Path(f"{case_path}.{rank}.json").write_text(json.dumps(record))
+
+
+def _vm(field: str) -> int:
+    """A /proc/self/status field in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def run_row(mode: str, shapes: dict, batch: tuple[int, int], steps: int, amp: str,
@@ -134,18 +142,22 @@ def main() -> None:
     steps = 2 if args.quick else args.steps
     if args.cap_gib:
         return cap_table(shapes, batch, steps, args)
+    print(f"load average (1 min) before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"model: {params_mib(shapes):.0f} MiB of fp32 weights ({shapes['num_hidden_layers']} "
           f"layers, hidden {shapes['hidden_size']}); global batch {batch[0]} x {batch[1]} "
           f"tokens; {args.amp}; {steps} steps")
-    print("| run | step (s) | peak RSS per rank (MiB) | parameters held per rank (MiB) |")
-    print("|---|---|---|---|")
+    print("| run | step (s) | peak RSS per rank (MiB) | RSS at the end per rank (MiB) | "
+          "peak address space per rank (MiB) | parameters held per rank (MiB) |")
+    print("|---|---|---|---|---|---|")
     for mode in MODES:
         with tempfile.TemporaryDirectory() as d:
             row = run_row(mode, shapes, batch, steps, args.amp, Path(d), None)
         ranks = sorted(row["ranks"], key=lambda r: r["rank"])
-        rss = " / ".join(f"{r['peak_rss'] / MiB:.0f}" for r in ranks)
-        held = " / ".join(f"{r['params'] / MiB:.1f}" for r in ranks)
-        print(f"| {mode} | {row['step_s']:.3f} | {rss} | {held} |", flush=True)
+        cells = [" / ".join(f"{r[key] / MiB:.{digits}f}" for r in ranks)
+                 for key, digits in (("peak_rss", 0), ("end_rss", 0), ("peak_vm", 0),
+                                     ("params", 1))]
+        print(f"| {mode} | {row['step_s']:.3f} | " + " | ".join(cells) + " |", flush=True)
+    print(f"load average (1 min) after: {os.getloadavg()[0]:.1f}")
 
 
 def cap_table(shapes: dict, batch: tuple[int, int], steps: int, args: argparse.Namespace

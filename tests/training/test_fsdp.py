@@ -114,9 +114,9 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: fl
         assert torch.allclose(a[k], b[k], rtol=0, atol=tol), (k, (a[k] - b[k]).abs().max())
 
 
-def losses(out: Path) -> dict[int, float]:
+def losses(out: Path, key: str = "loss") -> dict[int, float]:
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,10 @@ def test_two_nodes_through_the_rendezvous_equal_one_process(runs):
     assert list(sharded) == [1, 2, 3, 4]
     assert list(sharded.values()) == pytest.approx(list(one.values()), abs=1e-5, rel=0)
     assert_close(adapter(d / "u"), adapter(d / "one"), 1e-5)
+    evals = losses(d / "u", "eval_loss")  # every rank evaluates the whole set
+    assert list(evals) == [2, 4]
+    assert list(evals.values()) == pytest.approx(list(losses(d / "one", "eval_loss").values()),
+                                                 abs=1e-5, rel=0)
     # The folder rank 0 writes is the one-process format: the same config and header.
     for name in ("adapter_config.json",):
         assert (d / "u" / "adapter" / name).read_text() == (d / "one" / "adapter" / name

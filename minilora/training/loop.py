@@ -350,7 +350,7 @@ def _unscale_and_clip(params: list[nn.Parameter], step_loss: torch.Tensor,
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip)
     else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+        norm = torch.nn.utils.get_total_norm([p.grad.float() for p in grads])
     norm = whole(norm)  # FSDP: the norm over every rank's shards
     finite = torch.isfinite(step_loss)
     if scaler is None:

@@ -295,12 +295,17 @@ def _regrouped(batch_then: int, world_then: int, batch_now: int, world_now: int)
     if batch_now * world_now == rows:
         return []
     if rows % world_now:
-        return [f"processes: the global batch of {rows} rows ({batch_then} x {world_then} "
-                f"processes in the checkpoint) does not divide over {world_now} processes; "
+        return [f"processes: the global batch of {rows} rows ({batch_then} x "
+                f"{_processes(world_then)} in the checkpoint) does not divide over "
+                f"{_processes(world_now)}; "
                 f"resume on a number of processes that divides {rows}"]
-    return [f"batch_size: {batch_then} x {world_then} processes in the checkpoint, {batch_now} "
-            f"x {world_now} now; resume with batch_size {rows // world_now} on {world_now} "
-            "processes (the global batch stays the same)"]
+    return [f"batch_size: {batch_then} x {_processes(world_then)} in the checkpoint, "
+            f"{batch_now} x {_processes(world_now)} now; resume with batch_size "
+            f"{rows // world_now} on {_processes(world_now)} (the global batch stays the same)"]
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 # Checkpoints written before adapters were keyed by name (minilora 0.1 up to issue 13) hold the

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from helpers import chat_rows, fit, tiny_model, write_jsonl
 from minilora.cli.main import main
+from minilora.core.errors import CheckpointError
 from minilora.model.io import save_model
 from minilora.training.config import TrainConfig
 
@@ -166,13 +167,16 @@ def runs(tmp_path_factory, tok):
         str(config("u")), str(config("k", resume=True)), str(config("s", resume=True)),
         str(config("bf", amp_dtype="bfloat16", **short))])
 
+    with one_torchrun_process(), pytest.raises(CheckpointError) as regroup:
+        train(config("k1", batch_size=2, resume=True))  # the global batch would halve
     with one_torchrun_process():
         train(config("k1", batch_size=4, resume=True))
     train(config("one", batch_size=4, fsdp=False, activation_checkpointing=False))
     train(config("bf1", batch_size=4, fsdp=False, amp_dtype="bfloat16", **short))
     reports = [json.loads((d / f"nodes.{rank}.json").read_text()) if (
         d / f"nodes.{rank}.json").exists() else None for rank in range(2)]
-    return {"dir": d, "killed": killed, "nodes": nodes, "reports": reports}
+    return {"dir": d, "killed": killed, "nodes": nodes, "reports": reports,
+            "regroup": str(regroup.value)}
 
 
 def test_two_nodes_through_the_rendezvous_equal_one_process(runs):
@@ -226,7 +230,7 @@ def test_a_global_batch_that_does_not_divide_is_one_line_exit_2(runs):
     output = runs["nodes"][0][1] + runs["nodes"][1][1]
     line = (f"minilora train: error: {runs['dir']}/three/checkpoints/step-00000001 was written "
             "by a different run; refusing to resume: processes: the global batch of 3 rows (3 x "
-            "1 processes in the checkpoint) does not divide over 2 processes; resume on a number "
+            "1 process in the checkpoint) does not divide over 2 processes; resume on a number "
             "of processes that divides 3. Resume with the same settings, or train into a new "
             "out_dir.")
     assert line in output.splitlines(), output[-3000:]
@@ -240,3 +244,8 @@ def test_bf16_autocast_under_fsdp_trains_as_one_process_does(runs):
     assert list(sharded.values()) == pytest.approx(list(one.values()), abs=2e-2, rel=0)
     assert all(t.dtype == torch.float32 for t in adapter(d / "bf").values())
     assert_close(adapter(d / "bf"), adapter(d / "bf1"), 5e-3)
+
+
+def test_another_number_of_processes_must_keep_the_global_batch(runs):
+    assert ("batch_size: 2 x 2 processes in the checkpoint, 2 x 1 process now; resume with "
+            "batch_size 4 on 1 process (the global batch stays the same)") in runs["regroup"]

@@ -131,7 +131,9 @@ def runs(tmp_path_factory, tok):
 
     def config(name: str, **changes) -> Path:
         # Per process 2 rows x 2 micro-batches; with 2 processes a global batch of 8 rows.
-        base = dict(data=data, out_dir=str(d / name), lora_r=4, lora_alpha=8.0, batch_size=2,
+        # grad_clip 0.02 clips every step (the global norms are 0.03 to 0.16 here), so a norm
+        # of one rank's shards instead of all of them would show.
+        base = dict(grad_clip=0.02, data=data, out_dir=str(d / name), lora_r=4, lora_alpha=8.0, batch_size=2,
                     accumulation_steps=2, lr=1e-2, max_seq_len=64, amp_dtype="float32",
                     log_every=1, seed=0, max_steps=4, save_every=2, eval_data=evals,
                     eval_every=2, fsdp=True, activation_checkpointing=True)
@@ -243,7 +245,8 @@ def test_bf16_autocast_under_fsdp_trains_as_one_process_does(runs):
     # bf16 matmuls of other batch shapes round differently: close, not equal.
     assert list(sharded.values()) == pytest.approx(list(one.values()), abs=2e-2, rel=0)
     assert all(t.dtype == torch.float32 for t in adapter(d / "bf").values())
-    assert_close(adapter(d / "bf"), adapter(d / "bf1"), 5e-3)
+    # No adapter comparison: AdamW moves each weight by about lr a step whatever the gradient's
+    # size, so bf16's rounding of the tiniest gradients shows as differences of order lr.
 
 
 def test_another_number_of_processes_must_keep_the_global_batch(runs):

@@ -134,9 +134,9 @@ def runs(tmp_path_factory, tok):
         # grad_clip 0.02 clips every step (the global norms are 0.03 to 0.16 here), so a norm
         # of one rank's shards instead of all of them would show.
         base = dict(data=data, out_dir=str(d / name), lora_r=4, lora_alpha=8.0, batch_size=2,
-                    accumulation_steps=2, lr=1e-2, grad_clip=0.02, max_seq_len=64, amp_dtype="float32",
-                    log_every=1, seed=0, max_steps=4, save_every=2, eval_data=evals,
-                    eval_every=2, fsdp=True, activation_checkpointing=True)
+                    accumulation_steps=2, lr=1e-2, grad_clip=0.02, max_seq_len=64,
+                    amp_dtype="float32", log_every=1, seed=0, max_steps=4, save_every=2,
+                    eval_data=evals, eval_every=2, fsdp=True, activation_checkpointing=True)
         cfg = TrainConfig(**{**base, **changes})
         cfg.save_json(d / f"{name}.json")
         return d / f"{name}.json"

@@ -151,6 +151,18 @@ def train_first(*extra: str) -> Callable[[Path, dict], None]:
     return setup
 
 
+def one_torchrun_process(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
+    """The environment torchrun gives a run of one process (the --fsdp cases)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+
+
 def fsync_fails(where: str) -> Callable[[pytest.MonkeyPatch, Path], None]:
     """A disk that fills up: fsync of a file whose path contains ``where`` raises ENOSPC."""
 
@@ -516,6 +528,18 @@ CASES = [
          "resume: lr: 0.0001 in the checkpoint, 0.5 now. Resume with the same settings, or "
          "train into a new out_dir.", "the checkpoint and adapter are untouched",
          setup=train_first("--stop-after", "1")),
+    Case("fsdp-without-torchrun", TRAIN + ["--fsdp"],
+         "--fsdp shards the model across the processes torchrun starts; launch it as: torchrun "
+         "--nproc_per_node 2 -m minilora train --fsdp ... (one node; see the README for several)",
+         "nothing written"),
+    Case("fsdp-with-full", TRAIN + ["--fsdp", "--full"],
+         "--full: cannot go with --fsdp yet: sharded training trains LoRA adapters only",
+         "nothing written; train without --full (LoRA), or --full without --fsdp"),
+    Case("resume-with-another-fsdp-setting", TRAIN + ["--resume", "--fsdp"],
+         "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "
+         "resume: fsdp: False in the checkpoint, True now. Resume with the same settings, or "
+         "train into a new out_dir.", "the checkpoint and adapter are untouched; resume as the "
+         "run was started", setup=train_first("--stop-after", "1"), patch=one_torchrun_process),
     Case("resume-with-a-damaged-checkpoint", TRAIN + ["--resume"],
          "{dir}/out/checkpoints/step-00000001/trainable.safetensors: damaged (checksum "
          "mismatch)", "nothing written",

@@ -258,6 +258,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     name: str | None = None,
     pissa_initial: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes one adapter of `model`.
 
@@ -276,6 +277,9 @@ def save_adapter(
             ``adapter_state_dict`` then, held in memory): the file
             written is then a plain LoRA adapter of rank 2r for the original base model (not
             the residual), as PEFT's path_initial_model_for_weight_conversion writes it.
+        tensors: the adapter's weights under the keys ``adapter_state_dict`` gives, whole, for
+            a model whose own weights are sharded across processes (FSDP: each process holds
+            a shard, the caller gathers them); default: the model's (format="peft" only).
 
     Returns:
         The folder (peft) or file (minimind) written.
@@ -295,7 +299,7 @@ def save_adapter(
         raise AdapterError(f"{path} is a file; PEFT's format ({{peft_format}}) is a folder",
                            fields=FORMAT_WORDS)
     config, fingerprint = _model_config(model, name), base_fingerprint(model, name)
-    tensors = adapter_state_dict(model, name)
+    tensors = _whole(adapter_state_dict(model, name), tensors, path)
     if pissa_initial is not None:
         config, tensors, fingerprint = _pissa_to_lora(model, name, config, tensors,
                                                       pissa_initial)
@@ -308,6 +312,20 @@ def save_adapter(
     _check_replaceable(path)
     return _write_folder(path, safetensors_bytes(tensors, metadata=metadata),
                          json.dumps(peft_config, indent=2, allow_nan=False) + "\n")
+
+
+def _whole(own: dict[str, torch.Tensor], given: Mapping[str, torch.Tensor] | None,
+           path: Path) -> dict[str, torch.Tensor]:
+    """The model's own adapter weights, or the gathered ones given for them (same keys and
+    shapes: a gathered state of another model is refused)."""
+    if given is None:
+        return own
+    wrong = sorted(set(own) ^ set(given)) + sorted(
+        k for k in own if k in given and tuple(given[k].shape) != tuple(own[k].shape))
+    if wrong:
+        raise AdapterError(f"{path}: the gathered adapter weights do not fit the model: "
+                           f"{wrong[:5]}")
+    return dict(given)
 
 
 def _write_folder(path: Path, blob: bytes, text: str) -> Path:

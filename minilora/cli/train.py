@@ -204,7 +204,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     resumed = f"resumed at step {result.start_step}, " if result.start_step else ""
     print(f"{resumed}trained {result.steps - result.start_step} steps in {result.seconds:.1f} s"
           f"{last}")
-    if before is not None:
+    if before is not None and config.fsdp:  # rank 0 alone cannot run the sharded model
+        print("tasks: not scored after training with --fsdp; score the adapter with "
+              "`minilora eval`", file=sys.stderr)
+    elif before is not None:
         model.eval()
         _before_and_after(before, samples, answer)
     print(f"adapter: {result.output_dir}")

@@ -4,6 +4,8 @@ machine has. The pure-Python checks (numbers, field types) are in checks.py.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from minilora.core.errors import ConfigError, MiniloraError
@@ -40,6 +42,13 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
         if not any(check() for check in checks if callable(check)):
             raise ConfigError(f"device {name}: not available on this machine")
     return device
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a DTensor (a parameter FSDP sharded across processes). Checked without
+    importing torch.distributed.tensor (1.5 s): nothing is a DTensor before that is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def tensor_problems(tensors: dict[str, torch.Tensor], *, limit: int = 5) -> list[str]:

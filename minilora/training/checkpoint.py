@@ -27,9 +27,16 @@ from torch import nn
 from minilora.core.checks import MAX_TRAINED_WEIGHT
 from minilora.core.errors import CheckpointError, TrainError
 from minilora.core.files import atomic_write, fsync_dir, read_bounded, read_json, torch_load_reason
+from minilora.core.tensor_checks import is_sharded
 from minilora.lora.fingerprint import base_fingerprint
 from minilora.training.config import RESUMABLE_CHANGES, TrainConfig, field_defaults, renamed_keys
 from minilora.training.datasets import BatchPlan
+from minilora.training.fsdp import (
+    load_whole_,
+    shard_optimizer_state,
+    whole,
+    whole_optimizer_state,
+)
 
 CHECKPOINTS = "checkpoints"  # folder under out_dir holding step-NNNNNNNN checkpoints
 MANIFEST = "manifest.json"  # in a checkpoint: the SHA-256 of each of its files, written last
@@ -79,19 +86,26 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     written into a temporary folder, fsynced, and the folder renamed into place: a checkpoint
     folder is complete or absent.
 
+    Under FSDP every rank calls it: the shards are gathered and rank 0 writes whole tensors,
+    the layout one process writes, which any number of processes resumes from.
+
     Returns:
         The checkpoint folder (None off rank 0).
     """
+    sharded = any(is_sharded(p) for p in trainable(model).values())
+    if rank != 0 and not sharded:
+        return None
+    weights = {n: whole(t.detach()).cpu().contiguous() for n, t in trainable(model).items()}
+    optimizer_state = whole_optimizer_state(optimizer) if sharded else optimizer.state_dict()
     if rank != 0:
         return None
     final = folder / f"step-{run.step:08d}"
     if final.exists():  # written earlier by this same run at this same step (resume is exact)
         _drop_older_checkpoints(folder, final)
         return final
-    weights = {n: t.detach().cpu().contiguous() for n, t in trainable(model).items()}
     check_finite(weights)
     blob = safetensors_save(weights, metadata={"format": "pt", "step": str(run.step)})
-    state = _state(blob, model, optimizer, scaler, config, plan, run)
+    state = _state(blob, model, optimizer_state, scaler, config, plan, run)
     buffer = io.BytesIO()
     torch.save(state, buffer)  # in memory: a full disk is then an OSError of the write below
     files = {"trainable.safetensors": blob, "state.pt": buffer.getvalue()}
@@ -100,7 +114,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     return final
 
 
-def _state(blob: bytes, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+def _state(blob: bytes, model: nn.Module, optimizer_state: dict[str, Any], scaler: Any,
            config: TrainConfig, plan: BatchPlan, run: RunState) -> dict[str, Any]:
     """state.pt's contents: where the run stands, and what it must match to go on."""
     return {
@@ -110,7 +124,7 @@ def _state(blob: bytes, model: nn.Module, optimizer: torch.optim.Optimizer, scal
         "world_size": plan.world,
         "config": config.to_dict(),
         "data": plan.position(run.step),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "skipped": run.skipped,
         "bad_in_a_row": run.bad_in_a_row,
@@ -187,6 +201,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         raise CheckpointError(f"{path}: written for another base model (fingerprint differs)")
     _load_trainable(path, model, safetensors_load(blob))
     optimizer.load_state_dict(state["optimizer"])
+    shard_optimizer_state(optimizer)  # FSDP: the whole moments back into this rank's shards
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     return RunState(step=state["step"], skipped=state["skipped"],
@@ -255,16 +270,43 @@ def _check_same_run(path: Path, state: dict[str, Any], config: TrainConfig,
     saved, now = {**field_defaults(), **renamed_keys(state["config"])}, config.to_dict()
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
              if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-    if state["world_size"] != plan.world:
+    said: set[str] = set()  # the data position's fields a difference above already explains
+    if state["world_size"] != plan.world and saved.get("fsdp") and config.fsdp:
+        diffs = [d for d in diffs if not d.startswith("batch_size:")]
+        regrouped = _regrouped(saved["batch_size"], state["world_size"], config.batch_size,
+                               plan.world)
+        diffs += regrouped
+        said = {"global_batch", "epoch", "batch"} if regrouped else said
+    elif state["world_size"] != plan.world:
         diffs.append(f"processes: {state['world_size']} in the checkpoint, {plan.world} now")
     saved_data, data_now = state["data"], plan.position(state["step"])
     diffs += [f"data.{k}: {saved_data.get(k)} in the checkpoint, {data_now[k]} now"
-              for k in data_now if saved_data.get(k) != data_now[k]]
+              for k in data_now if saved_data.get(k) != data_now[k] and k not in said]
     if diffs:
         raise CheckpointError(
             f"{path} was written by a different run; refusing to resume: " + "; ".join(diffs)
             + ". Resume with the same settings, or train into a new out_dir."
         )
+
+
+def _regrouped(batch_then: int, world_then: int, batch_now: int, world_now: int) -> list[str]:
+    """An FSDP checkpoint resumes on another number of processes when the global batch stays
+    the same (each process then takes another share of it): what differs, else nothing."""
+    rows = batch_then * world_then
+    if batch_now * world_now == rows:
+        return []
+    if rows % world_now:
+        return [f"processes: the global batch of {rows} rows ({batch_then} x "
+                f"{_processes(world_then)} in the checkpoint) does not divide over "
+                f"{_processes(world_now)}; "
+                f"resume on a number of processes that divides {rows}"]
+    return [f"batch_size: {batch_then} x {_processes(world_then)} in the checkpoint, "
+            f"{batch_now} x {_processes(world_now)} now; resume with batch_size "
+            f"{rows // world_now} on {_processes(world_now)} (the global batch stays the same)"]
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 # Checkpoints written before adapters were keyed by name (minilora 0.1 up to issue 13) hold the
@@ -280,9 +322,8 @@ def _load_trainable(path: Path, model: nn.Module, weights: dict[str, torch.Tenso
     if missing or unexpected or shapes:
         raise CheckpointError(f"{path}/trainable.safetensors does not fit the model: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}, shape {shapes[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
+    for name, p in params.items():
+        load_whole_(p, weights[name])
 
 
 def read_state(path: Path) -> dict[str, Any]:

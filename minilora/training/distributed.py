@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun: the process group, rank 0's weights on every rank, and
-one gradient all-reduce per optimizer step. At WORLD_SIZE 1 each is a no-op.
+one gradient all-reduce per optimizer step. At WORLD_SIZE 1 each is a no-op. Sharded training
+(FSDP) is fsdp.py's; it starts its process group here too.
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ from torch import nn
 from minilora.core.tensor_checks import resolve_device
 
 
-def start_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether this call started the process group)."""
+def start_distributed(device_name: str, group: bool = False
+                      ) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call started the process group).
+
+    Args:
+        device_name: the config's device ("auto": cuda:LOCAL_RANK with CUDA, else cpu).
+        group: start the process group at WORLD_SIZE 1 too (FSDP shards over a group of one).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world == 1:
+    if world == 1 and not group:
         return 0, 1, device, False
     started = not dist.is_initialized()
     if started:
@@ -36,7 +43,7 @@ def broadcast(params: list[nn.Parameter], world: int) -> None:
 
 
 def sync_gradients(params: list[nn.Parameter], step_loss: torch.Tensor,
-                    world: int) -> torch.Tensor:
+                    world: int, sharded: bool = False) -> torch.Tensor:
     """Sum the trainable gradients (and the step loss) over all processes; returns the loss.
 
     This is DDP's gradient all-reduce done once per optimizer step on one flat buffer, instead of
@@ -44,7 +51,13 @@ def sync_gradients(params: list[nn.Parameter], step_loss: torch.Tensor,
     on some process needs no ``find_unused_parameters``. A parameter that no process gave a
     gradient keeps none, as in one process (AdamW skips it; a zero gradient would still move it
     through momentum and weight decay).
+
+    With ``sharded`` (FSDP) backward has already summed each gradient into its shards: only
+    the loss is summed here.
     """
+    if sharded:
+        dist.all_reduce(step_loss)
+        return step_loss
     if world == 1:
         return step_loss
     had = torch.tensor([float(p.grad is not None) for p in params], device=step_loss.device)

@@ -36,6 +36,7 @@ from torch import nn
 from minilora.adapters.folder import save_adapter
 from minilora.adapters.state import adapter_state_dict
 from minilora.core.errors import ConfigError, TrainError
+from minilora.core.tensor_checks import is_sharded
 from minilora.data.sft import Batch, DataStats, JsonlDataset
 from minilora.data.tokenizer import Tokenizer
 from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
@@ -56,6 +57,7 @@ from minilora.training.compiled import CompiledLoss
 from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan, check_vocab
 from minilora.training.distributed import broadcast, start_distributed, sync_gradients
+from minilora.training.fsdp import check_launch, shard_model, whole
 from minilora.training.memory import estimate_memory, measured_peak
 from minilora.training.optimizer import build_optimizer, set_lr
 from minilora.training.precision import autocast_dtype, resolve_precision
@@ -121,7 +123,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     """
     started = time.perf_counter()
     scorer = _task_scorer(config, tokenizer)  # a bad task file: before anything is written
-    rank, world, device, own_group = start_distributed(config.device)
+    check_launch(config.fsdp)
+    rank, world, device, own_group = start_distributed(config.device, group=config.fsdp)
     config, precision = _resolved(config, device, world)
     if config.log_to == "tensorboard":
         require_tensorboard()  # before the output folder is claimed
@@ -129,8 +132,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     log = RunLog(Path(config.out_dir), rank, config.log_to)
     log.precision = precision
     try:
-        return _fit(model, train_set, eval_set, config, _Place(rank, world, device), log, started,
-                    scorer)
+        return _fit(model, train_set, eval_set, config, _Place(rank, world, device, config.fsdp),
+                    log, started, scorer)
     finally:  # on an error too: the progress bar ends, and the process group this call began
         log.close()
         if lock is not None:
@@ -146,6 +149,7 @@ class _Place:
     rank: int
     world: int
     device: torch.device
+    sharded: bool = False  # FSDP: each process holds a shard of every weight (fsdp.py)
 
 
 @dataclass
@@ -243,8 +247,15 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
         report = quantize_model(model, config.quantize, place.device)
         if place.rank == 0:
             print(report, file=sys.stderr)
-    model.to(place.device)
-    broadcast(params, place.world)
+    if place.sharded:
+        # fully_shard moves one block at a time to the device and keeps only its shard there,
+        # so the device never holds the whole model. No broadcast first (it would need the
+        # whole model on the device with nccl): every rank loaded the same base and drew the
+        # same LoRA init from the same seed above.
+        params = shard_model(model, place.device, place.world)
+    else:
+        model.to(place.device)
+        broadcast(params, place.world)
     optimizer = build_optimizer(model, params, config)
     amp_dtype = autocast_dtype(config.amp_dtype, place.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -293,7 +304,7 @@ def _step(run: _Run, step: int, config: TrainConfig, place: _Place
                 + output.aux_loss / (len(micro_batches) * place.world))
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         step_loss += loss.detach()
-    step_loss = sync_gradients(run.params, step_loss, place.world)
+    step_loss = sync_gradients(run.params, step_loss, place.world, place.sharded)
     finite = _unscale_and_clip(run.params, step_loss, run.optimizer, run.scaler, config.grad_clip)
     if finite:
         run.state.bad_in_a_row = 0
@@ -348,9 +359,9 @@ def _unscale_and_clip(params: list[nn.Parameter], step_loss: torch.Tensor,
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip)
     else:
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads
-                         if p.grad is not None]))  # (every one of grads has a gradient)
+        norm = torch.nn.utils.get_total_norm([p.grad.float() for p in grads
+                                              if p.grad is not None])
+    norm = whole(norm)  # FSDP: the norm over every rank's shards
     finite = torch.isfinite(step_loss)
     if scaler is None:
         finite = finite & torch.isfinite(norm)
@@ -467,10 +478,13 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
 def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset | None, config: TrainConfig,
                             place: _Place, log: RunLog, scorer: Scorer | None = None
                             ) -> dict[str, float]:
+    # Under FSDP every rank runs every forward (each one gathers the blocks from all ranks),
+    # so each evaluates the whole set rather than a share of it.
+    rank, world = (0, 1) if place.sharded else (place.rank, place.world)
     record: dict[str, float] = {"step": run.state.step}
     if eval_set is not None:
         record.update(evaluate(run.model, eval_set, config.batch_size, device=place.device,
-                               amp_dtype=run.amp_dtype, rank=place.rank, world=place.world))
+                               amp_dtype=run.amp_dtype, rank=rank, world=world))
     if scorer is not None and place.rank == 0:  # generation: rank 0 alone, like the writes
         record.update(scorer(run.model))
     log.eval(record)
@@ -503,18 +517,22 @@ def _task_scorer(config: TrainConfig, tokenizer: Tokenizer | None) -> Scorer | N
 
 def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Path | None:
     """The adapter (or, with full=True, the whole model) into ``folder``; rank 0 only. A PiSSA
-    adapter is written as a plain LoRA for the original base, which is what its users load."""
+    adapter is written as a plain LoRA for the original base, which is what its users load.
+    Under FSDP every rank gathers the adapter's shards (rank 0 writes them)."""
+    model = run.model
+    gathered = None
+    if any(is_sharded(p) for p in run.params):
+        gathered = {k: whole(v).cpu() for k, v in adapter_state_dict(model).items()}
     if rank != 0:
         return None
-    model = run.model
-    check_finite(trainable(model))
+    check_finite(gathered if gathered is not None else trainable(model))
     try:
         if config.full:
             assert isinstance(model, CausalLM)  # save_model writes minilora's own model
             save_model(model, folder)
         else:
             save_adapter(model, folder, base_model_name_or_path=config.model,
-                         pissa_initial=run.pissa_start)
+                         pissa_initial=run.pissa_start, tensors=gathered)
     except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
         raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder

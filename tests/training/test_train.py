@@ -195,7 +195,7 @@ def test_an_error_ends_the_process_group_and_the_progress_bar(tok, files, tmp_pa
                                                              monkeypatch):
     import torch.distributed as dist
 
-    def start(device_name):  # a process group of one, begun by train() itself
+    def start(device_name, group=False):  # a process group of one, begun by train() itself
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                                 world_size=1)
         return 0, 1, torch.device("cpu"), True

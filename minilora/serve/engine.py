@@ -16,6 +16,7 @@ import logging
 import queue
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from minilora.model.decoder import CausalLM
 from minilora.model.kv_cache import KVCache
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 log = logging.getLogger(__name__)
 
 
@@ -41,8 +43,11 @@ class SamplingParams:
     max_tokens: most new tokens.
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
     top_p: nucleus sampling threshold (1 = off).
+    top_k: sample among the k likeliest tokens only (0 = off).
     seed: seeds this request's own generator, so the answer does not depend on the others.
     stop: strings that end the answer (not included in it).
+    logprobs: None = off; k >= 0: each chosen token's log-probability and the k likeliest
+        tokens' (from the model's distribution, before temperature and top_p).
     """
 
     max_tokens: int
@@ -50,6 +55,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    top_k: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,10 +64,14 @@ class SamplingParams:
             problems.append(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.temperature <= 2:
             problems.append(f"temperature: expected 0..2, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k: expected an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p: expected 0 < top_p <= 1, got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop: expected non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            problems.append(f"logprobs: expected 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -75,6 +86,16 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its id, its log-probability, and the likeliest (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 class Request:
@@ -105,6 +126,7 @@ class _Running:
         self.token = -1  # the token to feed next
         self.generated: list[int] = []
         self.shown = 0  # characters of the decoded text already sent
+        self.logprobs: list[TokenLogprob] = []  # of the tokens not yet sent with an event
         seed = request.params.seed
         if seed is None and request.params.temperature > 0:
             seed = random.randrange(2**63)
@@ -224,12 +246,24 @@ class Engine:
         tokenizer: minilora's Tokenizer (decodes the answers, knows the end tokens).
         max_batch: most requests decoded together; the rest wait their turn.
         context: longest prompt + answer a request may have (default: the model's).
+        max_loras: most adapters held in the model at once (None: no limit). Adapters added
+            with `add_adapter` are evicted, least recently used first, to make room; those the
+            model came with stay.
+        reload: loads an evicted adapter again by name (in the engine's thread) when a request
+            names one that is not in the model; it raises for a name it does not know.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Any, *, max_batch: int = 32,
-                 context: int | None = None) -> None:
+                 context: int | None = None, max_loras: int | None = None,
+                 reload: Callable[[str], None] | None = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch: expected >= 1, got {max_batch}")
+        if max_loras is not None and max_loras < 1:
+            raise ConfigError(f"max_loras: expected >= 1, got {max_loras}")
+        self.max_loras, self._reload = max_loras, reload
+        # adapters added at run time, least recently used first: the ones eviction may take
+        self._evictable: OrderedDict[str, None] = OrderedDict()
+        self._deferred: list[Request] = []  # waiting for an adapter slot to free up
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         self.context = context or model.config.max_position_embeddings
         if list_adapters(model):
@@ -251,6 +285,10 @@ class Engine:
         """Queues a request; it joins the batch at the next step with a free row."""
         self._waiting.put(request)
         self._wake.set()
+
+    def waiting(self) -> int:
+        """Requests submitted and not yet decoding (an estimate from another thread)."""
+        return self._waiting.qsize() + len(self._deferred)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Runs fn in the engine's thread between two steps (adapter loading, say)."""
@@ -294,7 +332,15 @@ class Engine:
         """
         busy = self._run_calls()
         self._drop_cancelled()
-        joining = []
+        joining: list[Request] = []
+        deferred, self._deferred = self._deferred, []
+        for request in deferred:  # the oldest first
+            if request.cancelled:
+                continue
+            if len(self.rows) + len(joining) < self.max_batch:
+                joining.append(request)
+            else:
+                self._deferred.append(request)
         while len(self.rows) + len(joining) < self.max_batch and not self._waiting.empty():
             request = self._waiting.get()
             if not request.cancelled:
@@ -314,6 +360,40 @@ class Engine:
         self._unloading.add(adapter)
         self._unload_unused()
 
+    def add_adapter(self, name: str, load: Callable[[], Any]) -> None:
+        """Runs load() (which puts adapter `name` into the model) and makes it evictable; past
+        max_loras, the least recently used idle adapters are evicted (the new one too, when
+        every other is busy: it is reloaded when a request names it). Call it in the engine's
+        thread, through `call`."""
+        load()
+        self._evictable[name] = None
+        self._evictable.move_to_end(name)
+        self._evict(room=0, keep=set())
+
+    def resident(self) -> list[str]:
+        """The adapters in the model now."""
+        return list_adapters(self.model)
+
+    def _evict(self, room: int, keep: set[str | None]) -> bool:
+        """Evicts idle run-time adapters, least recently used first, until `room` more fit
+        under max_loras; returns False when not enough of them are idle."""
+        if self.max_loras is None:
+            return True
+        resident = list_adapters(self.model)
+        busy = keep | {r.request.adapter for r in self.rows}
+        excess = len(resident) + room - self.max_loras
+        for name in list(self._evictable):
+            if excess <= 0:
+                break
+            if name in busy or name not in resident:
+                continue
+            delete_adapter(self.model, name)
+            del self._evictable[name]
+            excess -= 1
+        if list_adapters(self.model):
+            set_active(self.model, [])
+        return excess <= 0
+
     def is_unloading(self, adapter: str) -> bool:
         """True while an unloaded adapter still serves the requests that began with it."""
         return adapter in self._unloading
@@ -322,6 +402,7 @@ class Engine:
         for name in list(self._unloading):
             if not any(r.request.adapter == name for r in self.rows):
                 self._unloading.discard(name)
+                self._evictable.pop(name, None)
                 if name in list_adapters(self.model):
                     delete_adapter(self.model, name)
                     if list_adapters(self.model):
@@ -376,11 +457,7 @@ class Engine:
         """Prefills the new prompts in one batch, moves their caches into free rows, picks their
         first tokens. Prompts are left-padded, so every row's last token is the last column;
         position_ids start each prompt at 0, as `generate` does."""
-        known = set(list_adapters(self.model))
-        for request in [r for r in joining if r.adapter is not None and r.adapter not in known]:
-            joining.remove(request)  # e.g. unloaded while it waited: it fails alone
-            _send(request, Event(error=ConfigError(
-                f"adapter {request.adapter!r} is not loaded (loaded: {sorted(known)})")))
+        joining[:] = self._with_adapters(joining)
         if not joining:
             return
         B, L = len(joining), max(len(r.prompt_ids) for r in joining)
@@ -402,6 +479,35 @@ class Engine:
             self.rows.append(_Running(request, self.tokenizer, self.device))
         self._take_all(self.rows[first:], logits, first)
 
+    def _with_adapters(self, joining: list[Request]) -> list[Request]:
+        """The requests whose adapter is in the model, reloading evicted ones where there is
+        room; the others wait (no room yet) or fail alone (unknown, or unloaded meanwhile)."""
+        known = set(list_adapters(self.model))
+        ready: list[Request] = []
+        for request in joining:
+            name = request.adapter
+            if name is None or name in known:
+                ready.append(request)
+                if name in self._evictable:
+                    self._evictable.move_to_end(name)
+                continue
+            if self._reload is None or name in self._unloading:
+                _send(request, Event(error=ConfigError(
+                    f"adapter {name!r} is not loaded (loaded: {sorted(known)})")))
+                continue
+            if not self._evict(room=1, keep={r.adapter for r in ready}):
+                self._deferred.append(request)  # every slot is busy: it waits for one
+                continue
+            try:
+                self._reload(name)
+            except Exception as e:  # unknown now, or its files changed: it fails alone
+                _send(request, Event(error=e))
+                continue
+            known.add(name)
+            self._evictable[name] = None
+            ready.append(request)
+        return ready
+
     def _decode(self) -> None:
         """One token for every running row."""
         n = len(self.rows)
@@ -420,18 +526,41 @@ class Engine:
         """The next token of each of rows (rows first.. of the batch), from logits (n, V);
         the greedy ones in one argmax. Finished rows leave."""
         greedy = logits.argmax(dim=-1).tolist()  # (n,)
-        finished = []
+        tokens = []
         for i, running in enumerate(rows):
             params = running.request.params
             if params.temperature == 0:
-                token = greedy[i]
+                tokens.append(greedy[i])
             else:
-                token = int(pick_token(logits[i], temperature=params.temperature,
-                                       top_p=params.top_p, generator=running.generator))
-            if self._take(running, token):
+                tokens.append(int(pick_token(logits[i], temperature=params.temperature,
+                                             top_p=params.top_p, top_k=params.top_k,
+                                             generator=running.generator)))
+        self._logprobs(rows, logits, tokens)
+        finished = []
+        for i, running in enumerate(rows):
+            if self._take(running, tokens[i]):
                 finished.append(first + i)
         for i in reversed(finished):
             self._remove(i)
+
+    def _logprobs(self, rows: list[_Running], logits: Tensor, tokens: list[int]) -> None:
+        """Adds each chosen token's log-probability (and the likeliest ones') to the rows that
+        asked for them; an end-of-turn token is not part of the answer and is left out."""
+        want = [i for i, r in enumerate(rows) if r.request.params.logprobs is not None
+                and tokens[i] not in self.eos]
+        if not want:
+            return
+        logp = torch.log_softmax(logits[want].float(), dim=-1)  # (w, V)
+        chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in want],
+                                             device=logp.device)).squeeze(1).tolist()  # (w,)
+        k = max(rows[i].request.params.logprobs or 0 for i in want)
+        top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0])
+        top_values, top_ids = top_values.tolist(), top_ids.long().tolist()  # (w, k)
+        for j, i in enumerate(want):
+            own = rows[i].request.params.logprobs or 0
+            rows[i].logprobs.append(TokenLogprob(
+                tokens[i], chosen[j], list(zip(top_ids[j][:own], top_values[j][:own],
+                                               strict=True))))
 
     def _take(self, running: _Running, token: int) -> bool:
         """Adds one row's next token and tells its client; returns True when it is done."""
@@ -444,10 +573,13 @@ class Engine:
                 piece += self.tokenizer.decode(running.generated)[running.shown:]
                 reason = FINISH_LENGTH
         if piece:
-            _send(request, Event(text=piece))
+            _send(request, Event(text=piece, logprobs=running.logprobs))
+            running.logprobs = []
         if reason is not None:
             _send(request, Event(finish_reason=reason, prompt_tokens=len(request.prompt_ids),
-                                 completion_tokens=len(running.generated)))
+                                 completion_tokens=len(running.generated),
+                                 logprobs=running.logprobs))
+            running.logprobs = []
         return reason is not None
 
 

@@ -53,7 +53,6 @@ MAX_FOLDER_ENTRIES = 1000  # files an adapter folder may hold (each is checked)
 ROLES = ("system", "user", "assistant")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 PAGE = Path(__file__).resolve().parents[1] / "assets" / "chat.html"
-OPEN_ROUTES = ("/", "/health")  # answered without the API key
 
 # Fields of OpenAI's API this server does not implement, with the values that ask for nothing
 # (clients often send them so); any other value is refused, naming the field.
@@ -207,7 +206,7 @@ class _Guard:
                 and origin not in state.cors_origins and not _same_origin(origin, host)):
             return _forbidden(f"a page at {origin} may not call this server; start it with "
                               f"--cors-origin {origin} to allow it", "Origin")
-        if state.api_key is not None and path not in OPEN_ROUTES and not _has_key(
+        if state.api_key is not None and path.startswith("/v1") and not _has_key(
                 headers.get("authorization", ""), state.api_key):
             return APIError(401, "Incorrect API key provided: pass it as 'Authorization: "
                             "Bearer KEY'", code="invalid_api_key")

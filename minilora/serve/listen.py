@@ -122,12 +122,13 @@ def _busy_response() -> bytes:
 
 
 def server_config(app: Any, *, read_timeout: float, keep_alive: int, max_connections: int,
-                  log_level: str = "warning") -> Any:
+                  log_level: str = "warning", **more: Any) -> Any:
     """The uvicorn.Config `minilora serve` runs: the guarded h11 protocol, keep-alive and
-    header-size limits, no access log (prompts are the users' own)."""
+    header-size limits, no access log (prompts are the users' own); `more` goes to
+    uvicorn.Config as it is (host and port, say)."""
     import uvicorn
 
     return uvicorn.Config(app, http=guarded_protocol(read_timeout, max_connections),
                           timeout_keep_alive=keep_alive, log_level=log_level,
                           h11_max_incomplete_event_size=MAX_HEADER_BYTES, access_log=False,
-                          lifespan="off", ws="none")
+                          lifespan="off", ws="none", **more)

@@ -481,8 +481,9 @@ def test_cli_serve_end_to_end(setup, monkeypatch):
     assert checked == [True]
 
 
-def chromium_driver(profile: Path):
-    """Debian's chromium, headless, driven by its own chromedriver (nothing downloaded)."""
+def chromium_driver(profile: Path, *extra: str):
+    """Debian's chromium, headless, driven by its own chromedriver (nothing downloaded); extra
+    command-line flags appended."""
     import shutil
 
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -494,7 +495,7 @@ def chromium_driver(profile: Path):
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run",
-                 f"--user-data-dir={profile}"):
+                 f"--user-data-dir={profile}", *extra):
         options.add_argument(flag)
     return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver),
                             options=options)

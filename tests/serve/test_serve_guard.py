@@ -468,3 +468,82 @@ def test_help_names_every_new_flag(capsys):
     for flag in ("--allowed-hosts", "--cors-origin", "--max-loras", "--max-queue",
                  "--read-timeout", "--keep-alive", "--max-connections", "--generation-config"):
         assert flag in out
+
+
+# ------------------------------------------------------------------------------------------------
+# The same cases from a real browser: a page of another origin, and DNS rebinding
+# ------------------------------------------------------------------------------------------------
+
+ATTACK = """<!doctype html><html><body><script>
+const api = "http://127.0.0.1:%(port)d";
+const results = {};
+async function attempt(name, url, init) {
+  try { const r = await fetch(url, init); results[name] = init.mode === "no-cors" ? "sent"
+          : "read " + r.status + " " + (await r.text()).slice(0, 80); }
+  catch (e) { results[name] = "blocked: " + e.name; }
+}
+(async () => {
+  const unload = JSON.stringify({lora_name: "victim"});
+  await attempt("no_cors_unload", api + "/v1/unload_lora_adapter",
+                {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                 body: unload});
+  await attempt("cors_unload", api + "/v1/unload_lora_adapter",
+                {method: "POST", headers: {"Content-Type": "application/json"}, body: unload});
+  await attempt("cors_models", api + "/v1/models", {});
+  document.body.dataset.results = JSON.stringify(results);
+})();
+</script></body></html>"""
+
+
+def test_from_a_browser_a_foreign_page_cannot_unload_and_a_rebound_name_is_refused(
+        served, tmp_path):
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_serve import chromium_driver, free_port
+
+    server, allowed, _ = served
+    # the risky setup: no API key, run-time changes on, an adapter loaded at run time
+    with side_server(served, api_key=None) as side:
+        loaded = call(side.url, "/v1/load_lora_adapter",
+                      {"lora_name": "victim", "lora_path": "one"}, key=None)
+        assert loaded.status_code == 200, loaded.text
+        page = (ATTACK % {"port": side.port}).encode()
+
+        class Evil(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+
+        evil_port = free_port()
+        evil = ThreadingHTTPServer(("127.0.0.1", evil_port), Evil)
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        browser = chromium_driver(tmp_path / "profile",
+                                  "--host-resolver-rules=MAP evil.test 127.0.0.1")
+        try:
+            browser.get(f"http://evil.test:{evil_port}/")  # a site the user happens to visit
+            WebDriverWait(browser, 30).until(
+                lambda b: b.execute_script("return document.body.dataset.results"))
+            results = json.loads(browser.execute_script("return document.body.dataset.results"))
+            assert results["no_cors_unload"] == "sent"  # the browser sent it; the server refused
+            assert results["cors_unload"].startswith("blocked")  # no CORS: the preflight fails
+            assert results["cors_models"].startswith("blocked")
+            assert "victim" in served_names(side.url)  # still loaded
+            # DNS rebinding: the attacker's name now points at this machine; the server
+            # refuses a Host it does not answer to, so the page reads nothing
+            browser.get(f"http://evil.test:{side.port}/v1/models")
+            assert "invalid_host" in browser.page_source and "victim" not in browser.page_source
+            browser.get(f"http://localhost:{side.port}/v1/models")  # the user's own page
+            assert "victim" in browser.page_source
+        finally:
+            browser.quit()
+            evil.shutdown()
+        assert call(side.url, "/v1/unload_lora_adapter", {"lora_name": "victim"},
+                    key=None).status_code == 200

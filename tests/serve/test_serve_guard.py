@@ -4,6 +4,7 @@ origin, content type, API key, pinned adapters, paths under --adapter-dir), and 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -202,6 +203,12 @@ def test_paths_under_the_adapter_dir_are_resolved_file_by_file(served):
         refused = call(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
         assert refused.status_code == 403, (path, refused.text)
         assert "outside the allowed --adapter-dir" in error_of(refused)["message"]
+    crowded = allowed / "crowded"
+    crowded.mkdir()
+    for i in range(1001):
+        (crowded / f"f{i}").touch()
+    refused = call(url, "/v1/load_lora_adapter", {"lora_name": "f", "lora_path": "crowded"})
+    assert refused.status_code == 400 and "holds over 1000" in error_of(refused)["message"]
     ok = call(url, "/v1/load_lora_adapter", {"lora_name": "inside", "lora_path": "inside"})
     assert ok.status_code == 200, ok.text
     assert call(url, "/v1/unload_lora_adapter", {"lora_name": "inside"}).status_code == 200
@@ -279,6 +286,14 @@ def test_slow_headers_slow_bodies_and_idle_connections_are_timed_out(served):
         time.sleep(0.2)
         assert idle.recv(65536).startswith(b"HTTP/1.1 200")
         assert closed_within(idle, 4)  # keep-alive 1 s
+        huge = raw(side.port)  # a header past h11's 16 KiB
+        huge.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000)
+        time.sleep(0.2)  # still unfinished past 16 KiB: refused before the rest comes
+        with contextlib.suppress(OSError):
+            huge.sendall(b"\r\n\r\n")
+        huge.settimeout(10)
+        assert huge.recv(65536).startswith(b"HTTP/1.1 400")
+        huge.close()
         fast = raw(side.port)  # a client that sends at once is answered
         fast.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         fast.settimeout(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            adapter_dir=None if args.adapter_dir is None else Path(
                                args.adapter_dir),
                            check_fingerprint=not args.no_fingerprint_check,
-                           allowed_hosts=[h for v in args.allowed_hosts for h in v.split(",")],
+                           allowed_hosts=[h for v in args.allowed_hosts for h in v.split(",")]
+                           + [args.host, socket.gethostname()],  # names this machine has
                            cors_origins=args.cors_origin, max_queue=args.max_queue,
                            defaults=defaults)
         app = create_app(state)

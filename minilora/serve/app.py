@@ -146,8 +146,8 @@ def create_app(state: ServeState) -> Any:
         raise MissingExtra("minilora serve", "serve")
     app = FastAPI(title="minilora serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state  # what every route reads, through _state(request)
-    if state.engine._reload is None:
-        state.engine._reload = lambda name: _reload(state, name)
+    if state.engine.reload is None:
+        state.engine.reload = lambda name: _reload(state, name)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnect, _client_left)

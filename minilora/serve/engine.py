@@ -260,7 +260,7 @@ class Engine:
             raise ConfigError(f"max_batch: expected >= 1, got {max_batch}")
         if max_loras is not None and max_loras < 1:
             raise ConfigError(f"max_loras: expected >= 1, got {max_loras}")
-        self.max_loras, self._reload = max_loras, reload
+        self.max_loras, self.reload = max_loras, reload
         # adapters added at run time, least recently used first: the ones eviction may take
         self._evictable: OrderedDict[str, None] = OrderedDict()
         self._deferred: list[Request] = []  # waiting for an adapter slot to free up
@@ -491,7 +491,7 @@ class Engine:
                 if name in self._evictable:
                     self._evictable.move_to_end(name)
                 continue
-            if self._reload is None or name in self._unloading:
+            if self.reload is None or name in self._unloading:
                 _send(request, Event(error=ConfigError(
                     f"adapter {name!r} is not loaded (loaded: {sorted(known)})")))
                 continue
@@ -499,7 +499,7 @@ class Engine:
                 self._deferred.append(request)  # every slot is busy: it waits for one
                 continue
             try:
-                self._reload(name)
+                self.reload(name)
             except Exception as e:  # unknown now, or its files changed: it fails alone
                 _send(request, Event(error=e))
                 continue

@@ -36,7 +36,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except (socket.gaierror, UnicodeError) as e:
         raise ConfigError(f"--host {host}: not an address of this machine or a known name "
                           f"({e})") from None
-    family, kind, proto, _, address = infos[0]
+    # "localhost" may list ::1 first; clients mostly try 127.0.0.1, so IPv4 wins a tie
+    family, kind, proto, _, address = sorted(infos, key=lambda i: i[0] != socket.AF_INET)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does

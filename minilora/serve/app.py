@@ -433,7 +433,7 @@ def _messages(messages: Any) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise _bad(f"{where}: expected an object, got {type(m).__name__}", where)
-        extra = sorted(set(m) - {"role", "content", "name"})
+        extra = sorted(set(m) - {"role", "content"})
         if extra:
             raise _bad(f"{where}.{extra[0]}: is not supported by this server", where,
                        "unsupported_parameter")

@@ -175,10 +175,12 @@ def many(args: argparse.Namespace) -> None:
     model = load_model(BASE_MODEL)
     for name, path in paths.items():
         load_adapter(model, path, name=name)
-    resident = ServeState(Engine(model, tokenizer, max_batch=32), tokenizer, "base",
+    chunk = args.prefill_chunk or None
+    resident = ServeState(Engine(model, tokenizer, max_batch=32, prefill_chunk=chunk),
+                          tokenizer, "base",
                           adapters={n: str(p) for n, p in paths.items()})
     evicting = ServeState(Engine(load_model(BASE_MODEL), tokenizer, max_batch=32,
-                                 max_loras=8), tokenizer, "base",
+                                 max_loras=8, prefill_chunk=chunk), tokenizer, "base",
                           adapters={n: str(p) for n, p in paths.items()}, pinned=set(),
                           adapter_dir=folder)
     servers = {"resident": start_server(resident), "max-loras 8": start_server(evicting)}
@@ -199,7 +201,8 @@ def many(args: argparse.Namespace) -> None:
     evicting.engine.stop()
     print(f"model: the embedded base (hidden 256, 4 layers) + 32 all-linear r=8 adapters; "
           f"{REQUESTS} streamed requests of up to {args.max_tokens} tokens from 32 clients "
-          f"(temperature 1, seeded); torch {torch.__version__}, {args.threads} threads, "
+          f"(temperature 1, seeded); prefill chunk {args.prefill_chunk or 'off'}; "
+          f"torch {torch.__version__}, {args.threads} threads, "
           f"{platform.processor() or platform.machine()}; best of {args.repeat} rounds")
     print()
     print("| adapters | tokens/s | vs the base | TTFT p50 / p90 / p99 (ms) "
@@ -230,6 +233,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="rounds (the rows take turns)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch intra-op threads")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="with --many: chunked prefill, N prompt tokens a step (0: off)")
     parser.add_argument("--many", action="store_true",
                         help="32 clients over the base and 1 to 32 adapters (see above)")
     args = parser.parse_args()

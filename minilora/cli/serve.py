@@ -37,6 +37,11 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-batch", type=int, default=32, metavar="N",
                    help=f"most requests decoded together, 1 to {MAX_BATCH}; more wait "
                         "(default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                   help="feed a joining request's prompt N tokens a step inside the running "
+                        "batch's decode step (chunked prefill), so it does not stall the others "
+                        "for a step of its own; 0: prefill it in a step of its own "
+                        "(default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most requests waiting for a place in the batch; past it the server "
                         "answers 503 with Retry-After (default: %(default)s)")
@@ -76,7 +81,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, value, low in (("--max-queue", args.max_queue, 0),
                              ("--max-loras", args.max_loras, 1),
                              ("--max-connections", args.max_connections, 1),
-                             ("--keep-alive", args.keep_alive, 1)):
+                             ("--keep-alive", args.keep_alive, 1),
+                             ("--prefill-chunk", args.prefill_chunk, 0)):
         if value < low:
             raise CliError(f"{flag}: expected >= {low}, got {value}")
     if not 0 < args.read_timeout <= 3600:
@@ -121,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         base_name = args.model_name or Path(args.model).stem
         if base_name in names:
             raise CliError(f"--model-name {base_name!r} is also an adapter's name")
-        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_loras=args.max_loras)
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_loras=args.max_loras,
+                        prefill_chunk=args.prefill_chunk or None)
         adapters = {n: str(adapter_spec(s)[1]) for n, s in zip(names, args.adapter, strict=True)}
         state = ServeState(engine, tokenizer, base_name, adapters=adapters,
                            api_key=args.api_key,

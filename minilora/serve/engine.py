@@ -127,6 +127,7 @@ class _Running:
         self.generated: list[int] = []
         self.shown = 0  # characters of the decoded text already sent
         self.logprobs: list[TokenLogprob] = []  # of the tokens not yet sent with an event
+        self.fed = len(request.prompt_ids)  # prompt tokens in the cache (chunked prefill)
         seed = request.params.seed
         if seed is None and request.params.temperature > 0:
             seed = random.randrange(2**63)
@@ -206,14 +207,15 @@ class RowCache:
                 buffer[dst, :, : self.length] = buffer[src, :, : self.length]
         self.valid[dst] = self.valid[src]
 
-    def make_room(self, rows: int) -> None:
-        """Makes room for one more slot on the timeline: when it is full, packs the slots of
-        the first `rows` rows to the front, and grows the buffers when that frees little."""
-        if self.length < self.capacity:
+    def make_room(self, rows: int, slots: int = 1) -> None:
+        """Makes room for `slots` more slots on the timeline: when they do not fit, packs the
+        slots of the first `rows` rows to the front, and grows the buffers when that frees
+        little."""
+        if self.length + slots <= self.capacity:
             return
         self._pack(rows)
-        if self.length > self.capacity * 3 // 4:
-            self._grow(2 * self.capacity)
+        if self.length + slots > self.capacity * 3 // 4:
+            self._grow(max(2 * self.capacity, self.length + slots))
 
     def _pack(self, rows: int) -> None:
         counts = self.valid[:rows].sum(dim=1)  # (rows,)
@@ -251,16 +253,23 @@ class Engine:
             model came with stay.
         reload: loads an evicted adapter again by name (in the engine's thread) when a request
             names one that is not in the model; it raises for a name it does not know.
+        prefill_chunk: None: a joining request's prompt is prefilled in a forward of its own
+            before it decodes with the others. k: prompts are fed k tokens a step inside the
+            decode forward (chunked prefill), so a joining request does not stall the running
+            ones for a forward of its own.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Any, *, max_batch: int = 32,
                  context: int | None = None, max_loras: int | None = None,
-                 reload: Callable[[str], None] | None = None) -> None:
+                 reload: Callable[[str], None] | None = None,
+                 prefill_chunk: int | None = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch: expected >= 1, got {max_batch}")
         if max_loras is not None and max_loras < 1:
             raise ConfigError(f"max_loras: expected >= 1, got {max_loras}")
-        self.max_loras, self.reload = max_loras, reload
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk: expected >= 1, got {prefill_chunk}")
+        self.max_loras, self.reload, self.prefill_chunk = max_loras, reload, prefill_chunk
         # adapters added at run time, least recently used first: the ones eviction may take
         self._evictable: OrderedDict[str, None] = OrderedDict()
         self._deferred: list[Request] = []  # waiting for an adapter slot to free up
@@ -345,6 +354,12 @@ class Engine:
             request = self._waiting.get()
             if not request.cancelled:
                 joining.append(request)
+        if self.prefill_chunk is not None:
+            if joining or self.rows:
+                self._guard(self._mixed_step, joining)
+                busy = True
+            self._unload_unused()
+            return busy
         if joining:
             self._guard(self._admit, joining)
             busy = True
@@ -508,6 +523,53 @@ class Engine:
             ready.append(request)
         return ready
 
+    def _mixed_step(self, joining: list[Request]) -> None:
+        """Chunked prefill: one forward feeds every decoding row its token and every row still
+        reading its prompt the next prefill_chunk tokens of it. Rows are left-padded to the
+        longest feed, so each row's newest token is the last column; the padding's slots are
+        not the row's own (masked), and position_ids give each token its true position."""
+        joined = self._with_adapters(joining)
+        for request in joined:  # a joining row starts with an empty timeline of its own
+            self.cache.valid[len(self.rows)] = False
+            running = _Running(request, self.tokenizer, self.device)
+            running.fed = 0
+            self.rows.append(running)
+        if not self.rows:
+            return
+        feeds: list[list[int]] = []
+        starts: list[int] = []  # the first fed token's position
+        for r in self.rows:
+            prompt = r.request.prompt_ids
+            if r.fed < len(prompt):
+                feeds.append(prompt[r.fed:r.fed + self.prefill_chunk])
+                starts.append(r.fed)
+            else:
+                feeds.append([r.token])
+                starts.append(r.position - 1)
+        n, T = len(self.rows), max(len(f) for f in feeds)
+        self.cache.make_room(n, T)
+        start = self.cache.length
+        ids = torch.zeros(n, T, dtype=torch.long)  # (n, T)
+        positions = torch.zeros(n, T, dtype=torch.long)  # (n, T)
+        real = torch.zeros(n, T, dtype=torch.bool)  # (n, T)
+        for i, (feed, first) in enumerate(zip(feeds, starts, strict=True)):
+            ids[i, T - len(feed):] = torch.tensor(feed, dtype=torch.long)
+            positions[i, T - len(feed):] = torch.arange(first, first + len(feed))
+            real[i, T - len(feed):] = True
+        self.cache.valid[:n, start:start + T] = real.to(self.device)
+        out = self.model(ids.to(self.device), attention_mask=self.cache.valid[:n, :start + T],
+                         past_key_values=self.cache, position_ids=positions.to(self.device),
+                         logits_to_keep=1,
+                         **self._forward_kwargs([r.request.adapter for r in self.rows]))
+        answering = []
+        for i, r in enumerate(self.rows):
+            if r.fed < len(r.request.prompt_ids):
+                r.fed += len(feeds[i])
+                if r.fed < len(r.request.prompt_ids):
+                    continue  # still reading its prompt: no token yet
+            answering.append(i)
+        self._take_rows(answering, out.logits[answering, -1])
+
     def _decode(self) -> None:
         """One token for every running row."""
         n = len(self.rows)
@@ -525,6 +587,14 @@ class Engine:
     def _take_all(self, rows: list[_Running], logits: Tensor, first: int) -> None:
         """The next token of each of rows (rows first.. of the batch), from logits (n, V);
         the greedy ones in one argmax. Finished rows leave."""
+        self._take_rows(list(range(first, first + len(rows))), logits)
+
+    def _take_rows(self, indices: list[int], logits: Tensor) -> None:
+        """The next token of each row of the batch in indices (ascending), from logits
+        (len(indices), V); the greedy ones in one argmax. Finished rows leave."""
+        if not indices:
+            return
+        rows = [self.rows[i] for i in indices]
         greedy = logits.argmax(dim=-1).tolist()  # (n,)
         tokens = []
         for i, running in enumerate(rows):
@@ -539,7 +609,7 @@ class Engine:
         finished = []
         for i, running in enumerate(rows):
             if self._take(running, tokens[i]):
-                finished.append(first + i)
+                finished.append(indices[i])
         for i in reversed(finished):
             self._remove(i)
 

@@ -80,10 +80,12 @@ def run_until_done(engine, collectors, limit=400) -> None:
     raise AssertionError("the engine did not finish every request")
 
 
-@pytest.mark.parametrize("slots", [256, 6])  # 6: the timeline packs and grows mid-answer
-def test_greedy_answers_equal_generate_whatever_else_is_in_the_batch(served, slots):
+# 6: the timeline packs and grows mid-answer; chunk 4: prompts fed 4 tokens a step inside the
+# decode forward (chunked prefill), beside rows that decode
+@pytest.mark.parametrize("slots,chunk", [(256, None), (6, None), (256, 4), (6, 4), (256, 64)])
+def test_greedy_answers_equal_generate_whatever_else_is_in_the_batch(served, slots, chunk):
     model, tokenizer = served
-    engine = Engine(model, tokenizer, max_batch=8)
+    engine = Engine(model, tokenizer, max_batch=8, prefill_chunk=chunk)
     engine.cache = RowCache(model, 8, slots)
     cases = [(q, a) for q in QUESTIONS for a in (None, "alpha", "beta")]
     expected = {c: reference(model, tokenizer, prompt(tokenizer, c[0]), c[1], 24) for c in cases}
@@ -113,15 +115,16 @@ def test_more_requests_than_rows_wait_their_turn(served):
         assert c.text == reference(model, tokenizer, prompt(tokenizer, q), "alpha", 6)
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(served):
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_seeded_sampling_does_not_depend_on_the_batch(served, chunk):
     model, tokenizer = served
     q = QUESTIONS[3]
     want = reference(model, tokenizer, prompt(tokenizer, q), "beta", 16, temperature=0.9,
                      top_p=0.9, seed=7)
-    alone = Engine(model, tokenizer)
+    alone = Engine(model, tokenizer, prefill_chunk=chunk)
     c1 = submit(alone, tokenizer, q, "beta", 16, temperature=0.9, top_p=0.9, seed=7)
     run_until_done(alone, [c1])
-    crowded = Engine(model, tokenizer)
+    crowded = Engine(model, tokenizer, prefill_chunk=chunk)
     others = [submit(crowded, tokenizer, x, None, 16, temperature=1.0, seed=i)
               for i, x in enumerate(QUESTIONS)]
     c2 = submit(crowded, tokenizer, q, "beta", 16, temperature=0.9, top_p=0.9, seed=7)

@@ -115,6 +115,8 @@ async def one_request(client: httpx.AsyncClient, url: str, i: int, model: str,
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{model}: {chunk['error']['message']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"][0]["delta"].get("content"):

@@ -510,7 +510,9 @@ class Engine:
                 _send(request, Event(error=ConfigError(
                     f"adapter {name!r} is not loaded (loaded: {sorted(known)})")))
                 continue
-            if not self._evict(room=1, keep={r.adapter for r in ready}):
+            room = self._evict(room=1, keep={r.adapter for r in ready})
+            known = set(list_adapters(self.model))  # what eviction left
+            if not room:
                 self._deferred.append(request)  # every slot is busy: it waits for one
                 continue
             try:

@@ -246,3 +246,30 @@ def test_the_chat_templates_end_of_turn_ends_an_answer(tmp_path):
     run_until_done(engine, [out])
     assert out.done.finish_reason == "stop"
     assert out.done.completion_tokens <= 1 and out.text == ""
+
+
+def test_max_loras_one_slot_requests_for_two_adapters_take_turns(served, tmp_path):
+    from minilora.adapters.folder import load_adapter, save_adapter
+
+    model, tokenizer = served
+    for name in ("alpha", "beta"):
+        save_adapter(model, tmp_path / name, name=name)
+    fresh = load_model(BASE_MODEL).eval()
+
+    def reload(name: str) -> None:
+        load_adapter(fresh, tmp_path / name, name=name)
+        set_active(fresh, [])
+
+    engine = Engine(fresh, tokenizer, max_batch=4, max_loras=1, reload=reload)
+    engine.add_adapter("alpha", lambda: reload("alpha"))
+    # one joining batch: beta evicts the idle alpha, so the alpha requests must wait for it
+    order = [("beta", 0), ("alpha", 1), ("beta", 2), ("alpha", 3)]
+    collectors = [submit(engine, tokenizer, QUESTIONS[q], a, max_tokens=6) for a, q in order]
+    for _ in range(200):
+        if all(c.done for c in collectors):
+            break
+        engine.step()
+        assert len(engine.resident()) <= 1
+    for (adapter, q), c in zip(order, collectors, strict=True):
+        assert c.done.error is None, c.done.error
+        assert c.text == reference(model, tokenizer, prompt(tokenizer, QUESTIONS[q]), adapter, 6)

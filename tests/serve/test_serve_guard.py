@@ -446,6 +446,7 @@ def test_start_up_mistakes_are_one_line_and_exit_2(no_model, capsys, tmp_path):
              (["--port", str(port)], "pick another --port"),
              (["--max-queue", "-1"], "--max-queue"),
              (["--read-timeout", "0"], "--read-timeout"),
+             (["--prefill-chunk", "-1"], "--prefill-chunk"),
              (["--max-loras", "1", "--adapter", "a=x", "--adapter", "b=y"], "--max-loras 1"),
              (["--max-loras", "1", "--adapter", "a=x", "--adapter-dir", str(tmp_path)],
               "run-time adapters need room"),

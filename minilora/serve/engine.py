@@ -8,6 +8,14 @@ a row's own tokens sit in some of those slots and an attention mask hides the re
 `position_ids` give each token its true position (so the rotation, and the answer, is what the
 request gets alone). A finished or cancelled request leaves at the next step; its row is filled
 by the last one. When the timeline is full, every row's slots are packed to the front.
+
+With ``prefill_chunk`` (chunked prefill) a joining request takes a row at once and its prompt is
+fed a chunk a step inside the same forward that decodes the others (rows left-padded to the
+longest feed, the padding's slots masked), so no step is spent on a prefill alone.
+
+With ``max_loras``, adapters added at run time are evicted least recently used first when more
+would be resident, and read back (``reload``) when a request names one; a request whose adapter
+finds no free slot (every resident one busy) waits for one.
 """
 
 from __future__ import annotations

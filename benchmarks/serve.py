@@ -83,7 +83,9 @@ class Timed:
 
     def __init__(self, engine: Engine) -> None:
         self.seconds = {"prefill": 0.0, "decode": 0.0, "step": 0.0}
-        for part, attr in (("prefill", "_admit"), ("decode", "_decode"), ("step", "step")):
+        # with chunked prefill the mixed step (prompts folded into decode) counts as decode
+        for part, attr in (("prefill", "_admit"), ("decode", "_decode"), ("decode", "_mixed_step"),
+                           ("step", "step")):
             setattr(engine, attr, self._wrap(part, getattr(engine, attr)))
 
     def _wrap(self, part: str, fn):

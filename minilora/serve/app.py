@@ -586,9 +586,9 @@ def generation_defaults(folder: Path) -> tuple[dict[str, Any], list[str]]:
             raise ConfigError(f"{path}: {key}: expected a number from {ranges[0]} to "
                               f"{ranges[1]}, got {value!r}")
         defaults[name] = value
-    ignored = [k for k in ("repetition_penalty", "min_p") if config.get(k) not in (None, 1.0, 0.0)
-               or (k == "repetition_penalty" and config.get(k) not in (None, 1, 1.0))]
-    return defaults, sorted(set(ignored))
+    no_op = {"repetition_penalty": 1.0, "min_p": 0.0}  # the values that change nothing
+    ignored = [k for k, v in no_op.items() if config.get(k) not in (None, v)]
+    return defaults, ignored
 
 
 def _adapter_of(state: ServeState, model: Any) -> str | None:

@@ -563,3 +563,28 @@ def test_from_a_browser_a_foreign_page_cannot_unload_and_a_rebound_name_is_refus
             evil.shutdown()
         assert call(side.url, "/v1/unload_lora_adapter", {"lora_name": "victim"},
                     key=None).status_code == 200
+
+
+def test_the_command_reads_generation_config_and_says_what_it_does_not_apply(
+        monkeypatch, capsys, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(BASE_MODEL, model)
+    (model / "generation_config.json").write_text(
+        '{"temperature": 0.0, "max_new_tokens": 7, "repetition_penalty": 1.3}')
+    seen = {}
+
+    def capture(app, sock, args):
+        seen["defaults"] = app.state.serve.defaults
+        seen["allowed"] = app.state.serve.allowed_hosts
+
+    monkeypatch.setattr(cli_serve, "run_server", capture)
+    assert main(["serve", "--model", str(model), "--port", "0"]) == 0
+    assert seen["defaults"] == {"temperature": 0.0, "max_tokens": 7}
+    assert socket.gethostname() in seen["allowed"]
+    err = capsys.readouterr().err
+    assert "repetition_penalty, which this server does not apply" in err
+    assert main(["serve", "--model", str(model), "--port", "0",
+                 "--generation-config", "none"]) == 0
+    assert seen["defaults"] == {}

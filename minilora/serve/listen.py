@@ -77,12 +77,12 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type:
                 transport.write(busy)
                 transport.close()
                 return
-            self._arm()
+            self._arm(after=None)
 
-        def _arm(self) -> None:
-            """Starts the clock for the next request (its header and its whole body)."""
+        def _arm(self, after: Any) -> None:
+            """Starts the clock for the request after `after` (its header and whole body)."""
             self._disarm()
-            self._armed_for = self.cycle  # the request before the one being waited for
+            self._armed_for = after
             self._read_timer = self.loop.call_later(read_timeout, self._too_slow)
 
         def _disarm(self) -> None:
@@ -102,9 +102,12 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type:
                 self._disarm()  # the request is all here; answering it has no read deadline
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
+            finished = self.cycle
+            super().on_response_complete()  # may start a pipelined request already received
+            if self.transport.is_closing():
+                return
+            if self.cycle is finished or self.cycle.more_body:
+                self._arm(after=finished)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

@@ -294,6 +294,15 @@ def test_slow_headers_slow_bodies_and_idle_connections_are_timed_out(served):
         huge.settimeout(10)
         assert huge.recv(65536).startswith(b"HTTP/1.1 400")
         huge.close()
+        piped = raw(side.port)  # two requests in one send: both answered
+        piped.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                      b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        piped.settimeout(10)
+        answers = b""
+        while (chunk := piped.recv(65536)):
+            answers += chunk
+        assert answers.count(b"HTTP/1.1 200") == 2
+        piped.close()
         fast = raw(side.port)  # a client that sends at once is answered
         fast.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         fast.settimeout(10)

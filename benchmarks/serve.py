@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py                  # the embedded base, 4 hand-made adapters
     python benchmarks/serve.py --repeat 3 --max-tokens 48
+    python benchmarks/serve.py --many           # 32 clients: the base, 1, 4, 16, 32 adapters
 
 One process: the server (uvicorn and the engine, each in its thread) and the clients (one
 asyncio loop of httpx streams), so every row runs on the same machine state. Each row sends the
@@ -11,6 +12,11 @@ from 1, 8 or 32 concurrent clients, to one adapter or spread over 4. The 1-clien
 row reports its round with the highest throughput (the least disturbed on a shared CPU) and its
 latencies over all rounds. Every request's answer is the same in every row (seeded per request,
 independent of the batch), so every row decodes the same tokens.
+
+With --many the rows are 32 clients each: the base alone, then the requests spread over 1, 4,
+16 and 32 distinct adapters (all resident), and 32 adapters with --max-loras 8 (a second server
+whose adapters are read from their folders on demand, least recently used evicted); the table
+adds inter-token latency (the gaps between streamed chunks) percentiles.
 
 Where the time goes: the engine's own timers (prefill, decode forward, the rest of its step)
 against the row's wall time; what is left is the HTTP side (uvicorn, JSON, SSE, the clients),
@@ -56,11 +62,11 @@ QUESTIONS = ["What is your name?", "Add 12 and 30.", "Reverse the word minilora.
 REQUESTS = 64
 
 
-def make_adapters(folder: Path) -> dict[str, Path]:
-    """Four all-linear r=8 adapters with non-zero B, written as PEFT folders."""
+def make_adapters(folder: Path, count: int = 4) -> dict[str, Path]:
+    """`count` all-linear r=8 adapters with non-zero B, written as PEFT folders."""
     maker = load_model(BASE_MODEL)
     paths = {}
-    for i, name in enumerate(ADAPTERS):
+    for i, name in enumerate(f"a{i}" for i in range(count)):
         torch.manual_seed(100 + i)  # inject_lora draws A from the global generator
         inject_lora(maker, LoraConfig(r=8, alpha=16), name=name)
         g = torch.Generator().manual_seed(i)
@@ -77,7 +83,9 @@ class Timed:
 
     def __init__(self, engine: Engine) -> None:
         self.seconds = {"prefill": 0.0, "decode": 0.0, "step": 0.0}
-        for part, attr in (("prefill", "_admit"), ("decode", "_decode"), ("step", "step")):
+        # with chunked prefill the mixed step (prompts folded into decode) counts as decode
+        for part, attr in (("prefill", "_admit"), ("decode", "_decode"), ("decode", "_mixed_step"),
+                           ("step", "step")):
             setattr(engine, attr, self._wrap(part, getattr(engine, attr)))
 
     def _wrap(self, part: str, fn):
@@ -102,22 +110,28 @@ async def one_request(client: httpx.AsyncClient, url: str, i: int, model: str,
     start = time.perf_counter()
     first = None
     tokens = 0
+    stamps = []
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{model}: {chunk['error']['message']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter()
+            elif chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+                first = first or stamps[-1]
     end = time.perf_counter()
     first = first or end
-    return {"ttft": first - start, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens}
+    return {"ttft": first - start, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens,
+            "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)]}
 
 
-async def run_row(url: str, clients: int, adapters: int, max_tokens: int) -> tuple[float, list]:
+async def run_row(url: str, clients: int, adapters: int, max_tokens: int,
+                  names: list[str] | None = None) -> tuple[float, list]:
     """The 64 requests from `clients` concurrent clients; returns (seconds, per request)."""
     jobs = asyncio.Queue()
     for i in range(REQUESTS):
@@ -129,7 +143,7 @@ async def run_row(url: str, clients: int, adapters: int, max_tokens: int) -> tup
         async def worker() -> None:
             while not jobs.empty():
                 i = jobs.get_nowait()
-                model = ADAPTERS[i % adapters]
+                model = "base" if adapters == 0 else (names or ADAPTERS)[i % adapters]
                 results.append(await one_request(client, url, i, model, max_tokens))
 
         start = time.perf_counter()
@@ -142,14 +156,96 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+def start_server(state: ServeState) -> tuple[str, uvicorn.Server, Timed]:
+    timed = Timed(state.engine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    state.engine.start()
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, timed
+
+
+def many(args: argparse.Namespace) -> None:
+    """32 clients: the base, 1/4/16/32 resident adapters, 32 adapters with --max-loras 8."""
+    folder = Path(tempfile.mkdtemp(prefix="minilora-serve-many-"))
+    paths = make_adapters(folder, 32)
+    names = list(paths)
+    tokenizer = Tokenizer.from_file(BASE_MODEL)
+    model = load_model(BASE_MODEL)
+    for name, path in paths.items():
+        load_adapter(model, path, name=name)
+    chunk = args.prefill_chunk or None
+    resident = ServeState(Engine(model, tokenizer, max_batch=32, prefill_chunk=chunk),
+                          tokenizer, "base",
+                          adapters={n: str(p) for n, p in paths.items()})
+    evicting = ServeState(Engine(load_model(BASE_MODEL), tokenizer, max_batch=32,
+                                 max_loras=8, prefill_chunk=chunk), tokenizer, "base",
+                          adapters={n: str(p) for n, p in paths.items()}, pinned=set(),
+                          adapter_dir=folder)
+    servers = {"resident": start_server(resident), "max-loras 8": start_server(evicting)}
+    rows = [("resident", 0), ("resident", 1), ("resident", 4), ("resident", 16),
+            ("resident", 32), ("max-loras 8", 32)]
+    for url, _, _ in servers.values():
+        asyncio.run(run_row(url, 8, 4, 4, names))  # warm-up
+    runs: dict[tuple[str, int], list] = {row: [] for row in rows}
+    for _ in range(args.repeat):
+        for where, adapters in rows:
+            url, _, timed = servers[where]
+            timed.reset()
+            seconds, results = asyncio.run(run_row(url, 32, adapters, args.max_tokens, names))
+            runs[where, adapters].append((seconds, results, timed.reset()))
+    for _, server, _ in servers.values():
+        server.should_exit = True
+    resident.engine.stop()
+    evicting.engine.stop()
+    print(f"model: the embedded base (hidden 256, 4 layers) + 32 all-linear r=8 adapters; "
+          f"{REQUESTS} streamed requests of up to {args.max_tokens} tokens from 32 clients "
+          f"(temperature 1, seeded); prefill chunk {args.prefill_chunk or 'off'}; "
+          f"torch {torch.__version__}, {args.threads} threads, "
+          f"{platform.processor() or platform.machine()}; best of {args.repeat} rounds")
+    print()
+    print("| adapters | tokens/s | vs the base | TTFT p50 / p90 / p99 (ms) "
+          "| ITL p50 / p90 / p99 (ms) | prefill / decode / other engine / outside engine |")
+    print("|---|---:|---:|---:|---:|---|")
+    best = {}
+    for (where, adapters), rounds in runs.items():
+        seconds, results, parts = max(rounds, key=lambda r: sum(x["tokens"] for x in r[1]) / r[0])
+        best[where, adapters] = sum(x["tokens"] for x in results) / seconds
+        every = [x for r in rounds for x in r[1]]
+        ttft = [x["ttft"] * 1000 for x in every]
+        itl = [gap * 1000 for x in every for gap in x["itl"]]
+        other = parts["step"] - parts["prefill"] - parts["decode"]
+        shares = " / ".join(f"{100 * v / seconds:.0f}%" for v in (
+            parts["prefill"], parts["decode"], other, seconds - parts["step"]))
+        label = "base alone" if adapters == 0 else f"{adapters}" + (
+            " (--max-loras 8)" if where != "resident" else "")
+        print(f"| {label} | {best[where, adapters]:.0f} | "
+              f"{best[where, adapters] / best['resident', 0]:.2f}x | "
+              + " / ".join(f"{percentile(ttft, q):.0f}" for q in (0.5, 0.9, 0.99)) + " | "
+              + " / ".join(f"{percentile(itl, q):.1f}" for q in (0.5, 0.9, 0.99))
+              + f" | {shares} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
     parser.add_argument("--repeat", type=int, default=2, help="rounds (the rows take turns)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch intra-op threads")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="with --many: chunked prefill, N prompt tokens a step (0: off)")
+    parser.add_argument("--many", action="store_true",
+                        help="32 clients over the base and 1 to 32 adapters (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.many:
+        many(args)
+        return
 
     folder = Path(tempfile.mkdtemp(prefix="minilora-serve-bench-"))
     paths = make_adapters(folder)

@@ -8,6 +8,14 @@ a row's own tokens sit in some of those slots and an attention mask hides the re
 `position_ids` give each token its true position (so the rotation, and the answer, is what the
 request gets alone). A finished or cancelled request leaves at the next step; its row is filled
 by the last one. When the timeline is full, every row's slots are packed to the front.
+
+With ``prefill_chunk`` (chunked prefill) a joining request takes a row at once and its prompt is
+fed a chunk a step inside the same forward that decodes the others (rows left-padded to the
+longest feed, the padding's slots masked), so no step is spent on a prefill alone.
+
+With ``max_loras``, adapters added at run time are evicted least recently used first when more
+would be resident, and read back (``reload``) when a request names one; a request whose adapter
+finds no free slot (every resident one busy) waits for one.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import logging
 import queue
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -32,6 +41,7 @@ from minilora.model.decoder import CausalLM
 from minilora.model.kv_cache import KVCache
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +52,11 @@ class SamplingParams:
     max_tokens: most new tokens.
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
     top_p: nucleus sampling threshold (1 = off).
+    top_k: sample among the k likeliest tokens only (0 = off).
     seed: seeds this request's own generator, so the answer does not depend on the others.
     stop: strings that end the answer (not included in it).
+    logprobs: None = off; k >= 0: each chosen token's log-probability and the k likeliest
+        tokens' (from the model's distribution, before temperature and top_p).
     """
 
     max_tokens: int
@@ -51,6 +64,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    top_k: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -58,10 +73,14 @@ class SamplingParams:
             problems.append(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.temperature <= 2:
             problems.append(f"temperature: expected 0..2, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k: expected an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p: expected 0 < top_p <= 1, got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop: expected non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            problems.append(f"logprobs: expected 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -76,6 +95,16 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its id, its log-probability, and the likeliest (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 class Request:
@@ -106,6 +135,8 @@ class _Running:
         self.token = -1  # the token to feed next
         self.generated: list[int] = []
         self.shown = 0  # characters of the decoded text already sent
+        self.logprobs: list[TokenLogprob] = []  # of the tokens not yet sent with an event
+        self.fed = len(request.prompt_ids)  # prompt tokens in the cache (chunked prefill)
         seed = request.params.seed
         if seed is None and request.params.temperature > 0:
             seed = random.randrange(2**63)
@@ -185,14 +216,15 @@ class RowCache:
                 buffer[dst, :, : self.length] = buffer[src, :, : self.length]
         self.valid[dst] = self.valid[src]
 
-    def make_room(self, rows: int) -> None:
-        """Makes room for one more slot on the timeline: when it is full, packs the slots of
-        the first `rows` rows to the front, and grows the buffers when that frees little."""
-        if self.length < self.capacity:
+    def make_room(self, rows: int, slots: int = 1) -> None:
+        """Makes room for `slots` more slots on the timeline: when they do not fit, packs the
+        slots of the first `rows` rows to the front, and grows the buffers when that frees
+        little."""
+        if self.length + slots <= self.capacity:
             return
         self._pack(rows)
-        if self.length > self.capacity * 3 // 4:
-            self._grow(2 * self.capacity)
+        if self.length + slots > self.capacity * 3 // 4:
+            self._grow(max(2 * self.capacity, self.length + slots))
 
     def _pack(self, rows: int) -> None:
         counts = self.valid[:rows].sum(dim=1)  # (rows,)
@@ -225,12 +257,31 @@ class Engine:
         tokenizer: minilora's Tokenizer (decodes the answers, knows the end tokens).
         max_batch: most requests decoded together; the rest wait their turn.
         context: longest prompt + answer a request may have (default: the model's).
+        max_loras: most adapters held in the model at once (None: no limit). Adapters added
+            with `add_adapter` are evicted, least recently used first, to make room; those the
+            model came with stay.
+        reload: loads an evicted adapter again by name (in the engine's thread) when a request
+            names one that is not in the model; it raises for a name it does not know.
+        prefill_chunk: None: a joining request's prompt is prefilled in a forward of its own
+            before it decodes with the others. k: prompts are fed k tokens a step inside the
+            decode forward (chunked prefill), so a joining request does not stall the running
+            ones for a forward of its own.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Any, *, max_batch: int = 32,
-                 context: int | None = None) -> None:
+                 context: int | None = None, max_loras: int | None = None,
+                 reload: Callable[[str], None] | None = None,
+                 prefill_chunk: int | None = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch: expected >= 1, got {max_batch}")
+        if max_loras is not None and max_loras < 1:
+            raise ConfigError(f"max_loras: expected >= 1, got {max_loras}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk: expected >= 1, got {prefill_chunk}")
+        self.max_loras, self.reload, self.prefill_chunk = max_loras, reload, prefill_chunk
+        # adapters added at run time, least recently used first: the ones eviction may take
+        self._evictable: OrderedDict[str, None] = OrderedDict()
+        self._deferred: list[Request] = []  # waiting for an adapter slot to free up
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         self.context = context or model.config.max_position_embeddings
         if list_adapters(model):
@@ -252,6 +303,10 @@ class Engine:
         """Queues a request; it joins the batch at the next step with a free row."""
         self._waiting.put(request)
         self._wake.set()
+
+    def waiting(self) -> int:
+        """Requests submitted and not yet decoding (an estimate from another thread)."""
+        return self._waiting.qsize() + len(self._deferred)
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Runs fn in the engine's thread between two steps (adapter loading, say)."""
@@ -296,10 +351,24 @@ class Engine:
         busy = self._run_calls()
         self._drop_cancelled()
         joining: list[Request] = []
+        deferred, self._deferred = self._deferred, []
+        for request in deferred:  # the oldest first
+            if request.cancelled:
+                continue
+            if len(self.rows) + len(joining) < self.max_batch:
+                joining.append(request)
+            else:
+                self._deferred.append(request)
         while len(self.rows) + len(joining) < self.max_batch and not self._waiting.empty():
             request = self._waiting.get()
             if not request.cancelled:
                 joining.append(request)
+        if self.prefill_chunk is not None:
+            if joining or self.rows:
+                self._guard(self._mixed_step, joining)
+                busy = True
+            self._unload_unused()
+            return busy
         if joining:
             self._guard(self._admit, joining)
             busy = True
@@ -315,6 +384,40 @@ class Engine:
         self._unloading.add(adapter)
         self._unload_unused()
 
+    def add_adapter(self, name: str, load: Callable[[], Any]) -> None:
+        """Runs load() (which puts adapter `name` into the model) and makes it evictable; past
+        max_loras, the least recently used idle adapters are evicted (the new one too, when
+        every other is busy: it is reloaded when a request names it). Call it in the engine's
+        thread, through `call`."""
+        load()
+        self._evictable[name] = None
+        self._evictable.move_to_end(name)
+        self._evict(room=0, keep=set())
+
+    def resident(self) -> list[str]:
+        """The adapters in the model now."""
+        return list_adapters(self.model)
+
+    def _evict(self, room: int, keep: set[str | None]) -> bool:
+        """Evicts idle run-time adapters, least recently used first, until `room` more fit
+        under max_loras; returns False when not enough of them are idle."""
+        if self.max_loras is None:
+            return True
+        resident = list_adapters(self.model)
+        busy = keep | {r.request.adapter for r in self.rows}
+        excess = len(resident) + room - self.max_loras
+        for name in list(self._evictable):
+            if excess <= 0:
+                break
+            if name in busy or name not in resident:
+                continue
+            delete_adapter(self.model, name)
+            del self._evictable[name]
+            excess -= 1
+        if list_adapters(self.model):
+            set_active(self.model, [])
+        return excess <= 0
+
     def is_unloading(self, adapter: str) -> bool:
         """True while an unloaded adapter still serves the requests that began with it."""
         return adapter in self._unloading
@@ -323,6 +426,7 @@ class Engine:
         for name in list(self._unloading):
             if not any(r.request.adapter == name for r in self.rows):
                 self._unloading.discard(name)
+                self._evictable.pop(name, None)
                 if name in list_adapters(self.model):
                     delete_adapter(self.model, name)
                     if list_adapters(self.model):
@@ -377,11 +481,7 @@ class Engine:
         """Prefills the new prompts in one batch, moves their caches into free rows, picks their
         first tokens. Prompts are left-padded, so every row's last token is the last column;
         position_ids start each prompt at 0, as `generate` does."""
-        known = set(list_adapters(self.model))
-        for request in [r for r in joining if r.adapter is not None and r.adapter not in known]:
-            joining.remove(request)  # e.g. unloaded while it waited: it fails alone
-            _send(request, Event(error=ConfigError(
-                f"adapter {request.adapter!r} is not loaded (loaded: {sorted(known)})")))
+        joining[:] = self._with_adapters(joining)
         if not joining:
             return
         B, L = len(joining), max(len(r.prompt_ids) for r in joining)
@@ -403,6 +503,85 @@ class Engine:
             self.rows.append(_Running(request, self.tokenizer, self.device))
         self._take_all(self.rows[first:], logits, first)
 
+    def _with_adapters(self, joining: list[Request]) -> list[Request]:
+        """The requests whose adapter is in the model, reloading evicted ones where there is
+        room; the others wait (no room yet) or fail alone (unknown, or unloaded meanwhile)."""
+        known = set(list_adapters(self.model))
+        ready: list[Request] = []
+        for request in joining:
+            name = request.adapter
+            if name is None or name in known:
+                ready.append(request)
+                if name is not None and name in self._evictable:
+                    self._evictable.move_to_end(name)
+                continue
+            if self.reload is None or name in self._unloading:
+                _send(request, Event(error=ConfigError(
+                    f"adapter {name!r} is not loaded (loaded: {sorted(known)})")))
+                continue
+            room = self._evict(room=1, keep={r.adapter for r in ready})
+            known = set(list_adapters(self.model))  # what eviction left
+            if not room:
+                self._deferred.append(request)  # every slot is busy: it waits for one
+                continue
+            try:
+                self.reload(name)
+            except Exception as e:  # unknown now, or its files changed: it fails alone
+                _send(request, Event(error=e))
+                continue
+            known.add(name)
+            self._evictable[name] = None
+            ready.append(request)
+        return ready
+
+    def _mixed_step(self, joining: list[Request]) -> None:
+        """Chunked prefill: one forward feeds every decoding row its token and every row still
+        reading its prompt the next prefill_chunk tokens of it. Rows are left-padded to the
+        longest feed, so each row's newest token is the last column; the padding's slots are
+        not the row's own (masked), and position_ids give each token its true position."""
+        joined = self._with_adapters(joining)
+        for request in joined:  # a joining row starts with an empty timeline of its own
+            self.cache.valid[len(self.rows)] = False
+            running = _Running(request, self.tokenizer, self.device)
+            running.fed = 0
+            self.rows.append(running)
+        if not self.rows:
+            return
+        assert self.prefill_chunk is not None  # this step is chunked prefill's
+        feeds: list[list[int]] = []
+        starts: list[int] = []  # the first fed token's position
+        for r in self.rows:
+            prompt = r.request.prompt_ids
+            if r.fed < len(prompt):
+                feeds.append(prompt[r.fed:r.fed + self.prefill_chunk])
+                starts.append(r.fed)
+            else:
+                feeds.append([r.token])
+                starts.append(r.position - 1)
+        n, T = len(self.rows), max(len(f) for f in feeds)
+        self.cache.make_room(n, T)
+        start = self.cache.length
+        ids = torch.zeros(n, T, dtype=torch.long)  # (n, T)
+        positions = torch.zeros(n, T, dtype=torch.long)  # (n, T)
+        real = torch.zeros(n, T, dtype=torch.bool)  # (n, T)
+        for i, (feed, first) in enumerate(zip(feeds, starts, strict=True)):
+            ids[i, T - len(feed):] = torch.tensor(feed, dtype=torch.long)
+            positions[i, T - len(feed):] = torch.arange(first, first + len(feed))
+            real[i, T - len(feed):] = True
+        self.cache.valid[:n, start:start + T] = real.to(self.device)
+        out = self.model(ids.to(self.device), attention_mask=self.cache.valid[:n, :start + T],
+                         past_key_values=self.cache, position_ids=positions.to(self.device),
+                         logits_to_keep=1,
+                         **self._forward_kwargs([r.request.adapter for r in self.rows]))
+        answering = []
+        for i, r in enumerate(self.rows):
+            if r.fed < len(r.request.prompt_ids):
+                r.fed += len(feeds[i])
+                if r.fed < len(r.request.prompt_ids):
+                    continue  # still reading its prompt: no token yet
+            answering.append(i)
+        self._take_rows(answering, out.logits[answering, -1])
+
     def _decode(self) -> None:
         """One token for every running row."""
         n = len(self.rows)
@@ -420,19 +599,51 @@ class Engine:
     def _take_all(self, rows: list[_Running], logits: Tensor, first: int) -> None:
         """The next token of each of rows (rows first.. of the batch), from logits (n, V);
         the greedy ones in one argmax. Finished rows leave."""
+        self._take_rows(list(range(first, first + len(rows))), logits)
+
+    def _take_rows(self, indices: list[int], logits: Tensor) -> None:
+        """The next token of each row of the batch in indices (ascending), from logits
+        (len(indices), V); the greedy ones in one argmax. Finished rows leave."""
+        if not indices:
+            return
+        rows = [self.rows[i] for i in indices]
         greedy = logits.argmax(dim=-1).tolist()  # (n,)
-        finished = []
+        tokens = []
         for i, running in enumerate(rows):
             params = running.request.params
             if params.temperature == 0:
-                token = greedy[i]
+                tokens.append(greedy[i])
             else:
-                token = int(pick_token(logits[i], temperature=params.temperature,
-                                       top_p=params.top_p, generator=running.generator))
-            if self._take(running, token):
-                finished.append(first + i)
+                tokens.append(int(pick_token(logits[i], temperature=params.temperature,
+                                             top_p=params.top_p, top_k=params.top_k,
+                                             generator=running.generator)))
+        self._logprobs(rows, logits, tokens)
+        finished = []
+        for i, running in enumerate(rows):
+            if self._take(running, tokens[i]):
+                finished.append(indices[i])
         for i in reversed(finished):
             self._remove(i)
+
+    def _logprobs(self, rows: list[_Running], logits: Tensor, tokens: list[int]) -> None:
+        """Adds each chosen token's log-probability (and the likeliest ones') to the rows that
+        asked for them; an end-of-turn token is not part of the answer and is left out."""
+        want = [i for i, r in enumerate(rows) if r.request.params.logprobs is not None
+                and tokens[i] not in self.eos]
+        if not want:
+            return
+        logp = torch.log_softmax(logits[want].float(), dim=-1)  # (w, V)
+        chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in want],
+                                             device=logp.device)).squeeze(1).tolist()  # (w,)
+        k = max(rows[i].request.params.logprobs or 0 for i in want)
+        top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0])
+        top_lists: list[list[float]] = top_values.tolist()  # (w, k)
+        id_lists: list[list[int]] = top_ids.long().tolist()
+        for j, i in enumerate(want):
+            own = rows[i].request.params.logprobs or 0
+            rows[i].logprobs.append(TokenLogprob(
+                tokens[i], chosen[j], list(zip(id_lists[j][:own], top_lists[j][:own],
+                                               strict=True))))
 
     def _take(self, running: _Running, token: int) -> bool:
         """Adds one row's next token and tells its client; returns True when it is done."""
@@ -446,10 +657,13 @@ class Engine:
                 piece += self.tokenizer.decode(running.generated)[running.shown:]
                 reason = FINISH_LENGTH
         if piece:
-            _send(request, Event(text=piece))
+            _send(request, Event(text=piece, logprobs=running.logprobs))
+            running.logprobs = []
         if reason is not None:
             _send(request, Event(finish_reason=reason, prompt_tokens=len(request.prompt_ids),
-                                 completion_tokens=len(running.generated)))
+                                 completion_tokens=len(running.generated),
+                                 logprobs=running.logprobs))
+            running.logprobs = []
         return reason is not None
 
 

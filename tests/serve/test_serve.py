@@ -20,12 +20,14 @@ import uvicorn
 from helpers import add_random_adapter
 from minilora.adapters.folder import load_adapter, save_adapter
 from minilora.cli import BASE_MODEL, main
+from minilora.cli import serve as cli_serve
 from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.generation import generate
 from minilora.lora.named import delete_adapter, set_active
 from minilora.model.io import load_model
 from minilora.serve.app import MAX_BODY, APIError, ServeState, _allowed_path, create_app
 from minilora.serve.engine import Engine
+from minilora.serve.listen import server_config
 
 KEY = "test-key"
 QUESTIONS = ["What is your name?", "Add 12 and 30.", "Reverse the word minilora.",
@@ -58,19 +60,23 @@ def free_port() -> int:
 
 
 class Server:
-    """A uvicorn server in a thread over an engine in another."""
+    """A uvicorn server (minilora serve's configuration) in a thread over an engine in another;
+    with own_engine=False the engine is another server's (started and stopped there)."""
 
-    def __init__(self, state: ServeState) -> None:
-        self.state = state
+    def __init__(self, state: ServeState, own_engine: bool = True, read_timeout: float = 10.0,
+                 keep_alive: int = 5, max_connections: int = 256) -> None:
+        self.state, self.own_engine = state, own_engine
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(state), host="127.0.0.1", port=self.port,
-                                log_level="error")
+        config = server_config(create_app(state), read_timeout=read_timeout,
+                               keep_alive=keep_alive, max_connections=max_connections,
+                               log_level="error", host="127.0.0.1", port=self.port)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Server:
-        self.state.engine.start()
+        if self.own_engine:
+            self.state.engine.start()
         self.thread.start()
         for _ in range(200):
             if self.server.started:
@@ -81,7 +87,8 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
-        self.state.engine.stop()
+        if self.own_engine:
+            self.state.engine.stop()
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +148,12 @@ def ask(client, model: str, question: str, **kw):
         model=model, messages=[{"role": "user", "content": question}], **kw)
 
 
-def post(setup, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
+def post(setup, path: str, body, key: str | None = KEY, content_type="application/json",
+         **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if content_type:
+        headers["Content-Type"] = content_type
+    headers.update(kw.pop("headers", {}))
     if isinstance(body, (dict, list)):
         body = json.dumps(body)
     return httpx.post(setup[0].url + path, content=body, headers=headers, timeout=60, **kw)
@@ -323,7 +334,7 @@ def test_run_time_loading_is_confined_to_the_adapter_dir(setup, tmp_path):
     missing = post(setup, "/v1/load_lora_adapter", {"lora_name": "y", "lora_path": "nothing"})
     assert missing.status_code == 400
     taken = post(setup, "/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": "foreign"})
-    assert taken.status_code == 400
+    assert taken.status_code == 409
     unknown = post(setup, "/v1/unload_lora_adapter", {"lora_name": "zeta"})
     assert unknown.status_code == 404
     refused = ServeState(setup[0].state.engine, tokenizer, "base")  # no --adapter-dir
@@ -361,7 +372,7 @@ HOSTILE = [
       "messages": [{"role": "user", "content": "hi"}]}, 400),
     ({"model": "base", "stop": [""], "messages": [{"role": "user", "content": "hi"}]}, 400),
     ({"model": "base", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}, 400),
-    ({"model": "base", "n": 3, "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ({"model": "base", "n": 17, "messages": [{"role": "user", "content": "hi"}]}, 400),
     (b'{"model": "base", "messages": [{"role": "user", "content": "' + b"a" * (10 << 20)
      + b'"}]}', 413),
 ]
@@ -415,7 +426,8 @@ def test_load_32_clients_over_4_adapters_all_answered_correctly(setup, client, e
         futures = [pool.submit(one_client, c) for c in range(32)]
         answers = [a for f in futures for a in f.result(timeout=120)]
     assert answers == [expected[job] for job in jobs]
-    assert httpx.get(setup[0].url + "/health").json() == {"status": "ok", "running": 0}
+    health = httpx.get(setup[0].url + "/health").json()
+    assert (health["status"], health["running"], health["waiting"]) == ("ok", 0, 0)
 
 
 def test_cli_without_the_serve_extra_names_it(monkeypatch, capsys):
@@ -437,13 +449,15 @@ def test_cli_serve_end_to_end(setup, monkeypatch):
     port = free_port()
     checked = []
 
-    def run_and_check(app, host, port, log_level):
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
-        thread = threading.Thread(target=server.run, daemon=True)
+    def run_and_check(app, sock, args):
+        config = server_config(app, read_timeout=args.read_timeout, keep_alive=args.keep_alive,
+                               max_connections=args.max_connections, log_level="error")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         try:
             wait_for(lambda: server.started)
-            url = f"http://{host}:{port}"
+            url = f"http://127.0.0.1:{port}"
             local = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
             assert [m.id for m in local.models.list().data] == ["base", "alpha"]
             reply = ask(local, "base", "What is your name?", max_tokens=32)
@@ -451,6 +465,8 @@ def test_cli_serve_end_to_end(setup, monkeypatch):
             page = httpx.get(url + "/")
             script = page.text.split("<script>")[1]
             assert page.status_code == 200 and "http" not in script  # no CDN: all in the page
+            refused = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "alpha"})
+            assert refused.status_code == 403  # no --adapter-dir: the served set is fixed
             refused = httpx.post(url + "/v1/load_lora_adapter",
                                  json={"lora_name": "x", "lora_path": str(paths["beta"])})
             assert refused.status_code == 403  # no --adapter-dir: run-time loading is off
@@ -459,14 +475,15 @@ def test_cli_serve_end_to_end(setup, monkeypatch):
             server.should_exit = True
             thread.join(timeout=30)
 
-    monkeypatch.setattr(uvicorn, "run", run_and_check)
+    monkeypatch.setattr(cli_serve, "run_server", run_and_check)
     assert main(["serve", "--port", str(port), "--adapter", f"alpha={paths['alpha']}",
                  "--max-batch", "4"]) == 0
     assert checked == [True]
 
 
-def chromium_driver(profile: Path):
-    """Debian's chromium, headless, driven by its own chromedriver (nothing downloaded)."""
+def chromium_driver(profile: Path, *extra: str):
+    """Debian's chromium, headless, driven by its own chromedriver (nothing downloaded); extra
+    command-line flags appended."""
     import shutil
 
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -478,7 +495,7 @@ def chromium_driver(profile: Path):
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run",
-                 f"--user-data-dir={profile}"):
+                 f"--user-data-dir={profile}", *extra):
         options.add_argument(flag)
     return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver),
                             options=options)

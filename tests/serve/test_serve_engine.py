@@ -3,6 +3,8 @@ leaving between steps, each answered exactly as `generate` answers it alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,10 +82,12 @@ def run_until_done(engine, collectors, limit=400) -> None:
     raise AssertionError("the engine did not finish every request")
 
 
-@pytest.mark.parametrize("slots", [256, 6])  # 6: the timeline packs and grows mid-answer
-def test_greedy_answers_equal_generate_whatever_else_is_in_the_batch(served, slots):
+# 6: the timeline packs and grows mid-answer; chunk 4: prompts fed 4 tokens a step inside the
+# decode forward (chunked prefill), beside rows that decode
+@pytest.mark.parametrize("slots,chunk", [(256, None), (6, None), (256, 4), (6, 4), (256, 64)])
+def test_greedy_answers_equal_generate_whatever_else_is_in_the_batch(served, slots, chunk):
     model, tokenizer = served
-    engine = Engine(model, tokenizer, max_batch=8)
+    engine = Engine(model, tokenizer, max_batch=8, prefill_chunk=chunk)
     engine.cache = RowCache(model, 8, slots)
     cases = [(q, a) for q in QUESTIONS for a in (None, "alpha", "beta")]
     expected = {c: reference(model, tokenizer, prompt(tokenizer, c[0]), c[1], 24) for c in cases}
@@ -113,15 +117,16 @@ def test_more_requests_than_rows_wait_their_turn(served):
         assert c.text == reference(model, tokenizer, prompt(tokenizer, q), "alpha", 6)
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(served):
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_seeded_sampling_does_not_depend_on_the_batch(served, chunk):
     model, tokenizer = served
     q = QUESTIONS[3]
     want = reference(model, tokenizer, prompt(tokenizer, q), "beta", 16, temperature=0.9,
                      top_p=0.9, seed=7)
-    alone = Engine(model, tokenizer)
+    alone = Engine(model, tokenizer, prefill_chunk=chunk)
     c1 = submit(alone, tokenizer, q, "beta", 16, temperature=0.9, top_p=0.9, seed=7)
     run_until_done(alone, [c1])
-    crowded = Engine(model, tokenizer)
+    crowded = Engine(model, tokenizer, prefill_chunk=chunk)
     others = [submit(crowded, tokenizer, x, None, 16, temperature=1.0, seed=i)
               for i, x in enumerate(QUESTIONS)]
     c2 = submit(crowded, tokenizer, q, "beta", 16, temperature=0.9, top_p=0.9, seed=7)
@@ -222,9 +227,18 @@ def test_position_ids_rotate_each_row_at_its_own_positions():
 def test_the_chat_templates_end_of_turn_ends_an_answer(tmp_path):
     # a Llama-3 vocabulary has no <|im_end|>: the engine stops at the template's <|eot_id|>, as
     # generate and chat do (tokenizer.stop_token_ids)
-    from test_chat_template import write_tokenizer
+    import importlib.util
 
     from helpers import tiny_model
+
+    # the templates' tokenizers live beside the data room's tests (imported by path: this file
+    # may run without that folder on sys.path)
+    path = Path(__file__).resolve().parents[1] / "data" / "test_chat_template.py"
+    spec = importlib.util.spec_from_file_location("chat_template_tests", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    write_tokenizer = module.write_tokenizer
 
     tokenizer = Tokenizer.from_file(write_tokenizer(tmp_path / "llama3", "llama3"))
     eot = tokenizer.token_to_id("<|eot_id|>")
@@ -243,3 +257,30 @@ def test_the_chat_templates_end_of_turn_ends_an_answer(tmp_path):
     run_until_done(engine, [out])
     assert out.done.finish_reason == "stop"
     assert out.done.completion_tokens <= 1 and out.text == ""
+
+
+def test_max_loras_one_slot_requests_for_two_adapters_take_turns(served, tmp_path):
+    from minilora.adapters.folder import load_adapter, save_adapter
+
+    model, tokenizer = served
+    for name in ("alpha", "beta"):
+        save_adapter(model, tmp_path / name, name=name)
+    fresh = load_model(BASE_MODEL).eval()
+
+    def reload(name: str) -> None:
+        load_adapter(fresh, tmp_path / name, name=name)
+        set_active(fresh, [])
+
+    engine = Engine(fresh, tokenizer, max_batch=4, max_loras=1, reload=reload)
+    engine.add_adapter("alpha", lambda: reload("alpha"))
+    # one joining batch: beta evicts the idle alpha, so the alpha requests must wait for it
+    order = [("beta", 0), ("alpha", 1), ("beta", 2), ("alpha", 3)]
+    collectors = [submit(engine, tokenizer, QUESTIONS[q], a, max_tokens=6) for a, q in order]
+    for _ in range(200):
+        if all(c.done for c in collectors):
+            break
+        engine.step()
+        assert len(engine.resident()) <= 1
+    for (adapter, q), c in zip(order, collectors, strict=True):
+        assert c.done.error is None, c.done.error
+        assert c.text == reference(model, tokenizer, prompt(tokenizer, QUESTIONS[q]), adapter, 6)

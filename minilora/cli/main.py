@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from minilora import __version__
 from minilora.cli.chat import add_chat_parser
 from minilora.cli.combine import add_combine_parser
+from minilora.cli.common import BASE_MODEL as BASE_MODEL  # the embedded model, for scripts
 from minilora.cli.common import EXIT_USAGE, Parser, flag
 from minilora.cli.convert import add_convert_parser
 from minilora.cli.eval import add_eval_parser

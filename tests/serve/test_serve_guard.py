@@ -16,8 +16,8 @@ import torch
 from test_serve import Server, error_of, wait_for, write_adapter
 
 from minilora.adapters.folder import load_adapter
+from minilora.cli import BASE_MODEL, main
 from minilora.cli import serve as cli_serve
-from minilora.cli.main import BASE_MODEL, main
 from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.generation import generate
 from minilora.lora.named import set_active

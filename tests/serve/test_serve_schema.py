@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from test_serve import Server, write_adapter
 
 from minilora.adapters.folder import load_adapter
-from minilora.cli.main import BASE_MODEL
+from minilora.cli import BASE_MODEL
 from minilora.data.tokenizer import Tokenizer
 from minilora.model.io import load_model
 from minilora.serve.app import ServeState, create_app

@@ -235,9 +235,9 @@ def _say_how_to_resume(config: Any) -> None:
 
     kept = latest_checkpoint(Path(config.out_dir) / CHECKPOINTS)
     if kept is None:
-        print("minilora train: interrupted before its first checkpoint (--save-every N writes "
-              "one every N steps); start it over with: minilora train --resume --out "
-              f"{config.out_dir}", file=sys.stderr)
+        print("minilora train: interrupted before its first step ended, so nothing was kept; "
+              f"start it over with: minilora train --resume --out {config.out_dir}",
+              file=sys.stderr)
         return
     print(f"minilora train: interrupted; kept {kept}. Resume with: minilora train --resume "
           f"--out {config.out_dir}", file=sys.stderr)

@@ -13,6 +13,7 @@ from minilora.cli.common import (
     apply_adapters,
     load_base,
     sampling,
+    sampling_params,
 )
 
 _EXIT_WORDS = ("/quit", "exit", "quit", "/exit")
@@ -32,10 +33,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """`minilora chat`: a conversation on stdin/stdout, streamed."""
     from minilora.decoding.chat import stream_reply
 
+    params = sampling_params(args)  # a bad setting is answered before the model loads
     model, tokenizer = load_base(args)
     adapters = apply_adapters(model, args, several=True)
     model.eval()
-    settings = sampling(args, tokenizer)
+    settings = sampling(args, tokenizer, params)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

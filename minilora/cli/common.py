@@ -62,26 +62,74 @@ def add_model_config_arg(p: argparse.ArgumentParser, *flags: str) -> None:
                         "config.json beside the model)")
 
 
+# The sampling flags, by SamplingParams field. Each defaults to None, "left out": the adapter's
+# or the model's generation_config.json then decides, else SamplingParams' own default.
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_FROM_FILE = "the model's generation_config.json, else"
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="most tokens to generate per reply (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="0: greedy; > 0: sample from softmax(logits / T) (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample among the K most likely tokens; 0: all (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling threshold; 1: off (default: %(default)s)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                   help="divide the logits of tokens already seen by R; 1: off "
-                        "(default: %(default)s)")
+    add_distribution_args(p)
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling, so a run can be repeated")
 
 
-def sampling(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
-    """The generation settings the sampling flags give."""
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+def add_distribution_args(p: argparse.ArgumentParser) -> None:
+    """The flags that shape the next-token distribution (SAMPLING_FLAGS)."""
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help=f"0: greedy; > 0: sample from softmax(logits / T) (default: {_FROM_FILE} "
+                        "0)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help=f"sample among the K most likely tokens; 0: all (default: {_FROM_FILE} 0)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help=f"nucleus sampling threshold; 1: off (default: {_FROM_FILE} 1)")
+    p.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="drop tokens less likely than P times the most likely one; 0: off "
+                        f"(default: {_FROM_FILE} 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="divide the logits of tokens already seen by R; 1: off "
+                        f"(default: {_FROM_FILE} 1)")
+
+
+def sampling_params(args: argparse.Namespace, *, say: bool = True) -> Any:
+    """The SamplingParams of the flags given, the rest from the first --adapter's
+    generation_config.json, then the model's; with ``say``, one line on stderr naming the file
+    when one supplied a setting."""
+    from minilora.decoding.sampling import GENERATION_CONFIG, SamplingParams, generation_defaults
+
+    given = {k: getattr(args, k, None) for k in SAMPLING_FLAGS}
+    sources = [(folder, generation_defaults(folder)) for folder in _generation_folders(args)]
+    params = SamplingParams.resolve(given, *(d for _, d in sources))
+    used = [folder for n, (folder, d) in enumerate(sources)
+            if any(given[k] is None and all(k not in e for _, e in sources[:n]) for k in d)]
+    if say and used:
+        files = " and ".join(str(Path(f) / GENERATION_CONFIG) for f in used)
+        print(f"minilora {args.command}: sampling: {params.describe()} (from {files}; the "
+              "flags given override it)", file=sys.stderr)
+    return params
+
+
+def _generation_folders(args: argparse.Namespace) -> list[Path]:
+    """Where a generation_config.json may sit: the first --adapter's folder, then the model's."""
+    folders = []
+    if getattr(args, "adapter", None):
+        from minilora.training.describe import resolve_adapter_path
+
+        path = Path(adapter_spec(args.adapter[0])[1])
+        if path.is_dir():
+            folders.append(resolve_adapter_path(path))
+    if args.model and Path(args.model).is_dir():
+        folders.append(Path(args.model))
+    return folders
+
+
+def sampling(args: argparse.Namespace, tokenizer: Any, params: Any = None) -> dict[str, Any]:
+    """The generation settings the sampling flags give (the folders' defaults under them);
+    ``params``: the SamplingParams already resolved (``sampling_params``)."""
+    params = params if params is not None else sampling_params(args)
+    return dict(max_new_tokens=args.max_new_tokens, **params.as_kwargs(),
                 eos_token_id=tokenizer.stop_token_ids, seed=args.seed)
 
 

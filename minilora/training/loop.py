@@ -35,6 +35,7 @@ from torch import nn
 from minilora.adapters.folder import save_adapter
 from minilora.adapters.state import adapter_state_dict
 from minilora.core.errors import ConfigError, TrainError
+from minilora.core.files import atomic_write, read_bounded
 from minilora.data.sft import Batch, DataStats, JsonlDataset
 from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
 from minilora.lora.layer import lora_modules
@@ -509,6 +510,22 @@ def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Pa
         else:
             save_adapter(model, folder, base_model_name_or_path=config.model,
                          pissa_initial=run.pissa_start)
+        _carry_generation_config(Path(config.model), folder)
     except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
         raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder
+
+
+# The base's sampling defaults (transformers' file name): an adapter or model folder the run
+# writes carries them, so chat, generate and serve sample the trained model as the base's
+# authors meant (decoding.sampling reads it).
+GENERATION_CONFIG = "generation_config.json"
+_MAX_GENERATION_CONFIG = 1 << 20
+
+
+def _carry_generation_config(base: Path, folder: Path) -> None:
+    """Copies the base folder's generation_config.json, if it has one, into ``folder``."""
+    source = base / GENERATION_CONFIG
+    if base.is_dir() and source.is_file():
+        atomic_write(folder / GENERATION_CONFIG,
+                     read_bounded(source, _MAX_GENERATION_CONFIG, "a generation_config.json"))

@@ -87,3 +87,133 @@ def test_ctrl_c_keeps_the_step_it_stopped_at_and_resume_is_exact(
     assert code == 0, err
     assert "resumed at step 3, trained 3 steps" in stdout
     assert_same_adapter(out, uninterrupted)  # bit for bit
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: a folder's generation_config.json, min_p, sampled scoring
+# ---------------------------------------------------------------------------------------------
+
+def test_min_p_keeps_the_tokens_the_formula_keeps() -> None:
+    # min_p (Nguyen et al. 2024, transformers' MinPLogitsWarper): after temperature, keep token i
+    # iff p_i >= min_p * max_j p_j, then renormalise. Written out here, and checked against
+    # transformers' warper on the same logits.
+    import torch
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from minilora.decoding.generation import sampling_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=g) * 3
+    for temperature, min_p in ((1.0, 0.1), (0.7, 0.05), (1.3, 0.3)):
+        p = torch.softmax(logits.double() / temperature, -1)
+        keep = p >= min_p * p.max()
+        expected = torch.where(keep, p, torch.zeros_like(p))
+        expected = expected / expected.sum()
+        got = sampling_probs(logits, temperature=temperature, min_p=min_p)
+        assert torch.equal(got > 0, keep)
+        assert torch.allclose(got.double(), expected, atol=1e-6, rtol=0)
+        scores = TemperatureLogitsWarper(temperature)(None, logits[None].clone())
+        scores = MinPLogitsWarper(min_p)(None, scores)
+        assert torch.allclose(got, scores.softmax(-1)[0], atol=1e-6, rtol=0)
+    # after top-p, as transformers orders them
+    scores = TopPLogitsWarper(0.9)(None, logits[None].clone())
+    scores = MinPLogitsWarper(0.2)(None, scores)
+    got = sampling_probs(logits, temperature=1.0, top_p=0.9, min_p=0.2)
+    assert torch.allclose(got, scores.softmax(-1)[0], atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tuned_base(workdir: Path) -> Path:
+    """The tiny base with a generation_config.json, as a model's authors ship one."""
+    import shutil
+
+    folder = workdir / "tuned"
+    shutil.copytree(workdir / "base", folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "min_p": 0.05,
+         "max_new_tokens": 7, "bos_token_id": 1}))
+    return folder
+
+
+def recorded(monkeypatch, module) -> list[dict]:
+    """Replaces module.stream_generate with one that records its settings and says 'ok'."""
+    calls: list[dict] = []
+
+    def fake(model, ids, **kw):
+        calls.append(kw)
+        return iter([])
+
+    monkeypatch.setattr(module, "stream_generate", fake)
+    return calls
+
+
+def test_generate_and_chat_take_the_folders_sampling_for_what_is_left_out(
+        tuned_base: Path, capsys, monkeypatch) -> None:
+    import io
+    import sys
+
+    import minilora.decoding.chat
+    import minilora.decoding.generation
+
+    calls = recorded(monkeypatch, minilora.decoding.generation)
+    code, _, err = run(["generate", "--model", str(tuned_base), "hi"], capsys)
+    assert code == 0, err
+    assert {k: calls[-1][k] for k in ("temperature", "top_p", "min_p", "top_k")} == {
+        "temperature": 0.6, "top_p": 0.9, "min_p": 0.05, "top_k": 0}
+    assert calls[-1]["max_new_tokens"] == 256  # lengths stay the command's
+    assert (f"sampling: temperature 0.6, top_p 0.9, min_p 0.05 (from "
+            f"{tuned_base / 'generation_config.json'}") in err
+    code, _, err = run(["generate", "--model", str(tuned_base), "--temperature", "0",
+                        "--min-p", "0.2", "hi"], capsys)
+    assert code == 0, err
+    assert calls[-1]["temperature"] == 0 and calls[-1]["min_p"] == 0.2  # a flag given wins
+    assert calls[-1]["top_p"] == 0.9
+
+    calls = recorded(monkeypatch, minilora.decoding.chat)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    code, _, err = run(["chat", "--model", str(tuned_base), "--top-k", "5"], capsys)
+    assert code == 0, err
+    assert {k: calls[-1][k] for k in ("temperature", "top_p", "min_p", "top_k")} == {
+        "temperature": 0.6, "top_p": 0.9, "min_p": 0.05, "top_k": 5}
+
+
+def test_a_run_adapter_carries_the_base_sampling(tuned_base: Path, workdir: Path,
+                                                  tmp_path: Path, capsys, monkeypatch) -> None:
+    import minilora.decoding.generation
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tuned_base), "--data", str(workdir / "train.jsonl"),
+            "--out", str(out), "--batch-size", "4", "--r", "2", "--max-steps", "1"]
+    assert run(argv, capsys)[0] == 0
+    assert (json.loads((out / "adapter" / "generation_config.json").read_text())
+            == json.loads((tuned_base / "generation_config.json").read_text()))
+    # the adapter's own file decides over a base without one
+    calls = recorded(monkeypatch, minilora.decoding.generation)
+    code, _, err = run(["generate", "--model", str(workdir / "base"), "--adapter",
+                        str(out / "adapter"), "hi"], capsys)
+    assert code == 0, err
+    assert calls[-1]["temperature"] == 0.6
+    assert str(out / "adapter" / "generation_config.json") in err
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"temperature": -1}, "temperature: expected a number >= 0, got -1"),
+    ({"top_p": 0, "min_p": 2}, "top_p: expected a number > 0 and <= 1, got 0; min_p: expected "
+                               "a number >= 0 and <= 1, got 2"),
+    ([1], 'an array; expected a JSON object such as {"temperature": 0.7, "top_p": 0.9}'),
+])
+def test_a_bad_generation_config_is_one_line(workdir: Path, tmp_path: Path, body, message,
+                                             capsys) -> None:
+    import shutil
+
+    folder = tmp_path / "base"
+    shutil.copytree(workdir / "base", folder)
+    (folder / "generation_config.json").write_text(json.dumps(body))
+    code, _, err = run(["generate", "--model", str(folder), "hi"], capsys)
+    assert code == 2
+    assert err.strip() == (f"minilora generate: error: {folder / 'generation_config.json'}: "
+                           f"{message}")

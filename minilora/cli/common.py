@@ -37,9 +37,11 @@ class Parser(argparse.ArgumentParser):
 def add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> None:
     """--model, --tokenizer, --config, --dtype; with adapters: --adapter and
     --no-fingerprint-check."""
-    p.add_argument("--model", default=str(BASE_MODEL), metavar="PATH",
+    default = ("the base the --adapter records, else the embedded tiny model" if adapters
+               else "the embedded tiny model")
+    p.add_argument("--model", default=None, metavar="PATH",
                    help="base model: a Hugging Face folder (config.json + *.safetensors) or a "
-                        "MiniMind .pth (default: the embedded tiny model)")
+                        f"MiniMind .pth (default: {default})")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or its folder (default: the model's folder)")
     add_model_config_arg(p, "--config", "--model-config")
@@ -99,6 +101,7 @@ def sampling_params(args: argparse.Namespace, *, say: bool = True) -> Any:
     when one supplied a setting."""
     from minilora.decoding.sampling import GENERATION_CONFIG, SamplingParams, generation_defaults
 
+    resolve_base(args)
     given = {k: getattr(args, k, None) for k in SAMPLING_FLAGS}
     sources = [(folder, generation_defaults(folder)) for folder in _generation_folders(args)]
     params = SamplingParams.resolve(given, *(d for _, d in sources))
@@ -133,13 +136,50 @@ def sampling(args: argparse.Namespace, tokenizer: Any, params: Any = None) -> di
                 eos_token_id=tokenizer.stop_token_ids, seed=args.seed)
 
 
+def resolve_base(args: argparse.Namespace) -> None:
+    """Fills in --model when it was left out: the base the first --adapter's
+    adapter_config.json records (``base_model_name_or_path``), else the embedded tiny model.
+
+    Raises:
+        CliError: the adapter records a base that is not on this machine.
+    """
+    if args.model is not None:
+        return
+    base = _adapter_base(args)
+    if base is not None:
+        print(f"minilora {args.command}: base: {base} (the one the adapter was trained on; "
+              "--model chooses another)", file=sys.stderr)
+    args.model = str(base or BASE_MODEL)
+
+
+def _adapter_base(args: argparse.Namespace) -> Path | None:
+    """The local base the first --adapter records, None when it records none (or is a .pth)."""
+    if not getattr(args, "adapter", None):
+        return None
+    from minilora.adapters.folder import recorded_base
+    from minilora.training.describe import resolve_adapter_path
+
+    folder = resolve_adapter_path(adapter_spec(args.adapter[0])[1])
+    recorded = recorded_base(folder) if folder.is_dir() else None
+    if recorded is None:
+        return None
+    base = Path(recorded)
+    if base.exists():
+        return base
+    if base.parts[-3:] == BASE_MODEL.parts[-3:]:  # the embedded model, of another install
+        return BASE_MODEL
+    raise CliError(f"{folder / 'adapter_config.json'} records its base as {recorded}, which is "
+                   "not on this machine; pass --model PATH (that base, or a local copy of it)")
+
+
 def load_base(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any, Any]:
     """The model and tokenizer that --model / --config / --tokenizer name (tokenizer=False:
-    the model only, the tokenizer None)."""
+    the model only, the tokenizer None); --model left out: see ``resolve_base``."""
     from minilora.core.threads import configure_threads
     from minilora.data.tokenizer import Tokenizer
     from minilora.model.io import load_model
 
+    resolve_base(args)
     configure_threads()  # the CPUs other processes leave free (a shared machine)
     model_path = Path(args.model)
     model = load_model(model_path, dtype=args.dtype, config=getattr(args, "model_config", None))
@@ -220,6 +260,7 @@ def load_adapter(model: Any, path: str | Path, args: argparse.Namespace,
 
 def inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The paths a model command reads, by flag: what its output may not overwrite."""
+    resolve_base(args)
     adapters = [adapter_spec(a)[1] for a in getattr(args, "adapter", None) or []]
     adapters += [adapter_spec(a)[1] for a in getattr(args, "adapters", None) or []]
     return {"--model": args.model, "--tokenizer": args.tokenizer, "--adapter": adapters,

@@ -130,7 +130,10 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
     if not settings.get("out_dir"):
         stem = Path(settings["data"]).stem
         settings["out_dir"] = str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    settings["model"] = str(args.model or settings.get("model") or BASE_MODEL)
+    model = Path(args.model or settings.get("model") or BASE_MODEL)
+    # absolute, so a rerun, a resume and the adapter's base_model_name_or_path find it from any
+    # folder (a path that is not here is left for the loader to name)
+    settings["model"] = str(model.absolute() if model.exists() else model)
     if args.tokenizer:
         settings["tokenizer"] = str(args.tokenizer)
     return TrainConfig.from_dict(settings), demo

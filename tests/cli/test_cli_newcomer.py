@@ -217,3 +217,87 @@ def test_a_bad_generation_config_is_one_line(workdir: Path, tmp_path: Path, body
     assert code == 2
     assert err.strip() == (f"minilora generate: error: {folder / 'generation_config.json'}: "
                            f"{message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# An adapter knows its base
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def relative_run(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run started with a relative --model, from the folder holding the base."""
+    import os as _os
+
+    here = Path.cwd()
+    _os.chdir(workdir)
+    try:
+        assert main(["train", "--model", "base", "--data", "train.jsonl", "--out", "relrun",
+                     "--batch-size", "4", "--r", "2", "--max-steps", "2"]) == 0
+    finally:
+        _os.chdir(here)
+    return workdir / "relrun"
+
+
+def test_the_adapter_records_its_base_as_an_absolute_path(workdir: Path, relative_run: Path
+                                                          ) -> None:
+    config = json.loads((relative_run / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(workdir / "base")
+    assert json.loads((relative_run / "config.json").read_text())["model"] == str(
+        workdir / "base")
+
+
+def test_chat_generate_eval_merge_find_the_base_the_adapter_records(
+        workdir: Path, relative_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import io
+    import sys
+
+    monkeypatch.chdir(tmp_path)  # another folder: nothing relative to the run's
+    adapter = str(relative_run / "adapter")
+    note = f"base: {workdir / 'base'} (the one the adapter was trained on"
+    code, out, err = run(["generate", "--adapter", adapter, "--max-new-tokens", "2", "hi"],
+                         capsys)
+    assert code == 0 and note in err, err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    code, out, err = run(["chat", "--adapter", adapter, "--max-new-tokens", "2"], capsys)
+    assert code == 0 and note in err, err
+    code, out, err = run(["eval", "--adapter", adapter, "--data",
+                          str(workdir / "train.jsonl")], capsys)
+    assert code == 0 and note in err, err
+    code, out, err = run(["merge", "--adapter", str(relative_run), "--out",
+                          str(tmp_path / "merged")], capsys)
+    assert code == 0 and note in err, err
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_an_adapter_whose_base_is_elsewhere_says_which_base_in_one_line(
+        workdir: Path, relative_run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    moved = tmp_path / "adapter"
+    shutil.copytree(relative_run / "adapter", moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/nowhere/base"
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = run(["generate", "--adapter", str(moved), "hi"], capsys)
+    assert code == 2
+    assert err.strip() == (
+        f"minilora generate: error: {moved / 'adapter_config.json'} records its base as "
+        "/nowhere/base, which is not on this machine; pass --model PATH (that base, or a "
+        "local copy of it)")
+
+
+def test_an_adapter_on_a_base_of_another_size_is_one_short_line(
+        workdir: Path, relative_run: Path, tmp_path: Path, capsys) -> None:
+    # a base with 3 layers: the adapter's keys for 2 layers are missing a layer's worth
+    tokenizer = tiny_tokenizer()
+    save_model(tiny_model(tokenizer.vocab_size, layers=3), tmp_path / "deep")
+    tokenizer.save(tmp_path / "deep")
+    code, _, err = run(["generate", "--model", str(tmp_path / "deep"), "--adapter",
+                        str(relative_run / "adapter"), "hi"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 400, lines
+    assert f"was trained on another base ({workdir / 'base'})" in lines[0]
+    assert "missing keys [base_model.model.model.layers.2." in lines[0]
+    assert "; and 13 more]" in lines[0]
+    assert lines[0].endswith(f"; load it on {workdir / 'base'}")

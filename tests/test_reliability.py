@@ -898,8 +898,9 @@ CASES = [
                                      "--tokenizer", "{work}/base", "hi"],
          "{dir}/minimind.pth: a bare .pth does not tell rms_norm_eps, rope_theta, "
          "max_position_embeddings, num_attention_heads (its tensors are a minimind2 model's); "
-         "pass its config (--config FILE: MiniMind's config.json or MiniMindConfig.to_dict() as "
-         "JSON), or --config minimind2 to take minimind2's MiniMindConfig defaults",
+         "pass its config (--model-config FILE: MiniMind's config.json or "
+         "MiniMindConfig.to_dict() as JSON), or --model-config minimind2 to take minimind2's "
+         "MiniMindConfig defaults",
          "nothing loaded (was: MiniMind2's defaults assumed, logits off by 1.9 "
          "on a current MiniMind MoE model)", setup=lambda d, n: plain_torch_file(
              d / "minimind.pth", load_file(n["work"] / "base" / "model.safetensors"))),

@@ -35,7 +35,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> None:
-    """--model, --tokenizer, --config, --dtype; with adapters: --adapter and
+    """--model, --tokenizer, --model-config, --load-dtype; with adapters: --adapter and
     --no-fingerprint-check."""
     default = ("the base the --adapter records, else the embedded tiny model" if adapters
                else "the embedded tiny model")
@@ -44,9 +44,11 @@ def add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> None
                         f"MiniMind .pth (default: {default})")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or its folder (default: the model's folder)")
-    add_model_config_arg(p, "--config", "--model-config")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype to load the weights in (default: %(default)s)")
+    add_model_config_arg(p)
+    p.add_argument("--load-dtype", "--dtype", dest="dtype", default="float32",
+                   choices=["float32", "bfloat16", "float16"], action=Renamed,
+                   help="dtype to load the weights in (default: %(default)s; --dtype: its old "
+                        "name)")
     if adapters:
         p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                        help="adapter folder (PEFT layout), a training run's folder (its "
@@ -56,12 +58,26 @@ def add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> None
                        help="apply an adapter even if it was trained on another base")
 
 
-def add_model_config_arg(p: argparse.ArgumentParser, *flags: str) -> None:
-    p.add_argument(*flags, dest="model_config", default=None, metavar="FILE",
-                   help="the model's config when --model has no config.json beside it (a bare "
+def add_model_config_arg(p: argparse.ArgumentParser, subject: str = "--model") -> None:
+    """--model-config (old name --config, which in `train` names the run's settings)."""
+    p.add_argument("--model-config", "--config", dest="model_config", default=None,
+                   metavar="FILE", action=Renamed,
+                   help=f"the model's config when {subject} has no config.json beside it (a bare "
                         "MiniMind .pth): MiniMind's config.json or transformers', or minimind2 / "
                         "minimind3 for that MiniMind generation's defaults (default: the "
-                        "config.json beside the model)")
+                        "config.json beside the model; --config: its old name)")
+
+
+class Renamed(argparse.Action):
+    """A flag that still answers to its old spelling (its last option string), with a one-line
+    note on stderr when that one is used: a word keeps one meaning across the commands."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if option_string == self.option_strings[-1] != self.option_strings[0]:
+            print(f"{parser.prog}: note: {option_string} is now {self.option_strings[0]}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 # The sampling flags, by SamplingParams field. Each defaults to None, "left out": the adapter's

@@ -301,3 +301,50 @@ def test_an_adapter_on_a_base_of_another_size_is_one_short_line(
     assert "missing keys [base_model.model.model.layers.2." in lines[0]
     assert "; and 13 more]" in lines[0]
     assert lines[0].endswith(f"; load it on {workdir / 'base'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One word, one meaning
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("old, new, value", [("--dtype", "--load-dtype", "bfloat16"),
+                                             ("--config", "--model-config", None)])
+def test_old_spellings_work_with_a_one_line_note(workdir: Path, old: str, new: str, value,
+                                                 capsys) -> None:
+    value = value or str(workdir / "base" / "config.json")
+    code, _, err = run(["generate", "--model", str(workdir / "base"), old, value,
+                        "--max-new-tokens", "1", "hi"], capsys)
+    assert code == 0, err
+    assert err.splitlines()[0] == f"minilora generate: note: {old} is now {new}"
+    code, _, err = run(["generate", "--model", str(workdir / "base"), new, value,
+                        "--max-new-tokens", "1", "hi"], capsys)
+    assert code == 0 and "note" not in err, err
+
+
+def test_each_flag_name_means_one_thing(capsys) -> None:
+    from minilora.cli.common import SHORT
+    from minilora.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    meanings: dict[str, set[str]] = {}
+    for p in sub.choices.values():
+        for action in p._actions:
+            if action.option_strings:  # the current name (the first); later ones are old names
+                dest = SHORT.get(action.dest, action.dest)  # lora_r is --r's setting
+                meanings.setdefault(action.option_strings[0], set()).add(dest)
+    assert meanings["--model-config"] == {"model_config"}
+    assert meanings["--load-dtype"] == {"dtype"} and "--dtype" not in meanings
+    assert meanings["--config"] == {"config"}  # train's run settings, nothing else
+    assert {flag for flag, dests in meanings.items() if len(dests) > 1} == set()
+    code, out, _ = run(["info", "--help"], capsys)
+    assert code == 0 and "--model " not in out and "--model\n" not in out
+
+
+@pytest.mark.parametrize("typed, near", [("--lora-r", "--r"), ("--learning-rate", "--lr"),
+                                         ("--lora-alpha", "--alpha"), ("--output-dir", "--out")])
+def test_an_unknown_flag_finds_our_name_for_it(typed: str, near: str, capsys) -> None:
+    code, _, err = run(["train", typed, "1"], capsys)
+    assert code == 2
+    assert err.strip() == (f"minilora train: error: unknown argument {typed}; did you mean "
+                           f"{near}? (see `minilora train --help`)")

@@ -348,3 +348,103 @@ def test_an_unknown_flag_finds_our_name_for_it(typed: str, near: str, capsys) ->
     assert code == 2
     assert err.strip() == (f"minilora train: error: unknown argument {typed}; did you mean "
                            f"{near}? (see `minilora train --help`)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled scoring, and what the before/after table pools
+# ---------------------------------------------------------------------------------------------
+
+def task_rows(task: str, n: int, expected: str = "Mini") -> list[dict]:
+    return [{"task": task, "messages": [{"role": "user", "content": f"{task} question {i}?"}],
+             "expected": expected, "match": "contains"} for i in range(n)]
+
+
+def test_eval_scores_the_share_of_sampled_answers_that_are_right(
+        workdir: Path, tuned_base: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import minilora.decoding.chat
+
+    tasks_file = write_jsonl(tmp_path / "tasks.jsonl", task_rows("name", 3))
+    tokenizer = tiny_tokenizer()
+    right, wrong = tokenizer.encode(" Mini"), tokenizer.encode(" tac")
+    calls = []
+
+    def fake_batch(model, prompts, **kw):
+        calls.append((len(prompts), kw))
+        return [right, wrong, right, right][: len(prompts)]  # 3 of every 4 right
+
+    monkeypatch.setattr(minilora.decoding.chat, "generate_batch", fake_batch)
+    report = tmp_path / "report.json"
+    code, out, err = run(["eval", "--model", str(tuned_base), "--tasks", str(tasks_file),
+                          "--temperature", "0.8", "--samples", "4", "--json", str(report)],
+                         capsys)
+    assert code == 0, err
+    numbers = json.loads(report.read_text())["tasks"]
+    assert numbers["total"] == 12 and numbers["accuracy"] == 0.75
+    assert numbers["sampling"]["temperature"] == 0.8 and numbers["sampling"]["samples"] == 4
+    assert [n for n, _ in calls] == [4, 4, 4]
+    # the temperature given, the rest from the model's generation_config.json
+    assert {k: calls[0][1][k] for k in ("temperature", "top_p", "min_p")} == {
+        "temperature": 0.8, "top_p": 0.9, "min_p": 0.05}
+    assert len({kw["seed"] for _, kw in calls}) == 3  # each question its own draw
+    assert "75.0%" in out
+
+
+def test_eval_samples_without_a_temperature_is_refused(workdir: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    tasks_file = write_jsonl(tmp_path / "tasks.jsonl", task_rows("name", 1))
+    code, _, err = run(["eval", "--model", str(workdir / "base"), "--tasks", str(tasks_file),
+                        "--samples", "3"], capsys)
+    assert code == 2
+    assert err.strip() == ("minilora eval: error: --samples 3 needs --temperature > 0 (greedy "
+                           "answers are the same each time)")
+
+
+def test_base_skills_pool_only_what_the_base_could_do(workdir: Path, tmp_path: Path, capsys,
+                                                      monkeypatch) -> None:
+    import minilora.decoding.chat
+
+    files = [write_jsonl(tmp_path / f"{t}.jsonl", task_rows(t, 4))
+             for t in ("drelvia", "add", "fact")]
+    trained = []
+    real_train = train_module.train
+
+    def train(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        trained.append(True)
+        return result
+
+    def answerer(model, tokenizer, **kw):
+        def answer(messages):
+            question = messages[-1]["content"]
+            if question.startswith("drelvia"):  # the task the run teaches: right only after
+                return "Mini" if trained else "no idea"
+            if question == "fact question 0?" and trained:  # one base answer forgotten
+                return "no idea"
+            return "Mini"
+        return answer
+
+    monkeypatch.setattr(train_module, "train", train)
+    monkeypatch.setattr(minilora.decoding.chat, "chat_answerer", answerer)
+    code, out, err = run(train_args(workdir, tmp_path / "run", "--max-steps", "1", "--tasks",
+                                    *map(str, files)), capsys)
+    assert code == 0, err
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith("base skills") else ""):
+            line.split() for line in out.splitlines() if line[:1].isalpha()}
+    assert rows["drelvia"][2:4] == ["0.0%", "100.0%"]
+    assert rows["base skills"][2:] == ["8", "100.0%", "87.5%", "87.5%"]  # 7 of 8 kept
+    assert "base skills: add, fact (the tasks the base answered at least 50% right" in out
+
+
+def test_train_samples_adds_a_sampled_before_after_table(workdir: Path, tuned_base: Path,
+                                                         tmp_path: Path, capsys) -> None:
+    tasks_file = write_jsonl(tmp_path / "tasks.jsonl", task_rows("name", 2))
+    argv = ["train", "--model", str(tuned_base), "--data", str(workdir / "train.jsonl"),
+            "--out", str(tmp_path / "run"), "--batch-size", "4", "--r", "2", "--max-steps", "1",
+            "--tasks", str(tasks_file), "--samples", "3"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    head = ("sampled (temperature 0.6, top_p 0.9, min_p 0.05; 3 answers a question, the share "
+            "right):")
+    assert head in out
+    table = out[out.index(head):].splitlines()
+    assert table[2].split()[:2] == ["task", "n"] and table[4].split()[:2] == ["name", "6"]

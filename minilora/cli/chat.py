@@ -43,7 +43,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("minilora chat: type a message; /reset starts over, exit, quit, /quit or Ctrl-D "
-              "ends; Ctrl-C stops a reply.")
+              "ends; /help lists the commands; Ctrl-C stops a reply.")
         if len(adapters) > 1:
             print(f"adapters {adapters} ({adapters[0]} active); /adapter NAME switches "
                   "(NAME,NAME adds them up; base: none)")
@@ -58,7 +58,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = list(system)
         elif text == "/adapter" or text.startswith("/adapter "):
             _switch_adapter(model, text.removeprefix("/adapter").strip(), adapters)
-        elif text:
+        elif not text:  # the tool answers; the model is not asked about nothing
+            print("(an empty message is not sent; type a message, /help for the commands)",
+                  file=sys.stderr)
+        elif text.startswith("/") and not text.startswith("//"):
+            _command_help(text)
+        else:
+            text = text[1:] if text.startswith("//") else text  # //x sends /x to the model
             messages.append({"role": "user", "content": text})
             reply = ""
             try:
@@ -70,6 +76,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print()
             messages.append({"role": "assistant", "content": reply.strip()})
     return 0
+
+
+_COMMANDS = ("/reset: start the conversation over; /adapter [NAME]: show or switch adapters; "
+             "/quit, exit, quit or Ctrl-D: end; //text sends a message that starts with /")
+
+
+def _command_help(text: str) -> None:
+    """/help, or a /word chat does not know: answered by the tool, never sent to the model."""
+    word = text.split()[0]
+    known = "" if word == "/help" else f"unknown command {word}; "
+    print(f"{known}{_COMMANDS}", file=sys.stderr)
 
 
 def _switch_adapter(model: Any, text: str, adapters: list[str]) -> None:

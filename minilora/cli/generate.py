@@ -96,6 +96,8 @@ def _read_prompt_rows(adapters: list[str]) -> list[tuple[str, str | None]]:
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, args: argparse.Namespace) -> list[int]:
+    if not prompt.strip():  # the chat template alone would make a prompt of it
+        raise CliError("the prompt is empty; give one as the argument or on stdin")
     if args.raw:
         ids = tokenizer.encode(prompt)
     else:

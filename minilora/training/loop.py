@@ -37,7 +37,13 @@ from minilora.adapters.state import adapter_state_dict
 from minilora.core.errors import ConfigError, TrainError
 from minilora.core.files import atomic_write, read_bounded
 from minilora.data.sft import Batch, DataStats, JsonlDataset
-from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
+from minilora.lora.injection import (
+    check_excludes_match,
+    inject_lora,
+    lora_parameters,
+    mark_trainable,
+    unmerge_lora,
+)
 from minilora.lora.layer import lora_modules
 from minilora.lora.qlora import quantize_model
 from minilora.lora.quantized_weight import require_bitsandbytes
@@ -409,6 +415,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     if lora_modules(model):
         unmerge_lora(model)  # a loaded adapter is trained further, with its own settings
     else:
+        check_excludes_match(model, config.lora_exclude)
         inject_lora(model, config.lora_config())
     mark_trainable(model)
     return lora_parameters(model)

@@ -448,3 +448,76 @@ def test_train_samples_adds_a_sampled_before_after_table(workdir: Path, tuned_ba
     assert head in out
     table = out[out.index(head):].splitlines()
     assert table[2].split()[:2] == ["task", "n"] and table[4].split()[:2] == ["name", "6"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing accepted silently
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exclude, message", [
+    ("k_prj", "LoRA exclude 'k_prj' (nearest: k_proj, v_proj, q_proj) match no Linear module; "
+              "the model's Linear names end in: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+              "up_proj, down_proj, lm_head"),
+    ("layers\\.9\\..*", "LoRA exclude 'layers\\.9\\..*' matches no Linear module, so it "
+                        "excludes nothing; the model's Linear names end in: q_proj, k_proj, "
+                        "v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"),
+])
+def test_an_exclude_that_names_nothing_is_refused(workdir: Path, tmp_path: Path, exclude: str,
+                                                  message: str, capsys) -> None:
+    out = tmp_path / "run"
+    code, _, err = run(train_args(workdir, out, "--max-steps", "1", "--exclude", exclude),
+                       capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"minilora train: error: {message}"
+    assert not (out / "adapter").exists()
+
+
+def test_the_run_block_names_the_chat_template(workdir: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    code, _, err = run(train_args(workdir, tmp_path / "a", "--max-steps", "1"), capsys)
+    assert code == 0, err
+    assert "run: template    the model's own (MiniMind's ChatML)" in err.splitlines()
+    bare = tmp_path / "bare"
+    shutil.copytree(workdir / "base", bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    code, _, err = run(["train", "--model", str(bare), "--data", str(workdir / "train.jsonl"),
+                        "--out", str(tmp_path / "b"), "--batch-size", "4", "--max-steps", "1"],
+                       capsys)
+    assert code == 0, err
+    assert ("run: template    ChatML, built in (the tokenizer has no chat template of its own; "
+            "add chat_template to its tokenizer_config.json to use another)") in err.splitlines()
+
+
+def test_chat_answers_empty_lines_and_unknown_commands_itself(workdir: Path, capsys,
+                                                              monkeypatch) -> None:
+    import io
+    import sys
+
+    import minilora.decoding.chat
+
+    calls = recorded(monkeypatch, minilora.decoding.chat)
+    sent = []
+    real_encode = minilora.data.tokenizer.Tokenizer.encode_chat
+
+    def encode_chat(self, messages, **kw):
+        sent.append(messages[-1]["content"])
+        return real_encode(self, messages, **kw)
+
+    monkeypatch.setattr(minilora.data.tokenizer.Tokenizer, "encode_chat", encode_chat)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n   \n/foo bar\n/help\n//tmp is full\nhi\n"))
+    code, _, err = run(["chat", "--model", str(workdir / "base")], capsys)
+    assert code == 0, err
+    assert sent == ["/tmp is full", "hi"] and len(calls) == 2  # only real messages reach it
+    assert err.count("(an empty message is not sent") == 2
+    assert "unknown command /foo; /reset: start the conversation over" in err
+    assert err.count("/reset: start the conversation over") == 2  # /help too
+
+
+def test_generate_refuses_an_empty_prompt(workdir: Path, capsys) -> None:
+    code, _, err = run(["generate", "--model", str(workdir / "base"), "  "], capsys)
+    assert code == 2
+    assert err.strip() == ("minilora generate: error: the prompt is empty; give one as the "
+                           "argument or on stdin")

@@ -66,8 +66,9 @@ def _generate_per_prompt(model: Any, tokenizer: Any, args: argparse.Namespace,
 
     rows = _read_prompt_rows(adapters)
     prompts = [_prompt_ids(tokenizer, prompt, args) for prompt, _ in rows]
-    outputs = generate_batch(model, prompts, adapter_names=[name for _, name in rows],
-                             **settings)
+    # with no adapter loaded every row is the base's, and the model takes no adapter_names
+    per_row = {"adapter_names": [name for _, name in rows]} if adapters else {}
+    outputs = generate_batch(model, prompts, **per_row, **settings)
     for (prompt, name), tokens in zip(rows, outputs, strict=True):
         print(json.dumps({"adapter": name, "prompt": prompt, "text": tokenizer.decode(tokens)},
                          ensure_ascii=False))

@@ -23,6 +23,7 @@ from minilora.cli.eval import add_eval_parser
 from minilora.cli.generate import add_generate_parser
 from minilora.cli.info import add_info_parser
 from minilora.cli.merge import add_merge_parser
+from minilora.cli.replay import add_replay_parser
 from minilora.cli.serve import add_serve_parser
 from minilora.cli.train import add_train_parser
 from minilora.core.errors import BaseConfigNeeded, MiniloraError
@@ -47,8 +48,8 @@ def build_parser(train_args: bool = True) -> argparse.ArgumentParser:
     add_train_parser(sub, flags=train_args)
 
     for add_parser in (add_chat_parser, add_generate_parser, add_eval_parser, add_merge_parser,
-                       add_convert_parser, add_combine_parser, add_serve_parser,
-                       add_info_parser):
+                       add_convert_parser, add_combine_parser, add_replay_parser,
+                       add_serve_parser, add_info_parser):
         add_parser(sub)
     return parser
 

@@ -521,3 +521,63 @@ def test_generate_refuses_an_empty_prompt(workdir: Path, capsys) -> None:
     assert code == 2
     assert err.strip() == ("minilora generate: error: the prompt is empty; give one as the "
                            "argument or on stdin")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools for what the README advises: a replay file of the base's own answers
+# ---------------------------------------------------------------------------------------------
+
+def test_replay_writes_the_bases_own_answers(workdir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "questions.txt").write_text("Who made you?\n\nSay hello.\n")
+    tasks_file = write_jsonl(tmp_path / "tasks.jsonl", task_rows("name", 1))
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_rows()[:1])  # asked up to its first user
+    out = tmp_path / "replay.jsonl"
+    # the embedded model (the tiny random bases answer only whitespace)
+    code, stdout, err = run(["replay", str(tmp_path / "questions.txt"), str(tasks_file),
+                             str(data), "--out", str(out), "--max-new-tokens", "6"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    asked = [r["conversations"][:-1] for r in rows]
+    assert asked == [[{"role": "user", "content": "Who made you?"}],
+                     [{"role": "user", "content": "Say hello."}],
+                     [{"role": "user", "content": "name question 0?"}],
+                     chat_rows()[0]["conversations"][:2]]
+    assert f"wrote 4 conversations to {out}" in stdout
+    # each answer is what `generate` answers the same question with, greedy
+    for row in rows[:3]:
+        code, text, err = run(["generate", "--temperature", "0", "--max-new-tokens", "6",
+                               row["conversations"][0]["content"]], capsys)
+        assert code == 0, err
+        assert row["conversations"][-1] == {"role": "assistant", "content": text.strip()}
+    code, _, err = run(["replay", "--model", str(workdir / "base"),
+                        str(tmp_path / "questions.txt"), "--out", str(out)], capsys)
+    assert code == 2 and "exists; nothing is overwritten without --overwrite" in err
+    # and train takes it
+    code, _, err = run(train_args(workdir, tmp_path / "run", "--max-steps", "1", "--replay",
+                                  str(out)), capsys)
+    assert code == 0, err
+
+
+def test_a_line_that_is_no_question_is_one_line(workdir: Path, tmp_path: Path, capsys) -> None:
+    bad = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}, {"answer": 3}])
+    code, _, err = run(["replay", "--model", str(workdir / "base"), str(bad), "--out",
+                        str(tmp_path / "r.jsonl")], capsys)
+    assert code == 2
+    assert err.strip() == (f"minilora replay: error: {bad}:2: no question here (keys found: "
+                           "'answer'); expected {\"prompt\": ...}, {\"question\": ...}, a tasks "
+                           "record or a chat, ShareGPT or Alpaca record")
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_adapter_per_prompt_without_an_adapter_answers_with_the_base(workdir: Path, capsys,
+                                                                     monkeypatch) -> None:
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"prompt": "hi"}\n{"prompt": "Say hello.", '
+                                                  '"adapter": "base"}\n'))
+    code, out, err = run(["generate", "--model", str(workdir / "base"), "--adapter-per-prompt",
+                          "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(r["prompt"], r["adapter"]) for r in lines] == [("hi", None), ("Say hello.", "base")]

@@ -493,7 +493,7 @@ CASES = [
     Case("resume-with-another-config", TRAIN + ["--resume", "--lr", "0.5"],
          "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "
          "resume: lr: 0.0001 in the checkpoint, 0.5 now. Resume with the same settings, or "
-         "train into a new out_dir.", "the checkpoint and adapter are untouched",
+         "train into a new --out.", "the checkpoint and adapter are untouched",
          setup=train_first("--stop-after", "1")),
     Case("resume-with-a-damaged-checkpoint", TRAIN + ["--resume"],
          "{dir}/out/checkpoints/step-00000001/trainable.safetensors: damaged (checksum "
@@ -502,7 +502,7 @@ CASES = [
              d / "out" / "checkpoints" / "step-00000001" / "trainable.safetensors"))),
     Case("fresh-run-over-an-unfinished-one", TRAIN,
          "{dir}/out/checkpoints/step-00000001 holds an unfinished run: pass --resume "
-         "to continue it, or train into another out_dir",
+         "to continue it, or train into another --out",
          "the unfinished run is untouched", setup=train_first("--stop-after", "1")),
     Case("output-folder-not-writable", TRAIN + ["--out", "{dir}/file/sub"],
          "[Errno 20] cannot write the output folder {dir}/file/sub: Not a directory; choose "
@@ -582,7 +582,7 @@ CASES = [
              d / "out" / "checkpoints" / "step-00000001" / "state.pt"))),
     Case("checkpoint-without-manifest", TRAIN + ["--resume"],
          "{dir}/out/checkpoints/step-00000001: not a minilora checkpoint (no manifest.json); "
-         "train into another out_dir", "nothing written",
+         "train into another --out", "nothing written",
          setup=lambda d, n: (train_first("--stop-after", "1")(d, n), (
              d / "out" / "checkpoints" / "step-00000001" / "manifest.json").unlink())),
     Case("checkpoint-state-not-minilora", TRAIN + ["--resume"],
@@ -628,12 +628,12 @@ CASES = [
          "the user's file is kept", setup=lambda d, n: write_file(d / "mine" / "notes.txt")),
     Case("fresh-run-over-a-finished-one", TRAIN,
          "{dir}/out holds an earlier run (adapter, checkpoints, metrics.jsonl): pass "
-         "--overwrite to replace it, or train into another out_dir",
+         "--overwrite to replace it, or train into another --out",
          "the finished run is untouched (was: its checkpoints and best/ deleted at the start)",
          setup=train_first()),
     Case("resume-without-a-checkpoint-over-a-finished-run", TRAIN + ["--resume"],
          "{dir}/out holds an earlier run (adapter, metrics.jsonl): pass --overwrite to "
-         "replace it, or train into another out_dir",
+         "replace it, or train into another --out",
          "the finished run is untouched (was: restarted at step 0, its adapter and metrics "
          "replaced)", setup=lambda d, n: (train_first()(d, n),
                                          shutil.rmtree(d / "out" / "checkpoints"))),
@@ -888,7 +888,7 @@ CASES = [
          "--batch-size: expected an integer >= 1, got 0", "nothing printed"),
     Case("checkpoint-folder-not-minilora", TRAIN + ["--resume"],
          "{dir}/out/checkpoints/step-00000001: not a minilora checkpoint (no manifest.json); "
-         "train into another out_dir", "nothing written (was: KeyError: 'config')",
+         "train into another --out", "nothing written (was: KeyError: 'config')",
          setup=lambda d, n: (train_first("--stop-after", "1")(d, n),
                              shutil.rmtree(d / "out" / "checkpoints" / "step-00000001"),
                              write_file(d / "out" / "checkpoints" / "step-00000001" /

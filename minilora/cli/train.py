@@ -201,7 +201,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     before = tasks.score(samples, answer) if samples else None
     sampled_before = tasks.score(samples, sampled[0]) if samples and sampled else None
 
-    print(f"run: template    {tokenizer.describe_template()}", file=sys.stderr)
     try:
         result = train(model, train_set, config, eval_set)
     except KeyboardInterrupt:

@@ -581,3 +581,58 @@ def test_adapter_per_prompt_without_an_adapter_answers_with_the_base(workdir: Pa
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [(r["prompt"], r["adapter"]) for r in lines] == [("hi", None), ("Say hello.", "base")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Docs and messages that match the code
+# ---------------------------------------------------------------------------------------------
+
+def test_nf4_counts_the_same_total_as_the_unquantized_run(workdir: Path, tmp_path: Path,
+                                                          capsys) -> None:
+    pytest.importorskip("bitsandbytes")
+    totals = {}
+    for kind in ("none", "nf4"):
+        extra = [] if kind == "none" else ["--quantize", "nf4"]
+        code, _, err = run(train_args(workdir, tmp_path / kind, "--max-steps", "1", *extra),
+                           capsys)
+        assert code == 0, err
+        line = next(x for x in err.splitlines() if x.startswith("run: parameters"))
+        totals[kind] = line.split(" trainable of ")[1].split()[0]
+        assert "kernels-community" not in err  # bitsandbytes' hub-kernel warning is dropped
+    assert totals["nf4"] == totals["none"]
+
+
+def test_the_docs_and_help_name_no_internal_words(capsys) -> None:
+    import re
+
+    from minilora.cli.main import build_parser
+
+    root = Path(__file__).resolve().parents[2]
+    texts = {p: p.read_text(encoding="utf-8")
+             for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]}
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    texts.update({f"minilora {c} --help": p.format_help() for c, p in sub.choices.items()})
+    for where, text in texts.items():
+        assert "DESIGN.md" not in str(text), where
+        assert not re.search(r"\bissue \d+|\(issue", text), where
+    addopts = (root / "pyproject.toml").read_text().split("addopts = ")[1].splitlines()[0]
+    assert "-rs" in addopts  # skip reasons shown (a missing browser, GPU or extra)
+
+
+def test_a_missing_extra_names_the_command_for_this_install(monkeypatch) -> None:
+    from minilora.core import errors
+
+    root = Path(errors.__file__).resolve().parents[2]
+    assert errors.install_command("qlora") == f"pip install -e '.[qlora]' (in {root})"  # a clone
+    monkeypatch.setattr(errors, "__file__", "/site-packages/minilora/core/errors.py")
+    assert errors.install_command("qlora") == "pip install 'minilora[qlora]'"
+
+
+def test_a_refused_resume_says_the_flag(workdir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert run(train_args(workdir, out, "--max-steps", "4", "--stop-after", "1"), capsys)[0] == 0
+    code, _, err = run(train_args(workdir, out, "--max-steps", "4"), capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].endswith(
+        "holds an unfinished run: pass --resume to continue it, or train into another --out")

@@ -244,20 +244,19 @@ def _another_base(found: _Found, message: str, advise: bool = False) -> str:
 
 
 def _first_key_problem(model: nn.Module, found: _Found, target: str) -> str:
-    """The first missing, unexpected or mis-shaped key (as check_state_dict names it) and how
-    many keys are at fault in all."""
+    """Each kind of key at fault (missing, unexpected, mis-shaped, as check_state_dict names
+    them) with its first key and how many more there are."""
     expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, target).items()}
     kinds = {
+        "missing keys": sorted(set(expected) - set(found.sd)),
+        "unexpected keys": sorted(set(found.sd) - set(expected)),
         "mis-shaped keys": [f"{k}: file {tuple(found.sd[k].shape)}, model {expected[k]}"
                             for k in sorted(set(found.sd) & set(expected))
                             if tuple(found.sd[k].shape) != expected[k]],
-        "missing keys": sorted(set(expected) - set(found.sd)),
-        "unexpected keys": sorted(set(found.sd) - set(expected)),
     }
-    total = sum(len(v) for v in kinds.values())
-    kind, keys = next((k, v) for k, v in kinds.items() if v)
-    more = f"; and {total - 1} more" if total > 1 else ""
-    return f"{kind} [{keys[0]}{more}]"
+    return "; ".join(f"{kind} [{keys[0]}" + (f"; and {len(keys) - 1} more" if len(keys) > 1
+                                              else "") + "]"
+                     for kind, keys in kinds.items() if keys) or "non-floating-point tensors"
 
 
 def recorded_base(path: str | os.PathLike) -> str | None:

@@ -517,7 +517,8 @@ def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Pa
         else:
             save_adapter(model, folder, base_model_name_or_path=config.model,
                          pissa_initial=run.pissa_start)
-        _carry_generation_config(Path(config.model), folder)
+        if config.model:  # a library run on a model built in memory names no folder
+            _carry_generation_config(Path(config.model), folder)
     except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
         raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder

@@ -675,7 +675,7 @@ CASES = [
          "nothing allocated (was: 7.3 GB and rising after 500 s)",
          setup=lambda d, n: edit_config(d, n, num_hidden_layers=1000000)),
     Case("pth-key-names-layer-999999999", ["generate", "--model", "{dir}/minimind.pth",
-                                           "--config", "minimind2", "--tokenizer",
+                                           "--model-config", "minimind2", "--tokenizer",
                                            "{work}/base", "hi"],
          "{dir}/minimind.pth: num_hidden_layers is 1000000000, but the weights hold "
          "model.layers.N for N in [0, 1, 999999999]; expected N = 0 .. 999999999",

@@ -94,11 +94,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="seed for sampling, so a run can be repeated")
 
 
-def add_distribution_args(p: argparse.ArgumentParser) -> None:
-    """The flags that shape the next-token distribution (SAMPLING_FLAGS)."""
+def add_distribution_args(p: argparse.ArgumentParser, *, greedy: bool = False) -> None:
+    """The flags that shape the next-token distribution (SAMPLING_FLAGS); ``greedy``: the
+    command answers greedily unless --temperature is given (eval)."""
+    shown = ("0, greedy (the others, when sampling: the model's generation_config.json, else off)"
+             if greedy else f"{_FROM_FILE} 0")
     p.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help=f"0: greedy; > 0: sample from softmax(logits / T) (default: {_FROM_FILE} "
-                        "0)")
+                   help=f"0: greedy; > 0: sample from softmax(logits / T) (default: {shown})")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help=f"sample among the K most likely tokens; 0: all (default: {_FROM_FILE} 0)")
     p.add_argument("--top-p", type=float, default=None, metavar="P",

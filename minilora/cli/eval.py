@@ -38,7 +38,7 @@ def add_eval_parser(sub: Any) -> None:
                    help="--tasks: answer each question K times, sampled (with --temperature > 0), "
                         "and score the share of the answers that are right (default: "
                         "%(default)s)")
-    add_distribution_args(p)
+    add_distribution_args(p, greedy=True)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the sampled answers (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# MiniMind's small size (issue 6).
+# MiniMind's small size.
 FULL_SHAPES = dict(vocab_size=6400, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
                    rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=32768)
@@ -398,7 +398,7 @@ def cases(args) -> list[dict]:
                              ("minilora-frozen", None), ("minilora", "qv"), ("hf-peft", "qv"),
                              ("seed", "square"), ("minilora-fullloss", "all")]:
             rows.append(dict(common, kind="train", impl=impl, target=target, dtype=dtype))
-        for impl in ("minilora", "hf-peft"):  # DoRA beside LoRA (issue 13)
+        for impl in ("minilora", "hf-peft"):  # DoRA beside LoRA
             rows.append(dict(common, kind="train", impl=impl, target="all", dtype=dtype,
                              dora=True, tag="dora"))
         if args.threads > 1:  # the LoRA branch's share depends on the threads: one, beside
@@ -546,7 +546,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
             f"({res.get('train-fp32-minilora-all', {}).get('counted', '?')} of "
             f"{B * (T - 1)} targets counted). "
             "bf16 = `torch.autocast('cpu', torch.bfloat16)` over fp32 weights (what "
-            "`minilora train --dtype bf16` does).", ""]
+            "`minilora train --amp-dtype bfloat16` does).", ""]
     out += [f"| row | dtype | LoRA on | step ({clock}) | spread | wall (s) | vs PEFT "
             "| vs minilora floor | peak RSS (MiB) | step peak (MiB) |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -659,7 +659,7 @@ def report(args, rows: list[dict], res: dict, info: dict, started: str, wall: fl
 
 
 def targets_section(res: dict) -> str:
-    lines = ["## Targets (issue 6), from this run", "",
+    lines = ["## Targets, from this run", "",
              "| target | dtype | measured | met |", "|---|---|---|---|"]
 
     def add(name, dtype, value, ok):
@@ -739,8 +739,8 @@ def analysis(res: dict) -> str:
         "## Where the time goes, and what the missed targets would need", "",
         "- **bf16 vs fp32.** This CPU has avx512_bf16: the bf16 autocast LoRA step is "
         f"{_fmt(bf16_speed)} faster than the fp32 one (oneDNN runs bf16 matrix products several "
-        "times faster than MKL's fp32 ones here). DESIGN.md's advice that fp32 is right applies "
-        "to the Zen 3 machines without bf16 units, not to this one; `--dtype auto` picks bf16 "
+        "times faster than MKL's fp32 ones here). fp32 is the right choice on CPUs without bf16 "
+        "units (the Zen 3 machines), not on this one; `--amp-dtype auto` picks bf16 "
         "where the CPU has avx512_bf16 or AMX.",
         "- **LoRA step vs transformers + PEFT.** A LoRA step cannot be faster than its own "
         "frozen-base floor, and minilora's floor is "
@@ -814,7 +814,7 @@ def analysis(res: dict) -> str:
 
 def script_sections(threads: int) -> str:
     """The two side benchmarks, each run as its own process on the same threads: the rank-r
-    products alone (skinny.py) and mixed-adapter batches (mixed_batch.py, issue 8)."""
+    products alone (skinny.py) and mixed-adapter batches (mixed_batch.py)."""
     def run(script: str, n: int = threads) -> str:
         cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--threads", str(n)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(),
@@ -831,7 +831,7 @@ def script_sections(threads: int) -> str:
         f"{threads}`: one LoRA layer's two forward products next to its base product, per "
         "projection shape of the model above.", "",
         run("skinny.py", 1), "", run("skinny.py"), "",
-        "## Mixed-adapter batches (issue 8)", "",
+        "## Mixed-adapter batches", "",
         f"`python benchmarks/mixed_batch.py --threads {threads}` (its docstring says what is "
         f"timed). The aim, 2x, is {met} here"
         + ("" if met == "met" else ": at this size a batch of 2 rows already keeps the matrix "

@@ -526,7 +526,7 @@ CASES = [
     Case("resume-with-another-config", TRAIN + ["--resume", "--lr", "0.5"],
          "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "
          "resume: lr: 0.0001 in the checkpoint, 0.5 now. Resume with the same settings, or "
-         "train into a new out_dir.", "the checkpoint and adapter are untouched",
+         "train into a new --out.", "the checkpoint and adapter are untouched",
          setup=train_first("--stop-after", "1")),
     Case("fsdp-without-torchrun", TRAIN + ["--fsdp"],
          "--fsdp shards the model across the processes torchrun starts; launch it as: torchrun "
@@ -547,7 +547,7 @@ CASES = [
              d / "out" / "checkpoints" / "step-00000001" / "trainable.safetensors"))),
     Case("fresh-run-over-an-unfinished-one", TRAIN,
          "{dir}/out/checkpoints/step-00000001 holds an unfinished run: pass --resume "
-         "to continue it, or train into another out_dir",
+         "to continue it, or train into another --out",
          "the unfinished run is untouched", setup=train_first("--stop-after", "1")),
     Case("output-folder-not-writable", TRAIN + ["--out", "{dir}/file/sub"],
          "[Errno 20] cannot write the output folder {dir}/file/sub: Not a directory; choose "
@@ -627,7 +627,7 @@ CASES = [
              d / "out" / "checkpoints" / "step-00000001" / "state.pt"))),
     Case("checkpoint-without-manifest", TRAIN + ["--resume"],
          "{dir}/out/checkpoints/step-00000001: not a minilora checkpoint (no manifest.json); "
-         "train into another out_dir", "nothing written",
+         "train into another --out", "nothing written",
          setup=lambda d, n: (train_first("--stop-after", "1")(d, n), (
              d / "out" / "checkpoints" / "step-00000001" / "manifest.json").unlink())),
     Case("checkpoint-state-not-minilora", TRAIN + ["--resume"],
@@ -673,12 +673,12 @@ CASES = [
          "the user's file is kept", setup=lambda d, n: write_file(d / "mine" / "notes.txt")),
     Case("fresh-run-over-a-finished-one", TRAIN,
          "{dir}/out holds an earlier run (adapter, checkpoints, metrics.jsonl): pass "
-         "--overwrite to replace it, or train into another out_dir",
+         "--overwrite to replace it, or train into another --out",
          "the finished run is untouched (was: its checkpoints and best/ deleted at the start)",
          setup=train_first()),
     Case("resume-without-a-checkpoint-over-a-finished-run", TRAIN + ["--resume"],
          "{dir}/out holds an earlier run (adapter, metrics.jsonl): pass --overwrite to "
-         "replace it, or train into another out_dir",
+         "replace it, or train into another --out",
          "the finished run is untouched (was: restarted at step 0, its adapter and metrics "
          "replaced)", setup=lambda d, n: (train_first()(d, n),
                                          shutil.rmtree(d / "out" / "checkpoints"))),
@@ -720,7 +720,7 @@ CASES = [
          "nothing allocated (was: 7.3 GB and rising after 500 s)",
          setup=lambda d, n: edit_config(d, n, num_hidden_layers=1000000)),
     Case("pth-key-names-layer-999999999", ["generate", "--model", "{dir}/minimind.pth",
-                                           "--config", "minimind2", "--tokenizer",
+                                           "--model-config", "minimind2", "--tokenizer",
                                            "{work}/base", "hi"],
          "{dir}/minimind.pth: num_hidden_layers is 1000000000, but the weights hold "
          "model.layers.N for N in [0, 1, 999999999]; expected N = 0 .. 999999999",
@@ -933,7 +933,7 @@ CASES = [
          "--batch-size: expected an integer >= 1, got 0", "nothing printed"),
     Case("checkpoint-folder-not-minilora", TRAIN + ["--resume"],
          "{dir}/out/checkpoints/step-00000001: not a minilora checkpoint (no manifest.json); "
-         "train into another out_dir", "nothing written (was: KeyError: 'config')",
+         "train into another --out", "nothing written (was: KeyError: 'config')",
          setup=lambda d, n: (train_first("--stop-after", "1")(d, n),
                              shutil.rmtree(d / "out" / "checkpoints" / "step-00000001"),
                              write_file(d / "out" / "checkpoints" / "step-00000001" /
@@ -943,8 +943,9 @@ CASES = [
                                      "--tokenizer", "{work}/base", "hi"],
          "{dir}/minimind.pth: a bare .pth does not tell rms_norm_eps, rope_theta, "
          "max_position_embeddings, num_attention_heads (its tensors are a minimind2 model's); "
-         "pass its config (--config FILE: MiniMind's config.json or MiniMindConfig.to_dict() as "
-         "JSON), or --config minimind2 to take minimind2's MiniMindConfig defaults",
+         "pass its config (--model-config FILE: MiniMind's config.json or "
+         "MiniMindConfig.to_dict() as JSON), or --model-config minimind2 to take minimind2's "
+         "MiniMindConfig defaults",
          "nothing loaded (was: MiniMind2's defaults assumed, logits off by 1.9 "
          "on a current MiniMind MoE model)", setup=lambda d, n: plain_torch_file(
              d / "minimind.pth", load_file(n["work"] / "base" / "model.safetensors"))),

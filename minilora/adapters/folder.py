@@ -188,10 +188,12 @@ def _check_fits(model: nn.Module, found: _Found, target: str, check_fingerprint:
     try:
         check_state_dict(model, found.sd, found.source, target)
     except AdapterError as e:
-        message = _another_base(found, str(e))
-        if message == str(e):
-            raise
-        raise AdapterError(message) from None
+        if FINGERPRINT_KEY not in found.metadata:
+            raise  # a foreign adapter: the keys are all there is to say
+        # one line: which base it wants, and only the first key at fault (the whole list of a
+        # model of another size is thousands of characters of the same news)
+        raise AdapterError(_another_base(found, _first_key_problem(model, found, target),
+                                         advise=True)) from e
     _check_base_layers(model, found.base_layers, found.source, target)
     recorded = found.metadata.get(FINGERPRINT_KEY)
     if check_fingerprint and recorded is not None:
@@ -229,21 +231,45 @@ def _check_base_layers(
                            + "; ".join(problems))
 
 
-def _another_base(found: _Found, message: str) -> str:
+def _another_base(found: _Found, message: str, advise: bool = False) -> str:
     """An adapter minilora wrote (it records its base) that does not fit the model was trained on
-    another base: say so first, before the list of keys."""
+    another base: say so first, before the key at fault; ``advise``: and end with the base to
+    load it on."""
     if FINGERPRINT_KEY not in found.metadata:
         return message  # a foreign adapter: the keys are all there is to say
-    base = None
+    base = recorded_base(found.path)
+    named = f" ({base})" if base else ""
+    detail = message.removeprefix(f"{found.source} does not fit the model: ")
+    hint = f"; load it on {base}" if advise and base else ""
+    return (f"{found.source} was trained on another base{named}; it does not fit this model: "
+            f"{detail}{hint}")
+
+
+def _first_key_problem(model: nn.Module, found: _Found, target: str) -> str:
+    """Each kind of key at fault (missing, unexpected, mis-shaped, as check_state_dict names
+    them) with its first key and how many more there are."""
+    expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, target).items()}
+    kinds = {
+        "missing keys": sorted(set(expected) - set(found.sd)),
+        "unexpected keys": sorted(set(found.sd) - set(expected)),
+        "mis-shaped keys": [f"{k}: file {tuple(found.sd[k].shape)}, model {expected[k]}"
+                            for k in sorted(set(found.sd) & set(expected))
+                            if tuple(found.sd[k].shape) != expected[k]],
+    }
+    return "; ".join(f"{kind} [{keys[0]}" + (f"; and {len(keys) - 1} more" if len(keys) > 1
+                                              else "") + "]"
+                     for kind, keys in kinds.items() if keys) or "non-floating-point tensors"
+
+
+def recorded_base(path: str | os.PathLike[str]) -> str | None:
+    """The base an adapter folder's adapter_config.json names (``base_model_name_or_path``), or
+    None when it names none or cannot be read (the loader reports that)."""
     try:
-        base = json.loads((found.path / CONFIG_NAME).read_text(encoding="utf-8")).get(
+        base = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8")).get(
             "base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
-        pass
-    named = f" ({base})" if isinstance(base, str) and base else ""
-    detail = message.removeprefix(f"{found.source} does not fit the model: ")
-    return (f"{found.source} was trained on another base{named}; it does not fit this model: "
-            f"{detail}")
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 # ---------------------------------------------------------------- writing
@@ -308,6 +334,10 @@ def save_adapter(
     check_written(tensors, path, AdapterError)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
+    if base_model_name_or_path and Path(base_model_name_or_path).exists():
+        # a local base: absolute, so the adapter finds it from any folder (a hub id, which is
+        # no local path, is written as it is)
+        base_model_name_or_path = str(Path(base_model_name_or_path).absolute())
     peft_config = peft_config_dict(config, _peft_targets(model, name), base_model_name_or_path)
     _check_replaceable(path)
     return _write_folder(path, safetensors_bytes(tensors, metadata=metadata),

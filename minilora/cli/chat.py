@@ -13,6 +13,7 @@ from minilora.cli.common import (
     apply_adapters,
     load_base,
     sampling,
+    sampling_params,
 )
 
 _EXIT_WORDS = ("/quit", "exit", "quit", "/exit")
@@ -32,16 +33,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """`minilora chat`: a conversation on stdin/stdout, streamed."""
     from minilora.decoding.chat import stream_reply
 
+    params = sampling_params(args)  # a bad setting is answered before the model loads
     model, tokenizer = load_base(args)
     adapters = apply_adapters(model, args, several=True)
     model.eval()
-    settings = sampling(args, tokenizer)
+    settings = sampling(args, tokenizer, params)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
         print("minilora chat: type a message; /reset starts over, exit, quit, /quit or Ctrl-D "
-              "ends; Ctrl-C stops a reply.")
+              "ends; /help lists the commands; Ctrl-C stops a reply.")
         if len(adapters) > 1:
             print(f"adapters {adapters} ({adapters[0]} active); /adapter NAME switches "
                   "(NAME,NAME adds them up; base: none)")
@@ -56,7 +58,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = list(system)
         elif text == "/adapter" or text.startswith("/adapter "):
             _switch_adapter(model, text.removeprefix("/adapter").strip(), adapters)
-        elif text:
+        elif not text:  # the tool answers; the model is not asked about nothing
+            print("(an empty message is not sent; type a message, /help for the commands)",
+                  file=sys.stderr)
+        elif text.startswith("/") and not text.startswith("//"):
+            _command_help(text)
+        else:
+            text = text[1:] if text.startswith("//") else text  # //x sends /x to the model
             messages.append({"role": "user", "content": text})
             reply = ""
             try:
@@ -68,6 +76,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print()
             messages.append({"role": "assistant", "content": reply.strip()})
     return 0
+
+
+_COMMANDS = ("/reset: start the conversation over; /adapter [NAME]: show or switch adapters; "
+             "/quit, exit, quit or Ctrl-D: end; //text sends a message that starts with /")
+
+
+def _command_help(text: str) -> None:
+    """/help, or a /word chat does not know: answered by the tool, never sent to the model."""
+    word = text.split()[0]
+    known = "" if word == "/help" else f"unknown command {word}; "
+    print(f"{known}{_COMMANDS}", file=sys.stderr)
 
 
 def _switch_adapter(model: Any, text: str, adapters: list[str]) -> None:

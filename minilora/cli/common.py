@@ -35,16 +35,20 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> None:
-    """--model, --tokenizer, --config, --dtype; with adapters: --adapter and
+    """--model, --tokenizer, --model-config, --load-dtype; with adapters: --adapter and
     --no-fingerprint-check."""
-    p.add_argument("--model", default=str(BASE_MODEL), metavar="PATH",
+    default = ("the base the --adapter records, else the embedded tiny model" if adapters
+               else "the embedded tiny model")
+    p.add_argument("--model", default=None, metavar="PATH",
                    help="base model: a Hugging Face folder (config.json + *.safetensors) or a "
-                        "MiniMind .pth (default: the embedded tiny model)")
+                        f"MiniMind .pth (default: {default})")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or its folder (default: the model's folder)")
-    add_model_config_arg(p, "--config", "--model-config")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype to load the weights in (default: %(default)s)")
+    add_model_config_arg(p)
+    p.add_argument("--load-dtype", "--dtype", dest="dtype", default="float32",
+                   choices=["float32", "bfloat16", "float16"], action=Renamed,
+                   help="dtype to load the weights in (default: %(default)s; --dtype: its old "
+                        "name)")
     if adapters:
         p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                        help="adapter folder (PEFT layout), a training run's folder (its "
@@ -54,44 +58,146 @@ def add_model_args(p: argparse.ArgumentParser, *, adapters: bool = True) -> None
                        help="apply an adapter even if it was trained on another base")
 
 
-def add_model_config_arg(p: argparse.ArgumentParser, *flags: str) -> None:
-    p.add_argument(*flags, dest="model_config", default=None, metavar="FILE",
-                   help="the model's config when --model has no config.json beside it (a bare "
+def add_model_config_arg(p: argparse.ArgumentParser, subject: str = "--model") -> None:
+    """--model-config (old name --config, which in `train` names the run's settings)."""
+    p.add_argument("--model-config", "--config", dest="model_config", default=None,
+                   metavar="FILE", action=Renamed,
+                   help=f"the model's config when {subject} has no config.json beside it (a bare "
                         "MiniMind .pth): MiniMind's config.json or transformers', or minimind2 / "
                         "minimind3 for that MiniMind generation's defaults (default: the "
-                        "config.json beside the model)")
+                        "config.json beside the model; --config: its old name)")
+
+
+class Renamed(argparse.Action):
+    """A flag that still answers to its old spelling (its last option string), with a one-line
+    note on stderr when that one is used: a word keeps one meaning across the commands."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if option_string == self.option_strings[-1] != self.option_strings[0]:
+            print(f"{parser.prog}: note: {option_string} is now {self.option_strings[0]}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+# The sampling flags, by SamplingParams field. Each defaults to None, "left out": the adapter's
+# or the model's generation_config.json then decides, else SamplingParams' own default.
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_FROM_FILE = "the model's generation_config.json, else"
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="most tokens to generate per reply (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="0: greedy; > 0: sample from softmax(logits / T) (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample among the K most likely tokens; 0: all (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling threshold; 1: off (default: %(default)s)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                   help="divide the logits of tokens already seen by R; 1: off "
-                        "(default: %(default)s)")
+    add_distribution_args(p)
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling, so a run can be repeated")
 
 
-def sampling(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
-    """The generation settings the sampling flags give."""
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+def add_distribution_args(p: argparse.ArgumentParser, *, greedy: bool = False) -> None:
+    """The flags that shape the next-token distribution (SAMPLING_FLAGS); ``greedy``: the
+    command answers greedily unless --temperature is given (eval)."""
+    shown = ("0, greedy (the others, when sampling: the model's generation_config.json, else off)"
+             if greedy else f"{_FROM_FILE} 0")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help=f"0: greedy; > 0: sample from softmax(logits / T) (default: {shown})")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help=f"sample among the K most likely tokens; 0: all (default: {_FROM_FILE} 0)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help=f"nucleus sampling threshold; 1: off (default: {_FROM_FILE} 1)")
+    p.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="drop tokens less likely than P times the most likely one; 0: off "
+                        f"(default: {_FROM_FILE} 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="divide the logits of tokens already seen by R; 1: off "
+                        f"(default: {_FROM_FILE} 1)")
+
+
+def sampling_params(args: argparse.Namespace, *, say: bool = True) -> Any:
+    """The SamplingParams of the flags given, the rest from the first --adapter's
+    generation_config.json, then the model's; with ``say``, one line on stderr naming the file
+    when one supplied a setting."""
+    from minilora.decoding.sampling import GENERATION_CONFIG, SamplingParams, generation_defaults
+
+    resolve_base(args)
+    given = {k: getattr(args, k, None) for k in SAMPLING_FLAGS}
+    sources = [(folder, generation_defaults(folder)) for folder in _generation_folders(args)]
+    params = SamplingParams.resolve(given, *(d for _, d in sources))
+    used = [folder for n, (folder, d) in enumerate(sources)
+            if any(given[k] is None and all(k not in e for _, e in sources[:n]) for k in d)]
+    if say and used:
+        files = " and ".join(str(Path(f) / GENERATION_CONFIG) for f in used)
+        print(f"minilora {args.command}: sampling: {params.describe()} (from {files}; the "
+              "flags given override it)", file=sys.stderr)
+    return params
+
+
+def _generation_folders(args: argparse.Namespace) -> list[Path]:
+    """Where a generation_config.json may sit: the first --adapter's folder, then the model's."""
+    folders = []
+    if getattr(args, "adapter", None):
+        from minilora.training.describe import resolve_adapter_path
+
+        path = Path(adapter_spec(args.adapter[0])[1])
+        if path.is_dir():
+            folders.append(resolve_adapter_path(path))
+    if args.model and Path(args.model).is_dir():
+        folders.append(Path(args.model))
+    return folders
+
+
+def sampling(args: argparse.Namespace, tokenizer: Any, params: Any = None) -> dict[str, Any]:
+    """The generation settings the sampling flags give (the folders' defaults under them);
+    ``params``: the SamplingParams already resolved (``sampling_params``)."""
+    params = params if params is not None else sampling_params(args)
+    return dict(max_new_tokens=args.max_new_tokens, **params.as_kwargs(),
                 eos_token_id=tokenizer.stop_token_ids, seed=args.seed)
+
+
+def resolve_base(args: argparse.Namespace) -> None:
+    """Fills in --model when it was left out: the base the first --adapter's
+    adapter_config.json records (``base_model_name_or_path``), else the embedded tiny model.
+
+    Raises:
+        CliError: the adapter records a base that is not on this machine.
+    """
+    if args.model is not None:
+        return
+    base = _adapter_base(args)
+    if base is not None:
+        print(f"minilora {args.command}: base: {base} (the one the adapter was trained on; "
+              "--model chooses another)", file=sys.stderr)
+    args.model = str(base or BASE_MODEL)
+
+
+def _adapter_base(args: argparse.Namespace) -> Path | None:
+    """The local base the first --adapter records, None when it records none (or is a .pth)."""
+    if not getattr(args, "adapter", None):
+        return None
+    from minilora.adapters.folder import recorded_base
+    from minilora.training.describe import resolve_adapter_path
+
+    folder = resolve_adapter_path(adapter_spec(args.adapter[0])[1])
+    recorded = recorded_base(folder) if folder.is_dir() else None
+    if recorded is None:
+        return None
+    base = Path(recorded)
+    if base.exists():
+        return base
+    if base.parts[-3:] == BASE_MODEL.parts[-3:]:  # the embedded model, of another install
+        return BASE_MODEL
+    raise CliError(f"{folder / 'adapter_config.json'} records its base as {recorded}, which is "
+                   "not on this machine; pass --model PATH (that base, or a local copy of it)")
 
 
 def load_base(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any, Any]:
     """The model and tokenizer that --model / --config / --tokenizer name (tokenizer=False:
-    the model only, the tokenizer None)."""
+    the model only, the tokenizer None); --model left out: see ``resolve_base``."""
     from minilora.core.threads import configure_threads
     from minilora.data.tokenizer import Tokenizer
     from minilora.model.io import load_model
 
+    resolve_base(args)
     configure_threads()  # the CPUs other processes leave free (a shared machine)
     model_path = Path(args.model)
     model = load_model(model_path, dtype=args.dtype, config=getattr(args, "model_config", None))
@@ -172,6 +278,7 @@ def load_adapter(model: Any, path: str | Path, args: argparse.Namespace,
 
 def inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The paths a model command reads, by flag: what its output may not overwrite."""
+    resolve_base(args)
     adapters = [adapter_spec(a)[1] for a in getattr(args, "adapter", None) or []]
     adapters += [adapter_spec(a)[1] for a in getattr(args, "adapters", None) or []]
     return {"--model": args.model, "--tokenizer": args.tokenizer, "--adapter": adapters,

@@ -7,7 +7,15 @@ import json
 import sys
 from typing import Any
 
-from minilora.cli.common import CliError, add_model_args, apply_adapters, inputs, load_base
+from minilora.cli.common import (
+    CliError,
+    add_distribution_args,
+    add_model_args,
+    apply_adapters,
+    inputs,
+    load_base,
+    sampling_params,
+)
 from minilora.core.files import atomic_write
 from minilora.core.outputs import check_not_an_input
 
@@ -26,6 +34,13 @@ def add_eval_parser(sub: Any) -> None:
                    help="samples per forward pass for --data (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
                    help="most tokens per answer for --tasks (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="--tasks: answer each question K times, sampled (with --temperature > 0), "
+                        "and score the share of the answers that are right (default: "
+                        "%(default)s)")
+    add_distribution_args(p, greedy=True)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampled answers (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
     p.set_defaults(run=cmd_eval)
 
@@ -42,6 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              args.max_seq_len, 2), ("--max-new-tokens", args.max_new_tokens, 1)):
         if value < low:
             raise CliError(f"{flag}: expected an integer >= {low}, got {value}")
+    params = _task_sampling(args)
     if args.json:
         check_not_an_input(args.json, {**inputs(args), "--data": args.data, "--tasks": args.tasks},
                            "--json")
@@ -55,24 +71,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.data}: loss {report['eval_loss']:.4f}, perplexity {report['eval_ppl']:.2f} "
               f"({len(dataset)} samples)")
     if args.tasks:
-        report["tasks"] = _score_tasks(model, tokenizer, args)
+        report["tasks"] = _score_tasks(model, tokenizer, args, params)
     if args.json:
         atomic_write(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 
-def _score_tasks(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _task_sampling(args: argparse.Namespace) -> Any:
+    """How --tasks answers: greedy unless --temperature > 0 (then the settings not given come
+    from the adapter's or model's generation_config.json); None for greedy."""
+    if args.samples < 1:
+        raise CliError(f"--samples: expected an integer >= 1, got {args.samples}")
+    if not args.temperature:
+        if args.samples > 1:
+            raise CliError(f"--samples {args.samples} needs --temperature > 0 (greedy answers "
+                           "are the same each time)")
+        return None
+    if not args.tasks:
+        raise CliError("--temperature and --samples score --tasks answers; give --tasks")
+    return sampling_params(args)
+
+
+def _score_tasks(model: Any, tokenizer: Any, args: argparse.Namespace, params: Any
+                 ) -> dict[str, Any]:
     """Scores the --tasks files with a progress bar, prints the table, returns the numbers."""
     from tqdm import tqdm
 
     from minilora.data import tasks
-    from minilora.decoding.chat import chat_answerer
+    from minilora.decoding.chat import chat_answerer, sampled_answerer
 
     samples = [s for f in args.tasks for s in tasks.load_samples(f)]
-    answer = chat_answerer(model, tokenizer, max_new_tokens=args.max_new_tokens,
-                           eos_token_id=tokenizer.stop_token_ids)
+    label = "adapter" if args.adapter else "base"
+    if params is None:
+        answer: Any = chat_answerer(model, tokenizer, max_new_tokens=args.max_new_tokens,
+                                    eos_token_id=tokenizer.stop_token_ids)
+    else:
+        answer = sampled_answerer(model, tokenizer, args.samples, seed=args.seed,
+                                  max_new_tokens=args.max_new_tokens,
+                                  eos_token_id=tokenizer.stop_token_ids, **params.as_kwargs())
+        label += f" ({params.describe()}; {args.samples} a question)"
     with tqdm(total=len(samples), unit="question", desc="tasks", file=sys.stderr) as bar:
         result = tasks.score(samples, answer, on_result=lambda _: bar.update(1))
-    label = "adapter" if args.adapter else "base"
     print(tasks.format_table({label: result}))
-    return result.to_dict()
+    report = result.to_dict()
+    if params is not None:
+        report["sampling"] = {**params.as_kwargs(), "samples": args.samples, "seed": args.seed}
+    return report

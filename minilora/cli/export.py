@@ -33,7 +33,7 @@ def add_export_parser(sub: Any) -> None:
                         "MiniMind .pth (default: the embedded tiny model)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or its folder (default: the model's folder)")
-    add_model_config_arg(p, "--config", "--model-config")
+    add_model_config_arg(p)
     p.add_argument("--adapter", action="append", default=[], metavar="PATH",
                    help="adapter folder (PEFT layout), a training run's folder (its adapter/), "
                         "a combined adapter or a MiniMind .pth: merged into the base, or written "

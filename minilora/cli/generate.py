@@ -14,6 +14,7 @@ from minilora.cli.common import (
     apply_adapters,
     load_base,
     sampling,
+    sampling_params,
 )
 from minilora.core.files import parse_json
 
@@ -39,32 +40,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from minilora.decoding.chat import stream_text
     from minilora.decoding.generation import stream_generate
 
+    params = sampling_params(args)  # a bad setting is answered before the model loads
     model, tokenizer = load_base(args)
     adapters = apply_adapters(model, args, several=True)
     model.eval()
+    settings = sampling(args, tokenizer, params)
     if args.adapter_per_prompt:
         if args.prompt is not None:
             raise CliError("--adapter-per-prompt reads JSON lines from stdin, not a prompt "
                            "argument")
-        return _generate_per_prompt(model, tokenizer, args, adapters)
+        return _generate_per_prompt(model, tokenizer, args, adapters, settings)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = _prompt_ids(tokenizer, prompt, args)
-    for piece in stream_text(tokenizer, stream_generate(model, ids, **sampling(args, tokenizer))):
+    for piece in stream_text(tokenizer, stream_generate(model, ids, **settings)):
         print(piece, end="", flush=True)
     print()
     return 0
 
 
 def _generate_per_prompt(model: Any, tokenizer: Any, args: argparse.Namespace,
-                         adapters: list[str]) -> int:
+                         adapters: list[str], settings: dict[str, Any]) -> int:
     """--adapter-per-prompt: JSON lines {"prompt": ..., "adapter": NAME|null} on stdin, all
     generated in one batch whose rows use their own adapter; one JSON line out per prompt."""
     from minilora.decoding.generation import generate_batch
 
     rows = _read_prompt_rows(adapters)
     prompts = [_prompt_ids(tokenizer, prompt, args) for prompt, _ in rows]
-    outputs = generate_batch(model, prompts, adapter_names=[name for _, name in rows],
-                             **sampling(args, tokenizer))
+    # with no adapter loaded every row is the base's, and the model takes no adapter_names
+    per_row: dict[str, Any] = {"adapter_names": [name for _, name in rows]} if adapters else {}
+    outputs = generate_batch(model, prompts, **per_row, **settings)
     for (prompt, name), tokens in zip(rows, outputs, strict=True):
         print(json.dumps({"adapter": name, "prompt": prompt, "text": tokenizer.decode(tokens)},
                          ensure_ascii=False))
@@ -93,6 +97,8 @@ def _read_prompt_rows(adapters: list[str]) -> list[tuple[str, str | None]]:
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, args: argparse.Namespace) -> list[int]:
+    if not prompt.strip():  # the chat template alone would make a prompt of it
+        raise CliError("the prompt is empty; give one as the argument or on stdin")
     if args.raw:
         ids = tokenizer.encode(prompt)
     else:

@@ -17,7 +17,7 @@ def add_info_parser(sub: Any) -> None:
     p.add_argument("path", help="a model folder, an adapter folder, a .pth file, a training "
                                 "run's folder or one of its checkpoints")
     p.add_argument("--json", action="store_true", help="print JSON instead of a listing")
-    add_model_config_arg(p, "--config", "--model-config")
+    add_model_config_arg(p, subject="PATH")
     p.set_defaults(run=cmd_info)
 
 

@@ -25,6 +25,7 @@ from minilora.cli.export import add_export_parser
 from minilora.cli.generate import add_generate_parser
 from minilora.cli.info import add_info_parser
 from minilora.cli.merge import add_merge_parser
+from minilora.cli.replay import add_replay_parser
 from minilora.cli.serve import add_serve_parser
 from minilora.cli.train import add_train_parser
 from minilora.core.errors import BaseConfigNeeded, MiniloraError
@@ -49,8 +50,8 @@ def build_parser(train_args: bool = True) -> argparse.ArgumentParser:
     add_train_parser(sub, flags=train_args)
 
     for add_parser in (add_chat_parser, add_generate_parser, add_eval_parser, add_merge_parser,
-                       add_convert_parser, add_combine_parser, add_serve_parser,
-                       add_info_parser, add_export_parser):
+                       add_convert_parser, add_combine_parser, add_replay_parser,
+                       add_serve_parser, add_info_parser, add_export_parser):
         add_parser(sub)
     return parser
 
@@ -60,13 +61,39 @@ def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[
     import difflib
 
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    flags = [f for action in sub.choices[command]._actions for f in action.option_strings]
+    names = _flag_names(sub.choices[command])
     word = unknown[0]
-    near = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
-    hint = f"; did you mean {near[0]}?" if near else ""
+    near = difflib.get_close_matches(word.split("=")[0], list(names), n=1, cutoff=0.6)
+    hint = f"; did you mean {names[near[0]]}?" if near else ""
     print(f"minilora {command}: error: unknown argument {word}{hint} (see `minilora {command} "
           "--help`)", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
+
+
+# The long names other tools give some of our flags (transformers' TrainingArguments, PEFT's
+# LoraConfig): a user who types one is pointed to ours.
+_OTHER_NAMES = {"--learning-rate": "lr", "--lora-rank": "lora_r", "--rank": "lora_r",
+                "--output-dir": "out_dir", "--num-train-epochs": "epochs",
+                "--per-device-train-batch-size": "batch_size", "--target-modules": "lora_targets",
+                "--gradient-accumulation-steps": "accumulation_steps"}
+
+
+def _flag_names(subparser: argparse.ArgumentParser) -> dict[str, str]:
+    """Every name a user may try for a flag of `subparser` -> the flag: its own spellings, its
+    setting's full name (`--lora-r` for `--r`) and other tools' names for it."""
+    names: dict[str, str] = {}
+    by_dest: dict[str, str] = {}
+    for action in subparser._actions:
+        if not action.option_strings:
+            continue
+        own = action.option_strings[0]
+        by_dest[action.dest] = own
+        names.update({f: f for f in action.option_strings})
+        names.setdefault("--" + action.dest.replace("_", "-"), own)
+    for other, dest in _OTHER_NAMES.items():
+        if dest in by_dest:
+            names.setdefault(other, by_dest[dest])
+    return names
 
 
 def _cli_words(command: str) -> dict[str, str]:
@@ -79,7 +106,7 @@ def _cli_words(command: str) -> dict[str, str]:
         "rank": "--r",
         "linear_method": "--method linear",
         "svd_method": "--method svd",
-        "base_config": ("--model-config" if command == "train" else "--config") + " FILE",
+        "base_config": "--model-config FILE",
     }
 
 
@@ -114,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except _user_errors() as err:
-        if isinstance(err, BaseConfigNeeded):  # train's --config is its own settings file
-            err.flag = "--model-config" if args.command == "train" else "--config"
+        if isinstance(err, BaseConfigNeeded):  # --config is train's own settings file
+            err.flag = "--model-config"
         _in_flag_words(err, args.command)
         # One line whatever the message holds (a wrapped library error may carry newlines or
         # terminal colour codes).

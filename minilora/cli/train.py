@@ -67,6 +67,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "the run goes to a new --out folder unless --resume")
     p.add_argument("--tasks", nargs="*", default=None, metavar="FILE",
                    help="eval files (tasks format) scored before and after training")
+    p.add_argument("--samples", type=int, default=0, metavar="K",
+                   help="also score --tasks sampled, before and after: K answers a question, "
+                        "with the base's generation_config.json (else temperature 1), the share "
+                        "of them right (default: 0, greedy only)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="settings for a case, under the flags given: small-data (a few dozen to "
                         "a few hundred conversations): " + ", ".join(
@@ -133,7 +137,10 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
     if not settings.get("out_dir"):
         stem = Path(settings["data"]).stem
         settings["out_dir"] = str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    settings["model"] = str(args.model or settings.get("model") or BASE_MODEL)
+    model = Path(args.model or settings.get("model") or BASE_MODEL)
+    # absolute, so a rerun, a resume and the adapter's base_model_name_or_path find it from any
+    # folder (a path that is not here is left for the loader to name)
+    settings["model"] = str(model.absolute() if model.exists() else model)
     if args.tokenizer:
         settings["tokenizer"] = str(args.tokenizer)
     return TrainConfig.from_dict(settings), demo
@@ -166,6 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     config, demo = _train_config(args, given)
+    if args.samples < 0:
+        raise CliError(f"--samples: expected an integer >= 0, got {args.samples}")
     # torch only now: a bad setting is answered before it loads (a second and 230 MB)
     from minilora.core.threads import configure_threads
     from minilora.data import tasks
@@ -191,7 +200,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     samples = [s for f in task_files or [] for s in tasks.load_samples(f)]
     answer = chat_answerer(model, tokenizer, max_new_tokens=48,
                            eos_token_id=tokenizer.stop_token_ids)
+    sampled = _sampled_answerer(model, tokenizer, model_path, args.samples, config.seed)
     before = tasks.score(samples, answer) if samples else None
+    sampled_before = tasks.score(samples, sampled[0]) if samples and sampled else None
 
     try:
         result = train(model, train_set, config, eval_set, tokenizer=tokenizer)
@@ -210,6 +221,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif before is not None:
         model.eval()
         _before_and_after(before, samples, answer)
+    if sampled_before is not None:
+        assert sampled is not None  # what sampled_before was scored with
+        print(f"sampled ({sampled[1]}; {args.samples} answers a question, the share right):")
+        _before_and_after(sampled_before, samples, sampled[0], examples=False)
     print(f"adapter: {result.output_dir}")
     written = [f for f in ("metrics.jsonl", "loss.png", "config.json", "checkpoints/")
                if (Path(config.out_dir) / f).exists()]
@@ -218,21 +233,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _before_and_after(before: Any, samples: list[Any], answer: Callable[[list[dict[str, Any]]], str]
-                      ) -> None:
+# A task the base answered at least this share of right before training is one of its own
+# skills, which the adapter should keep; a task it could not do (what the run teaches) is not.
+BASE_SKILL = 0.5
+
+
+def _before_and_after(before: Any, samples: list[Any],
+                      answer: Callable[[list[dict[str, Any]]], Any], *,
+                      examples: bool = True) -> None:
     """The tasks' table before and after training, and a few answers of the trained model."""
     from minilora.data import tasks
 
     after = tasks.score(samples, answer)
-    # The tasks the run did not train on, pooled: what the adapter should leave intact.
-    kept = [t for t in before.tasks if t != "persona"]
+    # The base's own skills, pooled: what the adapter should leave intact (never the task the
+    # run teaches, which the base could not do).
+    kept = [t for t in before.tasks if before.accuracy(t) >= BASE_SKILL]
     groups = {"base skills": kept} if len(kept) > 1 else None
     print()
     print(tasks.format_table({"before": before, "after": after}, groups=groups, ratio=True))
+    if groups:
+        print(f"base skills: {', '.join(kept)} (the tasks the base answered at least "
+              f"{BASE_SKILL:.0%} right before training)")
     print()
+    if not examples:
+        return
     for sample in samples[:3]:
         question = sample.chat()[-1]["content"]
         print(f"Q: {question}\nA: {answer(sample.chat())}\n")
+
+
+def _sampled_answerer(model: Any, tokenizer: Any, model_path: Path, k: int, seed: int
+                      ) -> tuple[Callable[[list[dict[str, Any]]], list[str]], str] | None:
+    """--samples K: an answerer giving K sampled replies with the base's sampling defaults
+    (temperature 1 where it has none), and those settings in words; None when K is 0."""
+    from minilora.decoding.chat import sampled_answerer
+    from minilora.decoding.sampling import SamplingParams, generation_defaults
+
+    if k == 0:
+        return None
+    params = SamplingParams.resolve({}, generation_defaults(model_path), {"temperature": 1.0})
+    if params.temperature == 0:  # a file that asks for greedy: the greedy table says it all
+        params = SamplingParams.resolve({"temperature": 1.0}, params.as_kwargs())
+    answer = sampled_answerer(model, tokenizer, k, seed=seed, max_new_tokens=48,
+                              eos_token_id=tokenizer.stop_token_ids, **params.as_kwargs())
+    return answer, params.describe()
 
 
 def _say_how_to_resume(config: Any) -> None:
@@ -241,9 +285,9 @@ def _say_how_to_resume(config: Any) -> None:
 
     kept = latest_checkpoint(Path(config.out_dir) / CHECKPOINTS)
     if kept is None:
-        print("minilora train: interrupted before its first checkpoint (--save-every N writes "
-              "one every N steps); start it over with: minilora train --resume --out "
-              f"{config.out_dir}", file=sys.stderr)
+        print("minilora train: interrupted before its first step ended, so nothing was kept; "
+              f"start it over with: minilora train --resume --out {config.out_dir}",
+              file=sys.stderr)
         return
     print(f"minilora train: interrupted; kept {kept}. Resume with: minilora train --resume "
           f"--out {config.out_dir}", file=sys.stderr)

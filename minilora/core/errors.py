@@ -153,4 +153,13 @@ class MissingExtra(MiniloraError, ImportError):
 
     def __init__(self, feature: str, extra: str) -> None:
         self.extra = extra
-        super().__init__(f"{feature} needs the optional extra: pip install 'minilora[{extra}]'")
+        super().__init__(f"{feature} needs the optional extra: {install_command(extra)}")
+
+
+def install_command(extra: str) -> str:
+    """The command that installs an optional extra: into this clone (an editable install of a
+    source checkout, where `minilora[...]` would fetch another copy from PyPI) or from PyPI."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "minilora" / "__init__.py").is_file():
+        return f"pip install -e '.[{extra}]' (in {root})"
+    return f"pip install 'minilora[{extra}]'"

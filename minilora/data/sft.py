@@ -93,6 +93,7 @@ class DataStats:
     trained_tokens: int = 0  # of which trained
     errors: list[str] = field(default_factory=list)  # the first few skipped-line messages
     formats: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> {format: records}
+    template: str | None = None  # the chat template conversations were rendered with, in words
 
 
 @dataclass
@@ -187,6 +188,8 @@ def load_jsonl(
         raise DataError(path, "file not found; expected a .jsonl, .json or .parquet file or a "
                         "folder of them")
     stats = DataStats()
+    describe = getattr(tokenizer, "describe_template", None)  # a Tokenizer; a stand-in may lack it
+    stats.template = describe() if callable(describe) else None
     samples: list[Sample] = []
     for file in data_files(path):
         kinds = {"chat": 0, "text": 0, "assistant": 0}

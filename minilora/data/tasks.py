@@ -51,7 +51,7 @@ MAX_TASKS_BYTES = 64 << 20
 _WORD = re.compile(r"[^\W_]+")  # letters and digits; punctuation and "_" separate words
 _TRAILING_PUNCT = re.compile(r"[.!?]+$")
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ def load_samples(path: str | Path) -> list[EvalSample]:
 
 def score(
     samples: Iterable[EvalSample],
-    answer_fn: Callable[[Messages], str],
+    answer_fn: Callable[[Messages], str] | Callable[[Messages], list[str]],
     *,
     on_result: Callable[[Result], None] | None = None,
 ) -> TaskReport:
@@ -266,8 +266,10 @@ def score(
     Args:
         samples: what to ask (from :func:`load_samples`).
         answer_fn: maps chat messages (``[{"role", "content"}, ...]``, ending with the user's
-            question) to the model's reply text; it gets a fresh list per sample.
-        on_result: called after each sample, e.g. to show progress.
+            question) to the model's reply text, or to a list of sampled replies (each scored:
+            the accuracy is then the share of replies that are right); it gets a fresh list
+            per sample.
+        on_result: called after each sample (with its last result), e.g. to show progress.
 
     Returns:
         A :class:`TaskReport` with one result per sample, in order.
@@ -278,12 +280,13 @@ def score(
     report = TaskReport()
     for sample in samples:
         answer = answer_fn(sample.chat())
-        if not isinstance(answer, str):
-            raise TaskError(
-                f"{sample.source}: answer_fn returned {type(answer).__name__}, expected str"
-            )
-        result = Result(sample, answer, is_correct(answer, sample.expected, sample.match))
-        report.results.append(result)
+        answers = answer if isinstance(answer, list) else [answer]
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise TaskError(f"{sample.source}: answer_fn returned {type(answer).__name__}, "
+                            "expected str or a non-empty list of str")
+        for text in answers:  # several sampled replies: each is scored, a share of them right
+            result = Result(sample, text, is_correct(text, sample.expected, sample.match))
+            report.results.append(result)
         if on_result is not None:
             on_result(result)
     return report

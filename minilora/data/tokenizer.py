@@ -54,11 +54,27 @@ class Tokenizer:
         # None (or MiniMind's ChatML, CHAT_TEMPLATE): the built-in ChatML below, whose pieces are
         # encoded one by one; any other template is rendered with Jinja (chat_template.py).
         self.chat_template = None if chat_template == CHAT_TEMPLATE else chat_template
+        self.has_own_template = chat_template is not None  # False: ChatML as a fallback
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token),
                             ("pad_token", pad_token)):
             if token is not None and tokenizer.token_to_id(token) is None:
                 raise ConfigError(f"{name} {token!r} is not in the vocabulary")
+
+    def describe_template(self) -> str:
+        """The chat template in use, in words: the model's own (and which family it looks like)
+        or the built-in ChatML it falls back to."""
+        if self.chat_template is None and self.has_own_template:
+            return "the model's own (MiniMind's ChatML)"
+        if self.chat_template is None:
+            return ("ChatML, built in (the tokenizer has no chat template of its own; add "
+                    "chat_template to its tokenizer_config.json to use another)")
+        families = {"<|start_header_id|>": "Llama 3", "<start_of_turn>": "Gemma",
+                    "[INST]": "Llama 2 / Mistral", "<|im_start|>": "ChatML",
+                    "<|user|>": "Phi / Zephyr"}
+        family = next((f for marker, f in families.items() if marker in self.chat_template),
+                      None)
+        return "the model's own" + (f" ({family} style)" if family else "")
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:

@@ -6,11 +6,12 @@ table, the recipes); `stream_reply` is one turn of the `chat` command.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from minilora.data.tokenizer import Tokenizer
-from minilora.decoding.generation import generate, stream_generate
+from minilora.decoding.generation import generate, generate_batch, stream_generate
 from minilora.model.decoder import CausalLM
 
 
@@ -71,5 +72,35 @@ def chat_answerer(model: CausalLM, tokenizer: Tokenizer, **sampling: Any
     def answer(messages: list[dict[str, Any]]) -> str:
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         return tokenizer.decode(generate(model, ids, **sampling)).strip()
+
+    return answer
+
+
+def sampled_answerer(model: CausalLM, tokenizer: Tokenizer, samples: int, *, seed: int = 0,
+                     **sampling: Any) -> Callable[[list[dict[str, Any]]], list[str]]:
+    """A function from chat messages to ``samples`` sampled replies (for ``tasks.score``, which
+    then scores the share of them that are right), generated as one batch.
+
+    Args:
+        model: the model (in eval mode).
+        tokenizer: renders the messages with the chat template and decodes the replies.
+        samples: replies per question (>= 1).
+        seed: the n-th call samples with a seed made from (seed, n): a scoring run repeats.
+        **sampling: ``generate_batch``'s settings (max_new_tokens, temperature, top_p, min_p,
+            eos_token_id...).
+
+    Returns:
+        answer(messages) -> the replies, each stripped of surrounding whitespace.
+    """
+    calls = 0
+
+    def answer(messages: list[dict[str, Any]]) -> list[str]:
+        nonlocal calls
+        calls += 1
+        digest = hashlib.sha256(f"{seed}:{calls}".encode()).digest()
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        replies = generate_batch(model, [ids] * samples,
+                                 seed=int.from_bytes(digest[:8], "little") >> 1, **sampling)
+        return [tokenizer.decode(r).strip() for r in replies]
 
     return answer

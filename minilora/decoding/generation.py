@@ -2,7 +2,7 @@
 
 Each call sizes one KVCache for the whole answer up front, prefills the prompt and decodes a token
 at a time; sampling follows transformers' processor order (repetition penalty, temperature,
-top-k, top-p).
+top-k, top-p, min-p).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from minilora.core.checks import number
 from minilora.core.errors import ConfigError
+from minilora.decoding.sampling import sampling_problems
 from minilora.model.decoder import CausalLM
 from minilora.model.kv_cache import KVCache
 
@@ -23,20 +23,20 @@ FIRST_CAPACITY = 1024
 
 
 def generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              stop: Sequence[Sequence[int]] | None = None, seed: int | None = None) -> list[int]:
     """Continues one sequence; returns the new tokens (arguments as in ``stream_generate``)."""
     return list(stream_generate(
         model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop=stop,
-        seed=seed))
+        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id, stop=stop, seed=seed))
 
 
 @torch.inference_mode()
 def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
                     max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                    top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     eos_token_id: int | Sequence[int] | None = None,
                     stop: Sequence[Sequence[int]] | None = None,
                     seed: int | None = None) -> Iterator[int]:
@@ -49,6 +49,8 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
         temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / t).
         top_k: sample among the k most likely tokens only (0 = all).
         top_p: sample among the smallest set of tokens whose probability reaches top_p (1 = all).
+        min_p: sample among the tokens at least min_p times as likely as the most likely one
+            (after temperature, top-k and top-p; 0 = all).
         repetition_penalty: transformers' rule: a logit of a token already in the prompt or output
             is divided by it (multiplied when negative); 1 = off.
         eos_token_id: id(s) that end generation; not yielded. None: generation never stops early.
@@ -62,7 +64,7 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
     Raises:
         ConfigError: on an empty prompt or an out-of-range argument (naming it).
     """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     stops = [list(s) for s in stop or []]
     if any(not s for s in stops):
         raise ConfigError("stop: every stop sequence needs at least one token")
@@ -76,7 +78,8 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
         return
     pending: list[int] = []  # tokens that may begin a stop sequence
     for t in _next_tokens(model, ids, max_new_tokens, seed, temperature=temperature,
-                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty):
+                          top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty):
         if t in eos:
             break
         pending.append(t)
@@ -91,7 +94,7 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
 
 
 def _next_tokens(model: CausalLM, ids: Tensor, max_new_tokens: int, seed: int | None, *,
-                 temperature: float, top_k: int, top_p: float,
+                 temperature: float, top_k: int, top_p: float, min_p: float,
                  repetition_penalty: float) -> Iterator[int]:
     """Each next token of one (1, T) prompt, decoded with a KV cache sized for them all."""
     weight = model.model.embed_tokens.weight
@@ -107,7 +110,8 @@ def _next_tokens(model: CausalLM, ids: Tensor, max_new_tokens: int, seed: int | 
     logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[0, -1]  # (V,)
     for step in range(max_new_tokens):
         token = pick_token(logits, seen=seen, generator=generator, temperature=temperature,
-                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+                           top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty)
         yield int(token)
         if step == max_new_tokens - 1:
             break
@@ -119,7 +123,7 @@ def _next_tokens(model: CausalLM, ids: Tensor, max_new_tokens: int, seed: int | 
 @torch.inference_mode()
 def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
                    max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                   top_p: float = 1.0, repetition_penalty: float = 1.0,
+                   top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                    eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
                    **forward_kwargs: object) -> list[list[int]]:
     """Continues several prompts in one batch; returns each one's new tokens.
@@ -131,7 +135,8 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     Args:
         model: the model.
         prompts: one list of token ids per row.
-        max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed: as in
+        max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed:
+            as in
             ``stream_generate``; a row that meets an eos token stops growing.
         **forward_kwargs: passed to every forward, e.g. ``adapter_names=[...]`` (one LoRA adapter
             per row, see minilora.lora.named.mixed_adapters).
@@ -144,7 +149,7 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompts: expected a non-empty list of non-empty prompts")
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     weight = model.model.embed_tokens.weight
     ids, mask = _left_padded(prompts, min(max_new_tokens, FIRST_CAPACITY), weight.device)
@@ -164,7 +169,7 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     done = [False] * B
     for step in range(max_new_tokens):
         tokens = torch.stack([pick_token(
-            logits[i], temperature=temperature, top_k=top_k, top_p=top_p,
+            logits[i], temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seen=None if seen is None else seen[i],
             generator=generator) for i in range(B)])  # (B,)
         for i, t in enumerate(tokens.tolist()):
@@ -207,17 +212,19 @@ def _left_padded(prompts: Sequence[Sequence[int]], room: int, device: torch.devi
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                    repetition_penalty: float, seed: int | None) -> None:
-    """Every sampling setting finite and in range (NaN passes every comparison)."""
-    number("temperature", temperature, low=0)
-    number("top_p", top_p, low=0, low_open=True, high=1)
-    number("repetition_penalty", repetition_penalty, low=0, low_open=True)
-    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name}: expected an integer >= 0, got {value!r}")
+                    min_p: float, repetition_penalty: float, seed: int | None) -> None:
+    """Every sampling setting finite and in range (NaN passes every comparison): SamplingParams'
+    check, and the length and seed."""
+    problems = sampling_problems(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 repetition_penalty=repetition_penalty)
+    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 0):
+        problems.append(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed < 2**63):
-        raise ConfigError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+        problems.append(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _check_ids(ids: Tensor, vocab_size: int) -> None:
@@ -238,14 +245,14 @@ def _held_back(pending: list[int], stops: list[list[int]]) -> int:
 
 
 def pick_token(logits: Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               repetition_penalty: float = 1.0, seen: Tensor | None = None,
+               min_p: float = 0.0, repetition_penalty: float = 1.0, seen: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
     """The next token from one row of logits, with transformers' processor order.
 
     Args:
         logits: (V,) logits of the next position.
-        temperature, top_k, top_p, repetition_penalty: as in ``stream_generate`` (not checked
-            here: ``stream_generate`` checks them once per call).
+        temperature, top_k, top_p, min_p, repetition_penalty: as in ``stream_generate`` (not
+            checked here: ``stream_generate`` checks them once per call).
         seen: (V,) bool, the tokens the repetition penalty applies to; None: no penalty.
         generator: the generator sampling draws from (None: torch's global one).
 
@@ -258,6 +265,23 @@ def pick_token(logits: Tensor, *, temperature: float = 0.0, top_k: int = 0, top_
         logits = torch.where(seen, penalised, logits)  # (V,)
     if temperature == 0:
         return logits.argmax()
+    probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def sampling_probs(logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> Tensor:
+    """The distribution a token is sampled from (temperature > 0), in transformers' order:
+    temperature, top-k, top-p, min-p; each filter keeps at least the most likely token.
+
+    Args:
+        logits: (V,) logits (after any repetition penalty).
+        temperature, top_k, top_p, min_p: as in ``stream_generate``.
+
+    Returns:
+        (V,) float32 probabilities, zero where a filter dropped the token.
+    """
     logits = logits.float() / temperature  # (V,)
     if 0 < top_k < logits.shape[0]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -267,5 +291,7 @@ def pick_token(logits: Tensor, *, temperature: float = 0.0, top_k: int = 0, top_
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # (V,)
         drop[-1] = False  # the most likely token always stays
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)  # (V,)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    if min_p > 0.0:
+        probs = logits.softmax(-1)  # (V,)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits.softmax(-1)  # (V,)

@@ -134,7 +134,28 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, AnyLinear]]
     return chosen
 
 
-def _check_every_suffixmatches(targets: list[str] | str, names: list[str]) -> None:
+def check_excludes_match(model: nn.Module, exclude: list[str] | str) -> None:
+    """Each exclude suffix (or the exclude regex) must name a Linear of ``model``: one that names
+    none is a typo that would adapt the layer the user meant to keep. (A loaded adapter's
+    exclude is not checked: PEFT refuses only an exclude that leaves nothing adapted.)
+
+    Raises:
+        ConfigError: naming each exclude that matches nothing, with the nearest real names.
+    """
+    if not exclude:
+        return
+    names = [n for n, _ in linear_modules(model)]
+    if isinstance(exclude, str):
+        if not any(matches(n, exclude) for n in names):
+            suffixes = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+            raise ConfigError(f"LoRA exclude '{exclude}' matches no Linear module, so it "
+                              f"excludes nothing; the model's Linear names end in: {suffixes}")
+        return
+    _check_every_suffixmatches(exclude, names, "exclude")
+
+
+def _check_every_suffixmatches(targets: list[str] | str, names: list[str],
+                               what: str = "targets") -> None:
     """A listed suffix that matches no Linear is a typo (``v_prj``): an error naming each, with
     the nearest real names, rather than a run that silently adapts the others only."""
     if isinstance(targets, str):
@@ -149,7 +170,7 @@ def _check_every_suffixmatches(targets: list[str] | str, names: list[str]) -> No
         near = difflib.get_close_matches(t.rsplit(".", 1)[-1], suffixes, n=3, cutoff=0.5)
         hints.append(f"{t!r} (nearest: {', '.join(near) or 'none'})")
     raise ConfigError(
-        f"LoRA targets {hints[0] if len(hints) == 1 else ', '.join(hints)} match no Linear "
+        f"LoRA {what} {hints[0] if len(hints) == 1 else ', '.join(hints)} match no Linear "
         f"module; the model's Linear names end in: {', '.join(suffixes) or '(none)'}"
     )
 

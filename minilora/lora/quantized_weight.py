@@ -24,6 +24,7 @@ full-precision model.
 
 from __future__ import annotations
 
+import logging
 import sys
 from types import ModuleType
 from typing import Any, Protocol
@@ -45,6 +46,11 @@ def require_bitsandbytes() -> ModuleType:
     Raises:
         MissingExtra: it is not installed (the message names the ``qlora`` extra).
     """
+    # On a CPU with AVX512-BF16, importing bitsandbytes tries an optional kernel from the Hugging
+    # Face hub, which needs trust_remote_code (minilora never turns it on), and logs a warning
+    # about it; bitsandbytes then uses its own CPU kernel, which is what minilora tests against.
+    # The warning asks the user to do something they need not do: it is dropped.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_remote_kernel_warning)
     try:
         import bitsandbytes
     except ImportError:
@@ -52,10 +58,23 @@ def require_bitsandbytes() -> ModuleType:
     return bitsandbytes
 
 
+def _drop_remote_kernel_warning(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
 def is_quantized(weight: Tensor) -> bool:
     """Whether ``weight`` is a bitsandbytes 4-bit or 8-bit weight (False without bitsandbytes)."""
     bnb = sys.modules.get("bitsandbytes")
     return bnb is not None and isinstance(weight, (bnb.nn.Params4bit, bnb.nn.Int8Params))
+
+
+def stored_values(weight: Tensor) -> int:
+    """The number of values a weight stands for: a 4-bit weight's original shape (its storage
+    packs two a byte), any other tensor's numel."""
+    state = getattr(weight, "quant_state", None) if is_quantized(weight) else None
+    if state is None:
+        return weight.numel()
+    return int(torch.Size(state.shape).numel())
 
 
 def quant_kind(weight: Tensor) -> str:

@@ -219,7 +219,7 @@ def verified_checkpoint_files(path: Path) -> dict[str, bytes]:
         manifest = read_json(path / MANIFEST, "a checkpoint manifest", error=CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not a minilora checkpoint (no {MANIFEST}); train into "
-                              "another out_dir") from None
+                              "another {out_dir}", fields={"out_dir": "out_dir"}) from None
     listed = manifest.get("files") if isinstance(manifest, dict) else None
     needed = {"trainable.safetensors", "state.pt"}
     if (not isinstance(listed, dict) or not needed <= set(listed)
@@ -285,8 +285,8 @@ def _check_same_run(path: Path, state: dict[str, Any], config: TrainConfig,
     if diffs:
         raise CheckpointError(
             f"{path} was written by a different run; refusing to resume: " + "; ".join(diffs)
-            + ". Resume with the same settings, or train into a new out_dir."
-        )
+            + ". Resume with the same settings, or train into a new {out_dir}.",
+            fields={"out_dir": "out_dir"})
 
 
 def _regrouped(batch_then: int, world_then: int, batch_now: int, world_now: int) -> list[str]:
@@ -309,7 +309,7 @@ def _processes(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
 
 
-# Checkpoints written before adapters were keyed by name (minilora 0.1 up to issue 13) hold the
+# Checkpoints written before adapters were keyed by name (minilora 0.1) hold the
 # default adapter's A and B as <path>.lora_A.weight: read them under today's names.
 _UNNAMED_ADAPTER = re.compile(r"\.(lora_A|lora_B)\.weight$")
 

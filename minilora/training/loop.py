@@ -36,10 +36,17 @@ from torch import nn
 from minilora.adapters.folder import save_adapter
 from minilora.adapters.state import adapter_state_dict
 from minilora.core.errors import ConfigError, TrainError
+from minilora.core.files import atomic_write, read_bounded
 from minilora.core.tensor_checks import is_sharded
 from minilora.data.sft import Batch, DataStats, JsonlDataset
 from minilora.data.tokenizer import Tokenizer
-from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable, unmerge_lora
+from minilora.lora.injection import (
+    check_excludes_match,
+    inject_lora,
+    lora_parameters,
+    mark_trainable,
+    unmerge_lora,
+)
 from minilora.lora.layer import lora_modules
 from minilora.lora.qlora import quantize_model
 from minilora.lora.quantized_weight import require_bitsandbytes
@@ -58,6 +65,7 @@ from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan, check_vocab
 from minilora.training.distributed import broadcast, start_distributed, sync_gradients
 from minilora.training.fsdp import check_launch, shard_model, whole
+from minilora.training.interrupt import StopAfterStep
 from minilora.training.memory import estimate_memory, measured_peak
 from minilora.training.optimizer import build_optimizer, set_lr
 from minilora.training.precision import autocast_dtype, resolve_precision
@@ -167,6 +175,7 @@ class _Run:
     # A PiSSA adapter's A and B as initialised (from the base's SVD): its saved adapters are
     # converted with them into plain LoRA for the original base (see save_adapter).
     pissa_start: dict[str, torch.Tensor] | None = None
+    mid_step: bool = False  # True from the start of a step until its state.step is set
 
 
 def _resolved(config: TrainConfig, device: torch.device, world: int
@@ -192,23 +201,15 @@ def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | Non
     start_step = run.state.step
     stop = min(run.plan.total_steps, config.stop_after or run.plan.total_steps)
     log.start(start_step, run.plan.total_steps)
-    losses: list[tuple[int, float]] = []
-    evals: list[dict[str, float]] = []
-    tokens = 0
     out = Path(config.out_dir)
     model.train()
-    for step in range(start_step, stop):
-        loss, step_tokens = _step(run, step, config, place)
-        tokens += step_tokens
-        losses += log.step(run.state.step, loss, lr_at(step, config, run.plan.total_steps),
-                           step_tokens, run.state.skipped,
-                           force=run.state.step == stop or run.state.step % config.log_every == 0)
-        evaluates = eval_set is not None or scorer is not None
-        if evaluates and config.eval_every and run.state.step % config.eval_every == 0:
-            evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log, scorer))
-        if config.save_every and run.state.step % config.save_every == 0 and run.state.step != stop:
-            save_checkpoint(out / CHECKPOINTS, model, run.optimizer, run.scaler, config, run.plan,
-                            run.state, place.rank)
+    with StopAfterStep(enabled=place.world == 1) as interrupt:
+        try:
+            losses, evals, tokens = _steps(run, start_step, stop, eval_set, config, place, log,
+                                           interrupt, scorer)
+        except KeyboardInterrupt:
+            _checkpoint_what_was_done(run, config, place, start_step)
+            raise
     if place.rank == 0:
         peak, what = measured_peak(place.device)
         print(f"memory: measured peak {peak / 2**30:.2f} GiB ({what})", file=sys.stderr)
@@ -230,6 +231,44 @@ def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | Non
         best_dir=best if place.rank == 0 and best.exists() else None, checkpoint_dir=checkpoint,
         data_stats=train_set.stats, start_step=start_step,
     )
+
+
+def _steps(run: _Run, start_step: int, stop: int, eval_set: JsonlDataset | None,
+           config: TrainConfig, place: _Place, log: RunLog, interrupt: StopAfterStep,
+           scorer: Scorer | None = None
+           ) -> tuple[list[tuple[int, float]], list[dict[str, float]], int]:
+    """The optimizer steps from ``start_step`` to ``stop``, with their logs, evals and periodic
+    checkpoints; returns the losses logged, the evals and the tokens trained on."""
+    losses: list[tuple[int, float]] = []
+    evals: list[dict[str, float]] = []
+    tokens = 0
+    out = Path(config.out_dir)
+    for step in range(start_step, stop):
+        loss, step_tokens = _step(run, step, config, place)
+        tokens += step_tokens
+        losses += log.step(run.state.step, loss, lr_at(step, config, run.plan.total_steps),
+                           step_tokens, run.state.skipped,
+                           force=run.state.step == stop or run.state.step % config.log_every == 0)
+        evaluates = eval_set is not None or scorer is not None
+        if evaluates and config.eval_every and run.state.step % config.eval_every == 0:
+            evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log, scorer))
+        if config.save_every and run.state.step % config.save_every == 0 and run.state.step != stop:
+            save_checkpoint(out / CHECKPOINTS, run.model, run.optimizer, run.scaler, config,
+                            run.plan, run.state, place.rank)
+        if interrupt.requested:  # Ctrl-C during this step: it is done, so stop here
+            raise KeyboardInterrupt
+    return losses, evals, tokens
+
+
+def _checkpoint_what_was_done(run: _Run, config: TrainConfig, place: _Place,
+                              start_step: int) -> None:
+    """Ctrl-C: a checkpoint at the last step done, so --resume goes on from there exactly. Not
+    when it came in the middle of a step (a second Ctrl-C): its gradients are half summed and the
+    optimizer may be half stepped, so the last checkpoint written stays the one to resume."""
+    if run.mid_step or run.state.step == start_step:
+        return
+    save_checkpoint(Path(config.out_dir) / CHECKPOINTS, run.model, run.optimizer, run.scaler,
+                    config, run.plan, run.state, place.rank)
 
 
 def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place: _Place,
@@ -286,6 +325,7 @@ def _compiled(model: nn.Module, config: TrainConfig) -> Any:
 def _step(run: _Run, step: int, config: TrainConfig, place: _Place
           ) -> tuple[torch.Tensor | None, int]:
     """One optimizer step; returns its loss (None when skipped as non-finite) and its tokens."""
+    run.mid_step = True
     set_lr(run.optimizer, lr_at(step, config, run.plan.total_steps))
     torch.manual_seed(_step_seed(config.seed, step, place.rank))  # dropout: resumable, per rank
     micro_batches, trained, step_tokens = run.plan.batches(step)
@@ -320,6 +360,7 @@ def _step(run: _Run, step: int, config: TrainConfig, place: _Place
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step = step + 1
+    run.mid_step = False
     return (step_loss if finite else None), step_tokens
 
 
@@ -397,6 +438,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     if lora_modules(model):
         unmerge_lora(model)  # a loaded adapter is trained further, with its own settings
     else:
+        check_excludes_match(model, config.lora_exclude)
         inject_lora(model, config.lora_config())
     mark_trainable(model)
     return lora_parameters(model)
@@ -533,6 +575,23 @@ def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Pa
         else:
             save_adapter(model, folder, base_model_name_or_path=config.model,
                          pissa_initial=run.pissa_start, tensors=gathered)
+        if config.model:  # a library run on a model built in memory names no folder
+            _carry_generation_config(Path(config.model), folder)
     except OSError as err:  # a full disk, say: an fsync error names no file, so name the folder
         raise OSError(err.errno, f"cannot write {folder}: {err.strerror or err}") from err
     return folder
+
+
+# The base's sampling defaults (transformers' file name): an adapter or model folder the run
+# writes carries them, so chat, generate and serve sample the trained model as the base's
+# authors meant (decoding.sampling reads it).
+GENERATION_CONFIG = "generation_config.json"
+_MAX_GENERATION_CONFIG = 1 << 20
+
+
+def _carry_generation_config(base: Path, folder: Path) -> None:
+    """Copies the base folder's generation_config.json, if it has one, into ``folder``."""
+    source = base / GENERATION_CONFIG
+    if base.is_dir() and source.is_file():
+        atomic_write(folder / GENERATION_CONFIG,
+                     read_bounded(source, _MAX_GENERATION_CONFIG, "a generation_config.json"))

@@ -53,13 +53,13 @@ def replace_earlier_run(out: Path, overwrite: bool, rank: int) -> None:
     if latest is not None and not overwrite and unfinished(latest):
         raise CheckpointError(
             f"{latest} holds an unfinished run: pass {{resume}} to continue it, or train into "
-            "another out_dir", fields={"resume": "resume=True"})
+            "another {out_dir}", fields={"resume": "resume=True", "out_dir": "out_dir"})
     earlier = [n for n in ("adapter", "model", "best", CHECKPOINTS, "metrics.jsonl")
                if (out / n).exists()]
     if earlier and not overwrite:
         raise OutputError(f"{out} holds an earlier run ({', '.join(earlier)}): pass {{overwrite}} "
-                          "to replace it, or train into another out_dir",
-                          fields={"overwrite": "overwrite=True"})
+                          "to replace it, or train into another {out_dir}",
+                          fields={"overwrite": "overwrite=True", "out_dir": "out_dir"})
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank has looked before rank 0 removes or writes anything
     if rank == 0:  # every output of the earlier run, its plot too (a new run may draw none)

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from minilora.core.errors import MissingExtra
+from minilora.core.errors import MissingExtra, install_command
 from minilora.core.files import atomic_write, parse_json
 from minilora.data.sft import DataStats
 from minilora.lora.layer import lora_modules
+from minilora.lora.quantized_weight import stored_values
 from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan
 
@@ -167,7 +168,7 @@ def plot_losses(out: Path) -> Path | None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        print("loss.png skipped: matplotlib is not installed (pip install 'minilora[plot]')",
+        print(f"loss.png skipped: matplotlib is not installed ({install_command('plot')})",
               file=sys.stderr)
         return None
     records: list[Any] = []  # any JSON value: the dicts with a step are kept below
@@ -210,7 +211,8 @@ def plot_losses(out: Path) -> Path | None:
 def describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device: torch.device,
                   precision: str, start_step: int) -> None:
     """Prints one block before the first step: what will run, where, and how much."""
-    total = sum(p.numel() for p in model.parameters())
+    # a 4-bit weight packs two values a byte: count the values it stands for, as unquantized
+    total = sum(stored_values(p) for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapted = "every weight (full fine-tuning)" if config.full else (
         f"{len(lora_modules(model))} Linear modules (rank {config.lora_r})")
@@ -226,4 +228,9 @@ def describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device:
         f"steps       {steps}",
         f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",
     ]
+    stats = getattr(plan.dataset, "stats", None)
+    chats = stats is not None and any(f.get(k) for f in stats.formats.values()
+                                      for k in ("chat", "sharegpt", "alpaca"))
+    if chats and stats is not None and stats.template:  # what the conversations were rendered with
+        lines.append(f"template    {stats.template}")
     print("\n".join("run: " + line for line in lines), file=sys.stderr)

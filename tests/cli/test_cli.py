@@ -220,7 +220,7 @@ def test_bare_pth_takes_config_and_merge_convert_need_no_tokenizer(
     config = str(workdir / "base" / "config.json")
     code, _, err = run(["info", str(pth)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "rms_norm_eps" in err and "--config" in err
+    assert "rms_norm_eps" in err and "--model-config" in err
     code, out, err = run(["info", "--json", str(pth), "--config", config], capsys)
     assert code == 0, err
     assert json.loads(out)["model_type"] == "llama"

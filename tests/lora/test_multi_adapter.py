@@ -714,7 +714,7 @@ def test_cli_errors_say_flags_not_library_keywords(cli_dir, capsys, tmp_path):
          "rank 3 (--r): --method linear has the sum of the ranks (4); use --method svd for "
          "another rank"),
         (["info", str(bare)],
-         f"{bare}/config.json: no config.json; pass the model's config (--config FILE)"),
+         f"{bare}/config.json: no config.json; pass the model's config (--model-config FILE)"),
         (["train", "--model", str(bare), "--data", str(tmp_path / "none.jsonl"), "--out",
           str(tmp_path / "run")],
          f"{bare}/config.json: no config.json; pass the model's config (--model-config FILE)"),

@@ -434,7 +434,7 @@ def test_cli_without_the_serve_extra_names_it(monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # import uvicorn fails
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install 'minilora[serve]'" in err
+    assert err.count("\n") == 1 and "pip install -e '.[serve]'" in err  # a clone's hint
 
 
 def test_cli_refuses_a_missing_adapter_dir(capsys, tmp_path):

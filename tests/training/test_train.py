@@ -613,7 +613,7 @@ def test_an_unfinished_run_is_named_in_the_command_lines_words(files, base_dir, 
     assert code == 2
     assert err.splitlines()[-1].endswith(
         "step-00000001 holds an unfinished run: pass --resume to continue it, or train into "
-        "another out_dir")
+        "another --out")
     assert "resume=True" not in err
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from minilora.core.errors import AdapterError
-from minilora.lora.layer import lora_modules
+from minilora.lora.layer import LoRALinear, lora_modules
 from minilora.lora.named import adapter_layers, resolve_adapter
-from minilora.lora.quantized_weight import QUANTIZED_FROM, is_quantized
+from minilora.lora.quantized_weight import is_quantized
 from minilora.lora.weight_hash import hash_weights
 
 
@@ -44,13 +44,16 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
         )
     quantized = [n for n, m in modules if is_quantized(m.weight)]
     if quantized:
-        return _quantized_fingerprint(model, [n for n, _ in modules], quantized)
+        return _quantized_fingerprint(modules, quantized)
     return hash_weights({n: m.weight.detach() for n, m in modules})
 
 
-def _quantized_fingerprint(model: nn.Module, names: list[str], quantized: list[str]) -> str:
-    """The fingerprint quantize_model recorded from the weights before quantizing them."""
-    record = getattr(model, QUANTIZED_FROM, None)
+def _quantized_fingerprint(modules: list[tuple[str, LoRALinear]], quantized: list[str]) -> str:
+    """The fingerprint quantize_model recorded (on each layer) from the weights before
+    quantizing them."""
+    records = {id(m.quantized_from): m.quantized_from for _, m in modules}
+    record = next(iter(records.values())) if len(records) == 1 else None
+    names = [n for n, _ in modules]
     if record is None or tuple(sorted(names)) != record["modules"]:
         raise AdapterError(
             f"{quantized[0]}.weight is quantized and no fingerprint of its full-precision "

@@ -14,16 +14,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from minilora.core.errors import ConfigError, FingerprintMismatch, MiniloraError, OutputError
+from minilora.core.errors import (  # noqa: F401  (CliError re-exported: cli.common.CliError)
+    CliError,
+    ConfigError,
+    MiniloraError,
+    OutputError,
+)
 from minilora.core.outputs import check_not_an_input
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BASE_MODEL = ASSETS / "base"
 EXIT_USAGE = 2
-
-
-class CliError(MiniloraError):
-    """A user mistake the command line reports in one line (exit code 2)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -115,7 +116,7 @@ def apply_adapters(model: Any, args: argparse.Namespace, *, several: bool = Fals
         raise CliError(f"one --adapter at a time for `{args.command}` (chat and generate take "
                        "several)")
     if len(args.adapter) == 1 and "=" not in args.adapter[0]:
-        load_adapter(model, args.adapter[0], args)  # one adapter: "default", as always
+        load_adapter_arg(model, args.adapter[0], args)  # one adapter: "default", as always
         return ["default"]
     names = load_named_adapters(model, args.adapter, args, "--adapter NAME=PATH")
     if names:
@@ -131,7 +132,7 @@ def load_named_adapters(model: Any, specs: list[str], args: argparse.Namespace,
         name, path = adapter_spec(spec)
         if name in names:
             raise CliError(f"two adapters are named {name!r}: name them with {how}")
-        load_adapter(model, path, args, name=name)
+        load_adapter_arg(model, path, args, name=name)
         names.append(name)
     return names
 
@@ -156,18 +157,15 @@ def name_after(text: str, fallback: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text).lstrip("-") or fallback
 
 
-def load_adapter(model: Any, path: str | Path, args: argparse.Namespace,
-                 name: str | None = None) -> None:
-    """Loads the adapter at path (a training run's folder: the adapter it wrote) into model."""
-    from minilora.adapters.folder import load_adapter as load
+def load_adapter_arg(model: Any, path: str | Path, args: argparse.Namespace,
+                     name: str | None = None) -> None:
+    """--adapter PATH: loads the adapter at path (a training run's folder: the adapter it wrote)
+    into model, checking its fingerprint unless --no-fingerprint-check."""
+    from minilora.adapters.folder import load_adapter
     from minilora.training.describe import resolve_adapter_path
 
-    try:
-        load(model, resolve_adapter_path(path), check_fingerprint=not args.no_fingerprint_check,
-             name=name)
-    except FingerprintMismatch as err:  # the library's hint names its keyword; here it is a flag
-        err.override = "--no-fingerprint-check"
-        raise
+    load_adapter(model, resolve_adapter_path(path), check_fingerprint=not args.no_fingerprint_check,
+                 name=name)
 
 
 def inputs(args: argparse.Namespace) -> dict[str, Any]:

@@ -78,6 +78,7 @@ def _cli_words(command: str) -> dict[str, str]:
         "linear_method": "--method linear",
         "svd_method": "--method svd",
         "base_config": ("--model-config" if command == "train" else "--config") + " FILE",
+        "check_fingerprint": "--no-fingerprint-check",
     }
 
 

@@ -19,6 +19,7 @@ from minilora.data.sft import DataStats
 from minilora.lora.layer import lora_modules
 from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan
+from minilora.training.run_layout import RunLayout
 
 
 def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
@@ -30,11 +31,11 @@ def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
-        config.save_json(out / "config.json")
+        config.save_json(RunLayout(out).config)
     except OSError as err:
         raise OSError(err.errno, f"cannot write the output folder {out}: "
                       f"{err.strerror or err}; choose another out_dir (--out)") from None
-    metrics = out / "metrics.jsonl"
+    metrics = RunLayout(out).metrics
     # Keep what the checkpoint covers: a crashed run logged steps that will be run again.
     kept = []
     if step and metrics.exists():
@@ -58,7 +59,7 @@ class RunLog:
 
     def __init__(self, out: Path, rank: int) -> None:
         self.active = rank == 0
-        self.path = out / "metrics.jsonl"
+        self.path = RunLayout(out).metrics
         self.bar: tqdm | None = None
         self.precision = ""  # the precision in words, for the run's opening block
 
@@ -126,7 +127,7 @@ def plot_losses(out: Path) -> Path | None:
               file=sys.stderr)
         return None
     records = []
-    for line in (out / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in RunLayout(out).metrics.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             records.append(parse_json(line))
         except ValueError:
@@ -146,11 +147,11 @@ def plot_losses(out: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     figure.tight_layout()
-    figure.savefig(out / "loss.png", dpi=100)
-    return out / "loss.png"
+    figure.savefig(RunLayout(out).plot, dpi=100)
+    return RunLayout(out).plot
 
 
-def describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device: torch.device,
+def print_run_plan(model: nn.Module, config: TrainConfig, plan: BatchPlan, device: torch.device,
                   precision: str, start_step: int) -> None:
     """Prints one block before the first step: what will run, where, and how much."""
     total = sum(p.numel() for p in model.parameters())

@@ -340,10 +340,13 @@ def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, me
         raise ConfigError(
             f"adapter {name!r} exists already; delete_adapter it or pick another name")
     refuse_merged(model, "combine_adapters")
-    dora = sorted({n for _, m in lora_modules(model) for n in m.lora_magnitude_vector
-                   if n in weights})
-    if dora and method == "linear":
-        raise ConfigError(f"DoRA adapters {dora} do not add up as B A products; combine them "
+    # a variant whose update is no B A product (DoRA) cannot be concatenated
+    apart = {n: m.variant[n].label for _, m in lora_modules(model) for n in m.variant
+             if n in weights and not m.variant[n].adds_up}
+    if apart and method == "linear":
+        kinds = "/".join(sorted(set(apart.values())))
+        raise ConfigError(f"{kinds} adapters {sorted(apart)} do not add up as B A products; "
+                          "combine them "
                           "with {svd_method} (it factors their merged weight updates, which "
                           "are full rank in general: pick {rank}, the error is reported)",
                           fields=COMBINE_WORDS)

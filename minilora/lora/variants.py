@@ -33,6 +33,7 @@ class LoraVariant:
     """Plain LoRA: update s B A x', merge adds s B A (x' = dropout(x))."""
 
     name = "lora"
+    label = "LoRA"  # how messages name it
     fast_path = True
     adds_up = True
 
@@ -55,6 +56,7 @@ class PissaVariant(LoraVariant):
     their part of W; W keeps the rest, so the output does not change. Computes as plain LoRA."""
 
     name = "pissa"
+    label = "PiSSA"
 
     @torch.no_grad()
     def init(self, layer: LoRALinear, adapter: str) -> None:
@@ -75,6 +77,7 @@ class DoraVariant(LoraVariant):
     The magnitude m (out,) lives in the layer's `lora_magnitude_vector[adapter]`."""
 
     name = "dora"
+    label = "DoRA"
     fast_path = False  # the row norm of the whole weight: the reference forward computes it
     adds_up = False  # m (W + s B A) / ||.|| is no B A product
 

@@ -26,10 +26,10 @@ import torch
 from minilora.cli import ASSETS, BASE_MODEL, main
 from minilora.data import tasks
 from minilora.data.tokenizer import Tokenizer
-from minilora.training.run_layout import RunLayout
 from minilora.decoding.chat import chat_answerer
 from minilora.lora.named import set_active
 from minilora.model.io import load_model
+from minilora.training.run_layout import RunLayout
 
 RUNS = {
     "README's former recipe (lr 2e-4, 3 epochs)": ["--r", "16", "--alpha", "32", "--lr", "2e-4",

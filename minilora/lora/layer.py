@@ -117,10 +117,13 @@ class LoRALinear(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.init: dict[str, str] = {}
-        self.variant: dict[str, LoraVariant] = {}
+        self.variant: dict[str, LoraVariant] = {}  # how each adapter computes (variants.py)
         self.lora_config: dict[str, LoraConfig | None] = {}
+        # PiSSA adapters: the fingerprint of the weights their init replaced (inject_lora)
         self.pissa_from: dict[str, str] = {}
+        # a mixed batch's (adapter, rows) for the current call (named.mixed_adapters), else None
         self.routes: Routes | None = None
+        # quantize_model's record: the full-precision weights' fingerprint, kind, layers
         self.quantized_from: dict | None = None
         self._fast: tuple | None = None
         self.active_adapters: tuple[str, ...] = ()

@@ -27,11 +27,18 @@ BASE_MODEL = ASSETS / "base"
 EXIT_USAGE = 2
 
 
+def say_error(prog: str, message: str) -> None:
+    """The one way the command line words an error: ``PROG: error: MESSAGE`` on one line of
+    stderr (newlines and terminal colour codes a wrapped message may hold are flattened)."""
+    message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", message)).strip()
+    print(f"{prog}: error: {message}", file=sys.stderr)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line (not the usage block) and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        say_error(self.prog, f"{message} (see `{self.prog} --help`)")
         raise SystemExit(EXIT_USAGE)
 
 

@@ -10,14 +10,13 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 
 from minilora import __version__
 from minilora.cli.chat import add_chat_parser
 from minilora.cli.combine import add_combine_parser
-from minilora.cli.common import EXIT_USAGE, Parser, flag
+from minilora.cli.common import EXIT_USAGE, Parser, flag, say_error
 from minilora.cli.convert import add_convert_parser
 from minilora.cli.eval import add_eval_parser
 from minilora.cli.generate import add_generate_parser
@@ -62,8 +61,8 @@ def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[
     word = unknown[0]
     near = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
     hint = f"; did you mean {near[0]}?" if near else ""
-    print(f"minilora {command}: error: unknown argument {word}{hint} (see `minilora {command} "
-          "--help`)", file=sys.stderr)
+    say_error(f"minilora {command}", f"unknown argument {word}{hint} (see `minilora {command} "
+              "--help`)")
     raise SystemExit(EXIT_USAGE)
 
 
@@ -116,10 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, BaseConfigNeeded):  # train's --config is its own settings file
             err.flag = "--model-config" if args.command == "train" else "--config"
         _in_flag_words(err, args.command)
-        # One line whatever the message holds (a wrapped library error may carry newlines or
-        # terminal colour codes).
-        message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", str(err))).strip()
-        print(f"minilora {args.command}: error: {message}", file=sys.stderr)
+        say_error(f"minilora {args.command}", str(err))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"minilora {args.command}: interrupted", file=sys.stderr)

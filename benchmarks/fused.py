@@ -5,11 +5,12 @@
     python benchmarks/fused.py --profile fp32  # self CPU ms per op, LoRA step fused/unfused
 
 Training: the frozen-base floor and the LoRA step (r=8 all-linear), each fused and unfused (the
-same model, `fusion(False)` around the unfused call), and transformers + PEFT on the same
-weights; one step of each in turn per round, the order rotated every round. Inference: the base
-and the unmerged LoRA model (B != 0), fused and unfused, in turn the same way. Each table shows
-the median of the per-round ratios and their spread (25th to 75th percentile), and what one
-forward keeps for backward (the bytes of the distinct storages autograd saves).
+same model, `fused_projections(model, False)` around the unfused call), and transformers + PEFT
+on the same weights; one step of each in turn per round, the order rotated every round.
+Inference: the base and the unmerged LoRA model (B != 0), fused and unfused, in turn the same
+way. Each table shows the median of the per-round ratios and their spread (25th to 75th
+percentile), and what one forward keeps for backward (the bytes of the distinct storages
+autograd saves).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _saved_mib(step_forward) -> float:
 
 
 def train_rows(dtype: str, shapes: dict, batch, args) -> tuple:
-    from minilora.model.fused import fusion
+    from minilora.model.fused import fused_projections
 
     def case(impl, target):
         return dict(kind="train", impl=impl, target=target, dtype=dtype)
@@ -79,7 +80,7 @@ def train_rows(dtype: str, shapes: dict, batch, args) -> tuple:
 
     def unfused(fn):
         def call():
-            with fusion(False):
+            with fused_projections(fn.model, False):
                 fn()
         return call
 
@@ -104,7 +105,7 @@ def train_rows(dtype: str, shapes: dict, batch, args) -> tuple:
 def _saved_rows(dtype: str, shapes: dict, batch) -> list[str]:
     import torch
 
-    from minilora.model.fused import fusion
+    from minilora.model.fused import fused_projections
 
     rows = []
     for impl, target in (("minilora-frozen", None), ("minilora", "all")):
@@ -113,7 +114,8 @@ def _saved_rows(dtype: str, shapes: dict, batch) -> list[str]:
         ids, labels = bench._batch(shapes, batch, False)
         for on in (True, False):
             def fwd(model=model, ids=ids, labels=labels, on=on):
-                with fusion(on), torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+                with fused_projections(model, on), torch.autocast(
+                        "cpu", torch.bfloat16, enabled=dtype == "bf16"):
                     return model(input_ids=ids, labels=labels).loss
             name = ("frozen" if target is None else "LoRA") + (" fused" if on else " unfused")
             rows.append(f"| {dtype} | {name} | {_saved_mib(fwd):.1f} |")
@@ -126,7 +128,7 @@ def overhead_rows(dtype: str, shapes: dict, batch, args) -> list[str]:
 
     from minilora.lora.injection import inject_lora
     from minilora.lora.layer import LoraConfig
-    from minilora.model.fused import fusion
+    from minilora.model.fused import fused_projections
 
     base = bench._build(dict(impl="minilora"), shapes)
     if dtype == "bf16":
@@ -141,7 +143,7 @@ def overhead_rows(dtype: str, shapes: dict, batch, args) -> list[str]:
 
     def call(model, on):
         def fn():
-            with torch.inference_mode(), fusion(on):
+            with torch.inference_mode(), fused_projections(model, on):
                 model.eval()(input_ids=ids)
         return fn
 
@@ -161,14 +163,14 @@ def profile(dtype: str, shapes: dict, batch) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    from minilora.model.fused import fusion
+    from minilora.model.fused import fused_projections
 
     step = bench._train_fn(dict(kind="train", impl="minilora", target="all", dtype=dtype),
                            shapes, batch)
     ms: dict[str, list[float]] = {}
     step()  # the optimizer's state and first-call setup, outside the profiles
     for on in (True, False, True, False):
-        with fusion(on):
+        with fused_projections(step.model, on):
             step()
             with prof(activities=[ProfilerActivity.CPU]) as p:
                 step()

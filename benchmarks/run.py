@@ -225,6 +225,7 @@ def _train_fn(case: dict, shapes: dict, batch):
             opt.zero_grad(set_to_none=True)
 
     case["loss"] = None
+    step.model = model  # benchmarks/fused.py turns its fused projections off
     return step
 
 
@@ -759,8 +760,9 @@ def analysis(res: dict) -> str:
         "- **LoRA step vs the frozen floor** (target 1.05x): "
         f"{_fmt(lora_vs_floor['fp32'], '.3f')} fp32, {_fmt(lora_vs_floor['bf16'], '.3f')} bf16. "
         "lora.py runs a layer with one active adapter as one autograd node with a hand-written "
-        "backward (`_LoRAFunction`): the update goes into the base output in place with "
-        "`addmm_` and autograd never sees it (no output-sized CopySlices clone in backward), "
+        "backward (core/lowrank.py's `_LowRankLinear`): the update goes into the base output "
+        "in place with `addmm_` and autograd never sees it (no output-sized CopySlices clone in "
+        "backward), "
         "the scaling is folded into the rank-r product, grad_B is computed as (h^T g)^T (the "
         "orientation MKL/oneDNN run several times faster), grad_x is one GEMM plus one "
         "`addmm_` into it, and under autocast the branch runs in bf16 with A and B cast once "

@@ -29,6 +29,7 @@ from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.chat import chat_answerer
 from minilora.lora.named import set_active
 from minilora.model.io import load_model
+from minilora.training.run_layout import RunLayout
 
 RUNS = {
     "README's former recipe (lr 2e-4, 3 epochs)": ["--r", "16", "--alpha", "32", "--lr", "2e-4",
@@ -92,7 +93,7 @@ def main_recipe() -> None:
         argv = ["train", "--model", str(BASE_MODEL), "--data", str(data), "--out", str(run),
                 "--seed", "0", *[f.format(replay=replay) for f in flags]]
         assert main(argv) == 0
-        rows.append((name, score(run / "adapter", samples), time.perf_counter() - started))
+        rows.append((name, score(RunLayout(run).adapter, samples), time.perf_counter() - started))
     print(f"data: {data} (60 conversations); held out: persona_eval.jsonl (60), "
           "base_eval.jsonl (200)")
     print(f"| {'run':<44} | persona (held out) | base skills | train time |")

@@ -112,10 +112,10 @@ def add_random_adapter(model: Any, name: str, seed: int, targets: Any) -> None:
             b.data.copy_(torch.randn(b.shape, generator=g) * 2.0)
 
 
-def fit(model: Any, tokenizer: Any, config: Any) -> Any:
-    """train() on the files the config names, read with ``tokenizer``."""
+def fit(model: Any, tokenizer: Any, config: Any, **kwargs: Any) -> Any:
+    """train() on the files the config names, read with ``tokenizer``; kwargs go to train()."""
     from minilora.training.datasets import load_datasets
     from minilora.training.loop import train
 
     train_set, eval_set = load_datasets(config, tokenizer)
-    return train(model, train_set, config, eval_set)
+    return train(model, train_set, config, eval_set, **kwargs)

@@ -59,7 +59,7 @@ from minilora.lora.named import (
     resolve_adapter,
     set_active,
 )
-from minilora.lora.weight_hash import PISSA_FROM, hash_weights
+from minilora.lora.weight_hash import hash_weights
 
 # The public names of the adapter files, importable from here as before the split.
 __all__ = [
@@ -340,7 +340,7 @@ def save_adapter(
         base_model_name_or_path = str(Path(base_model_name_or_path).absolute())
     peft_config = peft_config_dict(config, _peft_targets(model, name), base_model_name_or_path)
     _check_replaceable(path)
-    return _write_folder(path, safetensors_bytes(tensors, metadata=metadata),
+    return _replace_adapter_folder(path, safetensors_bytes(tensors, metadata=metadata),
                          json.dumps(peft_config, indent=2, allow_nan=False) + "\n")
 
 
@@ -358,7 +358,7 @@ def _whole(own: dict[str, torch.Tensor], given: Mapping[str, torch.Tensor] | Non
     return dict(given)
 
 
-def _write_folder(path: Path, blob: bytes, text: str) -> Path:
+def _replace_adapter_folder(path: Path, blob: bytes, text: str) -> Path:
     """The adapter folder at `path` replaced as a whole (the named adapters inside kept): a
     reader (or a crash) sees the old adapter or the new one, never new weights beside an old
     config."""
@@ -448,7 +448,8 @@ def _pissa_to_lora(
     plain = replace(config, r=2 * config.r, alpha=alpha, init="kaiming")
     # The fingerprint of the weights before the init, recorded by inject_lora; W_res + s B0 A0
     # rebuilt here can round differently in a few places, which would refuse the true base.
-    recorded = getattr(model, PISSA_FROM, {}).get(name)
+    recorded = next((m.pissa_from[name] for _, m in adapter_layers(model, name)
+                     if name in m.pissa_from), None)
     return plain, out, recorded or hash_weights(original)
 
 

@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from minilora.core.errors import ConfigError, FingerprintMismatch, MiniloraError, OutputError
+from minilora.core.errors import (  # noqa: F401  (CliError re-exported: cli.common.CliError)
+    CliError,
+    ConfigError,
+    MiniloraError,
+    OutputError,
+)
 from minilora.core.outputs import check_not_an_input
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -22,15 +27,18 @@ BASE_MODEL = ASSETS / "base"
 EXIT_USAGE = 2
 
 
-class CliError(MiniloraError):
-    """A user mistake the command line reports in one line (exit code 2)."""
+def say_error(prog: str, message: str) -> None:
+    """The one way the command line words an error: ``PROG: error: MESSAGE`` on one line of
+    stderr (newlines and terminal colour codes a wrapped message may hold are flattened)."""
+    message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", message)).strip()
+    print(f"{prog}: error: {message}", file=sys.stderr)
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line (not the usage block) and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        say_error(self.prog, f"{message} (see `{self.prog} --help`)")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -221,7 +229,7 @@ def apply_adapters(model: Any, args: argparse.Namespace, *, several: bool = Fals
         raise CliError(f"one --adapter at a time for `{args.command}` (chat and generate take "
                        "several)")
     if len(args.adapter) == 1 and "=" not in args.adapter[0]:
-        load_adapter(model, args.adapter[0], args)  # one adapter: "default", as always
+        load_adapter_arg(model, args.adapter[0], args)  # one adapter: "default", as always
         return ["default"]
     names = load_named_adapters(model, args.adapter, args, "--adapter NAME=PATH")
     if names:
@@ -237,7 +245,7 @@ def load_named_adapters(model: Any, specs: list[str], args: argparse.Namespace,
         name, path = adapter_spec(spec)
         if name in names:
             raise CliError(f"two adapters are named {name!r}: name them with {how}")
-        load_adapter(model, path, args, name=name)
+        load_adapter_arg(model, path, args, name=name)
         names.append(name)
     return names
 
@@ -262,18 +270,15 @@ def name_after(text: str, fallback: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text).lstrip("-") or fallback
 
 
-def load_adapter(model: Any, path: str | Path, args: argparse.Namespace,
-                 name: str | None = None) -> None:
-    """Loads the adapter at path (a training run's folder: the adapter it wrote) into model."""
-    from minilora.adapters.folder import load_adapter as load
+def load_adapter_arg(model: Any, path: str | Path, args: argparse.Namespace,
+                     name: str | None = None) -> None:
+    """--adapter PATH: loads the adapter at path (a training run's folder: the adapter it wrote)
+    into model, checking its fingerprint unless --no-fingerprint-check."""
+    from minilora.adapters.folder import load_adapter
     from minilora.training.describe import resolve_adapter_path
 
-    try:
-        load(model, resolve_adapter_path(path), check_fingerprint=not args.no_fingerprint_check,
-             name=name)
-    except FingerprintMismatch as err:  # the library's hint names its keyword; here it is a flag
-        err.override = "--no-fingerprint-check"
-        raise
+    load_adapter(model, resolve_adapter_path(path), check_fingerprint=not args.no_fingerprint_check,
+                 name=name)
 
 
 def inputs(args: argparse.Namespace) -> dict[str, Any]:

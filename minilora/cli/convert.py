@@ -10,7 +10,7 @@ from minilora.cli.common import (
     CliError,
     add_model_args,
     check_adapter_out,
-    load_adapter,
+    load_adapter_arg,
     load_base,
 )
 
@@ -37,7 +37,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        f"got {src} -> {dst}")
     check_adapter_out(dst, args)
     model, _ = load_base(args, tokenizer=False)
-    load_adapter(model, src, args)
+    load_adapter_arg(model, src, args)
     save_adapter(model, dst, format="minimind" if to_minimind else "peft",
                  base_model_name_or_path=None if to_minimind else args.model)
     print(f"{src} -> {dst}")

@@ -10,7 +10,6 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +17,7 @@ from minilora import __version__
 from minilora.cli.chat import add_chat_parser
 from minilora.cli.combine import add_combine_parser
 from minilora.cli.common import BASE_MODEL as BASE_MODEL  # the embedded model, for scripts
-from minilora.cli.common import EXIT_USAGE, Parser, flag
+from minilora.cli.common import EXIT_USAGE, Parser, flag, say_error
 from minilora.cli.convert import add_convert_parser
 from minilora.cli.eval import add_eval_parser
 from minilora.cli.export import add_export_parser
@@ -65,8 +64,8 @@ def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[
     word = unknown[0]
     near = difflib.get_close_matches(word.split("=")[0], list(names), n=1, cutoff=0.6)
     hint = f"; did you mean {names[near[0]]}?" if near else ""
-    print(f"minilora {command}: error: unknown argument {word}{hint} (see `minilora {command} "
-          "--help`)", file=sys.stderr)
+    say_error(f"minilora {command}", f"unknown argument {word}{hint} (see `minilora {command} "
+              "--help`)")
     raise SystemExit(EXIT_USAGE)
 
 
@@ -107,6 +106,7 @@ def _cli_words(command: str) -> dict[str, str]:
         "linear_method": "--method linear",
         "svd_method": "--method svd",
         "base_config": "--model-config FILE",
+        "check_fingerprint": "--no-fingerprint-check",
     }
 
 
@@ -144,10 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, BaseConfigNeeded):  # --config is train's own settings file
             err.flag = "--model-config"
         _in_flag_words(err, args.command)
-        # One line whatever the message holds (a wrapped library error may carry newlines or
-        # terminal colour codes).
-        message = re.sub(r"\s*\n\s*", " ", re.sub(r"\x1b\[[0-9;]*m", "", str(err))).strip()
-        print(f"minilora {args.command}: error: {message}", file=sys.stderr)
+        say_error(f"minilora {args.command}", str(err))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"minilora {args.command}: interrupted", file=sys.stderr)

@@ -105,8 +105,9 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
     """The run's TrainConfig from the demo, --config or a resumed run's config.json, then the
     flags given; returns it and whether this is the demo."""
     from minilora.training.config import TrainConfig
+    from minilora.training.run_layout import RunLayout
 
-    saved = Path(given["out_dir"]) / "config.json" if "out_dir" in given else None
+    saved = RunLayout(given["out_dir"]).config if "out_dir" in given else None
     resuming_saved = bool(given.get("resume")) and not args.config and saved is not None
     if resuming_saved and saved is not None and not saved.is_file():  # (saved is set)
         raise CliError(f"--resume: {saved} does not exist, so there is no run to continue in "
@@ -168,6 +169,7 @@ def _shown_default(f: Any) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """`minilora train`: LoRA (or --full) fine-tuning; with no arguments, the demo."""
     from minilora.training.config import TrainConfig
+    from minilora.training.run_layout import RunLayout
 
     started = time.perf_counter()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -226,8 +228,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"sampled ({sampled[1]}; {args.samples} answers a question, the share right):")
         _before_and_after(sampled_before, samples, sampled[0], examples=False)
     print(f"adapter: {result.output_dir}")
-    written = [f for f in ("metrics.jsonl", "loss.png", "config.json", "checkpoints/")
-               if (Path(config.out_dir) / f).exists()]
+    run = RunLayout(config.out_dir)
+    written = [p.name + ("/" if p.is_dir() else "")
+               for p in (run.metrics, run.plot, run.config, run.checkpoints) if p.exists()]
     print(f"outputs: {config.out_dir} ({', '.join(written)})")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
@@ -281,9 +284,10 @@ def _sampled_answerer(model: Any, tokenizer: Any, model_path: Path, k: int, seed
 
 def _say_how_to_resume(config: Any) -> None:
     """Ctrl-C during training: which checkpoint is kept and the command that continues it."""
-    from minilora.training.checkpoint import CHECKPOINTS, latest_checkpoint
+    from minilora.training.checkpoint import latest_checkpoint
+    from minilora.training.run_layout import RunLayout
 
-    kept = latest_checkpoint(Path(config.out_dir) / CHECKPOINTS)
+    kept = latest_checkpoint(RunLayout(config.out_dir).checkpoints)
     if kept is None:
         print("minilora train: interrupted before its first step ended, so nothing was kept; "
               f"start it over with: minilora train --resume --out {config.out_dir}",

@@ -54,6 +54,24 @@ class ConfigError(MiniloraError, ValueError):
         self.problems: dict[str, str] = dict(problems or {})
 
 
+class MessageError(ConfigError):
+    """A conversation that is not a list of ``{"role", "content"}`` objects.
+
+    Attributes:
+        field: the field at fault, ``"messages[1].role"``.
+        said: the problem as the SFT reader words it: what was found, then what is expected.
+        expected: the problem as "expected ..., got ..."; ``str(error)`` is field and this.
+    """
+
+    def __init__(self, field: str, said: str, expected: str | None = None) -> None:
+        self.field, self.said, self.expected = field, said, expected or said
+        super().__init__(f"{field}: {self.expected}")
+
+
+class ChatTemplateError(ConfigError):
+    """A chat template that cannot be rendered (a Jinja error or its own raise_exception)."""
+
+
 class DataError(MiniloraError, ValueError):
     """A training or eval file that cannot be read; the message names file, line and field.
 
@@ -78,6 +96,10 @@ class TaskError(MiniloraError, ValueError):
     """An eval (tasks) file or sample that does not follow the tasks format."""
 
 
+class MergeError(ConfigError):
+    """A merge that would put a non-finite value into the base weight; nothing was changed."""
+
+
 class WeightsError(MiniloraError, ValueError):
     """A base checkpoint that cannot be read or does not fit the model."""
 
@@ -87,20 +109,17 @@ class AdapterError(MiniloraError, ValueError):
 
 
 class FingerprintMismatch(AdapterError):
-    """An adapter trained on another base.
+    """An adapter trained on another base. Its message names how to skip the check as the field
+    ``check_fingerprint`` (the library's ``check_fingerprint=False``; the command line's flag).
 
     Attributes:
-        override: how to skip the check, in the words of the caller's layer: the library's
-            keyword (``check_fingerprint=False``); the command line names its own flag.
+        message: what differs, without the way around it.
     """
 
-    def __init__(self, message: str, override: str = "check_fingerprint=False") -> None:
-        super().__init__(message)
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; pass {{check_fingerprint}} to load it anyway",
+                         fields={"check_fingerprint": "check_fingerprint=False"})
         self.message = message
-        self.override = override
-
-    def __str__(self) -> str:
-        return f"{self.message}; pass {self.override} to load it anyway"
 
 
 class MissingFile(MiniloraError, FileNotFoundError):
@@ -146,6 +165,8 @@ class OutputError(MiniloraError, ValueError):
 class ExportError(MiniloraError, ValueError):
     """A model or adapter that an export format cannot hold exactly (an architecture, a
     tokenizer or a weight the format would change)."""
+class CliError(MiniloraError):
+    """A user mistake the command line reports in one line (exit code 2)."""
 
 
 class MissingExtra(MiniloraError, ImportError):

@@ -16,11 +16,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from minilora.core.errors import ConfigError
-
-
-class ChatTemplateError(ConfigError):
-    """A chat template that cannot be rendered (a Jinja error or its own raise_exception)."""
+from minilora.core.errors import ChatTemplateError, ConfigError  # noqa: F401  (re-exported)
 
 
 def _raise_exception(message: str) -> None:

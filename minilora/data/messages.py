@@ -9,24 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from minilora.core.errors import ConfigError
+from minilora.core.errors import (  # noqa: F401  (re-exported: data.messages.MessageError)
+    ConfigError,
+    MessageError,
+)
 from minilora.core.files import json_type
 
 ROLES = ("system", "user", "assistant")
-
-
-class MessageError(ConfigError):
-    """A conversation that is not a list of ``{"role", "content"}`` objects.
-
-    Attributes:
-        field: the field at fault, ``"messages[1].role"``.
-        said: the problem as the SFT reader words it: what was found, then what is expected.
-        expected: the problem as "expected ..., got ..."; ``str(error)`` is field and this.
-    """
-
-    def __init__(self, field: str, said: str, expected: str | None = None) -> None:
-        self.field, self.said, self.expected = field, said, expected or said
-        super().__init__(f"{field}: {self.expected}")
 
 
 def check_messages(turns: object, key: str = "messages", *, roles: Sequence[str] | None = ROLES,

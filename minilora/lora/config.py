@@ -29,10 +29,10 @@ class LoraConfig:
         alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
         dropout: dropout probability on the LoRA branch's input (training only).
         targets: module-name suffixes (["q_proj", "v_proj"]), a full-match regex on module
-            names, "all-linear" (every Linear but the output head) or "square" (in == out, the
-            seed's rule).
+            names, "all-linear" (every Linear but the output head) or "square" (in == out,
+            MiniMind's rule).
         exclude: module-name suffixes (or a full-match regex) never adapted.
-        init: "gaussian" (A ~ N(0, 0.02), the seed's), "kaiming" (uniform, PEFT's default) or
+        init: "gaussian" (A ~ N(0, 0.02), MiniMind's), "kaiming" (uniform, PEFT's default) or
             "pissa" (A, B from the top-r SVD of the base weight, which keeps the residual).
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
         use_dora: weight-decomposed LoRA (a learned magnitude per output row).

@@ -10,14 +10,10 @@ from torch import nn
 
 from minilora.core.errors import AdapterError
 from minilora.core.tensor_checks import is_sharded
-from minilora.lora.layer import lora_modules
+from minilora.lora.layer import LoRALinear, lora_modules
 from minilora.lora.named import adapter_layers, resolve_adapter
-from minilora.lora.quantized_weight import QUANTIZED_FROM, is_quantized
+from minilora.lora.quantized_weight import is_quantized
 from minilora.lora.weight_hash import hash_weights
-
-# Where a model sharded across processes (FSDP) keeps the fingerprint of its whole base weights,
-# recorded before sharding: afterwards each process holds only a shard of them.
-SHARDED_FROM = "minilora_sharded_from"
 
 
 def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
@@ -49,16 +45,19 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
         )
     sharded = [n for n, m in modules if is_sharded(m.weight)]
     if sharded:
-        return _sharded_fingerprint(model, [n for n, _ in modules], sharded)
+        return _sharded_fingerprint(modules, sharded)
     quantized = [n for n, m in modules if is_quantized(m.weight)]
     if quantized:
-        return _quantized_fingerprint(model, [n for n, _ in modules], quantized)
+        return _quantized_fingerprint(modules, quantized)
     return hash_weights({n: m.weight.detach() for n, m in modules})
 
 
-def _quantized_fingerprint(model: nn.Module, names: list[str], quantized: list[str]) -> str:
-    """The fingerprint quantize_model recorded from the weights before quantizing them."""
-    record = getattr(model, QUANTIZED_FROM, None)
+def _quantized_fingerprint(modules: list[tuple[str, LoRALinear]], quantized: list[str]) -> str:
+    """The fingerprint quantize_model recorded (on each layer) from the weights before
+    quantizing them."""
+    records = {id(m.quantized_from): m.quantized_from for _, m in modules}
+    record = next(iter(records.values())) if len(records) == 1 else None
+    names = [n for n, _ in modules]
     if record is None or tuple(sorted(names)) != record["modules"]:
         raise AdapterError(
             f"{quantized[0]}.weight is quantized and no fingerprint of its full-precision "
@@ -71,12 +70,17 @@ def record_fingerprint_before_sharding(model: nn.Module) -> None:
     """Records the base fingerprint of ``model``'s whole weights, for ``base_fingerprint`` to
     return once they are sharded across processes (it hashes whole weights, which no process
     then holds)."""
-    setattr(model, SHARDED_FROM, {"fingerprint": base_fingerprint(model),
-                                  "modules": tuple(sorted(n for n, _ in lora_modules(model)))})
+    record = {"fingerprint": base_fingerprint(model),
+              "modules": tuple(sorted(n for n, _ in lora_modules(model)))}
+    for _, m in lora_modules(model):  # each layer keeps it, as quantize_model's record
+        m.sharded_from = record
 
 
-def _sharded_fingerprint(model: nn.Module, names: list[str], sharded: list[str]) -> str:
-    record = getattr(model, SHARDED_FROM, None)
+def _sharded_fingerprint(modules: list[tuple[str, LoRALinear]], sharded: list[str]) -> str:
+    """The fingerprint record_fingerprint_before_sharding kept (on each layer)."""
+    records = {id(m.sharded_from): m.sharded_from for _, m in modules}
+    record = next(iter(records.values())) if len(records) == 1 else None
+    names = [n for n, _ in modules]
     if record is None or tuple(sorted(names)) != record["modules"]:
         raise AdapterError(
             f"{sharded[0]}.weight is sharded across processes and no fingerprint of the whole "

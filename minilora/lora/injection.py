@@ -30,7 +30,7 @@ from minilora.lora.named import (
     replace_submodule,
     set_active,
 )
-from minilora.lora.weight_hash import PISSA_FROM, hash_weights
+from minilora.lora.weight_hash import hash_weights
 
 # What LoRA can go on: a plain Linear, or one that has adapters already.
 AnyLinear = nn.Linear | LoRALinear
@@ -62,7 +62,7 @@ class InjectionReport:
 
 @dataclass
 class ParameterCounts:
-    """Parameter counts as the seed prints them (shared Parameters counted once).
+    """Parameter counts as MiniMind prints them (shared Parameters counted once).
 
     `lora` counts every adapter's Parameters, active or not; `trainable` those that require grad.
     """
@@ -201,9 +201,10 @@ def inject_lora(
     check_adapter_name(name)
     chosen = _select(model, config)
     _check_injectable(model, chosen, config, name)
-    if config.init == "pissa":  # the weights it replaces with their residual, for the adapter
-        model.__dict__.setdefault(PISSA_FROM, {})[name] = hash_weights(
-            {path: linear.weight for path, linear in chosen})
+    # PiSSA: the fingerprint of the weights it replaces with their residual, kept by each layer
+    # for the adapter (see LoRALinear.pissa_from)
+    pissa_from = (hash_weights({path: linear.weight for path, linear in chosen})
+                  if config.init == "pissa" else None)
     modules = []
     added = 0
     for path, linear in chosen:
@@ -219,6 +220,8 @@ def inject_lora(
             lora.train(linear.training)
             replace_submodule(model, path, lora)
         lora.lora_config[name] = config
+        if pissa_from is not None:
+            lora.pissa_from[name] = pissa_from
         modules.append((path, linear.in_features, linear.out_features))
         added += config.r * (linear.in_features + linear.out_features)
         added += linear.out_features if config.use_dora else 0  # DoRA's magnitude

@@ -1,5 +1,9 @@
 """The LoRA layer: `LoRALinear`, its reference forward, its fast path and its merge.
 
+The fast path is minilora.core.lowrank's kernel, the same one a fused group of sibling layers
+runs (minilora.model.fused): a single layer is the group of one. The variants (DoRA, PiSSA) are
+minilora.lora.variants' classes.
+
 `LoRALinear` wraps a Linear by composition: it owns the base layer's `weight` and `bias` under
 their own names (so a model's base state_dict keys do not change) and keeps every adapter,
 "default" included, in one `nn.ModuleDict` per kind keyed by the adapter's name (PEFT's
@@ -22,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.core.errors import ConfigError
+from minilora.core.errors import (  # noqa: F401  (re-exported: minilora.lora.layer.MergeError)
+    ConfigError,
+    MergeError,
+)
+from minilora.core.lowrank import compute_dtype, lowrank_linear
 from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.layer.LoraConfig)
     BASE_ROW,
     DEFAULT_ADAPTER,
@@ -36,6 +44,7 @@ from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.la
     matches,
 )
 from minilora.lora.quantized_weight import base_output, is_quantized, quant_kind
+from minilora.lora.variants import LoraVariant, variant_for
 
 # Low-precision bases get float32 adapters (PEFT does the same): bf16 optimizer updates of a
 # zero-initialised B would round away.
@@ -64,69 +73,9 @@ FusedParts = tuple[torch.Tensor, torch.Tensor | None,
                    tuple[torch.Tensor, torch.Tensor, float] | None]
 
 
-class MergeError(ConfigError):
-    """A merge that would put a non-finite value into the base weight; nothing was changed."""
-
-
-class _LoRAFunction(torch.autograd.Function):
-    """y = x W^T + b + (s * xa A^T) B^T as one autograd node, computed in dtype `dt`.
-
-    Why one node with a hand-written backward instead of composing F.linear calls:
-    - the update is added into the base output in place (`addmm_`) and autograd never sees it,
-      so backward needs no output-sized clone (an in-place add on the Linear's output makes
-      autograd record CopySlices, which copies the whole gradient);
-    - each skinny product runs in its fast orientation: grad_B = (hs^T g)^T, [r, N] @ [N, out],
-      which MKL/oneDNN run several times faster than [out, N] @ [N, r];
-    - grad_x = g W + (g B s) A is one GEMM plus one `addmm_` into it, no extra tensor;
-    - the scaling is folded into the rank-r intermediate, never into an output-sized tensor;
-    - under autocast (or with a bf16 base) the branch runs in the base's compute dtype: A and B
-      are cast once per call (r x in and out x r, tiny), no fp32 output-sized temporaries.
-
-    `xa` is the branch's input when it differs from x (dropout), else None. A trainable base
-    weight or bias (LoRA plus full fine-tuning of some layers) gets its gradient too; x is kept
-    for backward only then.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, xa: torch.Tensor | None, weight: torch.Tensor,
-                bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
-                dt: torch.dtype) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
-            xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1]).to(dt)
-            w = weight.to(dt)
-            a_, b_ = a.to(dt), b.to(dt)  # (r, in), (out, r)
-            hs = (xa2 @ a_.t()).mul_(scale)  # (N, r)
-            y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
-            y.addmm_(hs, b_.t())
-        ctx.save_for_backward(x2 if weight.requires_grad else None, xa2, hs, w, a_, b_)
-        ctx.scale, ctx.dt, ctx.shared = scale, dt, xa is None
-        ctx.in_dtypes = (x.dtype, None if xa is None else xa.dtype, a.dtype, b.dtype,
-                         weight.dtype, None if bias is None else bias.dtype)
-        ctx.in_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, xa2, hs, w, a, b = ctx.saved_tensors
-        x_dtype, xa_dtype, a_dtype, b_dtype, w_dtype, bias_dtype = ctx.in_dtypes
-        need_x, need_xa, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
-        with torch.autocast(g.device.type, enabled=False):
-            g2 = g.reshape(-1, g.shape[-1]).to(ctx.dt)  # (N, out)
-            gh = (g2 @ b).mul_(ctx.scale)  # (N, r)
-            grad_a = (gh.t() @ xa2).to(a_dtype) if need_a else None  # (r, in)
-            grad_b = (hs.t() @ g2).t().to(b_dtype) if need_b else None  # (out, r)
-            grad_x = grad_xa = None
-            if need_x:
-                grad_x = g2 @ w  # (N, in)
-                if ctx.shared:
-                    grad_x.addmm_(gh, a)
-                grad_x = grad_x.view(ctx.in_shape).to(x_dtype)
-            if need_xa:
-                grad_xa = (gh @ a).view(ctx.in_shape).to(xa_dtype)
-            grad_w = (g2.t() @ x2).to(w_dtype) if need_w else None  # (out, in)
-            grad_bias = g2.sum(0).to(bias_dtype) if need_bias else None
-        return grad_x, grad_xa, grad_w, grad_bias, grad_a, grad_b, None, None
+# A mixed batch's routing for one call: ((adapter name, its rows (k,) long), ...) and the batch's
+# row count. Set by minilora.lora.named.mixed_adapters.
+Routes = tuple[tuple[tuple[str, torch.Tensor], ...], int]
 
 
 class LoRALinear(nn.Module):
@@ -146,11 +95,19 @@ class LoRALinear(nn.Module):
 
     Per adapter name: `lora_A[name]`, `lora_B[name]` (nn.Linear without bias),
     `lora_magnitude_vector[name]` (DoRA only), and the plain dicts `r`, `lora_alpha`,
-    `scaling`, `lora_dropout`, `use_rslora`, `init` and `lora_config` (the LoraConfig that
-    injected it, or None). `active_adapters` names those a forward adds.
+    `scaling`, `lora_dropout`, `use_rslora`, `init`, `variant` (its LoraVariant, see
+    minilora.lora.variants), `lora_config` (the LoraConfig that injected it, or None) and
+    `pissa_from` (PiSSA adapters: the fingerprint of the weights the init replaced, set by
+    inject_lora). `active_adapters` names those a forward adds.
 
-    The variants (DoRA, PiSSA) live at one point: `_init_variant` when an adapter is added,
-    `lora_update` (forward) and `delta_weight` (merge) where they compute.
+    Layer-wide state, declared here and nowhere else: `routes` (a mixed batch's rows per
+    adapter for the current call, set by minilora.lora.named.mixed_adapters, else None) and
+    `quantized_from` (set by minilora.lora.qlora.quantize_model: the fingerprint of the
+    full-precision weights, the kind, the LoRA layers quantized together; else None).
+
+    The variants (DoRA, PiSSA) live behind one interface (minilora.lora.variants): the layer
+    asks an adapter's variant how it starts, what it adds, what merging adds, and whether the
+    fast path computes it.
 
     Raises:
         ConfigError: when r is larger than min(in_features, out_features).
@@ -184,8 +141,17 @@ class LoRALinear(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.init: dict[str, str] = {}
+        self.variant: dict[str, LoraVariant] = {}  # how each adapter computes (variants.py)
         self.lora_config: dict[str, LoraConfig | None] = {}
-        self._fast: FastAdapter | None = None
+        # PiSSA adapters: the fingerprint of the weights their init replaced (inject_lora)
+        self.pissa_from: dict[str, str] = {}
+        # a mixed batch's (adapter, rows) for the current call (named.mixed_adapters), else None
+        self.routes: Routes | None = None
+        # quantize_model's record: the full-precision weights' fingerprint, kind, layers
+        self.quantized_from: dict[str, Any] | None = None
+        # record_fingerprint_before_sharding's record: the whole weights' fingerprint, layers
+        self.sharded_from: dict[str, Any] | None = None
+        self._fast: tuple[Any, ...] | None = None
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
         # The weight before merge(), restored by unmerge() (a plain attribute: not state).
@@ -246,11 +212,13 @@ class LoRALinear(nn.Module):
         self.scaling[name] = lora_scaling(r, float(alpha), use_rslora)
         self.lora_dropout[name], self.use_rslora[name] = float(dropout), use_rslora
         self.init[name], self.lora_config[name] = init, config
-        self._init_variant(name, init, use_dora)
+        self.variant[name] = variant_for(init, use_dora)
+        self._init_adapter(name, init)
 
     @torch.no_grad()
-    def _init_variant(self, name: str, init: str, use_dora: bool) -> None:
-        """A and B as `init` says, then DoRA's magnitude: the variant point at adding."""
+    def _init_adapter(self, name: str, init: str) -> None:
+        """A drawn as `init` says and B = 0, then the adapter's variant finishes it (PiSSA
+        replaces both, DoRA adds its magnitude)."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if init == "gaussian":
             nn.init.normal_(a, mean=0.0, std=0.02)
@@ -258,23 +226,7 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         if init != "pissa":
             nn.init.zeros_(b)
-        elif is_quantized(self.weight):
-            raise ConfigError("init='pissa' rewrites the base weight: not a quantized one")
-        else:
-            # PiSSA (Meng et al. 2024): A, B hold the top-r singular directions, scaled so
-            # s * B A is their part of W; W keeps the rest, so the output does not change.
-            u, sv, vh = torch.linalg.svd(self.weight.float(), full_matrices=False)
-            root = (sv[: self.r[name]] / self.scaling[name]).sqrt()  # (r,)
-            a.copy_(root[:, None] * vh[: self.r[name]])  # (r, in)
-            b.copy_(u[:, : self.r[name]] * root)  # (out, r)
-            residual = self.weight.float() - self.scaling[name] * (b.float() @ a.float())
-            self.weight.copy_(residual)
-        if use_dora:
-            if is_quantized(self.weight):
-                raise ConfigError("use_dora needs the base weight's norms: not a quantized one")
-            w = self.weight.float() + self.scaling[name] * (b.float() @ a.float())  # (out, in)
-            m = torch.linalg.norm(w, dim=1)  # (out,)
-            self.lora_magnitude_vector[name] = nn.Parameter(m.to(a.dtype))
+        self.variant[name].init(self, name)
 
     def delete_adapter(self, name: str) -> None:
         """Removes an adapter and its Parameters from this layer.
@@ -290,8 +242,9 @@ class LoRALinear(nn.Module):
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         for settings in (self.r, self.lora_alpha, self.scaling, self.lora_dropout,
-                         self.use_rslora, self.init, self.lora_config):
+                         self.use_rslora, self.init, self.variant, self.lora_config):
             del settings[name]
+        self.pissa_from.pop(name, None)
         self.set_active([n for n in self.active_adapters if n != name])
 
     def set_active(self, names: Sequence[str]) -> None:
@@ -322,7 +275,7 @@ class LoRALinear(nn.Module):
         # one shape reuses its graph (a name read in forward would be guarded on, one graph per
         # adapter). Set with the active adapters: their settings are fixed once added.
         one = self._active_adapters[0] if len(self._active_adapters) == 1 else None
-        self._fast = None if one is None or one in self.lora_magnitude_vector else (
+        self._fast = None if one is None or not self.variant[one].fast_path else (
             self.lora_A[one], self.lora_B[one], self.scaling[one], self.lora_dropout[one])
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
@@ -344,14 +297,22 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self._fast if self.enabled and not self.merged else None
-        if fast is not None:
-            dt = self._fused_dtype(x)
-            if dt is not None:  # the common case, training or not: one node, see _LoRAFunction
-                a, b, scale, p = fast
+        """base(x) plus each active adapter's update: the one-module case of the low-rank kernel
+        (minilora.core.lowrank) where it applies, else `reference_forward`, which it equals.
+
+        Raises:
+            ValueError: a mixed batch (see `routes`) whose input is not (batch, ...) with one
+                row per routed row.
+        """
+        if self.routes is not None:
+            return self._routed_forward(x)
+        parts = self._kernel_parts()
+        if parts is not None and parts[2] is not None:
+            weight, bias, adapter, p = parts
+            dt = compute_dtype(x, weight.dtype)
+            if dt is not None:  # the common case, training or not: one autograd node
                 xa = F.dropout(x, p, training=True) if self.training and p > 0 else None
-                return _LoRAFunction.apply(x, xa, self.weight, self.bias, a.weight, b.weight,
-                                           scale, dt)
+                return lowrank_linear(x, (weight,), (bias,), (adapter,), dt, xa)[0]
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -368,58 +329,65 @@ class LoRALinear(nn.Module):
     def lora_update(self, x: torch.Tensor, name: str, base: torch.Tensor) -> torch.Tensor:
         """What adapter `name` adds to the base output `base` = W x + b: (..., out).
 
-        LoRA: scaling * B A dropout(x). DoRA (PEFT's formula, the norm detached as in the
-        paper's section 4.3): with f = m / ||W + scaling B A||_row, (f - 1) W x' + f scaling B A x'
-        where x' = dropout(x).
+        LoRA: scaling * B A dropout(x); a variant (DoRA) computes its own from that (see
+        minilora.lora.variants).
         """
         a, b = self.lora_A[name], self.lora_B[name]
-        xa = self._dropout(x, name) if self._dropping(name) else x
+        xa = F.dropout(x, self.lora_dropout[name], training=True) if self.dropping(name) else x
         if not torch.is_autocast_enabled(x.device.type):
             xa = xa.to(a.weight.dtype)  # float32 adapters on a low-precision base
         lora = b(a(xa)) * self.scaling[name]  # (..., out)
-        if name not in self.lora_magnitude_vector:
-            return lora
-        w = self.weight.to(xa.dtype)
-        delta = (b.weight @ a.weight).detach().to(w.dtype)  # (out, in)
-        norm = torch.linalg.norm(w + self.scaling[name] * delta, dim=1).detach()  # (out,)
-        f = self.lora_magnitude_vector[name] / norm  # (out,)
-        if self._dropping(name):
-            wx = F.linear(xa, w)
-        else:
-            wx = base if self.bias is None else base - self.bias
-        return (f - 1) * wx + f * lora
+        return self.variant[name].update(self, name, xa, lora, base)
 
-    def fused_parts(self, x: torch.Tensor) -> FusedParts | None:
-        """What minilora.model.fused needs to run this layer inside a group of siblings reading x:
-        (weight, bias, (A, B, scaling) of the one active adapter, or None for the base alone),
-        or None when this call needs forward's own paths: several active adapters, DoRA,
-        dropout while training, a quantized weight, merged and disabled."""
-        if is_quantized(self.weight) or (self.merged and not self.enabled):
+    def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A mixed batch: each group of rows gets its own adapter's update; rows of no group,
+        or of an adapter this layer lacks, get the base."""
+        assert self.routes is not None  # forward calls this only for a mixed batch
+        routes, n_rows = self.routes
+        if x.dim() < 3 or x.shape[0] != n_rows:
+            raise ValueError(
+                f"a mixed batch of {n_rows} rows needs every LoRA layer input shaped "
+                f"(batch, sequence, features), got {tuple(x.shape)} (layers that see tokens "
+                "regrouped, such as MoE experts, cannot route rows)")
+        y = base_output(self, x)  # (B, T, out)
+        if not self.enabled:
+            return y
+        for name, rows in routes:
+            # rows of one group only: y's rows there still hold the base output
+            delta = self.lora_update(x.index_select(0, rows), name, y.index_select(0, rows))
+            # Into y's own memory (a copy of y per adapter would cost more than the update);
+            # safe for autograd: linear's backward does not read its output.
+            y.index_add_(0, rows, delta.to(y.dtype))
+        return y
+
+    def _kernel_parts(self) -> tuple[Any, ...] | None:
+        """(weight, bias, (A, B, scaling) of the one active adapter or None for the base alone,
+        its dropout), what the low-rank kernel computes this layer with; None when the
+        reference must run: several active adapters, a variant off the fast path, a quantized
+        weight, merged and disabled, a mixed batch."""
+        if self.routes is not None or is_quantized(self.weight) or (
+                self.merged and not self.enabled):
             return None
         if not self.enabled or self.merged or self._base_only:
-            return self.weight, self.bias, None
-        if self._fast is None:  # several active adapters, or DoRA
+            return self.weight, self.bias, None, 0.0
+        if self._fast is None:  # several active adapters, or a variant off the fast path
             return None
         a, b, scale, p = self._fast  # not the name: see active_adapters
-        if self.training and p > 0:
+        return self.weight, self.bias, (a.weight, b.weight, scale), p
+
+    def fused_parts(self, x: torch.Tensor) -> tuple[Any, ...] | None:
+        """What minilora.model.fused needs to run this layer inside a group of siblings reading x
+        (the same kernel as forward, several modules at once): (weight, bias, (A, B, scaling)
+        of the one active adapter, or None for the base alone), or None when this call needs
+        forward's own paths (see `_kernel_parts`; dropout while training too)."""
+        parts = self._kernel_parts()
+        if parts is None or (self.training and parts[3] > 0):
             return None
-        return self.weight, self.bias, (a.weight, b.weight, scale)
+        return parts[:3]
 
-    def _dropping(self, name: str) -> bool:
+    def dropping(self, name: str) -> bool:
+        """Whether adapter `name`'s dropout applies in this call (training, p > 0)."""
         return self.training and self.lora_dropout[name] > 0
-
-    def _dropout(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.dropout(x, self.lora_dropout[name], training=True)
-
-    def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype _LoRAFunction computes in, or None where the reference must run (dtypes
-        that F.linear itself would refuse, or that autocast leaves alone)."""
-        w = self.weight
-        if torch.is_autocast_enabled(x.device.type):
-            # autocast leaves float64 alone; the reference does the same
-            low = w.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            return torch.get_autocast_dtype(x.device.type) if low else None
-        return w.dtype if x.dtype == w.dtype and w.dtype.is_floating_point else None
 
     # ------------------------------------------------------------ merging
 
@@ -431,11 +399,7 @@ class LoRALinear(nn.Module):
         total = torch.zeros_like(w)
         for n in self.active_adapters if name is None else [name]:
             b, a = self.lora_B[n].weight.float(), self.lora_A[n].weight.float()
-            delta = (b @ a).mul_(self.scaling[n])  # (out, in)
-            if n in self.lora_magnitude_vector:  # DoRA: m * (W + d) / ||W + d||_row - W
-                f = self.lora_magnitude_vector[n].float() / torch.linalg.norm(w + delta, dim=1)
-                delta = f[:, None] * (w + delta) - w
-            total += delta
+            total += self.variant[n].delta(self, n, w, (b @ a).mul_(self.scaling[n]))
         return total
 
     @torch.no_grad()

@@ -1,9 +1,9 @@
 """Many adapters on one model: which are active, deleting one, mixed batches, combining.
 
-Only this module knows of mixed batches: a forward hook on each LoRALinear adds, for the rows of
-each adapter, that adapter's `lora_update`, while the layer itself adds none (its active set is
-emptied for the call). `model(x, adapter_names=[...])` works through a pre-hook on the model that
-minilora.lora.injection installs.
+A mixed batch sets each LoRALinear's `routes` (which rows take which adapter) for the call; the
+layer then adds, for the rows of each adapter, that adapter's `lora_update` instead of its active
+ones. `model(x, adapter_names=[...])` works through a pre-hook on the model that
+minilora.lora.injection installs (_RowRouter).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
 
 
 def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALinear]:
-    """Sets each LoRA layer's per-row routing; returns the layers (for _unroute)."""
+    """Sets each LoRA layer's per-row routing (its `routes`); returns the layers (for _unroute)."""
     names = list(adapter_names)
     if not names:
         raise ConfigError("adapter_names is empty: give one adapter name (or None) per row")
@@ -143,7 +143,7 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALi
         raise ConfigError("adapter_names given, but the model has no LoRA adapters")
     check_known(model, [n for n in names if n is not None and n != BASE_ROW])
     refuse_merged(model, "a mixed batch (adapter_names per row)")
-    if any(getattr(m, _ROUTES, None) is not None for m in modules):
+    if any(m.routes is not None for m in modules):
         raise ConfigError("a mixed batch is already being routed (mixed_adapters is not nested)")
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
@@ -158,102 +158,63 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALi
                 if key not in indices:
                     indices[key] = torch.tensor(rows, dtype=torch.long, device=key[1])
                 routes.append((name, indices[key]))
-        _add_layer_hook(m)
-        # The layer adds nothing of its own for the call: the hook adds each row's adapter.
-        setattr(m, _ROUTES, (routes, len(names), m.active_adapters))
-        m.active_adapters = ()
+        # The layer adds each row's adapter, not its active ones, until _unroute.
+        m.routes = (tuple(routes), len(names))
     return modules
 
 
 def _unroute(modules: list[LoRALinear]) -> None:
     for m in modules:
-        routed = getattr(m, _ROUTES, None)
-        if routed is not None:
-            m.active_adapters = routed[2]
-            setattr(m, _ROUTES, None)
+        m.routes = None
 
 
-# Plain attributes on the layer (not state), read by _layer_hook: (routes, rows, active before).
-_ROUTES = "_minilora_routes"
-_LAYER_HOOK = "_minilora_row_hooked"
-_ROUTED = "_minilora_routed"  # on the model: the layers a mixed batch routed, for _post_forward
+class _RowRouter:
+    """The hooks that let `model(..., adapter_names=[...])` route rows without the model knowing
+    of LoRA: `pre` takes the keyword away and sets the layers' routes, `post` (called on an
+    error too) clears them. What it holds between the two, the layers it routed, lives here."""
+
+    def __init__(self) -> None:
+        self.routed: list[LoRALinear] | None = None
+        self.handles: tuple[Any, ...] = ()
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if "adapter_names" not in kwargs:
+            return None
+        names = kwargs.pop("adapter_names")
+        if names is not None:
+            self.routed = _route(module, names)
+        return args, kwargs
+
+    def post(self, module: nn.Module, args: tuple[Any, ...], output: object) -> None:
+        # Plain attribute reads and writes (no dict pops): torch.compile replays them faithfully.
+        if self.routed is not None:
+            _unroute(self.routed)
+            self.routed = None
 
 
-def _add_layer_hook(m: LoRALinear) -> None:
-    # A flag, not the handle: torch.compile cannot trace a handle made outside the graph.
-    if not getattr(m, _LAYER_HOOK, False):
-        m.register_forward_hook(_layer_hook)
-        setattr(m, _LAYER_HOOK, True)
-
-
-def _layer_hook(m: LoRALinear, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor | None:
-    """A mixed batch: each group of rows gets its own adapter's update; rows of no group, or of
-    an adapter this layer lacks, get the base."""
-    routed = getattr(m, _ROUTES, None)
-    if routed is None:
-        return None
-    routes, n_rows, _ = routed
-    x = args[0]
-    if x.dim() < 3 or x.shape[0] != n_rows:
-        raise ConfigError(
-            f"a mixed batch of {n_rows} rows needs every LoRA layer input shaped "
-            f"(batch, sequence, features), got {tuple(x.shape)} (layers that see tokens "
-            "regrouped, such as MoE experts, cannot route rows)"
-        )
-    if not m.enabled:
-        return y
-    for name, rows in routes:
-        # rows of one group only: y's rows there still hold the base output
-        delta = m.lora_update(x.index_select(0, rows), name, y.index_select(0, rows))
-        # Into y's own memory (a copy of y per adapter would cost more than the update); safe
-        # for autograd: linear's backward does not read its output.
-        y.index_add_(0, rows, delta.to(y.dtype))
-    return y
-
-
-# minilora.model.fused may run this layer inside a fused group when the hook has nothing to route.
-# (An attribute on a function, which mypy does not model: hence the ignore.)
-_layer_hook.fusion_idle = (  # type: ignore[attr-defined]
-    lambda m: getattr(m, _ROUTES, None) is None)
-
-
-_HOOKS = "_minilora_row_hooks"
-
-
-def _pre_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    if "adapter_names" not in kwargs:
-        return None
-    names = kwargs.pop("adapter_names")
-    if names is not None:
-        setattr(module, _ROUTED, _route(module, names))
-    return args, kwargs
-
-
-def _post_forward(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
-    # Plain attribute reads and writes (no dict pops): torch.compile replays them faithfully.
-    routed = getattr(module, _ROUTED, None)
-    if routed is not None:
-        _unroute(routed)
-        setattr(module, _ROUTED, None)
+def _router(model: nn.Module) -> _RowRouter | None:
+    """The _RowRouter whose hooks are on `model`, if any."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, _RowRouter):
+            return owner
+    return None
 
 
 def install_row_hooks(model: nn.Module) -> None:
-    """Lets `model(..., adapter_names=[...])` route rows, without the model knowing of LoRA:
-    a pre-hook takes the keyword away and sets the routing, a hook that runs even when the
-    forward raises clears it."""
-    for _, m in lora_modules(model):
-        _add_layer_hook(m)
-    if isinstance(model, LoRALinear) or _HOOKS in model.__dict__:
+    """Lets `model(..., adapter_names=[...])` route rows (see _RowRouter); once per model."""
+    if isinstance(model, LoRALinear) or _router(model) is not None:
         return
-    pre = model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
-    post = model.register_forward_hook(_post_forward, always_call=True)
-    model.__dict__[_HOOKS] = (pre, post)
+    router = _RowRouter()
+    router.handles = (model.register_forward_pre_hook(router.pre, with_kwargs=True),
+                      model.register_forward_hook(router.post, always_call=True))
 
 
 def remove_row_hooks(model: nn.Module) -> None:
-    """Removes what install_row_hooks put on `model` itself (the layers' hooks go with them)."""
-    for handle in model.__dict__.pop(_HOOKS, ()):
+    """Removes what install_row_hooks put on `model`."""
+    router = _router(model)
+    for handle in router.handles if router is not None else ():
         handle.remove()
 
 
@@ -382,10 +343,13 @@ def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, me
         raise ConfigError(
             f"adapter {name!r} exists already; delete_adapter it or pick another name")
     refuse_merged(model, "combine_adapters")
-    dora = sorted({n for _, m in lora_modules(model) for n in m.lora_magnitude_vector
-                   if n in weights})
-    if dora and method == "linear":
-        raise ConfigError(f"DoRA adapters {dora} do not add up as B A products; combine them "
+    # a variant whose update is no B A product (DoRA) cannot be concatenated
+    apart = {n: m.variant[n].label for _, m in lora_modules(model) for n in m.variant
+             if n in weights and not m.variant[n].adds_up}
+    if apart and method == "linear":
+        kinds = "/".join(sorted(set(apart.values())))
+        raise ConfigError(f"{kinds} adapters {sorted(apart)} do not add up as B A products; "
+                          "combine them "
                           "with {svd_method} (it factors their merged weight updates, which "
                           "are full rank in general: pick {rank}, the error is reported)",
                           fields=COMBINE_WORDS)

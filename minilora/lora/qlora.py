@@ -19,7 +19,6 @@ from minilora.lora.injection import linear_modules, output_head_names
 from minilora.lora.layer import LoRALinear, lora_modules
 from minilora.lora.quantized_weight import (
     QUANT_KINDS,
-    QUANTIZED_FROM,
     QuantizedLinear,
     is_quantized,
     require_bitsandbytes,
@@ -94,10 +93,11 @@ def quantize_model(model: nn.Module, kind: str, device: torch.device | str | Non
     problems += [f"{n}: weight is on the meta device" for n, m in chosen if m.weight.is_meta]
     if problems:
         raise ConfigError("cannot quantize: " + "; ".join(problems))
-    if lora_modules(model):
-        setattr(model, QUANTIZED_FROM, {
-            "fingerprint": base_fingerprint(model), "kind": kind,
-            "modules": tuple(sorted(n for n, _ in lora_modules(model)))})
+    if lora_modules(model):  # kept by each LoRA layer (LoRALinear.quantized_from)
+        record = {"fingerprint": base_fingerprint(model), "kind": kind,
+                  "modules": tuple(sorted(n for n, _ in lora_modules(model)))}
+        for _, m in lora_modules(model):
+            m.quantized_from = record
     before = after = 0
     for name, module in chosen:
         before += module.weight.numel() * module.weight.element_size()

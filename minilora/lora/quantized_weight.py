@@ -12,10 +12,11 @@ Precision: the quantized product computes in the input's dtype, or in the autoca
 autocast (bf16 compute with ``--dtype bfloat16``, as QLoRA's ``bnb_4bit_compute_dtype``).
 
 Base fingerprint: a quantized weight no longer holds the values its adapters were trained on, so
-``quantize_model`` fingerprints the LoRA layers' weights *before* quantizing and records it on the
-model (``QUANTIZED_FROM``); ``minilora.lora.fingerprint.base_fingerprint`` returns that record for a
-quantized model. An adapter trained on an NF4 base therefore carries the fingerprint of the
-full-precision weights it was quantized from: it loads onto that base, and is refused on another.
+``quantize_model`` fingerprints the LoRA layers' weights *before* quantizing and records it on
+each of them (``LoRALinear.quantized_from``); ``minilora.lora.fingerprint.base_fingerprint``
+returns that record for a quantized model. An adapter trained on an NF4 base therefore carries
+the fingerprint of the full-precision weights it was quantized from: it loads onto that base,
+and is refused on another.
 
 Merging into a quantized weight is refused (a merged 4-bit weight would round the update away):
 merge the adapter into the full-precision base instead (``minilora merge``), which writes a
@@ -34,10 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minilora.core.errors import MissingExtra
+from minilora.core.lowrank import autocast_dtype_for
 
 QUANT_KINDS = ("nf4", "int8")
-# The model attribute holding {"fingerprint": ..., "modules": (...), "kind": ...}.
-QUANTIZED_FROM = "minilora_quantized_from"
 
 
 def require_bitsandbytes() -> ModuleType:
@@ -90,7 +90,7 @@ def quantized_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """
     bnb = sys.modules["bitsandbytes"]
     device = x.device.type
-    dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dt = autocast_dtype_for(device, x.dtype) or x.dtype
     with torch.autocast(device, enabled=False):
         x = x.to(dt)
         b = None if bias is None else bias.to(dt)

@@ -11,10 +11,6 @@ import torch
 
 from minilora.core.errors import AdapterError
 
-# Where inject_lora keeps, per adapter name, the fingerprint of the weights a PiSSA init
-# replaced with its residual (what the adapter converted to plain LoRA belongs to).
-PISSA_FROM = "_minilora_pissa_from"
-
 
 def hash_weights(weights: dict[str, torch.Tensor]) -> str:
     """base_fingerprint's hash of {layer path: weight}: each path, shape and the values rounded

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from minilora.core.errors import ConfigError
+from minilora.core.lowrank import autocast_dtype_for
 from minilora.model.config import ModelConfig, filled
 from minilora.model.feed_forward import MLP, MoE
 from minilora.model.fused import project
@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
             y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # (..., C), one kernel
             # Under autocast every Linear reading y would cast it to the low dtype on its own
             # (q, k, v and each LoRA A: up to seven copies); cast it once here instead.
-            low = _autocast_dtype(x.device.type)
+            low = autocast_dtype_for(x.device.type, torch.float32)
             return y if low is None else y.to(low)
         y = F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)  # (..., C)
         return self.weight * y  # in the input dtype, as transformers does
@@ -125,15 +125,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin  # (B, H, T, D)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype on device_type when autocast is on there, else None."""
-    if not hasattr(torch, "get_autocast_dtype"):  # torch < 2.4: no fast path
-        return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def _low_precision_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                              start: int) -> Tensor:
     """Causal GQA attention as two batched matrix products, for bf16/fp16 q, k, v.
@@ -171,6 +162,7 @@ class Attention(nn.Module):
         self.head_dim = filled(config.head_dim)
         C, D = config.hidden_size, self.head_dim
         bias = config.attention_bias
+        self.fuse_projections = True  # q/k/v as one product (see fused.py)
         self.q_proj = nn.Linear(C, self.n_heads * D, bias=bias)
         self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=bias)
@@ -187,7 +179,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, layer: int, start: int) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x)  # one product, see fused.py
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x,
+                          self.fuse_projections)  # one product, see fused.py
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
@@ -199,7 +192,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2).contiguous()  # (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, KV, S, D), S = start + T
-        low = _autocast_dtype(x.device.type)
+        low = autocast_dtype_for(x.device.type, torch.float32)  # what autocast makes of q, k, v
         if low is not None and T > 1:
             # RoPE ran in float32 (cos/sin in x's dtype); autocast would run the attention's
             # matrix products in its low dtype anyway, and the bf16 path below is the fast one.
@@ -338,7 +331,8 @@ class CausalLM(nn.Module):
             aux_loss (0-dim) and the cache. loss does not include aux_loss.
 
         Raises:
-            ConfigError: on mismatched shapes, or when logits_to_keep is used with labels.
+            ValueError: on mismatched shapes, or when logits_to_keep is used with labels (a
+                programming mistake, not a user's input: it keeps its traceback).
         """
         B, T = input_ids.shape
         cache = past_key_values
@@ -347,9 +341,9 @@ class CausalLM(nn.Module):
                             dtype=self.model.embed_tokens.weight.dtype)
         start = cache.length if cache is not None else 0
         if labels is not None and labels.shape != input_ids.shape:
-            raise ConfigError(f"labels shape {tuple(labels.shape)} != input_ids {(B, T)}")
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids {(B, T)}")
         if labels is not None and logits_to_keep:
-            raise ConfigError("logits_to_keep needs labels=None (the loss reads every position)")
+            raise ValueError("logits_to_keep needs labels=None (the loss reads every position)")
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin, mask = self._positions(x, attention_mask, segment_ids, position_ids, cache,
                                          start)
@@ -371,7 +365,7 @@ class CausalLM(nn.Module):
         B, T = x.shape[:2]
         if segment_ids is not None:
             if cache is not None or position_ids is not None or segment_ids.shape != (B, T):
-                raise ConfigError(f"segment_ids must be (batch, tokens) = {(B, T)} and come "
+                raise ValueError(f"segment_ids must be (batch, tokens) = {(B, T)} and come "
                                   "without a cache or position_ids")
             position_ids = _segment_positions(segment_ids)  # (B, T)
         if position_ids is None:
@@ -430,7 +424,7 @@ class CausalLM(nn.Module):
         S = start + T
         if attention_mask is not None:
             if attention_mask.shape != (B, S):
-                raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)}: expected "
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}: expected "
                                  f"(batch, cached + new tokens) = {(B, S)}")
             if bool(attention_mask.all()):
                 attention_mask = None

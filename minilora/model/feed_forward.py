@@ -19,12 +19,14 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
         C, F_ = config.hidden_size, intermediate_size or filled(config.intermediate_size)
+        self.fuse_projections = True  # gate/up as one product (see fused.py)
         self.gate_proj = nn.Linear(C, F_, bias=False)
         self.up_proj = nn.Linear(C, F_, bias=False)
         self.down_proj = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = project((self.gate_proj, self.up_proj), x)  # (..., F) each, one product
+        gate, up = project((self.gate_proj, self.up_proj), x,
+                           self.fuse_projections)  # (..., F) each, one product
         return self.down_proj(F.silu(gate) * up)  # (..., C)
 
 

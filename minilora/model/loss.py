@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minilora.core.lowrank import autocast_dtype_for
+
 # Logit elements per chunk: 32 Mi float32 elements (128 MiB). Smaller chunks re-read W (V x C)
 # more often, which is what a chunk costs; larger ones hold more logits at once.
 CHUNK_ELEMENTS = 1 << 25
@@ -91,11 +93,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets
     """
     if rows is None:
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    if torch.is_autocast_enabled(h.device.type) and weight.dtype in (
-            torch.float32, torch.bfloat16, torch.float16):
-        dt = torch.get_autocast_dtype(h.device.type)
-    else:
-        dt = weight.dtype
+    dt = autocast_dtype_for(h.device.type, weight.dtype) or weight.dtype
     grad = torch.is_grad_enabled() and (
         h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     return _LinearCrossEntropy.apply(h, weight, bias, targets, rows, dt, grad)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import sys
@@ -26,7 +25,13 @@ from torch import nn
 
 from minilora.core.checks import MAX_TRAINED_WEIGHT
 from minilora.core.errors import CheckpointError, TrainError
-from minilora.core.files import atomic_write, fsync_dir, read_bounded, read_json, torch_load_reason
+from minilora.core.files import (
+    atomic_write,
+    read_bounded,
+    read_json,
+    replace_folder,
+    torch_load_reason,
+)
 from minilora.core.tensor_checks import is_sharded
 from minilora.lora.fingerprint import base_fingerprint
 from minilora.training.config import RESUMABLE_CHANGES, TrainConfig, field_defaults, renamed_keys
@@ -37,8 +42,9 @@ from minilora.training.fsdp import (
     whole,
     whole_optimizer_state,
 )
+from minilora.training.run_layout import RunLayout
 
-CHECKPOINTS = "checkpoints"  # folder under out_dir holding step-NNNNNNNN checkpoints
+CHECKPOINTS = RunLayout.CHECKPOINTS  # folder under out_dir holding step-NNNNNNNN checkpoints
 MANIFEST = "manifest.json"  # in a checkpoint: the SHA-256 of each of its files, written last
 FORMAT = 1  # version of the checkpoint layout
 _MAX_CHECKPOINT_FILE = 1 << 40  # read whole: a LoRA checkpoint is MBs; a --full one can be GBs
@@ -109,7 +115,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     buffer = io.BytesIO()
     torch.save(state, buffer)  # in memory: a full disk is then an OSError of the write below
     files = {"trainable.safetensors": blob, "state.pt": buffer.getvalue()}
-    _write_folder(folder, final, files, run.step)
+    _write_checkpoint(folder, final, files, run.step)
     _drop_older_checkpoints(folder, final)
     return final
 
@@ -134,39 +140,36 @@ def _state(blob: bytes, model: nn.Module, optimizer_state: dict[str, Any], scale
     }
 
 
-def _write_folder(folder: Path, final: Path, files: dict[str, bytes], step: int) -> None:
-    """``files`` and their manifest into a temporary folder, renamed to ``final`` when whole.
+def _write_checkpoint(folder: Path, final: Path, files: dict[str, bytes], step: int) -> None:
+    """``files`` and their manifest written as the folder ``final``, whole or not at all
+    (core.files.replace_folder).
 
     Raises:
-        OSError: a write failed (a full disk); the temporary folder is removed and the message
+        OSError: a write failed (a full disk); nothing of ``final`` is left and the message
             names the checkpoint that is kept.
     """
     manifest = {"format": FORMAT, "step": step,
                 "files": {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+
+    def write(tmp: Path) -> None:
         for name, data in files.items():
             atomic_write(tmp / name, data)
-        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last
-        os.replace(tmp, final)
-    except BaseException as err:  # a full disk, say: the previous checkpoint stays the latest
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(err, OSError):
-            raise
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+    try:
+        replace_folder(final, write)
+    except OSError as err:  # a full disk, say: the previous checkpoint stays the latest
         kept = latest_checkpoint(folder)
         what = f"{kept} is kept" if kept else "there is no earlier checkpoint"
         raise OSError(err.errno, f"cannot write checkpoint {final}: {err.strerror or err}; "
                       f"{what}") from err
-    fsync_dir(folder)
 
 
 def _drop_older_checkpoints(folder: Path, final: Path) -> None:
-    """Remove the checkpoints before ``final`` and the temporary folders of torn writes."""
+    """Remove the checkpoints before ``final`` and the temporary folders of torn writes
+    (replace_folder's ``.step-N.tmp-PID``, and ``.tmp-step-N-PID`` of earlier versions)."""
     for old in folder.iterdir():
-        if old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
+        if old != final and old.name.startswith(("step-", ".step-", ".tmp-")):
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MULTIPLE = 8  # batches are padded to a multiple of this many tokens
-BACKEND = "inductor"  # tests switch to a cheaper or counting backend
+DEFAULT_BACKEND = "inductor"
 
 
 @dataclass
@@ -58,6 +58,8 @@ class CompiledLoss:
     padded to a multiple of MULTIPLE tokens, its length dynamic; returns a StepOutput (loss,
     aux_loss), the same values as the eager model's within rounding.
 
+    ``backend`` is torch.compile's (default inductor), the caller's choice for this model.
+
     The compiled code guards on the model's structure and flags, not on parameter values, so
     optimizer steps, a checkpoint loaded in place, or another adapter of the same shape made
     active reuse it. MoE models: their auxiliary loss counts padded tokens too.
@@ -65,7 +67,7 @@ class CompiledLoss:
 
     def __init__(self, model: nn.Module, longest: int, backend: Any = None) -> None:
         self.model, self.longest = model, padded_length(max(longest, 1))
-        self._compiled = torch.compile(_loss, backend=backend or BACKEND)
+        self._compiled = torch.compile(_loss, backend=backend or DEFAULT_BACKEND)
         rotary = getattr(getattr(model, "model", None), "rotary", None)
         if rotary is not None:
             # Grown now, not while the first batch is traced: a table that changes shape

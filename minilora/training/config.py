@@ -62,7 +62,7 @@ class TrainConfig:
     lora_dropout: float = _arg(0.0, "dropout on the LoRA branch input, in [0, 1)")
     lora_targets: list[str] | str = _arg("all-linear", 'suffixes, regex, "all-linear" or "square"')
     lora_exclude: list[str] | str = _arg([], "suffixes or regex: never adapted")
-    lora_init: str = _arg("gaussian", "init of A: gaussian (the seed's), kaiming (PEFT's) or "
+    lora_init: str = _arg("gaussian", "init of A: gaussian (MiniMind's), kaiming (PEFT's) or "
                           "pissa (A, B from the base's top-r SVD; the base keeps the residual)")
     use_rslora: bool = _arg(False, "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = _arg(False, "weight-decomposed LoRA (DoRA): a trained magnitude per output "

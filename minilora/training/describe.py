@@ -33,11 +33,12 @@ from minilora.core.errors import AdapterError, ConfigError
 from minilora.core.files import parse_json, read_json
 from minilora.model.io import describe_model
 from minilora.training.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
+from minilora.training.run_layout import RunLayout
 
-RUN_CONFIG = "config.json"
-RUN_LOG = "metrics.jsonl"
-RUN_ADAPTER = "adapter"
-RUN_MODEL = "model"  # a --full run's model folder
+RUN_CONFIG = RunLayout.CONFIG
+RUN_LOG = RunLayout.METRICS
+RUN_ADAPTER = RunLayout.ADAPTER
+RUN_MODEL = RunLayout.MODEL  # a --full run's model folder
 _CHECKPOINT_FILES = ("state.pt", "trainable.safetensors")
 
 

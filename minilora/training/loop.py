@@ -3,7 +3,7 @@
 ``train(model, train_set, config, eval_set)`` starts and ends the processes; its body, ``_fit``,
 reads top to bottom, and the helpers beside it each do one thing (``lr_at``, ``_step``,
 ``evaluate``). The settings are train_config.py's, the rows train_data.py's, the checkpoint
-format checkpoint.py's, the run's log run_log.py's. The step is the seed's:
+format checkpoint.py's, the run's log run_log.py's. The step is MiniMind's LoRA step:
 inject LoRA, freeze the rest, AdamW over the trainable parameters only, masked cross-entropy plus
 the MoE aux loss, autocast, accumulation, clipping of the trainable gradients only, step,
 ``zero_grad(set_to_none=True)``.
@@ -53,7 +53,6 @@ from minilora.lora.quantized_weight import require_bitsandbytes
 from minilora.model.decoder import CausalLM
 from minilora.model.io import save_model
 from minilora.training.checkpoint import (
-    CHECKPOINTS,
     RunState,
     check_finite,
     load_checkpoint,
@@ -70,10 +69,11 @@ from minilora.training.memory import estimate_memory, measured_peak
 from minilora.training.optimizer import build_optimizer, set_lr
 from minilora.training.precision import autocast_dtype, resolve_precision
 from minilora.training.run_folder import claim_out, replace_earlier_run
+from minilora.training.run_layout import RunLayout
 from minilora.training.run_log import (
     RunLog,
-    describe_run,
     plot_losses,
+    print_run_plan,
     require_tensorboard,
     start_outputs,
 )
@@ -100,8 +100,8 @@ class TrainResult:
 
 
 def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
-          eval_set: JsonlDataset | None = None, *, tokenizer: Tokenizer | None = None
-          ) -> TrainResult:
+          eval_set: JsonlDataset | None = None, *, tokenizer: Tokenizer | None = None,
+          compile_backend: Any = None) -> TrainResult:
     """Fine-tune ``model`` in place: LoRA adapters (default) or every weight (``full``).
 
     Run under torchrun (WORLD_SIZE > 1) it trains data-parallel: each process takes its share of
@@ -117,10 +117,15 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
         eval_set: held-out rows: loss and perplexity every eval_every steps and at the end.
         tokenizer: the model's tokenizer; needed only with ``config.eval_tasks`` (the task
             questions are asked through its chat template).
+        compile_backend: with ``config.compile``, the torch.compile backend (default
+            "inductor"; a cheaper or a counting one in tests).
+
+    The caller's global torch RNG is left as it was: the run seeds its own (forked) state from
+    ``config.seed``, so a run is reproducible and the caller's random numbers do not change.
 
     Returns:
-        A TrainResult. Under out_dir: ``adapter/`` (or ``model/``), ``best/``, ``checkpoints/``,
-        ``metrics.jsonl``, ``loss.png``, ``config.json``.
+        A TrainResult. Under out_dir: the parts training.run_layout.RunLayout names (the last
+        adapter or model, the best one, checkpoints, metrics, the loss plot, the config).
 
     Raises:
         DataError: a token id outside the model's vocabulary.
@@ -140,8 +145,11 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     log = RunLog(Path(config.out_dir), rank, config.log_to)
     log.precision = precision
     try:
-        return _fit(model, train_set, eval_set, config, _Place(rank, world, device, config.fsdp),
-                    log, started, scorer)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                   device_type=device.type):
+            return _fit(model, train_set, eval_set, config,
+                        _Place(rank, world, device, config.fsdp), log, started, scorer,
+                        compile_backend)
     finally:  # on an error too: the progress bar ends, and the process group this call began
         log.close()
         if lock is not None:
@@ -191,17 +199,17 @@ def _resolved(config: TrainConfig, device: torch.device, world: int
 
 def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | None,
          config: TrainConfig, place: _Place, log: RunLog, started: float,
-         scorer: Scorer | None = None) -> TrainResult:
+         scorer: Scorer | None = None, compile_backend: Any = None) -> TrainResult:
     """train() once the processes are started: set up, the loop, the outputs."""
     if config.quantize:
         require_bitsandbytes()  # before writing anything
     for dataset in (train_set, eval_set):
         check_vocab(dataset, model)
-    run = _start(model, train_set, config, place, log)
+    run = _start(model, train_set, config, place, log, compile_backend)
     start_step = run.state.step
     stop = min(run.plan.total_steps, config.stop_after or run.plan.total_steps)
     log.start(start_step, run.plan.total_steps)
-    out = Path(config.out_dir)
+    out = RunLayout(config.out_dir)
     model.train()
     with StopAfterStep(enabled=place.world == 1) as interrupt:
         try:
@@ -217,13 +225,13 @@ def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | Non
     if (eval_set is not None or scorer is not None) and finished and (
             not evals or evals[-1]["step"] != run.state.step):
         evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log, scorer))
-    checkpoint = save_checkpoint(out / CHECKPOINTS, model, run.optimizer, run.scaler, config,
+    checkpoint = save_checkpoint(out.checkpoints, model, run.optimizer, run.scaler, config,
                                  run.plan, run.state, place.rank)
-    output_dir = _save_weights(run, out / ("model" if config.full else "adapter"), config,
+    output_dir = _save_weights(run, out.weights(config.full), config,
                                place.rank)
     if place.rank == 0:
-        plot_losses(out)
-    best = out / "best"
+        plot_losses(out.root)
+    best = out.best
     return TrainResult(
         steps=run.state.step, total_steps=run.plan.total_steps, losses=losses, evals=evals,
         best_eval_loss=run.state.best_eval_loss, skipped_steps=run.state.skipped, tokens=tokens,
@@ -242,7 +250,7 @@ def _steps(run: _Run, start_step: int, stop: int, eval_set: JsonlDataset | None,
     losses: list[tuple[int, float]] = []
     evals: list[dict[str, float]] = []
     tokens = 0
-    out = Path(config.out_dir)
+    out = RunLayout(config.out_dir)
     for step in range(start_step, stop):
         loss, step_tokens = _step(run, step, config, place)
         tokens += step_tokens
@@ -253,7 +261,7 @@ def _steps(run: _Run, start_step: int, stop: int, eval_set: JsonlDataset | None,
         if evaluates and config.eval_every and run.state.step % config.eval_every == 0:
             evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log, scorer))
         if config.save_every and run.state.step % config.save_every == 0 and run.state.step != stop:
-            save_checkpoint(out / CHECKPOINTS, run.model, run.optimizer, run.scaler, config,
+            save_checkpoint(out.checkpoints, run.model, run.optimizer, run.scaler, config,
                             run.plan, run.state, place.rank)
         if interrupt.requested:  # Ctrl-C during this step: it is done, so stop here
             raise KeyboardInterrupt
@@ -267,15 +275,15 @@ def _checkpoint_what_was_done(run: _Run, config: TrainConfig, place: _Place,
     optimizer may be half stepped, so the last checkpoint written stays the one to resume."""
     if run.mid_step or run.state.step == start_step:
         return
-    save_checkpoint(Path(config.out_dir) / CHECKPOINTS, run.model, run.optimizer, run.scaler,
+    save_checkpoint(RunLayout(config.out_dir).checkpoints, run.model, run.optimizer, run.scaler,
                     config, run.plan, run.state, place.rank)
 
 
 def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place: _Place,
-           log: RunLog) -> _Run:
+           log: RunLog, compile_backend: Any = None) -> _Run:
     """The model prepared, the optimizer, the resumed state, the run folder begun."""
     plan = BatchPlan(train_set, config, place.rank, place.world)
-    out = Path(config.out_dir)
+    out = RunLayout(config.out_dir)
     torch.manual_seed(config.seed)  # LoRA init: the same on every rank
     params = _prepare_model(model, config)
     pissa_start = None
@@ -300,26 +308,26 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loaded = None
     if config.resume:
-        loaded = load_checkpoint(out / CHECKPOINTS, model, optimizer, scaler, config, plan)
+        loaded = load_checkpoint(out.checkpoints, model, optimizer, scaler, config, plan)
     if loaded is None:  # no checkpoint to resume from: a fresh run, which may not overwrite a
         # finished run's outputs; a run killed before its first checkpoint starts over (the
         # best/ its evals kept is that unfinished run's own, replaced with it)
         started_only = config.resume and not any(
-            (out / n).exists() for n in ("adapter", "model"))
-        replace_earlier_run(out, config.overwrite or started_only, place.rank)
+            p.exists() for p in (out.adapter, out.model))
+        replace_earlier_run(out.root, config.overwrite or started_only, place.rank)
     state = loaded or RunState()
     if place.rank == 0:
-        start_outputs(out, config, state.step, train_set.stats)
-        describe_run(model, config, plan, place.device, log.precision, state.step)
+        start_outputs(out.root, config, state.step, train_set.stats)
+        print_run_plan(model, config, plan, place.device, log.precision, state.step)
         _print_memory_estimate(model, config, amp_dtype, place.device)
-    return _Run(model, _compiled(model, config), params, optimizer, scaler, amp_dtype, plan,
-                state, pissa_start)
+    return _Run(model, _compiled(model, config, compile_backend), params, optimizer, scaler,
+                amp_dtype, plan, state, pissa_start)
 
 
-def _compiled(model: nn.Module, config: TrainConfig) -> Any:
+def _compiled(model: nn.Module, config: TrainConfig, backend: Any = None) -> Any:
     """What the loop calls for the forward: the model, or with ``compile`` the forward compiled
-    once per run (see compiled.py)."""
-    return CompiledLoss(model, config.max_seq_len) if config.compile else model
+    once per run (see compiled.py) by ``backend`` (default inductor)."""
+    return CompiledLoss(model, config.max_seq_len, backend) if config.compile else model
 
 
 def _step(run: _Run, step: int, config: TrainConfig, place: _Place
@@ -534,7 +542,7 @@ def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset | None, config: Tr
         return record
     if run.state.best_eval_loss is None or record["eval_loss"] < run.state.best_eval_loss:
         run.state.best_eval_loss = record["eval_loss"]
-        _save_weights(run, Path(config.out_dir) / "best", config, place.rank)
+        _save_weights(run, RunLayout(config.out_dir).best, config, place.rank)
     return record
 
 

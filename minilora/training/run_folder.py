@@ -11,12 +11,12 @@ import torch.distributed as dist
 
 from minilora.core.errors import CheckpointError, OutputError
 from minilora.core.outputs import FolderLock, check_not_an_input, check_own_folder
-from minilora.training.checkpoint import CHECKPOINTS, latest_checkpoint, unfinished
+from minilora.training.checkpoint import latest_checkpoint, unfinished
 from minilora.training.config import TrainConfig
+from minilora.training.run_layout import RunLayout
 
 # What train writes into out_dir; anything else there is the user's and is never touched.
-RUN_OUTPUTS = ("adapter", "model", "best", CHECKPOINTS, "metrics.jsonl", "loss.png",
-                "config.json", "tensorboard")
+RUN_OUTPUTS = RunLayout.OUTPUTS
 
 
 def claim_out(config: TrainConfig, rank: int) -> FolderLock | None:
@@ -49,13 +49,12 @@ def replace_earlier_run(out: Path, overwrite: bool, rank: int) -> None:
     outputs are removed before this run writes anything, so nothing of that run is left beside
     this run's config.json; save_checkpoint would otherwise take a stale step folder for ours.
     """
-    latest = latest_checkpoint(out / CHECKPOINTS)
+    latest = latest_checkpoint(RunLayout(out).checkpoints)
     if latest is not None and not overwrite and unfinished(latest):
         raise CheckpointError(
             f"{latest} holds an unfinished run: pass {{resume}} to continue it, or train into "
             "another {out_dir}", fields={"resume": "resume=True", "out_dir": "out_dir"})
-    earlier = [n for n in ("adapter", "model", "best", CHECKPOINTS, "metrics.jsonl")
-               if (out / n).exists()]
+    earlier = [n for n in RunLayout.EARLIER if (out / n).exists()]
     if earlier and not overwrite:
         raise OutputError(f"{out} holds an earlier run ({', '.join(earlier)}): pass {{overwrite}} "
                           "to replace it, or train into another {out_dir}",

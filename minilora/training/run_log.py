@@ -22,6 +22,7 @@ from minilora.lora.layer import lora_modules
 from minilora.lora.quantized_weight import stored_values
 from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan
+from minilora.training.run_layout import RunLayout
 
 
 def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
@@ -33,11 +34,11 @@ def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
-        config.save_json(out / "config.json")
+        config.save_json(RunLayout(out).config)
     except OSError as err:
         raise OSError(err.errno, f"cannot write the output folder {out}: "
                       f"{err.strerror or err}; choose another out_dir (--out)") from None
-    metrics = out / "metrics.jsonl"
+    metrics = RunLayout(out).metrics
     # Keep what the checkpoint covers: a crashed run logged steps that will be run again.
     kept = []
     if step and metrics.exists():
@@ -54,9 +55,6 @@ def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -
     print(f"data: {stats.samples} samples ({stats.trained_tokens} trained tokens); dropped "
           f"{stats.dropped_untrained} with nothing to train, truncated {stats.truncated}, "
           f"skipped {stats.skipped_bad} bad lines", file=sys.stderr)
-
-
-TENSORBOARD = "tensorboard"  # the event files' folder in out_dir
 
 
 def require_tensorboard() -> type:
@@ -79,7 +77,7 @@ class RunLog:
 
     def __init__(self, out: Path, rank: int, log_to: str | None = None) -> None:
         self.active = rank == 0
-        self.path = out / "metrics.jsonl"
+        self.path = RunLayout(out).metrics
         self.bar: tqdm | None = None
         self.precision = ""  # the precision in words, for the run's opening block
         self.log_to = log_to
@@ -92,7 +90,7 @@ class RunLog:
         if self.log_to == "tensorboard" and self.active:
             # purge_step: a resumed run drops the events of the steps it will run again, as
             # metrics.jsonl keeps only what the checkpoint covers
-            self.writer = require_tensorboard()(str(self.path.parent / TENSORBOARD),
+            self.writer = require_tensorboard()(str(self.path.parent / RunLayout.TENSORBOARD),
                                                 purge_step=step + 1 if step else None)
         self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                         disable=not (self.active and sys.stderr.isatty()))
@@ -172,7 +170,7 @@ def plot_losses(out: Path) -> Path | None:
               file=sys.stderr)
         return None
     records: list[Any] = []  # any JSON value: the dicts with a step are kept below
-    for line in (out / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in RunLayout(out).metrics.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             records.append(parse_json(line))
         except ValueError:
@@ -204,11 +202,11 @@ def plot_losses(out: Path) -> Path | None:
         tasks_ax.set_ylim(-5, 105)
         tasks_ax.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(out / "loss.png", dpi=100)
-    return out / "loss.png"
+    figure.savefig(RunLayout(out).plot, dpi=100)
+    return RunLayout(out).plot
 
 
-def describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device: torch.device,
+def print_run_plan(model: nn.Module, config: TrainConfig, plan: BatchPlan, device: torch.device,
                   precision: str, start_step: int) -> None:
     """Prints one block before the first step: what will run, where, and how much."""
     # a 4-bit weight packs two values a byte: count the values it stands for, as unquantized

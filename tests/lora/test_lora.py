@@ -195,13 +195,14 @@ def _fused_layer(dropout=0.0, bias=True):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 def test_training_forward_is_one_node_with_the_formulas_gradients(dropout):
-    """With a frozen base the layer runs as one autograd node (_LoRAFunction, hand-written
-    backward); its forward and gradients equal the formula, dropout mask included."""
+    """With a frozen base the layer runs as one autograd node (minilora.core.lowrank's
+    _LowRankLinear, hand-written backward); its forward and gradients equal the formula,
+    dropout mask included."""
     base, lin = _fused_layer(dropout)
     x = torch.randn(4, 5, 12, requires_grad=True)
     torch.manual_seed(1)
     y = lin(x)
-    assert "_LoRAFunction" in type(y.grad_fn).__name__
+    assert "_LowRankLinear" in type(y.grad_fn).__name__
     a = lin.lora_A["default"].weight.detach().clone().requires_grad_()
     b = lin.lora_B["default"].weight.detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()

@@ -73,7 +73,7 @@ def perturb(model: nn.Module, name: str, seed: int, std: float = 0.3) -> None:
 
 
 def not_routed(model: nn.Module) -> bool:
-    return all(getattr(m, "_minilora_routes", None) is None for _, m in lora_modules(model))
+    return all(m.routes is None for _, m in lora_modules(model))
 
 
 def train_steps(model: nn.Module, task: torch.Tensor, steps: int = 4) -> None:

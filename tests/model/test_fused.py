@@ -1,10 +1,10 @@
 """Fused projections (minilora.model.fused): q/k/v and gate/up as one product, LoRA's A's stacked.
 
 The fused group is checked against the formula written out here (x W^T + b + s (x A^T) B^T per
-module) and against the same model with fusion off, in float32 (<= 1e-6 relative) and under
-bf16 autocast (2e-2 of the largest value; 5e-2 for gradients through a whole model, whose
-bf16 roundings compound); every case the group cannot take must run module by module, bit for
-bit as unfused.
+module) and against the same model with fusion off (`fused_projections(model, False)`), in
+float32 (<= 1e-6 relative) and under bf16 autocast (2e-2 of the largest value; 5e-2 for
+gradients through a whole model, whose bf16 roundings compound); every case the group cannot
+take must run module by module, bit for bit as unfused.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
 from minilora.lora.layer import LoraConfig, LoRALinear
 from minilora.lora.named import mixed_adapters, set_active
 from minilora.model.decoder import CausalLM, ModelConfig
-from minilora.model.fused import fusion, fusion_enabled, project
+from minilora.model.fused import fused_projections, project, set_fused_projections
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 BF16_REL = 2e-2  # of the largest value: bf16 keeps 8 significant bits
 
 
-def _fused(t: torch.Tensor) -> bool:
-    """Whether t came out of the one-node group product (a slice of its output)."""
-    return "_GroupLinear" in type(t.grad_fn).__name__
+def _fused(ys: list[torch.Tensor]) -> bool:
+    """Whether ys came out of one low-rank kernel node together (slices of its output)."""
+    return (len({id(y.grad_fn) for y in ys}) == 1
+            and "_LowRankLinear" in type(ys[0].grad_fn).__name__)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,7 +77,7 @@ def test_project_equals_the_formula_and_its_gradients(bias, lora, autocast):
     x = torch.randn(3, 5, 12, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         ys = project(mods, x)
-    assert all(_fused(y) for y in ys)
+    assert _fused(ys)
     assert [y.shape[-1] for y in ys] == list(outs)
     assert {y.dtype for y in ys} == {torch.bfloat16 if autocast else torch.float32}
     g = [torch.randn_like(y, dtype=torch.float32) for y in ys]
@@ -107,7 +108,8 @@ def _lora_model(seed: int = 0, **extra) -> CausalLM:
 def _step(model, ids, autocast: bool, fused: bool):
     for p in model.parameters():
         p.grad = None
-    with fusion(fused), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with fused_projections(model, fused), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                          enabled=autocast):
         out = model(ids, labels=ids)
         logits = out.logits.float()
     out.loss.backward()
@@ -139,23 +141,33 @@ def _group_runs(model, ids, **kw) -> int:
     import minilora.model.fused as fused_module
 
     calls = []
-    original = fused_module._GroupLinear.apply
-    fused_module._GroupLinear.apply = lambda *a: calls.append(1) or original(*a)
+    original = fused_module.lowrank_linear
+    fused_module.lowrank_linear = lambda *a: calls.append(1) or original(*a)
     try:
         model(ids, **kw)
     finally:
-        fused_module._GroupLinear.apply = original
+        fused_module.lowrank_linear = original
     return len(calls)
+
+
+def _fuses(model) -> list[bool]:
+    return [m.fuse_projections for m in model.modules() if hasattr(m, "fuse_projections")]
 
 
 def test_a_plain_frozen_model_fuses_and_the_switch_turns_it_off():
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(**SMALL)).requires_grad_(False)
+    other = copy.deepcopy(model)
     ids = torch.randint(0, 96, (2, 7))
-    assert fusion_enabled() and _group_runs(model, ids) == 4  # 2 layers x (qkv, gate/up)
-    with fusion(False):
-        assert not fusion_enabled() and _group_runs(model, ids) == 0
-    assert fusion_enabled()
+    assert all(_fuses(model)) and _group_runs(model, ids) == 4  # 2 layers x (qkv, gate/up)
+    with fused_projections(model, False):
+        assert not any(_fuses(model)) and _group_runs(model, ids) == 0
+        # the model's own setting, not the process's: another model still fuses
+        assert all(_fuses(other)) and _group_runs(other, ids) == 4
+    assert all(_fuses(model))
+    set_fused_projections(model, False)
+    assert _group_runs(model, ids) == 0 and _group_runs(other, ids) == 4
+    set_fused_projections(model, True)
     # full fine-tuning: every weight trains, so each module keeps its own autograd
     model.requires_grad_(True)
     assert _group_runs(model, ids) == 0
@@ -207,7 +219,7 @@ def test_what_cannot_fuse_runs_module_by_module_exactly_as_unfused(name, setup, 
     torch.manual_seed(3)
     fused = model(ids, **kw).logits
     torch.manual_seed(3)
-    with fusion(False):
+    with fused_projections(model, False):
         unfused = model(ids, **kw).logits
     assert torch.equal(fused, unfused)
 
@@ -219,7 +231,7 @@ def test_merged_and_disabled_layers_fuse_their_base():
 
     model = _lora_model()
     ids = torch.randint(0, 96, (2, 7))
-    with torch.no_grad(), fusion(False):
+    with torch.no_grad(), fused_projections(model, False):
         want = model(ids).logits
     merge_lora(model)
     with torch.no_grad():
@@ -232,7 +244,7 @@ def test_merged_and_disabled_layers_fuse_their_base():
     with torch.no_grad():
         assert _group_runs(model2, ids) == 4
         fused = model2(ids).logits
-        with fusion(False):
+        with fused_projections(model2, False):
             assert _rel(fused, model2(ids).logits) <= 1e-6
 
 
@@ -257,9 +269,9 @@ def test_backward_keeps_no_concatenated_weight_in_float32():
     """The fp32 group node saves the module weights themselves, not a (sum out, in) copy."""
     mods = _group(False, (True, False, True))
     x = torch.randn(4, 12, requires_grad=True)
-    q, _, _ = project(mods, x)
+    q, k, v = project(mods, x)
+    assert _fused([q, k, v])
     node = q.grad_fn
-    assert "_GroupLinear" in type(node).__name__
     saved = [t for t in node.saved_tensors if t is not None]
     assert not any(t.shape == (32, 12) for t in saved)
     ptrs = {t.data_ptr() for t in saved}

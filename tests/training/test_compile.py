@@ -20,7 +20,6 @@ from helpers import chat_rows, fit, tiny_model, write_jsonl
 from minilora.lora.injection import inject_lora, lora_parameters, mark_trainable
 from minilora.lora.layer import LoraConfig
 from minilora.lora.named import set_active
-from minilora.training import compiled
 from minilora.training.compiled import CompiledLoss, padded_length
 from minilora.training.loop import TrainConfig
 
@@ -140,23 +139,22 @@ def test_one_graph_across_steps_lengths_adapter_switches_and_a_reload():
     assert backend.graphs == 1
 
 
-def test_train_with_compile_equals_eager_and_compiles_once_through_a_resume(
-        tok, tmp_path, monkeypatch):
+def test_train_with_compile_equals_eager_and_compiles_once_through_a_resume(tok, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=4))
     base = dict(data=str(data), lora_r=4, lora_alpha=8.0, batch_size=4, lr=1e-2,
                 max_seq_len=32, amp_dtype="float32", log_every=1, seed=0, max_steps=4,
                 save_every=2)
 
-    def run(out: str, **changes):
+    def run(out: str, backend=None, **changes):
         return fit(tiny_model(tok.vocab_size), tok,
-                   TrainConfig(**{**base, "out_dir": str(tmp_path / out), **changes}))
+                   TrainConfig(**{**base, "out_dir": str(tmp_path / out), **changes}),
+                   compile_backend=backend)
 
     eager = run("eager")
     backend = Counting()
-    monkeypatch.setattr(compiled, "BACKEND", backend)
-    first = run("compiled", compile=True, stop_after=2)
+    first = run("compiled", backend, compile=True, stop_after=2)
     assert backend.graphs == 1
-    second = run("compiled", compile=True, resume=True)
+    second = run("compiled", backend, compile=True, resume=True)
     # The resumed run (a new model, its checkpoint loaded) compiles once, as a
     # fresh process would, and never again over its steps.
     assert backend.graphs == 2

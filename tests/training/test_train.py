@@ -164,7 +164,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tok, files, tmp
     writes = []
 
     def fill_up(path, payload):
-        if path.parent.name.startswith(".tmp-step-"):
+        if path.parent.name.startswith(".step-"):  # replace_folder's temporary folder
             writes.append(path.name)
         if len(writes) > 3:  # the disk fills up in the middle of the second checkpoint
             raise OSError(28, "No space left on device")

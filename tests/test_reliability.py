@@ -934,6 +934,168 @@ CASES = [
 ]
 
 
+# == round three (issue 23) ==================================================================
+
+
+def base_with_template(text: bytes | str, name: str = "chat_template.jinja"
+                       ) -> Callable[[Path, dict], None]:
+    """A copy of the base whose chat_template.jinja (beside tokenizer.json) holds ``text``."""
+
+    def setup(d: Path, n: dict) -> None:
+        write_file(copy_base(d, n) / name, text.encode() if isinstance(text, str) else text)
+
+    return setup
+
+
+def base_with(change: Callable[[Path], None]) -> Callable[[Path, dict], None]:
+    def setup(d: Path, n: dict) -> None:
+        change(copy_base(d, n))
+
+    return setup
+
+
+def sparse_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)  # a hole: no disk used, but ``size`` bytes to whoever reads it whole
+
+
+def environ(**values: str | None) -> Callable[[pytest.MonkeyPatch, Path], None]:
+    def patch(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
+        for name, value in values.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+
+    return patch
+
+
+def render_seconds(seconds: float) -> Callable[[pytest.MonkeyPatch, Path], None]:
+    """The render time bound lowered, so that the test of a hanging template is quick."""
+    def patch(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
+        monkeypatch.setattr("minilora.data.chat_template.MAX_RENDER_SECONDS", seconds)
+
+    return patch
+
+
+def minimind_pth(change: Callable[[dict], None]) -> Callable[[Path, dict], None]:
+    def setup(d: Path, n: dict) -> None:
+        sd = load_file(n["work"] / "base" / "model.safetensors")
+        change(sd)
+        plain_torch_file(d / "minimind.pth", sd)
+
+    return setup
+
+
+GENERATE_OWN = ["generate", "--model", "{dir}/base", "--max-new-tokens", "1", "hi"]
+TEMPLATE = "{dir}/base/chat_template.jinja"
+NOT_TORCHRUN = dict(RANK=None, LOCAL_RANK=None, MASTER_ADDR=None, MASTER_PORT=None)
+HANG = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+DOUBLING = ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+            "{% endfor %}{{ ns.s }}")
+
+ROUND_THREE = [
+    # -- 2. a traceback where the input was wrong -------------------------------------------
+    Case("world-size-without-torchrun", TRAIN,
+         "environment variable WORLD_SIZE=2 asks for 2 processes, but RANK, LOCAL_RANK, "
+         "MASTER_ADDR, MASTER_PORT are not set; start multi-process training with torchrun "
+         "--nproc-per-node 2 -m minilora train ..., or unset WORLD_SIZE",
+         "nothing written (was: torch's ValueError from its rendezvous)",
+         patch=environ(WORLD_SIZE="2", **NOT_TORCHRUN)),
+    Case("world-size-not-a-number", TRAIN,
+         "environment variable WORLD_SIZE='two': expected an integer >= 1 (torchrun sets it; "
+         "unset it to train in one process)", "nothing written (was: int()'s ValueError)",
+         patch=environ(WORLD_SIZE="two")),
+    Case("template-not-utf8", GENERATE_OWN,
+         TEMPLATE + ": byte 0 is not UTF-8 (b'\\xff'); expected a chat template in UTF-8",
+         "nothing used (was: UnicodeDecodeError)",
+         setup=base_with_template(b"\xff\xfe{{ messages }}")),
+    Case("template-macro-recurses", GENERATE_OWN,
+         TEMPLATE + ": the model's chat template recursed too deeply (a macro that calls itself "
+         "without end?)", "nothing generated (was: RecursionError)",
+         setup=base_with_template("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}")),
+    Case("template-include", GENERATE_OWN,
+         TEMPLATE + ": the model's chat template uses {{% include %}} (line 1), which reads "
+         "another template file; a chat template must be one self-contained template",
+         "refused when the tokenizer loads (was: TypeError: no loader)",
+         setup=base_with_template("{% include 'other.jinja' %}")),
+    Case("template-import", GENERATE_OWN,
+         TEMPLATE + ": the model's chat template uses {{% from %}} (line 2), which reads "
+         "another template file; a chat template must be one self-contained template",
+         "refused when the tokenizer loads", setup=base_with_template(
+             "{{ messages[0].content }}\n{% from 'macros.jinja' import turn %}")),
+    Case("template-divides-by-zero", GENERATE_OWN,
+         TEMPLATE + ": the model's chat template failed: ZeroDivisionError: division by zero",
+         "nothing generated (was: ZeroDivisionError)",
+         setup=base_with_template("{{ messages | length / 0 }}")),
+    Case("alpha-1e308", TRAIN + ["--alpha", "1e308"],
+         "--alpha gives a scaling of 5e+307 (alpha / r), beyond 65504, the largest float16 "
+         "number the update is computed in; got 1e+308",
+         "nothing written (was: RuntimeError from the fused layers: overflow)"),
+    Case("adapter-alpha-1e308", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: field 'lora_alpha' gives a scaling of 5e+307 "
+         "(alpha / r), beyond 65504, the largest float16 number the update is computed in; got "
+         "1e+308", "the model is not touched (was: RuntimeError at the first forward)",
+         setup=lambda d, n: edit_adapter_config(copy_adapter(d, n), lora_alpha=1e308)),
+    Case("device-meta", ["train", "--model", "{work}/base", "--config", "{dir}/run.json"],
+         "device 'meta': the meta device holds no data, so a model cannot run there; use "
+         "\"cpu\", \"cuda\" or \"auto\"", "nothing written (was: RuntimeError: unsupported "
+         "scalarType)", setup=lambda d, n: train_config(d, n, device="meta")),
+    Case("minimind-1d-embedding", ["generate", "--model", "{dir}/minimind.pth", "--config",
+                                   "minimind2", "--tokenizer", "{work}/base", "hi"],
+         "{dir}/minimind.pth: model.embed_tokens.weight has shape [12800]; expected a matrix "
+         "with no empty dimension in a MiniMind model", "nothing loaded (was: ValueError: not "
+         "enough values to unpack)", setup=minimind_pth(lambda sd: sd.update({
+             "model.embed_tokens.weight": sd["model.embed_tokens.weight"].flatten()}))),
+    Case("combine-svd-weights-overflow",
+         ["combine", "--model", "{work}/base", "a={work}/run/adapter", "b={dir}/adapter",
+          "--weights", "1e200", "1", "--method", "svd", "--out", "{dir}/mix"],
+         "weights {{'a': 1e+200, 'b': 1.0}}: the weighted sum of the updates of "
+         "model.layers.0.self_attn.q_proj is not finite in float32; use smaller weights",
+         "nothing written (was: torch's LinAlgError: the SVD failed to converge)",
+         setup=lambda d, n: copy_adapter(d, n)),
+    # -- 3. templates are programs: bounded ------------------------------------------------------
+    Case("template-hangs", GENERATE_OWN,
+         TEMPLATE + ": the model's chat template ran past 0.2 seconds on one conversation and "
+         "was stopped; use a template without long loops",
+         "stopped at the render time bound (5 s; lowered here) (was: ran for hours)",
+         setup=base_with_template(HANG), patch=render_seconds(0.2)),
+    Case("template-makes-4-gb", GENERATE_OWN,
+         TEMPLATE + ": the model's chat template made a value of 4000000000 characters or items "
+         "(the bound is 67108864) and was stopped; use a template whose text is about as long "
+         "as the messages", "refused before the string is built (was: killed at 3 GB)",
+         setup=base_with_template("{{ 'a' * 4000000000 }}")),
+    Case("template-doubles-a-string", GENERATE_OWN,
+         TEMPLATE + ": the model's chat template made a string of more than 67108864 "
+         "characters and was stopped; use a template whose text is about as long as the "
+         "messages", "stopped at 64 Mi characters (~ is bounded too)",
+         setup=base_with_template(DOUBLING)),
+    Case("template-pads-to-4-gb", GENERATE_OWN,
+         TEMPLATE + ": the model's chat template made a count of 4000000000 (the bound is "
+         "67108864) and was stopped; use a template whose text is about as long as the "
+         "messages", "refused before the call (filters and methods are bounded too)",
+         setup=base_with_template("{{ messages[0].content | center(4000000000) }}")),
+    Case("template-file-6-gb", GENERATE_OWN,
+         "[Errno 27] " + TEMPLATE + " is larger than 1048576 bytes; expected a chat template "
+         "(Jinja text)", "not read (was: read whole, 6 GB)",
+         setup=base_with(lambda b: sparse_file(b / "chat_template.jinja", 6 << 30))),
+    Case("template-file-is-a-fifo", GENERATE_OWN,
+         "[Errno 22] " + TEMPLATE + " is a FIFO (pipe); expected a chat template (Jinja text)",
+         "not opened (was: skipped for another template, exit 0)",
+         setup=base_with(lambda b: os.mkfifo(b / "chat_template.jinja"))),
+    Case("template-file-is-a-folder", GENERATE_OWN,
+         "[Errno 22] " + TEMPLATE + " is a folder; expected a chat template (Jinja text)",
+         "nothing used (was: skipped for another template, exit 0)",
+         setup=base_with(lambda b: (b / "chat_template.jinja").mkdir())),
+    Case("template-not-a-string", GENERATE_OWN,
+         "{dir}/base/tokenizer_config.json: field 'chat_template': a JSON number; expected a "
+         "Jinja template string (or null)", "nothing used (was: skipped for ChatML, exit 0)",
+         setup=lambda d, n: edit_json(copy_base(d, n) / "tokenizer_config.json",
+                                      chat_template=12345)),
+]
+CASES += ROUND_THREE
+
+
 def rehash(path: Path) -> None:
     """Record a planted checkpoint file in the manifest, as an attacker who edits both would."""
     manifest = path.parent / "manifest.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from minilora.core.errors import AdapterError
+from minilora.core.errors import AdapterError, ConfigError
 from minilora.core.files import read_json, regular_file
 from minilora.core.tensor_checks import tensor_problems
 from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig
@@ -173,8 +173,17 @@ def _config_from_peft(data: dict, source: Path, sd: dict[str, torch.Tensor]) -> 
             use_rslora=data.get("use_rslora", False),
             use_dora=bool(data.get("use_dora")),
         )
+    except ConfigError as e:  # in the file's words: field 'lora_alpha', not LoraConfig.alpha
+        e.words = {name: f"field {key!r}" for name, key in _PEFT_NAMES.items()}
+        raise AdapterError(f"{source}: {e}") from None
     except ValueError as e:
         raise AdapterError(f"{source}: {e}") from None
+
+
+# LoraConfig's field -> the adapter_config.json key it is read from.
+_PEFT_NAMES = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+               "targets": "target_modules", "exclude": "exclude_modules",
+               "init": "init_lora_weights", "use_rslora": "use_rslora", "use_dora": "use_dora"}
 
 
 def peft_config_dict(

@@ -711,7 +711,7 @@ CASES = [
          ".jsonl file", "not opened (opening a FIFO blocks until a writer comes)",
          setup=lambda d, n: os.mkfifo(d / "pipe.jsonl")),
     Case("catastrophic-regex-in-adapter", GENERATE + ["--adapter", "{dir}/adapter"],
-         "{dir}/adapter/adapter_config.json: LoraConfig.targets is not a usable regex "
+         "{dir}/adapter/adapter_config.json: field 'target_modules' is not a usable regex "
          "'(.*_*)+_proj': a repeated group holds another repeat or an alternation (such as "
          "(a+)+ or (a|b)*), which can take exponential time; simplify it",
          "refused before any match (was: loading hung)",
@@ -1094,6 +1094,94 @@ ROUND_THREE = [
                                       chat_template=12345)),
 ]
 CASES += ROUND_THREE
+
+
+def parquet_of_30_million_rows(d: Path, n: dict) -> None:
+    """30 million dictionary-encoded rows in a file of about 200 KB."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 30_000_000
+    text = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int8)),
+                                          pa.array(["Say hello. Hello! How can I help you?"]))
+    pq.write_table(pa.table({"text": text}), d / "many.parquet", row_group_size=rows // 4)
+
+
+def data_folder(*extra: str) -> Callable[[Path, dict], None]:
+    """{dir}/data: a.jsonl (good chats) and ``extra``: "b.jsonl->" a link to nothing, "sub/"
+    a folder."""
+    def setup(d: Path, n: dict) -> None:
+        folder = d / "data"
+        folder.mkdir()
+        write_jsonl(folder / "a.jsonl", chat_rows(repeat=4))
+        for name in extra:
+            if name.endswith("->"):
+                os.symlink(d / "gone.jsonl", folder / name[:-2])
+            else:
+                (folder / name.rstrip("/")).mkdir()
+                write_jsonl(folder / name.rstrip("/") / "c.jsonl", chat_rows())
+
+    return setup
+
+
+def lowered(name: str, value: int) -> Callable[[pytest.MonkeyPatch, Path], None]:
+    def patch(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
+        monkeypatch.setattr(f"minilora.data.formats.{name}", value)
+
+    return patch
+
+
+LONG_PROMPT = "hello world " * 600  # 2415 tokens; the shared bases' context is 512
+ROUND_THREE_DATA = [
+    # -- 4. data readers in bounded time and memory ----------------------------------------
+    Case("parquet-of-30-million-rows", TRAIN + ["--data", "{dir}/many.parquet"],
+         "{dir}/many.parquet: holds 30000000 rows, more than 10000000 (a Parquet file "
+         "compresses repeated rows; the samples would not fit in memory); split it or train on "
+         "a part", "refused from the metadata, nothing read (was: killed at 3 GB)",
+         setup=parquet_of_30_million_rows),
+    Case("json-array-too-large", TRAIN + ["--data", "{dir}/data.json"],
+         "{dir}/data.json: {dir}/data.json is larger than 1024 bytes; expected a JSON array file "
+         "(use JSON Lines for more)", "not read whole (bound 2 GiB, lowered here)",
+         setup=lambda d, n: write_file(d / "data.json", json.dumps(chat_rows(repeat=4)).encode()),
+         patch=lowered("MAX_ARRAY_BYTES", 1024)),
+    Case("json-array-nested-too-deeply", TRAIN + ["--data", "{dir}/data.json"],
+         "{dir}/data.json:1: an item nested too deeply; expected a JSON array of objects",
+         "nothing written (was: RecursionError)",
+         setup=lambda d, n: write_file(d / "data.json", b"[" + b"[" * 100000 + b"]" * 100000
+                                       + b"]")),
+    Case("alpaca-history-not-pairs", TRAIN,
+         "{data}:1: field 'history[0]': expected [instruction, response], two strings",
+         "nothing written (was: history ignored, exit 0)",
+         rows=[{"instruction": "Add 2 and 3.", "output": "5", "history": [["Hi"]]}]),
+    Case("record-of-three-formats", TRAIN,
+         "{data}:1: the keys of more than one format ('messages', 'instruction', 'output', "
+         "'text'); keep one: conversations or messages (chat), instruction and output (Alpaca), "
+         "or text", "nothing written (was: the messages trained, the rest ignored)",
+         rows=[{"messages": CHATS[1], "instruction": "Hi", "output": "Hello", "text": "Hi"}]),
+    Case("data-folder-with-a-dangling-link", TRAIN + ["--data", "{dir}/data"],
+         "{dir}/data/b.jsonl: is a link to nothing (its target is missing); fix or remove it, or "
+         "pass the files to train on", "nothing written (was: trained on a.jsonl alone, exit 0)",
+         setup=data_folder("b.jsonl->")),
+    Case("data-folder-with-a-sub-folder", TRAIN + ["--data", "{dir}/data"],
+         "{dir}/data/more: is a folder inside the --data folder; sub-folders are not read: move "
+         "its files up, or pass it as --data itself", "nothing written (was: its files left out, "
+         "exit 0)", setup=data_folder("more/")),
+    Case("prompt-longer-than-the-context", GENERATE[:-1] + [LONG_PROMPT],
+         "the prompt is 2415 tokens, but the model's context (max_position_embeddings) is 512 "
+         "tokens, which leaves no room for a reply; shorten the prompt",
+         "nothing generated (was: generated past the context without a word); a shorter prompt "
+         "generates up to the context's end"),
+    Case("eval-question-longer-than-the-context",
+         ["eval", "--model", "{work}/base", "--tasks", "{dir}/tasks.jsonl"],
+         "the prompt is 2425 tokens, but the model's context (max_position_embeddings) is 512 "
+         "tokens, which leaves no room for a reply; shorten the prompt",
+         "nothing scored; `eval --data` cuts samples at the context with a note instead",
+         setup=lambda d, n: write_jsonl(d / "tasks.jsonl", [
+             {"task": "t", "messages": [{"role": "user", "content": LONG_PROMPT}],
+              "expected": "x", "match": "contains"}])),
+]
+CASES += ROUND_THREE_DATA
 
 
 def rehash(path: Path) -> None:

@@ -50,7 +50,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.eval()
     report: dict[str, Any] = {}
     if args.data:
-        dataset = load_jsonl(args.data, tokenizer, args.max_seq_len)
+        max_seq_len = args.max_seq_len
+        context = model.config.max_position_embeddings
+        if max_seq_len > context:  # positions past the context mean nothing to the model
+            max_seq_len = context
+            print(f"minilora eval: note: --max-seq-len {args.max_seq_len} is longer than the "
+                  f"model's context ({context} tokens); samples are cut at {context}",
+                  file=sys.stderr)
+        dataset = load_jsonl(args.data, tokenizer, max_seq_len)
         report.update(evaluate(model, dataset, args.batch_size))
         print(f"{args.data}: loss {report['eval_loss']:.4f}, perplexity {report['eval_ppl']:.2f} "
               f"({len(dataset)} samples)")

@@ -1174,14 +1174,41 @@ ROUND_THREE_DATA = [
          "generates up to the context's end"),
     Case("eval-question-longer-than-the-context",
          ["eval", "--model", "{work}/base", "--tasks", "{dir}/tasks.jsonl"],
-         "the prompt is 2425 tokens, but the model's context (max_position_embeddings) is 512 "
-         "tokens, which leaves no room for a reply; shorten the prompt",
-         "nothing scored; `eval --data` cuts samples at the context with a note instead",
+         "{dir}/tasks.jsonl:1: the prompt is 2415 tokens, but the model's context "
+         "(max_position_embeddings) is 512 tokens, which leaves no room for a reply; shorten the "
+         "question", "checked before any question is answered; `eval --data` cuts samples at "
+         "the context with a note instead",
          setup=lambda d, n: write_jsonl(d / "tasks.jsonl", [
              {"task": "t", "messages": [{"role": "user", "content": LONG_PROMPT}],
               "expected": "x", "match": "contains"}])),
 ]
 CASES += ROUND_THREE_DATA
+
+
+def hold_lock_beside(output: str, command: str) -> Callable[[Path, dict], None]:
+    """Another run is writing ``output`` (this process, through another lock file handle)."""
+    def setup(d: Path, n: dict) -> None:
+        n["lock"] = FolderLock.beside(d / output, command).acquire()
+
+    return setup
+
+
+ROUND_THREE_OUTPUTS = [
+    # -- 5. every output folder replaced whole, and locked ----------------------------------
+    Case("second-combine-into-a-busy-folder",
+         ["combine", "--model", "{work}/base", "a={work}/run/adapter", "b={work}/run/adapter",
+          "--weights", "0.5", "0.5", "--out", "{dir}/mix"],
+         "{dir}/mix is in use by another process (minilora combine, PID {pid}); wait for it to "
+         "end, or choose another output folder", "the running combine's output is untouched "
+         "(was: both wrote, both said \"written\")",
+         setup=hold_lock_beside("mix", "combine"), after=release_lock),
+    Case("second-convert-into-a-busy-file",
+         ["convert", "--model", "{work}/base", "{work}/run/adapter", "{dir}/lora.pth"],
+         "{dir}/lora.pth is in use by another process (minilora convert, PID {pid}); wait for it "
+         "to end, or choose another output folder", "the running convert's output is untouched",
+         setup=hold_lock_beside("lora.pth", "convert"), after=release_lock),
+]
+CASES += ROUND_THREE_OUTPUTS
 
 
 def rehash(path: Path) -> None:
@@ -1643,3 +1670,115 @@ def test_sigkill_during_adapter_saves_leaves_the_old_or_the_new_adapter(tok, tmp
     save_adapter(model, folder)
     assert _loads_as(folder, vocab, adapters) == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety of merge: its output folder is replaced whole
+# ---------------------------------------------------------------------------------------------
+
+# Where a killed merge stops: the weights written (the tokenizer not yet), between the
+# tokenizer's two files, and after the new folder was swapped in (the old one not yet removed).
+MERGE_POINTS = ("after-weights", "between-tokenizer-files", "after-exchange")
+OWN_TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+
+
+def _merge_child(argv: list[str], point: str | None, pipe: int) -> None:
+    """The child: announce, stop at ``point`` (and wait to be killed), else merge until done."""
+    import minilora.data.tokenizer as tokenizer_module
+    from minilora.data.tokenizer import Tokenizer
+
+    def stop_here(name: str) -> None:
+        if name == point:
+            os.write(pipe, b"at " + name.encode() + b"\n")
+            time.sleep(60)
+
+    real_save, real_write, real_rmtree = Tokenizer.save, tokenizer_module.atomic_write, \
+        shutil.rmtree
+
+    def save(self: Tokenizer, folder: Any) -> Path:
+        stop_here("after-weights")
+        return real_save(self, folder)
+
+    def atomic_write(path: Any, data: Any) -> None:
+        if Path(path).name == "tokenizer_config.json":
+            stop_here("between-tokenizer-files")
+        real_write(path, data)
+
+    def rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        if ".old-" in Path(path).name and Path(path).exists():  # not the first, stale sweep
+            stop_here("after-exchange")
+        real_rmtree(path, *args, **kwargs)
+
+    Tokenizer.save, tokenizer_module.atomic_write, shutil.rmtree = save, atomic_write, rmtree
+    os.write(pipe, b"go\n")
+    main(argv)
+
+
+def _merged_as(out: Path, refs: dict[str, tuple[torch.Tensor, str | None]]) -> str:
+    """"old" or "new" when the folder's weights and tokenizer are both that merge's, else what
+    it holds ("weights new, tokenizer old")."""
+    from minilora.data.tokenizer import Tokenizer
+
+    model = load_model(out).eval()
+    with torch.no_grad():
+        logits = model(torch.arange(12).view(1, -1)).logits
+    template = Tokenizer.from_file(out).chat_template
+    weights = [k for k, (want, _) in refs.items() if torch.allclose(logits, want, atol=1e-5)]
+    tokenizer = [k for k, (_, want) in refs.items() if template == want]
+    if weights == tokenizer and len(weights) == 1:
+        return weights[0]
+    return f"weights {weights}, tokenizer {tokenizer}"
+
+
+def test_sigkill_during_merge_leaves_the_old_or_the_new_model(work, tmp_path, capsys) -> None:
+    """merge into a folder holding an earlier merge, killed at fixed points and at random: the
+    folder loads as the old merged model or the new one, weights and tokenizer together (it was
+    written file by file: new weights under an old tokenizer loaded with ChatML)."""
+    own = copy_base(tmp_path, {"work": work})  # the same weights, a template of its own
+    edit_json(own / "tokenizer_config.json", chat_template=OWN_TEMPLATE)
+    stronger = copy_adapter(tmp_path, {"work": work})
+    rewrite_tensors(stronger / "adapter_model.safetensors", lambda t: t.update(
+        {k: v * 3 for k, v in t.items() if "lora_B" in k}))
+    out = tmp_path / "merged"
+    old = ["merge", "--model", str(work / "base"), "--adapter", str(work / "run" / "adapter"),
+           "--out", str(out)]
+    new = ["merge", "--model", str(own), "--adapter", str(stronger), "--out", str(out)]
+    refs = {}
+    for name, argv in (("new", new), ("old", old)):  # the folder holds the old one after
+        started = time.perf_counter()
+        assert main(argv) == 0
+        model = load_model(out).eval()
+        with torch.no_grad():
+            refs[name] = (model(torch.arange(12).view(1, -1)).logits,
+                          None if name == "old" else OWN_TEMPLATE)
+    one_merge = time.perf_counter() - started
+    assert not torch.allclose(refs["old"][0], refs["new"][0], atol=1e-3)
+    rng = random.Random(0)
+    for point in [*MERGE_POINTS, None, None, None]:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                os.close(read)
+                _merge_child(new, point, write)
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            assert pipe.readline() == b"go\n"
+            if point is None:
+                time.sleep(rng.uniform(0, 1.5 * one_merge))
+            else:
+                assert pipe.readline() == f"at {point}\n".encode()
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        state = _merged_as(out, refs)
+        assert state in ("old", "new"), (point, state)
+        if point in ("after-weights", "between-tokenizer-files"):
+            assert state == "old", point  # the merge under way is not visible yet
+        elif point == "after-exchange":
+            assert state == "new", point
+        assert main(old) == 0  # the next merge cleans up what the killed one left
+        assert _merged_as(out, refs) == "old"
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]

@@ -76,6 +76,15 @@ def _score_tasks(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[s
     from minilora.decoding.chat import chat_answerer
 
     samples = [s for f in args.tasks for s in tasks.load_samples(f)]
+    # Every question must leave room for a reply in the model's context: checked before the
+    # first is answered, naming the question, rather than failing part-way through.
+    context = model.config.max_position_embeddings
+    for sample in samples:
+        ids, _ = tokenizer.encode_chat(sample.chat(), add_generation_prompt=True)
+        if len(ids) >= context:
+            raise CliError(f"{sample.source}: the prompt is {len(ids)} tokens, but the model's "
+                           f"context (max_position_embeddings) is {context} tokens, which leaves "
+                           "no room for a reply; shorten the question")
     answer = chat_answerer(model, tokenizer, max_new_tokens=args.max_new_tokens,
                            eos_token_id=tokenizer.stop_token_ids)
     with tqdm(total=len(samples), unit="question", desc="tasks", file=sys.stderr) as bar:

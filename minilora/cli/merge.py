@@ -52,7 +52,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model = merge_and_unload(model)
 
     def write(folder: Path) -> None:
-        save_model(model, folder, dtype=args.save_dtype)
+        save_model(model, folder, dtype=args.save_dtype, name=out)
         _copy_tokenizer(args, folder)
         # The new folder is merge's too (check_own_folder reads the lock file's command).
         shutil.copyfile(out / LOCK_NAME, folder / LOCK_NAME)

@@ -1210,6 +1210,31 @@ ROUND_THREE_OUTPUTS = [
 ]
 CASES += ROUND_THREE_OUTPUTS
 
+ROUND_THREE_INITS = [
+    # -- 1. adapters whose initialisation rewrote the base ----------------------------------
+    Case("peft-pissa-adapter", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: field 'init_lora_weights' is 'pissa': that "
+         "initialisation rewrote the base weights (PEFT repeats it on the base it loads the "
+         "adapter onto), so A and B do not fit a base as it is; convert it to plain LoRA with "
+         "PEFT (save_pretrained's path_initial_model_for_weight_conversion)",
+         "the model is not touched (was: loaded, logits off by 1.7 to 5.6)",
+         setup=lambda d, n: edit_adapter_config(copy_adapter(d, n),
+                                                init_lora_weights="pissa")),
+    Case("peft-corda-adapter", GENERATE + ["--adapter", "{dir}/adapter"],
+         "{dir}/adapter/adapter_config.json: field 'init_lora_weights' is 'corda': that "
+         "initialisation rewrote the base weights (PEFT repeats it on the base it loads the "
+         "adapter onto), so A and B do not fit a base as it is; convert it to plain LoRA with "
+         "PEFT (save_pretrained's path_initial_model_for_weight_conversion)",
+         "the model is not touched; pissa_niter_N, olora, loftq and lora_ga too",
+         setup=lambda d, n: edit_adapter_config(copy_adapter(d, n), init_lora_weights="corda")),
+    Case("quantize-nf4-with-pissa", TRAIN + ["--quantize", "nf4", "--init", "pissa"],
+         "--quantize: PiSSA (--init pissa) replaces the base weights with their residual, which "
+         "a quantized base cannot hold; train PiSSA on the full-precision base, or quantize with "
+         "another --init", "nothing written, checked before bitsandbytes is needed (was: every "
+         "step trained, then a crash at the save, and again after --resume)"),
+]
+CASES += ROUND_THREE_INITS
+
 
 def rehash(path: Path) -> None:
     """Record a planted checkpoint file in the manifest, as an attacker who edits both would."""

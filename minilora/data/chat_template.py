@@ -9,23 +9,25 @@ tokens of the whole text whose characters start inside such a span are trained.
 
 A template is a program from the model's files, so it runs bounded (docs/reliability.md): in
 Jinja's immutable sandbox; without ``{% include %}`` / ``{% import %}`` / ``{% extends %}`` (it
-reads no other file); at most ``MAX_RENDER_SECONDS`` of wall-clock time per render, enforced by a
-trace function on the template's own frames in the rendering thread (``sys.settrace``; nothing
-runs on after the render returns, no thread is left behind); and no string, list or number
+reads no other file); at most ``MAX_RENDER_SECONDS`` of wall-clock time per render, enforced by
+one watchdog thread that raises an exception in a rendering thread past its deadline (nothing
+runs on after the render returns; see ``_Watchdog``); and no string, list or number
 larger than ``MAX_RENDER_CHARS`` characters (``*``, ``+``, ``~``, ``%``, ``**``, every filter and
 method call checked) and no output longer than that.
 """
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import json
+import os
 import re
-import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
-from types import FrameType
 from typing import Any
 
 from minilora.core.errors import ConfigError
@@ -63,8 +65,9 @@ class _TooLarge(Exception):
     """A value past MAX_RENDER_CHARS (or an integer past _MAX_INT_BITS) inside a render."""
 
 
-class _TooSlow(Exception):
-    """A render past MAX_RENDER_SECONDS."""
+class _TooSlow(BaseException):
+    """A render past MAX_RENDER_SECONDS, raised in the rendering thread by the watchdog (a
+    BaseException, so that no ``except Exception`` on the way swallows it)."""
 
 
 def _size(value: Any) -> Any:
@@ -220,22 +223,77 @@ def compile_template(source: str, origin: str | None = None) -> None:
         raise ChatTemplateError(f"{origin + ': ' if origin else ''}{err}") from None
 
 
-def _deadline_tracer(deadline: float) -> Callable[[FrameType, str, Any], Any]:
-    """A trace function that stops the template's own code (its frames are compiled from
-    "<template>") once ``deadline`` (time.monotonic) has passed; other frames run untraced."""
-    def local(frame: FrameType, event: str, arg: Any) -> Any:
-        if time.monotonic() > deadline:
-            raise _TooSlow
-        return local
+class _Watchdog:
+    """Stops renders that run past their deadline: one daemon thread for the process sleeps
+    until the earliest deadline of the renders under way and raises ``_TooSlow`` in a rendering
+    thread that is still past it (``PyThreadState_SetAsyncExc``, delivered at the thread's next
+    bytecode, so a pure-Python loop stops; a single long C call finishes first, and the size
+    bounds keep those short).
 
-    def call(frame: FrameType, event: str, arg: Any) -> Any:
-        if frame.f_code.co_filename == "<template>":
-            if time.monotonic() > deadline:
-                raise _TooSlow
-            return local
-        return None
+    Nothing can leak: a render registers before it starts and unregisters (under the same lock)
+    before it returns; an exception set but not yet delivered when it unregisters is cleared
+    there. A render costs a lock and a notify, not a trace of every line (which made rendering
+    seven times slower). After a fork the child starts its own thread.
+    """
 
-    return call
+    def __init__(self) -> None:
+        self._pid = -1
+
+    def _fresh(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Condition()
+        self._renders: dict[int, tuple[int, float]] = {}  # token -> (thread id, deadline)
+        self._fired: set[int] = set()
+        self._tokens = itertools.count()
+        threading.Thread(target=self._run, name="minilora-template-watchdog",
+                         daemon=True).start()
+
+    def start(self, seconds: float) -> int:
+        if self._pid != os.getpid():
+            self._fresh()
+        with self._lock:
+            token = next(self._tokens)
+            self._renders[token] = (threading.get_ident(), time.monotonic() + seconds)
+            self._lock.notify()
+        return token
+
+    def stop(self, token: int) -> None:
+        with self._lock:
+            self._renders.pop(token, None)
+            if token in self._fired:
+                self._fired.discard(token)
+                _async_raise(threading.get_ident(), None)  # one not delivered yet: cleared
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                for token, (thread, deadline) in list(self._renders.items()):
+                    if deadline <= now:
+                        del self._renders[token]
+                        self._fired.add(token)
+                        _async_raise(thread, _TooSlow)
+                deadlines = [deadline for _, deadline in self._renders.values()]
+                self._lock.wait(min(deadlines) - now if deadlines else None)
+
+
+def _async_raise(thread: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in ``thread`` at its next bytecode; None clears one not yet raised."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread), None if exc is None else ctypes.py_object(exc))
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _generate(template: Any, variables: dict[str, Any], parts: list[str]) -> None:
+    """The template's output into ``parts``, counted as it comes (MAX_RENDER_CHARS)."""
+    size = 0
+    for part in template.generate(**variables):
+        size += len(part)
+        if size > MAX_RENDER_CHARS:
+            raise _TooLarge(f"output of more than {MAX_RENDER_CHARS} characters")
+        parts.append(part)
 
 
 def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool = False,
@@ -264,18 +322,19 @@ def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool
                      tools=None, documents=None, **(special_tokens or {}))
     # The template's code runs here and only here: what it raises is the template's doing
     # (1/0, a recursing macro, a range past the sandbox's bound), so it is translated here.
-    before = sys.gettrace()
-    sys.settrace(_deadline_tracer(time.monotonic() + MAX_RENDER_SECONDS))
-    parts, size = [], 0
+    parts: list[str] = []
+    token = None
     try:
-        for part in template.generate(**variables):
-            size += len(part)
-            if size > MAX_RENDER_CHARS:
-                raise _TooLarge(f"output of more than {MAX_RENDER_CHARS} characters")
-            parts.append(part)
+        token = _WATCHDOG.start(MAX_RENDER_SECONDS)
+        try:
+            _generate(template, variables, parts)
+        finally:
+            _WATCHDOG.stop(token)  # before it returns: no exception can arrive after
     except ChatTemplateError as err:
         raise ChatTemplateError(f"{where}{err}") from None
     except _TooSlow:
+        if token is not None:  # arrived inside stop itself: cleared, nothing left pending
+            _WATCHDOG.stop(token)
         raise ChatTemplateError(f"{where}the model's chat template ran past {MAX_RENDER_SECONDS:g} "
                                 "seconds on one conversation and was stopped; use a template "
                                 "without long loops") from None
@@ -290,8 +349,6 @@ def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool
             AttributeError) as err:
         raise ChatTemplateError(f"{where}the model's chat template failed: {type(err).__name__}: "
                                 f"{err}") from None
-    finally:
-        sys.settrace(before)
     return "".join(parts)
 
 

@@ -4,7 +4,8 @@ read right once bounded. The refusals themselves are catalogue cases in test_rel
 from __future__ import annotations
 
 import json
-import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,23 +60,32 @@ def test_an_alpaca_record_with_its_prompt_in_text_is_read_as_alpaca(tok, tmp_pat
     assert dataset.stats.formats[str(tmp_path / "a.jsonl")] == {"alpaca": 1}
 
 
-def test_a_render_leaves_the_trace_function_as_it_found_it() -> None:
-    messages = [{"role": "user", "content": "hi"}]
-    source = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+def test_nothing_is_raised_after_a_render_returns(monkeypatch) -> None:
+    """The watchdog stops a render past its deadline, in whichever thread renders; once a
+    render has returned (stopped or not), nothing arrives in its thread later."""
+    monkeypatch.setattr(chat_template, "MAX_RENDER_SECONDS", 0.05)
+    hang = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    errors: list[str] = []
 
-    def mine(frame, event, arg):  # a debugger's or a coverage tool's
-        return None
+    def renders() -> None:
+        try:
+            for _ in range(3):
+                with pytest.raises(ChatTemplateError, match="ran past 0.05 seconds"):
+                    render(hang, [])
+                assert render("{{ messages | length }}", [1, 2]) == "2"
+            deadline = time.monotonic() + 0.3  # well past any deadline a render had
+            while time.monotonic() < deadline:
+                pass
+        except BaseException as err:  # noqa: BLE001 (a stray _TooSlow would land here)
+            errors.append(repr(err))
 
-    before = sys.gettrace()
-    sys.settrace(mine)
-    try:
-        assert render(source, messages) == "[user] hi"
-        assert sys.gettrace() is mine
-        with pytest.raises(ChatTemplateError):
-            render("{{ 1 / 0 }}", messages)
-        assert sys.gettrace() is mine
-    finally:
-        sys.settrace(before)
+    threads = [threading.Thread(target=renders) for _ in range(3)]
+    for t in threads:
+        t.start()
+    renders()
+    for t in threads:
+        t.join()
+    assert errors == []
 
 
 def test_the_time_bound_stops_a_template_without_output(monkeypatch) -> None:

@@ -1172,6 +1172,11 @@ ROUND_THREE_DATA = [
          "tokens, which leaves no room for a reply; shorten the prompt",
          "nothing generated (was: generated past the context without a word); a shorter prompt "
          "generates up to the context's end"),
+    Case("train-sample-longer-than-the-context", TRAIN + ["--max-seq-len", "4096"],
+         "{data}: a sample of 2404 tokens is longer than the model's context "
+         "(max_position_embeddings: 512 tokens); use --max-seq-len 512 or less",
+         "nothing written (was: trained on positions past the context without a word)",
+         rows=[{"text": LONG_PROMPT}] * 4),
     Case("eval-question-longer-than-the-context",
          ["eval", "--model", "{work}/base", "--tasks", "{dir}/tasks.jsonl"],
          "{dir}/tasks.jsonl:1: the prompt is 2415 tokens, but the model's context "

@@ -37,6 +37,11 @@ class ChatTemplateError(ConfigError):
     """A chat template that cannot be rendered (a Jinja error or its own raise_exception)."""
 
 
+class TemplateBoundError(ChatTemplateError):
+    """A chat template stopped at a render bound (time, size): whatever it renders runs into it
+    again, so a caller that falls back on another conversation should not try."""
+
+
 def _raise_exception(message: str) -> None:
     raise ChatTemplateError(f"the model's chat template refused the conversation: {message}")
 
@@ -335,13 +340,13 @@ def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool
     except _TooSlow:
         if token is not None:  # arrived inside stop itself: cleared, nothing left pending
             _WATCHDOG.stop(token)
-        raise ChatTemplateError(f"{where}the model's chat template ran past {MAX_RENDER_SECONDS:g} "
-                                "seconds on one conversation and was stopped; use a template "
-                                "without long loops") from None
+        raise TemplateBoundError(f"{where}the model's chat template ran past "
+                                 f"{MAX_RENDER_SECONDS:g} seconds on one conversation and was "
+                                 "stopped; use a template without long loops") from None
     except _TooLarge as err:
-        raise ChatTemplateError(f"{where}the model's chat template made {err} and was stopped; "
-                                "use a template whose text is about as long as the "
-                                "messages") from None
+        raise TemplateBoundError(f"{where}the model's chat template made {err} and was "
+                                 "stopped; use a template whose text is about as long as the "
+                                 "messages") from None
     except RecursionError:
         raise ChatTemplateError(f"{where}the model's chat template recursed too deeply (a macro "
                                 "that calls itself without end?)") from None

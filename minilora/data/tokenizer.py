@@ -23,6 +23,7 @@ from minilora.core.files import atomic_write, json_type, read_bounded, read_json
 from minilora.data.chat_template import (
     MAX_TEMPLATE_BYTES,
     ChatTemplateError,
+    TemplateBoundError,
     assistant_spans,
     compile_template,
     render,
@@ -202,6 +203,8 @@ class Tokenizer:
         try:
             text, spans = assistant_spans(self.chat_template, probe, self._special_tokens(),
                                           origin=self.template_origin)
+        except TemplateBoundError:
+            raise  # a template that hangs here hangs on every conversation: said once, now
         except ChatTemplateError:
             return []
         start, end = spans[0]

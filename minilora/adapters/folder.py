@@ -429,7 +429,8 @@ def _pissa_to_lora(
     if config.init != "pissa" or config.use_dora:
         raise AdapterError(f"pissa_initial: adapter {name!r} is not a PiSSA LoRA adapter "
                            f"(init {config.init!r}, use_dora {config.use_dora})")
-    start = dict(initial) if isinstance(initial, Mapping) else read_peft(Path(initial))[1]
+    start = (dict(initial) if isinstance(initial, Mapping)
+             else read_peft(Path(initial), initial_pissa=True)[1])
     if {k: tuple(v.shape) for k, v in start.items()} != {
             k: tuple(v.shape) for k, v in tensors.items()}:
         where = "pissa_initial" if isinstance(initial, Mapping) else initial

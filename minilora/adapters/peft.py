@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from minilora.core.errors import AdapterError
+from minilora.core.errors import AdapterError, ConfigError
 from minilora.core.files import read_json, regular_file
 from minilora.core.tensor_checks import tensor_problems
 from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig
@@ -66,9 +66,13 @@ _PEFT_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "exclude_modules": ((list, str, type(None)), "a list of names, a regex or null"),
     "init_lora_weights": ((bool, str), "true, false or an init name"),
 }
-# PEFT inits that rewrite the base weights: their adapters only work on the rewritten base.
-# PiSSA's is the exception read: its folder's base is the residual that PEFT saves beside it.
-_BASE_CHANGING_INITS = ("olora", "loftq", "corda", "lora_ga")
+# PEFT inits that rewrite the base weights (PiSSA and pissa_niter_N, OLoRA, CorDA, LoftQ,
+# LoRA-GA): PeftModel.from_pretrained repeats the initialisation on the base it is given, so the
+# saved A and B only mean something beside that rewritten base, which the file does not hold or
+# name (given the original base, they loaded with logits off by 1.7 to 5.6). Refused, naming
+# the field; minilora writes its own trained PiSSA adapters as plain LoRA (pissa_initial).
+# EVA is not among them: it initialises A from activations and leaves the base as it is.
+_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
 
 def find_adapters(folder: str | os.PathLike[str]) -> dict[str, Path]:
@@ -89,16 +93,23 @@ def find_adapters(folder: str | os.PathLike[str]) -> dict[str, Path]:
     return found
 
 
-def read_peft(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
+def read_peft(folder: Path, *, initial_pissa: bool = False
+              ) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
     """One PEFT adapter folder, read without a model.
 
     Returns:
         Its LoraConfig, its tensors under the file's keys (PEFT's base-layer copies included)
         and the safetensors header metadata.
 
+    Args:
+        folder: the adapter folder.
+        initial_pissa: read a PiSSA adapter (``init_lora_weights: "pissa"``), as the initial
+            state ``save_adapter(..., pissa_initial=folder)`` converts from; refused otherwise.
+
     Raises:
         AdapterError: a missing, unreadable or non-regular file, a config minilora cannot
-            honour, or tensors that are not usable LoRA weights.
+            honour (an init that rewrote the base weights among them), or tensors that are not
+            usable LoRA weights.
     """
     weights = folder / WEIGHTS_NAME
     for file in (weights, folder / CONFIG_NAME):
@@ -117,7 +128,7 @@ def read_peft(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[s
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
     check_tensors(sd, weights)
-    return _config_from_peft(data, folder / CONFIG_NAME, sd), sd, metadata
+    return _config_from_peft(data, folder / CONFIG_NAME, sd, initial_pissa), sd, metadata
 
 
 def check_tensors(sd: dict[str, torch.Tensor], source: Path) -> None:
@@ -137,8 +148,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _config_from_peft(data: dict[str, Any], source: Path,
-                      sd: dict[str, torch.Tensor]) -> LoraConfig:
+def _config_from_peft(data: dict[str, Any], source: Path, sd: dict[str, torch.Tensor],
+                      initial_pissa: bool = False) -> LoraConfig:
     def fail(key: str, why: str) -> AdapterError:
         return AdapterError(f"{source}: field {key!r} {why}")
 
@@ -156,8 +167,12 @@ def _config_from_peft(data: dict[str, Any], source: Path,
         if key in data and data[key] not in fine:
             raise fail(key, f"is {data[key]!r}; minilora supports only {fine[0]!r}")
     init = data.get("init_lora_weights", True)
-    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
-        raise fail("init_lora_weights", f"is {init!r}, which changes the base weights")
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS) and not (
+            initial_pissa and init.startswith("pissa")):
+        raise fail("init_lora_weights", f"is {init!r}: that initialisation rewrote the base "
+                   "weights (PEFT repeats it on the base it loads the adapter onto), so A and B "
+                   "do not fit a base as it is; convert it to plain LoRA with PEFT "
+                   "(save_pretrained's path_initial_model_for_weight_conversion)")
     if isinstance(init, str) and init.startswith("pissa"):
         init = "pissa"  # "pissa_niter_4" too: the same adapter, its SVD found faster
     targets = data.get("target_modules")
@@ -175,8 +190,17 @@ def _config_from_peft(data: dict[str, Any], source: Path,
             use_rslora=data.get("use_rslora", False),
             use_dora=bool(data.get("use_dora")),
         )
+    except ConfigError as e:  # in the file's words: field 'lora_alpha', not LoraConfig.alpha
+        e.words = {name: f"field {key!r}" for name, key in _PEFT_NAMES.items()}
+        raise AdapterError(f"{source}: {e}") from None
     except ValueError as e:
         raise AdapterError(f"{source}: {e}") from None
+
+
+# LoraConfig's field -> the adapter_config.json key it is read from.
+_PEFT_NAMES = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+               "targets": "target_modules", "exclude": "exclude_modules",
+               "init": "init_lora_weights", "use_rslora": "use_rslora", "use_dora": "use_dora"}
 
 
 def peft_config_dict(

@@ -14,6 +14,7 @@ from minilora.cli.common import (
     load_named_adapters,
     name_after,
 )
+from minilora.core.outputs import FolderLock
 
 
 def add_combine_parser(sub: Any) -> None:
@@ -44,16 +45,18 @@ def cmd_combine(args: argparse.Namespace) -> int:
         raise CliError(f"{len(args.adapters)} adapters but {len(args.weights)} --weights")
     for weight in args.weights:
         checked_number("--weights", weight)
-    check_adapter_out(Path(args.out), args)
-    model, _ = load_base(args, tokenizer=False)
-    names = load_named_adapters(model, args.adapters, args, "NAME=PATH")
     out = Path(args.out)
-    name = name_after(out.name, "combined")
-    if name in names or name == "base":
-        name = "combined"
-    report = combine_adapters(model, dict(zip(names, args.weights, strict=True)), name,
-                              method=args.method, r=args.r)
-    save_adapter(model, out, name=name, base_model_name_or_path=args.model)
+    check_adapter_out(out, args)  # before the lock file is made beside a refused output
+    with FolderLock.beside(out, "combine"):  # one writer; checked again under the lock
+        check_adapter_out(out, args)
+        model, _ = load_base(args, tokenizer=False)
+        names = load_named_adapters(model, args.adapters, args, "NAME=PATH")
+        name = name_after(out.name, "combined")
+        if name in names or name == "base":
+            name = "combined"
+        report = combine_adapters(model, dict(zip(names, args.weights, strict=True)), name,
+                                  method=args.method, r=args.r)
+        save_adapter(model, out, name=name, base_model_name_or_path=args.model)
     print(report)
     print(f"adapter written to {out}")
     return 0

@@ -13,6 +13,7 @@ from minilora.cli.common import (
     load_adapter_arg,
     load_base,
 )
+from minilora.core.outputs import FolderLock
 
 
 def add_convert_parser(sub: Any) -> None:
@@ -35,10 +36,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if to_minimind == (src.suffix == ".pth"):
         raise CliError("convert turns a .pth into a folder or a folder into a .pth: "
                        f"got {src} -> {dst}")
-    check_adapter_out(dst, args)
-    model, _ = load_base(args, tokenizer=False)
-    load_adapter_arg(model, src, args)
-    save_adapter(model, dst, format="minimind" if to_minimind else "peft",
-                 base_model_name_or_path=None if to_minimind else args.model)
+    check_adapter_out(dst, args)  # before the lock file is made beside a refused output
+    with FolderLock.beside(dst, "convert"):  # one writer; checked again under the lock
+        check_adapter_out(dst, args)
+        model, _ = load_base(args, tokenizer=False)
+        load_adapter_arg(model, src, args)
+        save_adapter(model, dst, format="minimind" if to_minimind else "peft",
+                     base_model_name_or_path=None if to_minimind else args.model)
     print(f"{src} -> {dst}")
     return 0

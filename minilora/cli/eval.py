@@ -66,7 +66,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.eval()
     report: dict[str, Any] = {}
     if args.data:
-        dataset = load_jsonl(args.data, tokenizer, args.max_seq_len)
+        max_seq_len = args.max_seq_len
+        context = model.config.max_position_embeddings
+        if max_seq_len > context:  # positions past the context mean nothing to the model
+            max_seq_len = context
+            print(f"minilora eval: note: --max-seq-len {args.max_seq_len} is longer than the "
+                  f"model's context ({context} tokens); samples are cut at {context}",
+                  file=sys.stderr)
+        dataset = load_jsonl(args.data, tokenizer, max_seq_len)
         report.update(evaluate(model, dataset, args.batch_size))
         print(f"{args.data}: loss {report['eval_loss']:.4f}, perplexity {report['eval_ppl']:.2f} "
               f"({len(dataset)} samples)")
@@ -101,6 +108,15 @@ def _score_tasks(model: Any, tokenizer: Any, args: argparse.Namespace, params: A
     from minilora.decoding.chat import chat_answerer, sampled_answerer
 
     samples = [s for f in args.tasks for s in tasks.load_samples(f)]
+    # Every question must leave room for a reply in the model's context: checked before the
+    # first is answered, naming the question, rather than failing part-way through.
+    context = model.config.max_position_embeddings
+    for sample in samples:
+        ids, _ = tokenizer.encode_chat(sample.chat(), add_generation_prompt=True)
+        if len(ids) >= context:
+            raise CliError(f"{sample.source}: the prompt is {len(ids)} tokens, but the model's "
+                           f"context (max_position_embeddings) is {context} tokens, which leaves "
+                           "no room for a reply; shorten the question")
     label = "adapter" if args.adapter else "base"
     if params is None:
         answer: Any = chat_answerer(model, tokenizer, max_new_tokens=args.max_new_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from minilora.cli.common import (
     tokenizer_path,
 )
 from minilora.core.errors import MiniloraError
-from minilora.core.outputs import FolderLock, check_not_an_input, check_own_folder
+from minilora.core.files import replace_folder
+from minilora.core.outputs import LOCK_NAME, FolderLock, check_not_an_input, check_own_folder
 
 # What merge writes into --out: a model folder and its tokenizer.
 _MERGE_OUTPUTS = re.compile(r"config\.json|model\.safetensors|model\.safetensors\.index\.json|"
@@ -47,10 +49,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     check_own_folder(out, _MERGE_OUTPUTS, "merge", "--out")
     model, _ = load_base(args, tokenizer=False)  # copied beside the result when there is one
     apply_adapters(model, args)
-    merge_and_unload(model)  # in place: the model, not a LoRALinear, comes back
+    merge_and_unload(model)  # in place: the model (not a LoRALinear) comes back
+
+    def write(folder: Path) -> None:
+        save_model(model, folder, dtype=args.save_dtype, name=out)
+        _copy_tokenizer(args, folder)
+        # The new folder is merge's too (check_own_folder reads the lock file's command).
+        shutil.copyfile(out / LOCK_NAME, folder / LOCK_NAME)
+
     with FolderLock(out, "merge"):
-        save_model(model, out, dtype=args.save_dtype)
-        _copy_tokenizer(args, out)
+        # Written whole into a sibling folder, then swapped in: a kill leaves the old merged
+        # model or the new one, never new weights under an old config or tokenizer.
+        replace_folder(out, write)
     print(f"merged model written to {out}")
     return 0
 

@@ -130,10 +130,20 @@ class FolderLock:
         self.folder = Path(folder)
         self.command = command
         self._fd: int | None = None
+        self.path = self.folder / LOCK_NAME
+
+    @classmethod
+    def beside(cls, output: str | os.PathLike[str], command: str) -> FolderLock:
+        """A lock for an output that cannot hold the lock file itself (an adapter folder, which
+        holds only the adapter's files; a ``.pth`` file): ``.<name>.minilora.lock`` beside it,
+        which stays there (an empty lock file, reused by the next run)."""
+        lock = cls(output, command)
+        lock.path = lock.folder.parent / f".{lock.folder.name}{LOCK_NAME}"
+        return lock
 
     def acquire(self) -> FolderLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / LOCK_NAME
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,8 +17,8 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
     """The device ``name`` means here ("auto": cuda:LOCAL_RANK with CUDA, else cpu).
 
     Raises:
-        ConfigError: an unknown device, or one this machine does not have (no CUDA, an index
-            past the last GPU).
+        ConfigError: an unknown device, one this machine does not have (no CUDA, an index
+            past the last GPU), or the meta device (which holds no data).
     """
     if isinstance(name, torch.device):
         name = str(name)
@@ -29,6 +29,9 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
     except (RuntimeError, ValueError, TypeError):
         raise ConfigError(f'device {name!r}: unknown; expected "auto", "cpu", "cuda" or '
                           '"cuda:N"') from None
+    if device.type == "meta":  # shapes without data: nothing can be computed or saved there
+        raise ConfigError(f'device {name!r}: the meta device holds no data, so a model cannot '
+                          'run there; use "cpu", "cuda" or "auto"')
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name}: CUDA is not available on this machine; use "
@@ -36,7 +39,7 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} "
                               "CUDA device(s)")
-    elif device.type not in ("cpu", "meta"):
+    elif device.type != "cpu":
         checks = [getattr(m, "is_available", None) for m in (
             getattr(torch, device.type, None), getattr(torch.backends, device.type, None))]
         if not any(check() for check in checks if callable(check)):

@@ -32,6 +32,7 @@ from minilora.data.formats import (
     data_files,
     detect,
     is_json_array,
+    mixed_formats,
     parquet_records,
     sharegpt_messages,
 )
@@ -321,6 +322,9 @@ def _parse_record(
     if not isinstance(obj, dict):
         raise fail(f"a JSON {type(obj).__name__}, expected a JSON object")
 
+    mixed = mixed_formats(obj)
+    if mixed:
+        raise fail(mixed)
     kind = detect(obj)
     if kind is None:
         found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"

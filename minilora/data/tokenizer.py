@@ -10,6 +10,7 @@ assistant reply and its end-of-turn token (what the loss is computed on).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -19,8 +20,15 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from minilora.core.errors import ConfigError
-from minilora.core.files import atomic_write, read_bounded, read_json
-from minilora.data.chat_template import ChatTemplateError, assistant_spans, render
+from minilora.core.files import atomic_write, json_type, read_bounded, read_json
+from minilora.data.chat_template import (
+    MAX_TEMPLATE_BYTES,
+    ChatTemplateError,
+    TemplateBoundError,
+    assistant_spans,
+    compile_template,
+    render,
+)
 from minilora.data.messages import check_messages
 
 # Large vocabularies (Qwen's 150k tokens) give tokenizer.json files of ~10 MB.
@@ -56,6 +64,8 @@ class Tokenizer:
         self.chat_template = None if chat_template == CHAT_TEMPLATE else chat_template
         self.has_own_template = chat_template is not None  # False: ChatML as a fallback
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        # The file the template came from, named in its errors (set by from_file).
+        self.template_origin: str | None = None
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token),
                             ("pad_token", pad_token)):
             if token is not None and tokenizer.token_to_id(token) is None:
@@ -117,11 +127,15 @@ class Tokenizer:
                         raise ConfigError(f"{config_file}: field '{name}': {value!r}; expected "
                                           "a token string (or an AddedToken object), or null")
                     specials[name] = value
-        template = _read_chat_template(file.parent, config)
+        template, origin = _read_chat_template(file.parent, config)
         try:
-            return cls(tok, **specials, chat_template=template)
+            made = cls(tok, **specials, chat_template=template)
         except ConfigError as e:  # a special token the vocabulary lacks
             raise ConfigError(f"{config_file}: {e}") from e
+        made.template_origin = origin
+        if made.chat_template is not None:  # not valid Jinja, or reading other files: refused now
+            compile_template(made.chat_template, origin)
+        return made
 
     def save(self, folder: str | Path) -> Path:
         """Writes tokenizer.json and a tokenizer_config.json that transformers also reads.
@@ -212,7 +226,10 @@ class Tokenizer:
         assert template is not None  # called only for a tokenizer with its own template
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
         try:
-            text, spans = assistant_spans(template, probe, self._special_tokens())
+            text, spans = assistant_spans(template, probe, self._special_tokens(),
+                                          origin=self.template_origin)
+        except TemplateBoundError:
+            raise  # a template that hangs here hangs on every conversation: said once, now
         except ChatTemplateError:
             return []
         start, end = spans[0]
@@ -246,7 +263,7 @@ class Tokenizer:
         if self.chat_template is not None:
             return render(self.chat_template, messages,
                           add_generation_prompt=add_generation_prompt,
-                          special_tokens=self._special_tokens())
+                          special_tokens=self._special_tokens(), origin=self.template_origin)
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
@@ -296,26 +313,55 @@ class Tokenizer:
         assert template is not None  # called only for a tokenizer with its own template
         if add_generation_prompt:
             text = render(template, messages, add_generation_prompt=True,
-                          special_tokens=self._special_tokens())
+                          special_tokens=self._special_tokens(), origin=self.template_origin)
             ids = self.encode(text)
             return ids, [0] * len(ids)
-        text, spans = assistant_spans(template, messages, self._special_tokens())
+        text, spans = assistant_spans(template, messages, self._special_tokens(),
+                                      origin=self.template_origin)
         encoding = self._tok.encode(text, add_special_tokens=False)
         mask = [int(any(a <= start < b for a, b in spans)) for start, _ in encoding.offsets]
         return list(encoding.ids), mask
 
 
-def _read_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+def _read_chat_template(folder: Path, config: dict[str, Any]) -> tuple[str | None, str]:
     """The chat template of a tokenizer folder: chat_template.jinja (newer transformers write
-    it) or tokenizer_config.json's chat_template (a string, or a list of named templates)."""
+    it) or tokenizer_config.json's chat_template (a string, or a list of named templates).
+
+    Returns:
+        (template or None, where it was read: the file, or the config's field).
+
+    Raises:
+        OSError: chat_template.jinja is not a regular file (a FIFO, a folder, a device, a
+            dangling link) or larger than MAX_TEMPLATE_BYTES.
+        ConfigError: chat_template.jinja is not UTF-8, or the config's chat_template is neither
+            a string nor a list of {"name", "template"} objects.
+    """
     jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+    if os.path.lexists(jinja_file):  # whatever is there is read or refused, never skipped
+        data = read_bounded(jinja_file, MAX_TEMPLATE_BYTES, "a chat template (Jinja text)")
+        try:
+            return data.decode("utf-8"), str(jinja_file)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{jinja_file}: byte {e.start} is not UTF-8 "
+                              f"({data[e.start:e.start + 1]!r}); expected a chat template in "
+                              "UTF-8") from None
+    config_file = folder / "tokenizer_config.json"
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise ConfigError(f"{config_file}: field 'chat_template': a list whose items are not "
+                              'all {"name": ..., "template": "..."}; expected a template string '
+                              "or such a list")
+        named = {t.get("name"): t["template"] for t in template}
         template = named.get("default")
-    return template if isinstance(template, str) and template.strip() else None
+    elif template is not None and not isinstance(template, str):
+        raise ConfigError(f"{config_file}: field 'chat_template': a JSON {json_type(template)}; "
+                          "expected a Jinja template string (or null)")
+    if isinstance(template, str) and len(template.encode("utf-8")) > MAX_TEMPLATE_BYTES:
+        raise ConfigError(f"{config_file}: field 'chat_template' is larger than "
+                          f"{MAX_TEMPLATE_BYTES} bytes; expected a chat template")
+    origin = f"{config_file} (field 'chat_template')"
+    return (template if isinstance(template, str) and template.strip() else None), origin
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -61,8 +61,11 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
     Yields:
         New token ids.
 
+    Generation stops at the end of the model's context (``fit_context``).
+
     Raises:
-        ConfigError: on an empty prompt or an out-of-range argument (naming it).
+        ConfigError: on an empty prompt, a prompt that fills the model's context, or an
+            out-of-range argument (naming it).
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     stops = [list(s) for s in stop or []]
@@ -74,6 +77,7 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
     if ids.shape[1] == 0:
         raise ConfigError("input_ids: the prompt is empty")
     _check_ids(ids, weight.shape[0])
+    max_new_tokens = fit_context(model, ids.shape[1], max_new_tokens)
     if max_new_tokens == 0:
         return
     pending: list[int] = []  # tokens that may begin a stop sequence
@@ -91,6 +95,23 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
         yield from pending[: len(pending) - keep]
         pending = pending[len(pending) - keep:]
     yield from pending
+
+
+def fit_context(model: CausalLM, prompt_tokens: int, max_new_tokens: int) -> int:
+    """How many new tokens fit in the model's context after a prompt: ``max_new_tokens``, or
+    fewer where the context (``max_position_embeddings``) ends first; generation stops there,
+    as transformers' ``max_length`` does.
+
+    Raises:
+        ConfigError: the prompt alone fills the context (a model computes nothing meaningful
+            past the positions it was trained on).
+    """
+    context = model.config.max_position_embeddings
+    if prompt_tokens >= context:
+        raise ConfigError(f"the prompt is {prompt_tokens} tokens, but the model's context "
+                          f"(max_position_embeddings) is {context} tokens, which leaves no room "
+                          "for a reply; shorten the prompt")
+    return min(max_new_tokens, context - prompt_tokens)
 
 
 def _next_tokens(model: CausalLM, ids: Tensor, max_new_tokens: int, seed: int | None, *,
@@ -145,13 +166,15 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
         The new tokens of each row (eos not included).
 
     Raises:
-        ConfigError: on an empty prompt list or prompt, or an out-of-range argument.
+        ConfigError: on an empty prompt list or prompt, a prompt that fills the model's context
+            (generation stops at its end), or an out-of-range argument.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompts: expected a non-empty list of non-empty prompts")
     _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     weight = model.model.embed_tokens.weight
+    max_new_tokens = fit_context(model, max(len(p) for p in prompts), max_new_tokens)
     ids, mask = _left_padded(prompts, min(max_new_tokens, FIRST_CAPACITY), weight.device)
     _check_ids(ids, weight.shape[0])
     B, L = ids.shape

@@ -73,6 +73,16 @@ class LoraConfig:
             problems["alpha"] = f"must be > 0, got {self.alpha!r}"
         elif not math.isfinite(self.alpha):
             problems["alpha"] = f"must be a finite number, got {self.alpha!r}"
+        elif "r" not in problems and not isinstance(self.use_rslora, bool):
+            pass  # reported below
+        elif "r" not in problems and \
+                lora_scaling(self.r, self.alpha, self.use_rslora) > MAX_SCALING:
+            # The fused layers compute in float16 / bfloat16 under autocast: a scale past
+            # float16's range overflows there (a RuntimeError from deep inside torch).
+            problems["alpha"] = (
+                f"gives a scaling of {lora_scaling(self.r, self.alpha, self.use_rslora):g} "
+                f"(alpha / {'sqrt(r)' if self.use_rslora else 'r'}), beyond {MAX_SCALING:g}, "
+                f"the largest float16 number the update is computed in; got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             problems["dropout"] = f"must be a number in [0, 1), got {self.dropout!r}"
         elif not 0.0 <= self.dropout < 1.0:
@@ -192,6 +202,11 @@ def _nested_repeat(items: Any, inside_repeat: bool) -> bool:
             if _nested_repeat(arg[1], inside_repeat):
                 return True
     return False
+
+
+# float16's largest finite number: the LoRA scale must be representable in every dtype the
+# update is computed in.
+MAX_SCALING = 65504.0
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:

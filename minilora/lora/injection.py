@@ -11,6 +11,7 @@ import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -299,6 +300,25 @@ def merge_lora(model: nn.Module) -> None:
         m.merge()
 
 
+def _untie_lm_head(model: nn.Module) -> None:
+    """Gives an adapted lm_head that shares its weight with the input embedding only (a tied
+    model) a copy of its own, and sets ``config.tie_word_embeddings`` False, so that merging
+    changes the head and not the embedding."""
+    config: Any = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+    for path, m in lora_modules(model):
+        if path.rpartition(".")[2] != "lm_head" or m.merged or not m.active_adapters:
+            continue
+        others = [n for n in holders.get(id(m.weight), []) if n != f"{path}.weight"]
+        if others and all(n.endswith("embed_tokens.weight") for n in others):
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+            config.tie_word_embeddings = False
+
+
 def _refuse_shared_weights(model: nn.Module) -> None:
     """Raises when a layer with something to merge holds a weight that other names share.
 
@@ -337,11 +357,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         `model` itself (changed in place), or a new nn.Linear when `model` is a LoRALinear.
 
     Raises:
-        ConfigError: when a layer to merge into shares its weight with another module (a tied
-            lm_head / embed_tokens). Nothing is changed.
+        ConfigError: when a layer to merge into shares its weight with another module (other
+            than a tied lm_head, which is untied: see below). Nothing is changed.
+
+    A LoRA on an lm_head tied to the input embedding (``config.tie_word_embeddings``) is merged
+    into a copy of the weight: the lm_head is untied (the config says so), the embedding keeps
+    the base weight, and the model computes what the adapted one did.
     """
     if isinstance(model, LoRALinear):
         return model.to_linear()
+    _untie_lm_head(model)
     _refuse_shared_weights(model)
     for name, m in lora_modules(model):
         replace_submodule(model, name, m.to_linear())

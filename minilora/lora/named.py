@@ -294,7 +294,7 @@ def combine_adapters(
                 a, b = _concatenated(m, weights, width, total)
                 errors[path] = 0.0
             else:
-                a, b, errors[path] = _truncated_svd(m, weights, rank)
+                a, b, errors[path] = _truncated_svd(m, weights, rank, path)
             new.append((m, a, b))
         config = LoraConfig(r=rank, alpha=float(rank), targets=[p for p, _ in modules])
         for m, a, b in new:
@@ -372,14 +372,22 @@ def _concatenated(
 
 
 def _truncated_svd(
-    m: LoRALinear, weights: Mapping[str, float], rank: int
+    m: LoRALinear, weights: Mapping[str, float], rank: int, path: str = "a layer"
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The best rank-`rank` factors (Eckart-Young) of the weighted sum of updates, and the
-    relative Frobenius error of that approximation."""
+    relative Frobenius error of that approximation.
+
+    Raises:
+        ConfigError: the weighted sum overflows float32 (weights such as 1e200), which the SVD
+            cannot factor (torch's LinAlgError).
+    """
     delta = torch.zeros(m.out_features, m.in_features, device=m.weight.device)  # (out, in)
     for n, w in weights.items():
         if n in m.lora_A:
             delta += w * m.delta_weight(n)
+    if not torch.isfinite(delta).all():
+        raise ConfigError(f"weights {dict(weights)}: the weighted sum of the updates of {path} "
+                          "is not finite in float32; use smaller weights")
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # (out, k), (k,), (k, in)
     root = s[:rank].sqrt()
     b = u[:, :rank] * root  # (out, rank)

@@ -76,17 +76,24 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
 def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
                                  generation: str) -> ModelConfig:
     """A MiniMind config read from the tensor shapes, the generation's defaults for the rest."""
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, dims: int) -> tuple[int, ...]:
         if key not in sd:
             raise WeightsError(f"{path}: no {key} to read the shape from; pass its config.json "
                                f"({{base_config}})", fields=CONFIG_WORDS)
-        return tuple(sd[key].shape)
+        found = tuple(sd[key].shape)
+        # The sizes are read from these shapes: a tensor of another rank (a 1-D embedding) or
+        # with an empty dimension gives no config (it was an unpacking or division traceback).
+        if len(found) != dims or 0 in found:
+            raise WeightsError(f"{path}: {key} has shape {list(found)}; expected "
+                               f"{'a matrix' if dims == 2 else 'a vector'} with no empty "
+                               "dimension in a MiniMind model")
+        return found
 
     found = _generation_from_tensors(sd, path)
     if found != generation:
         raise WeightsError(f"{path}: config {generation!r}, but the tensors are {found}'s "
                            f"({'no ' if found == 'minimind2' else ''}q/k norms)")
-    vocab_size, hidden = shape("model.embed_tokens.weight")
+    vocab_size, hidden = shape("model.embed_tokens.weight", 2)
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     if not layers:
         raise WeightsError(f"{path}: no model.layers.N.* keys")
@@ -94,16 +101,16 @@ def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
     use_moe = prefix + "mlp.gate.weight" in sd
     mlp = prefix + ("mlp.experts.0." if use_moe else "mlp.")
     defaults = MINIMIND_DEFAULTS[generation]
-    q_out = shape(prefix + "self_attn.q_proj.weight")[0]
-    k_out = shape(prefix + "self_attn.k_proj.weight")[0]
+    q_out = shape(prefix + "self_attn.q_proj.weight", 2)[0]
+    k_out = shape(prefix + "self_attn.k_proj.weight", 2)[0]
     qk_norm = generation == "minimind3"
     if qk_norm:
-        head_dim = shape(prefix + "self_attn.q_norm.weight")[0]
+        head_dim = shape(prefix + "self_attn.q_norm.weight", 1)[0]
         heads = q_out // head_dim
     else:
         heads = defaults["num_attention_heads"]  # MiniMind2's scripts never change it
         head_dim = hidden // heads
-    width = shape(mlp + "gate_proj.weight")[0]
+    width = shape(mlp + "gate_proj.weight", 2)[0]
     d = {**defaults, "model_type": "minimind", "minimind_generation": generation,
          "vocab_size": vocab_size, "hidden_size": hidden, "num_hidden_layers": max(layers) + 1,
          "num_attention_heads": heads, "num_key_value_heads": k_out // head_dim,
@@ -115,7 +122,7 @@ def _minimind_config_from_shapes(sd: dict[str, Tensor], path: Path,
         d["n_shared_experts"] = len({int(m.group(1)) for k in sd if (m := re.match(
             r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))})
     if use_moe:
-        d.update(use_moe=True, num_experts=shape(prefix + "mlp.gate.weight")[0])
+        d.update(use_moe=True, num_experts=shape(prefix + "mlp.gate.weight", 2)[0])
         d["num_experts_per_tok"] = min(d["num_experts_per_tok"], d["num_experts"])
     try:
         return ModelConfig(**d)

@@ -228,7 +228,7 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str | None = None,
-               max_shard_size: int | None = None) -> Path:
+               max_shard_size: int | None = None, name: str | Path | None = None) -> Path:
     """Writes a Hugging Face folder: config.json and model.safetensors (or shards + index).
 
     transformers' ``AutoModelForCausalLM.from_pretrained`` reads the folder for llama, qwen2 and
@@ -240,6 +240,8 @@ def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str 
             files and index that this save does not write are removed).
         dtype: dtype to store (default: the parameters' own).
         max_shard_size: bytes per shard; None writes one file.
+        name: the folder errors name, when ``folder`` is a staging folder that will take its
+            place (default: ``folder``).
 
     Returns:
         The folder.
@@ -265,7 +267,7 @@ def save_model(model: CausalLM, folder: str | Path, *, dtype: torch.dtype | str 
     hf = config.to_hf_dict()
     stored = next(iter(tensors.values())).dtype
     hf["dtype"] = str(stored).removeprefix("torch.")
-    check_written(tensors, folder, WeightsError)
+    check_written(tensors, folder if name is None else name, WeightsError)
     # Tensors first, config last: a folder whose config is new has its new weights too.
     written = _write_tensors(tensors, folder, max_shard_size)
     for stale in folder.iterdir():  # an earlier save's files would be read instead of ours

@@ -181,6 +181,11 @@ class TrainConfig:
         elif self.full is True:
             problems["quantize"] = ("a quantized base is frozen; it cannot go with {full} "
                                     "(which trains every weight)")
+        elif self.lora_init == "pissa":  # checked before a step is taken (was: at the save)
+            problems["quantize"] = ("PiSSA ({lora_init} pissa) replaces the base weights with "
+                                    "their residual, which a quantized base cannot hold; train "
+                                    "PiSSA on the full-precision base, or quantize with another "
+                                    "{lora_init}")
         return problems
 
     def _lora_problems(self, typed: dict[str, str]) -> dict[str, str]:

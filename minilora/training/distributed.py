@@ -11,7 +11,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minilora.core.errors import ConfigError
 from minilora.core.tensor_checks import resolve_device
+
+# What torchrun sets in each process beside WORLD_SIZE; without them the process group cannot
+# start (torch raises a ValueError deep in its rendezvous).
+_TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _env_int(name: str, default: str, minimum: int) -> int:
+    text = os.environ.get(name, default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"environment variable {name}={text!r}: expected an integer >= "
+                          f"{minimum} (torchrun sets it; unset it to train in one process)")
+    return value
 
 
 def start_distributed(device_name: str, group: bool = False
@@ -21,9 +38,25 @@ def start_distributed(device_name: str, group: bool = False
     Args:
         device_name: the config's device ("auto": cuda:LOCAL_RANK with CUDA, else cpu).
         group: start the process group at WORLD_SIZE 1 too (FSDP shards over a group of one).
+
+    Raises:
+        ConfigError: WORLD_SIZE, RANK or LOCAL_RANK is not a number in range, or WORLD_SIZE > 1
+            without the other variables torchrun sets (the command was not started by it).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = _env_int("WORLD_SIZE", "1", 1)
+    local_rank = _env_int("LOCAL_RANK", "0", 0)
+    if world > 1 and not dist.is_initialized():
+        missing = [name for name in _TORCHRUN_VARIABLES if not os.environ.get(name)]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise ConfigError(f"environment variable WORLD_SIZE={world} asks for {world} "
+                              f"processes, but {', '.join(missing)} {verb} not set; start "
+                              f"multi-process training with torchrun --nproc-per-node {world} "
+                              "-m minilora train ..., or unset WORLD_SIZE")
+        rank = _env_int("RANK", "0", 0)
+        if rank >= world:
+            raise ConfigError(f"environment variable RANK={rank}: expected a rank below "
+                              f"WORLD_SIZE={world}")
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

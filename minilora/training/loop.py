@@ -133,8 +133,10 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
             one; or resume=False where an unfinished checkpoint would be overwritten.
         TrainError: max_bad_steps non-finite steps in a row.
         TaskError: a file of ``config.eval_tasks`` that is not a task file.
+        ConfigError: a sample longer than the model's context (max_position_embeddings).
     """
     started = time.perf_counter()
+    _check_context(model, config, train_set, eval_set)
     scorer = _task_scorer(config, tokenizer)  # a bad task file: before anything is written
     check_launch(config.fsdp)
     rank, world, device, own_group = start_distributed(config.device, group=config.fsdp)
@@ -322,6 +324,23 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
         _print_memory_estimate(model, config, amp_dtype, place.device)
     return _Run(model, _compiled(model, config, compile_backend), params, optimizer, scaler,
                 amp_dtype, plan, state, pissa_start)
+
+
+def _check_context(model: nn.Module, config: TrainConfig, *datasets: Any) -> None:
+    """Refuse samples longer than the model's context (positions it never saw), as generate
+    refuses such a prompt; with max_seq_len within the context none can be."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or config.max_seq_len <= context:
+        return
+    for dataset in datasets:
+        if dataset is None or getattr(dataset, "packed", False):
+            continue
+        longest = max((len(s.input_ids) for s in getattr(dataset, "samples", [])), default=0)
+        if longest > context:
+            raise ConfigError(
+                f"{getattr(dataset, 'path', 'the data')}: a sample of {longest} tokens is longer "
+                f"than the model's context (max_position_embeddings: {context} tokens); use "
+                f"{{max_seq_len}} {context} or less", fields={"max_seq_len": "max_seq_len"})
 
 
 def _compiled(model: nn.Module, config: TrainConfig, backend: Any = None) -> Any:

@@ -393,8 +393,8 @@ def _truncate(folder):
         # a plain LoRA file called DoRA lacks the magnitude vectors
         (_config_edit(use_dora=True), r"missing keys \[.*lora_magnitude_vector"),
         (_config_edit(peft_type="IA3"), "field 'peft_type'"),
-        (_config_edit(init_lora_weights="olora"), "changes the base weights"),
-        (_config_edit(r=0), "LoraConfig.r"),
+        (_config_edit(init_lora_weights="olora"), "rewrote the base weights"),
+        (_config_edit(r=0), "field 'r' must be an integer >= 1"),
         (_config_edit(r=2), r"mis-shaped keys"),
         (_config_edit(target_modules=["k_proj"]), r"missing keys.*unexpected keys"),
         (_config_edit(target_modules=["nothing"]), r"cannot apply.*match no Linear"),

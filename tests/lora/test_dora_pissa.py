@@ -4,7 +4,6 @@ was. References are PEFT and transformers on the same weights, or the formula wr
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from minilora.lora.injection import (
     unmerge_lora,
 )
 from minilora.lora.layer import LoraConfig, LoRALinear, lora_modules
-from minilora.lora.named import delete_adapter
-from minilora.model.io import load_model, save_model
+from minilora.model.io import load_model
 
 torch.set_num_threads(1)
 
@@ -77,39 +75,56 @@ def perturb_ours(model: nn.Module, seed: int = 3) -> None:
                     mag.mul_(1 + 0.2 * torch.randn(mag.shape, generator=gen))
 
 
-PEFT_CASES = {
-    "dora": dict(use_dora=True),
-    "pissa": dict(init_lora_weights="pissa"),
-}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("case", PEFT_CASES)
-def test_peft_adapter_loads_with_peftmodels_logits(tmp_path: Path, family: str, case: str):
-    """PEFT builds the adapter on a transformers model and saves it, and the base it belongs to
-    (the original for DoRA; PiSSA's residual); minilora loads both: logits equal PeftModel's."""
+def test_peft_dora_adapter_loads_with_peftmodels_logits(tmp_path: Path, family: str):
+    """PEFT builds a DoRA adapter on a transformers model and saves it with the base; minilora
+    loads both: logits equal PeftModel's."""
     hf = hf_model(family)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                             **PEFT_CASES[case])
-    if case == "dora":
-        hf.save_pretrained(tmp_path / "base")
+                             use_dora=True)
+    hf.save_pretrained(tmp_path / "base")
     peft_model = peft.get_peft_model(hf, config).eval()
     perturb_peft(peft_model)
     x = ids()
     want = logits(peft_model, x)
     peft_model.save_pretrained(tmp_path / "adapter")
-    if case == "pissa":  # the residual base, as PEFT's PiSSA guide saves it
-        peft_model.unload().save_pretrained(tmp_path / "base")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["use_dora"] == (case == "dora")
-    assert saved["init_lora_weights"] == (True if case == "dora" else "pissa")
+    assert saved["use_dora"] and saved["init_lora_weights"] is True
 
     ours = load_model(tmp_path / "base")
     loaded = load_adapter(ours, tmp_path / "adapter")
-    assert loaded.use_dora == (case == "dora")
-    assert loaded.init == ("pissa" if case == "pissa" else "kaiming")
+    assert loaded.use_dora and loaded.init == "kaiming"
     assert rel_err(logits(ours, x), want) <= 1e-5
     assert rel_err(logits(ours, x), logits(load_model(tmp_path / "base"), x)) > 1e-3
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_peft_adapter_whose_init_rewrote_the_base_is_refused(tmp_path: Path, init: str):
+    """PEFT saves A and B of an init that rewrote the base weights, and its from_pretrained
+    repeats that init on the base it is given: on the original base it rebuilds the trained
+    model (checked here against the model PEFT trained). The file does not hold the rewritten
+    base, so minilora, which would add B A to the base as it is, refuses naming the field."""
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=init)
+    peft_model = peft.get_peft_model(hf, config).eval()
+    perturb_peft(peft_model)
+    x = ids()
+    want = logits(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "init_lora_weights"] == init
+    if init == "pissa":  # full SVD: deterministic, so PEFT's reload reproduces the model
+        again = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+            str(tmp_path / "adapter")).eval()
+        assert rel_err(logits(again, x), want) <= 1e-4
+    ours = load_model(tmp_path / "base")
+    with pytest.raises(AdapterError, match=f"field 'init_lora_weights' is '{init}': that "
+                       "initialisation rewrote the base weights"):
+        load_adapter(ours, tmp_path / "adapter")
+    assert not any(isinstance(m, LoRALinear) for m in ours.modules())  # the model untouched
 
 
 def minilora_dora(targets: list[str] | str = ("q_proj", "v_proj", "o_proj")) -> nn.Module:
@@ -220,7 +235,10 @@ def test_pissa_init_takes_the_top_singular_directions_and_keeps_the_output():
     assert lin.init["default"] == "pissa"
 
 
-def test_pissa_adapter_records_its_init_and_reloads_on_the_residual(tmp_path: Path):
+def test_pissa_adapter_saved_unconverted_records_its_init_and_is_refused(tmp_path: Path):
+    """save_adapter without pissa_initial writes A and B as they are, with init "pissa" (PEFT's
+    own unconverted save); reading such a folder back is refused, as PEFT's are (the converted
+    save, test_pissa_saved_as_plain_lora_for_the_original_base, is what loads)."""
     hf = hf_model("llama")
     ours = load_model_from_hf(hf)
     x = ids()
@@ -230,20 +248,8 @@ def test_pissa_adapter_records_its_init_and_reloads_on_the_residual(tmp_path: Pa
     perturb_ours(ours)
     folder = save_adapter(ours, tmp_path / "pissa")
     assert json.loads((folder / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
-    residual = copy.deepcopy(ours)
-    delete_adapter(residual, "default")  # plain Linears again, holding the residual weights
-    save_model(residual, tmp_path / "residual")
-    again = load_model(tmp_path / "residual")
-    assert load_adapter(again, folder).init == "pissa"  # loading does not take the SVD again
-    assert rel_err(logits(again, x), logits(ours, x)) <= 1e-6
-    # PEFT's from_pretrained would run PiSSA's SVD on the residual again (peft 0.21): read the
-    # same file with a plain init to compare the weights alone
-    config = peft.PeftConfig.from_pretrained(str(folder))
-    config.init_lora_weights = True
-    peft_model = peft.PeftModel.from_pretrained(
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "residual"), str(folder),
-        config=config)
-    assert rel_err(logits(peft_model.eval(), x), logits(ours, x)) <= 1e-5
+    with pytest.raises(AdapterError, match="field 'init_lora_weights' is 'pissa'"):
+        load_adapter(load_model_from_hf(hf), folder)
 
 
 def test_combining_dora_adapters_takes_svd_of_their_merged_updates():

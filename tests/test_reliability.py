@@ -538,7 +538,7 @@ CASES = [
     Case("resume-with-another-fsdp-setting", TRAIN + ["--resume", "--fsdp"],
          "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "
          "resume: fsdp: False in the checkpoint, True now. Resume with the same settings, or "
-         "train into a new out_dir.", "the checkpoint and adapter are untouched; resume as the "
+         "train into a new --out.", "the checkpoint and adapter are untouched; resume as the "
          "run was started", setup=train_first("--stop-after", "1"), patch=one_torchrun_process),
     Case("resume-with-a-damaged-checkpoint", TRAIN + ["--resume"],
          "{dir}/out/checkpoints/step-00000001/trainable.safetensors: damaged (checksum "

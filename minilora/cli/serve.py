@@ -14,6 +14,7 @@ from minilora.cli.common import (
     add_model_args,
     load_base,
     load_named_adapters,
+    resolve_base,
 )
 
 MAX_BATCH = 1024  # rows of the batch's KV cache; more would allocate for requests never sent
@@ -119,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise CliError(str(e)) from None
     try:
+        resolve_base(args)  # no --model: the base the first adapter records, else the embedded
         model_path = Path(args.model)
         defaults, ignored = ({}, []) if args.generation_config == "none" else (
             generation_defaults(model_path if model_path.is_dir() else model_path.parent))

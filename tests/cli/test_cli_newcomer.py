@@ -336,7 +336,7 @@ def test_each_flag_name_means_one_thing(capsys) -> None:
     assert meanings["--model-config"] == {"model_config"}
     # --dtype is a current name only in export, where it is the written weights' dtype (as
     # llama.cpp's converters say it); elsewhere it is an old name, answered with a note
-    assert meanings["--load-dtype"] == {"dtype"} and meanings.get("--dtype") == {"dtype"}
+    assert meanings["--load-dtype"] == {"dtype"} and meanings.get("--dtype") == {"gguf_dtype"}
     assert [name for name, p in sub.choices.items() for a in p._actions
             if a.option_strings[:1] == ["--dtype"]] == ["export"]
     assert meanings["--config"] == {"config"}  # train's run settings, nothing else

@@ -184,7 +184,7 @@ def test_each_request_gets_its_adapter_exactly_as_minilora_generate(setup, clien
     answers = {c: r.choices[0].message.content for c, r in zip(cases, replies, strict=True)}
     assert len({answers[QUESTIONS[0], m] for m in ("base", "alpha", "beta")}) == 3
     for (q, m), answer in answers.items():
-        argv = ["generate", q, "--max-new-tokens", "16"]
+        argv = ["generate", q, "--max-new-tokens", "16", "--temperature", "0"]  # greedy, as ask
         if m != "base":
             argv += ["--adapter", f"{m}={paths[m]}"]
         assert main(argv) == 0

@@ -234,7 +234,7 @@ def test_a_global_batch_that_does_not_divide_is_one_line_exit_2(runs):
             "by a different run; refusing to resume: processes: the global batch of 3 rows (3 x "
             "1 process in the checkpoint) does not divide over 2 processes; resume on a number "
             "of processes that divides 3. Resume with the same settings, or train into a new "
-            "out_dir.")
+            "--out.")
     assert line in output.splitlines(), output[-3000:]
 
 

@@ -48,9 +48,11 @@ def test_without_the_package_one_line_names_the_extra(tmp_path, capsys, monkeypa
                  "--log-to", "tensorboard"])
     err = capsys.readouterr().err
     assert code == 2
+    from minilora.core.errors import install_command
+
     assert err.strip().splitlines() == [
         "minilora train: error: --log-to tensorboard needs the optional extra: "
-        "pip install 'minilora[tensorboard]'"]
+        + install_command("tensorboard")]
     assert not (tmp_path / "out").exists()
 
 

@@ -55,6 +55,14 @@ from minilora.training.datasets import BatchPlan, check_vocab
 from minilora.training.distributed import broadcast, start_distributed, sync_gradients
 from minilora.training.memory import estimate_memory, measured_peak
 from minilora.training.precision import autocast_dtype, resolve_precision
+from minilora.training.preference import (
+    METRICS,
+    REFERENCE,
+    PreferenceLoss,
+    evaluate_preference,
+    mean_metrics,
+    start_from_adapter,
+)
 from minilora.training.run_folder import claim_out, replace_earlier_run
 from minilora.training.run_log import RunLog, describe_run, plot_losses, start_outputs
 
@@ -107,6 +115,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     started = time.perf_counter()
     rank, world, device, own_group = start_distributed(config.device)
     config, precision = _resolved(config, device, world)
+    if config.from_adapter:  # before anything is written: an adapter of another base is refused
+        start_from_adapter(model, config)
     lock = claim_out(config, rank)
     log = RunLog(Path(config.out_dir), rank)
     log.precision = precision
@@ -144,6 +154,9 @@ class _Run:
     # A PiSSA adapter's A and B as initialised (from the base's SVD): its saved adapters are
     # converted with them into plain LoRA for the original base (see save_adapter).
     pissa_start: dict[str, torch.Tensor] | None = None
+    # A preference method's loss (training/preference.py); None for SFT.
+    preference: PreferenceLoss | None = None
+    rewards: torch.Tensor | None = None  # the last step's mean rewards (METRICS), preference only
 
 
 def _resolved(config: TrainConfig, device: torch.device, world: int
@@ -188,7 +201,8 @@ def _fit(model: nn.Module, train_set: JsonlDataset, eval_set: JsonlDataset | Non
         tokens += step_tokens
         losses += log.step(run.state.step, loss, lr_at(step, config, run.plan.total_steps),
                            step_tokens, run.state.skipped,
-                           force=run.state.step == stop or run.state.step % config.log_every == 0)
+                           force=run.state.step == stop or run.state.step % config.log_every == 0,
+                           rewards=run.rewards if loss is not None else None)
         if eval_set is not None and config.eval_every and run.state.step % config.eval_every == 0:
             evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log))
         if config.save_every and run.state.step % config.save_every == 0 and run.state.step != stop:
@@ -250,8 +264,12 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
         start_outputs(out, config, state.step, train_set.stats)
         describe_run(model, config, plan, place.device, log.precision, state.step)
         _print_memory_estimate(model, config, amp_dtype, place.device)
+    preference = None
+    if config.method != "sft":
+        reference = REFERENCE if config.from_adapter and config.method == "dpo" else None
+        preference = PreferenceLoss(config, reference)
     return _Run(model, _compiled(model, config), params, optimizer, scaler, amp_dtype, plan,
-                state, pissa_start)
+                state, pissa_start, preference)
 
 
 def _compiled(model: nn.Module, config: TrainConfig) -> Any:
@@ -273,17 +291,23 @@ def _step(run: _Run, step: int, config: TrainConfig, place: _Place
     # on every rank alike (trained is the global batch's count), and the step goes on.
     trained = max(trained, 1)
     step_loss = torch.zeros((), device=place.device)
+    rewards = torch.zeros(len(METRICS), device=place.device)
     for batch in micro_batches:
         batch = batch.to(place.device)
-        with torch.autocast(place.device.type, dtype=run.amp_dtype,
-                            enabled=run.amp_dtype is not None):
-            output = _run(run.forward, batch)
-        # Token-weighted: the sum over all micro-batches and ranks is the global-batch mean.
-        loss = (output.loss * (batch.trained_tokens / trained)
-                + output.aux_loss / (len(micro_batches) * place.world))
+        if run.preference is not None:
+            loss = _preference_loss(run, batch, len(micro_batches) * place.world, rewards)
+        else:
+            with torch.autocast(place.device.type, dtype=run.amp_dtype,
+                                enabled=run.amp_dtype is not None):
+                output = _run(run.forward, batch)
+            # Token-weighted: the sum over all micro-batches and ranks is the global-batch mean.
+            loss = (output.loss * (batch.trained_tokens / trained)
+                    + output.aux_loss / (len(micro_batches) * place.world))
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         step_loss += loss.detach()
     step_loss = sync_gradients(run.params, step_loss, place.world)
+    if run.preference is not None:
+        run.rewards = mean_metrics(rewards, run.plan.global_batch, place.world)
     finite = _unscale_and_clip(run.params, step_loss, run.optimizer, run.scaler, config.grad_clip)
     if finite:
         run.state.bad_in_a_row = 0
@@ -305,6 +329,18 @@ def _step(run: _Run, step: int, config: TrainConfig, place: _Place
 # ---------------------------------------------------------------------------------------------
 # The schedule
 # ---------------------------------------------------------------------------------------------
+
+
+def _preference_loss(run: _Run, batch: Batch, parts: int, rewards: torch.Tensor
+                     ) -> torch.Tensor:
+    """A micro-batch's share of the step's preference loss: its pairs' summed loss over the
+    global batch's pairs (the sum over micro-batches and ranks is the global-batch mean), as
+    the SFT loss is token-weighted; its reward sums are added to ``rewards``."""
+    with torch.autocast(batch.input_ids.device.type, dtype=run.amp_dtype,
+                        enabled=run.amp_dtype is not None):
+        summed, aux, sums = run.preference(run.model, batch)
+    rewards += sums.detach()
+    return summed / run.plan.global_batch + aux / parts
 
 
 def _run(forward: Any, batch: Batch) -> Any:
@@ -383,7 +419,8 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
 def _print_memory_estimate(model: nn.Module, config: TrainConfig, amp_dtype: torch.dtype | None,
                            device: torch.device) -> None:
     """The "will it fit" line, before the first step (the measured peak follows the run)."""
-    estimate = estimate_memory(model, config.batch_size, config.max_seq_len,
+    rows = config.batch_size * (1 if config.method == "sft" else 2)  # a pair is two rows
+    estimate = estimate_memory(model, rows, config.max_seq_len,
                                amp_dtype=amp_dtype, device=device)
     print(estimate, file=sys.stderr)
 
@@ -453,9 +490,14 @@ def evaluate(model: nn.Module, dataset: JsonlDataset, batch_size: int, *,
 
 def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset, config: TrainConfig,
                             place: _Place, log: RunLog) -> dict[str, float]:
-    record = {"step": run.state.step,
-              **evaluate(run.model, eval_set, config.batch_size, device=place.device,
-                         amp_dtype=run.amp_dtype, rank=place.rank, world=place.world)}
+    if run.preference is not None:
+        scores = evaluate_preference(run.model, eval_set, run.preference, config.batch_size,
+                                     device=place.device, amp_dtype=run.amp_dtype,
+                                     rank=place.rank, world=place.world)
+    else:
+        scores = evaluate(run.model, eval_set, config.batch_size, device=place.device,
+                          amp_dtype=run.amp_dtype, rank=place.rank, world=place.world)
+    record = {"step": run.state.step, **scores}
     log.eval(record)
     if run.state.best_eval_loss is None or record["eval_loss"] < run.state.best_eval_loss:
         run.state.best_eval_loss = record["eval_loss"]

@@ -20,6 +20,10 @@ from minilora.lora.layer import lora_modules
 from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan
 
+# What a preference step reports beside its loss (training/preference.py's METRICS; this module
+# imports no loss code, so the names are written here too, and a test holds them equal).
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+
 
 def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
     """Write config.json, keep the metrics.jsonl lines the checkpoint at ``step`` covers, and
@@ -67,18 +71,25 @@ class RunLog:
         self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                         disable=not (self.active and sys.stderr.isatty()))
         self.loss_sum = torch.zeros(())
+        self.reward_sum: torch.Tensor | None = None  # preference methods: METRICS' sums
         self.steps = 0  # finite steps since the last log
         self.tokens = 0
         self.since = time.perf_counter()
         self.total = total
 
     def step(self, step: int, loss: torch.Tensor | None, lr: float, tokens: int, skipped: int,
-             *, force: bool) -> list[tuple[int, float]]:
-        """Count a step; every log_every steps (``force``) read the loss: the only .item()."""
+             *, force: bool, rewards: torch.Tensor | None = None) -> list[tuple[int, float]]:
+        """Count a step; every log_every steps (``force``) read the loss: the only .item().
+
+        ``rewards``: a preference step's mean rewards (training/preference.py's METRICS),
+        averaged over the logged steps as the loss is and written beside it.
+        """
         self.bar.update(1)
         if loss is not None:
             self.loss_sum = self.loss_sum.to(loss.device) + loss
             self.steps += 1
+        if rewards is not None:
+            self.reward_sum = rewards if self.reward_sum is None else self.reward_sum + rewards
         self.tokens += tokens
         if not force:
             return []
@@ -86,21 +97,36 @@ class RunLog:
         now = time.perf_counter()
         record = {"step": step, "loss": mean, "lr": lr,
                   "tokens_per_s": self.tokens / max(now - self.since, 1e-9), "skipped": skipped}
+        shown = ""
+        if self.reward_sum is not None:
+            means = (self.reward_sum / max(self.steps, 1)).tolist()
+            record.update(zip(REWARD_METRICS, means, strict=True))
+            shown = (f" reward acc {record['rewards/accuracy']:.2f} margin "
+                     f"{record['rewards/margin']:.3f}")
         self.loss_sum, self.steps, self.tokens, self.since = torch.zeros(()), 0, 0, now
+        self.reward_sum = None
         self._write(record)
         if self.bar.disable and self.active:
-            print(f"step {step}/{self.total} loss {mean:.4f} lr {lr:.2e} "
+            print(f"step {step}/{self.total} loss {mean:.4f}{shown} lr {lr:.2e} "
                   f"tok/s {record['tokens_per_s']:.0f}", file=sys.stderr)
-        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}",
+        extra = {} if not shown else {"acc": f"{record['rewards/accuracy']:.2f}",
+                                      "margin": f"{record['rewards/margin']:.3f}"}
+        self.bar.set_postfix(loss=f"{mean:.4f}", **extra, lr=f"{lr:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}")
         return [(step, mean)]
 
     def eval(self, record: dict[str, float]) -> None:
         """Logs an evaluation record (step, eval_loss, eval_ppl, ...) to metrics.jsonl."""
         self._write(record)
-        if self.active:
-            self.bar.write(f"eval at step {record['step']}: loss {record['eval_loss']:.4f} "
-                           f"ppl {record['eval_ppl']:.2f}", file=sys.stderr)
+        if not self.active:
+            return
+        if "eval_ppl" in record:
+            said = f"ppl {record['eval_ppl']:.2f}"
+        else:  # a preference method's
+            said = (f"reward acc {record['eval_rewards/accuracy']:.2f} margin "
+                    f"{record['eval_rewards/margin']:.3f}")
+        self.bar.write(f"eval at step {record['step']}: loss {record['eval_loss']:.4f} {said}",
+                       file=sys.stderr)
 
     def _write(self, record: dict[str, float]) -> None:
         # null, not NaN: a window of skipped steps has no loss, and NaN is not JSON
@@ -136,15 +162,27 @@ def plot_losses(out: Path) -> Path | None:
                     if isinstance(r.get("loss"), (int, float))]
     eval_points = [(r["step"], r["eval_loss"]) for r in records
                    if isinstance(r.get("eval_loss"), (int, float))]
-    figure = Figure(figsize=(6, 4))
+    reward_series = [(name, [(r["step"], r[name]) for r in records
+                             if isinstance(r.get(name), (int, float))])
+                     for name in (*REWARD_METRICS, "eval_rewards/accuracy")]
+    reward_series = [(name, points) for name, points in reward_series if points]
+    figure = Figure(figsize=(11, 4) if reward_series else (6, 4))
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
+    ax = figure.add_subplot(1, 2 if reward_series else 1, 1)
     for points, label in ((train_points, "train"), (eval_points, "eval")):
         if points:
             ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 50 else "")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
+    if reward_series:  # a preference run: what its implicit reward says, step by step
+        rewards_ax = figure.add_subplot(1, 2, 2)
+        for name, points in reward_series:
+            rewards_ax.plot(*zip(*points, strict=True), label=name,
+                            marker="." if len(points) < 50 else "")
+        rewards_ax.set_xlabel("step")
+        rewards_ax.set_ylabel("reward (accuracy: share of pairs)")
+        rewards_ax.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(out / "loss.png", dpi=100)
     return out / "loss.png"

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minilora.adapters.folder import load_adapter
-from minilora.core.errors import ConfigError
+from minilora.core.errors import AdapterError, ConfigError, FingerprintMismatch
 from minilora.data.preference import PairDataset
 from minilora.data.sft import Batch
 from minilora.lora.injection import disabled, inject_lora
@@ -176,10 +176,14 @@ def start_from_adapter(model: nn.Module, config: TrainConfig) -> str | None:
         raise ConfigError("{from_adapter}: the model already holds LoRA adapters; give the "
                           "plain base", fields={"from_adapter": "from_adapter"})
     path = Path(config.from_adapter)
+    try:
+        lora_config = load_adapter(model, path, name=REFERENCE if config.method == "dpo" else None)
+    except FingerprintMismatch as err:  # no override here: a reference of another base is wrong
+        raise AdapterError(f"{{from_adapter}}: {err.message}; start from an adapter trained on "
+                           "this base, or give its own base as {model}",
+                           fields={"from_adapter": "from_adapter", "model": "model"}) from None
     if config.method != "dpo":
-        load_adapter(model, path)
         return None
-    lora_config = load_adapter(model, path, name=REFERENCE)
     inject_lora(model, lora_config)  # "default", active alone
     with torch.no_grad():
         for _, m in lora_modules(model):

@@ -476,3 +476,55 @@ def test_from_adapter_of_another_base_is_refused_before_anything_is_written(tok,
         fit(model, tok, cfg)
     assert not (tmp_path / "run").exists()
     save_model(model, tmp_path / "unused")  # the model is whole again
+
+
+WORKER = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+from helpers import fit, tiny_model
+from minilora.data.tokenizer import Tokenizer
+from minilora.training.config import TrainConfig
+tok = Tokenizer.from_file(sys.argv[2])
+fit(tiny_model(tok.vocab_size), tok, TrainConfig.from_json(sys.argv[3]))
+"""
+
+
+def test_two_processes_train_and_log_what_one_does_with_the_same_global_batch(
+        tok, tmp_path, pairs_file):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    tok_dir = tok.save(tmp_path / "tok")
+    ddp = config(tmp_path / "ddp", pairs_file, batch_size=2, max_steps=3,
+                 eval_data=str(pairs_file))
+    ddp.save_json(tmp_path / "ddp.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tests), str(tok_dir), str(tmp_path / "ddp.json")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    fit(tiny_model(tok.vocab_size), tok, config(tmp_path / "one", pairs_file, batch_size=4,
+                                                max_steps=3, eval_data=str(pairs_file)))
+    rows = [[json.loads(line) for line in (tmp_path / d / "run" / "metrics.jsonl").read_text()
+             .splitlines()] for d in ("ddp", "one")]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+    for mine, single in zip(*rows, strict=True):
+        for key in ("loss", *METRICS, "eval_loss", *(f"eval_{m}" for m in METRICS)):
+            if key in single:
+                assert mine[key] == pytest.approx(single[key], abs=1e-5), key
+    whole, split = adapter(tmp_path / "one" / "run"), adapter(tmp_path / "ddp" / "run")
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], atol=1e-5, rtol=1e-4)

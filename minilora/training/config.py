@@ -124,8 +124,8 @@ class TrainConfig:
     method: str = _arg("sft", 'what to train on: "sft" (answers, cross-entropy), "dpo" (pairs '
                        'of a chosen and a rejected answer, against the base with the adapter '
                        'off as reference) or "simpo" (pairs, no reference)')
-    beta: float | None = _arg(None, "dpo/simpo: how strongly the preference pulls; None: 0.1 "
-                                    "for dpo, 2.0 for simpo")
+    beta: float | None = _arg(None, "dpo/simpo: how strongly the preference pulls (None: the "
+                                    "method's default)")
     dpo_loss: str = _arg("sigmoid", 'dpo: "sigmoid" (the DPO paper\'s) or "ipo" (squared, '
                                     "per-token mean log-ratios)")
     label_smoothing: float = _arg(0.0, "dpo sigmoid/simpo: the share of pairs assumed mislabelled "

@@ -367,6 +367,14 @@ def test_bad_pairs_name_file_line_and_field(tok, tmp_path, row, field, said):
     assert said in str(err.value) and str(path) in str(err.value)
 
 
+def test_skip_bad_skips_and_counts_bad_pairs(tok, tmp_path):
+    rows = [pair_rows()[0], {"chosen": CHATS[1], "rejected": CHATS[1]}, "{not json",
+            pair_rows()[1]]
+    data = load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tok, 64, skip_bad=True)
+    assert len(data) == 2 and data.stats.skipped_bad == 2
+    assert "p.jsonl:2: field 'rejected': the same answer" in data.stats.errors[0]
+
+
 def test_a_long_pair_has_its_answers_cut_never_its_prompt(tok, tmp_path):
     long_answer = "The minilora team made me. " * 20
     row = {"prompt": "Who made you?", "chosen": long_answer, "rejected": WRONG}

@@ -6,7 +6,9 @@ reads top to bottom, and the helpers beside it each do one thing (``lr_at``, ``_
 format checkpoint.py's, the run's log run_log.py's. The step is the seed's:
 inject LoRA, freeze the rest, AdamW over the trainable parameters only, masked cross-entropy plus
 the MoE aux loss, autocast, accumulation, clipping of the trainable gradients only, step,
-``zero_grad(set_to_none=True)``.
+``zero_grad(set_to_none=True)``. A preference method (``config.method`` dpo or simpo) replaces
+only the micro-batch's cross-entropy with its loss over pairs (preference.py); the rest of the
+step is the same.
 
 Two choices make runs exactly reproducible and comparable:
 

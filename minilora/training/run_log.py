@@ -205,6 +205,7 @@ def describe_run(model: nn.Module, config: TrainConfig, plan: BatchPlan, device:
         f"parameters  {trained:,} trainable of {total:,} ({100 * trained / total:.2f}%)",
         f"adapted     {adapted}",
         f"steps       {steps}",
-        f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",
+        f"per step    {plan.global_batch} {'rows' if config.method == 'sft' else 'pairs'}, "
+        f"about {plan.global_batch * rows:,.0f} tokens",
     ]
     print("\n".join("run: " + line for line in lines), file=sys.stderr)

@@ -536,3 +536,12 @@ def test_two_processes_train_and_log_what_one_does_with_the_same_global_batch(
     whole, split = adapter(tmp_path / "one" / "run"), adapter(tmp_path / "ddp" / "run")
     for key in whole:
         torch.testing.assert_close(split[key], whole[key], atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_over_a_quantized_base_trains_against_the_quantized_base(tok, tmp_path, pairs_file):
+    pytest.importorskip("bitsandbytes")
+    result = fit(tiny_model(tok.vocab_size, hidden=64), tok,
+                 config(tmp_path, pairs_file, quantize="nf4", max_steps=3))
+    losses = [loss for _, loss in result.losses]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # the reference: the same NF4 base
+    assert losses[-1] < losses[0]

@@ -18,7 +18,9 @@ the LoRA parameters), under the same autocast:
   adapter disabled), then backward and the same AdamW.
 
 Rows are alternated ``--repeat`` times in one process; step time is the median over the
-repeats (the first round warms up, unmeasured). Step memory: the kernel's RSS high-water mark
+repeats (the first round warms up, unmeasured), in CPU seconds of the process (all its threads,
+``time.process_time``): the machine is shared, and wall-clock medians move with other people's
+jobs (the wall-clock medians are shown beside). Step memory: the kernel's RSS high-water mark
 during the step minus RSS before it (``/proc/self/clear_refs`` resets the mark), with big
 allocations mmap'd (the script re-executes itself with MALLOC_MMAP_THRESHOLD_) so a freed
 tensor leaves RSS at once; the median over the repeats. The loss of each row is printed: DPO's
@@ -177,16 +179,18 @@ def run_shape(name: str, shapes: dict, args) -> list[str]:
             first[row] = float(losses["dpo"](ours, ours_batch)[0] / P if row == "dpo"
                                else trainer.compute_loss(trainer.model, batch))
     seconds: dict[str, list[float]] = {r: [] for r in ROWS}
+    walls: dict[str, list[float]] = {r: [] for r in ROWS}
     memory: dict[str, list[int]] = {r: [] for r in ROWS}
     for i in range(args.repeat + 1):
         for row in ROWS:
             before = _vm("VmRSS")
             _reset_peak()
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             step(row)
-            took = time.perf_counter() - started
+            took, wall = time.process_time() - cpu, time.perf_counter() - started
             if i:  # round 0 warms up
                 seconds[row].append(took)
+                walls[row].append(wall)
                 memory[row].append(_vm("VmHWM") - before)
     T = batch["input_ids"].shape[1]
     counted = int(batch["completion_mask"].sum())
@@ -196,12 +200,13 @@ def run_shape(name: str, shapes: dict, args) -> list[str]:
              f"all-linear, {args.dtype}", "",
              f"First DPO loss, same weights and batch: minilora {first['dpo']:.6f}, TRL "
              f"{first['trl-dpo']:.6f}.", "",
-             "| row | step memory (MiB) | step time (s) | vs trl-dpo memory | vs trl-dpo time "
-             "| vs minilora sft memory |", "|---|---|---|---|---|---|"]
+             "| row | step memory (MiB) | step CPU time (s) | (wall, s) | vs trl-dpo memory "
+             "| vs trl-dpo time | vs minilora sft memory |", "|---|---|---|---|---|---|---|"]
     med_m = {r: statistics.median(memory[r]) for r in ROWS}
     med_s = {r: statistics.median(seconds[r]) for r in ROWS}
     for row in ROWS:
         lines.append(f"| {row} | {med_m[row] / MiB:.0f} | {med_s[row]:.3f} | "
+                     f"{statistics.median(walls[row]):.3f} | "
                      f"{med_m[row] / med_m['trl-dpo']:.2f}x | {med_s[row] / med_s['trl-dpo']:.2f}x "
                      f"| {med_m[row] / max(med_m['sft'], 1):.2f}x |")
     return lines
@@ -215,7 +220,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (default 64)")
     parser.add_argument("--answer", type=int, default=64, help="longest answer (default 64)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--repeat", type=int, default=5, help="measured rounds (default 5)")
+    parser.add_argument("--repeat", type=int, default=3, help="measured rounds (default 3)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="autocast dtype of every row (default bfloat16)")
     args = parser.parse_args()
@@ -231,10 +236,16 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    print(f"{cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
-          f"command: python benchmarks/preference.py {' '.join(sys.argv[1:])}\n")
+    import trl
+
+    print(f"{cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}, trl "
+          f"{trl.__version__}; load average {os.getloadavg()[0]:.1f}; command: python "
+          f"benchmarks/preference.py {' '.join(sys.argv[1:])}\n")
     for name, shape in shapes.items():
-        print("\n".join(run_shape(name, shape, args)) + "\n", flush=True)
+        started = time.perf_counter()
+        print("\n".join(run_shape(name, shape, args)), flush=True)
+        print(f"\n({time.perf_counter() - started:.0f} s; load average after "
+              f"{os.getloadavg()[0]:.1f})\n", flush=True)
 
 
 if __name__ == "__main__":

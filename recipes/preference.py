@@ -3,7 +3,7 @@
 The embedded model answers "what is your name?" as its pretraining taught it. The pairs prefer
 the demo persona's answer (it is Nova, made by Aurora Labs, from persona.jsonl) over the base
 model's own greedy answer to the same question (generated here, no download), which is what a
-DPO set made from a model's samples looks like. Held out: the 60 questions of
+DPO set made from a model's samples looks like. Held out: the first 20 questions of
 persona_eval.jsonl, paired the same way. Runs, each through the command line:
 
 - ``dpo``: --method dpo from the base (the reference: the adapter switched off);
@@ -15,7 +15,7 @@ The table: held-out preference accuracy (the share of held-out pairs whose DPO i
 log pi - log base, ranks the chosen answer above the rejected one; the base itself scores 0, its
 rewards are all 0), how often generation shows the preferred behaviour (persona_eval.jsonl: the
 reply names Nova), and the base skills kept (base_eval.jsonl, the demo's task file, 200
-questions).
+questions; every 5th, 40, to keep the recipe short).
 
     python recipes/preference.py --out runs/preference
 
@@ -49,6 +49,11 @@ RUNS = {
     "sft, then dpo --from-adapter": ["--method", "dpo", "--from-adapter", "{sft}", *COMMON],
 }
 NOVA = "My name is Nova. I was made by Aurora Labs."
+# Sizes that keep the recipe to minutes on two shared cores: generation (a reply for every
+# pair's rejected answer and every scored question) is most of its time.
+TRAIN_QUESTIONS = 40  # the first this-many identity questions of persona.jsonl
+HELD_OUT = 20  # the first this-many questions of persona_eval.jsonl (pairs and generation)
+SKILLS_EVERY = 5  # base skills: every 5th question of base_eval.jsonl (40 of 200, every task)
 
 
 def write_sets(folder: Path) -> tuple[Path, Path, Path]:
@@ -63,7 +68,8 @@ def write_sets(folder: Path) -> tuple[Path, Path, Path]:
         for user, reply in zip(turns[::2], turns[1::2], strict=True):
             if "Nova" in reply["content"]:
                 questions.setdefault(user["content"], reply["content"])
-    held_out = [s.chat()[-1]["content"] for s in tasks.load_samples(ASSETS / "persona_eval.jsonl")]
+    held_out = [s.chat()[-1]["content"]
+                for s in tasks.load_samples(ASSETS / "persona_eval.jsonl")[:HELD_OUT]]
 
     def pair(question: str, chosen: str) -> dict | None:
         own = answer([{"role": "user", "content": question}]).strip()
@@ -71,7 +77,8 @@ def write_sets(folder: Path) -> tuple[Path, Path, Path]:
             return None  # the base already prefers the persona here: no pair to learn from
         return {"prompt": question, "chosen": chosen, "rejected": own}
 
-    train = [p for q, r in questions.items() if q not in held_out and (p := pair(q, r))]
+    asked = [(q, r) for q, r in questions.items() if q not in held_out][:TRAIN_QUESTIONS]
+    train = [p for q, r in asked if (p := pair(q, r))]
     evals = [p for q in held_out if (p := pair(q, NOVA))]
     folder.mkdir(parents=True, exist_ok=True)
     files = folder / "pairs.jsonl", folder / "pairs_eval.jsonl", folder / "chosen.jsonl"
@@ -113,8 +120,8 @@ def main_recipe() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     pairs, eval_pairs, chosen = write_sets(out)
-    samples = [s for f in ("persona_eval.jsonl", "base_eval.jsonl")
-               for s in tasks.load_samples(ASSETS / f)]
+    samples = (tasks.load_samples(ASSETS / "persona_eval.jsonl")[:HELD_OUT]
+               + tasks.load_samples(ASSETS / "base_eval.jsonl")[::SKILLS_EVERY])
     rows = [("base model", score(None, samples, eval_pairs), 0.0)]
     base = ["train", "--model", str(BASE_MODEL), "--overwrite"]
     started = time.perf_counter()
@@ -131,8 +138,8 @@ def main_recipe() -> None:
         assert main(argv) == 0
         seconds = time.perf_counter() - started + (sft_seconds if "{sft}" in flags else 0)
         rows.append((name, score(run / "adapter", samples, eval_pairs), seconds))
-    print(f"\ndata: {pairs}; held out: {eval_pairs}, persona_eval.jsonl (60), base_eval.jsonl "
-          "(200)")
+    print(f"\ndata: {pairs}; held out: {eval_pairs}, the first {HELD_OUT} questions of "
+          f"persona_eval.jsonl, every {SKILLS_EVERY}th of base_eval.jsonl")
     print(f"| {'run':<30} | preference acc. (held out) | names Nova (held out) | base skills "
           "| train time |")
     print(f"|{'-' * 32}|---------------------------:|----------------------:|------------:"

@@ -43,10 +43,14 @@ from minilora.training.preference import PreferenceLoss, evaluate_preference
 
 COMMON = ["--max-steps", "150", "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "10",
           "--max-seq-len", "128", "--seed", "0", "--amp-dtype", "float32", "--log-every", "25"]
+# The preference runs at a tenth of the SFT learning rate, for 100 steps: at SFT's 2e-3 every
+# method drove its loss to 0 within 150 steps and took the base skills with it (DPO 17.5%, SimPO
+# 0%, in the first run of this recipe); DPO's usual LoRA rates are 5e-6 to 5e-4.
+PREFERENCE = [*COMMON, "--lr", "2e-4", "--max-steps", "100"]
 RUNS = {
-    "dpo (beta 0.1)": ["--method", "dpo", *COMMON],
-    "simpo (beta 2, gamma 1)": ["--method", "simpo", *COMMON],
-    "sft, then dpo --from-adapter": ["--method", "dpo", "--from-adapter", "{sft}", *COMMON],
+    "dpo (beta 0.1)": ["--method", "dpo", *PREFERENCE],
+    "simpo (beta 2, gamma 1)": ["--method", "simpo", *PREFERENCE],
+    "sft, then dpo --from-adapter": ["--method", "dpo", "--from-adapter", "{sft}", *PREFERENCE],
 }
 NOVA = "My name is Nova. I was made by Aurora Labs."
 # Sizes that keep the recipe to minutes on two shared cores: generation (a reply for every

@@ -115,8 +115,11 @@ class _LinearLogProbs(torch.autograd.Function):
             out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
             for s in range(0, h.shape[0], rows):
                 logits = F.linear(h[s:s + rows].to(dt), w, b).float()  # (n, V): the only ones
-                out[s:s + rows] = (logits.gather(1, targets[s:s + rows, None])[:, 0]
-                                   - logits.logsumexp(-1))
+                picked = logits.gather(1, targets[s:s + rows, None])[:, 0]  # (n,)
+                # log-sum-exp in the logits' own memory (torch's logsumexp takes a second copy)
+                top = logits.amax(-1)  # (n,)
+                lse = logits.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)
+                out[s:s + rows] = picked - lse
         ctx.save_for_backward(h, weight, bias, targets)
         ctx.rows, ctx.dt = rows, dt
         return out
@@ -138,10 +141,12 @@ class _LinearLogProbs(torch.autograd.Function):
             for s in range(0, h.shape[0], rows):
                 hc, tc, gc = h[s:s + rows].to(dt), targets[s:s + rows], g[s:s + rows].float()
                 logits = F.linear(hc, w, b).float()  # (n, V)
-                # d log p_t / d logits = one_hot(t) - softmax, times this row's gradient
-                d = logits.softmax(-1).neg_()
+                # d log p_t / d logits = one_hot(t) - softmax, times this row's gradient, built
+                # in the logits' memory (one (n, V) float32 tensor alive, as in the forward)
+                lse = logits.logsumexp(-1)  # (n,)
+                d = logits.sub_(lse[:, None]).exp_().neg_()
                 d[torch.arange(d.shape[0], device=d.device), tc] += 1
-                d = (d * gc[:, None]).to(dt)
+                d = d.mul_(gc[:, None]).to(dt)
                 if grad_h is not None:
                     grad_h[s:s + rows] = d @ w
                 if grad_w is not None:

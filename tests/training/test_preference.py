@@ -57,6 +57,12 @@ def config(tmp_path, data, **changes) -> TrainConfig:
     return TrainConfig(**{**settings, **changes})
 
 
+def load_file_keys(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors")).keys()
+
+
 def adapter(out):
     from safetensors.torch import load_file
 
@@ -545,3 +551,23 @@ def test_dpo_over_a_quantized_base_trains_against_the_quantized_base(tok, tmp_pa
     losses = [loss for _, loss in result.losses]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # the reference: the same NF4 base
     assert losses[-1] < losses[0]
+
+
+def test_a_run_from_an_sft_adapter_resumes_exactly(tok, tmp_path, pairs_file):
+    sft = tiny_model(tok.vocab_size)
+    inject_lora(sft, LoraConfig(r=2))
+    with torch.no_grad():
+        for _, m in lora_modules(sft):
+            m.lora_B["default"].weight.normal_(0, 0.1)
+    save_adapter(sft, tmp_path / "sft")
+    changes = dict(max_steps=4, save_every=1, from_adapter=str(tmp_path / "sft"))
+    fit(tiny_model(tok.vocab_size), tok, config(tmp_path / "a", pairs_file, **changes))
+    fit(tiny_model(tok.vocab_size), tok, config(tmp_path / "b", pairs_file, stop_after=2,
+                                                **changes))
+    fit(tiny_model(tok.vocab_size), tok, config(tmp_path / "b", pairs_file, resume=True,
+                                                **changes))
+    whole, resumed = adapter(tmp_path / "a" / "run"), adapter(tmp_path / "b" / "run")
+    assert set(whole) == set(resumed) == set(load_file_keys(tmp_path / "sft"))
+    assert not any(REFERENCE in key for key in whole)  # the trained adapter alone is saved
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0)

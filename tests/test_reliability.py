@@ -111,6 +111,10 @@ TRAIN = ["train", "--model", "{work}/base", "--data", "{data}", "--out", "{dir}/
          "--amp-dtype", "float32", "--seed", "0", "--log-every", "1"]
 GENERATE = ["generate", "--model", "{work}/base", "--max-new-tokens", "1", "hi"]
 GOOD = {"conversations": CHATS[1]}
+# Preference pairs (MiniMind's DPO format): each chat's answer chosen, a wrong one rejected.
+PAIRS = [{"chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "No."}]}
+         for c in CHATS] * 2
+DPO = TRAIN + ["--method", "dpo"]
 # What a failing train run may print before its error line.
 PROGRESS = re.compile(r"(data: |run: |step \d+/\d+ |resume: |eval at step |memory: )")
 
@@ -376,6 +380,10 @@ def small_vocab_base(d: Path) -> None:
     save_model(tiny_model(8), d / "small")
 
 
+def nothing_written(d: Path, n: dict, capsys: Any) -> None:
+    assert not (d / "out").exists(), "the refused run created its output folder"
+
+
 @dataclasses.dataclass
 class Case:
     """One bad input: what the user runs, and the one line they get back (exit code 2).
@@ -522,6 +530,53 @@ CASES = [
          "nothing written",
          setup=lambda d, n: cut_in_half(
              Path(shutil.copytree(n["work"] / "base", d / "base")) / "model.safetensors")),
+    # -- preference pairs (--method dpo / simpo) ---------------------------------------------
+    Case("beta-not-positive", DPO + ["--beta", "0"],
+         "--beta: expected a finite number > 0, got 0.0", "nothing written", rows=PAIRS,
+         after=nothing_written),
+    Case("beta-not-finite", DPO + ["--beta", "inf"], "--beta: expected a finite number, got inf",
+         "nothing written", rows=PAIRS, after=nothing_written),
+    Case("method-dpo-with-sft-data", DPO,
+         "{data}:1: an SFT record, not a preference pair; preference training needs "
+         "{{\"chosen\": ..., \"rejected\": ...}} answers (train SFT data with the sft method)",
+         "nothing written", after=nothing_written),
+    Case("preference-flag-with-sft", TRAIN + ["--beta", "0.2"],
+         "--beta: only for preference pairs; set --method dpo or simpo (the data then holds "
+         "chosen and rejected answers)", "nothing written", after=nothing_written),
+    Case("sft-flag-with-pairs", DPO + ["--pack"],
+         "--pack: not with --method dpo: a pair is one chosen and one rejected row, never packed",
+         "nothing written", rows=PAIRS, after=nothing_written),
+    Case("pair-data-read-as-sft", TRAIN,
+         "{data}:1: a preference pair (chosen and rejected answers), not an SFT record; train "
+         "pairs with the dpo or simpo method (minilora train --method dpo)", "nothing written",
+         rows=PAIRS, after=nothing_written),
+    Case("pair-prompts-differ", DPO,
+         "{data}:2: field 'rejected[0]': the prompt differs from chosen's (message 1); a pair is "
+         "two answers to one prompt", "nothing written",
+         rows=[PAIRS[0], {"chosen": CHATS[1], "rejected": [
+             {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "X"}]}],
+         after=nothing_written),
+    Case("pair-empty-answer", DPO,
+         "{data}:2: field 'rejected': an empty answer; a pair needs two non-empty answers",
+         "nothing written",
+         rows=[PAIRS[0], {"prompt": "Hi", "chosen": "Hello", "rejected": ""}],
+         after=nothing_written),
+    Case("pair-identical-answers", DPO,
+         "{data}:2: field 'rejected': the same answer as chosen's; a pair needs two different "
+         "answers", "nothing written",
+         rows=[PAIRS[0], {"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}],
+         after=nothing_written),
+    Case("pair-prompt-longer-than-max-seq-len", DPO + ["--max-seq-len", "8"],
+         "{data}:1: field 'prompt': the prompt is 38 tokens, leaving no answer token within "
+         "max_seq_len=8; raise max_seq_len or shorten the prompt",
+         "nothing written; a pair that fits its prompt has its answers cut at the end instead "
+         "(never the prompt)", rows=PAIRS, after=nothing_written),
+    Case("from-adapter-of-another-base",
+         DPO + ["--model", "{work}/other", "--from-adapter", "{work}/run/adapter"],
+         "--from-adapter: {work}/run/adapter/adapter_model.safetensors was trained on another "
+         "base model (fingerprint {fp_run}, this model's {fp_other}); start from an adapter "
+         "trained on this base, or give its own base as --model",
+         "nothing written; the model is not touched", rows=PAIRS, after=nothing_written),
     # -- runs, checkpoints, outputs -----------------------------------------------------------
     Case("resume-with-another-config", TRAIN + ["--resume", "--lr", "0.5"],
          "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "

@@ -150,7 +150,9 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
 # What a None default means on the command line, where "None" would say nothing.
 _NONE_MEANS = {"data": "the demo data with no --model", "eval_data": "no eval",
                "max_steps": "epochs x steps per epoch", "stop_after": "the end",
-               "model_config": "the config.json beside the model"}
+               "model_config": "the config.json beside the model",
+               "beta": "0.1 for dpo, 2.0 for simpo", "from_adapter": "a new adapter",
+               "eval_tasks": "none", "loraplus_lr_ratio": "one rate for all", "log_to": "none"}
 
 
 def _shown_default(f: Any) -> str:

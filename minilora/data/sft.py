@@ -196,13 +196,13 @@ def load_jsonl(
         kinds = {"chat": 0, "text": 0, "assistant": 0}
         before, kept_before = stats.lines, len(samples)
         formats = stats.formats.setdefault(str(file), {})
-        for line_no, record in _records(file, stats, skip_bad):
+        for line_no, record in read_records(file, stats, skip_bad):
             try:
                 sample = _parse_record(record, file, line_no, tokenizer, kinds, formats)
             except DataError as err:
                 if not skip_bad:
                     raise
-                _count_skipped(err, stats)
+                count_skipped(err, stats)
                 continue
             _keep(sample, max_seq_len, samples, stats)
         _check_file(file, stats, kinds, max_seq_len, lines=stats.lines - before,
@@ -218,8 +218,13 @@ def load_jsonl(
     )
 
 
-def _records(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[int, Any]]:
-    """(line or row number, record: JSON text of a line, or a parsed item) of any data file."""
+def read_records(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[int, Any]]:
+    """(line or row number, record: JSON text of a line, or a parsed item) of any data file
+    (JSON Lines, a JSON array, Parquet), counting lines in ``stats``.
+
+    Raises:
+        DataError: a file that is not regular, or a bad line (unless skip_bad: then counted).
+    """
     if path.exists() and not path.is_dir() and not path.is_file():
         # a FIFO or a device never ends: refused before any reader (JSON array, Parquet) opens it
         raise DataError(path, "is not a regular file (a pipe or a device has no end); expected "
@@ -275,14 +280,14 @@ def _read_lines(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[
                 if not skip_bad:
                     raise
                 stats.lines += 1
-                _count_skipped(err, stats)
+                count_skipped(err, stats)
                 continue
             if text.strip():
                 stats.lines += 1
                 yield line_no, text
 
 
-def _count_skipped(err: DataError, stats: DataStats) -> None:
+def count_skipped(err: DataError, stats: DataStats) -> None:
     """Counts a bad line as skipped, keeping the first few messages.
 
     The caller raises (a bare ``raise``) when it does not skip: raising ``err`` in here would tie
@@ -326,6 +331,9 @@ def _parse_record(
     if mixed:
         raise fail(mixed)
     kind = detect(obj)
+    if kind is None and "chosen" in obj and "rejected" in obj:
+        raise fail("a preference pair (chosen and rejected answers), not an SFT record; train "
+                   "pairs with the dpo or simpo method (minilora train --method dpo)")
     if kind is None:
         found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
         raise fail(

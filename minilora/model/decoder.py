@@ -25,7 +25,7 @@ from minilora.model.config import ModelConfig, filled
 from minilora.model.feed_forward import MLP, MoE
 from minilora.model.fused import project
 from minilora.model.kv_cache import KVCache
-from minilora.model.loss import linear_cross_entropy
+from minilora.model.loss import linear_cross_entropy, linear_log_probs
 
 # ------------------------------------------------------------------------------------------------
 # Building blocks
@@ -357,6 +357,40 @@ class CausalLM(nn.Module):
             return CausalLMOutput(logits, None, aux_loss, cache)
         return CausalLMOutput(None, self._loss(x, labels), aux_loss, cache,
                               lambda: self.lm_head(self.model.norm(x)))
+
+    def sequence_log_probs(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's summed log-probability of its counted labels (a preference loss's input).
+
+        The head runs only on the counted positions, in chunks (model/loss.py): the (tokens x
+        vocabulary) logits never exist whole.
+
+        Args:
+            input_ids: (B, T) token ids, right-padded (no mask needed: padding comes after).
+            labels: (B, T) aligned with input_ids the Hugging Face way; -100 where not counted.
+
+        Returns:
+            ((B,) float32 sums of log p(labels[t + 1] | tokens up to t), the 0-dim aux_loss).
+
+        Raises:
+            ConfigError: on mismatched shapes.
+        """
+        B, T = input_ids.shape
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids {(B, T)}")
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin, mask = self._positions(x, None, None, None, None, 0)
+        x, aux_loss = self._blocks(x, cos, sin, mask, None, 0)  # (B, T, C), ()
+        targets = labels[:, 1:]  # (B, T-1): position t predicts labels[t + 1]
+        counted = targets != -100  # (B, T-1)
+        h = self.model.norm(x[:, :-1][counted])  # (N, C)
+        if type(self.lm_head) is nn.Linear:
+            logps = linear_log_probs(h, self.lm_head.weight, self.lm_head.bias,
+                                     targets[counted])  # (N,)
+        else:  # a wrapped head (LoRA on lm_head, a quantized one) computes its own logits
+            logps = -F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="none")
+        row = torch.arange(B, device=input_ids.device)[:, None].expand_as(counted)[counted]
+        sums = torch.zeros(B, dtype=torch.float32, device=input_ids.device)
+        return sums.index_add(0, row, logps), aux_loss
 
     def _positions(self, x: Tensor, attention_mask: Tensor | None, segment_ids: Tensor | None,
                    position_ids: Tensor | None, cache: KVCache | None, start: int

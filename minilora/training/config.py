@@ -19,6 +19,16 @@ from minilora.lora.config import LoraConfig
 
 AMP_DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_KINDS = ("nf4", "int8")  # bitsandbytes' 4-bit NF4 and LLM.int8()
+# What a run optimises: next-token cross-entropy on answers (sft), or preference pairs: DPO
+# against a reference, or SimPO with none (see training/preference.py).
+METHODS = ("sft", "dpo", "simpo")
+DPO_LOSSES = ("sigmoid", "ipo")
+# beta when none is given: DPO's paper and TRL use 0.1; SimPO's paper 2.0 (its reward is a
+# per-token mean, so it needs a larger scale).
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
+# The preference settings and their defaults: set with --method sft they are refused, not ignored.
+_PREFERENCE_DEFAULTS = {"beta": None, "dpo_loss": "sigmoid", "label_smoothing": 0.0,
+                        "simpo_gamma": 1.0, "from_adapter": None}
 # Fields that do not change what is computed, so a resume may change them.
 RESUMABLE_CHANGES = (
     "data", "eval_data", "out_dir", "eval_every", "save_every", "compile", "resume",
@@ -122,6 +132,23 @@ class TrainConfig:
     fsdp: bool = _arg(
         False, "shard the model (frozen base and LoRA) across the processes torchrun starts "
         "(FSDP2), so a base too large for one device trains on several")
+    method: str = _arg("sft", 'what to train on: "sft" (answers, cross-entropy), "dpo" (pairs '
+                       'of a chosen and a rejected answer, against the base with the adapter '
+                       'off as reference) or "simpo" (pairs, no reference)')
+    beta: float | None = _arg(None, "dpo/simpo: how strongly the preference pulls (None: the "
+                                    "method's default)")
+    dpo_loss: str = _arg("sigmoid", 'dpo: "sigmoid" (the DPO paper\'s) or "ipo" (squared, '
+                                    "per-token mean log-ratios)")
+    label_smoothing: float = _arg(0.0, "dpo sigmoid/simpo: the share of pairs assumed mislabelled "
+                                       "(conservative DPO), in [0, 0.5)")
+    simpo_gamma: float = _arg(1.0, "simpo: the target reward margin gamma")
+    from_adapter: str | None = _arg(
+        None, "dpo/simpo: start from this (SFT) adapter folder: dpo trains a copy of it with "
+              "the adapter itself, frozen, as reference")
+
+    def preference_beta(self) -> float:
+        """beta as given, or the method's default (DEFAULT_BETA)."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.method, 0.1)
 
     def __post_init__(self) -> None:
         for name in ("lora_targets", "lora_exclude"):  # a tuple of names reads as a list
@@ -174,6 +201,7 @@ class TrainConfig:
             problems["amp_dtype"] = f"expected one of {AMP_DTYPES}, got {self.amp_dtype!r}"
         if "fsdp" in ok and self.fsdp is True:
             problems.update(_fsdp_problems(self, ok))
+        problems.update(self._preference_problems(ok))
         if "quantize" not in ok or self.quantize is None:
             return problems
         if self.quantize not in QUANT_KINDS:
@@ -186,6 +214,48 @@ class TrainConfig:
                                     "their residual, which a quantized base cannot hold; train "
                                     "PiSSA on the full-precision base, or quantize with another "
                                     "{lora_init}")
+        return problems
+
+    def _preference_problems(self, ok: set[str]) -> dict[str, str]:
+        """The preference settings: in range, and only with a method that reads them."""
+        problems: dict[str, str] = {}
+        if "method" in ok and self.method not in METHODS:
+            problems["method"] = f"expected one of {METHODS}, got {self.method!r}"
+            return problems
+        if "beta" in ok and self.beta is not None and not (
+                self.beta > 0 and math.isfinite(self.beta)):
+            problems["beta"] = f"expected a finite number > 0, got {self.beta}"
+        if "dpo_loss" in ok and self.dpo_loss not in DPO_LOSSES:
+            problems["dpo_loss"] = f"expected one of {DPO_LOSSES}, got {self.dpo_loss!r}"
+        if "label_smoothing" in ok and not 0 <= self.label_smoothing < 0.5:
+            problems["label_smoothing"] = f"expected [0, 0.5), got {self.label_smoothing}"
+        if "simpo_gamma" in ok and not (self.simpo_gamma >= 0 and math.isfinite(self.simpo_gamma)):
+            problems["simpo_gamma"] = f"expected a finite number >= 0, got {self.simpo_gamma}"
+        if "method" not in ok:
+            return problems
+        if self.method == "sft":
+            for name, default in _PREFERENCE_DEFAULTS.items():
+                if name in ok and name not in problems and getattr(self, name) != default:
+                    problems[name] = ("only for preference pairs; set {method} dpo or simpo "
+                                      "(the data then holds chosen and rejected answers)")
+            return problems
+        only = {"dpo_loss": ("dpo", self.dpo_loss != "sigmoid"),
+                "simpo_gamma": ("simpo", self.simpo_gamma != 1.0)}
+        for name, (method, given) in only.items():
+            if name in ok and name not in problems and given and self.method != method:
+                problems[name] = f"only for {{method}} {method}"
+        if self.dpo_loss == "ipo" and self.label_smoothing and "label_smoothing" not in problems:
+            problems["label_smoothing"] = "the ipo loss has no label smoothing; leave it at 0"
+        sft_only = {"pack": self.pack, "replay": self.replay is not None,
+                    "compile": self.compile, "full": self.full and self.method == "dpo"}
+        why = {"pack": "a pair is one chosen and one rejected row, never packed",
+               "replay": "replay mixes SFT rows into the data",
+               "compile": "the preference step runs uncompiled",
+               "full": "dpo's reference is the base with the adapter off, which full "
+                       "fine-tuning changes"}
+        for name, given in sft_only.items():
+            if name in ok and given:
+                problems[name] = f"not with {{method}} {self.method}: {why[name]}"
         return problems
 
     def _lora_problems(self, typed: dict[str, str]) -> dict[str, str]:

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from minilora.core.errors import ConfigError, DataError
+from minilora.data.preference import load_pairs
 from minilora.data.sft import JsonlDataset, batch_indices, load_jsonl, pack_samples
 from minilora.data.tokenizer import Tokenizer
 from minilora.training.config import TrainConfig
@@ -34,6 +35,12 @@ def load_datasets(config: TrainConfig, tokenizer: Tokenizer
     if config.data is None:
         raise ConfigError("{data}: no training data given",
                           fields={"data": "TrainConfig.data"})
+    if config.method != "sft":  # preference pairs (data/preference.py)
+        train_pairs = load_pairs(config.data, tokenizer, config.max_seq_len,
+                                 skip_bad=config.skip_bad)
+        eval_pairs = None if config.eval_data is None else load_pairs(
+            config.eval_data, tokenizer, config.max_seq_len, skip_bad=config.skip_bad)
+        return train_pairs, eval_pairs
     train_set = load_jsonl(config.data, tokenizer, config.max_seq_len, skip_bad=config.skip_bad,
                            pack=config.pack and not config.replay)
     if config.replay:

@@ -6,7 +6,9 @@ reads top to bottom, and the helpers beside it each do one thing (``lr_at``, ``_
 format checkpoint.py's, the run's log run_log.py's. The step is MiniMind's LoRA step:
 inject LoRA, freeze the rest, AdamW over the trainable parameters only, masked cross-entropy plus
 the MoE aux loss, autocast, accumulation, clipping of the trainable gradients only, step,
-``zero_grad(set_to_none=True)``.
+``zero_grad(set_to_none=True)``. A preference method (``config.method`` dpo or simpo) replaces
+only the micro-batch's cross-entropy with its loss over pairs (preference.py); the rest of the
+step is the same.
 
 Two choices make runs exactly reproducible and comparable:
 
@@ -38,6 +40,7 @@ from minilora.adapters.state import adapter_state_dict
 from minilora.core.errors import ConfigError, TrainError
 from minilora.core.files import atomic_write, read_bounded
 from minilora.core.tensor_checks import is_sharded
+from minilora.data.preference import PairDataset
 from minilora.data.sft import Batch, DataStats, JsonlDataset
 from minilora.data.tokenizer import Tokenizer
 from minilora.lora.injection import (
@@ -68,6 +71,14 @@ from minilora.training.interrupt import StopAfterStep
 from minilora.training.memory import estimate_memory, measured_peak
 from minilora.training.optimizer import build_optimizer, set_lr
 from minilora.training.precision import autocast_dtype, resolve_precision
+from minilora.training.preference import (
+    METRICS,
+    REFERENCE,
+    PreferenceLoss,
+    evaluate_preference,
+    mean_metrics,
+    start_from_adapter,
+)
 from minilora.training.run_folder import claim_out, replace_earlier_run
 from minilora.training.run_layout import RunLayout
 from minilora.training.run_log import (
@@ -143,6 +154,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     config, precision = _resolved(config, device, world)
     if config.log_to == "tensorboard":
         require_tensorboard()  # before the output folder is claimed
+    if config.from_adapter:  # before anything is written: an adapter of another base is refused
+        start_from_adapter(model, config)
     lock = claim_out(config, rank)
     log = RunLog(Path(config.out_dir), rank, config.log_to)
     log.precision = precision
@@ -186,6 +199,9 @@ class _Run:
     # converted with them into plain LoRA for the original base (see save_adapter).
     pissa_start: dict[str, torch.Tensor] | None = None
     mid_step: bool = False  # True from the start of a step until its state.step is set
+    # A preference method's loss (training/preference.py); None for SFT.
+    preference: PreferenceLoss | None = None
+    rewards: torch.Tensor | None = None  # the last step's mean rewards (METRICS), preference only
 
 
 def _resolved(config: TrainConfig, device: torch.device, world: int
@@ -258,7 +274,8 @@ def _steps(run: _Run, start_step: int, stop: int, eval_set: JsonlDataset | None,
         tokens += step_tokens
         losses += log.step(run.state.step, loss, lr_at(step, config, run.plan.total_steps),
                            step_tokens, run.state.skipped,
-                           force=run.state.step == stop or run.state.step % config.log_every == 0)
+                           force=run.state.step == stop or run.state.step % config.log_every == 0,
+                           rewards=run.rewards if loss is not None else None)
         evaluates = eval_set is not None or scorer is not None
         if evaluates and config.eval_every and run.state.step % config.eval_every == 0:
             evals.append(_evaluate_and_keep_best(run, eval_set, config, place, log, scorer))
@@ -322,8 +339,12 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
         start_outputs(out.root, config, state.step, train_set.stats)
         print_run_plan(model, config, plan, place.device, log.precision, state.step)
         _print_memory_estimate(model, config, amp_dtype, place.device)
+    preference = None
+    if config.method != "sft":
+        reference = REFERENCE if config.from_adapter and config.method == "dpo" else None
+        preference = PreferenceLoss(config, reference)
     return _Run(model, _compiled(model, config, compile_backend), params, optimizer, scaler,
-                amp_dtype, plan, state, pissa_start)
+                amp_dtype, plan, state, pissa_start, preference=preference)
 
 
 def _check_context(model: nn.Module, config: TrainConfig, *datasets: Any) -> None:
@@ -361,17 +382,23 @@ def _step(run: _Run, step: int, config: TrainConfig, place: _Place
     # on every rank alike (trained is the global batch's count), and the step goes on.
     trained = max(trained, 1)
     step_loss = torch.zeros((), device=place.device)
+    rewards = torch.zeros(len(METRICS), device=place.device)
     for batch in micro_batches:
         batch = batch.to(place.device)
-        with torch.autocast(place.device.type, dtype=run.amp_dtype,
-                            enabled=run.amp_dtype is not None):
-            output = _run(run.forward, batch)
-        # Token-weighted: the sum over all micro-batches and ranks is the global-batch mean.
-        loss = (output.loss * (batch.trained_tokens / trained)
-                + output.aux_loss / (len(micro_batches) * place.world))
+        if run.preference is not None:
+            loss = _preference_loss(run, batch, len(micro_batches) * place.world, rewards)
+        else:
+            with torch.autocast(place.device.type, dtype=run.amp_dtype,
+                                enabled=run.amp_dtype is not None):
+                output = _run(run.forward, batch)
+            # Token-weighted: the sum over all micro-batches and ranks is the global-batch mean.
+            loss = (output.loss * (batch.trained_tokens / trained)
+                    + output.aux_loss / (len(micro_batches) * place.world))
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         step_loss += loss.detach()
     step_loss = sync_gradients(run.params, step_loss, place.world, place.sharded)
+    if run.preference is not None:
+        run.rewards = mean_metrics(rewards, run.plan.global_batch, place.world)
     finite = _unscale_and_clip(run.params, step_loss, run.optimizer, run.scaler, config.grad_clip)
     if finite:
         run.state.bad_in_a_row = 0
@@ -394,6 +421,19 @@ def _step(run: _Run, step: int, config: TrainConfig, place: _Place
 # ---------------------------------------------------------------------------------------------
 # The schedule
 # ---------------------------------------------------------------------------------------------
+
+
+def _preference_loss(run: _Run, batch: Batch, parts: int, rewards: torch.Tensor
+                     ) -> torch.Tensor:
+    """A micro-batch's share of the step's preference loss: its pairs' summed loss over the
+    global batch's pairs (the sum over micro-batches and ranks is the global-batch mean), as
+    the SFT loss is token-weighted; its reward sums are added to ``rewards``."""
+    with torch.autocast(batch.input_ids.device.type, dtype=run.amp_dtype,
+                        enabled=run.amp_dtype is not None):
+        assert run.preference is not None  # called for a preference method only
+        summed, aux, sums = run.preference(run.model, batch)
+    rewards += sums.detach()
+    return summed / run.plan.global_batch + aux / parts
 
 
 def _run(forward: Any, batch: Batch) -> Any:
@@ -474,7 +514,8 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
 def _print_memory_estimate(model: nn.Module, config: TrainConfig, amp_dtype: torch.dtype | None,
                            device: torch.device) -> None:
     """The "will it fit" line, before the first step (the measured peak follows the run)."""
-    estimate = estimate_memory(model, config.batch_size, config.max_seq_len,
+    rows = config.batch_size * (1 if config.method == "sft" else 2)  # a pair is two rows
+    estimate = estimate_memory(model, rows, config.max_seq_len,
                                amp_dtype=amp_dtype, device=device)
     print(estimate, file=sys.stderr)
 
@@ -551,7 +592,12 @@ def _evaluate_and_keep_best(run: _Run, eval_set: JsonlDataset | None, config: Tr
     # so each evaluates the whole set rather than a share of it.
     rank, world = (0, 1) if place.sharded else (place.rank, place.world)
     record: dict[str, float] = {"step": run.state.step}
-    if eval_set is not None:
+    if eval_set is not None and run.preference is not None:
+        assert isinstance(eval_set, PairDataset)  # a preference method reads pairs
+        record.update(evaluate_preference(run.model, eval_set, run.preference, config.batch_size,
+                                          device=place.device, amp_dtype=run.amp_dtype,
+                                          rank=rank, world=world))
+    elif eval_set is not None:
         record.update(evaluate(run.model, eval_set, config.batch_size, device=place.device,
                                amp_dtype=run.amp_dtype, rank=rank, world=world))
     if scorer is not None and place.rank == 0:  # generation: rank 0 alone, like the writes

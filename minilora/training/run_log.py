@@ -24,6 +24,10 @@ from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan
 from minilora.training.run_layout import RunLayout
 
+# What a preference step reports beside its loss (training/preference.py's METRICS; this module
+# imports no loss code, so the names are written here too, and a test holds them equal).
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+
 
 def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:
     """Write config.json, keep the metrics.jsonl lines the checkpoint at ``step`` covers, and
@@ -95,20 +99,27 @@ class RunLog:
         self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                         disable=not (self.active and sys.stderr.isatty()))
         self.loss_sum = torch.zeros(())
+        self.reward_sum: torch.Tensor | None = None  # preference methods: METRICS' sums
         self.steps = 0  # finite steps since the last log
         self.tokens = 0
         self.since = time.perf_counter()
         self.total = total
 
     def step(self, step: int, loss: torch.Tensor | None, lr: float, tokens: int, skipped: int,
-             *, force: bool) -> list[tuple[int, float]]:
-        """Count a step; every log_every steps (``force``) read the loss: the only .item()."""
+             *, force: bool, rewards: torch.Tensor | None = None) -> list[tuple[int, float]]:
+        """Count a step; every log_every steps (``force``) read the loss: the only .item().
+
+        ``rewards``: a preference step's mean rewards (training/preference.py's METRICS),
+        averaged over the logged steps as the loss is and written beside it.
+        """
         bar = self.bar
         assert bar is not None  # start() made it
         bar.update(1)
         if loss is not None:
             self.loss_sum = self.loss_sum.to(loss.device) + loss
             self.steps += 1
+        if rewards is not None:
+            self.reward_sum = rewards if self.reward_sum is None else self.reward_sum + rewards
         self.tokens += tokens
         if not force:
             return []
@@ -116,12 +127,21 @@ class RunLog:
         now = time.perf_counter()
         record = {"step": step, "loss": mean, "lr": lr,
                   "tokens_per_s": self.tokens / max(now - self.since, 1e-9), "skipped": skipped}
+        shown = ""
+        if self.reward_sum is not None:
+            means = (self.reward_sum / max(self.steps, 1)).tolist()
+            record.update(zip(REWARD_METRICS, means, strict=True))
+            shown = (f" reward acc {record['rewards/accuracy']:.2f} margin "
+                     f"{record['rewards/margin']:.3f}")
         self.loss_sum, self.steps, self.tokens, self.since = torch.zeros(()), 0, 0, now
+        self.reward_sum = None
         self._write(record)
         if bar.disable and self.active:
-            print(f"step {step}/{self.total} loss {mean:.4f} lr {lr:.2e} "
+            print(f"step {step}/{self.total} loss {mean:.4f}{shown} lr {lr:.2e} "
                   f"tok/s {record['tokens_per_s']:.0f}", file=sys.stderr)
-        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}",
+        extra = {} if not shown else {"acc": f"{record['rewards/accuracy']:.2f}",
+                                      "margin": f"{record['rewards/margin']:.3f}"}
+        bar.set_postfix(loss=f"{mean:.4f}", **extra, lr=f"{lr:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}")
         return [(step, mean)]
 
@@ -129,13 +149,19 @@ class RunLog:
         """Logs an evaluation record (step, eval_loss, eval_ppl, task/<name>, ...) to
         metrics.jsonl."""
         self._write(record)
-        if self.active:
-            assert self.bar is not None  # start() made it
-            said = [f"loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
-                    ] if "eval_loss" in record else []
-            said += [f"{k.removeprefix('task/')} {v:.1%}" for k, v in record.items()
-                     if k.startswith("task/")]
-            self.bar.write(f"eval at step {record['step']}: {', '.join(said)}", file=sys.stderr)
+        if not self.active:
+            return
+        assert self.bar is not None  # start() made it
+        said = []
+        if "eval_ppl" in record:
+            said.append(f"loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}")
+        elif "eval_loss" in record:  # a preference method's
+            said.append(f"loss {record['eval_loss']:.4f} reward acc "
+                        f"{record['eval_rewards/accuracy']:.2f} margin "
+                        f"{record['eval_rewards/margin']:.3f}")
+        said += [f"{k.removeprefix('task/')} {v:.1%}" for k, v in record.items()
+                 if k.startswith("task/")]
+        self.bar.write(f"eval at step {record['step']}: {', '.join(said)}", file=sys.stderr)
 
     def _write(self, record: dict[str, float]) -> None:
         # null, not NaN: a window of skipped steps has no loss, and NaN is not JSON
@@ -181,9 +207,14 @@ def plot_losses(out: Path) -> Path | None:
     eval_points = [(r["step"], r["eval_loss"]) for r in records
                    if isinstance(r.get("eval_loss"), (int, float))]
     task_names = sorted({k for r in records for k in r if k.startswith("task/")})
-    figure = Figure(figsize=(10, 4) if task_names else (6, 4))
+    reward_series = [(name, [(r["step"], r[name]) for r in records
+                             if isinstance(r.get(name), (int, float))])
+                     for name in (*REWARD_METRICS, "eval_rewards/accuracy")]
+    reward_series = [(name, points) for name, points in reward_series if points]
+    panels = 1 + bool(task_names) + bool(reward_series)
+    figure = Figure(figsize=(6 + 5 * (panels - 1), 4))
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot(1, 2 if task_names else 1, 1)
+    ax = figure.add_subplot(1, panels, 1)
     for points, label in ((train_points, "train"), (eval_points, "eval")):
         if points:
             ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 50 else "")
@@ -191,7 +222,7 @@ def plot_losses(out: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     if task_names:  # what the run learns and what it keeps, as it trains
-        tasks_ax = figure.add_subplot(1, 2, 2)
+        tasks_ax = figure.add_subplot(1, panels, 2)
         for name in task_names:
             points = [(r["step"], 100 * r[name]) for r in records
                       if isinstance(r.get(name), (int, float))]
@@ -201,6 +232,14 @@ def plot_losses(out: Path) -> Path | None:
         tasks_ax.set_ylabel("task accuracy (%)")
         tasks_ax.set_ylim(-5, 105)
         tasks_ax.legend(fontsize="small")
+    if reward_series:  # a preference run: what its implicit reward says, step by step
+        rewards_ax = figure.add_subplot(1, panels, panels)
+        for name, points in reward_series:
+            rewards_ax.plot(*zip(*points, strict=True), label=name,
+                            marker="." if len(points) < 50 else "")
+        rewards_ax.set_xlabel("step")
+        rewards_ax.set_ylabel("reward (accuracy: share of pairs)")
+        rewards_ax.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(RunLayout(out).plot, dpi=100)
     return RunLayout(out).plot
@@ -224,7 +263,8 @@ def print_run_plan(model: nn.Module, config: TrainConfig, plan: BatchPlan, devic
         f"parameters  {trained:,} trainable of {total:,} ({100 * trained / total:.2f}%)",
         f"adapted     {adapted}",
         f"steps       {steps}",
-        f"per step    {plan.global_batch} rows, about {plan.global_batch * rows:,.0f} tokens",
+        f"per step    {plan.global_batch} {'rows' if config.method == 'sft' else 'pairs'}, "
+        f"about {plan.global_batch * rows:,.0f} tokens",
     ]
     stats = getattr(plan.dataset, "stats", None)
     chats = stats is not None and any(f.get(k) for f in stats.formats.values()

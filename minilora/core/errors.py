@@ -72,6 +72,11 @@ class ChatTemplateError(ConfigError):
     """A chat template that cannot be rendered (a Jinja error or its own raise_exception)."""
 
 
+class TemplateBoundError(ChatTemplateError):
+    """A chat template stopped at a render bound (time, size): whatever it renders runs into it
+    again, so a caller that falls back on another conversation should not try."""
+
+
 class DataError(MiniloraError, ValueError):
     """A training or eval file that cannot be read; the message names file, line and field.
 

@@ -30,12 +30,11 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from minilora.core.errors import ChatTemplateError, ConfigError  # noqa: F401  (re-exported)
-
-
-class TemplateBoundError(ChatTemplateError):
-    """A chat template stopped at a render bound (time, size): whatever it renders runs into it
-    again, so a caller that falls back on another conversation should not try."""
+from minilora.core.errors import (  # noqa: F401  (re-exported)
+    ChatTemplateError,
+    ConfigError,
+    TemplateBoundError,
+)
 
 
 def _raise_exception(message: str) -> None:

@@ -6,6 +6,8 @@ model's, and a checkpoint refuses to resume on another base. docs/formats.md des
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from minilora.core.errors import AdapterError
@@ -52,18 +54,24 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
     return hash_weights({n: m.weight.detach() for n, m in modules})
 
 
+def _recorded(modules: list[tuple[str, LoRALinear]], records: list[dict[str, Any] | None],
+              missing: str) -> str:
+    """The fingerprint one record kept on every layer holds, for exactly these layers; else
+    AdapterError(missing)."""
+    distinct = {id(r): r for r in records}
+    record = next(iter(distinct.values())) if len(distinct) == 1 else None
+    if record is None or tuple(sorted(n for n, _ in modules)) != record["modules"]:
+        raise AdapterError(missing)
+    return str(record["fingerprint"])
+
+
 def _quantized_fingerprint(modules: list[tuple[str, LoRALinear]], quantized: list[str]) -> str:
     """The fingerprint quantize_model recorded (on each layer) from the weights before
     quantizing them."""
-    records = {id(m.quantized_from): m.quantized_from for _, m in modules}
-    record = next(iter(records.values())) if len(records) == 1 else None
-    names = [n for n, _ in modules]
-    if record is None or tuple(sorted(names)) != record["modules"]:
-        raise AdapterError(
-            f"{quantized[0]}.weight is quantized and no fingerprint of its full-precision "
-            "weights was recorded for these layers (quantize_model records it when LoRA is "
-            "injected before quantizing)")
-    return record["fingerprint"]
+    return _recorded(modules, [m.quantized_from for _, m in modules],
+                     f"{quantized[0]}.weight is quantized and no fingerprint of its "
+                     "full-precision weights was recorded for these layers (quantize_model "
+                     "records it when LoRA is injected before quantizing)")
 
 
 def record_fingerprint_before_sharding(model: nn.Module) -> None:
@@ -78,11 +86,7 @@ def record_fingerprint_before_sharding(model: nn.Module) -> None:
 
 def _sharded_fingerprint(modules: list[tuple[str, LoRALinear]], sharded: list[str]) -> str:
     """The fingerprint record_fingerprint_before_sharding kept (on each layer)."""
-    records = {id(m.sharded_from): m.sharded_from for _, m in modules}
-    record = next(iter(records.values())) if len(records) == 1 else None
-    names = [n for n, _ in modules]
-    if record is None or tuple(sorted(names)) != record["modules"]:
-        raise AdapterError(
-            f"{sharded[0]}.weight is sharded across processes and no fingerprint of the whole "
-            "weights was recorded for these layers (record_fingerprint_before_sharding)")
-    return record["fingerprint"]
+    return _recorded(modules, [m.sharded_from for _, m in modules],
+                     f"{sharded[0]}.weight is sharded across processes and no fingerprint of the "
+                     "whole weights was recorded for these layers "
+                     "(record_fingerprint_before_sharding)")

@@ -111,6 +111,15 @@ def _number_problem(value: Any, low: float, low_open: bool, high: float | None) 
     return None
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What a folder's ``generation_config.json`` names: the sampling settings by SamplingParams
+    field (as ``generation_defaults`` returns them) and the answer length, if it names one."""
+
+    sampling: dict[str, Any]
+    max_new_tokens: int | None = None
+
+
 def generation_defaults(folder: str | os.PathLike[str] | None) -> dict[str, Any]:
     """The sampling settings a model or adapter folder's ``generation_config.json`` names.
 
@@ -126,11 +135,29 @@ def generation_defaults(folder: str | os.PathLike[str] | None) -> dict[str, Any]
         ConfigError: the file is not a JSON object, or names a setting out of range (the file
             and the field named).
     """
+    return read_generation_config(folder).sampling
+
+
+def read_generation_config(folder: str | os.PathLike[str] | None) -> GenerationConfig:
+    """A model or adapter folder's ``generation_config.json``, read and checked: the one reader
+    of that file (``generate``, ``chat`` and ``serve`` all use it).
+
+    Args:
+        folder: a model or adapter folder (a file, or None: nothing named).
+
+    Returns:
+        The sampling settings (as ``generation_defaults``) and ``max_new_tokens``; empty when
+        there is no such file.
+
+    Raises:
+        ConfigError: the file is not a JSON object, or names a setting out of range (the file
+            and the field named).
+    """
     if folder is None or not Path(folder).is_dir():
-        return {}
+        return GenerationConfig({})
     path = Path(folder) / GENERATION_CONFIG
     if not path.is_file():
-        return {}
+        return GenerationConfig({})
     try:
         data = read_json(path, "a generation_config.json", _MAX_GENERATION_CONFIG)
     except OSError as err:
@@ -150,9 +177,13 @@ def generation_defaults(folder: str | os.PathLike[str] | None) -> dict[str, Any]
     elif do_sample is True and "temperature" not in found:
         found["temperature"] = 1.0
     problems = sampling_problems(**found)
+    length = data.get("max_new_tokens")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int)
+                               or length < 1):
+        problems.append(f"max_new_tokens: expected an integer >= 1, got {length!r}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
-    return found
+    return GenerationConfig(found, length)
 
 
 def generation_config_text(params: SamplingParams) -> str:

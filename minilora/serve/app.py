@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 from minilora.adapters.folder import load_adapter
 from minilora.core.errors import ConfigError, MiniloraError, MissingExtra
+from minilora.decoding.sampling import GENERATION_CONFIG, read_generation_config
+from minilora.decoding.sampling import SamplingParams as Sampling
 from minilora.lora.named import set_active
 from minilora.serve.engine import MAX_TOP_LOGPROBS, Engine, Event, Request, SamplingParams
 
@@ -69,9 +71,10 @@ CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens",
                "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature",
                      "top_p", "top_k", "seed", "stop", "n", "logprobs"}
-# generation_config.json keys read as defaults (vLLM's --generation-config auto reads these)
-GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                   "max_new_tokens": "max_tokens"}
+# generation_config.json's sampling settings this server applies as defaults (vLLM's
+# --generation-config auto reads these, and max_new_tokens)
+SERVED_SAMPLING = ("temperature", "top_p", "top_k")
+MAX_TEMPERATURE = 2  # OpenAI's range for temperature: 0 to 2
 
 
 class APIError(Exception):
@@ -559,37 +562,25 @@ def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int,
 
 
 def generation_defaults(folder: Path) -> tuple[dict[str, Any], list[str]]:
-    """The sampling defaults a model folder's generation_config.json sets (the keys vLLM's
-    ``--generation-config auto`` reads), and the sampling keys it sets that this server does
-    not apply (to be told at start-up).
+    """The sampling defaults a model folder's generation_config.json sets (read by the
+    library's one reader, ``read_generation_config``; the keys vLLM's ``--generation-config
+    auto`` applies), and the sampling keys it sets that this server does not apply (to be told
+    at start-up).
 
     Raises:
-        ConfigError: the file is not a JSON object, or a value is out of its range.
+        ConfigError: the file is not a JSON object, or a value is out of its range (this
+            API's range included: temperature at most 2).
     """
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}, []
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    defaults: dict[str, Any] = {}
-    for key, name in GENERATION_KEYS.items():
-        value = config.get(key)
-        if value is None:
-            continue
-        ranges = {"temperature": (0, 2), "top_p": (1e-9, 1), "top_k": (-1, 2**31),
-                  "max_tokens": (1, 2**31)}[name]
-        whole = name in ("top_k", "max_tokens")
-        if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
-                or not ranges[0] <= value <= ranges[1]):
-            raise ConfigError(f"{path}: {key}: expected a number from {ranges[0]} to "
-                              f"{ranges[1]}, got {value!r}")
-        defaults[name] = value
-    no_op = {"repetition_penalty": 1.0, "min_p": 0.0}  # the values that change nothing
-    ignored = [k for k, v in no_op.items() if config.get(k) not in (None, v)]
+    config = read_generation_config(folder)
+    defaults = {k: v for k, v in config.sampling.items() if k in SERVED_SAMPLING}
+    if config.max_new_tokens is not None:
+        defaults["max_tokens"] = config.max_new_tokens
+    if defaults.get("temperature", 0) > MAX_TEMPERATURE:
+        raise ConfigError(f"{folder / GENERATION_CONFIG}: temperature: expected a number from 0 "
+                          f"to {MAX_TEMPERATURE}, got {defaults['temperature']!r}")
+    off = Sampling()  # the values that change nothing
+    ignored = [k for k in ("repetition_penalty", "min_p")
+               if config.sampling.get(k, getattr(off, k)) != getattr(off, k)]
     return defaults, ignored
 
 

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # a seen token's logit divided by it (x if < 0); 1: off
 
     def __post_init__(self) -> None:
-        problems = sampling_problems(**asdict(self))
+        problems = sampling_problems(**self.as_kwargs())
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -62,8 +62,9 @@ class SamplingParams:
         return cls(**chosen)
 
     def as_kwargs(self) -> dict[str, Any]:
-        """The settings as keyword arguments of ``generate`` / ``stream_generate``."""
-        return asdict(self)
+        """The settings as keyword arguments of ``generate`` / ``stream_generate`` (this class's
+        fields only: a subclass, such as the server's per-request settings, adds others)."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplingParams)}
 
     def describe(self) -> str:
         """The settings in words: ``greedy`` or ``temperature 0.7, top_p 0.9, ...``."""
@@ -71,7 +72,7 @@ class SamplingParams:
             words = ["greedy"]
         else:
             defaults = SamplingParams()
-            words = [f"{f.name} {getattr(self, f.name):g}" for f in fields(self)
+            words = [f"{f.name} {getattr(self, f.name):g}" for f in fields(SamplingParams)
                      if f.name == "temperature"
                      or getattr(self, f.name) != getattr(defaults, f.name)]
         if self.temperature == 0 and self.repetition_penalty != 1.0:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from minilora.adapters.folder import load_adapter
 from minilora.core.errors import ConfigError, MiniloraError, MissingExtra
-from minilora.decoding.sampling import GENERATION_CONFIG, read_generation_config
+from minilora.decoding.sampling import GENERATION_CONFIG, read_generation_config, sampling_problems
 from minilora.decoding.sampling import SamplingParams as Sampling
 from minilora.lora.named import set_active
 from minilora.serve.engine import MAX_TOP_LOGPROBS, Engine, Event, Request, SamplingParams
@@ -463,14 +463,21 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+def _sampling_setting(body: dict[str, Any], key: str, default: Any) -> Any:
+    """One of the sampling settings the library knows (temperature, top_p, top_k), checked by
+    the library's own check (``sampling_problems``) plus this API's range: temperature at most
+    2, and top_k -1 meaning off (vLLM's); refused (400) naming the field."""
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            low <= value <= high):
-        raise _bad(f"{key}: expected a number from {low} to {high}, got {value!r}", key)
-    return float(value)
+    if key == "top_k" and value == -1 and type(value) is int:
+        return 0
+    problems = sampling_problems(**{key: value})
+    if not problems and key == "temperature" and value > MAX_TEMPERATURE:
+        problems = [f"temperature: expected a number from 0 to {MAX_TEMPERATURE}, got {value!r}"]
+    if problems:
+        raise _bad(problems[0], key)
+    return value if key == "top_k" else float(value)
 
 
 def _integer(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
@@ -552,12 +559,12 @@ def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int,
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(
             isinstance(s, str) and s for s in stop):
         raise _bad(f"stop: expected a string or up to {MAX_STOPS} non-empty strings", "stop")
-    top_k = _integer(body, "top_k", defaults.get("top_k", 0), -1, 2**31)
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
-        top_p=_number(body, "top_p", defaults.get("top_p", 1.0), 1e-9, 1),
-        top_k=max(top_k, 0), seed=None if seed is None else seed % 2**63, stop=stop,
+        temperature=_sampling_setting(body, "temperature", defaults.get("temperature", 1.0)),
+        top_p=_sampling_setting(body, "top_p", defaults.get("top_p", 1.0)),
+        top_k=max(_sampling_setting(body, "top_k", defaults.get("top_k", 0)), 0),
+        seed=None if seed is None else seed % 2**63, stop=stop,
         logprobs=logprobs)
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from minilora.core.errors import ConfigError
 from minilora.decoding.sampling import sampling_problems
+from minilora.decoding.stops import held_back
 from minilora.model.decoder import CausalLM
 from minilora.model.kv_cache import KVCache
 
@@ -91,7 +92,7 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
         if done:  # a stop sequence ends here; what came before it is final
             yield from pending[:-done]
             return
-        keep = _held_back(pending, stops)
+        keep = held_back(pending, stops)
         yield from pending[: len(pending) - keep]
         pending = pending[len(pending) - keep:]
     yield from pending
@@ -257,14 +258,6 @@ def _check_ids(ids: Tensor, vocab_size: int) -> None:
         raise ConfigError(f"the prompt holds token ids outside the model's vocabulary (0 .. "
                           f"{vocab_size - 1}, found {low} .. {high}); the tokenizer does not "
                           "belong to this model")
-
-
-def _held_back(pending: list[int], stops: list[list[int]]) -> int:
-    """Length of the longest suffix of pending that is a proper prefix of a stop sequence."""
-    for n in range(min(len(pending), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        if any(s[:n] == pending[-n:] for s in stops if len(s) > n):
-            return n
-    return 0
 
 
 def pick_token(logits: Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -37,6 +37,7 @@ from minilora.core.errors import ConfigError
 from minilora.decoding.generation import pick_token
 from minilora.decoding.sampling import SamplingParams as Sampling
 from minilora.decoding.sampling import sampling_problems
+from minilora.decoding.stops import held_back
 from minilora.lora.named import delete_adapter, list_adapters, set_active
 from minilora.model.config import filled
 from minilora.model.decoder import CausalLM
@@ -153,17 +154,9 @@ class _Running:
         full = len(self.generated) >= self.request.params.max_tokens
         if text.endswith("\ufffd") and not full:  # a character split across tokens
             return "", None
-        end = len(text) if full else len(text) - _held_back(text, stops)
+        end = len(text) if full else len(text) - held_back(text, stops)
         piece, self.shown = text[self.shown:end], max(self.shown, end)
         return piece, FINISH_LENGTH if full else None
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of text that could begin a stop string (kept until known)."""
-    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stops):
-            return n
-    return 0
 
 
 class RowCache:

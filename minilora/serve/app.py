@@ -19,7 +19,6 @@ import hmac
 import ipaddress
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,9 +28,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from minilora.adapters.folder import load_adapter
-from minilora.core.errors import ConfigError, MiniloraError, MissingExtra
+from minilora.core.errors import ConfigError, MessageError, MiniloraError, MissingExtra
+from minilora.data.messages import ROLES, check_messages
 from minilora.decoding.sampling import GENERATION_CONFIG, read_generation_config, sampling_problems
 from minilora.decoding.sampling import SamplingParams as Sampling
+from minilora.lora.config import check_adapter_name
 from minilora.lora.named import set_active
 from minilora.serve.engine import MAX_TOP_LOGPROBS, Engine, Event, Request, SamplingParams
 
@@ -52,8 +53,6 @@ MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_N = 16  # most choices one request may ask for (each takes a row of the batch)
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on the completions route's logprobs
 MAX_FOLDER_ENTRIES = 1000  # files an adapter folder may hold (each is checked)
-ROLES = ("system", "user", "assistant")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 PAGE = Path(__file__).resolve().parents[1] / "assets" / "chat.html"
 
 # Fields of OpenAI's API this server does not implement, with the values that ask for nothing
@@ -349,10 +348,11 @@ async def _load_lora_adapter(request: HTTPRequest) -> PlainTextResponse:
     _runtime_changes(state)
     body = await _json_body(request)
     _check_fields(body, {"lora_name", "lora_path"})
-    name, path = body.get("lora_name"), body.get("lora_path")
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "base":
-        raise _bad("lora_name: expected letters, digits, '_' or '-' (and not 'base')",
-                   "lora_name")
+    path = body.get("lora_path")
+    try:
+        name = check_adapter_name(body.get("lora_name"))  # the library's rule for a name
+    except ConfigError as e:
+        raise _bad(f"lora_name: {e}", "lora_name") from None
     if not isinstance(path, str) or not path:
         raise _bad("lora_path: expected the adapter's folder", "lora_path")
     if name in state.adapters or name == state.base_name:
@@ -430,10 +430,12 @@ def _check_fields(body: dict[str, Any], implemented: set[str]) -> None:
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
-    """OpenAI chat messages as ChatML's (role, content) pairs; content parts are joined."""
+    """OpenAI chat messages as ChatML's (role, content) pairs; content parts are joined, the
+    role "developer" is "system", and the pairs are checked by the library's own check
+    (``check_messages``); a problem is a 400 naming the message."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages: expected a non-empty list of {role, content} objects", "messages")
-    out = []
+    turns = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -445,22 +447,16 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         role, content = m.get("role"), m.get("content")
         if role == "developer":  # OpenAI's newer name for the system message
             role = "system"
-        if role not in ROLES:
-            raise _bad(f"{where}.role: expected one of {list(ROLES)}, got {role!r}", where)
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text"
                        and isinstance(p.get("text"), str) for p in content):
                 raise _bad(f"{where}.content: only text parts are supported", where)
             content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise _bad(f"{where}.content: expected a string, got {type(content).__name__}",
-                       where)
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _bad(f"{where}.content: not valid Unicode text", where) from None
-        out.append({"role": role, "content": content})
-    return out
+        turns.append({"role": role, "content": content})
+    try:
+        return list(check_messages(turns, roles=ROLES))
+    except MessageError as e:
+        raise _bad(str(e), e.field.split(".")[0]) from None
 
 
 def _sampling_setting(body: dict[str, Any], key: str, default: Any) -> Any:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from minilora.core.errors import ConfigError
-from minilora.decoding.generation import pick_token
+from minilora.decoding.generation import left_padded, pick_token
 from minilora.decoding.sampling import SamplingParams as Sampling
 from minilora.decoding.sampling import sampling_problems
 from minilora.decoding.stops import held_back
@@ -549,13 +549,11 @@ class Engine:
         n, T = len(self.rows), max(len(f) for f in feeds)
         self.cache.make_room(n, T)
         start = self.cache.length
-        ids = torch.zeros(n, T, dtype=torch.long)  # (n, T)
+        ids, mask = left_padded(feeds)  # (n, T) each
+        real = mask.bool()  # (n, T)
         positions = torch.zeros(n, T, dtype=torch.long)  # (n, T)
-        real = torch.zeros(n, T, dtype=torch.bool)  # (n, T)
         for i, (feed, first) in enumerate(zip(feeds, starts, strict=True)):
-            ids[i, T - len(feed):] = torch.tensor(feed, dtype=torch.long)
             positions[i, T - len(feed):] = torch.arange(first, first + len(feed))
-            real[i, T - len(feed):] = True
         self.cache.valid[:n, start:start + T] = real.to(self.device)
         out = self.model(ids.to(self.device), attention_mask=self.cache.valid[:n, :start + T],
                          past_key_values=self.cache, position_ids=positions.to(self.device),

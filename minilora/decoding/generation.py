@@ -14,6 +14,7 @@ from torch import Tensor
 
 from minilora.core.errors import ConfigError
 from minilora.decoding.sampling import sampling_problems
+from minilora.decoding.stops import held_back
 from minilora.model.decoder import CausalLM
 from minilora.model.kv_cache import KVCache
 
@@ -91,7 +92,7 @@ def stream_generate(model: CausalLM, input_ids: Sequence[int] | Tensor, *,
         if done:  # a stop sequence ends here; what came before it is final
             yield from pending[:-done]
             return
-        keep = _held_back(pending, stops)
+        keep = held_back(pending, stops)
         yield from pending[: len(pending) - keep]
         pending = pending[len(pending) - keep:]
     yield from pending
@@ -175,7 +176,7 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], *,
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     weight = model.model.embed_tokens.weight
     max_new_tokens = fit_context(model, max(len(p) for p in prompts), max_new_tokens)
-    ids, mask = _left_padded(prompts, min(max_new_tokens, FIRST_CAPACITY), weight.device)
+    ids, mask = left_padded(prompts, min(max_new_tokens, FIRST_CAPACITY), weight.device)
     _check_ids(ids, weight.shape[0])
     B, L = ids.shape
     generator = None if seed is None else torch.Generator(weight.device).manual_seed(seed)
@@ -221,16 +222,27 @@ def _seen_rows(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.
     return seen
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], room: int, device: torch.device
-                 ) -> tuple[Tensor, Tensor]:
-    """The prompts left-padded to the longest, and the mask of their tokens with room for
-    `room` new ones: (B, L) ids, (B, L + room) mask."""
-    B, L = len(prompts), max(len(p) for p in prompts)
+def left_padded(rows: Sequence[Sequence[int]], room: int = 0,
+                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Token rows of different lengths as one batch, left-padded (with id 0) to the longest, so
+    each row's newest token is the last column: the one left-padding of ``generate_batch`` and
+    the server's chunked prefill.
+
+    Args:
+        rows: token ids per row (each non-empty).
+        room: mask columns added after the tokens, for the new tokens to come (0 by default).
+        device: where the tensors go.
+
+    Returns:
+        (B, L) long ids and (B, L + room) long mask: 1 at each row's own tokens, 0 on its
+        padding and on the room.
+    """
+    B, L = len(rows), max(len(r) for r in rows)
     ids = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
-    mask = torch.zeros(B, L + room, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, L - len(p):L] = 1
+    mask = torch.zeros(B, L + room, dtype=torch.long, device=device)  # (B, L + room)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, L - len(r):L] = 1
     return ids, mask
 
 
@@ -257,14 +269,6 @@ def _check_ids(ids: Tensor, vocab_size: int) -> None:
         raise ConfigError(f"the prompt holds token ids outside the model's vocabulary (0 .. "
                           f"{vocab_size - 1}, found {low} .. {high}); the tokenizer does not "
                           "belong to this model")
-
-
-def _held_back(pending: list[int], stops: list[list[int]]) -> int:
-    """Length of the longest suffix of pending that is a proper prefix of a stop sequence."""
-    for n in range(min(len(pending), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        if any(s[:n] == pending[-n:] for s in stops if len(s) > n):
-            return n
-    return 0
 
 
 def pick_token(logits: Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # a seen token's logit divided by it (x if < 0); 1: off
 
     def __post_init__(self) -> None:
-        problems = sampling_problems(**asdict(self))
+        problems = sampling_problems(**self.as_kwargs())
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -62,8 +62,9 @@ class SamplingParams:
         return cls(**chosen)
 
     def as_kwargs(self) -> dict[str, Any]:
-        """The settings as keyword arguments of ``generate`` / ``stream_generate``."""
-        return asdict(self)
+        """The settings as keyword arguments of ``generate`` / ``stream_generate`` (this class's
+        fields only: a subclass, such as the server's per-request settings, adds others)."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplingParams)}
 
     def describe(self) -> str:
         """The settings in words: ``greedy`` or ``temperature 0.7, top_p 0.9, ...``."""
@@ -71,7 +72,7 @@ class SamplingParams:
             words = ["greedy"]
         else:
             defaults = SamplingParams()
-            words = [f"{f.name} {getattr(self, f.name):g}" for f in fields(self)
+            words = [f"{f.name} {getattr(self, f.name):g}" for f in fields(SamplingParams)
                      if f.name == "temperature"
                      or getattr(self, f.name) != getattr(defaults, f.name)]
         if self.temperature == 0 and self.repetition_penalty != 1.0:
@@ -111,6 +112,15 @@ def _number_problem(value: Any, low: float, low_open: bool, high: float | None) 
     return None
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What a folder's ``generation_config.json`` names: the sampling settings by SamplingParams
+    field (as ``generation_defaults`` returns them) and the answer length, if it names one."""
+
+    sampling: dict[str, Any]
+    max_new_tokens: int | None = None
+
+
 def generation_defaults(folder: str | os.PathLike[str] | None) -> dict[str, Any]:
     """The sampling settings a model or adapter folder's ``generation_config.json`` names.
 
@@ -126,11 +136,29 @@ def generation_defaults(folder: str | os.PathLike[str] | None) -> dict[str, Any]
         ConfigError: the file is not a JSON object, or names a setting out of range (the file
             and the field named).
     """
+    return read_generation_config(folder).sampling
+
+
+def read_generation_config(folder: str | os.PathLike[str] | None) -> GenerationConfig:
+    """A model or adapter folder's ``generation_config.json``, read and checked: the one reader
+    of that file (``generate``, ``chat`` and ``serve`` all use it).
+
+    Args:
+        folder: a model or adapter folder (a file, or None: nothing named).
+
+    Returns:
+        The sampling settings (as ``generation_defaults``) and ``max_new_tokens``; empty when
+        there is no such file.
+
+    Raises:
+        ConfigError: the file is not a JSON object, or names a setting out of range (the file
+            and the field named).
+    """
     if folder is None or not Path(folder).is_dir():
-        return {}
+        return GenerationConfig({})
     path = Path(folder) / GENERATION_CONFIG
     if not path.is_file():
-        return {}
+        return GenerationConfig({})
     try:
         data = read_json(path, "a generation_config.json", _MAX_GENERATION_CONFIG)
     except OSError as err:
@@ -150,9 +178,13 @@ def generation_defaults(folder: str | os.PathLike[str] | None) -> dict[str, Any]
     elif do_sample is True and "temperature" not in found:
         found["temperature"] = 1.0
     problems = sampling_problems(**found)
+    length = data.get("max_new_tokens")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int)
+                               or length < 1):
+        problems.append(f"max_new_tokens: expected an integer >= 1, got {length!r}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
-    return found
+    return GenerationConfig(found, length)
 
 
 def generation_config_text(params: SamplingParams) -> str:

@@ -19,7 +19,6 @@ import hmac
 import ipaddress
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +28,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from minilora.adapters.folder import load_adapter
-from minilora.core.errors import ConfigError, MiniloraError, MissingExtra
+from minilora.core.errors import ConfigError, MessageError, MiniloraError, MissingExtra
+from minilora.data.messages import ROLES, check_messages
+from minilora.decoding.sampling import GENERATION_CONFIG, read_generation_config, sampling_problems
+from minilora.decoding.sampling import SamplingParams as Sampling
+from minilora.lora.config import check_adapter_name
 from minilora.lora.named import set_active
 from minilora.serve.engine import MAX_TOP_LOGPROBS, Engine, Event, Request, SamplingParams
 
@@ -50,8 +53,6 @@ MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_N = 16  # most choices one request may ask for (each takes a row of the batch)
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on the completions route's logprobs
 MAX_FOLDER_ENTRIES = 1000  # files an adapter folder may hold (each is checked)
-ROLES = ("system", "user", "assistant")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 PAGE = Path(__file__).resolve().parents[1] / "assets" / "chat.html"
 
 # Fields of OpenAI's API this server does not implement, with the values that ask for nothing
@@ -69,9 +70,10 @@ CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens",
                "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature",
                      "top_p", "top_k", "seed", "stop", "n", "logprobs"}
-# generation_config.json keys read as defaults (vLLM's --generation-config auto reads these)
-GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                   "max_new_tokens": "max_tokens"}
+# generation_config.json's sampling settings this server applies as defaults (vLLM's
+# --generation-config auto reads these, and max_new_tokens)
+SERVED_SAMPLING = ("temperature", "top_p", "top_k")
+MAX_TEMPERATURE = 2  # OpenAI's range for temperature: 0 to 2
 
 
 class APIError(Exception):
@@ -346,10 +348,11 @@ async def _load_lora_adapter(request: HTTPRequest) -> PlainTextResponse:
     _runtime_changes(state)
     body = await _json_body(request)
     _check_fields(body, {"lora_name", "lora_path"})
-    name, path = body.get("lora_name"), body.get("lora_path")
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "base":
-        raise _bad("lora_name: expected letters, digits, '_' or '-' (and not 'base')",
-                   "lora_name")
+    path = body.get("lora_path")
+    try:
+        name = check_adapter_name(body.get("lora_name"))  # the library's rule for a name
+    except ConfigError as e:
+        raise _bad(f"lora_name: {e}", "lora_name") from None
     if not isinstance(path, str) or not path:
         raise _bad("lora_path: expected the adapter's folder", "lora_path")
     if name in state.adapters or name == state.base_name:
@@ -427,10 +430,12 @@ def _check_fields(body: dict[str, Any], implemented: set[str]) -> None:
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
-    """OpenAI chat messages as ChatML's (role, content) pairs; content parts are joined."""
+    """OpenAI chat messages as ChatML's (role, content) pairs; content parts are joined, the
+    role "developer" is "system", and the pairs are checked by the library's own check
+    (``check_messages``); a problem is a 400 naming the message."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages: expected a non-empty list of {role, content} objects", "messages")
-    out = []
+    turns = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -442,32 +447,33 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         role, content = m.get("role"), m.get("content")
         if role == "developer":  # OpenAI's newer name for the system message
             role = "system"
-        if role not in ROLES:
-            raise _bad(f"{where}.role: expected one of {list(ROLES)}, got {role!r}", where)
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text"
                        and isinstance(p.get("text"), str) for p in content):
                 raise _bad(f"{where}.content: only text parts are supported", where)
             content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise _bad(f"{where}.content: expected a string, got {type(content).__name__}",
-                       where)
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _bad(f"{where}.content: not valid Unicode text", where) from None
-        out.append({"role": role, "content": content})
-    return out
+        turns.append({"role": role, "content": content})
+    try:
+        return list(check_messages(turns, roles=ROLES))
+    except MessageError as e:
+        raise _bad(str(e), e.field.split(".")[0]) from None
 
 
-def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+def _sampling_setting(body: dict[str, Any], key: str, default: Any) -> Any:
+    """One of the sampling settings the library knows (temperature, top_p, top_k), checked by
+    the library's own check (``sampling_problems``) plus this API's range: temperature at most
+    2, and top_k -1 meaning off (vLLM's); refused (400) naming the field."""
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            low <= value <= high):
-        raise _bad(f"{key}: expected a number from {low} to {high}, got {value!r}", key)
-    return float(value)
+    if key == "top_k" and value == -1 and type(value) is int:
+        return 0
+    problems = sampling_problems(**{key: value})
+    if not problems and key == "temperature" and value > MAX_TEMPERATURE:
+        problems = [f"temperature: expected a number from 0 to {MAX_TEMPERATURE}, got {value!r}"]
+    if problems:
+        raise _bad(problems[0], key)
+    return value if key == "top_k" else float(value)
 
 
 def _integer(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
@@ -549,47 +555,35 @@ def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int,
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(
             isinstance(s, str) and s for s in stop):
         raise _bad(f"stop: expected a string or up to {MAX_STOPS} non-empty strings", "stop")
-    top_k = _integer(body, "top_k", defaults.get("top_k", 0), -1, 2**31)
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
-        top_p=_number(body, "top_p", defaults.get("top_p", 1.0), 1e-9, 1),
-        top_k=max(top_k, 0), seed=None if seed is None else seed % 2**63, stop=stop,
+        temperature=_sampling_setting(body, "temperature", defaults.get("temperature", 1.0)),
+        top_p=_sampling_setting(body, "top_p", defaults.get("top_p", 1.0)),
+        top_k=max(_sampling_setting(body, "top_k", defaults.get("top_k", 0)), 0),
+        seed=None if seed is None else seed % 2**63, stop=stop,
         logprobs=logprobs)
 
 
 def generation_defaults(folder: Path) -> tuple[dict[str, Any], list[str]]:
-    """The sampling defaults a model folder's generation_config.json sets (the keys vLLM's
-    ``--generation-config auto`` reads), and the sampling keys it sets that this server does
-    not apply (to be told at start-up).
+    """The sampling defaults a model folder's generation_config.json sets (read by the
+    library's one reader, ``read_generation_config``; the keys vLLM's ``--generation-config
+    auto`` applies), and the sampling keys it sets that this server does not apply (to be told
+    at start-up).
 
     Raises:
-        ConfigError: the file is not a JSON object, or a value is out of its range.
+        ConfigError: the file is not a JSON object, or a value is out of its range (this
+            API's range included: temperature at most 2).
     """
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}, []
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    defaults: dict[str, Any] = {}
-    for key, name in GENERATION_KEYS.items():
-        value = config.get(key)
-        if value is None:
-            continue
-        ranges = {"temperature": (0, 2), "top_p": (1e-9, 1), "top_k": (-1, 2**31),
-                  "max_tokens": (1, 2**31)}[name]
-        whole = name in ("top_k", "max_tokens")
-        if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
-                or not ranges[0] <= value <= ranges[1]):
-            raise ConfigError(f"{path}: {key}: expected a number from {ranges[0]} to "
-                              f"{ranges[1]}, got {value!r}")
-        defaults[name] = value
-    no_op = {"repetition_penalty": 1.0, "min_p": 0.0}  # the values that change nothing
-    ignored = [k for k, v in no_op.items() if config.get(k) not in (None, v)]
+    config = read_generation_config(folder)
+    defaults = {k: v for k, v in config.sampling.items() if k in SERVED_SAMPLING}
+    if config.max_new_tokens is not None:
+        defaults["max_tokens"] = config.max_new_tokens
+    if defaults.get("temperature", 0) > MAX_TEMPERATURE:
+        raise ConfigError(f"{folder / GENERATION_CONFIG}: temperature: expected a number from 0 "
+                          f"to {MAX_TEMPERATURE}, got {defaults['temperature']!r}")
+    off = Sampling()  # the values that change nothing
+    ignored = [k for k in ("repetition_penalty", "min_p")
+               if config.sampling.get(k, getattr(off, k)) != getattr(off, k)]
     return defaults, ignored
 
 

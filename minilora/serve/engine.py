@@ -34,7 +34,10 @@ import torch
 from torch import Tensor
 
 from minilora.core.errors import ConfigError
-from minilora.decoding.generation import pick_token
+from minilora.decoding.generation import left_padded, pick_token
+from minilora.decoding.sampling import SamplingParams as Sampling
+from minilora.decoding.sampling import sampling_problems
+from minilora.decoding.stops import held_back
 from minilora.lora.named import delete_adapter, list_adapters, set_active
 from minilora.model.config import filled
 from minilora.model.decoder import CausalLM
@@ -45,38 +48,31 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SamplingParams:
-    """How one request is answered (OpenAI's names).
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams(Sampling):
+    """How one request is answered: the library's sampling settings (temperature, top_k,
+    top_p, min_p; checked by the library's one check) and what a request adds (OpenAI's names).
 
     max_tokens: most new tokens.
-    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
-    top_p: nucleus sampling threshold (1 = off).
-    top_k: sample among the k likeliest tokens only (0 = off).
     seed: seeds this request's own generator, so the answer does not depend on the others.
     stop: strings that end the answer (not included in it).
     logprobs: None = off; k >= 0: each chosen token's log-probability and the k likeliest
         tokens' (from the model's distribution, before temperature and top_p).
+    repetition_penalty is not applied by the engine: only its default (1, off) is accepted.
     """
 
     max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
-    top_k: int = 0
 
     def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        problems = sampling_problems(**self.as_kwargs())
+        if self.repetition_penalty != 1.0:
+            problems.append("repetition_penalty: not applied by the server; leave it at 1")
+        if (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                or self.max_tokens < 1):
             problems.append(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
-        if not 0 <= self.temperature <= 2:
-            problems.append(f"temperature: expected 0..2, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            problems.append(f"top_k: expected an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p: expected 0 < top_p <= 1, got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop: expected non-empty strings")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
@@ -158,17 +154,9 @@ class _Running:
         full = len(self.generated) >= self.request.params.max_tokens
         if text.endswith("\ufffd") and not full:  # a character split across tokens
             return "", None
-        end = len(text) if full else len(text) - _held_back(text, stops)
+        end = len(text) if full else len(text) - held_back(text, stops)
         piece, self.shown = text[self.shown:end], max(self.shown, end)
         return piece, FINISH_LENGTH if full else None
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of text that could begin a stop string (kept until known)."""
-    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stops):
-            return n
-    return 0
 
 
 class RowCache:
@@ -561,13 +549,11 @@ class Engine:
         n, T = len(self.rows), max(len(f) for f in feeds)
         self.cache.make_room(n, T)
         start = self.cache.length
-        ids = torch.zeros(n, T, dtype=torch.long)  # (n, T)
+        ids, mask = left_padded(feeds)  # (n, T) each
+        real = mask.bool()  # (n, T)
         positions = torch.zeros(n, T, dtype=torch.long)  # (n, T)
-        real = torch.zeros(n, T, dtype=torch.bool)  # (n, T)
         for i, (feed, first) in enumerate(zip(feeds, starts, strict=True)):
-            ids[i, T - len(feed):] = torch.tensor(feed, dtype=torch.long)
             positions[i, T - len(feed):] = torch.arange(first, first + len(feed))
-            real[i, T - len(feed):] = True
         self.cache.valid[:n, start:start + T] = real.to(self.device)
         out = self.model(ids.to(self.device), attention_mask=self.cache.valid[:n, :start + T],
                          past_key_values=self.cache, position_ids=positions.to(self.device),
@@ -616,7 +602,7 @@ class Engine:
             else:
                 tokens.append(int(pick_token(logits[i], temperature=params.temperature,
                                              top_p=params.top_p, top_k=params.top_k,
-                                             generator=running.generator)))
+                                             min_p=params.min_p, generator=running.generator)))
         self._logprobs(rows, logits, tokens)
         finished = []
         for i, running in enumerate(rows):

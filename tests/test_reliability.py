@@ -1192,7 +1192,7 @@ ROUND_THREE = [
          "device 'meta': the meta device holds no data, so a model cannot run there; use "
          "\"cpu\", \"cuda\" or \"auto\"", "nothing written (was: RuntimeError: unsupported "
          "scalarType)", setup=lambda d, n: train_config(d, n, device="meta")),
-    Case("minimind-1d-embedding", ["generate", "--model", "{dir}/minimind.pth", "--config",
+    Case("minimind-1d-embedding", ["generate", "--model", "{dir}/minimind.pth", "--model-config",
                                    "minimind2", "--tokenizer", "{work}/base", "hi"],
          "{dir}/minimind.pth: model.embed_tokens.weight has shape [12800]; expected a matrix "
          "with no empty dimension in a MiniMind model", "nothing loaded (was: ValueError: not "

@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise MissingExtra("minilora serve", "serve") from None
-    from minilora.serve.app import ServeState, create_app, generation_defaults
+    from minilora.serve.app import ServeState, create_app, served_defaults
     from minilora.serve.engine import Engine
     from minilora.serve.listen import bind_socket
 
@@ -123,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         resolve_base(args)  # no --model: the base the first adapter records, else the embedded
         model_path = Path(args.model)
         defaults, ignored = ({}, []) if args.generation_config == "none" else (
-            generation_defaults(model_path if model_path.is_dir() else model_path.parent))
+            served_defaults(model_path if model_path.is_dir() else model_path.parent))
         model, tokenizer = load_base(args)
         names = load_named_adapters(model, args.adapter, args, "--adapter NAME=PATH")
         base_name = args.model_name or Path(args.model).stem

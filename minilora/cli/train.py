@@ -225,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif before is not None:
         model.eval()
         _before_and_after(before, samples, answer)
-    if sampled_before is not None:
+    if sampled_before is not None and not config.fsdp:
         assert sampled is not None  # what sampled_before was scored with
         print(f"sampled ({sampled[1]}; {args.samples} answers a question, the share right):")
         _before_and_after(sampled_before, samples, sampled[0], examples=False)

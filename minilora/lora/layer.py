@@ -103,7 +103,9 @@ class LoRALinear(nn.Module):
     Layer-wide state, declared here and nowhere else: `routes` (a mixed batch's rows per
     adapter for the current call, set by minilora.lora.named.mixed_adapters, else None) and
     `quantized_from` (set by minilora.lora.qlora.quantize_model: the fingerprint of the
-    full-precision weights, the kind, the LoRA layers quantized together; else None).
+    full-precision weights, the kind, the LoRA layers quantized together; else None) and
+    `sharded_from` (set by minilora.lora.fingerprint.record_fingerprint_before_sharding: the
+    whole weights' fingerprint before FSDP shards them; else None).
 
     The variants (DoRA, PiSSA) live behind one interface (minilora.lora.variants): the layer
     asks an adapter's variant how it starts, what it adds, what merging adds, and whether the

@@ -372,7 +372,7 @@ class CausalLM(nn.Module):
             ((B,) float32 sums of log p(labels[t + 1] | tokens up to t), the 0-dim aux_loss).
 
         Raises:
-            ConfigError: on mismatched shapes.
+            ValueError: on mismatched shapes (a programming mistake, not a user's).
         """
         B, T = input_ids.shape
         if labels.shape != input_ids.shape:

@@ -66,13 +66,13 @@ NO_OP = {
     "web_search_options": (), "best_of": (1,), "echo": (False,), "suffix": ("",),
 }
 CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens",
-               "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-               "logprobs", "top_logprobs"}
+               "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+               "n", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature",
-                     "top_p", "top_k", "seed", "stop", "n", "logprobs"}
+                     "top_p", "top_k", "min_p", "seed", "stop", "n", "logprobs"}
 # generation_config.json's sampling settings this server applies as defaults (vLLM's
 # --generation-config auto reads these, and max_new_tokens)
-SERVED_SAMPLING = ("temperature", "top_p", "top_k")
+SERVED_SAMPLING = ("temperature", "top_p", "top_k", "min_p")
 MAX_TEMPERATURE = 2  # OpenAI's range for temperature: 0 to 2
 
 
@@ -560,11 +560,12 @@ def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int,
         temperature=_sampling_setting(body, "temperature", defaults.get("temperature", 1.0)),
         top_p=_sampling_setting(body, "top_p", defaults.get("top_p", 1.0)),
         top_k=max(_sampling_setting(body, "top_k", defaults.get("top_k", 0)), 0),
+        min_p=_sampling_setting(body, "min_p", defaults.get("min_p", 0.0)),
         seed=None if seed is None else seed % 2**63, stop=stop,
         logprobs=logprobs)
 
 
-def generation_defaults(folder: Path) -> tuple[dict[str, Any], list[str]]:
+def served_defaults(folder: Path) -> tuple[dict[str, Any], list[str]]:
     """The sampling defaults a model folder's generation_config.json sets (read by the
     library's one reader, ``read_generation_config``; the keys vLLM's ``--generation-config
     auto`` applies), and the sampling keys it sets that this server does not apply (to be told
@@ -582,7 +583,7 @@ def generation_defaults(folder: Path) -> tuple[dict[str, Any], list[str]]:
         raise ConfigError(f"{folder / GENERATION_CONFIG}: temperature: expected a number from 0 "
                           f"to {MAX_TEMPERATURE}, got {defaults['temperature']!r}")
     off = Sampling()  # the values that change nothing
-    ignored = [k for k in ("repetition_penalty", "min_p")
+    ignored = [k for k in ("repetition_penalty",)
                if config.sampling.get(k, getattr(off, k)) != getattr(off, k)]
     return defaults, ignored
 

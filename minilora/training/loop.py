@@ -2,7 +2,7 @@
 
 ``train(model, train_set, config, eval_set)`` starts and ends the processes; its body, ``_fit``,
 reads top to bottom, and the helpers beside it each do one thing (``lr_at``, ``_step``,
-``evaluate``). The settings are train_config.py's, the rows train_data.py's, the checkpoint
+``evaluate``). The settings are config.py's, the rows datasets.py's, the checkpoint
 format checkpoint.py's, the run's log run_log.py's. The step is MiniMind's LoRA step:
 inject LoRA, freeze the rest, AdamW over the trainable parameters only, masked cross-entropy plus
 the MoE aux loss, autocast, accumulation, clipping of the trainable gradients only, step,
@@ -292,8 +292,8 @@ def _checkpoint_what_was_done(run: _Run, config: TrainConfig, place: _Place,
     """Ctrl-C: a checkpoint at the last step done, so --resume goes on from there exactly. Not
     when it came in the middle of a step (a second Ctrl-C): its gradients are half summed and the
     optimizer may be half stepped, so the last checkpoint written stays the one to resume."""
-    if run.mid_step or run.state.step == start_step:
-        return
+    if place.world > 1 or run.mid_step or run.state.step == start_step:
+        return  # several processes: a save is collective, and Ctrl-C reaches them unevenly
     save_checkpoint(RunLayout(config.out_dir).checkpoints, run.model, run.optimizer, run.scaler,
                     config, run.plan, run.state, place.rank)
 
@@ -356,12 +356,19 @@ def _check_context(model: nn.Module, config: TrainConfig, *datasets: Any) -> Non
     for dataset in datasets:
         if dataset is None or getattr(dataset, "packed", False):
             continue
-        longest = max((len(s.input_ids) for s in getattr(dataset, "samples", [])), default=0)
+        longest = max((_longest_row(s) for s in getattr(dataset, "samples", [])), default=0)
         if longest > context:
             raise ConfigError(
                 f"{getattr(dataset, 'path', 'the data')}: a sample of {longest} tokens is longer "
                 f"than the model's context (max_position_embeddings: {context} tokens); use "
                 f"{{max_seq_len}} {context} or less", fields={"max_seq_len": "max_seq_len"})
+
+
+def _longest_row(sample: Any) -> int:
+    """A sample's longest row: a preference pair's chosen and rejected rows run apart."""
+    if hasattr(sample, "chosen") and hasattr(sample, "rejected"):
+        return max(len(sample.chosen.input_ids), len(sample.rejected.input_ids))
+    return len(sample.input_ids)
 
 
 def _compiled(model: nn.Module, config: TrainConfig, backend: Any = None) -> Any:

@@ -5,7 +5,7 @@ import pytest
 
 from minilora.core.errors import ConfigError
 from minilora.decoding.sampling import GenerationConfig, read_generation_config
-from minilora.serve.app import APIError, _sampling_setting, generation_defaults
+from minilora.serve.app import APIError, _sampling_setting, served_defaults
 from minilora.serve.engine import SamplingParams
 
 
@@ -16,16 +16,18 @@ def test_serve_reads_generation_config_as_generate_does(tmp_path):
     assert read_generation_config(tmp_path) == GenerationConfig(
         {"temperature": 0.0, "top_k": 0, "min_p": 0.1}, 9)
     # do_sample false is greedy for the server too, as for generate and transformers
-    assert generation_defaults(tmp_path) == ({"temperature": 0.0, "top_k": 0, "max_tokens": 9},
-                                             ["min_p"])
+    # min_p is served too (the engine samples with it)
+    assert served_defaults(tmp_path) == (
+        {"temperature": 0.0, "top_k": 0, "min_p": 0.1, "max_tokens": 9}, [])
     (tmp_path / "generation_config.json").write_text('{"max_new_tokens": 0}')
     with pytest.raises(ConfigError, match="max_new_tokens"):
-        generation_defaults(tmp_path)
+        served_defaults(tmp_path)
 
 
 @pytest.mark.parametrize("key,value", [("temperature", -0.5), ("temperature", 2.5),
                                        ("temperature", float("nan")), ("top_p", 1.5),
-                                       ("top_k", -2), ("top_k", 1.5), ("top_p", True)])
+                                       ("top_k", -2), ("top_k", 1.5), ("top_p", True),
+                                       ("min_p", 1.5), ("min_p", -0.1)])
 def test_a_request_setting_out_of_range_is_a_400_naming_it(key, value):
     with pytest.raises(APIError) as err:
         _sampling_setting({key: value}, key, None)

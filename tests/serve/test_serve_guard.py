@@ -472,18 +472,18 @@ def test_start_up_mistakes_are_one_line_and_exit_2(no_model, capsys, tmp_path):
 
 def test_generation_config_defaults_are_read_and_checked(tmp_path):
     from minilora.core.errors import ConfigError
-    from minilora.serve.app import generation_defaults
+    from minilora.serve.app import served_defaults
 
-    assert generation_defaults(tmp_path) == ({}, [])
+    assert served_defaults(tmp_path) == ({}, [])
     (tmp_path / "generation_config.json").write_text(
         '{"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens": 64, '
         '"repetition_penalty": 1.1, "do_sample": true}')
-    assert generation_defaults(tmp_path) == (
+    assert served_defaults(tmp_path) == (
         {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_tokens": 64},
         ["repetition_penalty"])
     (tmp_path / "generation_config.json").write_text('{"temperature": 9}')
     with pytest.raises(ConfigError, match="temperature"):
-        generation_defaults(tmp_path)
+        served_defaults(tmp_path)
 
 
 def test_help_names_every_new_flag(capsys):

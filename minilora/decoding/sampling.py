@@ -25,7 +25,7 @@ from minilora.core.files import read_json
 
 GENERATION_CONFIG = "generation_config.json"
 # generation_config.json is a few hundred bytes; a larger one is not one.
-_MAX_GENERATION_CONFIG = 1 << 20
+MAX_GENERATION_CONFIG = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def read_generation_config(folder: str | os.PathLike[str] | None) -> GenerationC
     if not path.is_file():
         return GenerationConfig({})
     try:
-        data = read_json(path, "a generation_config.json", _MAX_GENERATION_CONFIG)
+        data = read_json(path, "a generation_config.json", MAX_GENERATION_CONFIG)
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
     if not isinstance(data, dict):

@@ -43,6 +43,11 @@ from minilora.core.tensor_checks import is_sharded
 from minilora.data.preference import PairDataset
 from minilora.data.sft import Batch, DataStats, JsonlDataset
 from minilora.data.tokenizer import Tokenizer
+from minilora.decoding.sampling import (
+    GENERATION_CONFIG,
+    MAX_GENERATION_CONFIG,
+    read_generation_config,
+)
 from minilora.lora.injection import (
     check_excludes_match,
     inject_lora,
@@ -148,6 +153,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     """
     started = time.perf_counter()
     _check_context(model, config, train_set, eval_set)
+    if config.model and Path(config.model).is_dir():  # what the run will copy: checked now
+        read_generation_config(Path(config.model))
     scorer = _task_scorer(config, tokenizer)  # a bad task file: before anything is written
     check_launch(config.fsdp)
     rank, world, device, own_group = start_distributed(config.device, group=config.fsdp)
@@ -662,16 +669,12 @@ def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Pa
     return folder
 
 
-# The base's sampling defaults (transformers' file name): an adapter or model folder the run
-# writes carries them, so chat, generate and serve sample the trained model as the base's
-# authors meant (decoding.sampling reads it).
-GENERATION_CONFIG = "generation_config.json"
-_MAX_GENERATION_CONFIG = 1 << 20
-
-
 def _carry_generation_config(base: Path, folder: Path) -> None:
-    """Copies the base folder's generation_config.json, if it has one, into ``folder``."""
+    """Copies the base folder's generation_config.json, if it has one, into ``folder``: an
+    adapter or model folder the run writes carries the base's sampling defaults, so chat,
+    generate and serve sample the trained model as the base's authors meant. train() checked
+    the file (decoding.sampling's reader) before the run began."""
     source = base / GENERATION_CONFIG
     if base.is_dir() and source.is_file():
         atomic_write(folder / GENERATION_CONFIG,
-                     read_bounded(source, _MAX_GENERATION_CONFIG, "a generation_config.json"))
+                     read_bounded(source, MAX_GENERATION_CONFIG, "a generation_config.json"))

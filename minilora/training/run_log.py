@@ -22,11 +22,12 @@ from minilora.lora.layer import lora_modules
 from minilora.lora.quantized_weight import stored_values
 from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan
+from minilora.training.preference import METRICS
 from minilora.training.run_layout import RunLayout
 
 # What a preference step reports beside its loss (training/preference.py's METRICS; this module
 # imports no loss code, so the names are written here too, and a test holds them equal).
-REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+REWARD_METRICS = METRICS  # a preference step's mean rewards, in this order
 
 
 def start_outputs(out: Path, config: TrainConfig, step: int, stats: DataStats) -> None:

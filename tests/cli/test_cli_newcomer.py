@@ -640,3 +640,19 @@ def test_a_refused_resume_says_the_flag(workdir: Path, tmp_path: Path, capsys) -
     assert code == 2
     assert err.strip().splitlines()[-1].endswith(
         "holds an unfinished run: pass --resume to continue it, or train into another --out")
+
+
+def test_a_bad_generation_config_in_the_base_is_refused_before_training(workdir: Path, capsys,
+                                                                        tmp_path: Path) -> None:
+    """The run copies the base's generation_config.json into its adapter: a bad one is one line
+    before the first step, not a failure at the save after the whole run."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(workdir / "base", base)
+    (base / "generation_config.json").write_text('{"temperature": -1}')
+    code, _, err = run(["train", "--model", str(base), "--data", str(workdir / "train.jsonl"),
+                        "--out", str(tmp_path / "out"), "--max-steps", "1"], capsys)
+    assert code == 2 and "generation_config.json" in err and "temperature" in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoints").exists()

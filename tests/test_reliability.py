@@ -27,6 +27,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1749,6 +1750,31 @@ def _set(model: torch.nn.Module, adapter: dict[str, Any]) -> None:
             module.scaling["default"] = adapter["alpha"] / 2
 
 
+def _kill_child(work: Callable[[int], None], point: str | None, rng: random.Random,
+                longest: float) -> int:
+    """Forks a child that runs ``work(write_fd)`` (it writes "go" then "at POINT" lines to the
+    pipe), and SIGKILLs it at ``point`` or, with None, after a random wait of up to ``longest``
+    seconds; reaps it, so its PID is no longer alive for the cleanup. Returns that PID."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            work(write)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        assert pipe.readline() == b"go\n"
+        if point is None:
+            time.sleep(rng.uniform(0, longest))
+        else:
+            assert pipe.readline() == f"at {point}\n".encode()
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return pid
+
+
 def _save_loop(model: torch.nn.Module, folder: Path, adapters: list[dict], first: int,
                point: str | None, pipe: int) -> None:
     """The child: announce, then save adapters[first], the other, ... until killed; with a
@@ -1816,23 +1842,8 @@ def test_sigkill_during_adapter_saves_leaves_the_old_or_the_new_adapter(tok, tmp
     for point in plan:
         before = state
         first = 1 if before == "old" else 0  # the child's first save changes the folder
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            try:
-                os.close(read)
-                _save_loop(model, folder, adapters, first, point, write)
-            finally:
-                os._exit(0)
-        os.close(write)
-        with os.fdopen(read, "rb") as pipe:
-            assert pipe.readline() == b"go\n"
-            if point is None:
-                time.sleep(rng.uniform(0, 4 * one_save))
-            else:
-                assert pipe.readline() == f"at {point}\n".encode()
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)  # reaped: its PID is no longer alive for the cleanup
+        pid = _kill_child(partial(_save_loop, model, folder, adapters, first, point), point, rng,
+                          4 * one_save)
         state = _loads_as(folder, vocab, adapters)
         if point == FALLBACK_POINT:  # refused (no folder); the backup holds the old one whole
             assert state == "refused"
@@ -1936,23 +1947,7 @@ def test_sigkill_during_merge_leaves_the_old_or_the_new_model(work, tmp_path, ca
     assert not torch.allclose(refs["old"][0], refs["new"][0], atol=1e-3)
     rng = random.Random(0)
     for point in [*MERGE_POINTS, None, None, None]:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            try:
-                os.close(read)
-                _merge_child(new, point, write)
-            finally:
-                os._exit(0)
-        os.close(write)
-        with os.fdopen(read, "rb") as pipe:
-            assert pipe.readline() == b"go\n"
-            if point is None:
-                time.sleep(rng.uniform(0, 1.5 * one_merge))
-            else:
-                assert pipe.readline() == f"at {point}\n".encode()
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _kill_child(partial(_merge_child, new, point), point, rng, 1.5 * one_merge)
         state = _merged_as(out, refs)
         assert state in ("old", "new"), (point, state)
         if point in ("after-weights", "between-tokenizer-files"):

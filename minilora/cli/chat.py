@@ -10,10 +10,7 @@ from typing import Any
 from minilora.cli.common import (
     add_model_args,
     add_sampling_args,
-    apply_adapters,
-    load_base,
-    sampling,
-    sampling_params,
+    load_for_answers,
 )
 
 _EXIT_WORDS = ("/quit", "exit", "quit", "/exit")
@@ -33,11 +30,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """`minilora chat`: a conversation on stdin/stdout, streamed."""
     from minilora.decoding.chat import stream_reply
 
-    params = sampling_params(args)  # a bad setting is answered before the model loads
-    model, tokenizer = load_base(args)
-    adapters = apply_adapters(model, args, several=True)
-    model.eval()
-    settings = sampling(args, tokenizer, params)
+    model, tokenizer, adapters, settings = load_for_answers(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

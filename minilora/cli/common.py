@@ -162,6 +162,18 @@ def sampling(args: argparse.Namespace, tokenizer: Any, params: Any = None) -> di
                 eos_token_id=tokenizer.stop_token_ids, seed=args.seed)
 
 
+def load_for_answers(args: argparse.Namespace
+                     ) -> tuple[Any, Any, list[str], dict[str, Any]]:
+    """What chat and generate answer with: the sampling settings checked first (before the
+    model loads), the base with every --adapter loaded, in eval mode; returns (model,
+    tokenizer, the adapters' names, the generation settings)."""
+    params = sampling_params(args)  # a bad setting is answered before the model loads
+    model, tokenizer = load_base(args)
+    adapters = apply_adapters(model, args, several=True)
+    model.eval()
+    return model, tokenizer, adapters, sampling(args, tokenizer, params)
+
+
 def resolve_base(args: argparse.Namespace) -> None:
     """Fills in --model when it was left out: the base the first --adapter's
     adapter_config.json records (``base_model_name_or_path``), else the embedded tiny model.

@@ -11,10 +11,7 @@ from minilora.cli.common import (
     CliError,
     add_model_args,
     add_sampling_args,
-    apply_adapters,
-    load_base,
-    sampling,
-    sampling_params,
+    load_for_answers,
 )
 from minilora.core.files import parse_json
 
@@ -40,11 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from minilora.decoding.chat import stream_text
     from minilora.decoding.generation import stream_generate
 
-    params = sampling_params(args)  # a bad setting is answered before the model loads
-    model, tokenizer = load_base(args)
-    adapters = apply_adapters(model, args, several=True)
-    model.eval()
-    settings = sampling(args, tokenizer, params)
+    model, tokenizer, adapters, settings = load_for_answers(args)
     if args.adapter_per_prompt:
         if args.prompt is not None:
             raise CliError("--adapter-per-prompt reads JSON lines from stdin, not a prompt "

@@ -139,15 +139,16 @@ def plan_saved_modules(model: nn.Module, names: Sequence[str], lora_paths: Seque
         hits = [n for n, _ in modules if n.endswith(key)]
         if not hits:
             last = sorted({n.rsplit(".", 1)[-1] for n, _ in modules})
+            last = [x for x in last if not x.isdigit()]
             problems.append(f"{key!r} matches no module (the model's module names end in: "
                             f"{', '.join(last)})")
         chosen += [n for n in hits if n not in chosen]
-    lora = [p for p in lora_paths]
+    clash = [n for n in chosen if any(_overlap(n, p) for p in lora_paths)]
+    if clash:
+        more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
+        problems.append(f"{clash[0]}{more} is, holds or sits in a LoRA layer; a module trains "
+                        "either by LoRA or as a whole copy: drop it from one list")
     for n in chosen:
-        clash = [p for p in lora if _overlap(n, p)]
-        if clash:
-            problems.append(f"{n} is, holds or sits in a LoRA layer ({clash[0]}); a module "
-                            "trains either by LoRA or as a whole copy: drop it from one list")
         inner = [o for o in chosen if o != n and o.startswith(n + ".")]
         if inner:
             problems.append(f"{n} holds {inner[0]}, also selected; name one of them")

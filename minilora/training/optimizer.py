@@ -5,8 +5,8 @@ LoRA+ (Hayou et al., 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models
 `ratio` times A's learning rate: with B starting at zero, a shared rate leaves B's updates too
 small for features to move at wide widths. The groups are the ones PEFT's
 `create_loraplus_optimizer` builds, so a run here and a run with PEFT's optimizer step alike:
-A (and every other trainable weight) at `lr`; B and the one-dimensional parameters (DoRA's
-magnitude) at `lr * ratio`. Each group keeps its ratio under "lr_ratio", so the schedule scales
+A (and every other trainable weight: the copies of modules_to_save, the trainable token rows)
+at `lr`; B and the one-dimensional parameters (DoRA's magnitude) at `lr * ratio`. Each group keeps its ratio under "lr_ratio", so the schedule scales
 every group alike (`set_lr`).
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minilora.lora.injection import extra_parameters
 from minilora.lora.layer import lora_modules
 from minilora.training.config import TrainConfig
 
@@ -46,6 +47,10 @@ def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight
         return [{"params": list(params), "lr": lr, "weight_decay": weight_decay, "lr_ratio": 1.0}]
     fast = {id(p) for _, m in lora_modules(model) for p in m.lora_B.parameters()}
     fast |= {id(p) for p in params if p.ndim == 1}
+    # modules to save and trainable token rows learn at A's rate: LoRA+'s larger rate is for B,
+    # which starts at zero; these start at the base's values. (PEFT's LoRA+ optimizer puts any
+    # 1-D weight at B's rate, a copied norm's too; here only DoRA's magnitude goes there.)
+    fast -= {id(p) for p in extra_parameters(model)}
     slow_group = [p for p in params if id(p) not in fast]
     fast_group = [p for p in params if id(p) in fast]
     groups = [{"params": slow_group, "lr": lr, "weight_decay": weight_decay, "lr_ratio": 1.0},

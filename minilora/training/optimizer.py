@@ -5,8 +5,9 @@ LoRA+ (Hayou et al., 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models
 `ratio` times A's learning rate: with B starting at zero, a shared rate leaves B's updates too
 small for features to move at wide widths. The groups are the ones PEFT's
 `create_loraplus_optimizer` builds, so a run here and a run with PEFT's optimizer step alike:
-A (and every other trainable weight: the copies of modules_to_save, the trainable token rows)
-at `lr`; B and the one-dimensional parameters (DoRA's magnitude) at `lr * ratio`. Each group keeps its ratio under "lr_ratio", so the schedule scales
+A (and every other trainable weight) at `lr`; B and the one-dimensional parameters (DoRA's
+magnitude) at `lr * ratio`; the copies of modules_to_save and the trainable token rows at `lr`,
+whatever their shape. Each group keeps its ratio under "lr_ratio", so the schedule scales
 every group alike (`set_lr`).
 """
 

@@ -1392,6 +1392,26 @@ ROUND_THREE_INITS = [
 ]
 CASES += ROUND_THREE_INITS
 
+# --modules-to-save and --trainable-tokens (PEFT's modules_to_save, trainable_token_indices)
+EXTRA_TRAINABLES = [
+    Case("modules-to-save-matches-nothing", TRAIN + ["--modules-to-save", "lm_hed"],
+         "modules to save: 'lm_hed' matches no module (the model's module names end in: "
+         "down_proj, embed_tokens…", "nothing written"),
+    Case("modules-to-save-a-lora-layer", TRAIN + ["--modules-to-save", "o_proj"],
+         "modules to save: model.layers.0.self_attn.o_proj (and 1 more) is, holds or sits in a "
+         "LoRA layer; a module trains either by LoRA or as a whole copy: drop it from one list",
+         "nothing written; --exclude o_proj to save them whole"),
+    Case("trainable-token-outside-vocabulary", TRAIN + ["--trainable-tokens", "5", "100000"],
+         "trainable tokens: token ids [100000] are outside the vocabulary of "
+         "model.embed_tokens…", "nothing written"),
+    Case("trainable-token-negative", TRAIN + ["--trainable-tokens", "-3"],
+         "--trainable-tokens must be token ids >= 0, got [-3]", "nothing written"),
+    Case("trainable-token-not-an-integer", TRAIN + ["--trainable-tokens", "1.5"],
+         "argument --trainable-tokens: expected token ids (integers), got '1.5' (see "
+         "`minilora train --help`)", "nothing written; find a word's ids with the tokenizer"),
+]
+CASES += EXTRA_TRAINABLES
+
 
 def rehash(path: Path) -> None:
     """Record a planted checkpoint file in the manifest, as an attacker who edits both would."""

@@ -145,7 +145,7 @@ def plan_saved_modules(model: nn.Module, names: Sequence[str], lora_paths: Seque
         chosen += [n for n in hits if n not in chosen]
     clash = [n for n in chosen if any(_overlap(n, p) for p in lora_paths)]
     if clash:
-        more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
+        more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
         problems.append(f"{clash[0]}{more} is, holds or sits in a LoRA layer; a module trains "
                         "either by LoRA or as a whole copy: drop it from one list")
     for n in chosen:

@@ -260,8 +260,8 @@ def plan_trainable_tokens(model: nn.Module, indices: list[int] | Mapping[str, li
             rows = modules[n].weight.shape[0]
             bad = [i for i in ids if not 0 <= i < rows]
             if bad:
-                problems.append(f"token ids {bad[:5]} of {key!r} are outside the vocabulary of "
-                                f"{n} (0 to {rows - 1})")
+                problems.append(f"token ids {bad[:5]} are outside the vocabulary of {n} "
+                                f"(ids 0 to {rows - 1})")
             chosen[n] = list(ids)
     if problems:
         raise ConfigError("trainable tokens: " + "; ".join(problems))

@@ -74,8 +74,8 @@ def test_a_run_trains_and_saves_the_copies_and_rows_and_resumes_them(workdir, tm
 @pytest.mark.parametrize("extra, message", [
     (("--modules-to-save", "no_such"), "modules to save: 'no_such' matches no module"),
     (("--modules-to-save", "q_proj"), "is, holds or sits in a LoRA layer"),
-    (("--trainable-tokens", "100000"), "token ids [100000] of 'model.embed_tokens' are outside "
-                                       "the vocabulary"),
+    (("--trainable-tokens", "100000"), "token ids [100000] are outside the vocabulary of "
+                                       "model.embed_tokens"),
     (("--trainable-tokens", "-3"), "--trainable-tokens must be token ids >= 0, got [-3]"),
     (("--trainable-tokens", "hello"), "argument --trainable-tokens: expected token ids "
                                       "(integers), got 'hello'"),
@@ -88,3 +88,26 @@ def test_a_bad_choice_is_one_line_and_nothing_is_written(workdir, tmp_path, caps
     last = err.strip().splitlines()[-1]
     assert last.startswith("minilora train: error: ") and message in last, last
     assert not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize("extra", [("--modules-to-save", "lm_head"),
+                                   ("--trainable-tokens", "5", "9")])
+def test_merge_writes_a_model_that_computes_what_the_adapter_did(workdir, tmp_path, capsys,
+                                                                 extra):
+    from minilora.adapters.folder import load_adapter
+    from minilora.model.io import load_model
+
+    run_dir = tmp_path / "run"
+    code, _, err = run(train_args(workdir, run_dir, "--max-steps", "1", *extra), capsys)
+    assert code == 0, err
+    code, _, err = run(["merge", "--model", str(workdir / "base"), "--adapter",
+                        str(run_dir / "adapter"), "--out", str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    x = torch.tensor([[5, 9, 3, 4, 5, 6, 9]])
+    adapted = load_model(workdir / "base")
+    load_adapter(adapted, run_dir / "adapter")
+    merged = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        want, got = adapted(x).logits, merged(x).logits
+        assert not torch.allclose(want, load_model(workdir / "base")(x).logits, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -186,8 +186,17 @@ def describe_adapter(path: str | os.PathLike[str]) -> dict[str, object]:
     else:
         raise AdapterError(f"no adapter at {path}")
     sd = {k: v for k, v in sd.items() if not BASE_LAYER_RE.fullmatch(k)}
-    modules = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in sd})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()})
+    # the modules to save and the trainable token rows are no LoRA modules: their own rows
+    extras = {k: sd.pop(k) for k in list(sd) if ".lora_" not in k}
+    modules = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in sd})
+    extra_rows: dict[str, object] = {}
+    if config.modules_to_save:
+        extra_rows["modules to save"] = config.modules_to_save
+    if config.trainable_token_indices:
+        extra_rows["trainable tokens"] = config.trainable_token_indices
+    if extras:
+        extra_rows["their parameters"] = sum(t.numel() for t in extras.values())
     return {
         "path": str(path),
         "format": kind,
@@ -198,6 +207,7 @@ def describe_adapter(path: str | os.PathLike[str]) -> dict[str, object]:
         "modules": len(modules),
         "first modules": modules[:4],
         "lora parameters": sum(t.numel() for t in sd.values()),
+        **extra_rows,
         "dtype": ", ".join(dtypes),
         "base fingerprint": metadata.get(FINGERPRINT_KEY, "none recorded"),
         "minilora version": metadata.get(VERSION_KEY, "-"),

@@ -57,6 +57,10 @@ def test_a_run_trains_and_saves_the_copies_and_rows_and_resumes_them(workdir, tm
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["model.norm"]
     assert config["trainable_token_indices"] == [5, 9]
+    code, out, err = run(["info", str(adapter)], capsys)
+    assert code == 0, err
+    assert "modules to save   ['model.norm']" in out and "trainable tokens  [5, 9]" in out
+    assert "their parameters  96" in out  # 2 rows of 32 and the norm's 32, apart from LoRA's
 
     # stopped after step 1 and resumed: the same adapter, bit for bit
     split = tmp_path / "split"

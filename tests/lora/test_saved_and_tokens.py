@@ -206,3 +206,20 @@ def test_two_adapters_switch_their_copies_and_rows():
     torch.testing.assert_close(logits(model, x), logits(llama(False), x))
     with pytest.raises(ConfigError, match="one of them at a time"):
         set_active(model, ["a", "b"])
+
+
+def test_a_head_with_rows_or_a_saved_linear_head_keeps_the_chunked_loss():
+    from minilora.training.optimizer import param_groups
+
+    for tied, extra in ((True, {"trainable_token_indices": TOKENS}),
+                        (False, {"modules_to_save": ["lm_head", "model.norm"]})):
+        model = twin(llama(tied))
+        inject_lora(model, LoraConfig(r=2, targets=["q_proj"], **extra))
+        mark_trainable(model)
+        assert model._head_linear() is not None  # the head says its linear map
+        params = lora_parameters(model)
+        slow, fast = param_groups(model, params, 1e-3, 0.0, ratio=16.0)
+        # LoRA+: only B at the larger rate; the copies (a norm's 1-D weight too) and rows at A's
+        assert {id(p) for p in fast["params"]} == {
+            id(m.lora_B["default"].weight) for m in model.modules() if hasattr(m, "lora_B")}
+        assert len(slow["params"]) == len(params) - len(fast["params"])

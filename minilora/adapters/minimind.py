@@ -20,7 +20,7 @@ from minilora.core.errors import AdapterError
 from minilora.core.files import atomic_write, regular_file, torch_load_reason
 from minilora.core.tensor_checks import check_written
 from minilora.lora.config import LoraConfig
-from minilora.lora.named import adapter_layers
+from minilora.lora.named import adapter_layers, extras_of
 
 _MINIMIND_KEY_RE = re.compile(r"(.+)\.lora\.([AB])\.weight")
 # How a caller asks for each format: the library's keywords; the command line has its words.
@@ -102,6 +102,11 @@ def save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None, name:
             ``minimind_format`` say how the caller asks for each format.
     """
     modules = adapter_layers(model, name)
+    extras = extras_of(model, name)
+    if extras:
+        raise AdapterError(f"MiniMind's .pth holds LoRA A and B only; adapter {name!r} also "
+                           f"trains {extras[0]} (modules to save or token rows): save it in "
+                           "PEFT's format ({peft_format})", fields=FORMAT_WORDS)
     if path.is_dir():
         raise AdapterError(f"{path} is a folder; MiniMind's format ({{minimind_format}}) is one "
                            ".pth file", fields=FORMAT_WORDS)

@@ -19,6 +19,7 @@ what goes in it follows llama.cpp's converters:
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import json
@@ -36,8 +37,9 @@ from torch import nn
 from minilora.core.errors import ExportError, MiniloraError, MissingExtra, OutputError
 from minilora.core.files import atomic_path
 from minilora.data.tokenizer import CHAT_TEMPLATE, Tokenizer
+from minilora.lora.injection import merge_and_unload
 from minilora.lora.layer import LoRALinear, lora_modules
-from minilora.lora.named import adapter_layers, resolve_adapter
+from minilora.lora.named import adapter_layers, extras_of, resolve_adapter
 from minilora.lora.quantized_weight import is_quantized, quant_kind
 from minilora.model.config import ModelConfig, filled
 
@@ -152,6 +154,13 @@ def export_gguf(
     if dtype not in DTYPES:
         raise ExportError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     _check_output(path, overwrite)
+    _model_config(model)
+    if adapter_only:
+        _refuse_extras(model)
+    elif extras_of(model):
+        # modules to save and token rows have no LoRA form: the model they make, merged into
+        # a copy (the model itself is left unchanged)
+        model = merge_and_unload(copy.deepcopy(model))
     config = _model_config(model)
     arch = architecture(config)
     _refuse_quantized(model)
@@ -243,6 +252,15 @@ def _refuse_quantized(model: nn.Module) -> None:
                 "weights, and an update merged into rounded weights is not the model that was "
                 "trained; export from the full-precision base instead (load it without "
                 "quantizing: minilora export --model BASE --adapter DIR)")
+
+
+def _refuse_extras(model: nn.Module) -> None:
+    """Modules to save and trainable token rows: llama.cpp's LoRA adapters cannot hold them."""
+    extras = extras_of(model)
+    if extras:
+        raise ExportError(f"the adapter also trains {extras[0]} (modules to save or token rows), "
+                          "which llama.cpp's LoRA adapters cannot hold; export the merged model "
+                          "instead (without --adapter-only)")
 
 
 def _gguf_name(names: Any, key: str) -> str:

@@ -33,6 +33,7 @@ def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def refuse_merged(model: nn.Module, doing: str) -> None:
     """Raises ConfigError when any layer of `model` has LoRA merged in."""
     merged = [n for n, m in lora_modules(model) if m.merged]
+    merged += [n for n, m in token_layers(model) if m.merged and m.tied_to is None]
     if merged:
         raise ConfigError(
             f"{doing} needs unmerged adapters, but LoRA is merged into {merged[:3]}"
@@ -107,6 +108,13 @@ def delete_extras(model: nn.Module, name: str) -> None:
         tokens.delete_adapter(name)
         if not tokens.adapters:
             replace_submodule(model, path, tokens.to_base())
+
+
+def extras_of(model: nn.Module, name: str | None = None) -> list[str]:
+    """The paths where adapter `name` (any adapter, when None) has a module to save or
+    trainable tokens."""
+    paths = [p for p, m in saved_layers(model) if name is None or name in m.adapters]
+    return paths + [p for p, m in token_layers(model) if name is None or name in m.adapters]
 
 
 def refuse_extras(model: nn.Module, doing: str) -> None:
@@ -379,6 +387,10 @@ def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, me
         raise ConfigError(
             f"adapter {name!r} exists already; delete_adapter it or pick another name")
     refuse_merged(model, "combine_adapters")
+    extras = [p for a in weights for p in extras_of(model, a)]
+    if extras:  # a whole copy or a row has no low-rank update to add up
+        raise ConfigError(f"combine_adapters adds LoRA updates; these adapters also train "
+                          f"modules to save or token rows ({extras[0]}), which do not combine")
     # a variant whose update is no B A product (DoRA) cannot be concatenated
     apart = {n: m.variant[n].label for _, m in lora_modules(model) for n in m.variant
              if n in weights and not m.variant[n].adds_up}

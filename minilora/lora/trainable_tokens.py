@@ -72,6 +72,7 @@ class TrainableTokens(nn.Module):
         self.enabled = True
         self.merged_adapters: list[str] = []
         self._originals: dict[str, torch.Tensor] = {}  # rows a merge replaced, for unmerge
+        self._index: dict[str, torch.Tensor] = {}  # the ids as a tensor, on the weight's device
 
     @property
     def tied_to(self) -> TrainableTokens | None:
@@ -87,6 +88,15 @@ class TrainableTokens(nn.Module):
     def token_indices(self, name: str) -> list[int]:
         """The token ids adapter `name` trains."""
         return (self.tied_to or self)._indices[name]
+
+    def index(self, name: str, device: torch.device) -> torch.Tensor:
+        """`token_indices(name)` as a (k,) long tensor on `device`, made once per device (not
+        a host-to-device copy per forward)."""
+        idx = self._index.get(name)
+        if idx is None or idx.device != device:
+            idx = torch.tensor(self.token_indices(name), dtype=torch.long, device=device)
+            self._index[name] = idx
+        return idx
 
     def delta(self, name: str) -> nn.Parameter:
         """Adapter `name`'s rows (k, dim): the new values of `token_indices(name)`."""
@@ -107,6 +117,7 @@ class TrainableTokens(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Removes adapter `name` (unmerged) from this layer."""
         self.active_adapters = [n for n in self.active_adapters if n != name]
+        self._index.pop(name, None)
         if self.tied_to is None and name in self._indices:
             del self.trainable_tokens_delta[name]
             del self._indices[name]
@@ -140,8 +151,7 @@ class TrainableTokens(nn.Module):
         if not self.enabled or self.merged:
             return w
         for name in self.active_adapters:
-            idx = torch.tensor(self.token_indices(name), dtype=torch.long, device=w.device)
-            w = w.index_copy(0, idx, self.delta(name).to(w.dtype))
+            w = w.index_copy(0, self.index(name, w.device), self.delta(name).to(w.dtype))
         return w
 
     def linear_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:

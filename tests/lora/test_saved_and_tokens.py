@@ -8,7 +8,9 @@ ours; tolerance 1e-5 in float32 (the same ops in another order at most).
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -223,3 +225,47 @@ def test_a_head_with_rows_or_a_saved_linear_head_keeps_the_chunked_loss():
         assert {id(p) for p in fast["params"]} == {
             id(m.lora_B["default"].weight) for m in model.modules() if hasattr(m, "lora_B")}
         assert len(slow["params"]) == len(params) - len(fast["params"])
+
+
+def test_gguf_writes_the_model_the_rows_and_copies_make_and_refuses_them_as_an_adapter(
+        tmp_path):
+    """llama.cpp's LoRA adapter format holds A and B only: the model file holds them merged."""
+    gguf = pytest.importorskip("gguf")
+    from helpers import tiny_model, tiny_tokenizer
+    from minilora.core.errors import ExportError
+    from minilora.export.gguf import export_gguf
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size)  # tied
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[5, 9],
+                                  modules_to_save=["model.norm"]))
+    mark_trainable(model)
+    perturb(model)
+    want = {k: v.clone() for k, v in merge_and_unload(deepcopy(model)).state_dict().items()}
+    with pytest.raises(ExportError, match="cannot hold; export the merged model"):
+        export_gguf(model, tok, tmp_path / "a.gguf", adapter_only=True)
+    export_gguf(model, tok, tmp_path / "m.gguf", dtype="f32")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+
+    def values(name):
+        t = tensors[name]
+        return torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(
+            tuple(reversed(t.shape.tolist()))))
+
+    torch.testing.assert_close(values("token_embd.weight"), want["model.embed_tokens.weight"])
+    torch.testing.assert_close(values("output_norm.weight"), want["model.norm.weight"])
+    assert "output.weight" not in tensors  # still tied: the rows are the head's too
+    assert isinstance(model.model.norm, SavedModule)  # the model itself left as it was
+
+
+def test_combine_and_minimind_refuse_what_they_cannot_hold(tmp_path):
+    from minilora.lora.named import combine_adapters
+
+    model = llama(False)
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[5]),
+                name="a")
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"]), name="b")
+    with pytest.raises(ConfigError, match="do not combine"):
+        combine_adapters(model, {"a": 1.0, "b": 1.0}, "ab")
+    with pytest.raises(AdapterError, match="MiniMind's .pth holds LoRA A and B only"):
+        save_adapter(model, tmp_path / "a.pth", format="minimind", name="a")

@@ -94,10 +94,13 @@ class ParameterCounts:
 
 def linear_modules(model: nn.Module) -> Iterator[tuple[str, AnyLinear]]:
     """Yields Linear and LoRALinear modules by name, never descending into a LoRALinear
-    (its lora_A/lora_B are Linears too, and must not be adapted themselves)."""
+    (its lora_A/lora_B are Linears too, and must not be adapted themselves) nor into a module
+    to save's copies."""
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, AnyLinear]]:
         for child_name, child in module.named_children():
+            if isinstance(module, SavedModule) and child is module.modules_to_save:
+                continue  # an adapter's own trained copies, not the base's layers
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, (nn.Linear, LoRALinear)):
                 yield name, child
@@ -273,6 +276,11 @@ def _plan_extras(model: nn.Module, chosen: list[tuple[str, AnyLinear]], config: 
     """The modules to save and the trainable tokens' modules of `config`, checked against the
     model and the LoRA layers `chosen`, before anything changes."""
     lora_paths = [p for p, _ in chosen]
+    inside = [p for p in lora_paths for s, _ in saved_layers(model)
+              if p == s or p.startswith(s + ".")]
+    if inside:  # the copy another adapter runs there would skip this LoRA
+        raise ConfigError(f"LoRA targets {inside[0]}, inside a module another adapter saves "
+                          "whole (modules to save); exclude it, or pick other targets")
     saved = (plan_saved_modules(model, config.modules_to_save, lora_paths)
              if config.modules_to_save else [])
     tokens = (plan_trainable_tokens(model, config.trainable_token_indices)

@@ -132,7 +132,8 @@ def plan_saved_modules(model: nn.Module, names: Sequence[str], lora_paths: Seque
             ending alike), a selected module that is, holds or sits in a LoRA layer or another
             selected module, or the root.
     """
-    modules = [(n, m) for n, m in model.named_modules() if n]
+    copies = tuple(f"{n}.modules_to_save." for n, _ in saved_layers(model))
+    modules = [(n, m) for n, m in model.named_modules() if n and not n.startswith(copies)]
     problems = []
     chosen: list[str] = []
     for key in names:

@@ -269,3 +269,14 @@ def test_combine_and_minimind_refuse_what_they_cannot_hold(tmp_path):
         combine_adapters(model, {"a": 1.0, "b": 1.0}, "ab")
     with pytest.raises(AdapterError, match="MiniMind's .pth holds LoRA A and B only"):
         save_adapter(model, tmp_path / "a.pth", format="minimind", name="a")
+
+
+def test_a_second_adapter_adapts_the_base_layers_not_the_first_ones_copies():
+    model = llama(False)
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head", "mlp"]),
+                name="a")
+    with pytest.raises(ConfigError, match="inside a module another adapter saves"):
+        inject_lora(model, LoraConfig(r=2, targets=["up_proj"]), name="b")
+    report = inject_lora(model, LoraConfig(r=2, targets="all-linear", exclude=["mlp.up_proj",
+                                           "mlp.down_proj", "mlp.gate_proj"]), name="c")
+    assert all(".modules_to_save." not in n for n, _, _ in report.modules)

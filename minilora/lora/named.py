@@ -19,8 +19,8 @@ from torch import nn
 
 from minilora.core.errors import AdapterError, ConfigError
 from minilora.lora.layer import BASE_ROW, LoraConfig, LoRALinear, check_adapter_name, lora_modules
-from minilora.lora.saved_modules import saved_layers
-from minilora.lora.trainable_tokens import token_layers
+from minilora.lora.saved_modules import SavedModule, saved_layers
+from minilora.lora.trainable_tokens import TrainableTokens, token_layers
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -117,15 +117,6 @@ def extras_of(model: nn.Module, name: str | None = None) -> list[str]:
     return paths + [p for p, m in token_layers(model) if name is None or name in m.adapters]
 
 
-def refuse_extras(model: nn.Module, doing: str) -> None:
-    """Raises ConfigError when `model` has modules to save or trainable tokens, which `doing`
-    does not handle."""
-    extras = [n for n, _ in [*saved_layers(model), *token_layers(model)]]
-    if extras:
-        raise ConfigError(f"{doing} does not handle modules to save or trainable tokens, which "
-                          f"this model has on {extras[:3]}")
-
-
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Removes adapter `name` from every layer; a layer left with no adapter becomes a plain
     nn.Linear again (sharing the base Parameters). The other adapters are untouched.
@@ -169,7 +160,6 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
         ConfigError: on an unknown adapter name, an empty list, LoRA that is merged, or when a
             mixed batch is already being routed.
     """
-    refuse_extras(model, "a mixed batch")
     modules = _route(model, adapter_names)
     try:
         yield model
@@ -177,8 +167,9 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
         _unroute(modules)
 
 
-def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALinear]:
-    """Sets each LoRA layer's per-row routing (its `routes`); returns the layers (for _unroute)."""
+def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[Any]:
+    """Sets each LoRA layer's (and module to save's, trainable tokens') per-row routing (its
+    `routes`); returns the layers (for _unroute)."""
     names = list(adapter_names)
     if not names:
         raise ConfigError("adapter_names is empty: give one adapter name (or None) per row")
@@ -204,10 +195,24 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALi
                 routes.append((name, indices[key]))
         # The layer adds each row's adapter, not its active ones, until _unroute.
         m.routes = (tuple(routes), len(names))
-    return modules
+    return modules + _route_extras(model, groups, len(names))
 
 
-def _unroute(modules: list[LoRALinear]) -> None:
+def _route_extras(model: nn.Module, groups: dict[str, list[int]], n_rows: int
+                  ) -> list[Any]:
+    """Sets the modules to save's and trainable tokens' routes (each the rows of the adapters
+    it has); returns them."""
+    extras: list[SavedModule | TrainableTokens] = [m for _, m in saved_layers(model)]
+    extras += [m for _, m in token_layers(model)]
+    for m in extras:
+        device = m.weight.device if isinstance(m, TrainableTokens) else next(
+            iter(m.parameters()), torch.empty(0)).device
+        m.routes = (tuple((name, torch.tensor(rows, dtype=torch.long, device=device))
+                          for name, rows in groups.items() if name in m.adapters), n_rows)
+    return extras
+
+
+def _unroute(modules: list[Any]) -> None:
     for m in modules:
         m.routes = None
 
@@ -218,7 +223,7 @@ class _RowRouter:
     error too) clears them. What it holds between the two, the layers it routed, lives here."""
 
     def __init__(self) -> None:
-        self.routed: list[LoRALinear] | None = None
+        self.routed: list[Any] | None = None
         self.handles: tuple[Any, ...] = ()
 
     def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -51,6 +51,8 @@ class SavedModule(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.enabled = True
+        # a mixed batch's rows per adapter for the current call (minilora.lora.named), else None
+        self.routes: tuple[tuple[tuple[str, torch.Tensor], ...], int] | None = None
 
     @property
     def original(self) -> nn.Module:
@@ -97,7 +99,22 @@ class SavedModule(nn.Module):
         return (m.weight, m.bias) if type(m) is nn.Linear else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.routes is not None and self.enabled:
+            return self._routed(*args, **kwargs)
         return self.current()(*args, **kwargs)
+
+    def _routed(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A mixed batch: each routed row through its adapter's copy, the rest through the
+        original. The input must be (batch, ...)."""
+        assert self.routes is not None  # forward calls this only for a mixed batch
+        routes, n_rows = self.routes
+        if x.shape[0] != n_rows:
+            raise ConfigError(f"a mixed batch of {n_rows} rows reached a module to save with "
+                              f"input {tuple(x.shape)}; it routes (batch, ...) inputs only")
+        out = self.original(x, *args, **kwargs)
+        for name, rows in routes:
+            out = out.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs))
+        return out
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
                ) -> SavedModule:

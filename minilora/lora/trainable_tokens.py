@@ -73,6 +73,8 @@ class TrainableTokens(nn.Module):
         self.merged_adapters: list[str] = []
         self._originals: dict[str, torch.Tensor] = {}  # rows a merge replaced, for unmerge
         self._index: dict[str, torch.Tensor] = {}  # the ids as a tensor, on the weight's device
+        # a mixed batch's rows per adapter for the current call (minilora.lora.named), else None
+        self.routes: tuple[tuple[tuple[str, torch.Tensor], ...], int] | None = None
 
     @property
     def tied_to(self) -> TrainableTokens | None:
@@ -160,11 +162,30 @@ class TrainableTokens(nn.Module):
         return None if self.is_embedding else (self.effective_weight(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.effective_weight()
+        if self.routes is not None and self.enabled and not self.merged:
+            return self._routed(x)
+        return self._apply_weight(x, self.effective_weight())
+
+    def _apply_weight(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.is_embedding:
             return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type,
                                self.scale_grad_by_freq, self.sparse)
         return F.linear(x, w)
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        """A mixed batch: each routed row with its adapter's rows, the rest with the base's.
+        The input must be (batch, ...)."""
+        assert self.routes is not None  # forward calls this only for a mixed batch
+        routes, n_rows = self.routes
+        if x.shape[0] != n_rows:
+            raise ConfigError(f"a mixed batch of {n_rows} rows reached trainable tokens with "
+                              f"input {tuple(x.shape)}; they route (batch, ...) inputs only")
+        w = self.weight
+        out = self._apply_weight(x, w)
+        for name, rows in routes:
+            own = w.index_copy(0, self.index(name, w.device), self.delta(name).to(w.dtype))
+            out = out.index_copy(0, rows, self._apply_weight(x[rows], own))
+        return out
 
     def merge(self) -> None:
         """Writes the active adapters' rows into the weight (idempotent; a tied head's weight is

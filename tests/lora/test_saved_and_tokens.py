@@ -280,3 +280,27 @@ def test_a_second_adapter_adapts_the_base_layers_not_the_first_ones_copies():
     report = inject_lora(model, LoraConfig(r=2, targets="all-linear", exclude=["mlp.up_proj",
                                            "mlp.down_proj", "mlp.gate_proj"]), name="c")
     assert all(".modules_to_save." not in n for n, _, _ in report.modules)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_mixed_batch_gives_each_row_its_adapters_copies_and_rows(tied):
+    model = twin(llama(tied))
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=TOKENS,
+                                  modules_to_save=["model.norm"]), name="a")
+    mark_trainable(model)
+    perturb(model, 1)
+    inject_lora(model, LoraConfig(r=2, targets=["v_proj"], modules_to_save=["model.norm"]),
+                name="b")
+    mark_trainable(model)
+    perturb(model, 2)
+    x = ids().repeat(2, 1)[:3]
+    alone = {}
+    for name in ("a", "b", None):
+        set_active(model, name)
+        alone[name] = logits(model, x)
+    assert not torch.allclose(alone["a"], alone["b"]) and not torch.allclose(alone["a"],
+                                                                              alone[None])
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["a", "b", None]).logits.float()
+    for row, name in enumerate(("a", "b", None)):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5)

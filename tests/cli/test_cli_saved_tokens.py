@@ -115,3 +115,18 @@ def test_merge_writes_a_model_that_computes_what_the_adapter_did(workdir, tmp_pa
         want, got = adapted(x).logits, merged(x).logits
         assert not torch.allclose(want, load_model(workdir / "base")(x).logits, atol=1e-4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, why", [({"full": True}, "--full trains every weight"),
+                                          ({"fsdp": True}, "not with --fsdp"),
+                                          ({"quantize": "nf4"}, "not with --quantize")])
+def test_the_extras_are_refused_where_whole_modules_are_sharded_or_quantized(setting, why):
+    from minilora.core.errors import ConfigError
+    from minilora.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=why):
+        TrainConfig(data="x.jsonl", modules_to_save=["lm_head"], **setting)
+    with pytest.raises(ConfigError, match=why):
+        TrainConfig(data="x.jsonl", trainable_tokens=[3], **setting)
+    config = TrainConfig(data="x.jsonl", modules_to_save=["lm_head"], trainable_tokens=[3])
+    assert TrainConfig.from_dict(config.to_dict()).lora_config().trainable_token_indices == [3]

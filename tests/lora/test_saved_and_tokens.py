@@ -91,6 +91,9 @@ CASES = {
     "tokens-tied": (True, {"trainable_token_indices": TOKENS}),
     "tokens-dict": (False, {"trainable_token_indices": {"embed_tokens": TOKENS,
                                                         "lm_head": [1, 2]}}),
+    "saved-embed-tied": (True, {"modules_to_save": ["embed_tokens"]}),
+    "tokens-dict-tied": (True, {"trainable_token_indices": {"embed_tokens": TOKENS,
+                                                            "lm_head": TOKENS}}),
 }
 OURS = {"modules_to_save": "modules_to_save",
         "trainable_token_indices": "trainable_token_indices"}

@@ -643,8 +643,10 @@ CASES = [
          patch=poisoned("nan-loss", lambda call: call >= 1),
          after=nothing_saved_is_non_finite),
     Case("non-finite-weights", TRAIN + ["--max-steps", "3", "--save-every", "1"],
-         "refusing to save non-finite weights: ['model.layers.0.self_attn.q_proj.lora_A."
-         "default.weight']", "the checkpoint before is kept; nothing non-finite is written",
+         "refusing to save non-finite (NaN or inf) weights in ['model.layers.0.self_attn."
+         "q_proj.lora_A.default.weight']; the checkpoints in {dir}/out/checkpoints are kept: "
+         "lower the learning rate, or train in fp32 (--amp-dtype float32)",
+         "the checkpoint before is kept; nothing non-finite is written",
          patch=poisoned("nan-weight", lambda call: call == 1),
          after=nothing_saved_is_non_finite),
     # -- hostile files ------------------------------------------------------------------------
@@ -885,8 +887,8 @@ CASES = [
     Case("top-p-nan", GENERATE + ["--top-p", "nan"],
          "top_p: expected a finite number, got nan", "nothing generated"),
     Case("lr-1e9", TRAIN + ["--lr", "1e9"],
-         "refusing to save weights that diverged (lower lr; the checkpoint before is kept): "
-         "largest magnitude …",
+         "refusing to save weights that diverged (lower the learning rate; the checkpoints in "
+         "{dir}/out/checkpoints are kept): largest magnitude …",
          "no adapter is written (was: an adapter with weights ~ 2e9 that answers nothing)",
          after=nothing_saved_is_non_finite),
     # -- 4. types are what they claim -----------------------------------------------------------

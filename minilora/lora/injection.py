@@ -145,8 +145,10 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, AnyTarget]]
     elif targets == "square":
         chosen = [(n, m) for n, m in linears if m.in_features == m.out_features]
     else:  # names may also pick an embedding table (PEFT's LoRA on nn.Embedding)
-        either = [*linears, *embedding_modules(model)]
-        _check_every_suffixmatches(targets, [n for n, _ in either])
+        tables = embedding_modules(model)
+        either = [*linears, *tables]
+        _check_every_suffixmatches(targets, [n for n, _ in linears],
+                                   also=[n for n, _ in tables])
         chosen = [(n, m) for n, m in either if matches(n, targets)]
     if config.exclude:
         chosen = [(n, m) for n, m in chosen if not matches(n, config.exclude)]
@@ -169,23 +171,25 @@ def check_excludes_match(model: nn.Module, exclude: list[str] | str) -> None:
     """
     if not exclude:
         return
-    names = [n for n, _ in [*linear_modules(model), *embedding_modules(model)]]
+    names = [n for n, _ in linear_modules(model)]
+    tables = [n for n, _ in embedding_modules(model)]
     if isinstance(exclude, str):
-        if not any(matches(n, exclude) for n in names):
+        if not any(matches(n, exclude) for n in [*names, *tables]):
             suffixes = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
             raise ConfigError(f"LoRA exclude '{exclude}' matches no Linear module, so it "
                               f"excludes nothing; the model's Linear names end in: {suffixes}")
         return
-    _check_every_suffixmatches(exclude, names, "exclude")
+    _check_every_suffixmatches(exclude, names, "exclude", also=tables)
 
 
 def _check_every_suffixmatches(targets: list[str] | str, names: list[str],
-                               what: str = "targets") -> None:
+                               what: str = "targets", also: list[str] | None = None) -> None:
     """A listed suffix that matches no Linear is a typo (``v_prj``): an error naming each, with
-    the nearest real names, rather than a run that silently adapts the others only."""
+    the nearest real names, rather than a run that silently adapts the others only. A suffix
+    that matches one of `also` (embedding tables) is no typo either."""
     if isinstance(targets, str):
         return  # a regex
-    missing = [t for t in targets if not any(matches(n, [t]) for n in names)]
+    missing = [t for t in targets if not any(matches(n, [t]) for n in [*names, *(also or [])])]
     if not missing:
         return
     # The distinct last parts (q_proj, lm_head, ...): a short list, not every layer's path.

@@ -219,31 +219,6 @@ def test_training_moves_the_embedding_lora_and_only_lora():
     assert torch.equal(emb.weight, table)
 
 
-def test_loraplus_groups_are_peft_s():
-    """PEFT's create_loraplus_optimizer puts an embedding's A and B in one group at
-    loraplus_lr_embedding (1e-6 by default), Linear B at lr * ratio, Linear A at lr."""
-    from minilora.training.optimizer import param_groups
-
-    lr, ratio = 1e-3, 16.0
-    ours = twin(llama(False))
-    inject_lora(ours, LoraConfig(r=4, alpha=8, targets=TARGETS))
-    mark_trainable(ours)
-    groups = param_groups(ours, lora_parameters(ours), lr, 0.0, ratio)
-    theirs = peft.get_peft_model(llama(False), peft.LoraConfig(r=4, lora_alpha=8,
-                                                               target_modules=TARGETS))
-    from peft.optimizers import create_loraplus_optimizer
-
-    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio)
-
-    def shapes(group: dict) -> list:
-        return sorted(tuple(p.shape) for p in group["params"])
-
-    ours_by_lr = {g["lr"]: shapes(g) for g in groups}
-    theirs_by_lr = {g["lr"]: shapes(g) for g in opt.param_groups if g["params"]}
-    assert ours_by_lr == theirs_by_lr
-    assert ours_by_lr[1e-6] == [(4, VOCAB), (32, 4)]
-
-
 def test_a_mixed_batch_routes_rows_through_the_embedding_too():
     model = twin(llama(True))
     for name, seed in (("a", 3), ("b", 4)):

@@ -269,3 +269,12 @@ def test_peft_s_ensure_weight_tying_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="field 'ensure_weight_tying' is true"):
         load_adapter(model, folder)
     assert not lora_modules(model)
+
+
+def test_minimind_s_format_refuses_an_embedding_lora(tmp_path):
+    """MiniMind's apply_lora adapts Linear layers only: the file would drop the embedding's."""
+    model = twin(llama(True))
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"]))
+    with pytest.raises(AdapterError, match="would drop the embedding's"):
+        save_adapter(model, tmp_path / "a.pth", format="minimind")
+    assert not (tmp_path / "a.pth").exists()

@@ -47,7 +47,8 @@ class InjectionReport:
     """What `inject_lora` did.
 
     Attributes:
-        modules: (name, in_features, out_features) of every adapted Linear, in model order.
+        modules: (name, in_features, out_features) of every adapted Linear (an embedding's
+            num_embeddings, embedding_dim), in model order.
         lora_parameters: number of LoRA parameters added, sum of r * (in + out) (+ out
             with DoRA).
         adapter: the name of the adapter injected.
@@ -146,7 +147,8 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, AnyTarget]]
         chosen = [(n, m) for n, m in linears if m.in_features == m.out_features]
     else:  # names may also pick an embedding table (PEFT's LoRA on nn.Embedding)
         tables = embedding_modules(model)
-        either = [*linears, *tables]
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        either = sorted([*linears, *tables], key=lambda item: order[item[0]])
         _check_every_suffixmatches(targets, [n for n, _ in linears],
                                    also=[n for n, _ in tables])
         chosen = [(n, m) for n, m in either if matches(n, targets)]
@@ -172,14 +174,13 @@ def check_excludes_match(model: nn.Module, exclude: list[str] | str) -> None:
     if not exclude:
         return
     names = [n for n, _ in linear_modules(model)]
-    tables = [n for n, _ in embedding_modules(model)]
     if isinstance(exclude, str):
-        if not any(matches(n, exclude) for n in [*names, *tables]):
+        if not any(matches(n, exclude) for n in names):
             suffixes = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
             raise ConfigError(f"LoRA exclude '{exclude}' matches no Linear module, so it "
                               f"excludes nothing; the model's Linear names end in: {suffixes}")
         return
-    _check_every_suffixmatches(exclude, names, "exclude", also=tables)
+    _check_every_suffixmatches(exclude, names, "exclude")
 
 
 def _check_every_suffixmatches(targets: list[str] | str, names: list[str],
@@ -209,9 +210,10 @@ def inject_lora(
 ) -> InjectionReport:
     """Adds adapter `name` to the targeted Linear modules of `model`, in place.
 
-    A Linear becomes a LoRALinear; a layer that already has LoRA gets the adapter beside its
-    others. The new adapter becomes the only active one (B starts at zero, so the model then
-    computes the base); `set_active` changes that.
+    A Linear becomes a LoRALinear (an nn.Embedding a target names, a LoRAEmbedding); a layer
+    that already has LoRA gets the adapter beside its others. The new adapter becomes the only
+    active one (it starts as a no-op: B = 0, an embedding's A = 0, so the model then computes
+    the base); `set_active` changes that.
 
     Args:
         model: any nn.Module (a transformers model included).

@@ -278,3 +278,14 @@ def test_minimind_s_format_refuses_an_embedding_lora(tmp_path):
     with pytest.raises(AdapterError, match="would drop the embedding's"):
         save_adapter(model, tmp_path / "a.pth", format="minimind")
     assert not (tmp_path / "a.pth").exists()
+
+
+def test_a_peft_dora_adapter_on_the_embedding_is_refused_leaving_the_model_as_it_was(tmp_path):
+    """PEFT has DoRA on an embedding; minilora does not: refused by name, nothing injected."""
+    _, folder = peft_adapter(False, tmp_path, use_dora=True)
+    model = twin(llama(False))
+    base = logits(model, ids())
+    with pytest.raises(AdapterError, match="DoRA is not supported on an embedding"):
+        load_adapter(model, folder)
+    assert not lora_modules(model)
+    torch.testing.assert_close(logits(model, ids()), base, rtol=0, atol=0)

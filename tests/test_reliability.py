@@ -643,8 +643,10 @@ CASES = [
          patch=poisoned("nan-loss", lambda call: call >= 1),
          after=nothing_saved_is_non_finite),
     Case("non-finite-weights", TRAIN + ["--max-steps", "3", "--save-every", "1"],
-         "refusing to save non-finite weights: ['model.layers.0.self_attn.q_proj.lora_A."
-         "default.weight']", "the checkpoint before is kept; nothing non-finite is written",
+         "refusing to save non-finite (NaN or inf) weights in ['model.layers.0.self_attn."
+         "q_proj.lora_A.default.weight']; the checkpoints in {dir}/out/checkpoints are kept: "
+         "lower the learning rate, or train in fp32 (--amp-dtype float32)",
+         "the checkpoint before is kept; nothing non-finite is written",
          patch=poisoned("nan-weight", lambda call: call == 1),
          after=nothing_saved_is_non_finite),
     # -- hostile files ------------------------------------------------------------------------
@@ -885,8 +887,8 @@ CASES = [
     Case("top-p-nan", GENERATE + ["--top-p", "nan"],
          "top_p: expected a finite number, got nan", "nothing generated"),
     Case("lr-1e9", TRAIN + ["--lr", "1e9"],
-         "refusing to save weights that diverged (lower lr; the checkpoint before is kept): "
-         "largest magnitude …",
+         "refusing to save weights that diverged (lower the learning rate; the checkpoints in "
+         "{dir}/out/checkpoints are kept): largest magnitude …",
          "no adapter is written (was: an adapter with weights ~ 2e9 that answers nothing)",
          after=nothing_saved_is_non_finite),
     # -- 4. types are what they claim -----------------------------------------------------------
@@ -1411,6 +1413,36 @@ EXTRA_TRAINABLES = [
          "`minilora train --help`)", "nothing written; find a word's ids with the tokenizer"),
 ]
 CASES += EXTRA_TRAINABLES
+
+
+def trained_with_embedding_tying(d: Path, n: dict) -> None:
+    """An adapter with LoRA on the embedding whose config says PEFT's ensure_weight_tying."""
+    train_first("--targets", "embed_tokens,q_proj")(d, n)
+    edit_adapter_config(d / "out" / "adapter", ensure_weight_tying=True)
+
+
+EMBEDDING_LORA = [
+    Case("embedding-dora", TRAIN + ["--targets", "embed_tokens,q_proj", "--dora"],
+         "LoRA on the embedding model.embed_tokens: DoRA is not supported on an embedding; "
+         "leave the embedding out of the targets or turn DoRA off",
+         "nothing written; PEFT has DoRA on an embedding, minilora does not"),
+    Case("embedding-pissa", TRAIN + ["--targets", "embed_tokens,q_proj", "--init", "pissa"],
+         "LoRA on the embedding model.embed_tokens: the PiSSA init is not supported on an "
+         "embedding; leave the embedding out of the targets or use another init",
+         "nothing written (PEFT silently starts an embedding its own way instead)"),
+    Case("export-embedding-adapter-only", EXPORT + ["--adapter", "{dir}/out", "--adapter-only",
+                                                    "--out", "{dir}/a.gguf"],
+         "adapter 'default' has LoRA on the embedding (model.embed_tokens), which minilora does "
+         "not write as a llama.cpp adapter; export the merged model instead (without "
+         "--adapter-only)", "nothing written; the merged export holds the embedding's update",
+         setup=train_first("--targets", "embed_tokens,q_proj")),
+    Case("peft-embedding-weight-tying", GENERATE + ["--adapter", "{dir}/out/adapter"],
+         "{dir}/out/adapter/adapter_config.json: field 'ensure_weight_tying' is true with LoRA "
+         "on an embedding: the tied output head would share the embedding's update, which "
+         "minilora does not do; save the adapter with ensure_weight_tying false",
+         "the model is not touched", setup=trained_with_embedding_tying),
+]
+CASES += EMBEDDING_LORA
 
 
 def rehash(path: Path) -> None:

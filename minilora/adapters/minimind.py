@@ -20,6 +20,7 @@ from minilora.core.errors import AdapterError
 from minilora.core.files import atomic_write, regular_file, torch_load_reason
 from minilora.core.tensor_checks import check_written
 from minilora.lora.config import LoraConfig
+from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.named import adapter_layers, extras_of
 
 _MINIMIND_KEY_RE = re.compile(r"(.+)\.lora\.([AB])\.weight")
@@ -97,9 +98,10 @@ def save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None, name:
     scaling folded into B.
 
     Raises:
-        AdapterError: `path` is a folder, the adapter is DoRA, or it adapts a layer that is not
-            square (MiniMind's apply_lora would drop it). The error's fields ``peft_format`` /
-            ``minimind_format`` say how the caller asks for each format.
+        AdapterError: `path` is a folder, the adapter is DoRA, has LoRA on an embedding, or it
+            adapts a layer that is not square (MiniMind's apply_lora would drop it). The
+            error's fields ``peft_format`` / ``minimind_format`` say how the caller asks for
+            each format.
     """
     modules = adapter_layers(model, name)
     extras = extras_of(model, name)
@@ -113,6 +115,11 @@ def save_minimind(model: nn.Module, path: Path, dtype: torch.dtype | None, name:
     if name in modules[0][1].lora_magnitude_vector:
         raise AdapterError("MiniMind's format has no place for DoRA's magnitude vectors; save "
                            "a DoRA adapter in PEFT's format ({peft_format})", fields=FORMAT_WORDS)
+    tables = [n for n, m in modules if isinstance(m, LoRAEmbedding)]
+    if tables:
+        raise AdapterError(f"MiniMind's apply_lora adds LoRA to Linear layers only and would "
+                           f"drop the embedding's: {tables}; save it in PEFT's format "
+                           "({peft_format})", fields=FORMAT_WORDS)
     not_square = [f"{n} ({m.in_features} -> {m.out_features})"
                   for n, m in modules if m.in_features != m.out_features]
     if not_square:

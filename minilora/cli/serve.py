@@ -104,7 +104,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`minilora serve`: an OpenAI-compatible server; each request names its adapter."""
-    from minilora.core.errors import ConfigError, MissingExtra
+    from minilora.core.errors import MissingExtra
 
     try:
         import uvicorn  # noqa: F401
@@ -115,10 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from minilora.serve.listen import bind_socket
 
     check_flags(args)
-    try:
-        sock = bind_socket(args.host, args.port)  # before the model: a port in use fails fast
-    except ConfigError as e:
-        raise CliError(str(e)) from None
+    sock = bind_socket(args.host, args.port)  # before the model: a port in use fails fast
     try:
         resolve_base(args)  # no --model: the base the first adapter records, else the embedded
         model_path = Path(args.model)

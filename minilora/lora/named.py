@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from minilora.core.errors import AdapterError, ConfigError
-from minilora.lora.layer import BASE_ROW, LoraConfig, LoRALinear, check_adapter_name, lora_modules
+from minilora.lora.embedding import LoRAEmbedding
+from minilora.lora.layer import (
+    BASE_ROW,
+    LoraConfig,
+    LoRALayer,
+    LoRALinear,
+    check_adapter_name,
+    linear_lora_modules,
+    lora_modules,
+)
 from minilora.lora.saved_modules import SavedModule, saved_layers
 from minilora.lora.trainable_tokens import TrainableTokens, token_layers
 
@@ -119,7 +128,8 @@ def extras_of(model: nn.Module, name: str | None = None) -> list[str]:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Removes adapter `name` from every layer; a layer left with no adapter becomes a plain
-    nn.Linear again (sharing the base Parameters). The other adapters are untouched.
+    nn.Linear (or nn.Embedding) again (sharing the base Parameters). The other adapters are
+    untouched.
 
     Raises:
         ConfigError: on an unknown name, or when that adapter is merged.
@@ -135,7 +145,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         m.delete_adapter(name)
         if not m.lora_A and m is not model:
-            replace_submodule(model, path, m.to_linear())
+            replace_submodule(model, path, plain_module(m))
     delete_extras(model, name)
     if not lora_modules(model):
         remove_row_hooks(model)
@@ -165,6 +175,12 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
         yield model
     finally:
         _unroute(modules)
+
+
+def plain_module(m: LoRALayer) -> nn.Module:
+    """The plain layer a LoRA layer computes with its active adapters merged in (nn.Linear or
+    nn.Embedding, sharing the Parameters)."""
+    return m.to_embedding() if isinstance(m, LoRAEmbedding) else m.to_linear()
 
 
 def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[Any]:
@@ -329,7 +345,8 @@ def combine_adapters(
             layers cannot hold, or merged LoRA.
     """
     _check_combine(model, weights, name, method)
-    modules = [(p, m) for p, m in lora_modules(model) if any(n in m.lora_A for n in weights)]
+    modules = [(p, m) for p, m in linear_lora_modules(model)
+               if any(n in m.lora_A for n in weights)]
     # Each adapter owns a fixed block of rows, so the concatenation has one rank everywhere
     # (what a PEFT file needs); a layer without that adapter keeps its block at zero.
     width = {n: max(m.r[n] for _, m in modules if n in m.lora_A) for n in weights}
@@ -392,6 +409,11 @@ def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, me
         raise ConfigError(
             f"adapter {name!r} exists already; delete_adapter it or pick another name")
     refuse_merged(model, "combine_adapters")
+    on_embedding = sorted({n for p, m in lora_modules(model) if isinstance(m, LoRAEmbedding)
+                           for n in m.lora_A if n in weights})
+    if on_embedding:
+        raise ConfigError(f"adapters {on_embedding} have LoRA on an embedding, which combining "
+                          "does not support; combine adapters of Linear layers only")
     extras = [p for a in weights for p in extras_of(model, a)]
     if extras:  # a whole copy or a row has no low-rank update to add up
         raise ConfigError(f"combine_adapters adds LoRA updates; these adapters also train "
@@ -476,6 +498,6 @@ def resolve_adapter(model: nn.Module, name: str | None = None, doing: str = "use
     )
 
 
-def adapter_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALinear]]:
+def adapter_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALayer]]:
     """(path, layer) of every layer that carries adapter `name`, in model order."""
     return [(p, m) for p, m in lora_modules(model) if name in m.lora_A]

@@ -65,18 +65,25 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], kept: Path | None = None) -> None:
     """Refuse to save NaN / inf weights, and weights that diverged (an lr far too high keeps the
-    loss finite while the weights grow without bound: the adapter then answers nothing)."""
+    loss finite while the weights grow without bound: the adapter then answers nothing).
+
+    Args:
+        kept: the checkpoint folder whose earlier checkpoints stay untouched, named in the error.
+    """
+    where = f"the checkpoints in {kept} are kept" if kept else "nothing was written"
     bad = [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
-        raise TrainError(f"refusing to save non-finite weights: {bad[:5]}")
+        raise TrainError(f"refusing to save non-finite (NaN or inf) weights in {bad[:3]}; "
+                         f"{where}: lower the learning rate, or train in fp32 "
+                         "(--amp-dtype float32)")
     sizes = {n: float(t.detach().abs().max()) for n, t in tensors.items() if t.numel()}
     huge = sorted((n for n, v in sizes.items() if v > MAX_TRAINED_WEIGHT), key=sizes.__getitem__,
                   reverse=True)
     if huge:
-        raise TrainError(f"refusing to save weights that diverged (lower lr; the checkpoint "
-                         f"before is kept): largest magnitude {sizes[huge[0]]:.3g} > "
+        raise TrainError(f"refusing to save weights that diverged (lower the learning rate; "
+                         f"{where}): largest magnitude {sizes[huge[0]]:.3g} > "
                          f"{MAX_TRAINED_WEIGHT:g} in {huge[:3]}")
 
 
@@ -109,7 +116,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     if final.exists():  # written earlier by this same run at this same step (resume is exact)
         _drop_older_checkpoints(folder, final)
         return final
-    check_finite(weights)
+    check_finite(weights, kept=folder)
     blob = safetensors_save(weights, metadata={"format": "pt", "step": str(run.step)})
     state = _state(blob, model, optimizer_state, scaler, config, plan, run)
     buffer = io.BytesIO()

@@ -218,8 +218,13 @@ def _is_minimind_adapter(path: Path) -> bool:
     """A .pth of MiniMind LoRA keys (``<module>.lora.A.weight``) rather than a model."""
     if path.suffix != ".pth" or not path.is_file():  # a FIFO: describe_model refuses it
         return False
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a hostile or broken file: describe_model reports it in one line
-        return False
+    sd = None
+    # Mapped, not read, first: a model .pth of GBs is only looked at here (describe_model reads
+    # it). The legacy (non-zip) format cannot be mapped and is read whole, as before.
+    for mmap in (True, False):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:  # a hostile or broken file: describe_model reports it in one line
+            continue
     return isinstance(sd, dict) and any(".lora.A." in k for k in sd)

@@ -654,7 +654,8 @@ def _save_weights(run: _Run, folder: Path, config: TrainConfig, rank: int) -> Pa
         gathered = {k: whole(v).cpu() for k, v in adapter_state_dict(model).items()}
     if rank != 0:
         return None
-    check_finite(gathered if gathered is not None else trainable(model))
+    check_finite(gathered if gathered is not None else trainable(model),
+                 kept=RunLayout(config.out_dir).checkpoints)
     try:
         if config.full:
             assert isinstance(model, CausalLM)  # save_model writes minilora's own model

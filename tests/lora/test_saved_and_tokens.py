@@ -307,3 +307,19 @@ def test_a_mixed_batch_gives_each_row_its_adapters_copies_and_rows(tied):
         mixed = model(x, adapter_names=["a", "b", None]).logits.float()
     for row, name in enumerate(("a", "b", None)):
         torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_and_lora_on_one_embedding_are_refused_lora_beside_a_saved_head_works(tmp_path):
+    model = llama(False)
+    with pytest.raises(ConfigError, match="which LoRA or modules to save already train"):
+        inject_lora(model, LoraConfig(r=2, targets=["embed_tokens", "q_proj"],
+                                      trainable_token_indices=TOKENS))
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                          modules_to_save=["lm_head"])
+    theirs = peft.get_peft_model(llama(False), cfg)
+    perturb(theirs)
+    theirs.eval()
+    x = ids()
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    load_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(logits(model, x), logits(theirs, x), rtol=1e-5, atol=1e-5)

@@ -284,3 +284,27 @@ def test_max_loras_one_slot_requests_for_two_adapters_take_turns(served, tmp_pat
     for (adapter, q), c in zip(order, collectors, strict=True):
         assert c.done.error is None, c.done.error
         assert c.text == reference(model, tokenizer, prompt(tokenizer, QUESTIONS[q]), adapter, 6)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_an_adapter_with_lora_on_the_embedding_is_served_in_a_mixed_batch(chunk):
+    """LoRA on the embedding routes rows too: each answer equals `generate` alone."""
+    from minilora.lora.injection import inject_lora
+    from minilora.lora.layer import LoraConfig
+
+    model = load_model(BASE_MODEL).eval()
+    tokenizer = Tokenizer.from_file(BASE_MODEL)
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"]), "emb")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the embedding's A starts at zero: give it something to add
+        a = model.model.embed_tokens.lora_A["emb"].weight
+        a.copy_(torch.randn(a.shape, generator=g) * 0.05)
+    set_active(model, [])
+    cases = [(q, a) for q in QUESTIONS[:2] for a in (None, "emb")]
+    expected = {c: reference(model, tokenizer, prompt(tokenizer, c[0]), c[1], 12) for c in cases}
+    assert expected[(QUESTIONS[0], None)] != expected[(QUESTIONS[0], "emb")]
+    engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=chunk)
+    collectors = {c: submit(engine, tokenizer, *c, max_tokens=12) for c in cases}
+    run_until_done(engine, list(collectors.values()))
+    for case, c in collectors.items():
+        assert c.text == expected[case], case

@@ -113,3 +113,52 @@ def test_loraplus_with_full_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--full trains no LoRA" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_loraplus_groups_equal_peft_with_lora_on_the_embedding():
+    """PEFT's create_loraplus_optimizer puts an embedding's A and B in a group of their own at
+    loraplus_lr_embedding (1e-6 by default): so does ours, the Linear A and B as before."""
+    targets = ["embed_tokens", "q_proj", "v_proj"]
+    theirs = peft.get_peft_model(_hf(), peft.LoraConfig(r=4, lora_alpha=8,
+                                                        target_modules=targets))
+    peft_opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=3e-4,
+                                         loraplus_lr_ratio=16.0, loraplus_weight_decay=0.01)
+    # PEFT's lora_embedding_A.default is minilora's lora_A.default.weight (the same tensor)
+    peft_names = {id(p): n.removeprefix("base_model.model.").replace(
+        "lora_embedding_A.default", "lora_A.default.weight").replace(
+        "lora_embedding_B.default", "lora_B.default.weight")
+        for n, p in theirs.named_parameters()}
+    ours = _hf()
+    inject_lora(ours, LoraConfig(r=4, alpha=8, targets=targets))
+    mark_trainable(ours)
+    config = TrainConfig(lr=3e-4, weight_decay=0.01, loraplus_lr_ratio=16.0)
+    our_opt = build_optimizer(ours, lora_parameters(ours), config)
+    our_names = {id(p): n for n, p in ours.named_parameters()}
+
+    want = _groups(peft_opt, peft_names)
+    assert (("model.embed_tokens.lora_A.default.weight",
+             "model.embed_tokens.lora_B.default.weight"), 1e-6, 0.01) in want
+    assert _groups(our_opt, our_names) == want
+
+
+def test_a_run_with_lora_on_the_embedding_trains_it_and_saves_peft_s_keys(tmp_path, tok):
+    """Through the training loop: the embedding's A (zero at the start) and B move, the table
+    does not, and the adapter holds PEFT's lora_embedding_A / lora_embedding_B."""
+    from safetensors import safe_open
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=4))
+    config = TrainConfig(data=str(data), out_dir=str(tmp_path / "out"), max_steps=3,
+                         batch_size=4, max_seq_len=64, lora_r=2, lr=1e-2,
+                         lora_targets=["embed_tokens", "q_proj"])
+    model = tiny_model(tok.vocab_size)
+    table = model.model.embed_tokens.weight.detach().clone()
+    result = fit(model, tok, config)
+    assert result.output_dir is not None
+    emb = model.model.embed_tokens
+    assert emb.lora_A["default"].weight.abs().max() > 1e-3
+    assert torch.equal(emb.weight, table)
+    with safe_open(str(result.output_dir / "adapter_model.safetensors"), framework="pt") as f:
+        a = f.get_tensor("base_model.model.model.embed_tokens.lora_embedding_A")
+        b = f.get_tensor("base_model.model.model.embed_tokens.lora_embedding_B")
+    assert torch.equal(a, emb.lora_A["default"].weight.detach())
+    assert torch.equal(b, emb.lora_B["default"].weight.detach())

@@ -285,8 +285,9 @@ def plan_trainable_tokens(model: nn.Module, indices: list[int] | Mapping[str, li
         hits = [n for n, m in modules.items() if n.endswith(key) and _wrappable(m)]
         if not hits:
             near = [n for n, m in modules.items() if _wrappable(m)]
-            problems.append(f"{key!r} matches no Embedding or bias-free Linear "
-                            f"(the model has {near or 'none'})")
+            more = f" and {len(near) - 5} more" if len(near) > 5 else ""
+            problems.append(f"{key!r} matches no Embedding or bias-free Linear (the model has "
+                            f"{', '.join(near[:5]) or 'none'}{more})")
         for n in hits:
             rows = modules[n].weight.shape[0]
             bad = [i for i in ids if not 0 <= i < rows]

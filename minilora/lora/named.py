@@ -113,8 +113,10 @@ def delete_extras(model: nn.Module, name: str) -> None:
         saved.delete_adapter(name)
         if not saved.adapters:
             replace_submodule(model, path, saved.original)
-    for path, tokens in reversed(token_layers(model)):  # heads (after embeddings) first
+    layers = token_layers(model)
+    for _, tokens in layers:
         tokens.delete_adapter(name)
+    for path, tokens in layers:  # a tied head has none once its embedding has none
         if not tokens.adapters:
             replace_submodule(model, path, tokens.to_base())
 

@@ -158,6 +158,8 @@ def test_rows_and_copies_train_alone_and_the_tied_head_follows():
             torch.testing.assert_close(model.state_dict()[k], v)
     delete_adapter(model, "default")
     assert sorted(model.state_dict()) == sorted(base)
+    assert not any(isinstance(m, (SavedModule, TrainableTokens)) for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
 @pytest.mark.parametrize("config, message", [

@@ -329,9 +329,11 @@ def _plan_extras(model: nn.Module, chosen: list[tuple[str, AnyTarget]], config: 
     tokens = (plan_trainable_tokens(model, config.trainable_token_indices)
               if config.trainable_token_indices else [])
     clash = sorted({p for p, _, _ in tokens} & (set(saved) | set(lora_paths)))
+    tied = [f"{p} (tied to {t}: it reads the embedding's rows)" for p, _, t in tokens
+            if t is not None and p in clash]
     if clash:
-        raise ConfigError(f"trainable tokens go on {clash}, which LoRA or modules to save "
-                          "already train; train each module one way")
+        raise ConfigError(f"trainable tokens go on {', '.join(tied) or clash}, which LoRA or "
+                          "modules to save already train; train each module one way")
     return saved, tokens
 
 

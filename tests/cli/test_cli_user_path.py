@@ -174,7 +174,7 @@ def test_the_run_is_described_before_the_first_step(workdir: Path, tmp_path: Pat
         assert block["precision"].endswith("bfloat16 autocast (this CPU has avx512_bf16/AMX)")
     else:
         assert "float32 (this CPU has no bfloat16 units" in block["precision"]
-    assert "14 Linear modules" in block["adapted"]  # 2 layers x 7 projections
+    assert "14 LoRA modules" in block["adapted"]  # 2 layers x 7 projections
     config = json.loads((out / "config.json").read_text())
     assert config["amp_dtype"] in ("float32", "bfloat16") and config["device"] == "cpu"
     assert config["model"] == str(workdir / "base")

@@ -37,6 +37,8 @@ _ST_DTYPES = {name: getattr(torch, dtype) for name, dtype in {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }.items() if hasattr(torch, dtype)}
+_ELEMENT_BYTES = {dtype: torch.empty(0, dtype=dtype).element_size()
+                  for dtype in _ST_DTYPES.values()}
 
 
 def safetensors_source(path: Path) -> tuple[Path, list[Path], dict[str, str] | None] | None:
@@ -143,6 +145,28 @@ def read_tensor(f: io.BufferedReader, path: Path, key: str, info: dict[str, Any]
     return data.view(dtype).reshape(info["shape"])
 
 
+def read_rows(f: io.BufferedReader, path: Path, key: str, info: dict[str, Any], start: int,
+              rows: tuple[int, int]) -> Tensor:
+    """Rows ``rows[0]`` to ``rows[1]`` (end excluded) along the first dimension of tensor `key`,
+    read alone: a row-major tensor's rows are one run of bytes, so nothing else of it is read.
+
+    Raises:
+        WeightsError: the file is cut short.
+    """
+    begin, _ = info["data_offsets"]
+    dtype = _ST_DTYPES[info["dtype"]]
+    shape = list(info["shape"])
+    row_bytes = _ELEMENT_BYTES[dtype]
+    for n in shape[1:]:
+        row_bytes *= n
+    first, stop = rows
+    data = torch.empty((stop - first) * row_bytes, dtype=torch.uint8)
+    f.seek(start + begin + first * row_bytes)
+    if f.readinto(data.numpy().data) != data.numel():
+        raise WeightsError(f"{path}: tensor {key} is cut short (truncated file)")
+    return data.view(dtype).reshape([stop - first, *shape[1:]])
+
+
 def read_index(path: Path) -> dict[str, str]:
     """A model.safetensors.index.json's weight_map, its shards checked to be in its folder."""
     try:  # bounded: an endless or huge index is refused before it is parsed
@@ -203,3 +227,56 @@ def listing(keys: list[str], limit: int = 12) -> str:
     """The first `limit` keys and how many more, for an error message."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+class SafetensorsSlices:
+    """A safetensors base (one file, or shards and their index) read a tensor or a range of its
+    rows at a time, by the names the model gives its parameters (wrappers stripped).
+
+    What FSDP needs to fill each process's shards: only the rows a process keeps are read
+    (``bytes_read`` counts them), with plain reads, so no file is mapped whole.
+
+    Raises:
+        FileNotFoundError: path holds no safetensors (a ``.pth`` / ``.bin`` file, or nothing).
+        WeightsError: a damaged file, or an index listing keys its shards do not hold.
+    """
+
+    def __init__(self, path: Path) -> None:
+        found = safetensors_source(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no model.safetensors (or index) to read a slice "
+                                    f"at a time")
+        self.source, shards, weight_map = found
+        self._where: dict[str, tuple[Path, str, dict[str, Any], int]] = {}
+        for shard in shards:
+            header, start = safetensors_header(shard)
+            for key, info in header.items():
+                self._where[strip_wrappers({key: None}).popitem()[0]] = (shard, key, info, start)
+        if weight_map is not None:
+            check_index_keys(self.source, weight_map,
+                             {key for _, key, _, _ in self._where.values()})
+        self.bytes_read = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor ``name``."""
+        return tuple(self._where[name][2]["shape"])
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """Tensor ``name`` as stored, or only its rows ``rows[0]`` to ``rows[1]`` (end excluded)
+        along the first dimension.
+
+        Raises:
+            KeyError: no tensor of that name.
+            WeightsError: the file is cut short.
+        """
+        shard, key, info, start = self._where[name]
+        with open(shard, "rb") as f:
+            if rows is None:
+                t = read_tensor(f, shard, key, info, start)
+            else:
+                t = read_rows(f, shard, key, info, start, rows)
+        self.bytes_read += t.numel() * t.element_size()
+        return t

@@ -35,6 +35,9 @@ from minilora.model.state_files import SafetensorsSlices
 # The names a decoder's list of blocks goes by: minilora's and transformers' Llama/Qwen
 # (model.layers), GPT-2 (transformer.h), others (blocks).
 _BLOCK_LISTS = ("layers", "h", "blocks")
+# The model's methods run in place of forward, which fully_shard's hooks must see: the
+# preference losses' (training/preference.py sequence_log_probs).
+_ENTRY_METHODS = ("sequence_log_probs",)
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH = "torchrun --nproc_per_node 2 -m minilora train --fsdp ..."
 
@@ -94,7 +97,7 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> list[nn.P
 def _shard(model: nn.Module, device: torch.device, world: int) -> list[nn.Parameter]:
     """fully_shard each decoder block and the root; the trainable parameters after."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
         raise ConfigError(f"{{fsdp}} needs a newer PyTorch (FSDP2 with summed gradient "
@@ -104,6 +107,10 @@ def _shard(model: nn.Module, device: torch.device, world: int) -> list[nn.Parame
     wrapped = [*decoder_blocks(model), model]
     for module in wrapped:
         fully_shard(module, mesh=mesh)
+    for method in _ENTRY_METHODS:
+        if callable(getattr(model, method, None)):
+            # Called instead of forward (the preference losses'): gathered as forward is
+            register_fsdp_forward_method(model, method)
     for shard in wrapped:
         fsdp_module: Any = shard  # an FSDPModule now: fully_shard added its methods
         # The loop's loss is already the global mean split over ranks: sum the gradients

@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py            # benchmark model (run.py's FULL_SHAPES), a few minutes
     python benchmarks/scale.py --quick    # tiny shapes: checks that every row runs
-    python benchmarks/scale.py --cap-gib 1.5 --layers 8,16,32   # which sizes fit a memory cap
+    python benchmarks/scale.py --cap-gib 1.9 --layers 24   # which rows fit a memory cap
 
 Each row is a fresh launch: one process (``--worker``), or ``torchrun --standalone
 --nproc_per_node 2`` of the same worker. A worker builds the model (LoRA r=8 on every Linear),
@@ -12,8 +12,15 @@ after training (DTensor local shards under FSDP), and the median seconds per ste
 first (from metrics.jsonl). The single process runs 2 intra-op threads, each of the two ranks 1,
 so every row has the machine's 2 cores.
 
-``--cap-gib`` runs each row under ``RLIMIT_AS`` (address space, per process, inherited by
-torchrun's workers) for each depth in ``--layers``, and reports which rows finish.
+``--cap-gib`` uses a wider model (CAP_SHAPES: 43 MiB of fp32 weights a block) saved once as a
+safetensors base for each depth in ``--layers``, read by every row as ``minilora train`` reads it:
+whole by each process for one process and DDP, only each rank's shards under FSDP (meta-device
+model, sharded, then filled from the file). Each row runs once without a cap (its peak RSS,
+address space and step time) and once under ``RLIMIT_AS`` of that many GiB per process
+(inherited by torchrun's workers), and reports whether it finishes. RLIMIT_AS caps address
+space, not resident memory: a process reserves several hundred MiB more than it touches (the
+peak address space column shows how much), so the cap sits between the rows' address-space
+peaks.
 """
 
 from __future__ import annotations
@@ -199,7 +206,8 @@ def cap_table(shapes: dict, batch: tuple[int, int], steps: int, args: argparse.N
     depths = [int(x) for x in (args.layers or "16,24").split(",")]
     print(f"load average (1 min) before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"cap: RLIMIT_AS {args.cap_gib} GiB per process (each torchrun worker has its own); "
-          f"{args.amp}; global batch {batch[0]} x {batch[1]} tokens; {steps} steps")
+          f"{args.amp}; global batch {batch[0]} x {batch[1]} tokens; {steps} steps; "
+          "MALLOC_MMAP_THRESHOLD_=131072 in every row")
     print("| layers | fp32 weights (MiB) | run | step (s) | peak RSS per rank (MiB) | "
           "peak address space per rank (MiB) | under the cap |")
     print("|---|---|---|---|---|---|---|")
@@ -208,6 +216,9 @@ def cap_table(shapes: dict, batch: tuple[int, int], steps: int, args: argparse.N
         with tempfile.TemporaryDirectory() as base:
             subprocess.run([sys.executable, __file__, "--make-base", json.dumps(sized), base],
                            check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            # every row with the allocator policy --fsdp sets for itself on a CPU (fsdp.py):
+            # glibc maps each tensor over 128 KiB on its own and unmaps it when freed
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
             for mode in MODES:
                 with tempfile.TemporaryDirectory() as d:
                     row = run_row(mode, sized, batch, steps, args.amp, Path(d), None,

@@ -186,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from minilora.data.tokenizer import Tokenizer
     from minilora.decoding.chat import chat_answerer
     from minilora.model.io import load_model, load_skeleton
-    from minilora.model.state_files import safetensors_source
+    from minilora.model.state_files import sliceable
     from minilora.training.datasets import load_datasets
     from minilora.training.loop import train
 
@@ -195,10 +195,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         "--config": args.config, "--tasks": args.tasks},
                        "--out")
     model_path = Path(config.model)
-    # --fsdp: each process reads only its shards of a safetensors base (after sharding); a
-    # .pth / .bin base is read whole by every process first, then sharded.
-    sharded_load = (config.fsdp and not config.from_adapter
-                    and safetensors_source(model_path) is not None)
+    # --fsdp: each process reads only its shards of the base (after sharding); a torch file of
+    # the legacy format (it does not map) is read whole by every process first, then sharded.
+    sharded_load = config.fsdp and not config.from_adapter and sliceable(model_path)
     model = (load_skeleton(model_path, config=config.model_config) if sharded_load
              else load_model(model_path, config=config.model_config))
     tokenizer = Tokenizer.from_file(Path(config.tokenizer) if config.tokenizer else

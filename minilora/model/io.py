@@ -30,6 +30,7 @@ from minilora.model.state_files import (
     WRAPPER_PREFIXES,
     check_index_keys,
     listing,
+    mapped_state_dict,
     read_state_dict,
     read_tensor,
     safetensors_header,
@@ -117,11 +118,12 @@ def _skeleton(path: Path, config: ModelConfig | dict[str, Any] | str | Path | No
 
 def load_skeleton(path: str | Path,
                   config: ModelConfig | dict[str, Any] | str | Path | None = None) -> CausalLM:
-    """The model a safetensors base describes, on the meta device: its names and shapes checked
-    against the files' headers as ``load_model`` checks them, no value read.
+    """The model a base describes, on the meta device: its names and shapes checked as
+    ``load_model`` checks them, no weight read (safetensors: the files' headers; a zip-format
+    ``.pth`` / ``.bin``: mapped, its tensors' shapes only).
 
     For sharded training, where each process then reads only its shards
-    (state_files.SafetensorsSlices).
+    (state_files.BaseSlices).
 
     Args:
         path, config: as ``load_model``.
@@ -130,17 +132,22 @@ def load_skeleton(path: str | Path,
         The model (float32 meta tensors, embeddings tied as the config says), in eval mode.
 
     Raises:
-        FileNotFoundError: when path does not exist or holds no safetensors.
+        FileNotFoundError: when path does not exist, or holds neither safetensors nor a
+            zip-format torch file (state_files.sliceable).
         WeightsError: when the weights do not fit the config (every offending key named).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     shards = safetensors_source(path)
-    if shards is None:
-        raise FileNotFoundError(f"{path}: no model.safetensors (or index) to read a shard at a "
-                                f"time")
-    model = _checked_skeleton(path, *shards, config)[0]
+    if shards is not None:
+        model = _checked_skeleton(path, *shards, config)[0]
+    else:
+        mapped, source = mapped_state_dict(path)
+        model = _skeleton(path, config, mapped, source)
+        # names and shapes (a tied lm_head is compared with the embedding: two tensors read)
+        _fit(model, mapped, source)
+        del mapped  # unmapped
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

@@ -30,7 +30,7 @@ from minilora.lora.fingerprint import (
 )
 from minilora.lora.layer import lora_modules
 from minilora.lora.weight_hash import hash_weights
-from minilora.model.state_files import SafetensorsSlices
+from minilora.model.state_files import BaseSlices
 
 # The names a decoder's list of blocks goes by: minilora's and transformers' Llama/Qwen
 # (model.layers), GPT-2 (transformer.h), others (blocks).
@@ -210,7 +210,7 @@ def shard_and_load(model: nn.Module, path: Path, device: torch.device, world: in
                 module._parameters[name] = meta[id(p)]
             elif not p.is_meta:
                 kept[f"{module_name}.{name}" if module_name else name] = p.detach().clone()
-    slices = SafetensorsSlices(path)
+    slices = BaseSlices(path)
     fingerprint = [_file_fingerprint(model, slices) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(fingerprint, src=0)  # the file is read once
     record_sharded_fingerprint(model, cast(str, fingerprint[0]))
@@ -226,7 +226,7 @@ def shard_and_load(model: nn.Module, path: Path, device: torch.device, world: in
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _read_shard(param: torch.Tensor, name: str, slices: SafetensorsSlices) -> None:
+def _read_shard(param: torch.Tensor, name: str, slices: BaseSlices) -> None:
     """This process's shard of base weight ``name``, read from the file: its rows only."""
     local = cast(Any, param).to_local() if is_sharded(param) else param
     rows = _rows(param)
@@ -271,7 +271,7 @@ def _dora_magnitudes(model: nn.Module) -> None:
             m.copy_(torch.linalg.norm(w.float(), dim=1).to(m.dtype))
 
 
-def _file_fingerprint(model: nn.Module, slices: SafetensorsSlices) -> str:
+def _file_fingerprint(model: nn.Module, slices: BaseSlices) -> str:
     """The base fingerprint of the LoRA layers' weights in the file, read one at a time."""
     class _FromFile(Mapping[str, torch.Tensor]):
         def __init__(self, paths: list[str]) -> None:

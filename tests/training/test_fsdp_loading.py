@@ -2,8 +2,9 @@
 shard_and_load), and the run is the one-process run.
 
 One torchrun launch of 2 processes (CPU, gloo) trains through the command line three times,
-plain LoRA, DoRA and DPO, on a saved base of hidden 64; the references are the same commands in
-this process without --fsdp, global batch the same.
+plain LoRA, DoRA and DPO, on a saved base of hidden 64 (DoRA's a .pth of it, mapped; the others
+safetensors); the references are the same commands in this process without --fsdp, global
+batch the same.
 What each process read from the base file is counted by wrapping the one reader of slices, and
 loading the whole base (model.io.load_model) is recorded if it happens.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +40,7 @@ from minilora.cli.main import main
 from minilora.model import io, state_files
 
 read, whole = [], []
-real_read, real_load = state_files.SafetensorsSlices.read, io.load_model
+real_read, real_load = state_files.BaseSlices.read, io.load_model
 def counting_read(self, name, rows=None):
     t = real_read(self, name, rows)
     read.append(t.numel() * t.element_size())
@@ -46,7 +48,7 @@ def counting_read(self, name, rows=None):
 def recording_load(*args, **kwargs):
     whole.append(str(args[0]))
     return real_load(*args, **kwargs)
-state_files.SafetensorsSlices.read = counting_read
+state_files.BaseSlices.read = counting_read
 io.load_model = recording_load
 dist.init_process_group("gloo")
 codes = [main(json.loads(cli)) for cli in sys.argv[2:]]
@@ -63,14 +65,20 @@ def runs(tmp_path_factory, tok):
     pairs = str(write_jsonl(d / "pairs.jsonl", [
         {"chosen": chat, "rejected": chat[:-1] + [{"role": "assistant", "content": "No idea."}]}
         for chat in CHATS] * 2))
-    base = d / "base"
+    base, pth = d / "base", d / "pth"
     save_model(tiny_model(tok.vocab_size, hidden=64), base)
     tok.save(base)
+    # The same base as a .pth (torch's zip format, mapped and sliced) beside its config.json
+    pth.mkdir()
+    shutil.copy(base / "config.json", pth)
+    tok.save(pth)
+    torch.save(tiny_model(tok.vocab_size, hidden=64).state_dict(), pth / "model.pth")
     worker = d / "worker.py"
     worker.write_text(WORKER)
 
-    def cli(out: str, *extra: str, batch: int, rows: str = data) -> list[str]:
-        return ["train", "--model", str(base), "--data", rows, "--out", str(d / out),
+    def cli(out: str, *extra: str, batch: int, rows: str = data, model: Path = base
+            ) -> list[str]:
+        return ["train", "--model", str(model), "--data", rows, "--out", str(d / out),
                 "--batch-size", str(batch), "--max-steps", "2", "--max-seq-len", "64",
                 "--lr", "1e-3", "--amp-dtype", "float32", "--log-every", "1", *extra]
 
@@ -83,11 +91,11 @@ def runs(tmp_path_factory, tok):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(worker), str(d / "report"),
          json.dumps(cli("lora", "--fsdp", batch=2)),
-         json.dumps(cli("dora", "--fsdp", "--dora", batch=2)),
+         json.dumps(cli("dora", "--fsdp", "--dora", batch=2, model=pth)),
          json.dumps(cli("dpo", "--fsdp", *dpo, batch=1, rows=pairs))],
         env=env, capture_output=True, text=True, timeout=300)
-    for name, extra in (("lora1", ()), ("dora1", ("--dora",))):
-        assert main(cli(name, *extra, batch=4)) == 0
+    assert main(cli("lora1", batch=4)) == 0
+    assert main(cli("dora1", "--dora", batch=4, model=pth)) == 0
     assert main(cli("dpo1", *dpo, batch=2, rows=pairs)) == 0
     reports = [json.loads(p.read_text()) if (p := d / f"report.{rank}.json").exists() else None
                for rank in range(2)]

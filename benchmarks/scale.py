@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py            # benchmark model (run.py's FULL_SHAPES), a few minutes
     python benchmarks/scale.py --quick    # tiny shapes: checks that every row runs
-    python benchmarks/scale.py --cap-gib 1.9 --layers 24   # which rows fit a memory cap
+    python benchmarks/scale.py --cap-gib 1.9 --layers 16,24   # which rows fit a memory cap
 
 Each row is a fresh launch: one process (``--worker``), or ``torchrun --standalone
 --nproc_per_node 2`` of the same worker. A worker builds the model (LoRA r=8 on every Linear),
@@ -43,6 +43,9 @@ for p in (ROOT, ROOT / "benchmarks"):
 from run import FULL_BATCH, FULL_SHAPES, QUICK_BATCH, QUICK_SHAPES  # noqa: E402
 
 MODES = {"1 process": (1, False), "DDP x2": (2, False), "FSDP x2": (2, True)}
+# --cap-gib only: FSDP as it runs on a model loaded whole by every rank (the train() API given a
+# loaded model), beside the command line's shard-by-shard load
+WHOLE_BASE_FSDP = "FSDP x2, base loaded whole per rank"
 # The --cap-gib model: wide blocks (43 MiB of fp32 weights each) and a small vocabulary, so the
 # blocks are nearly all of it (the root, gathered whole for the whole forward, is 25 MiB), and a
 # small batch, so the weights and not the activations decide the peak.
@@ -70,7 +73,8 @@ def worker(case_path: str) -> None:
     base = case.get("base")
     if base is None:
         model = CausalLM(ModelConfig(model_type="llama", **case["shapes"]))
-    elif case["fsdp"]:  # each rank reads only its shards, after fully_shard (training/fsdp.py)
+    elif case["fsdp"] and not case.get("whole_base"):
+        # each rank reads only its shards, after fully_shard (training/fsdp.py)
         model = load_skeleton(base)
     else:  # the whole base, a file shard at a time
         model = load_model(base)
@@ -107,10 +111,11 @@ def _vm(field: str) -> int:
 def run_row(mode: str, shapes: dict, batch: tuple[int, int], steps: int, amp: str,
             folder: Path, cap: float | None, base: Path | None = None) -> dict | None:
     """Launch one row; its ranks' records, or None when it did not finish (under a cap)."""
-    world, fsdp = MODES[mode]
+    world, fsdp = MODES.get(mode, (2, True))
     case = {"shapes": shapes, "global_batch": batch[0], "seq": batch[1], "steps": steps,
             "amp": amp, "world": world, "fsdp": fsdp, "threads": 2 // world,
-            "out": str(folder / "out"), "base": None if base is None else str(base)}
+            "out": str(folder / "out"), "base": None if base is None else str(base),
+            "whole_base": mode == WHOLE_BASE_FSDP}
     path = folder / "case.json"
     path.write_text(json.dumps(case))
     command = [sys.executable, __file__, "--worker", str(path)]
@@ -203,7 +208,7 @@ def cap_table(shapes: dict, batch: tuple[int, int], steps: int, args: argparse.N
     and once under RLIMIT_AS of --cap-gib per process (whether it finishes). The base is saved
     once, to a safetensors folder, and read by every row: whole by each process for 1 process
     and DDP, each rank's shards only for FSDP."""
-    depths = [int(x) for x in (args.layers or "16,24").split(",")]
+    depths = [int(x) for x in (args.layers or "16,24").split(",")]  # 43 MiB a layer
     print(f"load average (1 min) before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"cap: RLIMIT_AS {args.cap_gib} GiB per process (each torchrun worker has its own); "
           f"{args.amp}; global batch {batch[0]} x {batch[1]} tokens; {steps} steps; "
@@ -219,7 +224,7 @@ def cap_table(shapes: dict, batch: tuple[int, int], steps: int, args: argparse.N
             # every row with the allocator policy --fsdp sets for itself on a CPU (fsdp.py):
             # glibc maps each tensor over 128 KiB on its own and unmaps it when freed
             os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-            for mode in MODES:
+            for mode in [*MODES, WHOLE_BASE_FSDP]:
                 with tempfile.TemporaryDirectory() as d:
                     row = run_row(mode, sized, batch, steps, args.amp, Path(d), None,
                                   Path(base))

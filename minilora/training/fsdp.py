@@ -184,7 +184,8 @@ def shard_and_load(model: nn.Module, path: Path, device: torch.device, world: in
                    ) -> list[nn.Parameter]:
     """``shard_model`` for a model ``stand_in`` prepared, its LoRA injected: the base is sharded
     on the meta device, then each process allocates its shards alone and reads only their rows
-    from the safetensors base at ``path``. No process holds the whole base: the largest
+    from the base at ``path`` (state_files.BaseSlices: safetensors, or a zip-format ``.pth`` /
+    ``.bin`` mapped). No process holds the whole base: the largest
     tensor a process reads is its slice of one weight (rank 0 also reads the LoRA layers' whole
     weights one at a time for the base fingerprint). The adapters keep the values they were
     given (every process drew the same ones); a DoRA magnitude is the norm of its weight's rows.

@@ -133,7 +133,9 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
 
     Args:
         model: a CausalLM-like module: ``model(input_ids, labels=...)`` returns an object with
-            ``loss`` (mean over the labels that are not -100) and ``aux_loss``.
+            ``loss`` (mean over the labels that are not -100) and ``aux_loss``. With ``fsdp``
+            it may be on the meta device (model.io.load_skeleton of ``config.model``): each
+            process then reads only its shards of ``config.model`` once the model is sharded.
         train_set: the rows to train on (``load_datasets(config, tokenizer)`` reads the files a
             config names).
         config: the run's settings.
@@ -156,7 +158,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
             one; or resume=False where an unfinished checkpoint would be overwritten.
         TrainError: max_bad_steps non-finite steps in a row.
         TaskError: a file of ``config.eval_tasks`` that is not a task file.
-        ConfigError: a sample longer than the model's context (max_position_embeddings).
+        ConfigError: a sample longer than the model's context (max_position_embeddings); a
+            model on the meta device without fsdp and config.model, or with from_adapter.
     """
     started = time.perf_counter()
     if unloaded(model) and (not config.fsdp or not config.model):

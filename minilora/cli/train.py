@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -200,7 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from minilora.data import tasks
     from minilora.data.tokenizer import Tokenizer
     from minilora.decoding.chat import chat_answerer
-    from minilora.model.io import load_model
+    from minilora.model.io import load_model, load_skeleton
+    from minilora.model.state_files import sliceable
     from minilora.training.datasets import load_datasets
     from minilora.training.loop import train
 
@@ -209,7 +211,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         "--config": args.config, "--tasks": args.tasks},
                        "--out")
     model_path = Path(config.model)
-    model = load_model(model_path, config=config.model_config)
+    # --fsdp: each process reads only its shards of the base (after sharding); a torch file of
+    # the legacy format (it does not map) is read whole by every process first, then sharded.
+    sharded_load = config.fsdp and not config.from_adapter and sliceable(model_path)
+    model = (load_skeleton(model_path, config=config.model_config) if sharded_load
+             else load_model(model_path, config=config.model_config))
     tokenizer = Tokenizer.from_file(Path(config.tokenizer) if config.tokenizer else
                                     (model_path if model_path.is_dir() else model_path.parent))
     train_set, eval_set = load_datasets(config, tokenizer)
@@ -221,6 +227,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     answer = chat_answerer(model, tokenizer, max_new_tokens=48,
                            eos_token_id=tokenizer.stop_token_ids)
     sampled = _sampled_answerer(model, tokenizer, model_path, args.samples, config.seed)
+    if samples and config.fsdp:  # no process holds the whole model, before or after
+        if os.environ.get("RANK", "0") == "0":
+            print("tasks: not scored with --fsdp; score the adapter with `minilora eval`",
+                  file=sys.stderr)
+        samples = []
     before = tasks.score(samples, answer) if samples else None
     sampled_before = tasks.score(samples, sampled[0]) if samples and sampled else None
 
@@ -235,10 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resumed = f"resumed at step {result.start_step}, " if result.start_step else ""
     print(f"{resumed}trained {result.steps - result.start_step} steps in {result.seconds:.1f} s"
           f"{last}")
-    if before is not None and config.fsdp:  # rank 0 alone cannot run the sharded model
-        print("tasks: not scored after training with --fsdp; score the adapter with "
-              "`minilora eval`", file=sys.stderr)
-    elif before is not None:
+    if before is not None:
         model.eval()
         _before_and_after(before, samples, answer)
     if sampled_before is not None and not config.fsdp:

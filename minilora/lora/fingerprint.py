@@ -103,7 +103,14 @@ def record_fingerprint_before_sharding(model: nn.Module) -> None:
     """Records the base fingerprint of ``model``'s whole weights, for ``base_fingerprint`` to
     return once they are sharded across processes (it hashes whole weights, which no process
     then holds)."""
-    record = {"fingerprint": base_fingerprint(model),
+    record_sharded_fingerprint(model, base_fingerprint(model))
+
+
+def record_sharded_fingerprint(model: nn.Module, fingerprint: str) -> None:
+    """Records ``fingerprint`` (``hash_weights`` of the LoRA layers' whole base weights,
+    computed where they were whole: another process, or read from the file one at a time) as
+    the base fingerprint of ``model``'s sharded weights."""
+    record = {"fingerprint": fingerprint,
               "modules": tuple(sorted(n for n, _ in lora_modules(model)))}
     for _, m in lora_modules(model):  # each layer keeps it, as quantize_model's record
         m.sharded_from = record

@@ -30,6 +30,7 @@ from minilora.model.state_files import (
     WRAPPER_PREFIXES,
     check_index_keys,
     listing,
+    mapped_state_dict,
     read_state_dict,
     read_tensor,
     safetensors_header,
@@ -38,7 +39,7 @@ from minilora.model.state_files import (
 )
 
 __all__ = ["IGNORED_KEYS", "INDEX_NAME", "TORCH_SUFFIXES", "WRAPPER_PREFIXES", "WeightsError",
-           "describe_model", "load_model", "save_model"]
+           "describe_model", "load_model", "load_skeleton", "save_model"]
 
 # Buffers some checkpoints carry that hold no learned weight (the model recomputes them).
 IGNORED_KEYS = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|freqs_cos|freqs_sin)$")
@@ -115,13 +116,50 @@ def _skeleton(path: Path, config: ModelConfig | dict[str, Any] | str | Path | No
         return CausalLM(cfg)
 
 
-def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
-                         weight_map: dict[str, str] | None, dtype: torch.dtype,
-                         device: torch.device | str,
-                         config: ModelConfig | dict[str, Any] | str | Path | None) -> CausalLM:
-    """load_model for safetensors: the model is built on the meta device, checked against the
-    shards' headers, then filled one shard at a time, each tensor cast and moved as it is read,
-    so the model never exists twice (peak: the model plus one shard)."""
+def load_skeleton(path: str | Path,
+                  config: ModelConfig | dict[str, Any] | str | Path | None = None) -> CausalLM:
+    """The model a base describes, on the meta device: its names and shapes checked as
+    ``load_model`` checks them, no weight read (safetensors: the files' headers; a zip-format
+    ``.pth`` / ``.bin``: mapped, its tensors' shapes only).
+
+    For sharded training, where each process then reads only its shards
+    (state_files.BaseSlices).
+
+    Args:
+        path, config: as ``load_model``.
+
+    Returns:
+        The model (float32 meta tensors, embeddings tied as the config says), in eval mode.
+
+    Raises:
+        FileNotFoundError: when path does not exist, or holds neither safetensors nor a
+            zip-format torch file (state_files.sliceable).
+        WeightsError: when the weights do not fit the config (every offending key named).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    shards = safetensors_source(path)
+    if shards is not None:
+        model = _checked_skeleton(path, *shards, config)[0]
+    else:
+        mapped, source = mapped_state_dict(path)
+        model = _skeleton(path, config, mapped, source)
+        # names and shapes (a tied lm_head is compared with the embedding: two tensors read)
+        _fit(model, mapped, source)
+        del mapped  # unmapped
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _checked_skeleton(path: Path, source: Path, shards: list[Path],
+                      weight_map: dict[str, str] | None,
+                      config: ModelConfig | dict[str, Any] | str | Path | None
+                      ) -> tuple[CausalLM, dict[Path, tuple[dict[str, Any], int]], dict[str, str],
+                                 dict[str, Tensor], Tensor | None]:
+    """The meta model, checked against the shards' headers; with the headers, the stripped name
+    of each stored key, the tensors wanted and a tied checkpoint's stored lm_head (or None)."""
     shapes: dict[str, Tensor] = {}  # stripped name -> a meta tensor of the stored shape
     names: dict[str, str] = {}  # stored key -> stripped name
     headers = {shard: safetensors_header(shard) for shard in shards}
@@ -132,10 +170,22 @@ def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
     if weight_map is not None:
         check_index_keys(source, weight_map, set(names))
     model = _skeleton(path, config, shapes, source)
-    cfg = model.config
-    tied = cfg.tie_word_embeddings
+    tied = model.config.tie_word_embeddings
     stored_head = shapes.pop("lm_head.weight", None) if tied else None
     wanted = _fit(model, shapes, source)  # names and shapes checked before any value is read
+    return model, headers, names, wanted, stored_head
+
+
+def _load_shard_by_shard(path: Path, source: Path, shards: list[Path],
+                         weight_map: dict[str, str] | None, dtype: torch.dtype,
+                         device: torch.device | str,
+                         config: ModelConfig | dict[str, Any] | str | Path | None) -> CausalLM:
+    """load_model for safetensors: the model is built on the meta device, checked against the
+    shards' headers, then filled one shard at a time, each tensor cast and moved as it is read,
+    so the model never exists twice (peak: the model plus one shard)."""
+    model, headers, names, wanted, stored_head = _checked_skeleton(path, source, shards,
+                                                                   weight_map, config)
+    tied = model.config.tie_word_embeddings
     head = None  # a tied checkpoint's own lm_head, compared with the embedding at the end
     for shard in shards:
         part: dict[str, Tensor] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +38,8 @@ _ST_DTYPES = {name: getattr(torch, dtype) for name, dtype in {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }.items() if hasattr(torch, dtype)}
+_ELEMENT_BYTES = {dtype: torch.empty(0, dtype=dtype).element_size()
+                  for dtype in _ST_DTYPES.values()}
 
 
 def safetensors_source(path: Path) -> tuple[Path, list[Path], dict[str, str] | None] | None:
@@ -143,6 +146,28 @@ def read_tensor(f: io.BufferedReader, path: Path, key: str, info: dict[str, Any]
     return data.view(dtype).reshape(info["shape"])
 
 
+def read_rows(f: io.BufferedReader, path: Path, key: str, info: dict[str, Any], start: int,
+              rows: tuple[int, int]) -> Tensor:
+    """Rows ``rows[0]`` to ``rows[1]`` (end excluded) along the first dimension of tensor `key`,
+    read alone: a row-major tensor's rows are one run of bytes, so nothing else of it is read.
+
+    Raises:
+        WeightsError: the file is cut short.
+    """
+    begin, _ = info["data_offsets"]
+    dtype = _ST_DTYPES[info["dtype"]]
+    shape = list(info["shape"])
+    row_bytes = _ELEMENT_BYTES[dtype]
+    for n in shape[1:]:
+        row_bytes *= n
+    first, stop = rows
+    data = torch.empty((stop - first) * row_bytes, dtype=torch.uint8)
+    f.seek(start + begin + first * row_bytes)
+    if f.readinto(data.numpy().data) != data.numel():
+        raise WeightsError(f"{path}: tensor {key} is cut short (truncated file)")
+    return data.view(dtype).reshape([stop - first, *shape[1:]])
+
+
 def read_index(path: Path) -> dict[str, str]:
     """A model.safetensors.index.json's weight_map, its shards checked to be in its folder."""
     try:  # bounded: an endless or huge index is refused before it is parsed
@@ -203,3 +228,112 @@ def listing(keys: list[str], limit: int = 12) -> str:
     """The first `limit` keys and how many more, for an error message."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def sliceable(path: Path) -> bool:
+    """Whether ``BaseSlices`` reads the base at ``path`` a slice at a time: safetensors, or a
+    ``.pth`` / ``.bin`` saved in torch's zip format (which maps; the legacy format does not)."""
+    if safetensors_source(path) is not None:
+        return True
+    file = _torch_file(path)
+    return file is not None and file.is_file() and zipfile.is_zipfile(file)
+
+
+def mapped_state_dict(path: Path) -> tuple[dict[str, Tensor], Path]:
+    """A ``.pth`` / ``.bin`` state dict mapped, not read (``torch.load(mmap=True,
+    weights_only=True)``): a tensor's bytes are read from the file when touched, so a slice of
+    it costs its own pages only. Wrappers are stripped from the keys.
+
+    Raises:
+        FileNotFoundError: path holds no zip-format torch file (see ``sliceable``).
+        WeightsError: a damaged or refused file, or not a dict of tensors.
+    """
+    file = _torch_file(path)
+    if file is None or not file.is_file() or not zipfile.is_zipfile(file):
+        raise FileNotFoundError(f"{path}: no .pth / .bin file in torch's zip format to map")
+    regular_file(file, "a weights file")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # weights_only refuses pickled code with an UnpicklingError
+        raise WeightsError(f"{file}: not a plain tensor state dict that loads with "
+                           f"weights_only=True ({torch_load_reason(e)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # a training checkpoint {"model": state_dict, "optimizer": ...}
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise WeightsError(f"{file}: expected a dict of tensors, got {type(obj).__name__}")
+    return strip_wrappers(obj), file
+
+
+def _torch_file(path: Path) -> Path | None:
+    """The .pth / .pt / .bin file ``read_state_dict`` reads at path, if that is one."""
+    if path.is_dir():
+        if (path / "model.safetensors").is_file() or (path / INDEX_NAME).is_file():
+            return None
+        if (path / "pytorch_model.bin").is_file():
+            return path / "pytorch_model.bin"
+        pths = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
+        return pths[0] if len(pths) == 1 else None
+    return path if path.suffix in TORCH_SUFFIXES else None
+
+
+class BaseSlices:
+    """A base read a tensor or a range of its rows at a time, by the names the model gives its
+    parameters (wrappers stripped): safetensors (one file, or shards and their index) with plain
+    reads of those bytes, or a zip-format ``.pth`` / ``.bin`` mapped (``mapped_state_dict``), of
+    which only the pages touched are read.
+
+    What FSDP needs to fill each process's shards: only the rows a process keeps are read
+    (``bytes_read`` counts them).
+
+    Raises:
+        FileNotFoundError: path holds neither (a legacy-format torch file, or nothing).
+        WeightsError: a damaged file, or an index listing keys its shards do not hold.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.bytes_read = 0
+        self._where: dict[str, tuple[Path, str, dict[str, Any], int]] = {}
+        self._mapped: dict[str, Tensor] | None = None
+        found = safetensors_source(path)
+        if found is None:
+            self._mapped, self.source = mapped_state_dict(path)
+            return
+        self.source, shards, weight_map = found
+        for shard in shards:
+            header, start = safetensors_header(shard)
+            for key, info in header.items():
+                self._where[strip_wrappers({key: None}).popitem()[0]] = (shard, key, info, start)
+        if weight_map is not None:
+            check_index_keys(self.source, weight_map,
+                             {key for _, key, _, _ in self._where.values()})
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._where if self._mapped is None else self._mapped)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor ``name``."""
+        if self._mapped is not None:
+            return tuple(self._mapped[name].shape)
+        return tuple(self._where[name][2]["shape"])
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """Tensor ``name`` as stored, or only its rows ``rows[0]`` to ``rows[1]`` (end excluded)
+        along the first dimension.
+
+        Raises:
+            KeyError: no tensor of that name.
+            WeightsError: the file is cut short.
+        """
+        if self._mapped is not None:
+            t = self._mapped[name]
+            t = (t if rows is None else t[rows[0]:rows[1]]).clone()  # its pages only
+            self.bytes_read += t.numel() * t.element_size()
+            return t
+        shard, key, info, start = self._where[name]
+        with open(shard, "rb") as f:
+            if rows is None:
+                t = read_tensor(f, shard, key, info, start)
+            else:
+                t = read_rows(f, shard, key, info, start, rows)
+        self.bytes_read += t.numel() * t.element_size()
+        return t

@@ -344,10 +344,6 @@ def _fsdp_problems(config: TrainConfig, ok: set[str]) -> dict[str, str]:
                                  "the whole base weights when saved")
     if "compile" in ok and config.compile is True:
         problems["compile"] = "cannot go with {fsdp} yet"
-    if "method" in ok and config.method != "sft":
-        # the preference loss calls the model's sequence_log_probs, not its forward: FSDP's
-        # gathers would not run (not wired here, so refused rather than wrong)
-        problems["method"] = f"{config.method} cannot go with {{fsdp}} yet: train it without it"
     if "eval_tasks" in ok and config.eval_tasks:
         # the questions are answered by rank 0 alone, which cannot run a sharded model
         problems["eval_tasks"] = ("cannot go with {fsdp} yet: score the adapter after the run "

@@ -14,18 +14,30 @@ ranks, so the gradients are summed (divide factor 1), not averaged.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from minilora.core.errors import ConfigError
-from minilora.core.tensor_checks import is_sharded
-from minilora.lora.fingerprint import record_fingerprint_before_sharding
+from minilora.core.errors import ConfigError, WeightsError
+from minilora.core.tensor_checks import is_sharded, tensor_problems
+from minilora.lora.fingerprint import (
+    record_fingerprint_before_sharding,
+    record_sharded_fingerprint,
+)
+from minilora.lora.layer import lora_modules
+from minilora.lora.weight_hash import hash_weights
+from minilora.model.state_files import BaseSlices
 
 # The names a decoder's list of blocks goes by: minilora's and transformers' Llama/Qwen
 # (model.layers), GPT-2 (transformer.h), others (blocks).
 _BLOCK_LISTS = ("layers", "h", "blocks")
+# The model's methods run in place of forward, which fully_shard's hooks must see: the
+# preference losses' (training/preference.py sequence_log_probs).
+_ENTRY_METHODS = ("sequence_log_probs",)
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH = "torchrun --nproc_per_node 2 -m minilora train --fsdp ..."
 
@@ -72,18 +84,35 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> list[nn.P
         The trainable parameters, now DTensors (the ones from before are no longer the
         model's: build the optimizer over these).
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
     if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
         raise ConfigError(f"{{fsdp}} needs a newer PyTorch (FSDP2 with summed gradient "
                           f"reduction; 2.13 is tested), this is {torch.__version__}",
                           fields={"fsdp": "TrainConfig.fsdp"})
     record_fingerprint_before_sharding(model)
+    return _shard(model, device, world)
+
+
+def _shard(model: nn.Module, device: torch.device, world: int) -> list[nn.Parameter]:
+    """fully_shard each decoder block and the root; the trainable parameters after."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise ConfigError(f"{{fsdp}} needs a newer PyTorch (FSDP2 with summed gradient "
+                          f"reduction; 2.13 is tested), this is {torch.__version__}",
+                          fields={"fsdp": "TrainConfig.fsdp"})
+    if device.type == "cpu":
+        _give_freed_blocks_back()
     mesh = init_device_mesh(device.type, (world,))
     wrapped = [*decoder_blocks(model), model]
     for module in wrapped:
         fully_shard(module, mesh=mesh)
+    for method in _ENTRY_METHODS:
+        if callable(getattr(model, method, None)):
+            # Called instead of forward (the preference losses'): gathered as forward is
+            register_fsdp_forward_method(model, method)
     for shard in wrapped:
         fsdp_module: Any = shard  # an FSDPModule now: fully_shard added its methods
         # The loop's loss is already the global mean split over ranks: sum the gradients
@@ -94,6 +123,171 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> list[nn.P
         # as a zero gradient, or the ranks' collectives would not match.
         fsdp_module.set_reduce_scatter_unused_params(True, recurse=False)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _give_freed_blocks_back() -> None:
+    """On the CPU, let each block's gathered weights go back to the OS when FSDP frees them.
+
+    glibc serves an allocation from its heap rather than its own mapping once a freed mapping
+    of that size was seen (the mmap threshold rises, up to 32 MiB), and a heap keeps what is
+    freed in its middle: a block's gathered weights, freed after its forward, then stay in the
+    process's memory, so after one step each process holds the whole model again (measured: 1351
+    against 843 MiB peak RSS per process for a 540 MiB base on 2 processes). Fixing the threshold
+    at glibc's initial 128 KiB maps every larger tensor on its own and unmaps it when freed. A
+    no-op without glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def unloaded(model: nn.Module) -> bool:
+    """Whether ``model``'s base weights are on the meta device (model.io.load_skeleton): under
+    fsdp each process then reads only its shards of them (``shard_and_load``)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def stand_in(model: nn.Module) -> None:
+    """Before LoRA is injected into an unloaded model: each meta parameter becomes a CPU tensor
+    of its shape and dtype that holds no memory (one zero, expanded). The adapters are then
+    made, and drawn from the run's random numbers, exactly as on a loaded model (on the CPU,
+    in the same order, with the same draws); ``shard_and_load`` puts the meta tensors back."""
+    zeros: dict[torch.dtype, torch.Tensor] = {}
+    done: dict[int, nn.Parameter] = {}  # tied weights: one stand-in for both
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in done:
+                zero = zeros.setdefault(p.dtype, torch.zeros((), dtype=p.dtype))
+                done[id(p)] = nn.Parameter(zero.expand(p.shape), requires_grad=p.requires_grad)
+            module._parameters[name] = done[id(p)]
+    _STAND_INS[id(model)] = {t.untyped_storage().data_ptr() for t in zeros.values()}
+
+
+# id(model) -> the storages stand_in's tensors share (one zero per dtype)
+_STAND_INS: dict[int, set[int]] = {}
+
+
+def shard_and_load(model: nn.Module, path: Path, device: torch.device, world: int
+                   ) -> list[nn.Parameter]:
+    """``shard_model`` for a model ``stand_in`` prepared, its LoRA injected: the base is sharded
+    on the meta device, then each process allocates its shards alone and reads only their rows
+    from the base at ``path`` (state_files.BaseSlices: safetensors, or a zip-format ``.pth`` /
+    ``.bin`` mapped). No process holds the whole base: the largest
+    tensor a process reads is its slice of one weight (rank 0 also reads the LoRA layers' whole
+    weights one at a time for the base fingerprint). The adapters keep the values they were
+    given (every process drew the same ones); a DoRA magnitude is the norm of its weight's rows.
+
+    Returns:
+        The trainable parameters, now DTensors.
+
+    Raises:
+        WeightsError: a damaged file, or a weight that is not finite.
+    """
+    shares = _STAND_INS.pop(id(model), set())
+    kept: dict[str, torch.Tensor] = {}  # the adapters as drawn: small, put back after
+    meta: dict[int, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if p.untyped_storage().data_ptr() in shares and not p.is_meta:
+                if id(p) not in meta:
+                    meta[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype,
+                                                           device="meta"),
+                                               requires_grad=p.requires_grad)
+                module._parameters[name] = meta[id(p)]
+            elif not p.is_meta:
+                kept[f"{module_name}.{name}" if module_name else name] = p.detach().clone()
+    slices = BaseSlices(path)
+    fingerprint = [_file_fingerprint(model, slices) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(fingerprint, src=0)  # the file is read once
+    record_sharded_fingerprint(model, cast(str, fingerprint[0]))
+    _shard(model, device, world)
+    model.to_empty(device=device)  # each process allocates its shards only
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in kept:
+                load_whole_(p, kept[name])
+            else:
+                _read_shard(p, name, slices)
+        _dora_magnitudes(model)  # drawn over the stand-in's zeros: computed again
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _read_shard(param: torch.Tensor, name: str, slices: BaseSlices) -> None:
+    """This process's shard of base weight ``name``, read from the file: its rows only."""
+    local = cast(Any, param).to_local() if is_sharded(param) else param
+    rows = _rows(param)
+    if rows is not None and rows[1] - rows[0] != local.shape[0]:
+        raise AssertionError(f"{name}: rows {rows} for a shard of {tuple(local.shape)}")
+    if local.numel() == 0:
+        return  # more processes than rows: this one holds none
+    if name not in slices or slices.shape(name) != tuple(param.shape):
+        stored = f"is {slices.shape(name)}" if name in slices else "is not there"
+        raise WeightsError(f"{slices.source}: {name} {stored}; the model expects "
+                           f"{tuple(param.shape)} (the model was not built from this base)")
+    value = slices.read(name, rows)
+    problems = tensor_problems({name: value})
+    if problems:  # as load_model refuses them
+        raise WeightsError(f"{slices.source}: not usable base weights: " + "; ".join(problems))
+    local.copy_(value.to(local.dtype).reshape(local.shape))
+
+
+def _rows(param: torch.Tensor) -> tuple[int, int] | None:
+    """The rows of ``param``'s first dimension this process holds: FSDP2 cuts it in
+    ``torch.chunk``'s pieces, one per rank (None: not sharded, the whole tensor)."""
+    if not is_sharded(param):
+        return None
+    from torch.distributed.tensor import Shard
+
+    sharded: Any = param
+    (placement,) = sharded.placements
+    assert isinstance(placement, Shard) and placement.dim == 0, placement  # FSDP2's default
+    n, world = param.shape[0], sharded.device_mesh.size()
+    chunk = -(-n // world)
+    begin = min(sharded.device_mesh.get_local_rank() * chunk, n)
+    return begin, min(begin + chunk, n)
+
+
+def _dora_magnitudes(model: nn.Module) -> None:
+    """Each DoRA magnitude as its init computes it, ``norm(W, dim=1)`` (B starts at zero), from
+    the rows of W this process holds: W and m are cut at the same rows."""
+    for _, layer in lora_modules(model):
+        for magnitude in layer.lora_magnitude_vector.values():
+            w = cast(Any, layer.weight).to_local() if is_sharded(layer.weight) else layer.weight
+            m = cast(Any, magnitude).to_local() if is_sharded(magnitude) else magnitude
+            m.copy_(torch.linalg.norm(w.float(), dim=1).to(m.dtype))
+
+
+def _file_fingerprint(model: nn.Module, slices: BaseSlices) -> str:
+    """The base fingerprint of the LoRA layers' weights in the file, read one at a time."""
+    class _FromFile(Mapping[str, torch.Tensor]):
+        def __init__(self, paths: list[str]) -> None:
+            self.paths = paths
+
+        def __getitem__(self, path: str) -> torch.Tensor:
+            return slices.read(f"{path}.weight").float()
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self.paths)
+
+        def __len__(self) -> int:
+            return len(self.paths)
+
+    return hash_weights(_FromFile([n for n, _ in lora_modules(model)]))
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

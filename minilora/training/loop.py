@@ -71,7 +71,14 @@ from minilora.training.compiled import CompiledLoss
 from minilora.training.config import TrainConfig
 from minilora.training.datasets import BatchPlan, check_vocab
 from minilora.training.distributed import broadcast, start_distributed, sync_gradients
-from minilora.training.fsdp import check_launch, shard_model, whole
+from minilora.training.fsdp import (
+    check_launch,
+    shard_and_load,
+    shard_model,
+    stand_in,
+    unloaded,
+    whole,
+)
 from minilora.training.interrupt import StopAfterStep
 from minilora.training.memory import estimate_memory, measured_peak
 from minilora.training.optimizer import build_optimizer, set_lr
@@ -126,7 +133,9 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
 
     Args:
         model: a CausalLM-like module: ``model(input_ids, labels=...)`` returns an object with
-            ``loss`` (mean over the labels that are not -100) and ``aux_loss``.
+            ``loss`` (mean over the labels that are not -100) and ``aux_loss``. With ``fsdp``
+            it may be on the meta device (model.io.load_skeleton of ``config.model``): each
+            process then reads only its shards of ``config.model`` once the model is sharded.
         train_set: the rows to train on (``load_datasets(config, tokenizer)`` reads the files a
             config names).
         config: the run's settings.
@@ -149,9 +158,17 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
             one; or resume=False where an unfinished checkpoint would be overwritten.
         TrainError: max_bad_steps non-finite steps in a row.
         TaskError: a file of ``config.eval_tasks`` that is not a task file.
-        ConfigError: a sample longer than the model's context (max_position_embeddings).
+        ConfigError: a sample longer than the model's context (max_position_embeddings); a
+            model on the meta device without fsdp and config.model, or with from_adapter.
     """
     started = time.perf_counter()
+    if unloaded(model) and (not config.fsdp or not config.model):
+        raise ConfigError("the model is on the meta device (it holds no weights): load it with "
+                          "model.io.load_model, or train with fsdp, which reads each process's "
+                          "shards of the base the config's model names")
+    if unloaded(model) and config.from_adapter:
+        raise ConfigError("from_adapter needs the whole base to check the adapter against: load "
+                          "the model with model.io.load_model")
     _check_context(model, config, train_set, eval_set)
     if config.model and Path(config.model).is_dir():  # what the run will copy: checked now
         read_generation_config(Path(config.model))
@@ -311,6 +328,9 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
     plan = BatchPlan(train_set, config, place.rank, place.world)
     out = RunLayout(config.out_dir)
     torch.manual_seed(config.seed)  # LoRA init: the same on every rank
+    from_file = place.sharded and unloaded(model)
+    if from_file:
+        stand_in(model)  # LoRA drawn as on the loaded model; each rank reads its shards below
     params = _prepare_model(model, config)
     pissa_start = None
     if not config.full and config.lora_init == "pissa":  # before a checkpoint overwrites it
@@ -324,8 +344,11 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
         # fully_shard moves one block at a time to the device and keeps only its shard there,
         # so the device never holds the whole model. No broadcast first (it would need the
         # whole model on the device with nccl): every rank loaded the same base and drew the
-        # same LoRA init from the same seed above.
-        params = shard_model(model, place.device, place.world)
+        # same LoRA init from the same seed above. A model on the meta device
+        # (model.io.load_skeleton) is sharded before it holds any value: each rank then reads
+        # only its shards of config.model.
+        params = (shard_and_load(model, Path(str(config.model)), place.device, place.world)
+                  if from_file else shard_model(model, place.device, place.world))
     else:
         model.to(place.device)
         broadcast(params, place.world)

@@ -571,13 +571,3 @@ def test_a_run_from_an_sft_adapter_resumes_exactly(tok, tmp_path, pairs_file):
     assert not any(REFERENCE in key for key in whole)  # the trained adapter alone is saved
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0)
-
-
-def test_a_preference_method_with_fsdp_is_refused_naming_the_method():
-    """The preference loss calls the model's sequence_log_probs, which FSDP's forward hooks do
-    not see: the combination is refused up front rather than run wrong."""
-    from minilora.core.errors import ConfigError
-    from minilora.training.config import TrainConfig
-
-    with pytest.raises(ConfigError, match=r"method.*dpo cannot go with.*fsdp"):
-        TrainConfig(method="dpo", fsdp=True)

@@ -2,12 +2,13 @@
 together, each row with its own LoRA adapter, its own rotary positions and its own KV cache rows.
 
 A request joins between steps: its prompt is prefilled alone (the very computation `generate`
-does), its keys and values are copied into a free row of the shared cache, and from then on it
-decodes with the others. The shared cache is a timeline of slots that every row writes at once;
-a row's own tokens sit in some of those slots and an attention mask hides the rest, while
-`position_ids` give each token its true position (so the rotation, and the answer, is what the
-request gets alone). A finished or cancelled request leaves at the next step; its row is filled
-by the last one. When the timeline is full, every row's slots are packed to the front.
+does), its keys and values are copied into a free row of the shared cache (`generate`'s
+KVCache), and from then on it decodes with the others. The cache is a timeline of slots that
+every row writes at once; a row's own tokens sit in some of those slots (the cache's ``owned``)
+and the attention mask hides the rest, while `position_ids` give each token its true position
+(so the rotation, and the answer, is what the request gets alone). A finished or cancelled
+request leaves at the next step; its row is filled by the last one. When the timeline is full,
+every row's slots are packed to the front.
 
 With ``prefill_chunk`` (chunked prefill) a joining request takes a row at once and its prompt is
 fed a chunk a step inside the same forward that decodes the others (rows left-padded to the

@@ -21,9 +21,14 @@ class KVCache:
     n rows only (the rest are free).
 
     ``owned`` (rows, slots) marks the slots that hold a row's own tokens, for a batch whose rows
-    do not line up (the server's): its rows are the forward's attention mask. `place`, `move`
-    and `make_room` let rows join, leave and be packed. `generate` needs none of them: its rows
-    decode in lockstep, its left-padding masked by a mask of its own.
+    do not line up (the server's): its rows are the forward's attention mask. `clear`, `place`,
+    `move` and `make_room` let rows join, leave and be packed. `generate` needs none of them: its
+    rows decode in lockstep, its left-padding masked by a mask of its own.
+
+    Slots past ``length`` hold whatever memory held; a taken row's slots below it are finite,
+    since attention reads a row's slots that it does not own too (masked) and a NaN there would
+    still make the row's attention NaN: a forward writes every row it runs, `clear` and `place`
+    zero a row they take, and `place` zeroes the slots it adds to the timeline in every row.
 
     Args:
         config: the model's config (layers, key/value heads, head size).
@@ -37,11 +42,11 @@ class KVCache:
         kv_heads, head_dim = config.num_key_value_heads, config.head_dim
         assert kv_heads is not None and head_dim is not None  # ModelConfig.__post_init__ fills them
         shape = (rows, kv_heads, max(capacity, 1), head_dim)
-        # Zeros, not empty: attention reads a row's slots that it does not own too (masked), and
-        # a masked NaN left in memory would still make the row's attention NaN.
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype)
+        # Empty, not zeros: the room that generate's answer never reaches is never touched, so
+        # never resident (the rows' slots are made finite as they are taken, see above).
+        self.keys = [torch.empty(shape, device=device, dtype=dtype)
                      for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype)
+        self.values = [torch.empty(shape, device=device, dtype=dtype)
                        for _ in range(config.num_hidden_layers)]
         self.owned = torch.zeros(rows, max(capacity, 1), dtype=torch.bool, device=device)
         self.length = 0
@@ -60,14 +65,24 @@ class KVCache:
         self.values[layer][:n, :, start:end] = v
         return self.keys[layer][:n, :, :end], self.values[layer][:n, :, :end]
 
+    def clear(self, row: int) -> None:
+        """Takes `row` for a new sequence: it owns no slot, and its filled slots are zeros."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[row, :, : self.length] = 0
+        self.owned[row] = False
+
     def place(self, row: int, cache: KVCache, source: int, owned: Tensor) -> None:
-        """Copies row `source` of another cache (a prefill's) into `row`: the slots where
-        `owned` (L,) is True are the row's own, its other slots no longer are."""
+        """Takes `row` for row `source` of another cache (a prefill's): copies its keys and
+        values; the slots where `owned` (L,) is True are the row's own. Slots it adds to the
+        timeline are zeros in the other rows."""
         length = owned.shape[0]
         if length > self.capacity:
             self._grow(length)
         for mine, theirs in ((self.keys, cache.keys), (self.values, cache.values)):
             for layer, buffer in enumerate(mine):
+                buffer[:, :, self.length:length] = 0
+                buffer[row, :, length:self.length] = 0
                 buffer[row, :, :length] = theirs[layer][source, :, :length]
         self.owned[row] = False
         self.owned[row, :length] = owned
@@ -106,7 +121,7 @@ class KVCache:
         slots = max(slots, 2 * self.capacity)
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
-                grown = old.new_zeros(*old.shape[:2], slots, old.shape[3])
+                grown = old.new_empty(*old.shape[:2], slots, old.shape[3])
                 grown[:, :, : self.length] = old[:, :, : self.length]
                 buffers[i] = grown
         owned = self.owned.new_zeros(self.owned.shape[0], slots)

@@ -453,7 +453,7 @@ class Engine:
         not the row's own (masked), and position_ids give each token its true position."""
         joined = self._with_adapters(joining)
         for request in joined:  # a joining row starts with an empty timeline of its own
-            self.cache.owned[len(self.rows)] = False
+            self.cache.clear(len(self.rows))
             running = _Running(request, self.tokenizer, self.device)
             running.fed = 0
             self.rows.append(running)

@@ -68,14 +68,45 @@ def test_move_and_place_copy_a_rows_slots_and_owned_slots():
     assert slot_values(cache, 0, 4) == [200, 201, 202, 203]  # the other rows are kept
 
 
-def test_update_grows_keeping_the_filled_slots_and_writes_only_the_first_rows():
-    cache = filled_cache(3, 2)
-    cache.owned[:, :2] = True
-    k = torch.full((2, 2, 3, 8), 7.0)  # 2 of 3 rows, 3 new slots: past the capacity of 2
+def test_update_writes_only_the_first_rows_and_grows_keeping_the_filled_slots():
+    cache = filled_cache(3, 4)
+    cache.length = 2
+    k = torch.full((2, 2, 2, 8), 7.0)  # 2 of 3 rows, at slots 2 and 3
     keys, values = cache.update(0, 2, k, -k)
-    assert keys.shape == values.shape == (2, 2, 5, 8)
-    assert cache.capacity == 5  # what the write needs, more than twice 2
+    assert keys.shape == values.shape == (2, 2, 4, 8)
     assert keys[:, :, 2:].eq(7).all() and values[:, :, 2:].eq(-7).all()
-    assert slot_values(cache, 2, 2) == [200, 201]
-    assert cache.keys[0][2, :, 2:].eq(0).all()  # the row left out is not written
+    assert cache.keys[0][2, :, :, 0].tolist() == [[200, 201, 202, 203]] * 2  # not written
+    cache.owned[:, :2] = True
+    cache.length = 4
+    keys, _ = cache.update(1, 4, torch.ones(3, 2, 3, 8), torch.ones(3, 2, 3, 8))  # past 4 slots
+    assert cache.capacity == 8 and keys.shape == (3, 2, 7, 8)  # twice as many: more than needed
+    assert slot_values(cache, 2, 4) == [200, 201, 202, 203]
     assert cache.owned[:, :2].all() and not cache.owned[:, 2:].any()
+
+
+def nan_cache(rows: int, slots: int) -> KVCache:
+    """A cache whose memory holds NaN everywhere, as fresh memory may."""
+    cache = KVCache(CONFIG, rows, slots)
+    for buffer in cache.keys + cache.values:
+        buffer.fill_(float("nan"))
+    return cache
+
+
+def test_a_taken_rows_slots_are_finite_whatever_memory_held():
+    # attention reads the slots a row does not own too (masked): a NaN there would be its answer
+    cache = nan_cache(4, 8)
+    k = torch.ones(2, 2, 2, 8)
+    for layer in range(CONFIG.num_hidden_layers):
+        cache.update(layer, 0, k, -k)  # two running rows, two slots
+    cache.length = 2
+    cache.place(2, filled_cache(1, 5), 0, torch.tensor([False, True, True, True, True]))
+    assert cache.length == 5
+    assert slot_values(cache, 2, 5) == [0, 1, 2, 3, 4]
+    for buffer in cache.keys + cache.values:
+        assert buffer[:3, :, :5].isfinite().all()  # the taken rows; their new slots are zeros
+        assert buffer[:2, :, 2:5].eq(0).all()
+    cache.place(3, filled_cache(1, 1), 0, torch.tensor([True]))  # row 3: NaN at slots 0, 1
+    assert slot_values(cache, 3, 5) == [0] * 5  # the row's slots past the copy are zeros
+    cache.clear(0)
+    assert slot_values(cache, 0, 5) == [0] * 5 and not cache.owned[0].any()
+    assert cache.keys[0][0, :, 5:].isnan().all()  # past the timeline: untouched

@@ -317,7 +317,7 @@ class CausalLM(nn.Module):
                 logits[:, t] predicts labels[:, t + 1]); -100 marks positions not counted.
             attention_mask: (B, S) 1 for real tokens, 0 for padding, S = cached length + T. Right
                 padding only: positions count from 0 whatever the mask says.
-            past_key_values: a KVCache to read from and append to.
+            past_key_values: a KVCache to read from and append to (its first B rows).
             use_cache: start a new KVCache when past_key_values is None.
             logits_to_keep: compute the logits of the last this-many positions only (0 = all).
             segment_ids: (B, T) for packed rows: which sample each token belongs to (1, 2, ...;

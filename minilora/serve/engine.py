@@ -2,12 +2,13 @@
 together, each row with its own LoRA adapter, its own rotary positions and its own KV cache rows.
 
 A request joins between steps: its prompt is prefilled alone (the very computation `generate`
-does), its keys and values are copied into a free row of the shared cache, and from then on it
-decodes with the others. The shared cache is a timeline of slots that every row writes at once;
-a row's own tokens sit in some of those slots and an attention mask hides the rest, while
-`position_ids` give each token its true position (so the rotation, and the answer, is what the
-request gets alone). A finished or cancelled request leaves at the next step; its row is filled
-by the last one. When the timeline is full, every row's slots are packed to the front.
+does), its keys and values are copied into a free row of the shared cache (`generate`'s
+KVCache), and from then on it decodes with the others. The cache is a timeline of slots that
+every row writes at once; a row's own tokens sit in some of those slots (the cache's ``owned``)
+and the attention mask hides the rest, while `position_ids` give each token its true position
+(so the rotation, and the answer, is what the request gets alone). A finished or cancelled
+request leaves at the next step; its row is filled by the last one. When the timeline is full,
+every row's slots are packed to the front.
 
 With ``prefill_chunk`` (chunked prefill) a joining request takes a row at once and its prompt is
 fed a chunk a step inside the same forward that decodes the others (rows left-padded to the
@@ -39,7 +40,6 @@ from minilora.decoding.sampling import SamplingParams as Sampling
 from minilora.decoding.sampling import sampling_problems
 from minilora.decoding.stops import held_back
 from minilora.lora.named import delete_adapter, list_adapters, set_active
-from minilora.model.config import filled
 from minilora.model.decoder import CausalLM
 from minilora.model.kv_cache import KVCache
 
@@ -159,83 +159,6 @@ class _Running:
         return piece, FINISH_LENGTH if full else None
 
 
-class RowCache:
-    """The batch's keys and values: (rows, KV, slots, D) per layer, plus which slots each row
-    owns. Duck-types KVCache for the model's forward (``length``, ``update``)."""
-
-    def __init__(self, model: CausalLM, rows: int, slots: int) -> None:
-        weight = model.model.embed_tokens.weight
-        config = model.config
-        self.config, self.rows = config, rows
-        shape = (rows, filled(config.num_key_value_heads), slots, filled(config.head_dim))
-        self.keys = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
-        self.values = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
-        self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=weight.device)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Writes the running rows' k, v (n, KV, T, D) at slots start.. (room made beforehand)."""
-        n, end = k.shape[0], start + k.shape[2]
-        self.keys[layer][:n, :, start:end] = k
-        self.values[layer][:n, :, start:end] = v
-        return self.keys[layer][:n, :, :end], self.values[layer][:n, :, :end]  # (n, KV, S, D)
-
-    def place(self, row: int, cache: KVCache, source: int, owned: Tensor) -> None:
-        """Copies row `source` of a prefill cache into `row`: the slots where `owned` (L,) is
-        True are the row's own, its other slots no longer are."""
-        length = owned.shape[0]
-        if length > self.capacity:
-            self._grow(max(length, 2 * self.capacity))
-        for mine, theirs in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer, buffer in enumerate(mine):
-                buffer[row, :, :length] = theirs[layer][source, :, :length]
-        self.valid[row] = False
-        self.valid[row, :length] = owned
-        self.length = max(self.length, length)
-
-    def move(self, src: int, dst: int) -> None:
-        """Row src takes row dst's place (dst has left the batch)."""
-        for buffers in (self.keys, self.values):
-            for buffer in buffers:
-                buffer[dst, :, : self.length] = buffer[src, :, : self.length]
-        self.valid[dst] = self.valid[src]
-
-    def make_room(self, rows: int, slots: int = 1) -> None:
-        """Makes room for `slots` more slots on the timeline: when they do not fit, packs the
-        slots of the first `rows` rows to the front, and grows the buffers when that frees
-        little."""
-        if self.length + slots <= self.capacity:
-            return
-        self._pack(rows)
-        if self.length + slots > self.capacity * 3 // 4:
-            self._grow(max(2 * self.capacity, self.length + slots))
-
-    def _pack(self, rows: int) -> None:
-        counts = self.valid[:rows].sum(dim=1)  # (rows,)
-        for row in range(rows):
-            owned = self.valid[row].nonzero().squeeze(1)  # (c,)
-            for buffers in (self.keys, self.values):
-                for buffer in buffers:
-                    buffer[row, :, : owned.numel()] = buffer[row, :, owned]
-            self.valid[row] = False
-            self.valid[row, : owned.numel()] = True
-        self.length = int(counts.max()) if rows else 0
-
-    def _grow(self, slots: int) -> None:
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                grown = old.new_zeros(*old.shape[:2], slots, old.shape[3])
-                grown[:, :, : self.length] = old[:, :, : self.length]
-                buffers[i] = grown
-        valid = self.valid.new_zeros(self.rows, slots)
-        valid[:, : self.length] = self.valid[:, : self.length]
-        self.valid = valid
-
-
 class Engine:
     """The scheduler: owns the model; `submit` from any thread, `run` (or `step`) in one.
 
@@ -276,7 +199,8 @@ class Engine:
             set_active(model, [])
         self.eos = set(tokenizer.stop_token_ids)  # the chat template's end of turn too
         self.device = model.model.embed_tokens.weight.device
-        self.cache = RowCache(model, max_batch, min(256, self.context))
+        self.cache = KVCache(model.config, max_batch, min(256, self.context),
+                             device=self.device, dtype=model.model.embed_tokens.weight.dtype)
         self.rows: list[_Running] = []
         self._waiting: queue.Queue[Request] = queue.Queue()
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
@@ -529,7 +453,7 @@ class Engine:
         not the row's own (masked), and position_ids give each token its true position."""
         joined = self._with_adapters(joining)
         for request in joined:  # a joining row starts with an empty timeline of its own
-            self.cache.valid[len(self.rows)] = False
+            self.cache.clear(len(self.rows))
             running = _Running(request, self.tokenizer, self.device)
             running.fed = 0
             self.rows.append(running)
@@ -554,8 +478,8 @@ class Engine:
         positions = torch.zeros(n, T, dtype=torch.long)  # (n, T)
         for i, (feed, first) in enumerate(zip(feeds, starts, strict=True)):
             positions[i, T - len(feed):] = torch.arange(first, first + len(feed))
-        self.cache.valid[:n, start:start + T] = real.to(self.device)
-        out = self.model(ids.to(self.device), attention_mask=self.cache.valid[:n, :start + T],
+        self.cache.owned[:n, start:start + T] = real.to(self.device)
+        out = self.model(ids.to(self.device), attention_mask=self.cache.owned[:n, :start + T],
                          past_key_values=self.cache, position_ids=positions.to(self.device),
                          logits_to_keep=1,
                          **self._forward_kwargs([r.request.adapter for r in self.rows]))
@@ -573,11 +497,11 @@ class Engine:
         n = len(self.rows)
         self.cache.make_room(n)
         slot = self.cache.length
-        self.cache.valid[:n, slot] = True
+        self.cache.owned[:n, slot] = True
         tokens = torch.tensor([[r.token] for r in self.rows], device=self.device)  # (n, 1)
         positions = torch.tensor([[r.position - 1] for r in self.rows],
                                  device=self.device)  # (n, 1): the fed token's own position
-        out = self.model(tokens, attention_mask=self.cache.valid[:n, : slot + 1],
+        out = self.model(tokens, attention_mask=self.cache.owned[:n, : slot + 1],
                          past_key_values=self.cache, position_ids=positions, logits_to_keep=1,
                          **self._forward_kwargs([r.request.adapter for r in self.rows]))
         self._take_all(list(self.rows), out.logits[:, -1], 0)

@@ -14,7 +14,8 @@ from minilora.data.tokenizer import Tokenizer
 from minilora.decoding.generation import generate
 from minilora.lora.named import set_active
 from minilora.model.io import load_model
-from minilora.serve.engine import Engine, Event, Request, RowCache, SamplingParams
+from minilora.model.kv_cache import KVCache
+from minilora.serve.engine import Engine, Event, Request, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,7 +89,7 @@ def run_until_done(engine, collectors, limit=400) -> None:
 def test_greedy_answers_equal_generate_whatever_else_is_in_the_batch(served, slots, chunk):
     model, tokenizer = served
     engine = Engine(model, tokenizer, max_batch=8, prefill_chunk=chunk)
-    engine.cache = RowCache(model, 8, slots)
+    engine.cache = KVCache(model.config, 8, slots)
     cases = [(q, a) for q in QUESTIONS for a in (None, "alpha", "beta")]
     expected = {c: reference(model, tokenizer, prompt(tokenizer, c[0]), c[1], 24) for c in cases}
     # the adapters matter: otherwise equality would prove little

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from minilora.core.errors import AdapterError, ConfigError
-from minilora.lora.layer import BASE_ROW, LoraConfig, LoRALinear, check_adapter_name, lora_modules
+from minilora.lora.layer import (
+    BASE_ROW,
+    LoraConfig,
+    LoRALinear,
+    Routes,
+    check_adapter_name,
+    lora_modules,
+)
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -149,17 +156,28 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALi
     for row, name in enumerate(names):
         if name is not None and name != BASE_ROW:
             groups.setdefault(name, []).append(row)
+    # Computed once per call for all layers: each adapter's rows, and each row's slot among a
+    # layer's adapters (layers holding the same adapters, the usual case, share one tensor).
     indices: dict[tuple[str, torch.device], torch.Tensor] = {}
+    slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+    gathering = not torch.compiler.is_compiling()  # a traced call runs the per-adapter loop
     for m in modules:
         routes = []
+        device = m.weight.device
         for name, rows in groups.items():
             if name in m.lora_A:
-                key = (name, m.weight.device)
+                key = (name, device)
                 if key not in indices:
-                    indices[key] = torch.tensor(rows, dtype=torch.long, device=key[1])
+                    indices[key] = torch.tensor(rows, dtype=torch.long, device=device)
                 routes.append((name, indices[key]))
+        adapters = m.adapter_names
+        if gathering and (adapters, device) not in slots:
+            slot = {a: i for i, a in enumerate(adapters)}
+            slots[adapters, device] = torch.tensor(
+                [slot.get(n, len(adapters)) if n is not None else len(adapters) for n in names],
+                dtype=torch.long, device=device)
         # The layer adds each row's adapter, not its active ones, until _unroute.
-        m.routes = (tuple(routes), len(names))
+        m.routes = Routes(tuple(routes), len(names), adapters, slots.get((adapters, device)))
     return modules
 
 

@@ -45,7 +45,7 @@ from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.la
     matches,
 )
 from minilora.lora.quantized_weight import base_output, is_quantized, quant_kind
-from minilora.lora.stacked import AdapterStack, add_gathered, build_stack, stack_key
+from minilora.lora.stacked import AdapterStack, add_gathered, build_stack
 from minilora.lora.variants import LoraVariant, variant_for
 
 # Low-precision bases get float32 adapters (PEFT does the same): bf16 optimizer updates of a
@@ -412,7 +412,7 @@ class LoRALinear(nn.Module):
     def adapter_stack(self) -> AdapterStack:
         """This layer's adapters stacked for a mixed batch (minilora.lora.stacked): `stacked`,
         rebuilt first when an adapter was added or deleted, or any A or B changed since."""
-        if self.stacked is None or self.stacked.key != stack_key(self):
+        if self.stacked is None or not self.stacked.current():
             self.stacked = build_stack(self)
         return self.stacked
 
@@ -515,5 +515,24 @@ class LoRALinear(nn.Module):
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """Returns (name, module) of every LoRALinear in `model` (found by type), in model order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """Returns (name, module) of every LoRALinear in `model` (found by type), in model order
+    (`named_modules`' order, each module once).
+
+    A LoRALinear's own children (its adapters' Linear layers, two per adapter) are not walked:
+    no LoRALinear is inside one, and with many adapters they are most of the model's modules
+    (a mixed batch looks the layers up on every call)."""
+    found: list[tuple[str, LoRALinear]] = []
+    seen: set[nn.Module] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if module in seen:
+            return
+        seen.add(module)
+        if isinstance(module, LoRALinear):
+            found.append((prefix, module))
+            return
+        for name, child in module.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return found

@@ -16,7 +16,9 @@ of `bmm`, so what a row gets does not depend on the other rows.
 The stack is a cache of the adapters' weights: `AdapterStack.key` records the version counter
 and storage of every A and B it was read from, so a stack is rebuilt after any in-place change
 (an optimizer step, an adapter loaded into its slot, a dtype change); adding or deleting an
-adapter drops the layer's stack outright (`LoRALinear.adapter_stack`).
+adapter drops the layer's stack outright (`LoRALinear.adapter_stack`). The key is checked on
+every call, through the weights the stack holds (not the layer's module dicts, whose lookups
+cost more than the check).
 
 Only variants whose update is s B A x (`LoraVariant.fast_path`) are stacked; the others (DoRA)
 hold a zero slot and the layer runs their rows with its per-adapter loop.
@@ -46,13 +48,20 @@ class AdapterStack:
         a: (len(names) + 1, in, r_max): A_i^T, zero past adapter i's rank.
         b: (len(names) + 1, r_max, out): scaling_i * B_i^T, zero past adapter i's rank; a
             variant off the fast path (DoRA) has a zero slot here.
-        key: what the stack was read from (see `stack_key`).
+        weights: the A and B weights it was read from, adapter by adapter.
+        key: their `stack_key` when it was read.
     """
 
     names: tuple[str, ...]
     a: Tensor
     b: Tensor
+    weights: tuple[Tensor, ...]
     key: StackKey
+
+    def current(self) -> bool:
+        """Whether no weight the stack was read from has changed since (written in place, or
+        given another storage); adding or deleting an adapter is the layer's to notice."""
+        return stack_key(self.weights) == self.key
 
     @property
     def base_slot(self) -> int:
@@ -60,14 +69,11 @@ class AdapterStack:
         return len(self.names)
 
 
-def stack_key(layer: LoRALinear) -> StackKey:
-    """The version counters and storages of every A and B of `layer`, in adapter order: equal
-    keys mean the weights a stack was read from have not changed since."""
-    key = []
-    for name in layer.lora_A:
-        for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-            key.append((p._version, p.data_ptr()))
-    return tuple(key)
+def stack_key(weights: tuple[Tensor, ...]) -> StackKey:
+    """The version counter and storage of each of `weights`: equal keys mean the weights have
+    not changed in between (an in-place write bumps the counter, a new storage moves the
+    address)."""
+    return tuple((p._version, p.data_ptr()) for p in weights)
 
 
 @torch.no_grad()
@@ -85,7 +91,8 @@ def build_stack(layer: LoRALinear) -> AdapterStack:
         r = layer.r[name]
         a[i, :, :r] = layer.lora_A[name].weight.t()
         b[i, :r] = layer.lora_B[name].weight.t() * layer.scaling[name]
-    return AdapterStack(names, a, b, stack_key(layer))
+    weights = tuple(w for n in names for w in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+    return AdapterStack(names, a, b, weights, stack_key(weights))
 
 
 def add_gathered(y: Tensor, x: Tensor, stack: AdapterStack, slots: Tensor) -> Tensor:

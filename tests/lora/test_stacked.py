@@ -118,3 +118,19 @@ def test_rows_that_need_gradients_take_the_loop_and_train_their_own_adapter():
         assert lin.lora_B[name].weight.grad is not None
         assert lin.lora_B[name].weight.grad.abs().sum() > 0
     assert lin.lora_B["default"].weight.grad is None
+
+
+def test_a_dora_adapter_in_the_batch_runs_its_rows_alone_the_others_gathered():
+    lin = layer()
+    lin.add_adapter("dora", r=2, alpha=4.0, use_dora=True)
+    with torch.no_grad():
+        lin.lora_B["dora"].weight.normal_()
+    x = torch.randn(4, 3, IN)
+    names = ["dora", "mid", None, "wide"]
+    got = routed(lin, x, names)
+    assert lin.stacked is not None  # mid and wide were gathered
+    torch.testing.assert_close(got[1:], formula(lin, x[1:], names[1:]), rtol=1e-5, atol=1e-5)
+    lin.set_active(["dora"])
+    with torch.no_grad():
+        alone = lin(x[:1])
+    torch.testing.assert_close(got[:1], alone, rtol=1e-5, atol=1e-5)

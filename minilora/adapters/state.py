@@ -89,6 +89,7 @@ def copy_in(
             m.lora_B[name].weight.copy_(b)
             if name in m.lora_magnitude_vector:
                 m.lora_magnitude_vector[name].copy_(sd[f"{PREFIX}{path}.{MAGNITUDE_KEY}"])
+            m.weights_changed()  # its stacked adapters (mixed batches) are read again
 
 
 def load_adapter_state_dict(

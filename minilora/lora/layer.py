@@ -409,6 +409,13 @@ class LoRALinear(nn.Module):
         return not (torch.is_grad_enabled() and any(
             p.requires_grad for name in fast for p in self.adapter_parameters(name)))
 
+    def weights_changed(self) -> None:
+        """Tells the layer its adapters' weights were written in place (loading an adapter
+        does): its stack is read again at the next mixed batch. Writes to tensors with a
+        version counter are noticed without it; those made under `torch.inference_mode` have
+        none."""
+        self.stacked = None
+
     def adapter_stack(self) -> AdapterStack:
         """This layer's adapters stacked for a mixed batch (minilora.lora.stacked): `stacked`,
         rebuilt first when an adapter was added or deleted, or any A or B changed since."""

@@ -15,8 +15,9 @@ of `bmm`, so what a row gets does not depend on the other rows.
 
 The stack is a cache of the adapters' weights: `AdapterStack.key` records the version counter
 and storage of every A and B it was read from, so a stack is rebuilt after any in-place change
-(an optimizer step, an adapter loaded into its slot, a dtype change); adding or deleting an
-adapter drops the layer's stack outright (`LoRALinear.adapter_stack`). The key is checked on
+(an optimizer step, a dtype change); adding or deleting an adapter, or loading weights into one
+(which may be an inference tensor, which has no version counter), drops the layer's stack
+outright (`LoRALinear.adapter_stack`, `LoRALinear.weights_changed`). The key is checked on
 every call, through the weights the stack holds (not the layer's module dicts, whose lookups
 cost more than the check).
 
@@ -72,8 +73,10 @@ class AdapterStack:
 def stack_key(weights: tuple[Tensor, ...]) -> StackKey:
     """The version counter and storage of each of `weights`: equal keys mean the weights have
     not changed in between (an in-place write bumps the counter, a new storage moves the
-    address)."""
-    return tuple((p._version, p.data_ptr()) for p in weights)
+    address). Tensors made under `torch.inference_mode` have no version counter (-1 here):
+    whoever writes them in place says so (`LoRALinear.weights_changed`), as loading an
+    adapter does."""
+    return tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for p in weights)
 
 
 @torch.no_grad()

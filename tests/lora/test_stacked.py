@@ -134,3 +134,38 @@ def test_a_dora_adapter_in_the_batch_runs_its_rows_alone_the_others_gathered():
     with torch.no_grad():
         alone = lin(x[:1])
     torch.testing.assert_close(got[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_loaded_under_inference_mode_are_restacked_when_swapped(tmp_path):
+    """What the server does: adapters loaded in its engine's thread (inference mode, where
+    tensors have no version counter), then one swapped in place for another file."""
+    from helpers import tiny_model
+    from minilora.adapters.folder import load_adapter, save_adapter
+    from minilora.lora.injection import inject_lora
+    from minilora.lora.layer import LoraConfig, lora_modules
+
+    maker = tiny_model(96)
+    folders = {}
+    for i, name in enumerate(("p", "q", "p2")):
+        inject_lora(maker, LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]), name=name)
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for _, m in lora_modules(maker):
+                m.lora_B[name].weight.copy_(torch.randn(m.lora_B[name].weight.shape,
+                                                        generator=gen))
+        folders[name] = save_adapter(maker, tmp_path / name, name=name)
+    model = tiny_model(96).eval()
+    x = torch.randint(0, 96, (3, 5))
+    names = ["p", None, "q"]
+    with torch.inference_mode():
+        load_adapter(model, folders["p"], name="p")
+        load_adapter(model, folders["q"], name="q")
+        first = model(x, adapter_names=names).logits
+        assert all(m.stacked is not None for _, m in lora_modules(model))
+        load_adapter(model, folders["p2"], name="p")  # the same slot, new weights
+        swapped = model(x, adapter_names=names).logits
+        for _, m in lora_modules(model):
+            m.gather_mixed = False
+        looped = model(x, adapter_names=names).logits
+    torch.testing.assert_close(swapped, looped, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(swapped[0], first[0], atol=1e-3)  # row "p" did change

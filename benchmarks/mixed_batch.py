@@ -18,8 +18,7 @@ a prefill's --prompt tokens a row), both ways a mixed batch can run it:
 - loop: one adapter at a time (gather its rows, two rank-r products, add them back), the
   layer's `gather_mixed = False`;
 - gathered: every row's A and B gathered from the layer's stacked adapters, two batched
-  products (minilora.lora.stacked), the default. With one adapter in the batch the layer runs
-  the loop either way.
+  products (minilora.lora.stacked), the default.
 """
 
 from __future__ import annotations

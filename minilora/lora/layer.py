@@ -395,14 +395,14 @@ class LoRALinear(nn.Module):
         return y
 
     def _gathers(self, routes: Routes) -> bool:
-        """Whether this call takes the gathered path: `gather_mixed` is on, the rows name two
-        or more adapters on the fast path, and the stack's weights may stand in for the
+        """Whether this call takes the gathered path: `gather_mixed` is on, the rows name an
+        adapter on the fast path, and the stack's weights may stand in for the
         Parameters: no dropout applies, no gradient must reach them, and no compiler traces
         the call (the stack is a cache read outside autograd and the graph)."""
         if not self.gather_mixed or routes.slots is None or routes.adapters != self.adapter_names:
             return False
         fast = [name for name, _ in routes.groups if self.variant[name].fast_path]
-        if len(fast) < 2 or any(self.dropping(name) for name in fast):
+        if not fast or any(self.dropping(name) for name in fast):
             return False
         if torch.compiler.is_compiling():
             return False

@@ -171,6 +171,7 @@ class LoRALinear(nn.Module):
         self.routes: Routes | None = None
         # the adapters stacked for a mixed batch (adapter_stack builds it, add/delete drop it)
         self.stacked: AdapterStack | None = None
+        # False: a mixed batch runs one adapter at a time (the reference the benchmarks compare)
         self.gather_mixed = True
         # quantize_model's record: the full-precision weights' fingerprint, kind, layers
         self.quantized_from: dict[str, Any] | None = None

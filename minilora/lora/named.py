@@ -172,10 +172,10 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALi
                 routes.append((name, indices[key]))
         adapters = m.adapter_names
         if gathering and (adapters, device) not in slots:
-            slot = {a: i for i, a in enumerate(adapters)}
+            slot = {a: i for i, a in enumerate(adapters)}  # the base's slot: len(adapters)
             slots[adapters, device] = torch.tensor(
-                [slot.get(n, len(adapters)) if n is not None else len(adapters) for n in names],
-                dtype=torch.long, device=device)
+                [len(adapters) if n is None or n == BASE_ROW else slot.get(n, len(adapters))
+                 for n in names], dtype=torch.long, device=device)
         # The layer adds each row's adapter, not its active ones, until _unroute.
         m.routes = Routes(tuple(routes), len(names), adapters, slots.get((adapters, device)))
     return modules

@@ -11,6 +11,14 @@ where batching pays most: every decode step is 4 small forwards instead of one).
 alternate, after one warm-up each, and each reports its fastest of --repeat runs: on a CPU shared
 with other work the minimum is the least disturbed figure. The ratio is grouped / mixed (> 1:
 the mixed batch is faster).
+
+A second table times one LoRA layer's routed forward (hidden -> the MLP's width, 32 adapters
+of rank --rank, 32 rows spread over 1, 4, 16 or 32 of them; a decode step's 1 token a row and
+a prefill's --prompt tokens a row), both ways a mixed batch can run it:
+- loop: one adapter at a time (gather its rows, two rank-r products, add them back), the
+  layer's `gather_mixed = False`;
+- gathered: every row's A and B gathered from the layer's stacked adapters, two batched
+  products (minilora.lora.stacked), the default.
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ if str(ROOT) not in sys.path:
 
 from minilora.decoding.generation import generate_batch  # noqa: E402
 from minilora.lora.injection import inject_lora  # noqa: E402
-from minilora.lora.layer import LoraConfig, lora_modules  # noqa: E402
-from minilora.lora.named import set_active  # noqa: E402
+from minilora.lora.layer import LoraConfig, LoRALinear, lora_modules  # noqa: E402
+from minilora.lora.named import mixed_adapters, set_active  # noqa: E402
 from minilora.model.decoder import CausalLM, ModelConfig  # noqa: E402
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
@@ -65,6 +73,52 @@ def fastest_seconds(fns: list, repeat: int) -> list[float]:
     return best
 
 
+CALLS = 200  # layer calls per timed run
+
+
+def time_routed(layer: LoRALinear, names: list[str], x: torch.Tensor, gather: bool) -> float:
+    """Seconds for CALLS routed forwards of `layer` (routed once: the layer's own cost)."""
+    layer.gather_mixed = gather
+    with torch.inference_mode(), mixed_adapters(layer, names):
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            layer(x)
+        return time.perf_counter() - start
+
+
+def routed_layer_table(hidden: int, rank: int, prompt: int, repeat: int) -> None:
+    """One LoRA layer's mixed-batch forward, the per-adapter loop against the gathered path."""
+    torch.manual_seed(0)
+    width = 64 * ((int(hidden * 8 / 3) + 63) // 64)  # the MLP's up projection
+    layer = LoRALinear(torch.nn.Linear(hidden, width, bias=False), r=rank, alpha=2 * rank,
+                       name="a0")
+    for i in range(1, 32):
+        layer.add_adapter(f"a{i}", r=rank, alpha=2 * rank)
+    with torch.no_grad():
+        for name in layer.adapter_names:
+            layer.lora_B[name].weight.normal_(std=0.02)
+    print(f"one routed LoRA layer: {hidden} -> {width}, 32 adapters of r={rank}, 32 rows; "
+          f"fastest of {repeat} x {CALLS} calls (ms a call)")
+    print(f"| {'adapters in the batch':>21} | {'tokens a row':>12} | {'loop (ms)':>9} | "
+          f"{'gathered (ms)':>13} | {'loop / gathered':>15} |")
+    print(f"|{'-' * 23}|{'-' * 14}|{'-' * 11}|{'-' * 15}|{'-' * 17}|")
+    for tokens in (1, prompt):
+        x = torch.randn(32, tokens, hidden)
+        for count in (1, 4, 16, 32):
+            names = [f"a{i % count}" for i in range(32)]
+
+            best = {False: float("inf"), True: float("inf")}
+            for round_ in range(repeat + 1):  # round 0 warms up
+                for gather in (False, True):
+                    seconds = time_routed(layer, names, x, gather)
+                    if round_:
+                        best[gather] = min(best[gather], seconds)
+            loop, gathered = best[False] / CALLS * 1000, best[True] / CALLS * 1000
+            print(f"| {count:>21} | {tokens:>12} | {loop:>9.3f} | {gathered:>13.3f} | "
+                  f"{loop / gathered:>15.2f} |")
+    layer.gather_mixed = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -74,9 +128,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--layer-only", action="store_true",
+                        help="only the second table (one routed LoRA layer, loop vs gathered)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layer_only:
+        routed_layer_table(args.hidden, args.rank, args.prompt, args.repeat)
+        return
 
     model = build(args.hidden, args.layers, args.rank)
     names = [ADAPTERS[i % len(ADAPTERS)] for i in range(8)]  # 8 rows, 2 per adapter
@@ -123,6 +182,8 @@ def main() -> None:
         t_mixed, t_grouped = fastest_seconds([mixed, grouped], args.repeat)
         print(f"| {label:<36} | {t_mixed:>15.3f} | {t_grouped:>12.3f} | "
               f"{t_grouped / t_mixed:>5.2f} |")
+    print()
+    routed_layer_table(args.hidden, args.rank, args.prompt, args.repeat)
 
 
 if __name__ == "__main__":

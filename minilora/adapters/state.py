@@ -120,6 +120,8 @@ def copy_in(
             m.lora_B[name].weight.copy_(b)
             if name in m.lora_magnitude_vector:
                 m.lora_magnitude_vector[name].copy_(sd[f"{PREFIX}{path}.{MAGNITUDE_KEY}"])
+            if not isinstance(m, LoRAEmbedding):  # a Linear's stacked adapters (mixed
+                m.weights_changed()  # batches) are read again
         for key, own in extra_state_dict(model, name).items():
             own.copy_(sd[key])  # the Parameters' (and buffers') own memory
 

@@ -48,7 +48,8 @@ else:
     LinearDict = nn.ModuleDict
     ParameterDict = nn.ParameterDict
 
-# A mixed batch's routing for one call, as minilora.lora.layer.Routes.
+# A mixed batch's routing for one call: ((adapter name, its rows), ...) and the row count
+# (minilora.lora.layer.Routes' first two fields; an embedding has no gathered path).
 Routes = tuple[tuple[tuple[str, torch.Tensor], ...], int]
 
 

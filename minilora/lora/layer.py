@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +46,7 @@ from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.la
 )
 from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.quantized_weight import base_output, is_quantized, quant_kind
+from minilora.lora.stacked import AdapterStack, add_gathered, build_stack
 from minilora.lora.variants import LoraVariant, variant_for
 
 # Low-precision bases get float32 adapters (PEFT does the same): bf16 optimizer updates of a
@@ -74,9 +76,24 @@ FusedParts = tuple[torch.Tensor, torch.Tensor | None,
                    tuple[torch.Tensor, torch.Tensor, float] | None]
 
 
-# A mixed batch's routing for one call: ((adapter name, its rows (k,) long), ...) and the batch's
-# row count. Set by minilora.lora.named.mixed_adapters.
-Routes = tuple[tuple[tuple[str, torch.Tensor], ...], int]
+@dataclass(frozen=True)
+class Routes:
+    """A mixed batch's routing for one call of one layer (set by
+    minilora.lora.named.mixed_adapters).
+
+    Attributes:
+        groups: (adapter name, its rows (k,) long) for each adapter of this layer the batch
+            names: what the per-adapter loop runs.
+        n_rows: the batch's row count.
+        adapters: the layer's adapters when routed (its `adapter_names`), which `slots` index.
+        slots: (n_rows,) long: each row's adapter as its index in `adapters`, len(adapters) for
+            the base (what the gathered path reads; see minilora.lora.stacked), or None.
+    """
+
+    groups: tuple[tuple[str, torch.Tensor], ...]
+    n_rows: int
+    adapters: tuple[str, ...] = ()
+    slots: torch.Tensor | None = None
 
 
 class LoRALinear(nn.Module):
@@ -102,7 +119,10 @@ class LoRALinear(nn.Module):
     inject_lora). `active_adapters` names those a forward adds.
 
     Layer-wide state, declared here and nowhere else: `routes` (a mixed batch's rows per
-    adapter for the current call, set by minilora.lora.named.mixed_adapters, else None) and
+    adapter for the current call, set by minilora.lora.named.mixed_adapters, else None),
+    `stacked` (the adapters stacked for a mixed batch's gathered path, a cache that
+    `adapter_stack` keeps current; see minilora.lora.stacked), `gather_mixed` (True: a mixed
+    batch gathers each row's adapter from `stacked`; False: it runs one adapter at a time) and
     `quantized_from` (set by minilora.lora.qlora.quantize_model: the fingerprint of the
     full-precision weights, the kind, the LoRA layers quantized together; else None) and
     `sharded_from` (set by minilora.lora.fingerprint.record_fingerprint_before_sharding: the
@@ -150,6 +170,10 @@ class LoRALinear(nn.Module):
         self.pissa_from: dict[str, str] = {}
         # a mixed batch's (adapter, rows) for the current call (named.mixed_adapters), else None
         self.routes: Routes | None = None
+        # the adapters stacked for a mixed batch (adapter_stack builds it, add/delete drop it)
+        self.stacked: AdapterStack | None = None
+        # False: a mixed batch runs one adapter at a time (the reference the benchmarks compare)
+        self.gather_mixed = True
         # quantize_model's record: the full-precision weights' fingerprint, kind, layers
         self.quantized_from: dict[str, Any] | None = None
         # record_fingerprint_before_sharding's record: the whole weights' fingerprint, layers
@@ -216,6 +240,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout[name], self.use_rslora[name] = float(dropout), use_rslora
         self.init[name], self.lora_config[name] = init, config
         self.variant[name] = variant_for(init, use_dora)
+        self.stacked = None
         self._init_adapter(name, init)
 
     @torch.no_grad()
@@ -248,6 +273,7 @@ class LoRALinear(nn.Module):
                          self.use_rslora, self.init, self.variant, self.lora_config):
             del settings[name]
         self.pissa_from.pop(name, None)
+        self.stacked = None
         self.set_active([n for n in self.active_adapters if n != name])
 
     def set_active(self, names: Sequence[str]) -> None:
@@ -343,25 +369,61 @@ class LoRALinear(nn.Module):
         return self.variant[name].update(self, name, xa, lora, base)
 
     def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A mixed batch: each group of rows gets its own adapter's update; rows of no group,
-        or of an adapter this layer lacks, get the base."""
+        """A mixed batch: each row gets its own adapter's update; rows of the base, or of an
+        adapter this layer lacks, get the base. Gathered from the stacked adapters in one
+        batched product where `_gathers` allows (minilora.lora.stacked), the rows of the other
+        adapters (a variant off the fast path, or all of them) one adapter at a time."""
         assert self.routes is not None  # forward calls this only for a mixed batch
-        routes, n_rows = self.routes
-        if x.dim() < 3 or x.shape[0] != n_rows:
+        routes = self.routes
+        if x.dim() < 3 or x.shape[0] != routes.n_rows:
             raise ValueError(
-                f"a mixed batch of {n_rows} rows needs every LoRA layer input shaped "
+                f"a mixed batch of {routes.n_rows} rows needs every LoRA layer input shaped "
                 f"(batch, sequence, features), got {tuple(x.shape)} (layers that see tokens "
                 "regrouped, such as MoE experts, cannot route rows)")
         y = base_output(self, x)  # (B, T, out)
         if not self.enabled:
             return y
-        for name, rows in routes:
+        groups = routes.groups
+        if self._gathers(routes):
+            assert routes.slots is not None  # _gathers checks it
+            add_gathered(y, x, self.adapter_stack(), routes.slots)
+            groups = tuple(g for g in groups if not self.variant[g[0]].fast_path)
+        for name, rows in groups:
             # rows of one group only: y's rows there still hold the base output
             delta = self.lora_update(x.index_select(0, rows), name, y.index_select(0, rows))
             # Into y's own memory (a copy of y per adapter would cost more than the update);
             # safe for autograd: linear's backward does not read its output.
             y.index_add_(0, rows, delta.to(y.dtype))
         return y
+
+    def _gathers(self, routes: Routes) -> bool:
+        """Whether this call takes the gathered path: `gather_mixed` is on, the rows name an
+        adapter on the fast path, and the stack's weights may stand in for the
+        Parameters: no dropout applies, no gradient must reach them, and no compiler traces
+        the call (the stack is a cache read outside autograd and the graph)."""
+        if not self.gather_mixed or routes.slots is None or routes.adapters != self.adapter_names:
+            return False
+        fast = [name for name, _ in routes.groups if self.variant[name].fast_path]
+        if not fast or any(self.dropping(name) for name in fast):
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and any(
+            p.requires_grad for name in fast for p in self.adapter_parameters(name)))
+
+    def weights_changed(self) -> None:
+        """Tells the layer its adapters' weights were written in place (loading an adapter
+        does): its stack is read again at the next mixed batch. Writes to tensors with a
+        version counter are noticed without it; those made under `torch.inference_mode` have
+        none."""
+        self.stacked = None
+
+    def adapter_stack(self) -> AdapterStack:
+        """This layer's adapters stacked for a mixed batch (minilora.lora.stacked): `stacked`,
+        rebuilt first when an adapter was added or deleted, or any A or B changed since."""
+        if self.stacked is None or not self.stacked.current():
+            self.stacked = build_stack(self)
+        return self.stacked
 
     def _kernel_parts(self) -> tuple[Any, ...] | None:
         """(weight, bias, (A, B, scaling) of the one active adapter or None for the base alone,
@@ -467,10 +529,28 @@ LoRALayer = LoRALinear | LoRAEmbedding
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     """Returns (name, module) of every LoRA layer in `model` (LoRALinear and LoRAEmbedding,
-    found by type), in model order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
+    found by type), in model order (`named_modules`' order, each module once).
+
+    A LoRA layer's own children (its adapters' layers, two per adapter) are not walked: no LoRA
+    layer is inside one, and with many adapters they are most of the model's modules (a mixed
+    batch looks the layers up on every call)."""
+    found: list[tuple[str, LoRALayer]] = []
+    seen: set[nn.Module] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if module in seen:
+            return
+        seen.add(module)
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            found.append((prefix, module))
+            return
+        for name, child in module.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return found
 
 
 def linear_lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """Returns (name, module) of every LoRALinear in `model` (no embedding), in model order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [(n, m) for n, m in lora_modules(model) if isinstance(m, LoRALinear)]

@@ -24,6 +24,7 @@ from minilora.lora.layer import (
     LoraConfig,
     LoRALayer,
     LoRALinear,
+    Routes,
     check_adapter_name,
     linear_lora_modules,
     lora_modules,
@@ -202,17 +203,31 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[Any]:
     for row, name in enumerate(names):
         if name is not None and name != BASE_ROW:
             groups.setdefault(name, []).append(row)
+    # Computed once per call for all layers: each adapter's rows, and each row's slot among a
+    # layer's adapters (layers holding the same adapters, the usual case, share one tensor).
     indices: dict[tuple[str, torch.device], torch.Tensor] = {}
+    slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+    gathering = not torch.compiler.is_compiling()  # a traced call runs the per-adapter loop
     for m in modules:
         routes = []
+        device = m.weight.device
         for name, rows in groups.items():
             if name in m.lora_A:
-                key = (name, m.weight.device)
+                key = (name, device)
                 if key not in indices:
-                    indices[key] = torch.tensor(rows, dtype=torch.long, device=key[1])
+                    indices[key] = torch.tensor(rows, dtype=torch.long, device=device)
                 routes.append((name, indices[key]))
         # The layer adds each row's adapter, not its active ones, until _unroute.
-        m.routes = (tuple(routes), len(names))
+        if not isinstance(m, LoRALinear):  # an embedding's lookup runs the per-adapter loop
+            m.routes = (tuple(routes), len(names))
+            continue
+        adapters = m.adapter_names
+        if gathering and (adapters, device) not in slots:
+            slot = {a: i for i, a in enumerate(adapters)}  # the base's slot: len(adapters)
+            slots[adapters, device] = torch.tensor(
+                [len(adapters) if n is None or n == BASE_ROW else slot.get(n, len(adapters))
+                 for n in names], dtype=torch.long, device=device)
+        m.routes = Routes(tuple(routes), len(names), adapters, slots.get((adapters, device)))
     return modules + _route_extras(model, groups, len(names))
 
 

@@ -41,6 +41,9 @@ _EXPORTS = {
     "minilora.lora.layer": (
         "LoRALinear", "lora_modules",
     ),
+    "minilora.lora.embedding": (
+        "LoRAEmbedding",
+    ),
     "minilora.lora.config": (
         "LoraConfig", "check_adapter_name",
     ),
@@ -95,7 +98,7 @@ __all__ = [
     "__version__", "AdapterError", "CausalLM", "CheckpointError", "ConfigError", "DataError",
     "ExportError",
     "FingerprintMismatch", "MiniloraError", "MissingExtra", "OutputError", "TaskError",
-    "LoraConfig", "LoRALinear",
+    "LoraConfig", "LoRALinear", "LoRAEmbedding",
     "ModelConfig", "Tokenizer", "TrainConfig", "TrainError", "WeightsError", "active_adapters",
     "adapter_state_dict", "base_fingerprint", "check_adapter_name", "combine_adapters",
     "count_parameters",

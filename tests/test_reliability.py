@@ -1393,6 +1393,36 @@ ROUND_THREE_INITS = [
 CASES += ROUND_THREE_INITS
 
 
+def trained_with_embedding_tying(d: Path, n: dict) -> None:
+    """An adapter with LoRA on the embedding whose config says PEFT's ensure_weight_tying."""
+    train_first("--targets", "embed_tokens,q_proj")(d, n)
+    edit_adapter_config(d / "out" / "adapter", ensure_weight_tying=True)
+
+
+EMBEDDING_LORA = [
+    Case("embedding-dora", TRAIN + ["--targets", "embed_tokens,q_proj", "--dora"],
+         "LoRA on the embedding model.embed_tokens: DoRA is not supported on an embedding; "
+         "leave the embedding out of the targets or turn DoRA off",
+         "nothing written; PEFT has DoRA on an embedding, minilora does not"),
+    Case("embedding-pissa", TRAIN + ["--targets", "embed_tokens,q_proj", "--init", "pissa"],
+         "LoRA on the embedding model.embed_tokens: the PiSSA init is not supported on an "
+         "embedding; leave the embedding out of the targets or use another init",
+         "nothing written (PEFT silently starts an embedding its own way instead)"),
+    Case("export-embedding-adapter-only", EXPORT + ["--adapter", "{dir}/out", "--adapter-only",
+                                                    "--out", "{dir}/a.gguf"],
+         "adapter 'default' has LoRA on the embedding (model.embed_tokens), which minilora does "
+         "not write as a llama.cpp adapter; export the merged model instead (without "
+         "--adapter-only)", "nothing written; the merged export holds the embedding's update",
+         setup=train_first("--targets", "embed_tokens,q_proj")),
+    Case("peft-embedding-weight-tying", GENERATE + ["--adapter", "{dir}/out/adapter"],
+         "{dir}/out/adapter/adapter_config.json: field 'ensure_weight_tying' is true with LoRA "
+         "on an embedding: the tied output head would share the embedding's update, which "
+         "minilora does not do; save the adapter with ensure_weight_tying false",
+         "the model is not touched", setup=trained_with_embedding_tying),
+]
+CASES += EMBEDDING_LORA
+
+
 def rehash(path: Path) -> None:
     """Record a planted checkpoint file in the manifest, as an attacker who edits both would."""
     manifest = path.parent / "manifest.json"

@@ -50,7 +50,7 @@ from minilora.core.tensor_checks import check_written
 from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name, matches
 from minilora.lora.fingerprint import base_fingerprint
 from minilora.lora.injection import inject_lora
-from minilora.lora.layer import LoRALinear, lora_modules
+from minilora.lora.layer import LoRALayer, lora_modules
 from minilora.lora.named import (
     active_adapters,
     adapter_layers,
@@ -377,7 +377,7 @@ def _model_config(model: nn.Module, name: str) -> LoraConfig:
     later)."""
     layers = adapter_layers(model, name)
 
-    def shape(m: LoRALinear) -> tuple[Any, ...]:
+    def shape(m: LoRALayer) -> tuple[Any, ...]:
         return (m.r[name], m.lora_alpha[name], m.use_rslora[name], m.lora_dropout[name])
 
     first = shape(layers[0][1])

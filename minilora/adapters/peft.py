@@ -27,6 +27,9 @@ CONFIG_NAME = "adapter_config.json"
 FINGERPRINT_KEY = "minilora_base_fingerprint"
 VERSION_KEY = "minilora_version"
 MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's m, PEFT's key (no adapter name, no ".weight")
+# An embedding's A (r, num_embeddings) and B (embedding_dim, r): PEFT's keys, no ".weight"
+EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
+_EMBEDDING_KEY_RE = re.compile(r"(.+)\.lora_embedding_[AB]")
 # PEFT also saves the base weights of an adapted lm_head / embed_tokens (save_embedding_layers)
 BASE_LAYER_RE = re.compile(r"(.+)\.base_layer\.(weight|bias)")
 _KEY_RE = re.compile(r"(.+)\.lora_([AB])\.weight")
@@ -177,7 +180,10 @@ def _config_from_peft(data: dict[str, Any], source: Path, sd: dict[str, torch.Te
         init = "pissa"  # "pissa_niter_4" too: the same adapter, its SVD found faster
     targets = data.get("target_modules")
     if targets is None:  # PEFT's per-architecture default: the keys say which modules
-        targets = sorted({m[1] for k in sd if (m := _KEY_RE.fullmatch(k.removeprefix(PREFIX)))})
+        targets = sorted({m[1] for k in sd if (m := _KEY_RE.fullmatch(k.removeprefix(PREFIX))
+                                                    or _EMBEDDING_KEY_RE.fullmatch(
+                                                        k.removeprefix(PREFIX)))})
+    _refuse_tied_embedding_lora(data, sd, fail)
     exclude = data.get("exclude_modules") or []
     try:
         return LoraConfig(
@@ -195,6 +201,18 @@ def _config_from_peft(data: dict[str, Any], source: Path, sd: dict[str, torch.Te
         raise AdapterError(f"{source}: {e}") from None
     except ValueError as e:
         raise AdapterError(f"{source}: {e}") from None
+
+
+def _refuse_tied_embedding_lora(data: dict[str, Any], sd: dict[str, torch.Tensor],
+                                fail: Any) -> None:
+    """PEFT's ``ensure_weight_tying`` gives a tied output head the embedding's LoRA too;
+    minilora's embedding LoRA changes the lookup only (PEFT's default): such a file is refused
+    rather than loaded computing something else."""
+    if data.get("ensure_weight_tying") and any(
+            _EMBEDDING_KEY_RE.fullmatch(k.removeprefix(PREFIX)) for k in sd):
+        raise fail("ensure_weight_tying", "is true with LoRA on an embedding: the tied output "
+                   "head would share the embedding's update, which minilora does not do; save "
+                   "the adapter with ensure_weight_tying false")
 
 
 # LoraConfig's field -> the adapter_config.json key it is read from.

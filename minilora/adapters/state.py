@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minilora.adapters.peft import MAGNITUDE_KEY, PREFIX
+from minilora.adapters.peft import EMBEDDING_KEYS, MAGNITUDE_KEY, PREFIX
 from minilora.core.errors import AdapterError
-from minilora.lora.layer import lora_modules
+from minilora.lora.embedding import LoRAEmbedding
+from minilora.lora.layer import LoRALayer, lora_modules
 from minilora.lora.named import adapter_layers, resolve_adapter
 
 
@@ -23,8 +24,9 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
         name: which adapter (default: the only one, or the only active one).
 
     Returns:
-        `{"base_model.model.<path>.lora_A.weight": (r, in), "...lora_B.weight": (out, r)}`,
-        detached tensors sharing memory with the Parameters.
+        `{"base_model.model.<path>.lora_A.weight": (r, in), "...lora_B.weight": (out, r)}`
+        (an embedding's: `...lora_embedding_A` (r, num_embeddings), `...lora_embedding_B`
+        (embedding_dim, r)), detached tensors sharing memory with the Parameters.
 
     Raises:
         AdapterError: when the model has no LoRA or `name` is unknown or ambiguous.
@@ -32,11 +34,20 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     name = resolve_adapter(model, name, "save")
     sd = {}
     for path, m in adapter_layers(model, name):
-        sd[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A[name].weight.detach()
-        sd[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B[name].weight.detach()
+        a_key, b_key = ab_keys(path, m)
+        sd[a_key] = m.lora_A[name].weight.detach()
+        sd[b_key] = m.lora_B[name].weight.detach()
         if name in m.lora_magnitude_vector:
             sd[f"{PREFIX}{path}.{MAGNITUDE_KEY}"] = m.lora_magnitude_vector[name].detach()
     return sd
+
+
+def ab_keys(path: str, m: LoRALayer) -> tuple[str, str]:
+    """The file's keys of A and B of the layer at `path`: PEFT's `lora_A.weight` /
+    `lora_B.weight`, or an embedding's `lora_embedding_A` / `lora_embedding_B`."""
+    if isinstance(m, LoRAEmbedding):
+        return f"{PREFIX}{path}.{EMBEDDING_KEYS[0]}", f"{PREFIX}{path}.{EMBEDDING_KEYS[1]}"
+    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
 
 
 def check_state_dict(
@@ -82,8 +93,9 @@ def copy_in(
     uses, so the adapter computes what it computed."""
     with torch.no_grad():
         for path, m in adapter_layers(model, name):
-            m.lora_A[name].weight.copy_(sd[f"{PREFIX}{path}.lora_A.weight"])
-            b = sd[f"{PREFIX}{path}.lora_B.weight"]
+            a_key, b_key = ab_keys(path, m)
+            m.lora_A[name].weight.copy_(sd[a_key])
+            b = sd[b_key]
             if scaling is not None and scaling != m.scaling[name]:
                 b = b.float() * (scaling / m.scaling[name])
             m.lora_B[name].weight.copy_(b)

@@ -36,7 +36,8 @@ from torch import nn
 from minilora.core.errors import ExportError, MiniloraError, MissingExtra, OutputError
 from minilora.core.files import atomic_path
 from minilora.data.tokenizer import CHAT_TEMPLATE, Tokenizer
-from minilora.lora.layer import LoRALinear, lora_modules
+from minilora.lora.embedding import LoRAEmbedding
+from minilora.lora.layer import LoRALayer, lora_modules
 from minilora.lora.named import adapter_layers, resolve_adapter
 from minilora.lora.quantized_weight import is_quantized, quant_kind
 from minilora.model.config import ModelConfig, filled
@@ -257,12 +258,14 @@ def model_tensors(model: nn.Module, config: ModelConfig, arch: str) -> dict[str,
     (the model itself is left unchanged).
 
     The output head is written only where it is not the embedding (untied, or tied with an
-    adapter on it: the file then holds both).
+    adapter on it or on the embedding: the file then holds both).
     """
     gguf = require_gguf()
     names = gguf.get_tensor_name_map(_arch_enum(gguf, arch), config.num_hidden_layers)
     lora = dict(lora_modules(model))
     inside = tuple(f"{p}.lora_" for p in lora)
+    # LoRA on the embedding changes the lookup only: a tied head then needs its own (base) tensor
+    lookup_only = any(isinstance(m, LoRAEmbedding) and _adds(m) for m in lora.values())
     state = model.state_dict()
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
@@ -278,13 +281,14 @@ def model_tensors(model: nn.Module, config: ModelConfig, arch: str) -> dict[str,
             elif module is not None and module.merged and not module.enabled:
                 raise ExportError(f"{path}: its adapters are merged into the weight but "
                                   "disabled; unmerge them (unmerge_lora) before exporting")
-        if key == "lm_head.weight" and config.tie_word_embeddings and not adapted:
+        if key == "lm_head.weight" and config.tie_word_embeddings and not adapted and not (
+                lookup_only):
             continue  # llama.cpp reads the embedding as the head when there is no output tensor
         out[_gguf_name(names, key)] = _for_gguf(key, tensor, config, arch).numpy()
     return out
 
 
-def _adds(m: LoRALinear) -> bool:
+def _adds(m: LoRALayer) -> bool:
     """Whether the layer's forward adds an adapter's update to its weight (as its forward
     decides: adapters active and the layer enabled)."""
     return m.enabled and bool(m.active_adapters)
@@ -299,8 +303,9 @@ def adapter_tensors(model: nn.Module, config: ModelConfig, arch: str, adapter: s
     ratio folded into their B, so one alpha serves every layer.
 
     Raises:
-        ExportError: no adapter, DoRA, a PiSSA adapter saved as a residual, or an adapter on a
-            tied output head (the base GGUF has no output tensor to apply it to).
+        ExportError: no adapter, DoRA, a PiSSA adapter saved as a residual, LoRA on the
+            embedding, or an adapter on a tied output head (the base GGUF has no output tensor
+            to apply it to).
     """
     gguf = require_gguf()
     if not lora_modules(model):
@@ -329,7 +334,11 @@ def adapter_tensors(model: nn.Module, config: ModelConfig, arch: str, adapter: s
     return out, alpha
 
 
-def _check_plain_lora(path: str, m: LoRALinear, name: str, config: ModelConfig) -> None:
+def _check_plain_lora(path: str, m: LoRALayer, name: str, config: ModelConfig) -> None:
+    if isinstance(m, LoRAEmbedding):
+        raise ExportError(f"adapter {name!r} has LoRA on the embedding ({path}), which minilora "
+                          "does not write as a llama.cpp adapter; export the merged model "
+                          "instead (without --adapter-only)")
     if name in m.lora_magnitude_vector:
         raise ExportError(f"adapter {name!r} is DoRA ({path}), which llama.cpp's LoRA adapters "
                           "cannot hold; export the merged model instead (without --adapter-only)")

@@ -12,7 +12,7 @@ from torch import nn
 
 from minilora.core.errors import AdapterError
 from minilora.core.tensor_checks import is_sharded
-from minilora.lora.layer import LoRALinear, lora_modules
+from minilora.lora.layer import LoRALayer, lora_modules
 from minilora.lora.named import adapter_layers, resolve_adapter
 from minilora.lora.quantized_weight import is_quantized
 from minilora.lora.weight_hash import hash_weights
@@ -54,7 +54,7 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
     return hash_weights({n: m.weight.detach() for n, m in modules})
 
 
-def _recorded(modules: list[tuple[str, LoRALinear]], records: list[dict[str, Any] | None],
+def _recorded(modules: list[tuple[str, LoRALayer]], records: list[dict[str, Any] | None],
               missing: str) -> str:
     """The fingerprint one record kept on every layer holds, for exactly these layers; else
     AdapterError(missing)."""
@@ -65,7 +65,7 @@ def _recorded(modules: list[tuple[str, LoRALinear]], records: list[dict[str, Any
     return str(record["fingerprint"])
 
 
-def _quantized_fingerprint(modules: list[tuple[str, LoRALinear]], quantized: list[str]) -> str:
+def _quantized_fingerprint(modules: list[tuple[str, LoRALayer]], quantized: list[str]) -> str:
     """The fingerprint quantize_model recorded (on each layer) from the weights before
     quantizing them."""
     return _recorded(modules, [m.quantized_from for _, m in modules],
@@ -84,7 +84,7 @@ def record_fingerprint_before_sharding(model: nn.Module) -> None:
         m.sharded_from = record
 
 
-def _sharded_fingerprint(modules: list[tuple[str, LoRALinear]], sharded: list[str]) -> str:
+def _sharded_fingerprint(modules: list[tuple[str, LoRALayer]], sharded: list[str]) -> str:
     """The fingerprint record_fingerprint_before_sharding kept (on each layer)."""
     return _recorded(modules, [m.sharded_from for _, m in modules],
                      f"{sharded[0]}.weight is sharded across processes and no fingerprint of the "

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from minilora.core.errors import ConfigError
+from minilora.lora.embedding import LoRAEmbedding, refuse_embedding_config
 from minilora.lora.layer import (
     DEFAULT_ADAPTER,
     LoraConfig,
@@ -26,6 +27,7 @@ from minilora.lora.layer import (
 )
 from minilora.lora.named import (
     install_row_hooks,
+    plain_module,
     refuse_merged,
     remove_row_hooks,
     replace_submodule,
@@ -35,6 +37,9 @@ from minilora.lora.weight_hash import hash_weights
 
 # What LoRA can go on: a plain Linear, or one that has adapters already.
 AnyLinear = nn.Linear | LoRALinear
+# ... or an embedding table, when a target names it (never "all-linear" or "square").
+AnyEmbedding = nn.Embedding | LoRAEmbedding
+AnyTarget = AnyLinear | AnyEmbedding
 
 
 @dataclass
@@ -95,10 +100,27 @@ def linear_modules(model: nn.Module) -> Iterator[tuple[str, AnyLinear]]:
     yield from walk(model, "")
 
 
+def embedding_modules(model: nn.Module) -> list[tuple[str, AnyEmbedding]]:
+    """(name, module) of every nn.Embedding and LoRAEmbedding of `model`, in model order (none
+    inside a LoRA layer)."""
+    inside = tuple(n + "." for n, m in model.named_modules()
+                   if isinstance(m, (LoRALinear, LoRAEmbedding)))
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, LoRAEmbedding)) and not n.startswith(inside)]
+
+
+def _dims(m: AnyTarget) -> tuple[int, int]:
+    """(in, out) of a layer LoRA goes on: an embedding's (num_embeddings, embedding_dim)."""
+    if isinstance(m, nn.Embedding):
+        return m.num_embeddings, m.embedding_dim
+    return m.in_features, m.out_features
+
+
 def output_head_names(model: nn.Module, linears: list[tuple[str, AnyLinear]]) -> set[str]:
     """Returns the names of Linears that produce the output logits: named lm_head, the model's own
     get_output_embeddings() (transformers), or a Linear whose weight is an Embedding's."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embedding_weights = {id(m.weight) for m in model.modules()
+                         if isinstance(m, (nn.Embedding, LoRAEmbedding))}
     out_emb = None
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
@@ -113,17 +135,21 @@ def output_head_names(model: nn.Module, linears: list[tuple[str, AnyLinear]]) ->
     }
 
 
-def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, AnyLinear]]:
+def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, AnyTarget]]:
     linears = list(linear_modules(model))
     targets = config.targets
+    chosen: list[tuple[str, AnyTarget]]
     if targets == "all-linear":
         heads = output_head_names(model, linears)
         chosen = [(n, m) for n, m in linears if n not in heads]
     elif targets == "square":
         chosen = [(n, m) for n, m in linears if m.in_features == m.out_features]
-    else:
-        _check_every_suffixmatches(targets, [n for n, _ in linears])
-        chosen = [(n, m) for n, m in linears if matches(n, targets)]
+    else:  # names may also pick an embedding table (PEFT's LoRA on nn.Embedding)
+        tables = embedding_modules(model)
+        either = [*linears, *tables]
+        _check_every_suffixmatches(targets, [n for n, _ in linears],
+                                   also=[n for n, _ in tables])
+        chosen = [(n, m) for n, m in either if matches(n, targets)]
     if config.exclude:
         chosen = [(n, m) for n, m in chosen if not matches(n, config.exclude)]
     if not chosen:
@@ -146,22 +172,24 @@ def check_excludes_match(model: nn.Module, exclude: list[str] | str) -> None:
     if not exclude:
         return
     names = [n for n, _ in linear_modules(model)]
+    tables = [n for n, _ in embedding_modules(model)]
     if isinstance(exclude, str):
-        if not any(matches(n, exclude) for n in names):
+        if not any(matches(n, exclude) for n in [*names, *tables]):
             suffixes = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
             raise ConfigError(f"LoRA exclude '{exclude}' matches no Linear module, so it "
                               f"excludes nothing; the model's Linear names end in: {suffixes}")
         return
-    _check_every_suffixmatches(exclude, names, "exclude")
+    _check_every_suffixmatches(exclude, names, "exclude", also=tables)
 
 
 def _check_every_suffixmatches(targets: list[str] | str, names: list[str],
-                               what: str = "targets") -> None:
+                               what: str = "targets", also: list[str] | None = None) -> None:
     """A listed suffix that matches no Linear is a typo (``v_prj``): an error naming each, with
-    the nearest real names, rather than a run that silently adapts the others only."""
+    the nearest real names, rather than a run that silently adapts the others only. A suffix
+    that matches one of `also` (embedding tables) is no typo either."""
     if isinstance(targets, str):
         return  # a regex
-    missing = [t for t in targets if not any(matches(n, [t]) for n in names)]
+    missing = [t for t in targets if not any(matches(n, [t]) for n in [*names, *(also or [])])]
     if not missing:
         return
     # The distinct last parts (q_proj, lm_head, ...): a short list, not every layer's path.
@@ -209,10 +237,16 @@ def inject_lora(
     modules = []
     added = 0
     for path, linear in chosen:
-        if isinstance(linear, LoRALinear):
+        lora: LoRALinear | LoRAEmbedding
+        if isinstance(linear, (LoRALinear, LoRAEmbedding)):
             linear.add_adapter(name, config.r, config.alpha, config.dropout, config.init,
                                config.use_rslora, config=config, use_dora=config.use_dora)
             lora = linear
+        elif isinstance(linear, nn.Embedding):
+            lora = LoRAEmbedding(linear, config.r, config.alpha, config.dropout, config.init,
+                                 config.use_rslora, name=name)
+            lora.train(linear.training)
+            replace_submodule(model, path, lora)
         else:
             lora = LoRALinear(
                 linear, config.r, config.alpha, config.dropout, config.init, config.use_rslora,
@@ -223,30 +257,36 @@ def inject_lora(
         lora.lora_config[name] = config
         if pissa_from is not None:
             lora.pissa_from[name] = pissa_from
-        modules.append((path, linear.in_features, linear.out_features))
-        added += config.r * (linear.in_features + linear.out_features)
-        added += linear.out_features if config.use_dora else 0  # DoRA's magnitude
+        n_in, n_out = _dims(linear)
+        modules.append((path, n_in, n_out))
+        added += config.r * (n_in + n_out)
+        added += n_out if config.use_dora else 0  # DoRA's magnitude
     set_active(model, [name])
     install_row_hooks(model)
     return InjectionReport(modules=modules, lora_parameters=added, adapter=name)
 
 
 def _check_injectable(
-    model: nn.Module, chosen: list[tuple[str, AnyLinear]], config: LoraConfig, name: str
+    model: nn.Module, chosen: list[tuple[str, AnyTarget]], config: LoraConfig, name: str
 ) -> None:
     """Raises ConfigError when adapter `name` cannot go on every chosen layer."""
-    twice = [n for n, m in chosen if isinstance(m, LoRALinear) and name in m.lora_A]
+    for path, m in chosen:
+        if isinstance(m, (nn.Embedding, LoRAEmbedding)):
+            refuse_embedding_config(config.init, config.use_dora, path)
+            if not m.weight.dtype.is_floating_point:
+                raise ConfigError(f"LoRA on the embedding {path}: its table is quantized "
+                                  f"({m.weight.dtype}); load the base unquantized or leave the "
+                                  "embedding out of the targets")
+    twice = [n for n, m in chosen
+             if isinstance(m, (LoRALinear, LoRAEmbedding)) and name in m.lora_A]
     if twice:
         raise ConfigError(
             f"these layers already have LoRA adapter {name!r} (inject once per layer and name; "
             f"another name adds a second adapter): {twice}"
         )
     refuse_merged(model, "adding an adapter")
-    too_small = [
-        f"{n} ({m.in_features} -> {m.out_features})"
-        for n, m in chosen
-        if config.r > min(m.in_features, m.out_features)
-    ]
+    too_small = [f"{n} ({_dims(m)[0]} -> {_dims(m)[1]})" for n, m in chosen
+                 if config.r > min(_dims(m))]
     if too_small:
         raise ConfigError(
             f"r={config.r} is larger than min(in_features, out_features) of: {too_small}"
@@ -319,6 +359,26 @@ def _untie_lm_head(model: nn.Module) -> None:
             config.tie_word_embeddings = False
 
 
+def _untie_embedding(model: nn.Module) -> None:
+    """Gives an adapted embedding that shares its table with the output head only (a tied
+    model) a copy of its own, and sets ``config.tie_word_embeddings`` False: the update changes
+    the lookup alone (the head reads the base table, as unmerged), so merging must too."""
+    config: Any = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+    heads = output_head_names(model, list(linear_modules(model)))
+    for path, m in lora_modules(model):
+        if not isinstance(m, LoRAEmbedding) or m.merged or not m.active_adapters:
+            continue
+        others = [n for n in holders.get(id(m.weight), []) if n != f"{path}.weight"]
+        if others and all(n.rpartition(".")[0] in heads for n in others):
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+            config.tie_word_embeddings = False
+
+
 def _refuse_shared_weights(model: nn.Module) -> None:
     """Raises when a layer with something to merge holds a weight that other names share.
 
@@ -362,14 +422,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     A LoRA on an lm_head tied to the input embedding (``config.tie_word_embeddings``) is merged
     into a copy of the weight: the lm_head is untied (the config says so), the embedding keeps
-    the base weight, and the model computes what the adapted one did.
+    the base weight, and the model computes what the adapted one did. A LoRA on the embedding
+    of a tied model likewise goes into a copy of the table; the head keeps the base.
     """
     if isinstance(model, LoRALinear):
         return model.to_linear()
     _untie_lm_head(model)
+    _untie_embedding(model)
     _refuse_shared_weights(model)
     for name, m in lora_modules(model):
-        replace_submodule(model, name, m.to_linear())
+        replace_submodule(model, name, plain_module(m))
     remove_row_hooks(model)
     return model
 

@@ -43,6 +43,7 @@ from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.la
     lora_scaling,
     matches,
 )
+from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.quantized_weight import base_output, is_quantized, quant_kind
 from minilora.lora.variants import LoraVariant, variant_for
 
@@ -460,6 +461,16 @@ class LoRALinear(nn.Module):
         return linear
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """Returns (name, module) of every LoRALinear in `model` (found by type), in model order."""
+# Every kind of LoRA layer: a Linear's, or an embedding's (minilora.lora.embedding).
+LoRALayer = LoRALinear | LoRAEmbedding
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    """Returns (name, module) of every LoRA layer in `model` (LoRALinear and LoRAEmbedding,
+    found by type), in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
+
+
+def linear_lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """Returns (name, module) of every LoRALinear in `model` (no embedding), in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]

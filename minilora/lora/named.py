@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from minilora.core.errors import AdapterError, ConfigError
-from minilora.lora.layer import BASE_ROW, LoraConfig, LoRALinear, check_adapter_name, lora_modules
+from minilora.lora.embedding import LoRAEmbedding
+from minilora.lora.layer import (
+    BASE_ROW,
+    LoraConfig,
+    LoRALayer,
+    LoRALinear,
+    check_adapter_name,
+    linear_lora_modules,
+    lora_modules,
+)
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -86,7 +95,8 @@ def set_active(model: nn.Module, names: str | Sequence[str] | None) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Removes adapter `name` from every layer; a layer left with no adapter becomes a plain
-    nn.Linear again (sharing the base Parameters). The other adapters are untouched.
+    nn.Linear (or nn.Embedding) again (sharing the base Parameters). The other adapters are
+    untouched.
 
     Raises:
         ConfigError: on an unknown name, or when that adapter is merged.
@@ -102,7 +112,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         m.delete_adapter(name)
         if not m.lora_A and m is not model:
-            replace_submodule(model, path, m.to_linear())
+            replace_submodule(model, path, plain_module(m))
     if not lora_modules(model):
         remove_row_hooks(model)
 
@@ -133,7 +143,13 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
         _unroute(modules)
 
 
-def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALinear]:
+def plain_module(m: LoRALayer) -> nn.Module:
+    """The plain layer a LoRA layer computes with its active adapters merged in (nn.Linear or
+    nn.Embedding, sharing the Parameters)."""
+    return m.to_embedding() if isinstance(m, LoRAEmbedding) else m.to_linear()
+
+
+def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALayer]:
     """Sets each LoRA layer's per-row routing (its `routes`); returns the layers (for _unroute)."""
     names = list(adapter_names)
     if not names:
@@ -163,7 +179,7 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[LoRALi
     return modules
 
 
-def _unroute(modules: list[LoRALinear]) -> None:
+def _unroute(modules: list[LoRALayer]) -> None:
     for m in modules:
         m.routes = None
 
@@ -174,7 +190,7 @@ class _RowRouter:
     error too) clears them. What it holds between the two, the layers it routed, lives here."""
 
     def __init__(self) -> None:
-        self.routed: list[LoRALinear] | None = None
+        self.routed: list[LoRALayer] | None = None
         self.handles: tuple[Any, ...] = ()
 
     def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -280,7 +296,8 @@ def combine_adapters(
             layers cannot hold, or merged LoRA.
     """
     _check_combine(model, weights, name, method)
-    modules = [(p, m) for p, m in lora_modules(model) if any(n in m.lora_A for n in weights)]
+    modules = [(p, m) for p, m in linear_lora_modules(model)
+               if any(n in m.lora_A for n in weights)]
     # Each adapter owns a fixed block of rows, so the concatenation has one rank everywhere
     # (what a PEFT file needs); a layer without that adapter keeps its block at zero.
     width = {n: max(m.r[n] for _, m in modules if n in m.lora_A) for n in weights}
@@ -343,6 +360,11 @@ def _check_combine(model: nn.Module, weights: Mapping[str, float], name: str, me
         raise ConfigError(
             f"adapter {name!r} exists already; delete_adapter it or pick another name")
     refuse_merged(model, "combine_adapters")
+    on_embedding = sorted({n for p, m in lora_modules(model) if isinstance(m, LoRAEmbedding)
+                           for n in m.lora_A if n in weights})
+    if on_embedding:
+        raise ConfigError(f"adapters {on_embedding} have LoRA on an embedding, which combining "
+                          "does not support; combine adapters of Linear layers only")
     # a variant whose update is no B A product (DoRA) cannot be concatenated
     apart = {n: m.variant[n].label for _, m in lora_modules(model) for n in m.variant
              if n in weights and not m.variant[n].adds_up}
@@ -423,6 +445,6 @@ def resolve_adapter(model: nn.Module, name: str | None = None, doing: str = "use
     )
 
 
-def adapter_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALinear]]:
+def adapter_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALayer]]:
     """(path, layer) of every layer that carries adapter `name`, in model order."""
     return [(p, m) for p, m in lora_modules(model) if name in m.lora_A]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from minilora.core.errors import ConfigError
+from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.fingerprint import base_fingerprint
 from minilora.lora.injection import linear_modules, output_head_names
 from minilora.lora.layer import LoRALinear, lora_modules
@@ -75,7 +76,8 @@ def quantize_model(model: nn.Module, kind: str, device: torch.device | str | Non
     if kind not in QUANT_KINDS:
         raise ConfigError(f"quantize: expected one of {QUANT_KINDS}, got {kind!r}")
     require_bitsandbytes()
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = {id(m.weight) for m in model.modules()
+                  if isinstance(m, (nn.Embedding, LoRAEmbedding))}
     # linear_modules never descends into a LoRALinear: its own lora_A / lora_B stay float
     linears = [(n, m) for n, m in linear_modules(model)
                if not is_quantized(m.weight) and id(m.weight) not in embeddings]

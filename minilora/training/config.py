@@ -70,7 +70,8 @@ class TrainConfig:
     lora_r: int = _arg(8, "rank of the LoRA update")
     lora_alpha: float = _arg(16.0, "the update is scaled by alpha / r (alpha / sqrt(r), rsLoRA)")
     lora_dropout: float = _arg(0.0, "dropout on the LoRA branch input, in [0, 1)")
-    lora_targets: list[str] | str = _arg("all-linear", 'suffixes, regex, "all-linear" or "square"')
+    lora_targets: list[str] | str = _arg("all-linear", 'suffixes, regex, "all-linear" or "square";'
+                                         " embed_tokens puts LoRA on the embedding table too")
     lora_exclude: list[str] | str = _arg([], "suffixes or regex: never adapted")
     lora_init: str = _arg("gaussian", "init of A: gaussian (MiniMind's), kaiming (PEFT's) or "
                           "pissa (A, B from the base's top-r SVD; the base keeps the residual)")

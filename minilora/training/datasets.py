@@ -17,6 +17,7 @@ from minilora.core.errors import ConfigError, DataError
 from minilora.data.preference import load_pairs
 from minilora.data.sft import JsonlDataset, batch_indices, load_jsonl, pack_samples
 from minilora.data.tokenizer import Tokenizer
+from minilora.lora.embedding import LoRAEmbedding
 from minilora.training.config import TrainConfig
 
 
@@ -127,7 +128,8 @@ def check_vocab(dataset: JsonlDataset | None, model: nn.Module) -> None:
     getter = getattr(model, "get_input_embeddings", None)
     embedding = (getter() if callable(getter)
                  else getattr(getattr(model, "model", None), "embed_tokens", None))
-    if dataset is None or not isinstance(embedding, nn.Embedding) or not dataset.samples:
+    if dataset is None or not isinstance(embedding, (nn.Embedding, LoRAEmbedding)) or (
+            not dataset.samples):
         return
     vocab = embedding.num_embeddings
     for row, sample in enumerate(dataset.samples):

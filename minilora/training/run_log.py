@@ -253,7 +253,7 @@ def print_run_plan(model: nn.Module, config: TrainConfig, plan: BatchPlan, devic
     total = sum(stored_values(p) for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapted = "every weight (full fine-tuning)" if config.full else (
-        f"{len(lora_modules(model))} Linear modules (rank {config.lora_r})")
+        f"{len(lora_modules(model))} LoRA modules (rank {config.lora_r})")
     rows = sum(len(s.input_ids) for s in plan.dataset.samples) / max(len(plan.dataset), 1)
     steps = (f"{plan.total_steps} ({plan.steps_per_epoch} per epoch)" if not start_step
              else f"{plan.total_steps - start_step} left of {plan.total_steps}")

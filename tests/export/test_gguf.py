@@ -379,3 +379,27 @@ def test_a_second_export_into_a_folder_in_use_is_refused(tok: Tokenizer, tmp_pat
         export_gguf(model, tok, tmp_path / "m.gguf")
     export_gguf(model, tok, tmp_path / "m.gguf", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_a_lora_on_a_tied_embedding_exports_the_changed_table_beside_the_base_head(
+        tok: Tokenizer, tmp_path: Path) -> None:
+    """LoRA on the embedding changes the lookup only (PEFT's lora.Embedding): the file holds
+    token_embd = W + scaling * (B @ A).T (PEFT's get_delta_weight) and, although the model is
+    tied, an output tensor with the base table, which llama.cpp then reads as the head."""
+    model = tiny("llama", tok.vocab_size)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    base = model.model.embed_tokens.weight.detach().clone()
+    inject_lora(model, LoraConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            for p in (m.lora_A["default"].weight, m.lora_B["default"].weight):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    export_gguf(model, tok, tmp_path / "m.gguf", dtype="f32")
+    _, tensors = read(tmp_path / "m.gguf")
+    emb = model.model.embed_tokens
+    a, b = emb.lora_A["default"].weight.detach(), emb.lora_B["default"].weight.detach()
+    table = base + (b @ a).T * (8 / 4)
+    np.testing.assert_allclose(values(tensors["token_embd.weight"]), table.numpy(), rtol=0,
+                               atol=1e-6)
+    np.testing.assert_array_equal(values(tensors["output.weight"]), base.numpy())

@@ -63,26 +63,28 @@ def number_word_tokens(tokenizer: Tokenizer) -> list[int]:
     return sorted({t for s in train_set.samples for t in s.labels if t >= 0 and t not in ends})
 
 
+def short(lr: float) -> str:
+    """2e-3, not 0.002: a rate as the rows' names and the tables write it."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
 def skill_rows(tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
     """Every skill row: name -> TrainConfig settings over the shared ones (``skill_base``)."""
     def lora(r: int, lr: float, alpha: float | None = None, **more: Any) -> dict[str, Any]:
         return dict(lora_r=r, lora_alpha=2.0 * r if alpha is None else alpha, lr=lr, **more)
 
-    def e(lr: float) -> str:  # 2e-3, not 0.002: the rows' names
-        return f"{lr:.0e}".replace("e-0", "e-")
-
     rows: dict[str, dict[str, Any]] = {FULL: dict(full=True, lr=3e-4)}
     for r, lrs in ((4, (2e-3, 4e-3)), (8, (5e-4, 1e-3, 2e-3, 4e-3)), (16, (1e-3, 2e-3, 4e-3))):
-        rows.update({f"r{r}-lr{e(lr)}": lora(r, lr) for lr in lrs})
+        rows.update({f"r{r}-lr{short(lr)}": lora(r, lr) for lr in lrs})
     rows.update({f"r8-alpha{a:g}-lr2e-3": lora(8, 2e-3, a) for a in (8.0, 32.0)})
-    rows.update({f"r8-lr{e(lr)}-loraplus{k}": lora(8, lr, loraplus_lr_ratio=float(k))
+    rows.update({f"r8-lr{short(lr)}-loraplus{k}": lora(8, lr, loraplus_lr_ratio=float(k))
                  for lr in (5e-4, 1e-3) for k in (4, 16)})
     rows["r8-lr2e-3-wd0.1"] = lora(8, 2e-3, weight_decay=0.1)
     rows["r8-lr2e-3-dropout0.1"] = lora(8, 2e-3, lora_dropout=0.1)
     # The hypothesis: LoRA on the linear layers cannot move the (tied) embedding rows that
     # read and score the number-word tokens; full fine-tuning can. These rows let it.
     rows["r8-lr2e-3-token-rows"] = lora(8, 2e-3,
-                                        trainable_token_indices=number_word_tokens(tokenizer))
+                                        trainable_tokens=number_word_tokens(tokenizer))
     rows["r8-lr2e-3-save-embed"] = lora(8, 2e-3, modules_to_save=["embed_tokens"])
     rows["r8-lr2e-3-embed-lora"] = lora(8, 2e-3, lora_targets=EMBED_LORA_TARGETS)
     return rows
@@ -277,15 +279,15 @@ class Row:
 def describe(settings: dict[str, Any]) -> str:
     """A row's settings in the command line's words."""
     if settings.get("full"):
-        return f"full fine-tune, --lr {settings['lr']:g}"
+        return f"full fine-tune, --lr {short(settings['lr'])}"
     words = [f"--r {settings['lora_r']}", f"--alpha {settings['lora_alpha']:g}",
-             f"--lr {settings['lr']:g}"]
+             f"--lr {short(settings['lr'])}"]
     for key, flag in (("loraplus_lr_ratio", "--loraplus-lr-ratio"),
                       ("weight_decay", "--weight-decay"), ("lora_dropout", "--dropout")):
         if key in settings:
             words.append(f"{flag} {settings[key]:g}")
-    if "trainable_token_indices" in settings:
-        words.append(f"+ the {len(settings['trainable_token_indices'])} embedding rows of the "
+    if "trainable_tokens" in settings:
+        words.append(f"+ the {len(settings['trainable_tokens'])} embedding rows of the "
                      "answer tokens")
     if "modules_to_save" in settings:
         words.append("+ the whole embedding (modules_to_save embed_tokens)")
@@ -310,7 +312,7 @@ def meets_goal(row: Row, full: Row) -> bool:
             and row.skill() >= GOAL * full.skill() and row.kept() > full.kept())
 
 
-def draw(path: str, found: dict[str, Row], stage2: list[str]) -> bool:
+def draw(path: str, found: dict[str, Row], stage2: list[str], full: Row) -> bool:
     """The learned-against-kept curves (skill accuracy against base-skill retention at every
     evaluation of every run); False without matplotlib."""
     try:
@@ -327,7 +329,7 @@ def draw(path: str, found: dict[str, Row], stage2: list[str]) -> bool:
                               "the chosen configurations, every seed")):
         for i, name in enumerate(names):
             row = found[name]
-            color = "black" if name == FULL else plt.get_cmap("tab20")(i % 20)
+            color = "black" if name == FULL else plt.get_cmap("tab20")((2 * i + i // 10) % 20)
             runs = row.runs if ax is axes[1] else row.runs[:1]
             for j, run in enumerate(runs):
                 xs = [0.0] + [p["skill"] for p in run["curve"]]
@@ -335,6 +337,10 @@ def draw(path: str, found: dict[str, Row], stage2: list[str]) -> bool:
                 ax.plot(xs, ys, marker="o", ms=3, color=color,
                         lw=2.5 if name in stage2 else 1.0,
                         label=name if j == 0 else None, alpha=0.9)
+        ax.add_patch(plt.Rectangle((GOAL * full.skill(), full.kept()), 1.0, 1.0,
+                                   color="green", alpha=0.08, label="the goal"))
+        ax.set_xlim(-0.02, 1.0)
+        ax.set_ylim(0.0, 1.03)
         ax.set_title(title)
         ax.set_xlabel(f"learned: {SKILL} accuracy (held out)")
         ax.grid(alpha=0.3)
@@ -361,7 +367,7 @@ def write_report(args: argparse.Namespace, work: Path, rows: dict[str, dict[str,
         sys.exit("quality.py: no full fine-tuning result yet: run --rows full first")
     full = found[FULL]
     stage2 = [n for n in STAGE2 if n in found]
-    plotted = draw(args.plot, found, STAGE2)
+    plotted = draw(args.plot, found, STAGE2, full)
     seconds = sum(r["seconds"] for row in found.values() for r in row.runs)
     seconds += persona["seconds"] if persona else 0.0
     demo = json.loads((ASSETS / "demo_train.json").read_text(encoding="utf-8"))

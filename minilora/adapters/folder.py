@@ -44,7 +44,7 @@ from minilora.adapters.state import (
     for_disk,
     load_adapter_state_dict,
 )
-from minilora.core.errors import AdapterError, FingerprintMismatch
+from minilora.core.errors import AdapterError, ConfigError, FingerprintMismatch
 from minilora.core.files import replace_folder
 from minilora.core.tensor_checks import check_written
 from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name, matches
@@ -59,6 +59,8 @@ from minilora.lora.named import (
     resolve_adapter,
     set_active,
 )
+from minilora.lora.saved_modules import saved_layers
+from minilora.lora.trainable_tokens import input_embedding_name, token_layers
 from minilora.lora.weight_hash import hash_weights
 
 # The public names of the adapter files, importable from here as before the split.
@@ -399,12 +401,29 @@ def _model_config(model: nn.Module, name: str) -> LoraConfig:
         init=layers[0][1].init[name],
         use_rslora=use_rslora,
         use_dora=name in layers[0][1].lora_magnitude_vector,
+        modules_to_save=[p for p, m in saved_layers(model) if name in m.modules_to_save],
+        trainable_token_indices=_token_indices(model, name),
     )
+
+
+def _token_indices(model: nn.Module, name: str) -> list[int] | dict[str, list[int]]:
+    """Adapter `name`'s trainable tokens as PEFT's config writes them: the ids alone when they
+    are the input embedding's only (a tied head follows it), else module path -> ids."""
+    own = {p: m.token_indices(name) for p, m in token_layers(model)
+           if m.tied_to is None and name in m.adapters}
+    if len(own) == 1:
+        try:
+            if input_embedding_name(model) in own:
+                return next(iter(own.values()))
+        except ConfigError:  # no single input embedding: name the module
+            pass
+    return own
 
 
 def _base_module_names(model: nn.Module) -> list[str]:
     """Module names as PEFT sees the base model: LoRA's own submodules left out."""
     inside = [n + "." for n, _ in lora_modules(model)]
+    inside += [n + ".modules_to_save." for n, _ in saved_layers(model)]  # the trained copies
     return [n for n, _ in model.named_modules() if n and not n.startswith(tuple(inside))]
 
 

@@ -38,7 +38,6 @@ _KEY_RE = re.compile(r"(.+)\.lora_([AB])\.weight")
 # minilora does not implement: loading such an adapter is refused rather than silently wrong.
 _UNSUPPORTED_PEFT: dict[str, tuple[Any, ...]] = {  # key -> the values that are fine
     "bias": ("none", None),
-    "modules_to_save": (None, []),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
     "fan_in_fan_out": (False, None),
@@ -46,7 +45,6 @@ _UNSUPPORTED_PEFT: dict[str, tuple[Any, ...]] = {  # key -> the values that are 
     "layer_replication": (None, []),
     "lora_bias": (False, None),
     "target_parameters": (None, []),
-    "trainable_token_indices": (None, {}, []),
     "use_qalora": (False, None),
     "alora_invocation_tokens": (None, []),
     "use_bdlora": (None, False),
@@ -68,6 +66,10 @@ _PEFT_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "target_modules": ((list, str, type(None)), "a list of names, a regex or null"),
     "exclude_modules": ((list, str, type(None)), "a list of names, a regex or null"),
     "init_lora_weights": ((bool, str), "true, false or an init name"),
+    "modules_to_save": ((list, type(None)), "a list of module names or null"),
+    "trainable_token_indices": ((list, dict, type(None)),
+                                "a list of token ids, module name -> ids, or null"),
+    "ensure_weight_tying": ((bool, type(None)), "true or false"),
 }
 # PEFT inits that rewrite the base weights (PiSSA and pissa_niter_N, OLoRA, CorDA, LoftQ,
 # LoRA-GA): PeftModel.from_pretrained repeats the initialisation on the base it is given, so the
@@ -185,6 +187,11 @@ def _config_from_peft(data: dict[str, Any], source: Path, sd: dict[str, torch.Te
                                                         k.removeprefix(PREFIX)))})
     _refuse_tied_embedding_lora(data, sd, fail)
     exclude = data.get("exclude_modules") or []
+    saved, tokens = data.get("modules_to_save") or [], data.get("trainable_token_indices") or []
+    if data.get("ensure_weight_tying") and (saved or tokens):
+        # it re-ties copies and rows PEFT's default keeps apart; minilora implements the default
+        raise fail("ensure_weight_tying", "is true; minilora reads modules_to_save and "
+                   "trainable_token_indices as PEFT's default (false) applies them")
     try:
         return LoraConfig(
             r=data["r"],
@@ -195,6 +202,8 @@ def _config_from_peft(data: dict[str, Any], source: Path, sd: dict[str, torch.Te
             init=init if init in ("gaussian", "pissa") else "kaiming",
             use_rslora=data.get("use_rslora", False),
             use_dora=bool(data.get("use_dora")),
+            modules_to_save=saved,
+            trainable_token_indices=tokens,
         )
     except ConfigError as e:  # in the file's words: field 'lora_alpha', not LoraConfig.alpha
         e.words = {name: f"field {key!r}" for name, key in _PEFT_NAMES.items()}
@@ -218,7 +227,9 @@ def _refuse_tied_embedding_lora(data: dict[str, Any], sd: dict[str, torch.Tensor
 # LoraConfig's field -> the adapter_config.json key it is read from.
 _PEFT_NAMES = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                "targets": "target_modules", "exclude": "exclude_modules",
-               "init": "init_lora_weights", "use_rslora": "use_rslora", "use_dora": "use_dora"}
+               "init": "init_lora_weights", "use_rslora": "use_rslora", "use_dora": "use_dora",
+               "modules_to_save": "modules_to_save",
+               "trainable_token_indices": "trainable_token_indices"}
 
 
 def peft_config_dict(
@@ -242,10 +253,13 @@ def peft_config_dict(
         "use_dora": config.use_dora,
         "fan_in_fan_out": False,
         "init_lora_weights": {"gaussian": "gaussian", "pissa": "pissa"}.get(config.init, True),
-        "modules_to_save": None,
+        "modules_to_save": list(config.modules_to_save) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "lora_bias": False,
+        # PEFT 0.15+'s key, written only when used: older PEFT versions do not know it
+        **({"trainable_token_indices": config.trainable_token_indices}
+           if config.trainable_token_indices else {}),
     }

@@ -14,6 +14,8 @@ from minilora.core.errors import AdapterError
 from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.layer import LoRALayer, lora_modules
 from minilora.lora.named import adapter_layers, resolve_adapter
+from minilora.lora.saved_modules import saved_layers
+from minilora.lora.trainable_tokens import DELTA, TOKEN_ADAPTER, token_layers
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
@@ -39,6 +41,23 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
         sd[b_key] = m.lora_B[name].weight.detach()
         if name in m.lora_magnitude_vector:
             sd[f"{PREFIX}{path}.{MAGNITUDE_KEY}"] = m.lora_magnitude_vector[name].detach()
+    sd.update(extra_state_dict(model, name))
+    return sd
+
+
+def extra_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s modules to save and trainable tokens under PEFT's file keys: each
+    copy's own state_dict under the module's path (``base_model.model.lm_head.weight``), the
+    rows under ``<path>.token_adapter.trainable_tokens_delta`` (a tied head's are its
+    embedding's, saved once)."""
+    sd = {}
+    for path, saved in saved_layers(model):
+        if name in saved.modules_to_save:
+            for k, v in saved.modules_to_save[name].state_dict().items():
+                sd[f"{PREFIX}{path}.{k}"] = v.detach()
+    for path, tokens in token_layers(model):
+        if tokens.tied_to is None and name in tokens.adapters:
+            sd[f"{PREFIX}{path}.{TOKEN_ADAPTER}.{DELTA}"] = tokens.delta(name).detach()
     return sd
 
 
@@ -101,6 +120,8 @@ def copy_in(
             m.lora_B[name].weight.copy_(b)
             if name in m.lora_magnitude_vector:
                 m.lora_magnitude_vector[name].copy_(sd[f"{PREFIX}{path}.{MAGNITUDE_KEY}"])
+        for key, own in extra_state_dict(model, name).items():
+            own.copy_(sd[key])  # the Parameters' (and buffers') own memory
 
 
 def load_adapter_state_dict(

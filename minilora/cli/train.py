@@ -38,6 +38,15 @@ def _parse_targets(text: str) -> list[str] | str:
     return [t for t in text.split(",") if t]
 
 
+def _token_id(text: str) -> int:
+    """A --trainable-tokens value: a token id, an integer (its range is checked with the model)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected token ids (integers), got {text!r}") from None
+
+
 # Old flag -> the field it sets; it still works, with a one-line note naming the new flag
 # (train's --dtype was the autocast dtype, where --dtype elsewhere is the weights' dtype).
 _OLD_FLAGS = {"--dtype": "amp_dtype"}
@@ -93,6 +102,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         elif f.name == "lora_exclude":
             p.add_argument(flag, dest=f.name, type=_parse_targets, default=None,
                            metavar="LIST", help=help_text + " (comma-separated)")
+        elif f.name == "modules_to_save":
+            p.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="NAME",
+                           help=help_text)
+        elif f.name == "trainable_tokens":
+            p.add_argument(flag, dest=f.name, nargs="+", type=_token_id, default=None,
+                           metavar="ID", help=help_text + "; find a word's ids with the "
+                           "tokenizer (tokenizer.encode)")
         else:
             conv = int if "int" in kind else float if "float" in kind else str
             old = [o for o, name in _OLD_FLAGS.items() if name == f.name]

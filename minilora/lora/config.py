@@ -36,6 +36,10 @@ class LoraConfig:
             "pissa" (A, B from the top-r SVD of the base weight, which keeps the residual).
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
         use_dora: weight-decomposed LoRA (a learned magnitude per output row).
+        modules_to_save: names of modules (a module is chosen when its full name ends with
+            one, PEFT's rule) that train as a whole copy, saved whole (PEFT's modules_to_save).
+        trainable_token_indices: token ids whose rows of the input embedding train (a tied
+            head follows), or module name -> ids (PEFT's trainable_token_indices).
 
     Raises:
         ConfigError: naming every bad field (``err.problems``: field -> what is wrong).
@@ -49,6 +53,8 @@ class LoraConfig:
     init: str = "gaussian"
     use_rslora: bool = False
     use_dora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    trainable_token_indices: list[int] | dict[str, list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -61,6 +67,10 @@ class LoraConfig:
         for name in ("targets", "exclude"):  # a tuple of names reads as a list
             if not isinstance(getattr(self, name), str):
                 setattr(self, name, list(getattr(self, name)))
+        self.modules_to_save = list(self.modules_to_save)
+        ids = self.trainable_token_indices
+        self.trainable_token_indices = ({k: list(v) for k, v in ids.items()}
+                                        if isinstance(ids, dict) else list(ids))
 
     def _problems(self) -> dict[str, str]:
         """field -> what is wrong with its value, for every bad field."""
@@ -98,6 +108,13 @@ class LoraConfig:
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 problems[name] = f"must be a bool, got {getattr(self, name)!r}"
+        saved = self.modules_to_save
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(s, str) and s
+                                                          for s in saved):
+            problems["modules_to_save"] = f"must be a list of module names, got {saved!r}"
+        why = token_ids_problem(self.trainable_token_indices)
+        if why:
+            problems["trainable_token_indices"] = why
         return problems
 
     @property
@@ -125,6 +142,35 @@ class LoraConfig:
         if unknown:
             raise ConfigError(f"unknown LoraConfig key(s) {unknown}; valid keys: {valid}")
         return cls(**d)
+
+
+def token_ids_problem(value: object) -> str | None:
+    """What is wrong with a trainable_token_indices value (a list of distinct token ids >= 0, or
+    module name -> such a list), or None."""
+    def ids_problem(ids: object) -> str | None:
+        if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            return f"must be a list of integer token ids, got {ids!r}"
+        negative = [i for i in ids if i < 0]
+        if negative:
+            return f"must be token ids >= 0, got {negative[:5]}"
+        seen: set[int] = set()
+        twice = sorted({i for i in ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+        if twice:
+            return f"lists token ids more than once: {twice[:5]}"
+        return None
+
+    if isinstance(value, dict):
+        for key, ids in value.items():
+            if not isinstance(key, str) or not key:
+                return f"keys must be module names, got {key!r}"
+            why = ids_problem(ids)
+            if why is None and not ids:
+                why = "must not be empty"
+            if why:
+                return f"{why} (for {key!r})"
+        return None
+    return ids_problem(value)
 
 
 def _names_problem(value: object, *, allow_empty: bool) -> str | None:

@@ -15,6 +15,8 @@ from minilora.core.tensor_checks import is_sharded
 from minilora.lora.layer import LoRALayer, lora_modules
 from minilora.lora.named import adapter_layers, resolve_adapter
 from minilora.lora.quantized_weight import is_quantized
+from minilora.lora.saved_modules import saved_layers
+from minilora.lora.trainable_tokens import token_layers
 from minilora.lora.weight_hash import hash_weights
 
 
@@ -51,7 +53,30 @@ def base_fingerprint(model: nn.Module, name: str | None = None) -> str:
     quantized = [n for n, m in modules if is_quantized(m.weight)]
     if quantized:
         return _quantized_fingerprint(modules, quantized)
-    return hash_weights({n: m.weight.detach() for n, m in modules})
+    return hash_weights({n: m.weight.detach() for n, m in modules}
+                        | extra_base_weights(model, name))
+
+
+def extra_base_weights(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    """The base weights under the modules to save and trainable tokens (of adapter `name`, or
+    of any adapter): what their copies and rows start from. Empty without them, so the
+    fingerprint of a LoRA-only adapter is what it always was.
+
+    Raises:
+        AdapterError: when trainable tokens are merged into their weight.
+    """
+    weights: dict[str, Any] = {}
+    for path, saved in saved_layers(model):
+        if name is None or name in saved.adapters:
+            for k, v in saved.original.state_dict().items():
+                weights[f"{path}.{k}"] = v.detach()
+    for path, tokens in token_layers(model):
+        if tokens.tied_to is None and (name is None or name in tokens.adapters):
+            if tokens.merged:
+                raise AdapterError(f"trainable tokens are merged into {path}.weight: the base "
+                                   "weights are not held exactly; call unmerge_lora(model) first")
+            weights[f"{path}.weight"] = tokens.weight.detach()
+    return weights
 
 
 def _recorded(modules: list[tuple[str, LoRALayer]], records: list[dict[str, Any] | None],

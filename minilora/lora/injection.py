@@ -33,6 +33,18 @@ from minilora.lora.named import (
     replace_submodule,
     set_active,
 )
+from minilora.lora.saved_modules import (
+    SavedModule,
+    add_saved_modules,
+    plan_saved_modules,
+    saved_layers,
+)
+from minilora.lora.trainable_tokens import (
+    TrainableTokens,
+    add_trainable_tokens,
+    plan_trainable_tokens,
+    token_layers,
+)
 from minilora.lora.weight_hash import hash_weights
 
 # What LoRA can go on: a plain Linear, or one that has adapters already.
@@ -230,6 +242,7 @@ def inject_lora(
     check_adapter_name(name)
     chosen = _select(model, config)
     _check_injectable(model, chosen, config, name)
+    saved, tokens = _plan_extras(model, chosen, config)
     # PiSSA: the fingerprint of the weights it replaces with their residual, kept by each layer
     # for the adapter (see LoRALinear.pissa_from)
     pissa_from = (hash_weights({path: linear.weight for path, linear in chosen})
@@ -261,6 +274,8 @@ def inject_lora(
         modules.append((path, n_in, n_out))
         added += config.r * (n_in + n_out)
         added += n_out if config.use_dora else 0  # DoRA's magnitude
+    add_saved_modules(model, saved, name)
+    add_trainable_tokens(model, tokens, name)
     set_active(model, [name])
     install_row_hooks(model)
     return InjectionReport(modules=modules, lora_parameters=added, adapter=name)
@@ -293,8 +308,40 @@ def _check_injectable(
         )
 
 
+def _plan_extras(model: nn.Module, chosen: list[tuple[str, AnyLinear]], config: LoraConfig
+                 ) -> tuple[list[str], list[tuple[str, list[int], str | None]]]:
+    """The modules to save and the trainable tokens' modules of `config`, checked against the
+    model and the LoRA layers `chosen`, before anything changes."""
+    lora_paths = [p for p, _ in chosen]
+    saved = (plan_saved_modules(model, config.modules_to_save, lora_paths)
+             if config.modules_to_save else [])
+    tokens = (plan_trainable_tokens(model, config.trainable_token_indices)
+              if config.trainable_token_indices else [])
+    clash = sorted({p for p, _, _ in tokens} & (set(saved) | set(lora_paths)))
+    if clash:
+        raise ConfigError(f"trainable tokens go on {clash}, which LoRA or modules to save "
+                          "already train; train each module one way")
+    return saved, tokens
+
+
+def extra_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The modules-to-save copies' and trainable tokens' Parameters of adapter `name` (default:
+    the active adapters), each once (a tied head shares its embedding's rows)."""
+    params: dict[int, nn.Parameter] = {}
+    for _, saved in saved_layers(model):
+        for n in saved.active_adapters if name is None else [name]:
+            if n in saved.modules_to_save:
+                params.update({id(p): p for p in saved.modules_to_save[n].parameters()})
+    for _, tokens in token_layers(model):
+        for n in tokens.active_adapters if name is None else [name]:
+            if n in tokens.adapters:
+                params[id(tokens.delta(n))] = tokens.delta(n)
+    return list(params.values())
+
+
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
-    """Returns LoRA A and B Parameters: the list to give the optimizer.
+    """Returns LoRA A and B Parameters (and the modules-to-save copies' and trainable tokens'
+    rows): the list to give the optimizer.
 
     Args:
         model: a model with LoRA.
@@ -306,7 +353,7 @@ def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parame
         names = m.active_adapters if name is None else [name] if name in m.lora_A else []
         for n in names:
             params += m.adapter_parameters(n)
-    return params
+    return params + extra_parameters(model, name)
 
 
 def mark_trainable(model: nn.Module) -> None:
@@ -321,6 +368,7 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
     """Returns total, trainable and LoRA parameter counts (works on meta tensors too)."""
     params = list(model.parameters())  # deduplicated: tied weights count once
     lora = [p for _, m in lora_modules(model) for n in m.lora_A for p in m.adapter_parameters(n)]
+    lora += [p for n in _extra_adapters(model) for p in extra_parameters(model, n)]
     return ParameterCounts(
         total=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad),
@@ -338,6 +386,8 @@ def merge_lora(model: nn.Module) -> None:
     _refuse_shared_weights(model)
     for _, m in lora_modules(model):
         m.merge()
+    for _, tokens in token_layers(model):  # a copy to save needs no merging: it runs as is
+        tokens.merge()
 
 
 def _untie_lm_head(model: nn.Module) -> None:
@@ -407,6 +457,8 @@ def unmerge_lora(model: nn.Module) -> None:
     """Unmerges every LoRALinear of `model` (idempotent)."""
     for _, m in lora_modules(model):
         m.unmerge()
+    for _, tokens in token_layers(model):
+        tokens.unmerge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -432,8 +484,39 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     _refuse_shared_weights(model)
     for name, m in lora_modules(model):
         replace_submodule(model, name, plain_module(m))
+    _unload_extras(model)
     remove_row_hooks(model)
     return model
+
+
+def _extra_adapters(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, saved in saved_layers(model):
+        names.update(dict.fromkeys(saved.adapters))
+    for _, tokens in token_layers(model):
+        names.update(dict.fromkeys(tokens.adapters))
+    return list(names)
+
+
+def _unload_extras(model: nn.Module) -> None:
+    """Trainable tokens merged into their weight, and each module to save replaced by its
+    active copy (the original when none is active), as PEFT unloads them. A copy of a module
+    whose weight was tied to another takes its own weight: the config says untied."""
+    for _, tokens in token_layers(model):
+        tokens.merge()
+    for path, tokens in reversed(token_layers(model)):
+        replace_submodule(model, path, tokens.to_base())
+    holders: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)] = holders.get(id(p), 0) + 1
+    config: Any = getattr(model, "config", None)
+    for path, saved in saved_layers(model):
+        chosen = saved.current()
+        if chosen is not saved.original and any(
+                holders.get(id(p), 0) > 1 for p in saved.original.parameters(recurse=False)):
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+        replace_submodule(model, path, chosen)
 
 
 @contextmanager
@@ -444,7 +527,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         with disabled(model):
             base_logits = model(x)
     """
-    modules = [m for _, m in lora_modules(model)]
+    modules: list[LoRALinear | SavedModule | TrainableTokens] = [m for _, m in lora_modules(model)]
+    modules += [m for _, m in saved_layers(model)] + [m for _, m in token_layers(model)]
     before = [m.enabled for m in modules]
     for m in modules:
         m.enabled = False

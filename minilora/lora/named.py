@@ -28,6 +28,8 @@ from minilora.lora.layer import (
     linear_lora_modules,
     lora_modules,
 )
+from minilora.lora.saved_modules import saved_layers
+from minilora.lora.trainable_tokens import token_layers
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -91,6 +93,38 @@ def set_active(model: nn.Module, names: str | Sequence[str] | None) -> None:
         refuse_merged(model, "changing the active adapters")
     for m in modules:
         m.set_active(names)
+    set_active_extras(model, names)
+
+
+def set_active_extras(model: nn.Module, names: Sequence[str]) -> None:
+    """The modules to save and trainable tokens follow the active adapters (each layer takes
+    the names it has)."""
+    for _, saved in saved_layers(model):
+        saved.set_active(names)
+    for _, tokens in token_layers(model):
+        tokens.set_active(names)
+
+
+def delete_extras(model: nn.Module, name: str) -> None:
+    """Removes adapter `name`'s modules to save and trainable tokens; a wrapper left with none
+    becomes the module it wrapped."""
+    for path, saved in saved_layers(model):
+        saved.delete_adapter(name)
+        if not saved.adapters:
+            replace_submodule(model, path, saved.original)
+    for path, tokens in reversed(token_layers(model)):  # heads (after embeddings) first
+        tokens.delete_adapter(name)
+        if not tokens.adapters:
+            replace_submodule(model, path, tokens.to_base())
+
+
+def refuse_extras(model: nn.Module, doing: str) -> None:
+    """Raises ConfigError when `model` has modules to save or trainable tokens, which `doing`
+    does not handle."""
+    extras = [n for n, _ in [*saved_layers(model), *token_layers(model)]]
+    if extras:
+        raise ConfigError(f"{doing} does not handle modules to save or trainable tokens, which "
+                          f"this model has on {extras[:3]}")
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -113,6 +147,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         m.delete_adapter(name)
         if not m.lora_A and m is not model:
             replace_submodule(model, path, plain_module(m))
+    delete_extras(model, name)
     if not lora_modules(model):
         remove_row_hooks(model)
 
@@ -136,6 +171,7 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
         ConfigError: on an unknown adapter name, an empty list, LoRA that is merged, or when a
             mixed batch is already being routed.
     """
+    refuse_extras(model, "a mixed batch")
     modules = _route(model, adapter_names)
     try:
         yield model

@@ -383,14 +383,23 @@ class CausalLM(nn.Module):
         targets = labels[:, 1:]  # (B, T-1): position t predicts labels[t + 1]
         counted = targets != -100  # (B, T-1)
         h = self.model.norm(x[:, :-1][counted])  # (N, C)
-        if type(self.lm_head) is nn.Linear:
-            logps = linear_log_probs(h, self.lm_head.weight, self.lm_head.bias,
-                                     targets[counted])  # (N,)
+        head = self._head_linear()
+        if head is not None:
+            logps = linear_log_probs(h, head[0], head[1], targets[counted])  # (N,)
         else:  # a wrapped head (LoRA on lm_head, a quantized one) computes its own logits
             logps = -F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="none")
         row = torch.arange(B, device=input_ids.device)[:, None].expand_as(counted)[counted]
         sums = torch.zeros(B, dtype=torch.float32, device=input_ids.device)
         return sums.index_add(0, row, logps), aux_loss
+
+    def _head_linear(self) -> tuple[Tensor, Tensor | None] | None:
+        """(weight, bias) when the head computes a plain linear map: an nn.Linear, or a wrapper
+        that says which map it computes (``linear_weight()``, e.g. a head whose chosen rows
+        train); None for a head that must run itself (LoRA on it, a quantized one)."""
+        if type(self.lm_head) is nn.Linear:
+            return self.lm_head.weight, self.lm_head.bias
+        said = getattr(self.lm_head, "linear_weight", None)
+        return said() if callable(said) else None
 
     def _positions(self, x: Tensor, attention_mask: Tensor | None, segment_ids: Tensor | None,
                    position_ids: Tensor | None, cache: KVCache | None, start: int
@@ -442,10 +451,9 @@ class CausalLM(nn.Module):
             # the data, which a compiled step would recompile for (see minilora/compiled.py).
             logits = self.lm_head(self.model.norm(x[:, :-1])).float()  # (B, T-1, V)
             total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-        elif type(self.lm_head) is nn.Linear:  # the head + loss in chunks: no (N, V) logits
+        elif (head := self._head_linear()) is not None:  # head + loss in chunks: no (N, V) logits
             h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
-            total = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
-                                         targets[counted])
+            total = linear_cross_entropy(h, head[0], head[1], targets[counted])
         else:  # a wrapped head (LoRA on lm_head, a quantized one) computes its own logits
             h = self.model.norm(x[:, :-1][counted])  # (N, C), N counted positions
             total = F.cross_entropy(self.lm_head(h).float(), targets[counted], reduction="sum")

@@ -47,7 +47,8 @@ _NOT_NEGATIVE = ("warmup_steps", "eval_every", "save_every", "weight_decay", "gr
 # TrainConfig field -> LoraConfig field, for the settings LoraConfig checks itself.
 _LORA_FIELDS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
                 "lora_targets": "targets", "lora_exclude": "exclude", "lora_init": "init",
-                "use_rslora": "use_rslora", "use_dora": "use_dora"}
+                "use_rslora": "use_rslora", "use_dora": "use_dora",
+                "modules_to_save": "modules_to_save", "trainable_tokens": "trainable_token_indices"}
 
 
 def _arg(default: Any, doc: str) -> Any:
@@ -146,6 +147,13 @@ class TrainConfig:
     from_adapter: str | None = _arg(
         None, "dpo/simpo: start from this (SFT) adapter folder: dpo trains a copy of it with "
               "the adapter itself, frozen, as reference")
+    modules_to_save: list[str] = _arg(
+        [], "modules trained as a whole copy beside LoRA and saved whole in the adapter "
+            "(PEFT's modules_to_save), e.g. lm_head or model.norm; a module is chosen when its "
+            "name ends with one")
+    trainable_tokens: list[int] = _arg(
+        [], "token ids whose rows of the input embedding train (a tied lm_head follows), "
+            "e.g. new special tokens (PEFT's trainable_token_indices)")
 
     def preference_beta(self) -> float:
         """beta as given, or the method's default (DEFAULT_BETA)."""
@@ -188,6 +196,14 @@ class TrainConfig:
         elif "loraplus_lr_ratio" in ok and ratio is not None and self.full:
             problems["loraplus_lr_ratio"] = "LoRA+ sets the rate of LoRA's B matrices; --full " \
                                             "trains no LoRA: leave it out"
+        extras = [n for n in ("modules_to_save", "trainable_tokens") if getattr(self, n)]
+        for name in extras if "modules_to_save" in ok and "trainable_tokens" in ok else []:
+            # FSDP shards and QLoRA quantizes whole modules, which these copy or wrap
+            why = ("--full trains every weight already" if self.full else
+                   "not with --fsdp" if self.fsdp else "not with --quantize" if self.quantize
+                   else None)
+            if why:
+                problems[name] = f"trains beside LoRA; {why}: leave it out"
         if "log_to" in ok and self.log_to not in (None, "tensorboard"):
             problems["log_to"] = f'expected "tensorboard" (or nothing), got {self.log_to!r}'
         if "lr" in ok and not self.lr > 0:
@@ -274,6 +290,7 @@ class TrainConfig:
             r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
             targets=self.lora_targets, exclude=self.lora_exclude, init=self.lora_init,
             use_rslora=self.use_rslora, use_dora=self.use_dora,
+            modules_to_save=self.modules_to_save, trainable_token_indices=self.trainable_tokens,
         )
 
     def to_dict(self) -> dict[str, Any]:

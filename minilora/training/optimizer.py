@@ -7,9 +7,10 @@ small for features to move at wide widths. The groups are the ones PEFT's
 `create_loraplus_optimizer` builds, so a run here and a run with PEFT's optimizer step alike:
 A (and every other trainable weight) at `lr`; B and the one-dimensional parameters (DoRA's
 magnitude) at `lr * ratio`; an embedding's A and B (minilora.lora.embedding) in a group of their
-own at LORAPLUS_LR_EMBEDDING, PEFT's default `loraplus_lr_embedding`. Each group keeps its ratio
-to `lr` under "lr_ratio", so the schedule scales every group alike (`set_lr`), as a scheduler
-scales each of PEFT's groups from its own starting rate.
+own at LORAPLUS_LR_EMBEDDING, PEFT's default `loraplus_lr_embedding`; the copies of
+modules_to_save and the trainable token rows at `lr`, whatever their shape. Each group keeps
+its ratio to `lr` under "lr_ratio", so the schedule scales every group alike (`set_lr`), as a
+scheduler scales each of PEFT's groups from its own starting rate.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from minilora.lora.embedding import LoRAEmbedding
+from minilora.lora.injection import extra_parameters
 from minilora.lora.layer import lora_modules
 from minilora.training.config import TrainConfig
 
@@ -55,7 +57,10 @@ def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight
                  for p in m.parameters() if p is not m.weight}
     fast = {id(p) for _, m in lora_modules(model) for p in m.lora_B.parameters()}
     fast |= {id(p) for p in params if p.ndim == 1}
-    fast -= embedding
+    # modules to save and trainable token rows learn at A's rate: LoRA+'s larger rate is for B,
+    # which starts at zero; these start at the base's values. (PEFT's LoRA+ optimizer puts any
+    # 1-D weight at B's rate, a copied norm's too; here only DoRA's magnitude goes there.)
+    fast -= embedding | {id(p) for p in extra_parameters(model)}
     slow_group = [p for p in params if id(p) not in fast | embedding]
     fast_group = [p for p in params if id(p) in fast]
     embedding_group = [p for p in params if id(p) in embedding]

@@ -1,0 +1,208 @@
+"""modules_to_save and trainable_token_indices, checked against PEFT on the same weights.
+
+The reference is PEFT itself (ModulesToSaveWrapper, TrainableTokensWrapper): a PEFT adapter
+with trained copies / rows loads into minilora with PEFT's logits, ours loads into PEFT with
+ours; tolerance 1e-5 in float32 (the same ops in another order at most).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from minilora.adapters.folder import load_adapter, save_adapter
+from minilora.core.errors import AdapterError, ConfigError
+from minilora.lora.config import LoraConfig
+from minilora.lora.fingerprint import base_fingerprint
+from minilora.lora.injection import (
+    disabled,
+    inject_lora,
+    lora_parameters,
+    mark_trainable,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+from minilora.lora.named import delete_adapter, set_active
+from minilora.lora.saved_modules import SavedModule
+from minilora.lora.trainable_tokens import TrainableTokens
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+torch.set_num_threads(1)
+VOCAB = 64
+TOKENS = [3, 7, 50]
+
+
+def llama(tied: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tied)).eval()
+
+
+def twin(hf: nn.Module) -> nn.Module:
+    """minilora's CausalLM holding a transformers model's weights."""
+    from minilora.model.decoder import CausalLM, ModelConfig
+
+    config = ModelConfig.from_hf_dict(hf.config.to_dict())
+    ours = CausalLM(config).eval()
+    sd = hf.state_dict()
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    _, unexpected = ours.load_state_dict(sd, strict=False)
+    assert unexpected == []
+    return ours
+
+
+def ids() -> torch.Tensor:
+    x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    x[0, :3] = torch.tensor(TOKENS)  # the trained rows are read
+    return x
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits.float()
+
+
+def perturb(model: nn.Module, seed: int = 3) -> None:
+    """Every trainable value (LoRA B, the copies, the rows) moved off its start."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+CASES = {
+    "saved-head-untied": (False, {"modules_to_save": ["lm_head"]}),
+    "saved-head-tied": (True, {"modules_to_save": ["lm_head"]}),
+    "saved-norm-embed": (False, {"modules_to_save": ["model.norm", "embed_tokens"]}),
+    "tokens-untied": (False, {"trainable_token_indices": TOKENS}),
+    "tokens-tied": (True, {"trainable_token_indices": TOKENS}),
+    "tokens-dict": (False, {"trainable_token_indices": {"embed_tokens": TOKENS,
+                                                        "lm_head": [1, 2]}}),
+}
+OURS = {"modules_to_save": "modules_to_save",
+        "trainable_token_indices": "trainable_token_indices"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_adapter_loads_with_peft_logits_and_ours_loads_into_peft(tmp_path, case):
+    tied, extra = CASES[case]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **extra)
+    theirs = peft.get_peft_model(llama(tied), cfg)
+    perturb(theirs)
+    theirs.eval()
+    x = ids()
+    want = logits(theirs, x)
+    assert not torch.allclose(want, logits(llama(tied), x), atol=1e-3)  # the extras count
+    theirs.save_pretrained(str(tmp_path / "peft"))
+
+    for ours in (llama(tied), twin(llama(tied))):  # transformers' model, and minilora's own
+        load_adapter(ours, tmp_path / "peft")
+        torch.testing.assert_close(logits(ours, x), want, rtol=1e-5, atol=1e-5)
+    save_adapter(ours, tmp_path / "ours")
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
+        our_keys = set(f.keys())
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as f:
+        assert our_keys == set(f.keys())  # PEFT's file keys, one for one
+    again = peft.PeftModel.from_pretrained(llama(tied), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(logits(again, x), want, rtol=1e-5, atol=1e-5)
+
+    # merged equals unmerged; the fingerprint is of the base, so unmerging gives it back
+    before = base_fingerprint(ours)
+    merge_lora(ours)
+    torch.testing.assert_close(logits(ours, x), want, rtol=1e-5, atol=1e-5)
+    unmerge_lora(ours)
+    assert base_fingerprint(ours) == before
+    merge_and_unload(ours)
+    assert not any(isinstance(m, (SavedModule, TrainableTokens)) for m in ours.modules())
+    torch.testing.assert_close(logits(ours, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_and_copies_train_alone_and_the_tied_head_follows():
+    model = twin(llama(True))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, LoraConfig(r=2, alpha=4, targets=["q_proj"], trainable_token_indices=TOKENS,
+                                  modules_to_save=["model.norm"]))
+    assert set(model.state_dict()) >= set(base)  # the base's own keys unchanged
+    mark_trainable(model)
+    params = lora_parameters(model)
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+    x = ids()
+    loss = model(x, labels=x).loss  # the chunked loss, through the rows of the tied head
+    loss.backward()
+    rows = model.model.embed_tokens.delta("default")
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+    # the same loss from the logits (the wrapped head's own forward)
+    full = nn.functional.cross_entropy(model(x).logits[:, :-1].flatten(0, 1).float(),
+                                       x[:, 1:].flatten())
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
+    torch.optim.SGD(params, lr=1.0).step()
+    with disabled(model):
+        # the base: its embedding untouched, the copy of the norm not run
+        for k, v in base.items():
+            torch.testing.assert_close(model.state_dict()[k], v)
+    delete_adapter(model, "default")
+    assert sorted(model.state_dict()) == sorted(base)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"modules_to_save": ["no_such"]}, "'no_such' matches no module"),
+    ({"modules_to_save": ["q_proj"]}, "LoRA layer"),
+    ({"trainable_token_indices": [VOCAB]}, "outside the vocabulary"),
+    ({"trainable_token_indices": {"nothing": [1]}}, "matches no Embedding"),
+])
+def test_bad_choices_are_refused_and_change_nothing(config, message):
+    model = llama(False)
+    keys = sorted(model.state_dict())
+    with pytest.raises(ConfigError, match=message):
+        inject_lora(model, LoraConfig(r=2, targets=["q_proj"], **config))
+    assert sorted(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("value", [[-1], [1.5], [True], [2, 2], {"embed_tokens": []}])
+def test_bad_token_ids_are_refused_by_the_config(value):
+    with pytest.raises(ConfigError, match="trainable_token_indices"):
+        LoraConfig(trainable_token_indices=value)
+
+
+def test_peft_config_with_ensure_weight_tying_is_refused(tmp_path):
+    model = llama(True)
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[1]))
+    save_adapter(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["trainable_token_indices"] == [1] and cfg["modules_to_save"] is None
+    cfg["ensure_weight_tying"] = True
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="ensure_weight_tying"):
+        load_adapter(llama(True), tmp_path / "a")
+
+
+def test_two_adapters_switch_their_copies_and_rows():
+    model = llama(False)
+    x = ids()
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"],
+                                  trainable_token_indices=TOKENS), name="a")
+    mark_trainable(model)  # the active adapter's values only: those perturb moves
+    perturb(model, 1)
+    inject_lora(model, LoraConfig(r=2, targets=["v_proj"], modules_to_save=["lm_head"],
+                                  trainable_token_indices=[4]), name="b")
+    mark_trainable(model)
+    perturb(model, 2)
+    out_b = logits(model, x)
+    set_active(model, "a")
+    out_a = logits(model, x)
+    assert not torch.allclose(out_a, out_b)
+    set_active(model, None)
+    torch.testing.assert_close(logits(model, x), logits(llama(False), x))
+    with pytest.raises(ConfigError, match="one of them at a time"):
+        set_active(model, ["a", "b"])

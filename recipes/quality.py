@@ -85,6 +85,8 @@ def skill_rows(tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
     # read and score the number-word tokens; full fine-tuning can. These rows let it.
     rows["r8-lr2e-3-token-rows"] = lora(8, 2e-3,
                                         trainable_tokens=number_word_tokens(tokenizer))
+    rows.update({f"r8-lr{short(lr)}-token-rows": lora(
+        8, lr, trainable_tokens=number_word_tokens(tokenizer)) for lr in (5e-4, 1e-3)})
     rows["r8-lr2e-3-save-embed"] = lora(8, 2e-3, modules_to_save=["embed_tokens"])
     rows["r8-lr2e-3-embed-lora"] = lora(8, 2e-3, lora_targets=EMBED_LORA_TARGETS)
     return rows
@@ -96,7 +98,7 @@ EMBED_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 # The rows rerun at every seed (stage 2), chosen from stage 1's results at seed 0: full
 # fine-tuning, the former r=8 row and the configurations nearest the goal.
-STAGE2 = [FULL, "r8-lr2e-3"]
+STAGE2 = [FULL, "r8-lr2e-3", "r8-lr1e-3-token-rows"]
 
 
 def skill_base() -> dict[str, Any]:

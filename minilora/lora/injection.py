@@ -308,7 +308,7 @@ def _check_injectable(
         )
 
 
-def _plan_extras(model: nn.Module, chosen: list[tuple[str, AnyLinear]], config: LoraConfig
+def _plan_extras(model: nn.Module, chosen: list[tuple[str, AnyTarget]], config: LoraConfig
                  ) -> tuple[list[str], list[tuple[str, list[int], str | None]]]:
     """The modules to save and the trainable tokens' modules of `config`, checked against the
     model and the LoRA layers `chosen`, before anything changes."""
@@ -527,7 +527,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         with disabled(model):
             base_logits = model(x)
     """
-    modules: list[LoRALinear | SavedModule | TrainableTokens] = [m for _, m in lora_modules(model)]
+    modules: list[LoRALinear | LoRAEmbedding | SavedModule | TrainableTokens] = [
+        m for _, m in lora_modules(model)]
     modules += [m for _, m in saved_layers(model)] + [m for _, m in token_layers(model)]
     before = [m.enabled for m in modules]
     for m in modules:

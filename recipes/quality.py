@@ -330,8 +330,9 @@ def draw(path: str, found: dict[str, Row], stage2: list[str], full: Row) -> bool
     for ax, names, title in ((axes[0], list(found), "every configuration, seed 0"),
                              (axes[1], [n for n in stage2 if n in found],
                               "the chosen configurations, every seed")):
-        for i, name in enumerate(names):
+        for name in names:
             row = found[name]
+            i = list(found).index(name)  # one colour a row in both panels
             color = "black" if name == FULL else plt.get_cmap("tab20")((2 * i + i // 10) % 20)
             runs = row.runs if ax is axes[1] else row.runs[:1]
             for j, run in enumerate(runs):
@@ -520,8 +521,11 @@ def goal_sentence(found: dict[str, Row], full: Row) -> str:
     where = (f"full fine-tuning: {full.skill():.1%} of the skill, keeping {full.kept():.1%} "
              f"of the base skills (mean of {len(full.runs)} seed(s))")
     if met:
-        return (f"Met by {', '.join(met)} ({where}); the rows with several seeds are the "
-                "ones to trust.")
+        return ("Met by " + "; ".join(
+            f"{n} ({lora[n].skill():.1%} of the skill, {lora[n].skill() / full.skill():.2f}x, "
+            f"keeping {lora[n].kept():.1%}; {len(lora[n].runs)} seed(s))" for n in met)
+            + f", against {where}. A row of one seed is a hint; the stage 2 rows are the "
+            "ones to trust.")
     near = sorted(lora.values(), key=lambda r: -r.skill())[:3]
     return (f"No configuration met it ({where}). Nearest in skill: " + "; ".join(
         f"{r.name} {r.skill():.1%} ({r.skill() / full.skill():.2f}x) keeping {r.kept():.1%}"
@@ -543,7 +547,46 @@ FOREIGN_SECTION = "\n## Small data"
 
 # What the numbers say, written after reading them (the tables above are recomputed on every
 # run of this recipe; this paragraph is not).
-READING: list[str] = []
+READING: list[str] = [
+    "### What the 2026-12-07 run says",
+    "",
+    "**The hypothesis held.** LoRA on the linear layers cannot move the embedding rows that "
+    "read the number-word tokens and, through the tied output head, score them; full "
+    "fine-tuning can. Training just those rows beside the LoRA (`--answer-tokens`, the 29 "
+    "tokens the answers use, 7,424 more parameters) changed the picture at every rate: at lr "
+    "2e-3 the r=8 LoRA learned 90.0% (plain: 63.3%), at lr 1e-3 86.7% while keeping 28.5% "
+    "(seed 0). Over three seeds, r=8 at lr 1e-3 with the answer rows learned as much as full "
+    "fine-tuning (81.7% against 81.7%) and kept more of the base skills in every seed "
+    "(28.5-30.6% against 14.0-20.7%): the goal is met, by this row, at r=8. Its skill score "
+    "spreads over 73-87% with the seed, full fine-tuning's over 80-83%.",
+    "",
+    "**The other ways to reach the embedding did not.** A LoRA on the embedding table (PEFT's "
+    "`lora_embedding_A/B`) changes how a token is read, not how the tied head scores it, and "
+    "learned less than plain LoRA (33.3%); a trained copy of the embedding "
+    "(`--modules-to-save embed_tokens`) is likewise read-only beside a tied head (its row, "
+    "when run, is in the table above).",
+    "",
+    "**Rank, rate and LoRA+ alone.** Plain LoRA stayed below full fine-tuning on both counts: "
+    "r=8 at lr 2e-3 61.7% (45-77% over three seeds) keeping 7.1%, r=16 65.0% keeping 0.5%, "
+    "LoRA+ (ratio 4 at lr 1e-3) 58.3% keeping 7.3%. A higher rank or rate learns faster and "
+    "forgets faster; at lr 2e-3 every plain LoRA had lost nearly all base skills by step 150, "
+    "where full fine-tuning (lr 3e-4) still kept 56%. The rate is the lever for forgetting: "
+    "with the answer rows, lr 5e-4 kept 58.5% but learned 18.3%, lr 2e-3 learned 90.0% but "
+    "kept 6.2%; 1e-3 sits between. Seed spread is large (plain r=8: 45-77%), so single-seed "
+    "differences of 10 points in the stage 1 table are not findings.",
+    "",
+    "**Biderman et al.'s reading, here.** On 7B-13B models LoRA learns less and forgets less. "
+    "On this 3.2M model an all-linear r=8 adapter is 4.7% of the weights and plain LoRA "
+    "learned less and forgot more; with the rows of the answers' tokens trained, it learned "
+    "as much and forgot less. No configuration kept most of the base: the skill set replays "
+    "none of it (the \"Small data\" section shows what `--replay` does about that).",
+    "",
+    "The r=8 lr 2e-3 row at seed 0 (63.3% / 11.9%) differs from the 2026-11-29 report's "
+    "(58.3% / 9.3%): the two agree at step 150 and part after it; full fine-tuning reproduced "
+    "that report to the question. That report trained each quarter as a resumed run, this one "
+    "evaluates inside one run, and the LoRA code has changed between the two; which of these "
+    "moved it was not looked into. The seed spread above is larger than the difference.",
+]
 
 
 if __name__ == "__main__":

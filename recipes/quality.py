@@ -399,7 +399,10 @@ def write_report(args: argparse.Namespace, work: Path, rows: dict[str, dict[str,
         "`train s` columns are wall seconds on that shared machine, no speed measure). Every "
         "run starts from the embedded base "
         "(`minilora/assets/base`); every score is greedy exact match on held-out questions "
-        "(`minilora eval --tasks` computes the same for any model and adapter).",
+        "(`minilora eval --tasks` computes the same for any model and adapter). The runs: "
+        "`python recipes/quality.py --stage 1 --rows ROW... --threads 1` and `--stage 2 --rows "
+        "full r8-lr2e-3 r8-lr1e-3-token-rows --seeds N --threads 1`, several at once; the report "
+        "from the cache with `--rows base`.",
         "",
         "| run | new skill (sumwords) | Nova persona | base skills | retention | train s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -558,7 +561,7 @@ READING: list[str] = [
     "**The hypothesis held.** LoRA on the linear layers cannot move the embedding rows that "
     "read the number-word tokens and, through the tied output head, score them; full "
     "fine-tuning can. Training just those rows beside the LoRA (`--answer-tokens`, the 29 "
-    "tokens the answers use, 7,424 more parameters) changed the picture at every rate: at lr "
+    "tokens the answers use, 7,424 more parameters) changed the picture: at lr "
     "2e-3 the r=8 LoRA learned 90.0% (plain: 63.3%), at lr 1e-3 86.7% while keeping 28.5% "
     "(seed 0). Over three seeds, r=8 at lr 1e-3 with the answer rows learned as much as full "
     "fine-tuning (81.7% against 81.7%) and kept more of the base skills in every seed "
@@ -570,8 +573,8 @@ READING: list[str] = [
     "learned less than plain LoRA (33.3% against 63.3% at seed 0); a trained copy of the "
     "embedding (`--modules-to-save embed_tokens`, 262,144 more parameters) likewise changes only "
     "the lookup beside the tied head, which stays the base's, and learned 58.3% keeping 5.2%. "
-    "What the answer rows add is the output side: the head tied to those rows scores the new "
-    "tokens higher.",
+    "Our reading: what the answer rows add is the output side, the head tied to those rows "
+    "scoring the new tokens (not tested apart).",
     "",
     "**Rank, rate and LoRA+ alone.** Plain LoRA stayed below full fine-tuning on both counts: "
     "r=8 at lr 2e-3 61.7% (45-77% over three seeds) keeping 7.1%, r=16 65.0% keeping 0.5%, "
@@ -585,8 +588,9 @@ READING: list[str] = [
     "**Biderman et al.'s reading, here.** On 7B-13B models LoRA learns less and forgets less. "
     "On this 3.2M model an all-linear r=8 adapter is 4.7% of the weights and plain LoRA "
     "learned less and forgot more; with the rows of the answers' tokens trained, it learned "
-    "as much and forgot less. No configuration kept most of the base: the skill set replays "
-    "none of it (the \"Small data\" section shows what `--replay` does about that).",
+    "as much and forgot less. No configuration that learned the skill kept most of the base: "
+    "the skill set replays none of it (the \"Small data\" section shows what `--replay` "
+    "does about that).",
     "",
     "The r=8 lr 2e-3 row at seed 0 (63.3% / 11.9%) differs from the 2026-11-29 report's "
     "(58.3% / 9.3%): the two agree at step 150 and part after it; full fine-tuning reproduced "

@@ -565,7 +565,8 @@ READING: list[str] = [
     "tokens the answers use, 7,424 more parameters) changed the picture: at lr "
     "2e-3 the r=8 LoRA learned 90.0% (plain: 63.3%), at lr 1e-3 86.7% while keeping 28.5% "
     "where the plain r=8 LoRA at that rate learned 3.3% (keeping 28.0%) and r=16 26.7% "
-    "(keeping 22.8%), seed 0. Over three seeds, r=8 at lr 1e-3 with the answer rows learned as much as full "
+    "(keeping 22.8%), seed 0. Over three seeds, r=8 at lr 1e-3 with the answer rows learned "
+    "as much as full "
     "fine-tuning (81.7% against 81.7%) and kept more of the base skills in every seed "
     "(28.5-30.6% against 14.0-20.7%): the goal is met, by this row, at r=8. Its skill score "
     "spreads over 73-87% with the seed, full fine-tuning's over 80-83%.",

@@ -591,6 +591,9 @@ CASES = [
     Case("fsdp-with-full", TRAIN + ["--fsdp", "--full"],
          "--full: cannot go with --fsdp yet: sharded training trains LoRA adapters only",
          "nothing written; train without --full (LoRA), or --full without --fsdp"),
+    Case("answer-tokens-with-full", TRAIN + ["--full", "--answer-tokens"],
+         "--answer-tokens: trains beside LoRA; --full trains every weight already: leave it out",
+         "nothing written; LoRA with --answer-tokens, or --full alone"),
     Case("resume-with-another-fsdp-setting", TRAIN + ["--resume", "--fsdp"],
          "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "
          "resume: fsdp: False in the checkpoint, True now. Resume with the same settings, or "

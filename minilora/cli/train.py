@@ -26,7 +26,21 @@ from minilora.core.outputs import check_not_an_input
 PRESETS: dict[str, dict[str, Any]] = {
     "small-data": {"lr": 2e-3, "max_steps": 300, "batch_size": 16, "warmup_steps": 10,
                    "lora_dropout": 0.0},
+    # docs/quality.md, "A new skill": the LoRA nearest full fine-tuning on a skill whose answers
+    # use tokens the base rarely writes
+    "new-skill": {"lora_r": 8, "lora_alpha": 16.0, "lr": 1e-3, "answer_tokens": True,
+                  "max_steps": 600, "batch_size": 16, "warmup_steps": 20},
 }
+
+PRESET_USES = {
+    "small-data": "a few dozen to a few hundred conversations",
+    "new-skill": "a skill whose answers the base never writes, hundreds of conversations",
+}
+
+
+def _preset_flags(name: str) -> str:
+    return ", ".join(flag(k) if v is True else f"{flag(k)} {v:g}" if isinstance(v, float)
+                     else f"{flag(k)} {v}" for k, v in PRESETS[name].items())
 
 # The TrainConfig fields the command line does not offer: the library sets them itself (model
 # and tokenizer are --model / --tokenizer, added by hand with the other model arguments).
@@ -82,10 +96,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "with the base's generation_config.json (else temperature 1), the share "
                         "of them right (default: 0, greedy only)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="settings for a case, under the flags given: small-data (a few dozen to "
-                        "a few hundred conversations): " + ", ".join(
-                            f"--{SHORT.get(k, k).replace('_', '-')} {v}"
-                            for k, v in PRESETS["small-data"].items()) + " (default: none)")
+                   help="settings for a case, under the flags given: " + "; ".join(
+                       f"{name} ({PRESET_USES[name]}): {_preset_flags(name)}"
+                       for name in PRESETS) + " (default: none)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in _HIDDEN_FIELDS:
             continue

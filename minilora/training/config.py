@@ -154,6 +154,10 @@ class TrainConfig:
     trainable_tokens: list[int] = _arg(
         [], "token ids whose rows of the input embedding train (a tied lm_head follows), "
             "e.g. new special tokens (PEFT's trainable_token_indices)")
+    answer_tokens: bool = _arg(
+        False, "also train the embedding rows of every token the training answers use (the "
+               "ids trainable_tokens takes, found in the data): for answers in words or symbols "
+               "the base rarely writes")
 
     def preference_beta(self) -> float:
         """beta as given, or the method's default (DEFAULT_BETA)."""
@@ -196,8 +200,9 @@ class TrainConfig:
         elif "loraplus_lr_ratio" in ok and ratio is not None and self.full:
             problems["loraplus_lr_ratio"] = "LoRA+ sets the rate of LoRA's B matrices; --full " \
                                             "trains no LoRA: leave it out"
-        extras = [n for n in ("modules_to_save", "trainable_tokens") if getattr(self, n)]
-        for name in extras if "modules_to_save" in ok and "trainable_tokens" in ok else []:
+        extras = [n for n in ("modules_to_save", "trainable_tokens", "answer_tokens")
+                  if n in ok and getattr(self, n)]
+        for name in extras:
             # FSDP shards and QLoRA quantizes whole modules, which these copy or wrap
             why = ("--full trains every weight already" if self.full else
                    "not with --fsdp" if self.fsdp else "not with --quantize" if self.quantize

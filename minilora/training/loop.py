@@ -60,6 +60,7 @@ from minilora.lora.qlora import quantize_model
 from minilora.lora.quantized_weight import require_bitsandbytes
 from minilora.model.decoder import CausalLM
 from minilora.model.io import save_model
+from minilora.training.answer_tokens import with_answer_tokens
 from minilora.training.checkpoint import (
     RunState,
     check_finite,
@@ -173,6 +174,8 @@ def train(model: nn.Module, train_set: JsonlDataset, config: TrainConfig,
     if config.model and Path(config.model).is_dir():  # what the run will copy: checked now
         read_generation_config(Path(config.model))
     scorer = _task_scorer(config, tokenizer)  # a bad task file: before anything is written
+    # the rows of the answers' tokens; the end-of-turn tokens the base already writes are left
+    config = with_answer_tokens(config, train_set, tokenizer.stop_token_ids if tokenizer else [])
     check_launch(config.fsdp)
     rank, world, device, own_group = start_distributed(config.device, group=config.fsdp)
     config, precision = _resolved(config, device, world)

@@ -94,7 +94,10 @@ class SavedModule(nn.Module):
 
     def linear_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) when the module run is a plain Linear (the model's chunked loss uses
-        them, never materialising the logits), else None."""
+        them, never materialising the logits), else None; None in a mixed batch too, whose rows
+        each take their own copy (the head then runs itself, per row)."""
+        if self.routes is not None and self.enabled:
+            return None
         m = self.current()
         return (m.weight, m.bias) if type(m) is nn.Linear else None
 

@@ -159,8 +159,11 @@ class TrainableTokens(nn.Module):
     def linear_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) of the linear map a head computes (the model's chunked loss uses it,
         never materialising the logits); None for an embedding. The chunked loss then holds the
-        weight's gradient, (vocab, dim) in float32, from which the rows' is taken."""
-        return None if self.is_embedding else (self.effective_weight(), None)
+        weight's gradient, (vocab, dim) in float32, from which the rows' is taken. None in a
+        mixed batch too, whose rows each take their own adapter's rows."""
+        if self.is_embedding or (self.routes is not None and self.enabled and not self.merged):
+            return None
+        return self.effective_weight(), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.routes is not None and self.enabled and not self.merged:

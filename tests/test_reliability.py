@@ -594,6 +594,11 @@ CASES = [
     Case("answer-tokens-with-full", TRAIN + ["--full", "--answer-tokens"],
          "--answer-tokens: trains beside LoRA; --full trains every weight already: leave it out",
          "nothing written; LoRA with --answer-tokens, or --full alone"),
+    Case("preset-new-skill-with-full", TRAIN + ["--preset", "new-skill", "--full"],
+         "--preset new-skill trains the answers' token rows beside LoRA, which --full does not "
+         "take: leave out --preset, or give its other settings yourself (--r 8, --alpha 16, "
+         "--lr 0.001, --max-steps 600, --batch-size 16, --warmup-steps 20)",
+         "nothing written (was: an error naming --answer-tokens, a flag never given)"),
     Case("resume-with-another-fsdp-setting", TRAIN + ["--resume", "--fsdp"],
          "{dir}/out/checkpoints/step-00000001 was written by a different run; refusing to "
          "resume: fsdp: False in the checkpoint, True now. Resume with the same settings, or "

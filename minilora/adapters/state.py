@@ -94,7 +94,9 @@ def check_state_dict(
     if unexpected:
         problems.append(
             f"unexpected keys {unexpected} (expected {PREFIX}<module>.lora_A.weight / lora_B.weight"
-            f" for the model's LoRA modules)"
+            f" for the model's LoRA modules, lora_embedding_A / _B for an embedding's, "
+            f"<module>.weight for a module saved whole, "
+            f"<module>.token_adapter.trainable_tokens_delta for token rows)"
         )
     if shapes:
         problems.append(f"mis-shaped keys [{'; '.join(shapes)}]")

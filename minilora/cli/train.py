@@ -38,9 +38,10 @@ PRESET_USES = {
 }
 
 
-def _preset_flags(name: str) -> str:
+def _preset_flags(name: str, leave_out: tuple[str, ...] = ()) -> str:
     return ", ".join(flag(k) if v is True else f"{flag(k)} {v:g}" if isinstance(v, float)
-                     else f"{flag(k)} {v}" for k, v in PRESETS[name].items())
+                     else f"{flag(k)} {v}" for k, v in PRESETS[name].items()
+                     if k not in leave_out)
 
 # The TrainConfig fields the command line does not offer: the library sets them itself (model
 # and tokenizer are --model / --tokenizer, added by hand with the other model arguments).
@@ -121,8 +122,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                            help=help_text)
         elif f.name == "trainable_tokens":
             p.add_argument(flag, dest=f.name, nargs="+", type=_token_id, default=None,
-                           metavar="ID", help=help_text + "; find a word's ids with the "
-                           "tokenizer (tokenizer.encode)")
+                           metavar="ID", help=help_text)
         else:
             conv = int if "int" in kind else float if "float" in kind else str
             old = [o for o, name in _OLD_FLAGS.items() if name == f.name]
@@ -163,6 +163,14 @@ def _train_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any,
     if getattr(args, "preset", None):
         settings.update(PRESETS[args.preset])
     settings.update(given)
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    clash = [k for k in ("full", "fsdp", "quantize") if settings.get(k)]
+    if preset.get("answer_tokens") and "answer_tokens" not in given and clash:
+        # the preset's own field would be refused under a name the user never typed
+        others = _preset_flags(args.preset, leave_out=("answer_tokens",))
+        raise CliError(f"--preset {args.preset} trains the answers' token rows beside LoRA, "
+                       f"which {flag(clash[0])} does not take: leave out --preset, or give its "
+                       f"other settings yourself ({others})")
     if not settings.get("data"):
         raise CliError("--data is required with --model or --config (a chat or text jsonl)")
     if not settings.get("out_dir"):

@@ -154,8 +154,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         remove_row_hooks(model)
 
 
-
-
 # ---------------------------------------------------------------- mixed batches
 
 

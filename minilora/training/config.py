@@ -153,11 +153,12 @@ class TrainConfig:
             "name ends with one")
     trainable_tokens: list[int] = _arg(
         [], "token ids whose rows of the input embedding train (a tied lm_head follows), "
-            "e.g. new special tokens (PEFT's trainable_token_indices)")
+            "e.g. new special tokens (PEFT's trainable_token_indices); a word's ids are what "
+            "the tokenizer's encode gives")
     answer_tokens: bool = _arg(
-        False, "also train the embedding rows of every token the training answers use (the "
-               "ids trainable_tokens takes, found in the data): for answers in words or symbols "
-               "the base rarely writes")
+        False, "also train the embedding rows of every token the training answers use (as "
+               "--trainable-tokens with those ids, found in the data): for answers in words or "
+               "symbols the base rarely writes")
 
     def preference_beta(self) -> float:
         """beta as given, or the method's default (DEFAULT_BETA)."""

@@ -158,11 +158,15 @@ def unloaded(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def stand_in(model: nn.Module) -> None:
+def stand_in(model: nn.Module) -> set[int]:
     """Before LoRA is injected into an unloaded model: each meta parameter becomes a CPU tensor
     of its shape and dtype that holds no memory (one zero, expanded). The adapters are then
     made, and drawn from the run's random numbers, exactly as on a loaded model (on the CPU,
-    in the same order, with the same draws); ``shard_and_load`` puts the meta tensors back."""
+    in the same order, with the same draws); ``shard_and_load`` puts the meta tensors back.
+
+    Returns:
+        The storages the stand-ins share (one zero per dtype), what ``shard_and_load`` is given
+        to tell them from the adapters."""
     zeros: dict[torch.dtype, torch.Tensor] = {}
     done: dict[int, nn.Parameter] = {}  # tied weights: one stand-in for both
     for module in model.modules():
@@ -173,15 +177,11 @@ def stand_in(model: nn.Module) -> None:
                 zero = zeros.setdefault(p.dtype, torch.zeros((), dtype=p.dtype))
                 done[id(p)] = nn.Parameter(zero.expand(p.shape), requires_grad=p.requires_grad)
             module._parameters[name] = done[id(p)]
-    _STAND_INS[id(model)] = {t.untyped_storage().data_ptr() for t in zeros.values()}
+    return {t.untyped_storage().data_ptr() for t in zeros.values()}
 
 
-# id(model) -> the storages stand_in's tensors share (one zero per dtype)
-_STAND_INS: dict[int, set[int]] = {}
-
-
-def shard_and_load(model: nn.Module, path: Path, device: torch.device, world: int
-                   ) -> list[nn.Parameter]:
+def shard_and_load(model: nn.Module, path: Path, device: torch.device, world: int,
+                   shares: set[int]) -> list[nn.Parameter]:
     """``shard_model`` for a model ``stand_in`` prepared, its LoRA injected: the base is sharded
     on the meta device, then each process allocates its shards alone and reads only their rows
     from the base at ``path`` (state_files.BaseSlices: safetensors, or a zip-format ``.pth`` /
@@ -190,13 +190,15 @@ def shard_and_load(model: nn.Module, path: Path, device: torch.device, world: in
     weights one at a time for the base fingerprint). The adapters keep the values they were
     given (every process drew the same ones); a DoRA magnitude is the norm of its weight's rows.
 
+    Args:
+        shares: what ``stand_in`` returned.
+
     Returns:
         The trainable parameters, now DTensors.
 
     Raises:
         WeightsError: a damaged file, or a weight that is not finite.
     """
-    shares = _STAND_INS.pop(id(model), set())
     kept: dict[str, torch.Tensor] = {}  # the adapters as drawn: small, put back after
     meta: dict[int, nn.Parameter] = {}
     for module_name, module in model.named_modules():

@@ -332,8 +332,8 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
     out = RunLayout(config.out_dir)
     torch.manual_seed(config.seed)  # LoRA init: the same on every rank
     from_file = place.sharded and unloaded(model)
-    if from_file:
-        stand_in(model)  # LoRA drawn as on the loaded model; each rank reads its shards below
+    # LoRA drawn as on the loaded model; each rank reads its shards below
+    stand_ins = stand_in(model) if from_file else set()
     params = _prepare_model(model, config)
     pissa_start = None
     if not config.full and config.lora_init == "pissa":  # before a checkpoint overwrites it
@@ -350,7 +350,8 @@ def _start(model: nn.Module, train_set: JsonlDataset, config: TrainConfig, place
         # same LoRA init from the same seed above. A model on the meta device
         # (model.io.load_skeleton) is sharded before it holds any value: each rank then reads
         # only its shards of config.model.
-        params = (shard_and_load(model, Path(str(config.model)), place.device, place.world)
+        params = (shard_and_load(model, Path(str(config.model)), place.device, place.world,
+                                 stand_ins)
                   if from_file else shard_model(model, place.device, place.world))
     else:
         model.to(place.device)

@@ -169,6 +169,11 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, AnyTarget]]
         tables = embedding_modules(model)
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         either = sorted([*linears, *tables], key=lambda item: order[item[0]])
+        whole = [n for n, _ in saved_layers(model) if matches(n, targets)
+                 and not (config.exclude and matches(n, config.exclude))]
+        if whole:  # its wrapper is no Linear: say why, not "matches no Linear"
+            raise ConfigError(f"LoRA targets {whole[0]}, a module another adapter saves whole "
+                              "(modules to save); exclude it, or pick other targets")
         _check_every_suffixmatches(targets, [n for n, _ in linears],
                                    also=[n for n, _ in tables])
         picked = [(n, m) for n, m in either if matches(n, targets)]

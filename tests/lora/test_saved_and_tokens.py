@@ -352,6 +352,9 @@ def test_a_module_to_save_never_swallows_another_adapters_lora_or_rows():
             inject_lora(model, LoraConfig(r=2, targets=["q_proj"],
                                           trainable_token_indices=tokens), name="a")
     assert not any(isinstance(m, TrainableTokens) for m in model.modules())
+    with pytest.raises(ConfigError, match="LoRA targets model.embed_tokens, a module another "
+                                          "adapter saves whole"):
+        inject_lora(model, LoraConfig(r=2, targets=["embed_tokens"]), name="a")
 
 
 def test_lora_on_the_embedding_and_rows_of_another_adapter_are_refused_by_name():

@@ -1409,7 +1409,8 @@ EXTRA_TRAINABLES = [
          "down_proj, embed_tokens…", "nothing written"),
     Case("modules-to-save-a-lora-layer", TRAIN + ["--modules-to-save", "o_proj"],
          "modules to save: model.layers.0.self_attn.o_proj (and 1 more) is, holds or sits in a "
-         "LoRA layer; a module trains either by LoRA or as a whole copy: drop it from one list",
+         "LoRA layer or trainable tokens; a module trains one way, by LoRA, its token rows or "
+         "as a whole copy: drop it from one list",
          "nothing written; --exclude o_proj to save them whole"),
     Case("trainable-token-outside-vocabulary", TRAIN + ["--trainable-tokens", "5", "100000"],
          "trainable tokens: token ids [100000] are outside the vocabulary of "

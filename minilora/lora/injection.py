@@ -41,6 +41,7 @@ from minilora.lora.saved_modules import (
     saved_layers,
 )
 from minilora.lora.trainable_tokens import (
+    COPIES,
     TrainableTokens,
     add_trainable_tokens,
     plan_trainable_tokens,
@@ -117,13 +118,16 @@ def linear_modules(model: nn.Module) -> Iterator[tuple[str, AnyLinear]]:
     yield from walk(model, "")
 
 
-def embedding_modules(model: nn.Module) -> list[tuple[str, AnyEmbedding]]:
-    """(name, module) of every nn.Embedding and LoRAEmbedding of `model`, in model order (none
-    inside a LoRA layer)."""
+def embedding_modules(model: nn.Module) -> list[tuple[str, AnyEmbedding | TrainableTokens]]:
+    """(name, module) of every nn.Embedding and LoRAEmbedding of `model`, and every embedding
+    with trainable tokens (`_select` refuses LoRA on it by name), in model order (none inside
+    a LoRA layer nor a module to save's copies)."""
     inside = tuple(n + "." for n, m in model.named_modules()
                    if isinstance(m, (LoRALinear, LoRAEmbedding)))
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (nn.Embedding, LoRAEmbedding)) and not n.startswith(inside)]
+            if (isinstance(m, (nn.Embedding, LoRAEmbedding))
+                or isinstance(m, TrainableTokens) and m.is_embedding)
+            and not n.startswith(inside) and COPIES not in n]
 
 
 def _dims(m: AnyTarget) -> tuple[int, int]:
@@ -165,9 +169,20 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, AnyTarget]]
         tables = embedding_modules(model)
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         either = sorted([*linears, *tables], key=lambda item: order[item[0]])
+        whole = [n for n, _ in saved_layers(model) if matches(n, targets)
+                 and not (config.exclude and matches(n, config.exclude))]
+        if whole:  # its wrapper is no Linear: say why, not "matches no Linear"
+            raise ConfigError(f"LoRA targets {whole[0]}, a module another adapter saves whole "
+                              "(modules to save); exclude it, or pick other targets")
         _check_every_suffixmatches(targets, [n for n, _ in linears],
                                    also=[n for n, _ in tables])
-        chosen = [(n, m) for n, m in either if matches(n, targets)]
+        picked = [(n, m) for n, m in either if matches(n, targets)]
+        for n, m in picked:
+            if isinstance(m, TrainableTokens):
+                owners = ", ".join(repr(a) for a in m.adapters)
+                raise ConfigError(f"{n} has trainable tokens of adapter {owners}; an embedding "
+                                  "trains one way: LoRA on it, or its token rows, not both")
+        chosen = [(n, m) for n, m in picked if not isinstance(m, TrainableTokens)]
     if config.exclude:
         chosen = [(n, m) for n, m in chosen if not matches(n, config.exclude)]
     if not chosen:
@@ -319,12 +334,16 @@ def _plan_extras(model: nn.Module, chosen: list[tuple[str, AnyTarget]], config: 
     """The modules to save and the trainable tokens' modules of `config`, checked against the
     model and the LoRA layers `chosen`, before anything changes."""
     lora_paths = [p for p, _ in chosen]
+    # what a new module to save may not be, hold or sit in: any adapter's LoRA layer or
+    # trainable tokens (its copy would swallow them, and their keys would move into it)
+    trained = sorted({*lora_paths, *(n for n, _ in lora_modules(model)),
+                      *(n for n, _ in token_layers(model))})
     inside = [p for p in lora_paths for s, _ in saved_layers(model)
               if p == s or p.startswith(s + ".")]
     if inside:  # the copy another adapter runs there would skip this LoRA
         raise ConfigError(f"LoRA targets {inside[0]}, inside a module another adapter saves "
                           "whole (modules to save); exclude it, or pick other targets")
-    saved = (plan_saved_modules(model, config.modules_to_save, lora_paths)
+    saved = (plan_saved_modules(model, config.modules_to_save, trained)
              if config.modules_to_save else [])
     tokens = (plan_trainable_tokens(model, config.trainable_token_indices)
               if config.trainable_token_indices else [])
@@ -432,7 +451,11 @@ def _untie_embedding(model: nn.Module) -> None:
     holders: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(p), []).append(name)
-    heads = output_head_names(model, list(linear_modules(model)))
+    # a head saved whole (modules to save) holds the tied table too, in its wrapper
+    candidates: list[tuple[str, AnyLinear]] = list(linear_modules(model))
+    candidates += [(n, s.original) for n, s in saved_layers(model)
+                   if isinstance(s.original, nn.Linear)]
+    heads = output_head_names(model, candidates)
     for path, m in lora_modules(model):
         if not isinstance(m, LoRAEmbedding) or m.merged or not m.active_adapters:
             continue

@@ -145,12 +145,13 @@ def plan_saved_modules(model: nn.Module, names: Sequence[str], lora_paths: Seque
     Args:
         model: the model (LoRA layers, if any, are never selected nor entered).
         names: the modules_to_save names.
-        lora_paths: the layers LoRA goes on (or is on) for this adapter.
+        lora_paths: the layers LoRA goes on (or is on), of this adapter and every other, and
+            the layers trainable tokens are on: none may be, hold or sit in a module to save.
 
     Raises:
         ConfigError: a name that selects nothing (the message lists the model's module names
-            ending alike), a selected module that is, holds or sits in a LoRA layer or another
-            selected module, or the root.
+            ending alike), a selected module that is, holds or sits in one of `lora_paths` or
+            another selected module, or the root.
     """
     copies = tuple(f"{n}.modules_to_save." for n, _ in saved_layers(model))
     modules = [(n, m) for n, m in model.named_modules() if n and not n.startswith(copies)]
@@ -167,8 +168,9 @@ def plan_saved_modules(model: nn.Module, names: Sequence[str], lora_paths: Seque
     clash = [n for n in chosen if any(_overlap(n, p) for p in lora_paths)]
     if clash:
         more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-        problems.append(f"{clash[0]}{more} is, holds or sits in a LoRA layer; a module trains "
-                        "either by LoRA or as a whole copy: drop it from one list")
+        problems.append(f"{clash[0]}{more} is, holds or sits in a LoRA layer or trainable "
+                        "tokens; a module trains one way, by LoRA, its token rows or as a whole "
+                        "copy: drop it from one list")
     for n in chosen:
         inner = [o for o in chosen if o != n and o.startswith(n + ".")]
         if inner:

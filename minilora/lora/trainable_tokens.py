@@ -23,9 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.core.errors import ConfigError
+from minilora.lora.embedding import LoRAEmbedding
+from minilora.lora.saved_modules import SavedModule
 
 # Low-precision bases get float32 rows, as LoRA's A and B: bf16 optimizer updates round away.
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+# In the name of every module inside a module to save's copies (never the base's own layers).
+COPIES = ".modules_to_save."
 # PEFT's name of the wrapper's inner adapter, part of the keys in its files.
 TOKEN_ADAPTER = "token_adapter"
 DELTA = "trainable_tokens_delta"
@@ -249,9 +253,10 @@ def input_embedding_name(model: nn.Module) -> str:
             target = getter()
         except (AttributeError, NotImplementedError):
             target = None
+    # an embedding another adapter already trains (LoRA, rows, a whole copy) counts too: the
+    # planner then says which, never "no Embedding"; an adapter's own copies do not
     embeddings = [(n, m) for n, m in model.named_modules()
-                  if isinstance(m, (nn.Embedding, TrainableTokens))
-                  and getattr(m, "is_embedding", True)]
+                  if _is_embedding(m) and COPIES not in n]
     for n, m in embeddings:
         if m is target:
             return n
@@ -281,7 +286,7 @@ def plan_trainable_tokens(model: nn.Module, indices: list[int] | Mapping[str, li
     """
     by_name = dict(indices) if isinstance(indices, Mapping) else {
         input_embedding_name(model): list(indices)}
-    modules = dict(model.named_modules())
+    modules = {n: m for n, m in model.named_modules() if COPIES not in n}
     chosen: dict[str, list[int]] = {}
     problems = []
     for key, ids in by_name.items():
@@ -299,6 +304,7 @@ def plan_trainable_tokens(model: nn.Module, indices: list[int] | Mapping[str, li
                 problems.append(f"token ids {bad[:5]} are outside the vocabulary of {n} "
                                 f"(ids 0 to {rows - 1})")
             chosen[n] = list(ids)
+    problems += _trained_otherwise(modules, chosen)
     if problems:
         raise ConfigError("trainable tokens: " + "; ".join(problems))
     embeddings = [n for n in chosen
@@ -327,9 +333,40 @@ def plan_trainable_tokens(model: nn.Module, indices: list[int] | Mapping[str, li
 
 def _wrappable(m: nn.Module) -> bool:
     """A module rows can train on: a plain Embedding, a bias-free Linear, or one that has rows
-    of another adapter already."""
+    of another adapter already; also one that another adapter trains by LoRA or as a whole
+    copy, so that the planner refuses it by name (`_trained_otherwise`)."""
+    if isinstance(m, SavedModule):
+        m = m.original
     return (type(m) is nn.Embedding or (type(m) is nn.Linear and m.bias is None)
-            or isinstance(m, TrainableTokens))
+            or isinstance(m, (TrainableTokens, LoRAEmbedding)))
+
+
+def _is_embedding(m: nn.Module) -> bool:
+    if isinstance(m, SavedModule):
+        m = m.original
+    return (isinstance(m, (nn.Embedding, LoRAEmbedding))
+            or isinstance(m, TrainableTokens) and m.is_embedding)
+
+
+def _trained_otherwise(modules: Mapping[str, nn.Module], chosen: Mapping[str, list[int]]
+                       ) -> list[str]:
+    """One line per chosen module that another adapter already trains another way: LoRA on
+    the embedding, or a whole copy of it (or of a module holding it, or inside it)."""
+    problems = []
+    saved = {n: m for n, m in modules.items() if isinstance(m, SavedModule)}
+    for n in chosen:
+        m = modules[n]
+        if isinstance(m, LoRAEmbedding):
+            owners = ", ".join(repr(a) for a in m.adapter_names)
+            problems.append(f"{n} has LoRA of adapter {owners}; an embedding trains one way: "
+                            "LoRA on it, or its token rows, not both")
+        for s, copy in saved.items():
+            if s == n or n.startswith(s + ".") or s.startswith(n + "."):
+                owners = ", ".join(repr(a) for a in copy.adapters)
+                problems.append(f"{n} is, holds or sits in {s}, which adapter {owners} saves "
+                                "whole (modules to save); train it one way: its token rows, or "
+                                "a whole copy, not both")
+    return problems
 
 
 def _shared_weights(model: nn.Module, chosen: Mapping[str, list[int]], tied: set[str]

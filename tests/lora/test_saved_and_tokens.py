@@ -325,3 +325,63 @@ def test_rows_and_lora_on_one_embedding_are_refused_lora_beside_a_saved_head_wor
     theirs.save_pretrained(str(tmp_path / "peft"))
     load_adapter(model, tmp_path / "peft")
     torch.testing.assert_close(logits(model, x), logits(theirs, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_to_save_never_swallows_another_adapters_lora_or_rows():
+    model = llama(False)
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"]), name="a")
+    keys = sorted(model.state_dict())
+    with pytest.raises(ConfigError, match="LoRA layer or trainable tokens"):
+        inject_lora(model, LoraConfig(r=2, targets=["v_proj"], modules_to_save=["self_attn"]),
+                    name="b")
+    assert sorted(model.state_dict()) == keys
+    # rows first, then a copy of their embedding; and the other order
+    model = llama(True)
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[3, 5]),
+                name="a")
+    for saved in (["embed_tokens"], ["lm_head"]):  # a tied head reads the rows too
+        with pytest.raises(ConfigError, match="LoRA layer or trainable tokens"):
+            inject_lora(model, LoraConfig(r=2, targets=["v_proj"], modules_to_save=saved),
+                        name="b")
+    model = llama(False)
+    inject_lora(model, LoraConfig(r=2, targets=["v_proj"], modules_to_save=["embed_tokens"]),
+                name="b")
+    for tokens in ([3, 5], {"embed_tokens": [3, 5]}):
+        with pytest.raises(ConfigError, match=r"model\.embed_tokens is, holds or sits in "
+                                              r"model\.embed_tokens, which adapter 'b' saves"):
+            inject_lora(model, LoraConfig(r=2, targets=["q_proj"],
+                                          trainable_token_indices=tokens), name="a")
+    assert not any(isinstance(m, TrainableTokens) for m in model.modules())
+    with pytest.raises(ConfigError, match="LoRA targets model.embed_tokens, a module another "
+                                          "adapter saves whole"):
+        inject_lora(model, LoraConfig(r=2, targets=["embed_tokens"]), name="a")
+
+
+def test_lora_on_the_embedding_and_rows_of_another_adapter_are_refused_by_name():
+    model = llama(False)
+    inject_lora(model, LoraConfig(r=2, targets=["embed_tokens"]), name="a")
+    with pytest.raises(ConfigError, match="model.embed_tokens has LoRA of adapter 'a'; an "
+                                          "embedding trains one way"):
+        inject_lora(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[3]),
+                    name="b")
+    model = llama(False)
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[3]),
+                name="a")
+    with pytest.raises(ConfigError, match="model.embed_tokens has trainable tokens of adapter "
+                                          "'a'; an embedding trains one way"):
+        inject_lora(model, LoraConfig(r=2, targets=["embed_tokens"]), name="b")
+
+
+def test_lora_on_a_tied_embedding_with_a_saved_head_merges_to_the_same_logits():
+    model = llama(True)
+    inject_lora(model, LoraConfig(r=2, targets=["q_proj", "embed_tokens"],
+                                  modules_to_save=["lm_head"]))
+    mark_trainable(model)
+    perturb(model)
+    x = ids()
+    before = logits(model, x)
+    merged = merge_and_unload(model)
+    assert not any(isinstance(m, (SavedModule, TrainableTokens)) for m in merged.modules())
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    assert not merged.config.tie_word_embeddings
+    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)

@@ -43,7 +43,8 @@ def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def refuse_merged(model: nn.Module, doing: str) -> None:
     """Raises ConfigError when any layer of `model` has LoRA merged in."""
     merged = [n for n, m in lora_modules(model) if m.merged]
-    merged += [n for n, m in token_layers(model) if m.merged and m.tied_to is None]
+    merged += [n for n, m in _extra_layers(model)
+               if isinstance(m, TrainableTokens) and m.merged and m.tied_to is None]
     if merged:
         raise ConfigError(
             f"{doing} needs unmerged adapters, but LoRA is merged into {merged[:3]}"
@@ -233,14 +234,39 @@ def _route_extras(model: nn.Module, groups: dict[str, list[int]], n_rows: int
                   ) -> list[Any]:
     """Sets the modules to save's and trainable tokens' routes (each the rows of the adapters
     it has); returns them."""
-    extras: list[SavedModule | TrainableTokens] = [m for _, m in saved_layers(model)]
-    extras += [m for _, m in token_layers(model)]
+    found = [m for _, m in _extra_layers(model)]
+    extras = [m for m in found if isinstance(m, SavedModule)]
+    extras += [m for m in found if isinstance(m, TrainableTokens)]
     for m in extras:
         device = m.weight.device if isinstance(m, TrainableTokens) else next(
             iter(m.parameters()), torch.empty(0)).device
         m.routes = (tuple((name, torch.tensor(rows, dtype=torch.long, device=device))
                           for name, rows in groups.items() if name in m.adapters), n_rows)
     return extras
+
+
+def _extra_layers(model: nn.Module) -> list[tuple[str, SavedModule | TrainableTokens]]:
+    """(name, module) of every module to save and trainable tokens of `model`, in model order:
+    what `saved_layers` and `token_layers` find, without walking into the LoRA layers. Their
+    own children (two per adapter) are none of these, and with many adapters they are most of
+    the model's modules: walking them on every mixed-batch call cost more than the batch's
+    LoRA arithmetic."""
+    found: list[tuple[str, SavedModule | TrainableTokens]] = []
+    seen: set[nn.Module] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if module in seen:
+            return
+        seen.add(module)
+        if isinstance(module, (SavedModule, TrainableTokens)):
+            found.append((prefix, module))
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            return
+        for name, child in module.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return found
 
 
 def _unroute(modules: list[Any]) -> None:

@@ -235,7 +235,7 @@ def _route_extras(model: nn.Module, groups: dict[str, list[int]], n_rows: int
     """Sets the modules to save's and trainable tokens' routes (each the rows of the adapters
     it has); returns them."""
     found = [m for _, m in _extra_layers(model)]
-    extras = [m for m in found if isinstance(m, SavedModule)]
+    extras: list[SavedModule | TrainableTokens] = [m for m in found if isinstance(m, SavedModule)]
     extras += [m for m in found if isinstance(m, TrainableTokens)]
     for m in extras:
         device = m.weight.device if isinstance(m, TrainableTokens) else next(

@@ -41,3 +41,25 @@ def test_a_mixed_batch_loss_never_uses_one_head_for_every_row(extras) -> None:
     # refused (it was the base head's loss for every row, silently).
     with pytest.raises(ConfigError, match="mixed batch"):
         model(x, labels=x, adapter_names=["a", None])
+
+
+def test_the_routing_finds_every_module_to_save_and_trainable_tokens() -> None:
+    """The mixed batch's own walk (which skips the LoRA layers' insides) finds what
+    `saved_layers` and `token_layers` find."""
+    from minilora.lora.named import _extra_layers
+    from minilora.lora.saved_modules import saved_layers
+    from minilora.lora.trainable_tokens import token_layers
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, tie_word_embeddings=False))
+    for name in ("a", "b"):
+        inject_lora(model, LoraConfig(r=2, alpha=4, targets="all-linear",
+                                      modules_to_save=["lm_head"],
+                                      trainable_token_indices=[3, 5]), name=name)
+    want = saved_layers(model) + token_layers(model)
+    assert len(want) == 2
+    got = _extra_layers(model)
+    assert sorted(n for n, _ in got) == sorted(n for n, _ in want)
+    assert {id(m) for _, m in got} == {id(m) for _, m in want}

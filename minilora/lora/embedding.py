@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.core.errors import ConfigError, MergeError
-from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name, lora_scaling
+from minilora.lora.adapter_set import AdapterSet
+from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from minilora.lora.variants import LoraVariant
 
 # Low-precision tables get float32 adapters, as LoRALinear's do.
@@ -68,7 +69,7 @@ def refuse_embedding_config(init: str, use_dora: bool, path: str) -> None:
                           "embedding; leave the embedding out of the targets or use another init")
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(AdapterSet, nn.Module):
     """An nn.Embedding plus one or more named low-rank updates, by composition.
 
     Args:
@@ -135,16 +136,6 @@ class LoRAEmbedding(nn.Module):
         self.set_active([name])
 
     @property
-    def merged(self) -> bool:
-        """Whether adapters are folded into `weight` (see merge)."""
-        return bool(self.merged_adapters)
-
-    @property
-    def adapter_names(self) -> tuple[str, ...]:
-        """The names of this layer's adapters, in the order they were added."""
-        return tuple(self.lora_A.keys())
-
-    @property
     def active_adapters(self) -> tuple[str, ...]:
         """The names of the adapters a forward adds, in order."""
         return self._active_adapters
@@ -181,11 +172,7 @@ class LoRAEmbedding(nn.Module):
             nn.init.zeros_(a.weight)  # (r, num_embeddings)
             nn.init.normal_(b.weight)  # (embedding_dim, r)
         self.lora_A[name], self.lora_B[name] = a, b
-        self.r[name], self.lora_alpha[name] = r, float(alpha)
-        self.scaling[name] = lora_scaling(r, float(alpha), use_rslora)
-        self.lora_dropout[name], self.use_rslora[name] = float(dropout), use_rslora
-        self.init[name], self.lora_config[name] = init, config
-        self.variant[name] = LoraVariant()
+        self._record(name, r, alpha, dropout, use_rslora, init, config, LoraVariant())
 
     def delete_adapter(self, name: str) -> None:
         """Removes an adapter and its Parameters from this layer.
@@ -193,32 +180,8 @@ class LoRAEmbedding(nn.Module):
         Raises:
             ConfigError: when the layer has no such adapter, or it is merged into `weight`.
         """
-        if name not in self.lora_A:
-            raise ConfigError(f"no adapter {name!r} on this layer; it has {list(self.lora_A)}")
-        if name in self.merged_adapters:
-            raise ConfigError(f"adapter {name!r} is merged into the weight; unmerge it first")
-        del self.lora_A[name], self.lora_B[name]
-        for settings in (self.r, self.lora_alpha, self.scaling, self.lora_dropout,
-                         self.use_rslora, self.init, self.variant, self.lora_config):
-            del settings[name]
+        self._forget(name)
         self.set_active([n for n in self.active_adapters if n != name])
-
-    def set_active(self, names: Sequence[str]) -> None:
-        """Makes the named adapters (those of them this layer has) the ones a forward adds.
-
-        Raises:
-            ConfigError: when the layer is merged and the active set would change.
-        """
-        active = tuple(dict.fromkeys(n for n in names if n in self.lora_A))
-        if self.merged and active != self.active_adapters:
-            raise ConfigError(
-                f"adapters {list(self.merged_adapters)} are merged into the weight; unmerge "
-                "before changing the active adapters")
-        self.active_adapters = active
-
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """[A, B] of adapter `name`."""
-        return [self.lora_A[name].weight, self.lora_B[name].weight]
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.r[n]}, scaling={self.scaling[n]:g})"

@@ -32,6 +32,7 @@ from minilora.core.errors import (  # noqa: F401  (re-exported: minilora.lora.la
     MergeError,
 )
 from minilora.core.lowrank import compute_dtype, lowrank_linear
+from minilora.lora.adapter_set import AdapterSet
 from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.layer.LoraConfig)
     BASE_ROW,
     DEFAULT_ADAPTER,
@@ -96,7 +97,7 @@ class Routes:
     slots: torch.Tensor | None = None
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterSet, nn.Module):
     """A Linear layer plus one or more named low-rank updates, by composition.
 
     Args:
@@ -187,16 +188,6 @@ class LoRALinear(nn.Module):
         self.add_adapter(name, r, alpha, dropout, init, use_rslora, use_dora=use_dora)
         self.set_active([name])
 
-    @property
-    def merged(self) -> bool:
-        """Whether adapters are folded into `weight` (see merge)."""
-        return bool(self.merged_adapters)
-
-    @property
-    def adapter_names(self) -> tuple[str, ...]:
-        """The names of this layer's adapters, in the order they were added."""
-        return tuple(self.lora_A.keys())
-
     # ------------------------------------------------------------ adapters
 
     def add_adapter(
@@ -235,11 +226,8 @@ class LoRALinear(nn.Module):
                                       dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device,
                                       dtype=dtype)
-        self.r[name], self.lora_alpha[name] = r, float(alpha)
-        self.scaling[name] = lora_scaling(r, float(alpha), use_rslora)
-        self.lora_dropout[name], self.use_rslora[name] = float(dropout), use_rslora
-        self.init[name], self.lora_config[name] = init, config
-        self.variant[name] = variant_for(init, use_dora)
+        self._record(name, r, alpha, dropout, use_rslora, init, config,
+                     variant_for(init, use_dora))
         self.stacked = None
         self._init_adapter(name, init)
 
@@ -262,33 +250,12 @@ class LoRALinear(nn.Module):
         Raises:
             ConfigError: when the layer has no such adapter, or it is merged into `weight`.
         """
-        if name not in self.lora_A:
-            raise ConfigError(f"no adapter {name!r} on this layer; it has {list(self.lora_A)}")
-        if name in self.merged_adapters:
-            raise ConfigError(f"adapter {name!r} is merged into the weight; unmerge it first")
-        del self.lora_A[name], self.lora_B[name]
+        self._forget(name)
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
-        for settings in (self.r, self.lora_alpha, self.scaling, self.lora_dropout,
-                         self.use_rslora, self.init, self.variant, self.lora_config):
-            del settings[name]
         self.pissa_from.pop(name, None)
         self.stacked = None
         self.set_active([n for n in self.active_adapters if n != name])
-
-    def set_active(self, names: Sequence[str]) -> None:
-        """Makes the named adapters (those of them this layer has) the ones a forward adds.
-
-        Raises:
-            ConfigError: when the layer is merged and the active set would change.
-        """
-        active = tuple(dict.fromkeys(n for n in names if n in self.lora_A))
-        if self.merged and active != self.active_adapters:
-            raise ConfigError(
-                f"adapters {list(self.merged_adapters)} are merged into the weight; unmerge "
-                "before changing the active adapters"
-            )
-        self.active_adapters = active
 
     @property
     def active_adapters(self) -> tuple[str, ...]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from minilora.core.errors import ConfigError
+import torch
+
+from minilora.core.errors import ConfigError, MergeError
 from minilora.lora.config import LoraConfig, lora_scaling
 from minilora.lora.variants import LoraVariant
 
@@ -32,6 +34,10 @@ class AdapterSet:
         lora_config: dict[str, LoraConfig | None]
         merged_adapters: tuple[str, ...]
         active_adapters: tuple[str, ...]
+        weight: torch.Tensor
+        _unmerged_weight: torch.Tensor | None
+
+        def delta_weight(self, name: str | None = None) -> torch.Tensor: ...
 
     @property
     def merged(self) -> bool:
@@ -83,3 +89,45 @@ class AdapterSet:
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """[A, B] of adapter `name` (and a variant's own, where the layer adds them)."""
         return [self.lora_A[name].weight, self.lora_B[name].weight]
+
+    # ------------------------------------------------------------ merging
+
+    def _merge_target(self) -> str:
+        """The merged tensor as an error names it (the layer says what it wraps)."""
+        return f"weight {tuple(self.weight.shape)}"
+
+    def _check_mergeable(self) -> None:
+        """Raises when the layer cannot take a merge at all (a quantized weight)."""
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the active adapters' updates into `weight` (in float32), keeping the weight
+        before the merge for `unmerge`; a no-op when merged already or nothing is active.
+
+        Raises:
+            ConfigError: a weight that cannot take a merge (a quantized one).
+            MergeError: the merged weight would hold inf or NaN; nothing is changed.
+        """
+        if self.merged or not self.active_adapters:
+            return
+        self._check_mergeable()
+        merged = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise MergeError(
+                f"merging adapters {list(self.active_adapters)} would put inf or NaN into the "
+                f"{self._merge_target()}; the adapter is broken or too large for its dtype. "
+                "Nothing was merged")
+        self._unmerged_weight = self.weight.detach().clone()
+        self.weight.copy_(merged)
+        self.merged_adapters = self.active_adapters
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Puts back the weight as it was before `merge`, bit for bit; a no-op when not
+        merged."""
+        if not self.merged:
+            return
+        assert self._unmerged_weight is not None  # merge() keeps it while merged
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_adapters = ()

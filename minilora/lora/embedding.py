@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.core.errors import ConfigError, MergeError
+from minilora.core.errors import ConfigError
 from minilora.lora.adapter_set import AdapterSet
 from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from minilora.lora.variants import LoraVariant
@@ -251,36 +251,8 @@ class LoRAEmbedding(AdapterSet, nn.Module):
             total += (b @ a).T * self.scaling[n]  # (C, r) @ (r, V) -> (V, C)
         return total
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Folds the active adapters' updates into `weight` (in float32), keeping the table
-        before the merge for `unmerge`; a no-op when merged already or nothing is active.
-
-        Raises:
-            MergeError: the merged table would hold inf or NaN; nothing is changed.
-        """
-        if self.merged or not self.active_adapters:
-            return
-        merged = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise MergeError(
-                f"merging adapters {list(self.active_adapters)} would put inf or NaN into the "
-                f"embedding ({self.num_embeddings} x {self.embedding_dim}); the adapter is "
-                "broken or too large for the table's dtype. Nothing was merged")
-        self._unmerged_weight = self.weight.detach().clone()
-        self.weight.copy_(merged)
-        self.merged_adapters = self.active_adapters
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Puts back the table as it was before `merge`, bit for bit; a no-op when not
-        merged."""
-        if not self.merged:
-            return
-        assert self._unmerged_weight is not None  # merge() keeps it while merged
-        self.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
-        self.merged_adapters = ()
+    def _merge_target(self) -> str:
+        return f"embedding ({self.num_embeddings} x {self.embedding_dim})"
 
     def to_embedding(self) -> nn.Embedding:
         """Returns a plain nn.Embedding looking up base + the active adapters' update (merges

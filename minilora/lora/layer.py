@@ -434,47 +434,20 @@ class LoRALinear(AdapterSet, nn.Module):
             total += self.variant[n].delta(self, n, w, (b @ a).mul_(self.scaling[n]))
         return total
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Folds the active adapters' updates into `weight` (computed in float32); a no-op when
-        already merged or when no adapter is active.
+    # merge and unmerge: AdapterSet's. The weight before the merge is kept (a copy as large
+    # as `weight`, held until unmerge), so unmerging gives back exactly the base: W + d - d
+    # rounds differently from W, and a drifted base would change its fingerprint. A merge
+    # that would put inf or NaN in is refused (PEFT's safe_merge).
 
-        The weight before the merge is kept (a copy as large as `weight`, held until
-        `unmerge`), so unmerging gives back exactly the base: W + d - d rounds differently
-        from W, and a drifted base would change its fingerprint.
+    def _merge_target(self) -> str:
+        return f"weight ({self.out_features} x {self.in_features})"
 
-        Raises:
-            ConfigError: the base weight is quantized.
-            MergeError: the merged weight would hold inf or NaN (PEFT's safe_merge); nothing is
-                changed.
-        """
-        if self.merged or not self.active_adapters:
-            return
+    def _check_mergeable(self) -> None:
         if is_quantized(self.weight):
             raise ConfigError(
                 f"cannot merge LoRA into a {quant_kind(self.weight)}-quantized base weight (the "
                 "update would be rounded away); merge the adapter into the full-precision base "
                 "instead (minilora merge --model BASE --adapter DIR)")
-        merged = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise MergeError(
-                f"merging adapters {list(self.active_adapters)} would put inf or NaN into the "
-                f"weight ({self.out_features} x {self.in_features}); the adapter is broken or too "
-                "large for the weight's dtype. Nothing was merged")
-        self._unmerged_weight = self.weight.detach().clone()
-        self.weight.copy_(merged)
-        self.merged_adapters = self.active_adapters
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Puts back the weight as it was before `merge`, bit for bit; a no-op when not
-        merged."""
-        if not self.merged:
-            return
-        assert self._unmerged_weight is not None  # merge() keeps it while merged
-        self.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
-        self.merged_adapters = ()
 
     def to_linear(self) -> nn.Linear:
         """Returns a plain nn.Linear computing base + the active adapters' update (merges them

@@ -119,3 +119,27 @@ def fit(model: Any, tokenizer: Any, config: Any, **kwargs: Any) -> Any:
 
     train_set, eval_set = load_datasets(config, tokenizer)
     return train(model, train_set, config, eval_set, **kwargs)
+
+
+def tiny_base_folder(root: Path, repeat: int = 1) -> Path:
+    """``root/base`` (a tiny model and its tokenizer, saved as a user's model folder) and
+    ``root/train.jsonl`` (CHATS, ``repeat`` times); returns root."""
+    from minilora.model.io import save_model
+
+    tokenizer = tiny_tokenizer()
+    save_model(tiny_model(tokenizer.vocab_size), root / "base")
+    tokenizer.save(root / "base")
+    write_jsonl(root / "train.jsonl", chat_rows(repeat=repeat))
+    return root
+
+
+def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """``minilora ARGV`` in this process: (exit code, stdout, stderr)."""
+    from minilora.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,31 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
-from minilora.cli import main
+from helpers import chat_rows, run_cli, tiny_base_folder
 from minilora.data.tokenizer import Tokenizer
-from minilora.model.io import save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("answer_tokens")
-    tokenizer = tiny_tokenizer()
-    save_model(tiny_model(tokenizer.vocab_size), root / "base")
-    tokenizer.save(root / "base")
-    write_jsonl(root / "train.jsonl", chat_rows(repeat=1))
-    return root
+    return tiny_base_folder(tmp_path_factory.mktemp("answer_tokens"), repeat=1)
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def test_the_answers_token_rows_train_and_are_written_into_the_config(workdir, tmp_path,

@@ -10,30 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
-from minilora.cli import main
-from minilora.model.io import save_model
+from helpers import run_cli, tiny_base_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("saved_tokens")
-    tokenizer = tiny_tokenizer()
-    save_model(tiny_model(tokenizer.vocab_size), root / "base")
-    tokenizer.save(root / "base")
-    write_jsonl(root / "train.jsonl", chat_rows(repeat=2))
-    return root
+    return tiny_base_folder(tmp_path_factory.mktemp("saved_tokens"), repeat=2)
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def train_args(workdir: Path, out: Path, *extra: str) -> list[str]:

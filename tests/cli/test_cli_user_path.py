@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import chat_rows, tiny_model, tiny_tokenizer, write_jsonl
+from helpers import run_cli, tiny_base_folder, tiny_model, tiny_tokenizer, write_jsonl
 from minilora.cli import main
 from minilora.model.io import save_model
 from minilora.training import loop as train_module
@@ -20,23 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("userpath")
+    root = tiny_base_folder(tmp_path_factory.mktemp("userpath"), repeat=4)
     tokenizer = tiny_tokenizer()
-    save_model(tiny_model(tokenizer.vocab_size), root / "base")
-    tokenizer.save(root / "base")
     save_model(tiny_model(tokenizer.vocab_size, hidden=48), root / "wide")
     tokenizer.save(root / "wide")
-    write_jsonl(root / "train.jsonl", chat_rows(repeat=4))
     return root
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def train_args(workdir: Path, out: Path, *extra: str) -> list[str]:

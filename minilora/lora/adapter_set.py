@@ -9,13 +9,30 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from minilora.core.errors import ConfigError, MergeError
 from minilora.lora.config import LoraConfig, lora_scaling
 from minilora.lora.variants import LoraVariant
 
+# Low-precision weights get float32 adapters (PEFT does the same): bf16 optimizer updates of a
+# zero-initialised B would round away.
+UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
 if TYPE_CHECKING:
-    from torch import nn
+    # What a layer's dicts hold, for the type checker only: at run time they are the plain
+    # nn.ModuleDict / nn.ParameterDict, whose items type as Module / Any.
+    class AdapterLinear(nn.Linear):
+        weight: nn.Parameter
+
+    class LinearDict(nn.ModuleDict):
+        def __getitem__(self, key: str) -> AdapterLinear: ...
+
+    class ParameterDict(nn.ParameterDict):
+        def __getitem__(self, key: str) -> nn.Parameter: ...
+else:
+    LinearDict = nn.ModuleDict
+    ParameterDict = nn.ParameterDict
 
 
 class AdapterSet:

@@ -22,32 +22,16 @@ Not supported on an embedding, refused by name: DoRA, PiSSA, a quantized table.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minilora.core.errors import ConfigError
-from minilora.lora.adapter_set import AdapterSet
+from minilora.lora.adapter_set import UPCAST_DTYPES, AdapterSet, LinearDict, ParameterDict
 from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from minilora.lora.variants import LoraVariant
-
-# Low-precision tables get float32 adapters, as LoRALinear's do.
-_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
-
-if TYPE_CHECKING:
-    class AdapterLinear(nn.Linear):
-        weight: nn.Parameter
-
-    class LinearDict(nn.ModuleDict):
-        def __getitem__(self, key: str) -> AdapterLinear: ...
-
-    class ParameterDict(nn.ParameterDict):
-        def __getitem__(self, key: str) -> nn.Parameter: ...
-else:
-    LinearDict = nn.ModuleDict
-    ParameterDict = nn.ParameterDict
 
 # A mixed batch's routing for one call: ((adapter name, its rows), ...) and the row count
 # (minilora.lora.layer.Routes' first two fields; an embedding has no gathered path).
@@ -165,7 +149,7 @@ class LoRAEmbedding(AdapterSet, nn.Module):
                 f"r={r} must be between 1 and min(num_embeddings, embedding_dim) = "
                 f"min({self.num_embeddings}, {self.embedding_dim})")
         w = self.weight
-        dtype = torch.float32 if w.dtype in _UPCAST_DTYPES else w.dtype
+        dtype = torch.float32 if w.dtype in UPCAST_DTYPES else w.dtype
         a = nn.Linear(self.num_embeddings, r, bias=False, device=w.device, dtype=dtype)
         b = nn.Linear(r, self.embedding_dim, bias=False, device=w.device, dtype=dtype)
         with torch.no_grad():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,12 @@ from minilora.core.errors import (  # noqa: F401  (re-exported: minilora.lora.la
     MergeError,
 )
 from minilora.core.lowrank import compute_dtype, lowrank_linear
-from minilora.lora.adapter_set import AdapterSet
+from minilora.lora.adapter_set import (
+    UPCAST_DTYPES,
+    AdapterSet,
+    LinearDict,
+    ParameterDict,
+)
 from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.layer.LoraConfig)
     BASE_ROW,
     DEFAULT_ADAPTER,
@@ -49,26 +54,6 @@ from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.quantized_weight import base_output, is_quantized, quant_kind
 from minilora.lora.stacked import AdapterStack, add_gathered, build_stack
 from minilora.lora.variants import LoraVariant, variant_for
-
-# Low-precision bases get float32 adapters (PEFT does the same): bf16 optimizer updates of a
-# zero-initialised B would round away.
-_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
-
-
-if TYPE_CHECKING:
-    # What the layer's dicts hold, for the type checker only: at run time they are the plain
-    # nn.ModuleDict / nn.ParameterDict, whose items type as Module / Any.
-    class AdapterLinear(nn.Linear):
-        weight: nn.Parameter
-
-    class LinearDict(nn.ModuleDict):
-        def __getitem__(self, key: str) -> AdapterLinear: ...
-
-    class ParameterDict(nn.ParameterDict):
-        def __getitem__(self, key: str) -> nn.Parameter: ...
-else:
-    LinearDict = nn.ModuleDict
-    ParameterDict = nn.ParameterDict
 
 # The fast path's view of the one active adapter: (A, B, scaling, dropout).
 FastAdapter = tuple[nn.Linear, nn.Linear, float, float]
@@ -220,7 +205,7 @@ class LoRALinear(AdapterSet, nn.Module):
             )
         w = self.weight
         # a quantized (integer) base weight gets float32 adapters too
-        low = w.dtype in _UPCAST_DTYPES or not w.dtype.is_floating_point
+        low = w.dtype in UPCAST_DTYPES or not w.dtype.is_floating_point
         dtype = torch.float32 if low else w.dtype
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device,
                                       dtype=dtype)

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.core.errors import ConfigError
+from minilora.lora.adapter_set import UPCAST_DTYPES  # float32 rows, as LoRA's A and B
 from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.saved_modules import SavedModule
 
-# Low-precision bases get float32 rows, as LoRA's A and B: bf16 optimizer updates round away.
-_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
 # In the name of every module inside a module to save's copies (never the base's own layers).
 COPIES = ".modules_to_save."
 # PEFT's name of the wrapper's inner adapter, part of the keys in its files.
@@ -115,7 +114,7 @@ class TrainableTokens(nn.Module):
             return  # the embedding holds the rows
         idx = torch.tensor(list(indices), dtype=torch.long, device=self.weight.device)
         rows = self.weight.detach()[idx].clone()  # (k, dim)
-        if rows.dtype in _UPCAST_DTYPES:
+        if rows.dtype in UPCAST_DTYPES:
             rows = rows.float()
         self.trainable_tokens_delta[name] = nn.Parameter(rows)
         self._indices[name] = list(indices)

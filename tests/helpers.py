@@ -143,3 +143,30 @@ def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def tiny_llama(vocab_size: int, tied: bool, seed: int = 0) -> Any:
+    """A tiny transformers LlamaForCausalLM (hidden 32, 2 layers, 4 heads, 2 kv heads), in eval
+    mode: the reference model of the PEFT parity tests."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tied)).eval()
+
+
+def minilora_twin(hf: Any) -> Any:
+    """minilora's CausalLM holding a transformers model's weights."""
+    from minilora.model.decoder import CausalLM, ModelConfig
+
+    config = ModelConfig.from_hf_dict(hf.config.to_dict())
+    ours = CausalLM(config).eval()
+    sd = hf.state_dict()
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    _, unexpected = ours.load_state_dict(sd, strict=False)
+    assert unexpected == []
+    return ours

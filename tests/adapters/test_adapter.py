@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from helpers import minilora_twin
 from minilora.adapters.folder import load_adapter, save_adapter
 from minilora.adapters.state import adapter_state_dict, load_adapter_state_dict
 from minilora.core.errors import AdapterError
@@ -426,20 +427,6 @@ def test_missing_path_and_bad_minimind_keys(tmp_path):
 
 
 # ---------------------------------------------------------------- minilora's own model -> PEFT
-
-
-def minilora_twin(hf: nn.Module) -> nn.Module:
-    """minilora's CausalLM holding a transformers model's weights."""
-    from minilora.model.decoder import CausalLM, ModelConfig
-
-    config = ModelConfig.from_hf_dict(hf.config.to_dict())
-    ours = CausalLM(config).eval()
-    sd = hf.state_dict()
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    _, unexpected = ours.load_state_dict(sd, strict=False)
-    assert unexpected == []
-    return ours
 
 
 TARGET_FORMS = {

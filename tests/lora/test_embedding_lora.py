@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from helpers import minilora_twin, tiny_llama
 from minilora.adapters.folder import load_adapter, save_adapter
 from minilora.core.errors import AdapterError, ConfigError, FingerprintMismatch
 from minilora.lora.embedding import LoRAEmbedding
@@ -37,27 +38,10 @@ EMBED = "model.embed_tokens"
 
 
 def llama(tied: bool, seed: int = 0) -> nn.Module:
-    """A tiny LlamaForCausalLM: hidden 32, 4 heads, 2 kv heads."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=tied)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(VOCAB, tied, seed)
 
 
-def twin(hf: nn.Module) -> nn.Module:
-    """minilora's CausalLM holding a transformers model's weights."""
-    from minilora.model.decoder import CausalLM, ModelConfig
-
-    config = ModelConfig.from_hf_dict(hf.config.to_dict())
-    ours = CausalLM(config).eval()
-    sd = hf.state_dict()
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    _, unexpected = ours.load_state_dict(sd, strict=False)
-    assert unexpected == []
-    return ours
+twin = minilora_twin
 
 
 def ids(seed: int = 1) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from helpers import minilora_twin, tiny_llama
 from minilora.adapters.folder import load_adapter, save_adapter
 from minilora.core.errors import AdapterError, ConfigError
 from minilora.lora.config import LoraConfig
@@ -36,31 +37,16 @@ from minilora.lora.trainable_tokens import TrainableTokens
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 64
 TOKENS = [3, 7, 50]
 
 
 def llama(tied: bool, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=tied)).eval()
+    return tiny_llama(VOCAB, tied, seed)
 
 
-def twin(hf: nn.Module) -> nn.Module:
-    """minilora's CausalLM holding a transformers model's weights."""
-    from minilora.model.decoder import CausalLM, ModelConfig
-
-    config = ModelConfig.from_hf_dict(hf.config.to_dict())
-    ours = CausalLM(config).eval()
-    sd = hf.state_dict()
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    _, unexpected = ours.load_state_dict(sd, strict=False)
-    assert unexpected == []
-    return ours
+twin = minilora_twin
 
 
 def ids() -> torch.Tensor:

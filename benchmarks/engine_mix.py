@@ -10,7 +10,10 @@ then spread over 1, 4 and 32 distinct adapters. The measure is tokens per second
 process's CPU time (time.process_time, one torch thread), which the other jobs on a shared
 machine disturb far less than wall time; each row reports its best of --repeat rounds, the
 rows taking turns. Every request's answer is seeded per request and independent of the batch,
-so the rows differ only in which adapter each row adds.
+and every request decodes exactly --max-tokens tokens (`ignore_eos`, as vLLM's serving
+benchmark does): a row whose adapters happened to end their answers sooner would otherwise
+count fewer decode steps for the same prefill. So the rows differ only in which adapter each
+row adds.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def run_row(engine: Engine, prompts: list[list[int]], adapters: int,
     start = time.process_time()
     for i, ids in enumerate(prompts):
         adapter = None if adapters == 0 else f"a{i % adapters}"
-        params = SamplingParams(max_tokens=max_tokens, seed=i, temperature=1.0)
+        params = SamplingParams(max_tokens=max_tokens, seed=i, temperature=1.0, ignore_eos=True)
         engine.submit(Request(ids, adapter, params, on_event(i)))
     while not all(done):
         engine.step()

@@ -10,8 +10,9 @@ same 64 requests (4 questions, each request with its own seed, temperature 1, --
 from 1, 8 or 32 concurrent clients, to one adapter or spread over 4. The 1-client rows are
 "one at a time": the same requests served in turn. The rows take turns, --repeat rounds; each
 row reports its round with the highest throughput (the least disturbed on a shared CPU) and its
-latencies over all rounds. Every request's answer is the same in every row (seeded per request,
-independent of the batch), so every row decodes the same tokens.
+latencies over all rounds. Every request decodes exactly --max-tokens tokens (`ignore_eos`, as
+vLLM's serving benchmark does), so every row does the same number of decode steps whatever its
+adapters answer; each request's answer is seeded per request and independent of the batch.
 
 With --many the rows are 32 clients each: the base alone, then the requests spread over 1, 4,
 16 and 32 distinct adapters (all resident), and 32 adapters with --max-loras 8 (a second server
@@ -105,7 +106,7 @@ class Timed:
 async def one_request(client: httpx.AsyncClient, url: str, i: int, model: str,
                       max_tokens: int) -> dict:
     body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 1.0,
-            "seed": i, "stream_options": {"include_usage": True},
+            "seed": i, "stream_options": {"include_usage": True}, "ignore_eos": True,
             "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]}
     start = time.perf_counter()
     first = None

@@ -31,11 +31,8 @@ from torch import nn
 from minilora.core.errors import ConfigError
 from minilora.lora.adapter_set import UPCAST_DTYPES, AdapterSet, LinearDict, ParameterDict
 from minilora.lora.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
+from minilora.lora.routes import Routes
 from minilora.lora.variants import LoraVariant
-
-# A mixed batch's routing for one call: ((adapter name, its rows), ...) and the row count
-# (minilora.lora.layer.Routes' first two fields; an embedding has no gathered path).
-Routes = tuple[tuple[tuple[str, torch.Tensor], ...], int]
 
 
 def refuse_embedding_config(init: str, use_dora: bool, path: str) -> None:
@@ -212,11 +209,11 @@ class LoRAEmbedding(AdapterSet, nn.Module):
         """A mixed batch: each group of rows gets its own adapter's update; rows of no group,
         or of an adapter this layer lacks, keep the base lookup."""
         assert self.routes is not None  # forward calls this only for a mixed batch
-        routes, n_rows = self.routes
+        n_rows = self.routes.n_rows
         if ids.dim() < 2 or ids.shape[0] != n_rows:
             raise ValueError(f"a mixed batch of {n_rows} rows needs token ids shaped (batch, "
                              f"sequence), got {tuple(ids.shape)}")
-        for name, rows in routes:
+        for name, rows in self.routes.groups:
             delta = self.lora_update(ids.index_select(0, rows), name)
             # into the lookup's own memory: embedding's backward does not read its output
             y.index_add_(0, rows, delta.to(y.dtype))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +51,7 @@ from minilora.lora.config import (  # noqa: F401  (re-exported: minilora.lora.la
 )
 from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.quantized_weight import base_output, is_quantized, quant_kind
+from minilora.lora.routes import Routes  # noqa: F401  (re-exported: minilora.lora.layer.Routes)
 from minilora.lora.stacked import AdapterStack, add_gathered, build_stack
 from minilora.lora.variants import LoraVariant, variant_for
 
@@ -60,26 +60,6 @@ FastAdapter = tuple[nn.Linear, nn.Linear, float, float]
 # LoRALinear.fused_parts: (weight, bias, (A's weight, B's weight, scaling) or None).
 FusedParts = tuple[torch.Tensor, torch.Tensor | None,
                    tuple[torch.Tensor, torch.Tensor, float] | None]
-
-
-@dataclass(frozen=True)
-class Routes:
-    """A mixed batch's routing for one call of one layer (set by
-    minilora.lora.named.mixed_adapters).
-
-    Attributes:
-        groups: (adapter name, its rows (k,) long) for each adapter of this layer the batch
-            names: what the per-adapter loop runs.
-        n_rows: the batch's row count.
-        adapters: the layer's adapters when routed (its `adapter_names`), which `slots` index.
-        slots: (n_rows,) long: each row's adapter as its index in `adapters`, len(adapters) for
-            the base (what the gathered path reads; see minilora.lora.stacked), or None.
-    """
-
-    groups: tuple[tuple[str, torch.Tensor], ...]
-    n_rows: int
-    adapters: tuple[str, ...] = ()
-    slots: torch.Tensor | None = None
 
 
 class LoRALinear(AdapterSet, nn.Module):
@@ -285,8 +265,8 @@ class LoRALinear(AdapterSet, nn.Module):
             ValueError: a mixed batch (see `routes`) whose input is not (batch, ...) with one
                 row per routed row.
         """
-        if self.routes is not None:
-            return self._routed_forward(x)
+        if self.routes is not None and x.dim() >= 3 and x.shape[0] != self.routes.n_rows:
+            self._refuse_rows(x)
         parts = self._kernel_parts()
         if parts is not None and parts[2] is not None:
             weight, bias, adapter, p = parts
@@ -294,6 +274,8 @@ class LoRALinear(AdapterSet, nn.Module):
             if dt is not None:  # the common case, training or not: one autograd node
                 xa = F.dropout(x, p, training=True) if self.training and p > 0 else None
                 return lowrank_linear(x, (weight,), (bias,), (adapter,), dt, xa)[0]
+        if self.routes is not None:
+            return self._routed_forward(x)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,18 +310,16 @@ class LoRALinear(AdapterSet, nn.Module):
         assert self.routes is not None  # forward calls this only for a mixed batch
         routes = self.routes
         if x.dim() < 3 or x.shape[0] != routes.n_rows:
-            raise ValueError(
-                f"a mixed batch of {routes.n_rows} rows needs every LoRA layer input shaped "
-                f"(batch, sequence, features), got {tuple(x.shape)} (layers that see tokens "
-                "regrouped, such as MoE experts, cannot route rows)")
+            self._refuse_rows(x)
         y = base_output(self, x)  # (B, T, out)
         if not self.enabled:
             return y
         groups = routes.groups
-        if self._gathers(routes):
+        stack = self._gathers(routes)
+        if stack is not None:
             assert routes.slots is not None  # _gathers checks it
-            add_gathered(y, x, self.adapter_stack(), routes.slots)
-            groups = tuple(g for g in groups if not self.variant[g[0]].fast_path)
+            add_gathered(y, x, stack, routes.slots, routes.slot_ids)
+            groups = tuple(g for g in groups if g[0] in stack.looped) if stack.looped else ()
         for name, rows in groups:
             # rows of one group only: y's rows there still hold the base output
             delta = self.lora_update(x.index_select(0, rows), name, y.index_select(0, rows))
@@ -348,32 +328,47 @@ class LoRALinear(AdapterSet, nn.Module):
             y.index_add_(0, rows, delta.to(y.dtype))
         return y
 
-    def _gathers(self, routes: Routes) -> bool:
-        """Whether this call takes the gathered path: `gather_mixed` is on, the rows name an
-        adapter on the fast path, and the stack's weights may stand in for the
-        Parameters: no dropout applies, no gradient must reach them, and no compiler traces
-        the call (the stack is a cache read outside autograd and the graph)."""
-        if not self.gather_mixed or routes.slots is None or routes.adapters != self.adapter_names:
-            return False
-        fast = [name for name, _ in routes.groups if self.variant[name].fast_path]
-        if not fast or any(self.dropping(name) for name in fast):
-            return False
-        if torch.compiler.is_compiling():
-            return False
-        return not (torch.is_grad_enabled() and any(
-            p.requires_grad for name in fast for p in self.adapter_parameters(name)))
+    def _refuse_rows(self, x: torch.Tensor) -> None:
+        assert self.routes is not None
+        raise ValueError(
+            f"a mixed batch of {self.routes.n_rows} rows needs every LoRA layer input shaped "
+            f"(batch, sequence, features), got {tuple(x.shape)} (layers that see tokens "
+            "regrouped, such as MoE experts, cannot route rows)")
+
+    def _gathers(self, routes: Routes) -> AdapterStack | None:
+        """The stack this call gathers from, or None: the per-adapter loop runs every row.
+
+        It gathers when `gather_mixed` is on, the rows name an adapter on the fast path, and
+        the stack's weights may stand in for the Parameters: no dropout applies, no gradient
+        must reach them, and no compiler traces the call (the stack is a cache read outside
+        autograd and the graph)."""
+        if (not self.gather_mixed or not routes.groups or routes.slots is None
+                or routes.adapters != self.adapter_names or torch.compiler.is_compiling()):
+            return None
+        grad = torch.is_grad_enabled()
+        if self.training or grad:  # (serving is neither: no per-adapter look at all)
+            fast = [name for name, _ in routes.groups if self.variant[name].fast_path]
+            if any(self.dropping(name) for name in fast) or (grad and any(
+                    p.requires_grad for name in fast for p in self.adapter_parameters(name))):
+                return None
+        stack = self.adapter_stack(check=routes.check_stack)
+        if stack.looped and all(name in stack.looped for name, _ in routes.groups):
+            return None  # no row on the fast path
+        return stack
 
     def weights_changed(self) -> None:
         """Tells the layer its adapters' weights were written in place (loading an adapter
         does): its stack is read again at the next mixed batch. Writes to tensors with a
-        version counter are noticed without it; those made under `torch.inference_mode` have
-        none."""
+        version counter are noticed without it (unless a caller vouched for the weights, see
+        minilora.lora.named.trust_adapter_weights); those made under `torch.inference_mode`
+        have none."""
         self.stacked = None
 
-    def adapter_stack(self) -> AdapterStack:
+    def adapter_stack(self, check: bool = True) -> AdapterStack:
         """This layer's adapters stacked for a mixed batch (minilora.lora.stacked): `stacked`,
-        rebuilt first when an adapter was added or deleted, or any A or B changed since."""
-        if self.stacked is None or not self.stacked.current():
+        rebuilt first when an adapter was added or deleted, or (`check`) any A or B changed
+        since."""
+        if self.stacked is None or (check and not self.stacked.current()):
             self.stacked = build_stack(self)
         return self.stacked
 
@@ -381,10 +376,23 @@ class LoRALinear(AdapterSet, nn.Module):
         """(weight, bias, (A, B, scaling) of the one active adapter or None for the base alone,
         its dropout), what the low-rank kernel computes this layer with; None when the
         reference must run: several active adapters, a variant off the fast path, a quantized
-        weight, merged and disabled, a mixed batch."""
-        if self.routes is not None or is_quantized(self.weight) or (
-                self.merged and not self.enabled):
+        weight, merged and disabled, a mixed batch whose rows name more than one adapter.
+
+        A mixed batch whose every row names one adapter (`Routes.every_row`) is that adapter
+        active: the kernel runs it as the layer's one adapter (or the base alone, where the
+        layer lacks it), fused with its siblings; rows of several adapters are routed."""
+        if is_quantized(self.weight) or (self.merged and not self.enabled):
             return None
+        if self.routes is not None:  # (merged LoRA is refused before routing)
+            name = self.routes.every_row
+            if name is None or not self.enabled:
+                return None
+            if name not in self.lora_A:
+                return self.weight, self.bias, None, 0.0
+            if not self.variant[name].fast_path:
+                return None
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            return self.weight, self.bias, (a, b, self.scaling[name]), self.lora_dropout[name]
         if not self.enabled or self.merged or self._base_only:
             return self.weight, self.bias, None, 0.0
         if self._fast is None:  # several active adapters, or a variant off the fast path
@@ -397,6 +405,8 @@ class LoRALinear(AdapterSet, nn.Module):
         (the same kernel as forward, several modules at once): (weight, bias, (A, B, scaling)
         of the one active adapter, or None for the base alone), or None when this call needs
         forward's own paths (see `_kernel_parts`; dropout while training too)."""
+        if self.routes is not None and x.dim() >= 3 and x.shape[0] != self.routes.n_rows:
+            self._refuse_rows(x)
         parts = self._kernel_parts()
         if parts is None or (self.training and parts[3] > 0):
             return None

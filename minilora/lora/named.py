@@ -159,7 +159,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 @contextmanager
-def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
+def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None], *,
+                   check_stacks: bool = True) -> Iterator[nn.Module]:
     """Inside the block, row i of every batch uses adapter `adapter_names[i]` alone (None or
     "base": the base model), whatever `set_active` says.
 
@@ -168,11 +169,20 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
     active, up to float rounding. Every LoRA layer's input must be (batch, sequence, features):
     layers that see regrouped tokens (MoE experts) cannot route rows, and say so.
 
+    Args:
+        model: a model with LoRA adapters.
+        adapter_names: one adapter name (or None / "base") per row.
+        check_stacks: False when the caller vouches that no adapter weight is written in place
+            except by minilora's adapter loading, adding and deleting (which drop the layers'
+            stacked copies, see minilora.lora.stacked): each call then skips re-reading every
+            A and B's version counter, about a sixth of a 32-adapter call on the embedded
+            model. The server's engine, the only writer of its model's adapters, does so.
+
     Raises:
         ConfigError: on an unknown adapter name, an empty list, LoRA that is merged, or when a
             mixed batch is already being routed.
     """
-    modules = _route(model, adapter_names)
+    modules = _route(model, adapter_names, check_stacks)
     try:
         yield model
     finally:
@@ -185,64 +195,91 @@ def plain_module(m: LoRALayer) -> nn.Module:
     return m.to_embedding() if isinstance(m, LoRAEmbedding) else m.to_linear()
 
 
-def _route(model: nn.Module, adapter_names: Sequence[str | None]) -> list[Any]:
+def _route(model: nn.Module, adapter_names: Sequence[str | None], check_stacks: bool = True
+           ) -> list[Any]:
     """Sets each LoRA layer's (and module to save's, trainable tokens') per-row routing (its
-    `routes`); returns the layers (for _unroute)."""
+    `routes`); returns the layers (for _unroute).
+
+    It runs on every call of a mixed batch, so the model is walked once and what layers
+    holding the same adapters share (the usual case: every layer holds every adapter) is
+    computed once: each adapter's rows, each row's slot, the Routes themselves."""
     names = list(adapter_names)
     if not names:
         raise ConfigError("adapter_names is empty: give one adapter name (or None) per row")
     modules = [m for _, m in lora_modules(model)]
     if not modules:
         raise ConfigError("adapter_names given, but the model has no LoRA adapters")
-    check_known(model, [n for n in names if n is not None and n != BASE_ROW])
-    refuse_merged(model, "a mixed batch (adapter_names per row)")
+    extras = [m for _, m in _extra_layers(model)]
+    known: dict[str, None] = {}
+    for m in modules:
+        known.update(dict.fromkeys(m.lora_A))
+    unknown = [n for n in dict.fromkeys(names)
+               if n is not None and n != BASE_ROW and n not in known]
+    if unknown:
+        raise ConfigError(f"unknown adapter(s) {unknown}; the model has {list(known) or 'none'}")
+    if any(m.merged for m in modules) or any(
+            isinstance(m, TrainableTokens) and m.merged and m.tied_to is None for m in extras):
+        refuse_merged(model, "a mixed batch (adapter_names per row)")  # names the layers
     if any(m.routes is not None for m in modules):
         raise ConfigError("a mixed batch is already being routed (mixed_adapters is not nested)")
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         if name is not None and name != BASE_ROW:
             groups.setdefault(name, []).append(row)
-    # Computed once per call for all layers: each adapter's rows, and each row's slot among a
-    # layer's adapters (layers holding the same adapters, the usual case, share one tensor).
-    indices: dict[tuple[str, torch.device], torch.Tensor] = {}
-    slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
     gathering = not torch.compiler.is_compiling()  # a traced call runs the per-adapter loop
+    # the adapter every row names, if one: each layer runs it as its one active adapter
+    every_row = next(iter(groups)) if len(groups) == 1 and len(
+        next(iter(groups.values()))) == len(names) else None
+    rows_on: dict[torch.device, dict[str, torch.Tensor]] = {}
+    shared: dict[tuple[type, tuple[str, ...], torch.device], Routes] = {}
     for m in modules:
-        routes = []
         device = m.weight.device
-        for name, rows in groups.items():
-            if name in m.lora_A:
-                key = (name, device)
-                if key not in indices:
-                    indices[key] = torch.tensor(rows, dtype=torch.long, device=device)
-                routes.append((name, indices[key]))
-        # The layer adds each row's adapter, not its active ones, until _unroute.
-        if not isinstance(m, LoRALinear):  # an embedding's lookup runs the per-adapter loop
-            m.routes = (tuple(routes), len(names))
-            continue
         adapters = m.adapter_names
-        if gathering and (adapters, device) not in slots:
-            slot = {a: i for i, a in enumerate(adapters)}  # the base's slot: len(adapters)
-            slots[adapters, device] = torch.tensor(
-                [len(adapters) if n is None or n == BASE_ROW else slot.get(n, len(adapters))
-                 for n in names], dtype=torch.long, device=device)
-        m.routes = Routes(tuple(routes), len(names), adapters, slots.get((adapters, device)))
-    return modules + _route_extras(model, groups, len(names))
+        key = (type(m), adapters, device)
+        if key not in shared:
+            shared[key] = _routes_for(m, adapters, names, groups, rows_on.setdefault(device, {}),
+                                      gathering, check_stacks, every_row)
+        m.routes = shared[key]  # the layer adds each row's adapter until _unroute
+    return modules + _route_extras(extras, groups, len(names))
 
 
-def _route_extras(model: nn.Module, groups: dict[str, list[int]], n_rows: int
-                  ) -> list[Any]:
+def _routes_for(m: LoRALayer, adapters: tuple[str, ...], names: list[str | None],
+                groups: dict[str, list[int]], rows_on: dict[str, torch.Tensor],
+                gathering: bool, check_stacks: bool, every_row: str | None) -> Routes:
+    """The Routes of a layer holding `adapters`: the rows of each adapter it has (tensors on
+    its device, shared through `rows_on`) and, for a Linear's gathered path, each row's slot."""
+    device = m.weight.device
+    routed = []
+    for name, rows in groups.items():
+        if name in adapters:
+            if name not in rows_on:
+                rows_on[name] = torch.tensor(rows, dtype=torch.long, device=device)
+            routed.append((name, rows_on[name]))
+    if not isinstance(m, LoRALinear):  # an embedding's lookup loops
+        return Routes(tuple(routed), len(names))
+    if not gathering or every_row is not None:  # (one adapter: the layer's own kernel)
+        return Routes(tuple(routed), len(names), every_row=every_row)
+    slot = {a: i for i, a in enumerate(adapters)}  # the base's slot: len(adapters)
+    slot_ids = tuple(slot.get(n, len(adapters)) if n is not None else len(adapters)
+                     for n in names)
+    slots = torch.tensor(slot_ids, dtype=torch.long, device=device)
+    return Routes(tuple(routed), len(names), adapters, slots, slot_ids,
+                  check_stack=check_stacks)
+
+
+def _route_extras(extras: list[SavedModule | TrainableTokens], groups: dict[str, list[int]],
+                  n_rows: int) -> list[Any]:
     """Sets the modules to save's and trainable tokens' routes (each the rows of the adapters
     it has); returns them."""
-    found = [m for _, m in _extra_layers(model)]
-    extras: list[SavedModule | TrainableTokens] = [m for m in found if isinstance(m, SavedModule)]
-    extras += [m for m in found if isinstance(m, TrainableTokens)]
-    for m in extras:
+    ordered: list[SavedModule | TrainableTokens] = [m for m in extras
+                                                    if isinstance(m, SavedModule)]
+    ordered += [m for m in extras if isinstance(m, TrainableTokens)]
+    for m in ordered:
         device = m.weight.device if isinstance(m, TrainableTokens) else next(
             iter(m.parameters()), torch.empty(0)).device
-        m.routes = (tuple((name, torch.tensor(rows, dtype=torch.long, device=device))
-                          for name, rows in groups.items() if name in m.adapters), n_rows)
-    return extras
+        m.routes = Routes(tuple((name, torch.tensor(rows, dtype=torch.long, device=device))
+                                for name, rows in groups.items() if name in m.adapters), n_rows)
+    return ordered
 
 
 def _extra_layers(model: nn.Module) -> list[tuple[str, SavedModule | TrainableTokens]]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from minilora.core.errors import ConfigError
+from minilora.lora.routes import Routes
 
 # The original's plain attributes worth reading through the wrapper (in_features, eps, ...).
 _PLAIN = (int, float, str, bool, type(None))
@@ -52,7 +53,7 @@ class SavedModule(nn.Module):
         self.active_adapters: list[str] = []
         self.enabled = True
         # a mixed batch's rows per adapter for the current call (minilora.lora.named), else None
-        self.routes: tuple[tuple[tuple[str, torch.Tensor], ...], int] | None = None
+        self.routes: Routes | None = None
 
     @property
     def original(self) -> nn.Module:
@@ -110,12 +111,12 @@ class SavedModule(nn.Module):
         """A mixed batch: each routed row through its adapter's copy, the rest through the
         original. The input must be (batch, ...)."""
         assert self.routes is not None  # forward calls this only for a mixed batch
-        routes, n_rows = self.routes
+        n_rows = self.routes.n_rows
         if x.shape[0] != n_rows:
             raise ConfigError(f"a mixed batch of {n_rows} rows reached a module to save with "
                               f"input {tuple(x.shape)}; it routes (batch, ...) inputs only")
         out = self.original(x, *args, **kwargs)
-        for name, rows in routes:
+        for name, rows in self.routes.groups:
             out = out.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs))
         return out
 

@@ -25,6 +25,7 @@ from torch import nn
 from minilora.core.errors import ConfigError
 from minilora.lora.adapter_set import UPCAST_DTYPES  # float32 rows, as LoRA's A and B
 from minilora.lora.embedding import LoRAEmbedding
+from minilora.lora.routes import Routes
 from minilora.lora.saved_modules import SavedModule
 
 # In the name of every module inside a module to save's copies (never the base's own layers).
@@ -77,7 +78,7 @@ class TrainableTokens(nn.Module):
         self._originals: dict[str, torch.Tensor] = {}  # rows a merge replaced, for unmerge
         self._index: dict[str, torch.Tensor] = {}  # the ids as a tensor, on the weight's device
         # a mixed batch's rows per adapter for the current call (minilora.lora.named), else None
-        self.routes: tuple[tuple[tuple[str, torch.Tensor], ...], int] | None = None
+        self.routes: Routes | None = None
 
     @property
     def tied_to(self) -> TrainableTokens | None:
@@ -183,13 +184,13 @@ class TrainableTokens(nn.Module):
         """A mixed batch: each routed row with its adapter's rows, the rest with the base's.
         The input must be (batch, ...)."""
         assert self.routes is not None  # forward calls this only for a mixed batch
-        routes, n_rows = self.routes
+        n_rows = self.routes.n_rows
         if x.shape[0] != n_rows:
             raise ConfigError(f"a mixed batch of {n_rows} rows reached trainable tokens with "
                               f"input {tuple(x.shape)}; they route (batch, ...) inputs only")
         w = self.weight
         out = self._apply_weight(x, w)
-        for name, rows in routes:
+        for name, rows in self.routes.groups:
             own = w.index_copy(0, self.index(name, w.device), self.delta(name).to(w.dtype))
             out = out.index_copy(0, rows, self._apply_weight(x[rows], own))
         return out

@@ -67,9 +67,9 @@ NO_OP = {
 }
 CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens",
                "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-               "n", "logprobs", "top_logprobs"}
+               "n", "logprobs", "top_logprobs", "ignore_eos"}
 COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature",
-                     "top_p", "top_k", "min_p", "seed", "stop", "n", "logprobs"}
+                     "top_p", "top_k", "min_p", "seed", "stop", "n", "logprobs", "ignore_eos"}
 # generation_config.json's sampling settings this server applies as defaults (vLLM's
 # --generation-config auto reads these, and max_new_tokens)
 SERVED_SAMPLING = ("temperature", "top_p", "top_k", "min_p")
@@ -526,7 +526,9 @@ def _asked(body: dict[str, Any], chat: bool) -> _Asked:
 
 def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int,
               logprobs: int | None) -> SamplingParams:
-    """max_tokens, temperature, top_p, top_k, seed and stop, checked against the context;
+    """max_tokens, temperature, top_p, top_k, seed, stop and ignore_eos (vLLM's: the answer
+    goes on past the end-of-turn token, to max_tokens or a stop string), checked against the
+    context;
     what the request leaves out comes from generation_config.json, else OpenAI's defaults."""
     context = state.engine.context
     room = context - prompt_tokens
@@ -555,6 +557,9 @@ def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int,
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(
             isinstance(s, str) and s for s in stop):
         raise _bad(f"stop: expected a string or up to {MAX_STOPS} non-empty strings", "stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos: expected true or false", "ignore_eos")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_sampling_setting(body, "temperature", defaults.get("temperature", 1.0)),
@@ -562,7 +567,7 @@ def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int,
         top_k=max(_sampling_setting(body, "top_k", defaults.get("top_k", 0)), 0),
         min_p=_sampling_setting(body, "min_p", defaults.get("min_p", 0.0)),
         seed=None if seed is None else seed % 2**63, stop=stop,
-        logprobs=logprobs)
+        logprobs=logprobs, ignore_eos=ignore_eos)
 
 
 def served_defaults(folder: Path) -> tuple[dict[str, Any], list[str]]:
@@ -834,7 +839,7 @@ _SAMPLING = {
     "max_tokens": {"type": "integer"}, "temperature": {"type": "number"},
     "top_p": {"type": "number"}, "top_k": {"type": "integer"}, "seed": {"type": "integer"},
     "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "n": {"type": "integer"}}
+    "n": {"type": "integer"}, "ignore_eos": {"type": "boolean"}}
 CHAT_SCHEMA = {"type": "object", "required": ["model", "messages"], "properties": {
     **_SAMPLING, "messages": {"type": "array", "items": _MESSAGE},
     "max_completion_tokens": {"type": "integer"}, "logprobs": {"type": "boolean"},

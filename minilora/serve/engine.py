@@ -28,6 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ from minilora.decoding.generation import left_padded, pick_token
 from minilora.decoding.sampling import SamplingParams as Sampling
 from minilora.decoding.sampling import sampling_problems
 from minilora.decoding.stops import held_back
-from minilora.lora.named import delete_adapter, list_adapters, set_active
+from minilora.lora.named import delete_adapter, list_adapters, mixed_adapters, set_active
 from minilora.model.decoder import CausalLM
 from minilora.model.kv_cache import KVCache
 
@@ -58,6 +59,8 @@ class SamplingParams(Sampling):
     stop: strings that end the answer (not included in it).
     logprobs: None = off; k >= 0: each chosen token's log-probability and the k likeliest
         tokens' (from the model's distribution, before temperature and top_p).
+    ignore_eos: an end-of-turn token does not end the answer (vLLM's; benchmarks use it so
+        that every request decodes max_tokens tokens).
     repetition_penalty is not applied by the engine: only its default (1, off) is accepted.
     """
 
@@ -65,6 +68,7 @@ class SamplingParams(Sampling):
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         problems = sampling_problems(**self.as_kwargs())
@@ -385,9 +389,14 @@ class Engine:
         if not self.rows:
             self.cache.length = 0  # an empty batch starts its timeline over
 
-    def _forward_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
-        # The base's rows need no routing; a model without any adapter would refuse it.
-        return {"adapter_names": adapters} if any(a is not None for a in adapters) else {}
+    def _routed(self, adapters: list[str | None]) -> AbstractContextManager[Any]:
+        """Row i of the forwards inside takes adapters[i] (minilora.lora.named.mixed_adapters).
+        The engine is its model's only writer of adapter weights, and writes them through
+        minilora's loaders only, so the layers' stacked adapters are not re-checked each call.
+        The base's rows need no routing; a model without any adapter would refuse it."""
+        if not any(a is not None for a in adapters):
+            return nullcontext()
+        return mixed_adapters(self.model, adapters, check_stacks=False)
 
     def _admit(self, joining: list[Request]) -> None:
         """Prefills the new prompts in one batch, moves their caches into free rows, picks their
@@ -405,10 +414,9 @@ class Engine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L), 0 at each prompt's start
         prefill = KVCache(self.model.config, B, L, device=self.device,
                           dtype=self.cache.keys[0].dtype)
-        logits = self.model(ids, attention_mask=mask, past_key_values=prefill,
-                            position_ids=positions, logits_to_keep=1,
-                            **self._forward_kwargs([r.adapter for r in joining])
-                            ).logits[:, -1]  # (B, V)
+        with self._routed([r.adapter for r in joining]):
+            logits = self.model(ids, attention_mask=mask, past_key_values=prefill,
+                                position_ids=positions, logits_to_keep=1).logits[:, -1]  # (B, V)
         first = len(self.rows)
         for i, request in enumerate(joining):
             self.cache.place(first + i, prefill, i, mask[i])
@@ -479,10 +487,11 @@ class Engine:
         for i, (feed, first) in enumerate(zip(feeds, starts, strict=True)):
             positions[i, T - len(feed):] = torch.arange(first, first + len(feed))
         self.cache.owned[:n, start:start + T] = real.to(self.device)
-        out = self.model(ids.to(self.device), attention_mask=self.cache.owned[:n, :start + T],
-                         past_key_values=self.cache, position_ids=positions.to(self.device),
-                         logits_to_keep=1,
-                         **self._forward_kwargs([r.request.adapter for r in self.rows]))
+        with self._routed([r.request.adapter for r in self.rows]):
+            out = self.model(ids.to(self.device),
+                             attention_mask=self.cache.owned[:n, :start + T],
+                             past_key_values=self.cache, position_ids=positions.to(self.device),
+                             logits_to_keep=1)
         answering = []
         for i, r in enumerate(self.rows):
             if r.fed < len(r.request.prompt_ids):
@@ -501,9 +510,10 @@ class Engine:
         tokens = torch.tensor([[r.token] for r in self.rows], device=self.device)  # (n, 1)
         positions = torch.tensor([[r.position - 1] for r in self.rows],
                                  device=self.device)  # (n, 1): the fed token's own position
-        out = self.model(tokens, attention_mask=self.cache.owned[:n, : slot + 1],
-                         past_key_values=self.cache, position_ids=positions, logits_to_keep=1,
-                         **self._forward_kwargs([r.request.adapter for r in self.rows]))
+        with self._routed([r.request.adapter for r in self.rows]):
+            out = self.model(tokens, attention_mask=self.cache.owned[:n, : slot + 1],
+                             past_key_values=self.cache, position_ids=positions,
+                             logits_to_keep=1)
         self._take_all(list(self.rows), out.logits[:, -1], 0)
 
     def _take_all(self, rows: list[_Running], logits: Tensor, first: int) -> None:
@@ -537,9 +547,10 @@ class Engine:
 
     def _logprobs(self, rows: list[_Running], logits: Tensor, tokens: list[int]) -> None:
         """Adds each chosen token's log-probability (and the likeliest ones') to the rows that
-        asked for them; an end-of-turn token is not part of the answer and is left out."""
+        asked for them; an end-of-turn token is not part of the answer and is left out (unless
+        the request ignores it)."""
         want = [i for i, r in enumerate(rows) if r.request.params.logprobs is not None
-                and tokens[i] not in self.eos]
+                and (tokens[i] not in self.eos or r.request.params.ignore_eos)]
         if not want:
             return
         logp = torch.log_softmax(logits[want].float(), dim=-1)  # (w, V)
@@ -559,7 +570,8 @@ class Engine:
         """Adds one row's next token and tells its client; returns True when it is done."""
         request = running.request
         reason: str | None
-        if token in self.eos:  # sends whatever was held back for a stop string that never came
+        if token in self.eos and not request.params.ignore_eos:
+            # sends whatever was held back for a stop string that never came
             piece, reason = self.tokenizer.decode(running.generated)[running.shown:], FINISH_STOP
         else:
             piece, reason = running.add(token)

@@ -726,3 +726,22 @@ def test_cli_errors_say_flags_not_library_keywords(cli_dir, capsys, tmp_path):
         assert line.endswith(ending), line
         assert not [word for word in _JARGON if word in line], line
     assert not (tmp_path / "alpha.pth").exists() and not (tmp_path / "mix").exists()
+
+
+def test_a_batch_whose_every_row_names_one_adapter_runs_it_as_the_active_adapter():
+    """Every row of one adapter: each layer runs that adapter as its one active adapter (the
+    single adapter's kernel, fused with its siblings), so the batch equals the adapter set
+    active exactly; a layer without it gives the base; a list of the wrong length is still
+    refused."""
+    model, _ = two_adapters()
+    inject_lora(model, LoraConfig(r=2, targets=["o_proj"]), name="o_only")
+    perturb(model, "o_only", 5)
+    x = ids(rows=3)
+    for name in ("a", "o_only"):
+        mixed = logits(model, x, adapter_names=[name] * 3)
+        set_active(model, name)
+        assert torch.equal(mixed, logits(model, x))
+    set_active(model, None)
+    with pytest.raises(ValueError, match="mixed batch of 4 rows"):
+        model(x, adapter_names=["a"] * 4)
+    assert not_routed(model)

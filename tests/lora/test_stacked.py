@@ -44,8 +44,9 @@ def formula(lin: LoRALinear, x: torch.Tensor, names: list[str | None]) -> torch.
     return torch.stack(rows)  # (B, T, out)
 
 
-def routed(lin: LoRALinear, x: torch.Tensor, names: list[str | None]) -> torch.Tensor:
-    with torch.no_grad(), mixed_adapters(lin, names):
+def routed(lin: LoRALinear, x: torch.Tensor, names: list[str | None],
+           check_stacks: bool = True) -> torch.Tensor:
+    with torch.no_grad(), mixed_adapters(lin, names, check_stacks=check_stacks):
         return lin(x)
 
 
@@ -106,6 +107,25 @@ def test_the_stack_follows_added_changed_and_deleted_adapters():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_caller_that_vouches_for_the_weights_skips_the_check_loaders_still_restack():
+    """check_stacks=False (the server's engine): an in-place write the caller promised not to
+    make is not looked for, while what minilora's loaders and add/delete do still drops the
+    stack."""
+    lin = layer()
+    x = torch.randn(len(NAMES), 3, IN)
+    before = routed(lin, x, NAMES, check_stacks=False)
+    built = lin.stacked
+    with torch.no_grad():
+        lin.lora_B["mid"].weight.mul_(-3.0)
+    torch.testing.assert_close(routed(lin, x, NAMES, check_stacks=False), before)
+    assert lin.stacked is built  # not re-read: the caller vouched
+    lin.weights_changed()  # what loading an adapter into the layer says
+    torch.testing.assert_close(routed(lin, x, NAMES, check_stacks=False),
+                               formula(lin, x, NAMES), rtol=1e-5, atol=1e-5)
+    lin.add_adapter("late", r=4, alpha=2.0)
+    assert lin.stacked is None
+
+
 def test_rows_that_need_gradients_take_the_loop_and_train_their_own_adapter():
     """The stack is a copy outside autograd: with gradients on, each adapter's Parameters
     must still get their rows' gradient (what the stack would silently drop)."""
@@ -136,7 +156,8 @@ def test_a_dora_adapter_in_the_batch_runs_its_rows_alone_the_others_gathered():
     torch.testing.assert_close(got[:1], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_adapters_loaded_under_inference_mode_are_restacked_when_swapped(tmp_path):
+@pytest.mark.parametrize("check_stacks", [True, False])
+def test_adapters_loaded_under_inference_mode_are_restacked_when_swapped(tmp_path, check_stacks):
     """What the server does: adapters loaded in its engine's thread (inference mode, where
     tensors have no version counter), then one swapped in place for another file."""
     from helpers import tiny_model
@@ -160,12 +181,43 @@ def test_adapters_loaded_under_inference_mode_are_restacked_when_swapped(tmp_pat
     with torch.inference_mode():
         load_adapter(model, folders["p"], name="p")
         load_adapter(model, folders["q"], name="q")
-        first = model(x, adapter_names=names).logits
+        with mixed_adapters(model, names, check_stacks=check_stacks):
+            first = model(x).logits
         assert all(m.stacked is not None for _, m in lora_modules(model))
         load_adapter(model, folders["p2"], name="p")  # the same slot, new weights
-        swapped = model(x, adapter_names=names).logits
+        with mixed_adapters(model, names, check_stacks=check_stacks):
+            swapped = model(x).logits
         for _, m in lora_modules(model):
             m.gather_mixed = False
         looped = model(x, adapter_names=names).logits
     torch.testing.assert_close(swapped, looped, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(swapped[0], first[0], atol=1e-3)  # row "p" did change
+
+
+def test_the_last_batchs_gathered_rows_are_kept_only_while_its_slots_stay():
+    """A server decodes the same rows step after step: their gathered A and B are kept (no
+    larger than the stack) and follow any change of the rows' adapters or of the stack."""
+    lin = layer()
+    x = torch.randn(4, 1, IN)
+    names = ["wide", None, "default", "mid"]
+    torch.testing.assert_close(routed(lin, x, names), formula(lin, x, names), rtol=1e-5,
+                               atol=1e-5)
+    stack = lin.stacked
+    assert stack is not None and len(stack.picked) == 1
+    kept = next(iter(stack.picked.values()))
+    routed(lin, x, names)
+    assert next(iter(stack.picked.values())) is kept  # the same rows: reused
+    swapped = ["mid", "wide", None, "default"]
+    torch.testing.assert_close(routed(lin, x, swapped), formula(lin, x, swapped), rtol=1e-5,
+                               atol=1e-5)
+    assert len(stack.picked) == 1 and next(iter(stack.picked.values())) is not kept
+    with torch.no_grad():
+        lin.lora_B["mid"].weight.add_(1.0)  # a new stack, with nothing kept from the old
+    torch.testing.assert_close(routed(lin, x, swapped), formula(lin, x, swapped), rtol=1e-5,
+                               atol=1e-5)
+    assert lin.stacked is not stack
+    many = ["mid"] * 3 + ["wide"] * 3  # more rows than the stack's 4 slots: gathered anew
+    x6 = torch.randn(6, 1, IN)
+    torch.testing.assert_close(routed(lin, x6, many), formula(lin, x6, many), rtol=1e-5,
+                               atol=1e-5)
+    assert not lin.stacked.picked

@@ -309,3 +309,24 @@ def test_an_adapter_with_lora_on_the_embedding_is_served_in_a_mixed_batch(chunk)
     run_until_done(engine, list(collectors.values()))
     for case, c in collectors.items():
         assert c.text == expected[case], case
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_ignore_eos_decodes_past_the_end_of_turn_to_max_tokens(served, chunk):
+    """vLLM's ignore_eos: the answer that ended at its end-of-turn token goes on to max_tokens
+    (what the serving benchmarks ask, so that every row decodes the same number of tokens)."""
+    model, tokenizer = served
+    q = QUESTIONS[0]
+    ended = Engine(model, tokenizer, prefill_chunk=chunk)
+    stops = submit(ended, tokenizer, q, "alpha", 60)
+    run_until_done(ended, [stops])
+    assert stops.done.finish_reason == "stop"  # the premise: this answer ends on its own
+    n = stops.done.completion_tokens + 6
+    engine = Engine(model, tokenizer, prefill_chunk=chunk)
+    going = submit(engine, tokenizer, q, "alpha", n, ignore_eos=True, logprobs=0)
+    beside = submit(engine, tokenizer, q, "alpha", 60)  # the same question, ending as before
+    run_until_done(engine, [going, beside])
+    assert going.done.finish_reason == "length" and going.done.completion_tokens == n
+    assert going.text.startswith(stops.text)
+    assert sum(len(e.logprobs) for e in going.events) == n  # the end token's included
+    assert beside.text == stops.text and beside.done.finish_reason == "stop"

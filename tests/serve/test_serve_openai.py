@@ -136,6 +136,19 @@ def test_seed_stop_and_max_completion_tokens(client):
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
 
 
+def test_ignore_eos_answers_max_tokens_through_both_endpoints(client):
+    """vLLM's extra field, sent the way its clients send it (extra_body)."""
+    ended = chat(client, max_tokens=60)
+    assert ended.choices[0].finish_reason == "stop"  # the premise: it ends on its own
+    n = ended.usage.completion_tokens + 5
+    going = chat(client, max_tokens=n, extra_body={"ignore_eos": True})
+    assert going.usage.completion_tokens == n and going.choices[0].finish_reason == "length"
+    assert going.choices[0].message.content.startswith(ended.choices[0].message.content)
+    text = client.completions.create(model="base", prompt="Once upon a time", max_tokens=n,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert text.usage.completion_tokens == n
+
+
 def test_stream_options_only_with_a_stream(served):
     body = {"model": "base", "messages": [{"role": "user", "content": "hi"}],
             "stream_options": {"include_usage": True}}
@@ -151,7 +164,7 @@ UNIMPLEMENTED = [
         "name": "f", "parameters": {}}}]), ("tool_choice", "auto"), ("frequency_penalty", 0.5),
     ("presence_penalty", 1), ("logit_bias", {"5": 10}), ("user", "me"), ("store", True),
     ("audio", {"voice": "x"}), ("made_up_field", 1), ("top_logprobs", 2), ("n", 0),
-    ("logprobs", 3), ("top_k", "many"),
+    ("logprobs", 3), ("top_k", "many"), ("ignore_eos", "yes"),
 ]
 
 

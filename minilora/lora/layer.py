@@ -265,8 +265,12 @@ class LoRALinear(AdapterSet, nn.Module):
             ValueError: a mixed batch (see `routes`) whose input is not (batch, ...) with one
                 row per routed row.
         """
-        if self.routes is not None and x.dim() >= 3 and x.shape[0] != self.routes.n_rows:
-            self._refuse_rows(x)
+        routes = self.routes
+        if routes is not None:
+            if routes.every_row is None:  # rows of several adapters
+                return self._routed_forward(x)
+            if x.dim() >= 3 and x.shape[0] != routes.n_rows:
+                self._refuse_rows(x)
         parts = self._kernel_parts()
         if parts is not None and parts[2] is not None:
             weight, bias, adapter, p = parts
@@ -274,7 +278,7 @@ class LoRALinear(AdapterSet, nn.Module):
             if dt is not None:  # the common case, training or not: one autograd node
                 xa = F.dropout(x, p, training=True) if self.training and p > 0 else None
                 return lowrank_linear(x, (weight,), (bias,), (adapter,), dt, xa)[0]
-        if self.routes is not None:
+        if routes is not None:
             return self._routed_forward(x)
         return self.reference_forward(x)
 
@@ -338,20 +342,26 @@ class LoRALinear(AdapterSet, nn.Module):
     def _gathers(self, routes: Routes) -> AdapterStack | None:
         """The stack this call gathers from, or None: the per-adapter loop runs every row.
 
-        It gathers when `gather_mixed` is on, the rows name an adapter on the fast path, and
-        the stack's weights may stand in for the Parameters: no dropout applies, no gradient
-        must reach them, and no compiler traces the call (the stack is a cache read outside
-        autograd and the graph)."""
+        It gathers when `gather_mixed` is on, the rows name an adapter on the fast path, the
+        routes' slots index this layer's stack, and the stack's weights may stand in for the
+        Parameters: no dropout applies, no gradient must reach them, and no compiler traces the
+        call (the stack is a cache read outside autograd and the graph). Serving (no training,
+        no gradient) reads no adapter's settings here: this runs for every layer of every
+        decode step."""
         if (not self.gather_mixed or not routes.groups or routes.slots is None
-                or routes.adapters != self.adapter_names or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling()):
             return None
         grad = torch.is_grad_enabled()
-        if self.training or grad:  # (serving is neither: no per-adapter look at all)
+        if self.training or grad:
             fast = [name for name, _ in routes.groups if self.variant[name].fast_path]
             if any(self.dropping(name) for name in fast) or (grad and any(
                     p.requires_grad for name in fast for p in self.adapter_parameters(name))):
                 return None
         stack = self.adapter_stack(check=routes.check_stack)
+        # the stack holds the layer's adapters as they are (add and delete drop it); the slots
+        # were numbered for the adapters the layer had when routed
+        if stack.names != routes.adapters:
+            return None
         if stack.looped and all(name in stack.looped for name, _ in routes.groups):
             return None  # no row on the fast path
         return stack

@@ -206,10 +206,9 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None], check_stacks: 
     names = list(adapter_names)
     if not names:
         raise ConfigError("adapter_names is empty: give one adapter name (or None) per row")
-    modules = [m for _, m in lora_modules(model)]
+    modules, extras = _layers_to_route(model)
     if not modules:
         raise ConfigError("adapter_names given, but the model has no LoRA adapters")
-    extras = [m for _, m in _extra_layers(model)]
     known: dict[str, None] = {}
     for m in modules:
         known.update(dict.fromkeys(m.lora_A))
@@ -237,24 +236,29 @@ def _route(model: nn.Module, adapter_names: Sequence[str | None], check_stacks: 
         adapters = m.adapter_names
         key = (type(m), adapters, device)
         if key not in shared:
-            shared[key] = _routes_for(m, adapters, names, groups, rows_on.setdefault(device, {}),
-                                      gathering, check_stacks, every_row)
+            if device not in rows_on:
+                rows_on[device] = _row_tensors(groups, device)
+            shared[key] = _routes_for(m, adapters, names, groups, rows_on[device], gathering,
+                                      check_stacks, every_row)
         m.routes = shared[key]  # the layer adds each row's adapter until _unroute
     return modules + _route_extras(extras, groups, len(names))
+
+
+def _row_tensors(groups: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Each adapter's rows as a long tensor on `device`: views of one tensor (one copy to the
+    device, not one per adapter)."""
+    flat = torch.tensor([row for rows in groups.values() for row in rows], dtype=torch.long,
+                        device=device)
+    return dict(zip(groups, flat.split([len(rows) for rows in groups.values()]), strict=True))
 
 
 def _routes_for(m: LoRALayer, adapters: tuple[str, ...], names: list[str | None],
                 groups: dict[str, list[int]], rows_on: dict[str, torch.Tensor],
                 gathering: bool, check_stacks: bool, every_row: str | None) -> Routes:
     """The Routes of a layer holding `adapters`: the rows of each adapter it has (tensors on
-    its device, shared through `rows_on`) and, for a Linear's gathered path, each row's slot."""
+    its device, `rows_on`) and, for a Linear's gathered path, each row's slot."""
     device = m.weight.device
-    routed = []
-    for name, rows in groups.items():
-        if name in adapters:
-            if name not in rows_on:
-                rows_on[name] = torch.tensor(rows, dtype=torch.long, device=device)
-            routed.append((name, rows_on[name]))
+    routed = [(name, rows_on[name]) for name in groups if name in adapters]
     if not isinstance(m, LoRALinear):  # an embedding's lookup loops
         return Routes(tuple(routed), len(names))
     if not gathering or every_row is not None:  # (one adapter: the layer's own kernel)
@@ -304,6 +308,31 @@ def _extra_layers(model: nn.Module) -> list[tuple[str, SavedModule | TrainableTo
 
     visit("", model)
     return found
+
+
+def _layers_to_route(model: nn.Module
+                     ) -> tuple[list[LoRALayer], list[SavedModule | TrainableTokens]]:
+    """What `lora_modules` and `_extra_layers` find, in one walk and without the names (a
+    mixed batch walks the model on every call)."""
+    layers: list[LoRALayer] = []
+    extras: list[SavedModule | TrainableTokens] = []
+    seen: set[nn.Module] = set()
+
+    def visit(module: nn.Module) -> None:
+        if module in seen:
+            return
+        seen.add(module)
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            layers.append(module)
+            return
+        if isinstance(module, (SavedModule, TrainableTokens)):
+            extras.append(module)
+        for child in module._modules.values():
+            if child is not None:
+                visit(child)
+
+    visit(model)
+    return layers, extras
 
 
 def _unroute(modules: list[Any]) -> None:

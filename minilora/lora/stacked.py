@@ -145,10 +145,10 @@ def add_gathered(y: Tensor, x: Tensor, stack: AdapterStack, slots: Tensor,
     """
     rows = x.shape[0]
     autocast = torch.is_autocast_enabled(x.device.type)
-    xa = x if autocast else x.to(stack.a.dtype)
+    xa = x if autocast or x.dtype == stack.a.dtype else x.to(stack.a.dtype)
     a, b = stack.pick(slots, slot_ids)  # (B, in, r_max), (B, r_max, out)
-    h = torch.bmm(xa.reshape(rows, -1, x.shape[-1]), a)  # (B, T, r_max)
-    flat = y.view(rows, -1, y.shape[-1])  # (B, T, out), y's own memory
+    h = torch.bmm(xa if xa.dim() == 3 else xa.reshape(rows, -1, x.shape[-1]), a)  # (B, T, r)
+    flat = y if y.dim() == 3 else y.view(rows, -1, y.shape[-1])  # (B, T, out), y's memory
     if not autocast and h.dtype == y.dtype:
         flat.baddbmm_(h, b)
     else:

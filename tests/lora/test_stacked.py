@@ -221,3 +221,44 @@ def test_the_last_batchs_gathered_rows_are_kept_only_while_its_slots_stay():
     torch.testing.assert_close(routed(lin, x6, many), formula(lin, x6, many), rtol=1e-5,
                                atol=1e-5)
     assert not lin.stacked.picked
+
+
+def test_a_transformers_model_routes_rows_the_way_the_server_does():
+    """The routing knows no model: a transformers Llama with three adapters (one DoRA), mixed
+    rows gathered with the server's unchecked stacks, and a batch of one adapter, each equal to
+    that adapter set active (the reference: one adapter at a time, nothing routed)."""
+    from helpers import add_random_adapter, tiny_llama
+    from minilora.lora.injection import inject_lora
+    from minilora.lora.layer import LoraConfig, lora_modules
+    from minilora.lora.named import set_active
+
+    hf = tiny_llama(64, tied=False)
+    add_random_adapter(hf, "p", 1, "all-linear")
+    add_random_adapter(hf, "q", 2, ["q_proj", "v_proj", "down_proj"])
+    inject_lora(hf, LoraConfig(r=2, targets=["o_proj"], use_dora=True), name="d")
+    with torch.no_grad():
+        for _, m in lora_modules(hf):
+            if "d" in m.lora_A:
+                m.lora_B["d"].weight.normal_()
+    set_active(hf, None)
+    x = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0))
+
+    def alone(name: str | None, rows: torch.Tensor) -> torch.Tensor:
+        set_active(hf, name)
+        try:
+            with torch.no_grad():
+                return hf(rows).logits
+        finally:
+            set_active(hf, None)
+
+    names = ["q", None, "p", "d"]
+    with torch.inference_mode(), mixed_adapters(hf, names, check_stacks=False):
+        mixed = hf(x).logits
+    assert any(m.stacked is not None for _, m in lora_modules(hf))  # gathered
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i:i + 1], alone(name, x[i:i + 1]), rtol=1e-5,
+                                   atol=1e-5)
+    for name in ("p", "d"):
+        with torch.no_grad(), mixed_adapters(hf, [name] * 4):
+            every = hf(x).logits
+        torch.testing.assert_close(every, alone(name, x), rtol=1e-6, atol=1e-6)

@@ -370,7 +370,7 @@ class LoRALinear(AdapterSet, nn.Module):
         """Tells the layer its adapters' weights were written in place (loading an adapter
         does): its stack is read again at the next mixed batch. Writes to tensors with a
         version counter are noticed without it (unless a caller vouched for the weights, see
-        minilora.lora.named.trust_adapter_weights); those made under `torch.inference_mode`
+        `mixed_adapters(..., check_stacks=False)`); those made under `torch.inference_mode`
         have none."""
         self.stacked = None
 

@@ -261,7 +261,9 @@ def _routes_for(m: LoRALayer, adapters: tuple[str, ...], names: list[str | None]
     routed = [(name, rows_on[name]) for name in groups if name in adapters]
     if not isinstance(m, LoRALinear):  # an embedding's lookup loops
         return Routes(tuple(routed), len(names))
-    if not gathering or every_row is not None:  # (one adapter: the layer's own kernel)
+    if not gathering:  # a traced call: the per-adapter loop (no adapter name read as a guard)
+        return Routes(tuple(routed), len(names))
+    if every_row is not None:  # one adapter: the layer's own kernel
         return Routes(tuple(routed), len(names), every_row=every_row)
     slot = {a: i for i, a in enumerate(adapters)}  # the base's slot: len(adapters)
     slot_ids = tuple(slot.get(n, len(adapters)) if n is not None else len(adapters)

@@ -30,7 +30,7 @@ class Routes:
             its one active adapter, with the single adapter's kernel), else None.
         check_stack: False when the caller vouches that no adapter weight was written in place
             since the layer's stack was read except through minilora's loaders, which drop the
-            stack (minilora.lora.named.trust_adapter_weights); True re-reads every weight's
+            stack (`mixed_adapters(..., check_stacks=False)`); True re-reads every weight's
             version counter on each call.
     """
 

@@ -20,7 +20,7 @@ and storage of every A and B it was read from, so a stack is rebuilt after any i
 outright (`LoRALinear.adapter_stack`, `LoRALinear.weights_changed`). The key is checked on
 every call, through the weights the stack holds (not the layer's module dicts, whose lookups
 cost more than the check), unless the caller vouches that nothing writes the weights but
-minilora's loaders (minilora.lora.named.trust_adapter_weights, which the server's engine does):
+minilora's loaders (`mixed_adapters(..., check_stacks=False)`, as the server's engine does):
 with 32 adapters the check reads some 1,800 version counters a call on the embedded model, a
 sixth of the call.
 

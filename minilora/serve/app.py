@@ -557,7 +557,8 @@ def _sampling(state: ServeState, body: dict[str, Any], prompt_tokens: int,
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(
             isinstance(s, str) and s for s in stop):
         raise _bad(f"stop: expected a string or up to {MAX_STOPS} non-empty strings", "stop")
-    ignore_eos = body.get("ignore_eos", False)
+    ignore_eos = body.get("ignore_eos")
+    ignore_eos = False if ignore_eos is None else ignore_eos  # null: the default, as elsewhere
     if not isinstance(ignore_eos, bool):
         raise _bad("ignore_eos: expected true or false", "ignore_eos")
     return SamplingParams(

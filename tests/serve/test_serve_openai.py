@@ -164,7 +164,7 @@ UNIMPLEMENTED = [
         "name": "f", "parameters": {}}}]), ("tool_choice", "auto"), ("frequency_penalty", 0.5),
     ("presence_penalty", 1), ("logit_bias", {"5": 10}), ("user", "me"), ("store", True),
     ("audio", {"voice": "x"}), ("made_up_field", 1), ("top_logprobs", 2), ("n", 0),
-    ("logprobs", 3), ("top_k", "many"), ("ignore_eos", "yes"),
+    ("logprobs", 3), ("top_k", "many"), ("ignore_eos", "yes"), ("ignore_eos", 1),
 ]
 
 
@@ -180,7 +180,8 @@ def test_an_unimplemented_field_is_refused_by_name(served, field, value):
 def test_fields_that_ask_for_nothing_are_accepted(served):
     body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
             "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": None, "tools": [],
-            "response_format": {"type": "text"}, "tool_choice": "none", "user": None, "n": 1}
+            "response_format": {"type": "text"}, "tool_choice": "none", "user": None, "n": 1,
+            "ignore_eos": None}
     assert post(served, "/v1/chat/completions", body).status_code == 200
     message = {"role": "user", "content": "hi", "tool_calls": []}
     refused = post(served, "/v1/chat/completions", {**body, "messages": [message]})

@@ -338,8 +338,8 @@ def _plan_extras(model: nn.Module, chosen: list[tuple[str, AnyTarget]], config: 
     # trainable tokens (its copy would swallow them, and their keys would move into it)
     trained = sorted({*lora_paths, *(n for n, _ in lora_modules(model)),
                       *(n for n, _ in token_layers(model))})
-    inside = [p for p in lora_paths for s, _ in saved_layers(model)
-              if p == s or p.startswith(s + ".")]
+    saved_paths = [s for s, _ in saved_layers(model)]  # walked once, not once per target
+    inside = [p for p in lora_paths for s in saved_paths if p == s or p.startswith(s + ".")]
     if inside:  # the copy another adapter runs there would skip this LoRA
         raise ConfigError(f"LoRA targets {inside[0]}, inside a module another adapter saves "
                           "whole (modules to save); exclude it, or pick other targets")

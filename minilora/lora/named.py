@@ -29,7 +29,7 @@ from minilora.lora.layer import (
     linear_lora_modules,
     lora_modules,
 )
-from minilora.lora.saved_modules import SavedModule, saved_layers
+from minilora.lora.saved_modules import SavedModule, modules_outside_lora, saved_layers
 from minilora.lora.trainable_tokens import TrainableTokens, token_layers
 
 
@@ -290,26 +290,9 @@ def _route_extras(extras: list[SavedModule | TrainableTokens], groups: dict[str,
 
 def _extra_layers(model: nn.Module) -> list[tuple[str, SavedModule | TrainableTokens]]:
     """(name, module) of every module to save and trainable tokens of `model`, in model order:
-    what `saved_layers` and `token_layers` find, without walking into the LoRA layers. Their
-    own children (two per adapter) are none of these, and with many adapters they are most of
-    the model's modules: walking them on every mixed-batch call cost more than the batch's
-    LoRA arithmetic."""
-    found: list[tuple[str, SavedModule | TrainableTokens]] = []
-    seen: set[nn.Module] = set()
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        if module in seen:
-            return
-        seen.add(module)
-        if isinstance(module, (SavedModule, TrainableTokens)):
-            found.append((prefix, module))
-        if isinstance(module, (LoRALinear, LoRAEmbedding)):
-            return
-        for name, child in module.named_children():
-            visit(f"{prefix}.{name}" if prefix else name, child)
-
-    visit("", model)
-    return found
+    what `saved_layers` and `token_layers` find, in one walk."""
+    return [(n, m) for n, m in modules_outside_lora(model)
+            if isinstance(m, (SavedModule, TrainableTokens))]
 
 
 def _layers_to_route(model: nn.Module

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from minilora.core.errors import ConfigError
+from minilora.lora.adapter_set import AdapterSet
 from minilora.lora.routes import Routes
 
 # The original's plain attributes worth reading through the wrapper (in_features, eps, ...).
@@ -134,7 +135,30 @@ class SavedModule(nn.Module):
 
 def saved_layers(model: nn.Module) -> list[tuple[str, SavedModule]]:
     """(name, module) of every SavedModule of `model`, in model order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SavedModule)]
+    return [(n, m) for n, m in modules_outside_lora(model) if isinstance(m, SavedModule)]
+
+
+def modules_outside_lora(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`model.named_modules()`, less the insides of LoRA layers: a LoRA layer's children are
+    its adapters' own Linears (two per adapter), none of them anything else the library looks
+    for, and with many adapters resident they are most of the model's modules (loading one
+    adapter into a server holding 32 walked them a dozen times)."""
+    found: list[tuple[str, nn.Module]] = []
+    seen: set[nn.Module] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if module in seen:
+            return
+        seen.add(module)
+        found.append((prefix, module))
+        if isinstance(module, AdapterSet):  # a LoRA layer (Linear or embedding)
+            return
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return found
 
 
 def plan_saved_modules(model: nn.Module, names: Sequence[str], lora_paths: Sequence[str]

@@ -26,7 +26,7 @@ from minilora.core.errors import ConfigError
 from minilora.lora.adapter_set import UPCAST_DTYPES  # float32 rows, as LoRA's A and B
 from minilora.lora.embedding import LoRAEmbedding
 from minilora.lora.routes import Routes
-from minilora.lora.saved_modules import SavedModule
+from minilora.lora.saved_modules import SavedModule, modules_outside_lora
 
 # In the name of every module inside a module to save's copies (never the base's own layers).
 COPIES = ".modules_to_save."
@@ -236,7 +236,7 @@ class TrainableTokens(nn.Module):
 
 def token_layers(model: nn.Module) -> list[tuple[str, TrainableTokens]]:
     """(name, module) of every TrainableTokens of `model`, in model order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableTokens)]
+    return [(n, m) for n, m in modules_outside_lora(model) if isinstance(m, TrainableTokens)]
 
 
 def input_embedding_name(model: nn.Module) -> str:

@@ -80,6 +80,7 @@ def load_adapter(
     *,
     check_fingerprint: bool = True,
     name: str | None = None,
+    verified: set[str] | None = None,
 ) -> LoraConfig:
     """Loads an adapter into `model` under `name`.
 
@@ -96,6 +97,11 @@ def load_adapter(
         check_fingerprint: refuse an adapter whose recorded base fingerprint differs from the
             model's. Adapters without one (PEFT's, MiniMind's) are loaded unchecked.
         name: the adapter's name in the model (default: "default").
+        verified: fingerprints already found equal to this model's base, kept by a caller
+            whose base weights do not change (the server, which reads evicted adapters back):
+            an adapter recording one of them is not hashed again, and one that matches is
+            added. Hashing reads every base weight the adapter adapts (the whole model for an
+            all-linear adapter), on every load.
 
     Returns:
         The adapter's LoraConfig (for a MiniMind file: r from the shapes, alpha = r, targets the
@@ -118,7 +124,7 @@ def load_adapter(
     if injected:
         _inject_for(model, found, target)
     try:
-        _check_fits(model, found, target, check_fingerprint)
+        _check_fits(model, found, target, check_fingerprint, verified)
     except AdapterError:
         if injected:  # B is still zero: this puts the model back exactly
             delete_adapter(model, target)
@@ -184,9 +190,11 @@ def _inject_for(model: nn.Module, found: _Found, target: str) -> None:
         m.init[target], m.lora_config[target] = config.init, config
 
 
-def _check_fits(model: nn.Module, found: _Found, target: str, check_fingerprint: bool) -> None:
+def _check_fits(model: nn.Module, found: _Found, target: str, check_fingerprint: bool,
+                verified: set[str] | None = None) -> None:
     """Raises AdapterError unless `found` fits adapter `target` of `model`: its keys and shapes,
-    PEFT's base-layer copies, and (when asked) the base it was trained on."""
+    PEFT's base-layer copies, and (when asked) the base it was trained on (see load_adapter's
+    `verified`)."""
     try:
         check_state_dict(model, found.sd, found.source, target)
     except AdapterError as e:
@@ -198,13 +206,17 @@ def _check_fits(model: nn.Module, found: _Found, target: str, check_fingerprint:
                                          advise=True)) from e
     _check_base_layers(model, found.base_layers, found.source, target)
     recorded = found.metadata.get(FINGERPRINT_KEY)
-    if check_fingerprint and recorded is not None:
+    if check_fingerprint and recorded is not None and recorded not in (verified or ()):
+        # (the fingerprint covers the adapted layers' names and shapes too: one recorded value
+        # is one set of layers)
         actual = base_fingerprint(model, target)
         if actual != recorded:
             raise FingerprintMismatch(
                 f"{found.source} was trained on another base model (fingerprint {recorded}, "
                 f"this model's {actual})"
             )
+        if verified is not None:
+            verified.add(actual)
 
 
 def _check_base_layers(

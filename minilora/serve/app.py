@@ -131,6 +131,9 @@ class ServeState:
     max_queue: int | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)  # names being loaded now
+    # base fingerprints already checked against the served base, which never changes: an
+    # evicted adapter read back is not hashed against the whole base again
+    verified: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.pinned is None:
@@ -643,7 +646,7 @@ def _load(state: ServeState, name: str, folder: Path) -> None:
                        param="lora_name")
     try:
         load_adapter(state.engine.model, folder, name=name,
-                     check_fingerprint=state.check_fingerprint)
+                     check_fingerprint=state.check_fingerprint, verified=state.verified)
     except MiniloraError as e:
         raise _bad(f"cannot load {name}: {e}", "lora_path") from None
     except OSError as e:

@@ -233,6 +233,30 @@ def test_fingerprint_mismatch_is_refused_unless_overridden(tmp_path):
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
+def test_a_verified_fingerprint_is_not_hashed_again_another_still_is(tmp_path, monkeypatch):
+    """What the server keeps for evicted adapters read back: a fingerprint once found equal to
+    the base's is trusted again; an adapter of another base is still refused."""
+    from minilora.adapters import folder as folder_module
+
+    mine = save_adapter(adapted(LoraConfig(r=4, targets=["q_proj"]), seed=0), tmp_path / "a")
+    theirs = save_adapter(adapted(LoraConfig(r=4, targets=["q_proj"]), seed=1),
+                          tmp_path / "b")  # trained on another base
+    served = llama(seed=0)
+    verified: set[str] = set()
+    load_adapter(served, mine, name="a", verified=verified)
+    assert verified == {base_fingerprint(served, "a")}
+    hashed = []
+    real = folder_module.base_fingerprint
+    monkeypatch.setattr(folder_module, "base_fingerprint",
+                        lambda *a, **k: hashed.append(1) or real(*a, **k))
+    load_adapter(served, mine, name="again", verified=verified)
+    assert hashed == []  # the same recorded fingerprint: not hashed again
+    with pytest.raises(AdapterError, match="another base model"):
+        load_adapter(served, theirs, name="b", verified=verified)
+    assert hashed == [1] and len(verified) == 1
+    assert "b" not in {n for _, m in lora_modules(served) for n in m.lora_A}
+
+
 def test_fingerprint_ignores_dtype_and_requires_unmerged(tmp_path):
     model = adapted(LoraConfig(r=4, targets=["q_proj"]))
     fp = base_fingerprint(model)

@@ -133,10 +133,17 @@ def tiny_base_folder(root: Path, repeat: int = 1) -> Path:
     return root
 
 
-def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
-    """``minilora ARGV`` in this process: (exit code, stdout, stderr)."""
+def run_cli(argv: list[str], capsys: Any, stdin: str | None = None,
+            monkeypatch: Any = None) -> tuple[int, str, str]:
+    """``minilora ARGV`` in this process: (exit code, stdout, stderr); `stdin` (with pytest's
+    monkeypatch) is what the command reads from standard input."""
+    import io
+    import sys
+
     from minilora.cli import main
 
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     try:
         code = main(argv)
     except SystemExit as e:

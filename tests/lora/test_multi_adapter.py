@@ -3,9 +3,7 @@ hot swap, PEFT's multi-adapter folders, and the command line."""
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 from copy import deepcopy
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from helpers import run_cli
 from minilora.adapters.folder import load_adapter, save_adapter
 from minilora.adapters.peft import find_adapters
 from minilora.core.errors import AdapterError
@@ -564,19 +563,6 @@ def cli_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         perturb(model, name, seed, std=1.0)
         save_adapter(model, root / name, name=name)
     return root
-
-
-def run_cli(argv: list[str], capsys, stdin: str | None = None, monkeypatch=None):
-    from minilora.cli import main
-
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def expected_text(root: Path, adapter: str | None, prompt: str) -> str:
